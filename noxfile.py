@@ -1,0 +1,169 @@
+"""Every build, test and benchmark entry point of the workspace.
+
+python3 -m pip install nox
+nox -s demo          # train a small ranking GR on the embedded synthetic data (CPU)
+nox -s tests         # unit tests of every package, CPU, one environment
+nox -s lint tests integration   # what CI runs (.ci/run)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+sys.path.insert(0, str(ROOT / "tools"))
+import install_stack  # noqa: E402
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.sessions = ["lint", "tests"]
+
+PYTHON = "3.11"
+CONSTRAINTS = ROOT / "constraints" / "cpu.txt"
+PACKAGES = {
+    "hstu-attn": "hstu_attn",
+    "dynamicemb": "dynamicemb",
+    "gr-parallel": "gr_parallel",
+    "gr-checkpoint": "gr_checkpoint",
+    "gr-models": "gr_models",
+}
+TEST_TOOLS = ["pytest", "scikit-learn"]
+CPU_ENV = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}
+
+
+def _python(session: nox.Session) -> str:
+    return str(Path(session.virtualenv.location) / "bin" / "python")
+
+
+def _install(
+    session: nox.Session, packages: list[str], *, editable: bool, extras: list[str] | None = None
+) -> None:
+    install_stack.install(
+        _python(session),
+        [ROOT / "packages" / p for p in packages],
+        CONSTRAINTS,
+        editable=editable,
+        extras=extras or [],
+        additional=TEST_TOOLS,
+    )
+
+
+def _pytest(session: nox.Session, *paths: str) -> None:
+    # pytest exits 5 when it collected nothing: that must fail CI, and it does (nox treats non-zero as failure).
+    session.run("python", "-m", "pytest", *paths, *session.posargs, env=CPU_ENV)
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Unit tests of every package on CPU, in one environment with every package editable."""
+    _install(session, list(PACKAGES), editable=True)
+    _pytest(session, *[f"packages/{p}/tests" for p in PACKAGES])
+
+
+@nox.session(python=PYTHON)
+def integration(session: nox.Session) -> None:
+    """End-to-end tests that combine packages (CPU, multi-process with gloo)."""
+    _install(session, list(PACKAGES), editable=True)
+    _pytest(session, "integration_tests")
+
+
+@nox.session(python=PYTHON)
+@nox.parametrize("package", list(PACKAGES))
+def isolated(session: nox.Session, package: str) -> None:
+    """Fresh environment with one package and its declared dependencies only: import it, run its tests."""
+    _install(session, [package], editable=False)
+    session.run("python", "-c", f"import {PACKAGES[package]} as m; print(m.__name__, m.__version__)")
+    # Run from the package folder so the workspace sources are not importable, only the installed wheel.
+    with session.chdir(ROOT / "packages" / package):
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--rootdir",
+            str(ROOT),
+            "tests",
+            *session.posargs,
+            env=CPU_ENV,
+        )
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Train the default synthetic ranking GR on CPU and print its metrics."""
+    _install(session, ["gr-models"], editable=True)
+    if not (ROOT / "packages" / "gr-models" / "src" / "gr_models" / "cli.py").is_file():
+        session.error(
+            "nox -s demo will train the default synthetic ranking GR (gr-train with the synthetic "
+            "config) once the gr-models trainer lands; it is not built yet, so there is nothing to run."
+        )
+    session.run(
+        "gr-train",
+        "--config",
+        "packages/gr-models/configs/synthetic_ranking.yaml",
+        *session.posargs,
+        env={"OMP_NUM_THREADS": "2"},
+    )
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole workspace."""
+    session.install("-c", str(CONSTRAINTS), "ruff")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    """mypy over the public packages."""
+    _install(session, list(PACKAGES), editable=True)
+    session.install("-c", str(CONSTRAINTS), "mypy")
+    session.run("mypy", *[f"packages/{p}/src/{m}" for p, m in PACKAGES.items()])
+
+
+@nox.session(python=PYTHON)
+def build(session: nox.Session) -> None:
+    """sdist and wheel of every package into dist/."""
+    session.install("build")
+    dist = ROOT / "dist"
+    for package in PACKAGES:
+        session.run(
+            "python",
+            "-m",
+            "build",
+            "--outdir",
+            str(dist),
+            f"packages/{package}",
+            env={"HSTU_ATTN_BUILD_CUDA": os.environ.get("HSTU_ATTN_BUILD_CUDA", "0")},
+        )
+    wheels = sorted(p.name for p in dist.glob("*.whl"))
+    session.log("wheels: " + ", ".join(wheels))
+    missing = [p for p in PACKAGES if not any(w.startswith(p.replace("-", "_") + "-") for w in wheels)]
+    if missing:
+        session.error(f"no wheel was built for: {', '.join(missing)}")
+
+
+@nox.session(venv_backend="none")
+def gpu_wheels(session: nox.Session) -> None:
+    """(CPU machine) Download the cp312 wheels the GPU machine needs into .gpu-wheels/."""
+    session.run("bash", "tools/gpu/fetch_wheels.sh", external=True)
+
+
+@nox.session(venv_backend="none")
+def gpu_setup(session: nox.Session) -> None:
+    """(GPU machine) Install the carried wheels and the packages, print versions, run pytest -m gpu."""
+    session.run("bash", "tools/gpu/setup.sh", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """(GPU machine, after gpu_setup) Run the benchmark scripts named in posargs, or all of them."""
+    scripts = session.posargs or sorted(str(p) for p in ROOT.glob("packages/*/benchmarks/bench_*.py"))
+    for script in scripts:
+        session.run(sys.executable, script, external=True)

@@ -1,0 +1,146 @@
+"""Install workspace packages and their declared dependencies into a Python environment.
+
+TorchRec's metadata requires the CUDA ``fbgemm-gpu`` wheel (about 500 MB). On CPU machines we want
+``fbgemm-gpu-cpu`` instead, so this helper installs ``torchrec`` with ``--no-deps``, then its other
+requirements, then ``fbgemm-gpu-cpu``. Every other external requirement is installed as declared,
+pinned by a constraints file. Sibling workspace packages are installed from their local paths.
+
+Usage (nox calls it with the session's interpreter)::
+
+    python tools/install_stack.py --python .nox/tests/bin/python \
+        --constraints constraints/cpu.txt [--editable] [--extra test] [--with pytest ...] \
+        packages/dynamicemb packages/gr-models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES_DIR = ROOT / "packages"
+LOCAL_WHEELS = Path("/opt/wheels")  # the CPU torch wheel on this workplace's machines
+CUDA_FBGEMM = "fbgemm-gpu"
+CPU_FBGEMM = "fbgemm-gpu-cpu"
+
+
+def _normalize(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def workspace_packages() -> dict[str, Path]:
+    """Distribution name -> package directory, for every package under ``packages/``."""
+    found = {}
+    for pyproject in sorted(PACKAGES_DIR.glob("*/pyproject.toml")):
+        meta = tomllib.loads(pyproject.read_text())["project"]
+        found[_normalize(meta["name"])] = pyproject.parent
+    return found
+
+
+def _declared(package_dir: Path, extras: Iterable[str]) -> list[Requirement]:
+    meta = tomllib.loads((package_dir / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in meta.get("dependencies", [])]
+    optional = meta.get("optional-dependencies", {})
+    for extra in extras:
+        reqs += [Requirement(r) for r in optional.get(extra, [])]
+    return [r for r in reqs if r.marker is None or r.marker.evaluate()]
+
+
+def resolve(package_dirs: list[Path], extras: list[str]) -> tuple[list[Path], list[Requirement]]:
+    """Return (workspace packages in dependency order, external requirements) for the closure."""
+    siblings = workspace_packages()
+    ordered: list[Path] = []
+    external: dict[str, Requirement] = {}
+
+    def visit(package_dir: Path, stack: tuple[Path, ...]) -> None:
+        if package_dir in ordered:
+            return
+        if package_dir in stack:
+            raise SystemExit(f"dependency cycle through {package_dir.name}")
+        for req in _declared(package_dir, extras if package_dir in package_dirs else []):
+            key = _normalize(req.name)
+            if key in siblings:
+                visit(siblings[key], (*stack, package_dir))
+            else:
+                external.setdefault(key, req)
+        ordered.append(package_dir)
+
+    for package_dir in package_dirs:
+        visit(package_dir.resolve(), ())
+    return ordered, list(external.values())
+
+
+def _pip(python: str, args: list[str]) -> None:
+    cmd = [python, "-m", "pip", "install", "--disable-pip-version-check", *args]
+    if LOCAL_WHEELS.is_dir() and "PIP_FIND_LINKS" not in os.environ:
+        cmd += ["--find-links", str(LOCAL_WHEELS)]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _installed_requirements(python: str, dist: str) -> list[str]:
+    code = f"import importlib.metadata as m, json; print(json.dumps(m.requires({dist!r}) or []))"
+    out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True).stdout
+    return [r for r in json.loads(out) if "extra ==" not in r]
+
+
+def install(
+    python: str,
+    package_dirs: list[Path],
+    constraints: Path,
+    editable: bool,
+    extras: list[str],
+    additional: list[str],
+) -> None:
+    ordered, external = resolve(package_dirs, extras)
+    constraint_args = ["-c", str(constraints)]
+    wants_torchrec = any(_normalize(r.name) == "torchrec" for r in external)
+    plain = [str(r) for r in external if _normalize(r.name) != "torchrec"]
+    if wants_torchrec:
+        torchrec = next(r for r in external if _normalize(r.name) == "torchrec")
+        # Resolve torch first (from the local CPU wheel), then torchrec alone, then its other needs.
+        torch_first = [r for r in plain if _normalize(Requirement(r).name) == "torch"]
+        _pip(python, [*constraint_args, *torch_first])
+        _pip(python, [*constraint_args, "--no-deps", str(torchrec)])
+        torchrec_needs = [
+            r
+            for r in _installed_requirements(python, "torchrec")
+            if _normalize(Requirement(r).name) != CUDA_FBGEMM
+        ]
+        plain += [*torchrec_needs, CPU_FBGEMM]
+    if plain or additional:
+        _pip(python, [*constraint_args, *plain, *additional])
+    for package_dir in ordered:
+        target = ["-e", str(package_dir)] if editable else [str(package_dir)]
+        _pip(python, ["--no-deps", *target])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "packages", nargs="+", type=Path, help="package directories, e.g. packages/dynamicemb"
+    )
+    parser.add_argument("--python", default=sys.executable, help="interpreter of the target environment")
+    parser.add_argument("--constraints", type=Path, default=ROOT / "constraints" / "cpu.txt")
+    parser.add_argument("--editable", action="store_true", help="install workspace packages editable")
+    parser.add_argument("--extra", action="append", default=[], help="optional-dependency group to add")
+    parser.add_argument("--with", dest="additional", action="append", default=[], help="extra requirement")
+    args = parser.parse_args(argv)
+    for package_dir in args.packages:
+        if not (package_dir / "pyproject.toml").is_file():
+            parser.error(f"{package_dir} is not a package directory (no pyproject.toml)")
+    install(args.python, args.packages, args.constraints, args.editable, args.extra, args.additional)
+
+
+if __name__ == "__main__":
+    main()
