@@ -39,9 +39,7 @@ def _python(session: nox.Session) -> str:
     return str(Path(session.virtualenv.location) / "bin" / "python")
 
 
-def _install(
-    session: nox.Session, packages: list[str], *, editable: bool, extras: list[str] | None = None
-) -> None:
+def _install(session: nox.Session, packages: list[str], *, editable: bool, extras: list[str] | None = None) -> None:
     install_stack.install(
         _python(session),
         [ROOT / "packages" / p for p in packages],

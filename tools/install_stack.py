@@ -19,10 +19,10 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,9 +111,7 @@ def install(
         _pip(python, [*constraint_args, *torch_first])
         _pip(python, [*constraint_args, "--no-deps", str(torchrec)])
         torchrec_needs = [
-            r
-            for r in _installed_requirements(python, "torchrec")
-            if _normalize(Requirement(r).name) != CUDA_FBGEMM
+            r for r in _installed_requirements(python, "torchrec") if _normalize(Requirement(r).name) != CUDA_FBGEMM
         ]
         plain += [*torchrec_needs, CPU_FBGEMM]
     if plain or additional:
@@ -124,12 +122,8 @@ def install(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "packages", nargs="+", type=Path, help="package directories, e.g. packages/dynamicemb"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("packages", nargs="+", type=Path, help="package directories, e.g. packages/dynamicemb")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the target environment")
     parser.add_argument("--constraints", type=Path, default=ROOT / "constraints" / "cpu.txt")
     parser.add_argument("--editable", action="store_true", help="install workspace packages editable")
