@@ -1,0 +1,191 @@
+"""Configuration of the HSTU block: widths, depth, precision, attention backend, encodings."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from hstu_attn import KernelBackend
+
+from gr_models.utils.tensor_initializer import Initializer, XavierUniformInitializer
+
+KERNEL_BACKEND_ENV = "GR_MODELS_KERNEL_BACKEND"
+_TIME_BUCKET_FNS = ("sqrt", "log")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PositionEncodingConfig:
+    """Learned absolute encodings added to the token embeddings before the first layer.
+
+    Positions count back from the last history token (the most recent token is position 0, older tokens get larger
+    positions, clamped at `num_position_buckets - 1`); all candidates share the position of the next event.
+    With `use_time_encoding`, a learned vector per time bucket is added too; the bucket of a token is
+    `fn((query_time - token_time) / time_bucket_divisor)` with `fn` "sqrt" or "log", where `query_time` is the
+    sequence's largest timestamp, clamped to `num_time_buckets - 1`.
+    """
+
+    num_position_buckets: int = 512
+    use_time_encoding: bool = False
+    num_time_buckets: int = 128
+    time_bucket_fn: str = "sqrt"
+    time_bucket_divisor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_position_buckets < 1:
+            raise ValueError(f"num_position_buckets must be >= 1, got {self.num_position_buckets}")
+        if self.num_time_buckets < 1:
+            raise ValueError(f"num_time_buckets must be >= 1, got {self.num_time_buckets}")
+        if self.time_bucket_fn not in _TIME_BUCKET_FNS:
+            raise ValueError(f"time_bucket_fn must be one of {_TIME_BUCKET_FNS}, got {self.time_bucket_fn!r}")
+        if self.time_bucket_divisor <= 0:
+            raise ValueError(f"time_bucket_divisor must be > 0, got {self.time_bucket_divisor}")
+
+
+@dataclass
+class RelativeBiasConfig:
+    """Learned relative attention bias (T5-style positions and time buckets), fused into the attention kernel.
+
+    One bias table per layer, shared by all heads: `max_relative_position` bounds the position difference and
+    `num_time_buckets` buckets of log(|t_i - t_j| / time_bucket_divisor). Needs timestamps in the batch.
+    """
+
+    max_relative_position: int = 256
+    num_time_buckets: int = 128
+    time_bucket_divisor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_relative_position < 1:
+            raise ValueError(f"max_relative_position must be >= 1, got {self.max_relative_position}")
+        if self.num_time_buckets < 1:
+            raise ValueError(f"num_time_buckets must be >= 1, got {self.num_time_buckets}")
+        if self.time_bucket_divisor <= 0:
+            raise ValueError(f"time_bucket_divisor must be > 0, got {self.time_bucket_divisor}")
+
+
+@dataclass
+class HSTUConfig:
+    """Everything that shapes the HSTU block. Build it with `get_hstu_config`.
+
+    `kv_channels` is the per-head width of q, k and v; the UVQK projection maps `hidden_size` to
+    `4 * num_attention_heads * kv_channels`. `dtype` is the compute precision of the block (float32, or bfloat16 /
+    float16 through autocast with float32 master weights).
+    """
+
+    hidden_size: int
+    kv_channels: int
+    num_attention_heads: int
+    num_layers: int
+    init_method: Initializer = field(default_factory=XavierUniformInitializer)
+    dtype: torch.dtype = torch.float32
+    is_causal: bool = True
+    kernel_backend: KernelBackend = KernelBackend.AUTO
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    alpha: float | None = None
+    max_attn_len: int = 0
+    scaling_seqlen: int | None = None
+    position_encoding: PositionEncodingConfig | None = field(default_factory=PositionEncodingConfig)
+    relative_bias: RelativeBiasConfig | None = None
+    recompute_cheap_activations: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "kv_channels", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"HSTU {name} must be a positive int, got {value!r}")
+        if self.dtype not in _DTYPES.values():
+            raise ValueError(f"HSTU dtype must be one of {list(_DTYPES)}, got {self.dtype}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"HSTU dropout must be in [0, 1), got {self.dropout}")
+        if self.max_attn_len < 0:
+            raise ValueError(f"max_attn_len must be >= 0 (0 = unlimited), got {self.max_attn_len}")
+        if self.scaling_seqlen is not None and self.scaling_seqlen < 1:
+            raise ValueError(f"scaling_seqlen must be >= 1 or None, got {self.scaling_seqlen}")
+        if not isinstance(self.kernel_backend, KernelBackend):
+            raise TypeError(f"kernel_backend must be a hstu_attn.KernelBackend, got {self.kernel_backend!r}")
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """"float32" / "bfloat16" / "float16" (or a torch.dtype) -> torch.dtype, with a clear error otherwise."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {list(_DTYPES)}") from None
+
+
+def parse_kernel_backend(name: str | KernelBackend) -> KernelBackend:
+    """A backend name ("pytorch", "TRITON", ...) or enum member -> `KernelBackend`."""
+    if isinstance(name, KernelBackend):
+        return name
+    try:
+        return KernelBackend[name.upper()]
+    except KeyError:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {[b.name for b in KernelBackend]}") from None
+
+
+def _backend_with_env_override(requested: KernelBackend) -> KernelBackend:
+    override = os.environ.get(KERNEL_BACKEND_ENV)
+    if not override:
+        return requested
+    chosen = parse_kernel_backend(override)
+    if chosen != requested:
+        warnings.warn(
+            f"{KERNEL_BACKEND_ENV}={override} replaces the configured HSTU kernel backend {requested.name} "
+            f"with {chosen.name}",
+            stacklevel=3,
+        )
+    return chosen
+
+
+def get_hstu_config(
+    hidden_size: int,
+    kv_channels: int,
+    num_attention_heads: int,
+    num_layers: int,
+    init_method: Initializer | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    is_causal: bool = True,
+    kernel_backend: KernelBackend | str = KernelBackend.AUTO,
+    dropout: float = 0.0,
+    *,
+    layer_norm_eps: float = 1e-5,
+    alpha: float | None = None,
+    max_attn_len: int = 0,
+    scaling_seqlen: int | None = None,
+    position_encoding: PositionEncodingConfig | None = None,
+    use_position_encoding: bool = True,
+    relative_bias: RelativeBiasConfig | None = None,
+    recompute_cheap_activations: bool = False,
+) -> HSTUConfig:
+    """Build an `HSTUConfig`.
+
+    The environment variable `GR_MODELS_KERNEL_BACKEND` (a `KernelBackend` name), when set, replaces
+    `kernel_backend` and warns; it lets a script written for one backend (e.g. CUTLASS) run where only another is
+    available without editing the script. `position_encoding` defaults to `PositionEncodingConfig()` unless
+    `use_position_encoding=False`.
+    """
+    if position_encoding is None and use_position_encoding:
+        position_encoding = PositionEncodingConfig()
+    return HSTUConfig(
+        hidden_size=hidden_size,
+        kv_channels=kv_channels,
+        num_attention_heads=num_attention_heads,
+        num_layers=num_layers,
+        init_method=init_method if init_method is not None else XavierUniformInitializer(),
+        dtype=parse_dtype(dtype),
+        is_causal=is_causal,
+        kernel_backend=_backend_with_env_override(parse_kernel_backend(kernel_backend)),
+        dropout=dropout,
+        layer_norm_eps=layer_norm_eps,
+        alpha=alpha,
+        max_attn_len=max_attn_len,
+        scaling_seqlen=scaling_seqlen,
+        position_encoding=position_encoding,
+        relative_bias=relative_bias,
+        recompute_cheap_activations=recompute_cheap_activations,
+    )
