@@ -26,7 +26,9 @@ def token_coordinates(seq_offsets: Tensor, num_tokens: int) -> tuple[Tensor, Ten
     return sequence_ids, positions
 
 
-def jagged_to_padded(values: Tensor, coordinates: tuple[Tensor, Tensor], num_sequences: int, max_seq_len: int) -> Tensor:
+def jagged_to_padded(
+    values: Tensor, coordinates: tuple[Tensor, Tensor], num_sequences: int, max_seq_len: int
+) -> Tensor:
     """Scatter jagged `values [L, ...]` into a zero-filled `[B, N, ...]` tensor (differentiable)."""
     padded = values.new_zeros((num_sequences, max_seq_len, *values.shape[1:]))
     return padded.index_put(coordinates, values)

@@ -61,7 +61,9 @@ class RelativeBias:
         if self.position_weights is not None:
             shape = tuple(self.position_weights.shape)
             if len(shape) != 2 or shape[1] % 2 != 1:
-                raise ValueError(f"RelativeBias.position_weights must have shape [Hb, 2*M - 1] (odd width); got {shape}")
+                raise ValueError(
+                    f"RelativeBias.position_weights must have shape [Hb, 2*M - 1] (odd width); got {shape}"
+                )
             if not self.position_weights.is_floating_point():
                 raise ValueError(
                     f"RelativeBias.position_weights must be floating point; got {self.position_weights.dtype}"
@@ -75,9 +77,7 @@ class RelativeBias:
             if self.timestamps is None:
                 raise ValueError("RelativeBias.time_weights needs RelativeBias.timestamps ([L], one per token)")
             if self.timestamps.dim() != 1:
-                raise ValueError(
-                    f"RelativeBias.timestamps must have shape [L]; got {tuple(self.timestamps.shape)}"
-                )
+                raise ValueError(f"RelativeBias.timestamps must have shape [L]; got {tuple(self.timestamps.shape)}")
             if self.timestamps.dtype == torch.bool or self.timestamps.is_complex():
                 raise ValueError(f"RelativeBias.timestamps must be integer or floating; got {self.timestamps.dtype}")
         if not self.time_bucket_divisor > 0:
@@ -103,6 +103,20 @@ class RelativeBias:
                     f"RelativeBias.{name} has {table.shape[0]} rows; expected 1 (shared) or {num_heads} (one per head)"
                 )
 
+    def position_columns(self, max_seq_len: int, device: torch.device) -> Tensor:
+        """`[N, N]` int64: the position-table column of each (query i, key j) pair."""
+        positions = torch.arange(max_seq_len, device=device)
+        reach = self.max_relative_distance
+        return (positions[None, :] - positions[:, None]).clamp(-reach, reach) + reach
+
+    def time_buckets(self, seq_offsets: Tensor, max_seq_len: int) -> Tensor:
+        """`[B, N, N]` int64: the time-table column of each (query i, key j) pair of each sequence."""
+        assert self.timestamps is not None
+        coordinates = token_coordinates(seq_offsets, self.timestamps.numel())
+        padded_times = jagged_to_padded(self.timestamps, coordinates, seq_offsets.numel() - 1, max_seq_len)
+        delta = padded_times[:, None, :] - padded_times[:, :, None]
+        return bucketize_time_delta(delta, self.time_bucket_divisor, self.num_time_buckets)
+
     def materialize(self, seq_offsets: Tensor, max_seq_len: int, num_heads: int) -> Tensor:
         """The dense bias `[B, Hb, N, N]` (N = max_seq_len), differentiable w.r.t. both weight tables.
 
@@ -110,19 +124,44 @@ class RelativeBias:
         (beyond a sequence's length) are arbitrary; the attention mask discards them.
         """
         self.check_num_heads(num_heads)
-        positions = torch.arange(max_seq_len, device=seq_offsets.device)
         num_sequences = seq_offsets.numel() - 1
         bias_terms = []
         if self.position_weights is not None:
-            reach = self.max_relative_distance
-            column = (positions[None, :] - positions[:, None]).clamp(-reach, reach) + reach
-            bias_terms.append(self.position_weights[:, column].unsqueeze(0))
+            columns = self.position_columns(max_seq_len, seq_offsets.device)
+            bias_terms.append(self.position_weights[:, columns].unsqueeze(0))
         if self.time_weights is not None:
-            assert self.timestamps is not None
-            coordinates = token_coordinates(seq_offsets, self.timestamps.numel())
-            padded_times = jagged_to_padded(self.timestamps, coordinates, num_sequences, max_seq_len)
-            delta = padded_times[:, None, :] - padded_times[:, :, None]
-            buckets = bucketize_time_delta(delta, self.time_bucket_divisor, self.num_time_buckets)
+            buckets = self.time_buckets(seq_offsets, max_seq_len)
             bias_terms.append(self.time_weights[:, buckets].transpose(0, 1))
         bias = bias_terms[0] if len(bias_terms) == 1 else bias_terms[0] + bias_terms[1]
         return bias.expand(num_sequences, bias.shape[1], max_seq_len, max_seq_len)
+
+    def table_gradients(self, grad_bias: Tensor, seq_offsets: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The adjoint of `materialize`: gradients of (position_weights, time_weights) from `grad_bias [B, H, N, N]`.
+
+        Entries of `grad_bias` at padded positions must be zero. Each gradient has its table's shape and dtype
+        (None for an absent table).
+        """
+        max_seq_len = grad_bias.shape[-1]
+        grad_position = grad_time = None
+        if self.position_weights is not None:
+            per_pair = _sum_heads_to(grad_bias.sum(0), self.position_weights.shape[0])
+            columns = self.position_columns(max_seq_len, grad_bias.device).flatten()
+            grad_position = _scatter_columns(per_pair.flatten(1), columns, self.position_weights)
+        if self.time_weights is not None:
+            per_pair = _sum_heads_to(grad_bias.transpose(0, 1), self.time_weights.shape[0])
+            buckets = self.time_buckets(seq_offsets, max_seq_len).flatten()
+            grad_time = _scatter_columns(per_pair.flatten(1), buckets, self.time_weights)
+        return grad_position, grad_time
+
+
+def _sum_heads_to(grad: Tensor, rows: int) -> Tensor:
+    """Sum a `[H, ...]` gradient over heads when the table has a single shared row."""
+    return grad.sum(0, keepdim=True) if rows == 1 and grad.shape[0] != 1 else grad
+
+
+def _scatter_columns(values: Tensor, columns: Tensor, table: Tensor) -> Tensor:
+    """`grad[h, c] = sum of values[h, p] over the pairs p with columns[p] == c`, accumulated in float32 or wider."""
+    accumulate_dtype = torch.promote_types(values.dtype, torch.float32)
+    grad = torch.zeros(table.shape, dtype=accumulate_dtype, device=values.device)
+    grad.index_add_(1, columns, values.to(accumulate_dtype))
+    return grad.to(table.dtype)

@@ -46,15 +46,17 @@ class PositionEncodingConfig:
 
 @dataclass
 class RelativeBiasConfig:
-    """Learned relative attention bias (T5-style positions and time buckets), fused into the attention kernel.
+    """Learned relative attention bias, fused into the attention kernel (`hstu_attn.RelativeBias`).
 
-    One bias table per layer, shared by all heads: `max_relative_position` bounds the position difference and
-    `num_time_buckets` buckets of log(|t_i - t_j| / time_bucket_divisor). Needs timestamps in the batch.
+    One table pair per layer, shared by all heads: a position bias for key-minus-query distances up to
+    `max_relative_position - 1` (larger distances clamped), and with `use_time` a time bias over
+    `num_time_buckets` buckets `floor(log(|t_j - t_i|) / time_bucket_divisor)` (needs timestamps in the batch).
     """
 
     max_relative_position: int = 256
+    use_time: bool = True
     num_time_buckets: int = 128
-    time_bucket_divisor: float = 1.0
+    time_bucket_divisor: float = 0.301
 
     def __post_init__(self) -> None:
         if self.max_relative_position < 1:

@@ -1,0 +1,95 @@
+"""Feature admission: a new key enters a table only once it has been seen often enough."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+from dynamicemb.options import DynamicEmbInitializerArgs
+from dynamicemb.table import create_hash_table
+from dynamicemb.table.base import DynamicEmbScoreStrategy
+
+__all__ = ["AdmissionStrategy", "Counter", "FrequencyAdmissionStrategy", "KVCounter"]
+
+
+class Counter(ABC):
+    """A counter table: key -> how often the key was seen while not admitted."""
+
+    @abstractmethod
+    def add(self, keys: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+        """Add ``frequencies [N]`` int64 to unique ``keys [N]``; return the accumulated counts ``[N]``."""
+
+    @abstractmethod
+    def erase(self, keys: torch.Tensor) -> None:
+        """Forget ``keys`` (called once they are admitted)."""
+
+
+class KVCounter(Counter):
+    """A bucketed hash table of counts with a fixed capacity; a full bucket forgets its lowest count.
+
+    ``capacity`` slots on ``device`` (one int64 count per slot beside the index).
+    """
+
+    def __init__(self, capacity: int, bucket_capacity: int = 128, device: torch.device | str | None = None) -> None:
+        self.index = create_hash_table(
+            init_capacity=capacity,
+            max_capacity=capacity,
+            bucket_capacity=bucket_capacity,
+            max_load_factor=1.0,
+            score_strategy=DynamicEmbScoreStrategy.CUSTOMIZED,
+            device=device,
+        )
+        self.device = self.index.device
+        self.counts = torch.zeros(self.index.capacity, dtype=torch.int64, device=self.device)
+
+    def add(self, keys: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+        keys = keys.to(self.device)
+        slots, found = self.index.find(keys)
+        previous = torch.where(found, self.counts[slots.clamp(min=0)], 0)
+        accumulated = previous + frequencies.to(self.device, torch.int64)
+        result = self.index.insert_or_assign(keys, accumulated)
+        stored = (result.slots >= 0).nonzero().squeeze(1)
+        self.counts[result.slots[stored]] = accumulated[stored]
+        return accumulated
+
+    def erase(self, keys: torch.Tensor) -> None:
+        self.index.erase(keys.to(self.device))
+
+    def size(self) -> int:
+        return self.index.size()
+
+
+class AdmissionStrategy(ABC):
+    """Decides which keys not yet in a table are admitted into it."""
+
+    @abstractmethod
+    def admit(self, keys: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool for ``keys [N]`` with accumulated ``frequencies [N]``."""
+
+    @abstractmethod
+    def initializer_args(self) -> DynamicEmbInitializerArgs | None:
+        """Values returned in forward for keys not admitted (``None``: the table's initializer)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": type(self).__name__}
+
+
+class FrequencyAdmissionStrategy(AdmissionStrategy):
+    """Admit a key once it has been seen ``threshold`` times (counted over batches, duplicates included)."""
+
+    def __init__(self, threshold: int, initializer_args: DynamicEmbInitializerArgs | None = None) -> None:
+        if threshold < 1:
+            raise ValueError(f"FrequencyAdmissionStrategy: threshold must be >= 1, got {threshold}")
+        self.threshold = threshold
+        self._initializer_args = initializer_args
+
+    def admit(self, keys: torch.Tensor, frequencies: torch.Tensor) -> torch.Tensor:
+        return frequencies >= self.threshold
+
+    def initializer_args(self) -> DynamicEmbInitializerArgs | None:
+        return self._initializer_args
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "threshold": self.threshold}

@@ -1,0 +1,186 @@
+"""A device cache table in front of a backing :class:`Storage` (a host table or an external store)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from dynamicemb.key_value_table import EvictedRows, KeyValueTable, TrainingLookup, update_rows_
+from dynamicemb.optimizer import FusedOptimizer
+from dynamicemb.storage.base import Storage
+
+__all__ = ["CachedKeyValueTable"]
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return mask.nonzero().squeeze(1)
+
+
+class CachedKeyValueTable(Storage):
+    """Hot rows in ``cache`` (a device :class:`KeyValueTable` of fixed capacity), all others in ``backing``.
+
+    A training lookup inserts its keys into the cache; rows the cache evicts are written back to
+    ``backing`` with their scores; a key new to the cache takes its row from ``backing`` if there,
+    else fresh initializer values. A key the cache refuses (its bucket is full of higher scores)
+    is served and updated in ``backing``. ``backing`` may keep stale copies of cached keys; the
+    cache is authoritative until :meth:`flush` or an eviction writes its rows back.
+    """
+
+    def __init__(self, cache: KeyValueTable, backing: Storage) -> None:
+        if backing.value_dim != cache.value_dim or backing.dtype != cache.dtype:
+            raise ValueError(
+                f"backing storage rows are {backing.value_dim} x {backing.dtype}, the table needs "
+                f"{cache.value_dim} x {cache.dtype} (embedding dim + optimizer state columns)"
+            )
+        self.cache = cache
+        self.backing = backing
+        self.dim = cache.dim
+        self.device = cache.device
+        self.version = 0
+
+    @property
+    def value_dim(self) -> int:
+        return self.cache.value_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cache.dtype
+
+    @property
+    def capacity(self) -> int:
+        backing_capacity = getattr(self.backing, "capacity", None)
+        return self.cache.capacity + (backing_capacity or 0)
+
+    def load_factor(self) -> float:
+        return self.size() / self.capacity
+
+    def size(self) -> int:
+        """Distinct keys stored in the cache or the backing store."""
+        backing_only = sum(int((~self.cache.contains(keys.to(self.device))).sum()) for keys, _, _ in self.backing.dump())
+        return self.cache.size() + backing_only
+
+    # --- helpers ------------------------------------------------------------------------------
+    def _backing_find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values, found = self.backing.find(keys)
+        return values.to(self.device, self.dtype), found.to(self.device)
+
+    def _backing_insert(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None) -> None:
+        if keys.numel():
+            self.backing.insert(keys, values, scores)
+
+    def _write_back(self, evicted: EvictedRows) -> None:
+        self._backing_insert(evicted.keys, evicted.values, evicted.scores)
+
+    def _rows_from_backing(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ``keys`` from ``backing``, fresh initializer rows where absent; and ``found``."""
+        rows, found = self._backing_find(keys)
+        if bool((~found).any()):
+            fresh = self.cache.new_rows(keys.numel()).to(rows.dtype)
+            rows = torch.where(found.unsqueeze(1), rows, fresh)
+        return rows, found
+
+    # --- Storage ------------------------------------------------------------------------------
+    def find(self, keys: torch.Tensor, columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        values, found = self.cache.find(keys, columns)
+        miss_pos = _positions(~found)
+        if miss_pos.numel():
+            rows, in_backing = self._backing_find(keys[miss_pos])
+            values[miss_pos] = rows[:, : values.shape[1]]
+            found[miss_pos] = in_backing
+        return values, found
+
+    def contains(self, keys: torch.Tensor) -> torch.Tensor:
+        found = self.cache.contains(keys)
+        miss_pos = _positions(~found)
+        if miss_pos.numel():
+            found[miss_pos] = self.backing.contains(keys[miss_pos]).to(self.device)
+        return found
+
+    def insert(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+        """Insert into the cache; its evictions and the keys it refuses go to ``backing``."""
+        evicted, refused = self.cache.insert_and_evict(keys, values, scores)
+        self._write_back(evicted)
+        refused_pos = _positions(refused)
+        self._backing_insert(keys[refused_pos], values[refused_pos], None if scores is None else scores[refused_pos])
+        self.version += 1
+
+    def dump(
+        self, min_score: int | None = None, batch_size: int = 65536
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Cached rows, then the backing rows of keys not in the cache."""
+        yield from self.cache.dump(min_score, batch_size)
+        for keys, values, scores in self.backing.dump(min_score, batch_size):
+            keep = _positions(~self.cache.contains(keys.to(self.device))).to(keys.device)
+            if keep.numel():
+                yield keys[keep], values[keep], scores[keep]
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> None:
+        """Restore rows into ``backing`` (dropping stale cached copies of the same keys)."""
+        self.cache.erase(keys)
+        self.backing.load(keys, values, scores)
+        self.version += 1
+
+    def flush(self) -> None:
+        """Write every cached row back to ``backing`` (the cache keeps its rows)."""
+        for keys, values, scores in self.cache.dump():
+            self.backing.insert(keys, values, scores)
+
+    # --- the training path ----------------------------------------------------------------------
+    def lookup_for_training(self, keys: torch.Tensor, scores: torch.Tensor | None) -> TrainingLookup:
+        result, evicted = self.cache.insert_slots(keys, scores, assign=False, read_evicted=True)
+        assert evicted is not None
+        self._write_back(evicted)
+        slots = result.slots
+        new_pos = _positions(~result.existed & (slots >= 0))
+        if new_pos.numel():
+            rows, _ = self._rows_from_backing(keys[new_pos])
+            self.cache.values.write(slots[new_pos], rows)
+        table_pos = _positions(slots >= 0)
+        elsewhere_pos = _positions(slots < 0)
+        embeddings = torch.zeros((keys.numel(), self.dim), dtype=self.dtype, device=self.device)
+        embeddings[table_pos] = self.cache.values.read(slots[table_pos], self.dim)
+        num_lost = 0
+        if elsewhere_pos.numel():
+            refused_keys = keys[elsewhere_pos]
+            rows, found = self._rows_from_backing(refused_keys)
+            absent = _positions(~found)
+            refused_scores = None if scores is None else scores[elsewhere_pos]
+            self._backing_insert(
+                refused_keys[absent], rows[absent], None if refused_scores is None else refused_scores[absent]
+            )
+            embeddings[elsewhere_pos] = rows[:, : self.dim]
+            num_lost = int((~self.backing.contains(refused_keys)).sum())
+        self.version += 1
+        return TrainingLookup(
+            keys=keys,
+            embeddings=embeddings,
+            slots=slots,
+            table_pos=table_pos,
+            elsewhere_pos=elsewhere_pos,
+            scores=scores,
+            num_lost=num_lost,
+            version=self.version,
+        )
+
+    def update_for_training(
+        self, lookup: TrainingLookup, grads: torch.Tensor, optimizer: FusedOptimizer, step: int
+    ) -> None:
+        """Update cached rows in place and the others in ``backing`` (keys stored nowhere are skipped)."""
+        if lookup.version == self.version:
+            cache_pos, cache_slots = lookup.table_pos, lookup.slots[lookup.table_pos]
+            backing_pos = lookup.elsewhere_pos
+        else:
+            slots, found = self.cache.index.find(lookup.keys)
+            cache_pos, backing_pos = _positions(found), _positions(~found)
+            cache_slots = slots[cache_pos]
+        update_rows_(self.cache.values, cache_slots, grads[cache_pos], optimizer, step)
+        if backing_pos.numel() == 0:
+            return
+        keys = lookup.keys[backing_pos]
+        rows, found = self._backing_find(keys)
+        present = _positions(found)
+        rows = rows[present].float()
+        optimizer.update_(rows, grads[backing_pos[present]], step)
+        scores = None if lookup.scores is None else lookup.scores[backing_pos[present]]
+        self._backing_insert(keys[present], rows.to(self.dtype), scores)

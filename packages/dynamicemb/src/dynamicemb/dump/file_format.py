@@ -1,0 +1,243 @@
+"""The on-disk format of one dumped table (``<table>.dynamicemb``).
+
+Layout (all integers little-endian, arrays row-major)::
+
+    MAGIC                       8 bytes  b"DYNEMB\\x00\\x01"
+    chunk 0 .. chunk C-1        each of n rows:
+        keys                    n * int64
+        scores                  n * int64
+        embeddings              n * dim * <dtype>
+        optimizer state         n * state_dim * <dtype>   (only if has_optimizer_state)
+    footer                      UTF-8 JSON (below)
+    footer length               uint64
+    MAGIC                       8 bytes
+
+Footer fields: ``format_version`` (1), ``table``, ``dim``, ``dtype`` ("float32", "float16",
+"bfloat16"), ``num_rows``, ``chunk_rows`` (rows of each chunk), ``has_optimizer_state``,
+``optimizer_state_dim``, ``optimizer`` (:class:`DynamicEmbOptimizerArgs` as JSON),
+``optimizer_step``, ``score_strategy``, ``score_clock`` (the table's step / custom score / last
+timestamp), ``options`` (:class:`DynamicEmbTableOptions` as JSON) and ``crc32`` (of every chunk
+byte). A reader checks both magics, the footer, the file size against the chunk sizes and the
+checksum before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import torch
+
+from dynamicemb.embedding_table import DynamicEmbeddingTable
+from dynamicemb.options import options_to_json
+from dynamicemb.types import DynamicEmbScoreStrategy
+
+__all__ = ["FORMAT_VERSION", "DynamicEmbFileError", "TableFile", "write_table_file"]
+
+MAGIC = b"DYNEMB\x00\x01"
+FORMAT_VERSION = 1
+_U64 = struct.Struct("<Q")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_READ_BLOCK = 1 << 24
+
+if sys.byteorder != "little":  # the format stores the host's tensor bytes as they are
+    raise ImportError("dynamicemb's dump format needs a little-endian host")
+
+
+class DynamicEmbFileError(ValueError):
+    """A dump file is corrupt, truncated or does not match the table it is loaded into."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def score_clock(table: DynamicEmbeddingTable) -> int:
+    strategy = table.options.score_strategy
+    if strategy is DynamicEmbScoreStrategy.STEP:
+        return table.score_step
+    if strategy is DynamicEmbScoreStrategy.CUSTOMIZED:
+        return table.get_score() or 0
+    return table._last_timestamp
+
+
+def restore_score_clock(table: DynamicEmbeddingTable, clock: int) -> None:
+    strategy = table.options.score_strategy
+    if strategy is DynamicEmbScoreStrategy.STEP:
+        table.score_step = max(table.score_step, clock)
+    elif strategy is DynamicEmbScoreStrategy.CUSTOMIZED:
+        table.set_score(clock)
+    elif strategy is not DynamicEmbScoreStrategy.LFU:
+        table._last_timestamp = max(table._last_timestamp, clock)
+
+
+def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: bool) -> int:
+    """Write ``table`` (with its optimizer state if ``optim``) to the open binary ``file``; returns rows written."""
+    file.write(MAGIC)
+    crc = 0
+    chunk_rows: list[int] = []
+    for keys, embeddings, state, scores in table.export():
+        arrays = [keys, scores, embeddings] + ([state] if optim else [])
+        for array in arrays:
+            data = _tensor_bytes(array)
+            file.write(data)
+            crc = zlib.crc32(data, crc)
+        chunk_rows.append(keys.numel())
+    footer = {
+        "format_version": FORMAT_VERSION,
+        "table": table.name,
+        "dim": table.dim,
+        "dtype": _DTYPE_NAMES[table.dtype],
+        "num_rows": sum(chunk_rows),
+        "chunk_rows": chunk_rows,
+        "has_optimizer_state": optim,
+        "optimizer_state_dim": table.optimizer.state_dim,
+        "optimizer": table.optimizer.args.to_json(),
+        "optimizer_step": table.optimizer.step,
+        "score_strategy": table.options.score_strategy.name,
+        "score_clock": score_clock(table),
+        "options": options_to_json(table.options),
+        "crc32": crc,
+    }
+    encoded = json.dumps(footer, sort_keys=True).encode()
+    file.write(encoded)
+    file.write(_U64.pack(len(encoded)))
+    file.write(MAGIC)
+    return footer["num_rows"]
+
+
+@dataclass
+class TableFile:
+    """A dump file opened for reading: its footer is parsed and its size checked on construction."""
+
+    path: str
+    footer: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str) -> TableFile:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such dump file")
+        size = os.path.getsize(path)
+        tail = 8 + len(MAGIC)
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC))
+            if head != MAGIC:
+                raise DynamicEmbFileError(path, "not a dynamicemb dump file (bad magic at the start)")
+            if size < len(MAGIC) + tail:
+                raise DynamicEmbFileError(path, f"truncated: {size} bytes is shorter than the fixed header and trailer")
+            f.seek(size - tail)
+            (footer_len,) = _U64.unpack(f.read(8))
+            if f.read(len(MAGIC)) != MAGIC:
+                raise DynamicEmbFileError(path, "truncated or corrupt: the trailing magic is missing")
+            if footer_len > size - len(MAGIC) - tail:
+                raise DynamicEmbFileError(path, f"corrupt: footer length {footer_len} exceeds the file size {size}")
+            f.seek(size - tail - footer_len)
+            raw = f.read(footer_len)
+        try:
+            footer = json.loads(raw.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DynamicEmbFileError(path, f"corrupt footer JSON ({error})") from None
+        table_file = cls(path, footer)
+        table_file._check_footer(size - tail - footer_len - len(MAGIC))
+        return table_file
+
+    def _check_footer(self, data_bytes: int) -> None:
+        required = ("format_version", "table", "dim", "dtype", "num_rows", "chunk_rows", "has_optimizer_state",
+                    "optimizer_state_dim", "optimizer", "optimizer_step", "score_clock", "crc32")  # fmt: skip
+        missing = [key for key in required if key not in self.footer]
+        if missing:
+            raise DynamicEmbFileError(self.path, f"footer lacks {missing}")
+        if self.footer["format_version"] != FORMAT_VERSION:
+            raise DynamicEmbFileError(
+                self.path, f"format_version {self.footer['format_version']}, this reader knows {FORMAT_VERSION}"
+            )
+        if self.footer["dtype"] not in _DTYPES:
+            raise DynamicEmbFileError(self.path, f"unknown dtype {self.footer['dtype']!r}")
+        if sum(self.footer["chunk_rows"]) != self.footer["num_rows"]:
+            raise DynamicEmbFileError(self.path, "corrupt footer: chunk_rows do not add up to num_rows")
+        expected = self.footer["num_rows"] * self.row_bytes
+        if expected != data_bytes:
+            raise DynamicEmbFileError(
+                self.path, f"truncated or corrupt: {data_bytes} data bytes, the footer describes {expected}"
+            )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.footer["dtype"]]
+
+    @property
+    def state_dim(self) -> int:
+        return self.footer["optimizer_state_dim"] if self.footer["has_optimizer_state"] else 0
+
+    @property
+    def row_bytes(self) -> int:
+        return 16 + (self.footer["dim"] + self.state_dim) * self.dtype.itemsize
+
+    def check_matches(self, table: DynamicEmbeddingTable, *, optim: bool) -> None:
+        """Raise :class:`DynamicEmbFileError` naming the mismatch if the file cannot load into ``table``."""
+        footer = self.footer
+        if footer["table"] != table.name:
+            raise DynamicEmbFileError(self.path, f"holds table {footer['table']!r}, not {table.name!r}")
+        if footer["dim"] != table.dim:
+            raise DynamicEmbFileError(
+                self.path, f"embedding dim {footer['dim']} in the file, {table.dim} in table {table.name!r}"
+            )
+        if self.dtype != table.dtype:
+            raise DynamicEmbFileError(self.path, f"dtype {footer['dtype']} in the file, {table.dtype} in the table")
+        if not optim:
+            return
+        if not footer["has_optimizer_state"]:
+            raise DynamicEmbFileError(self.path, "has no optimizer state (dumped with optim=False); load with optim=False")
+        file_optimizer = footer["optimizer"].get("optimizer")
+        table_optimizer = table.optimizer.args.optimizer.name
+        if file_optimizer != table_optimizer or footer["optimizer_state_dim"] != table.optimizer.state_dim:
+            raise DynamicEmbFileError(
+                self.path,
+                f"optimizer state of {file_optimizer} ({footer['optimizer_state_dim']} columns), "
+                f"table {table.name!r} uses {table_optimizer} ({table.optimizer.state_dim} columns)",
+            )
+
+    def verify_checksum(self) -> None:
+        crc = 0
+        remaining = self.footer["num_rows"] * self.row_bytes
+        with open(self.path, "rb") as f:
+            f.seek(len(MAGIC))
+            while remaining:
+                block = f.read(min(remaining, _READ_BLOCK))
+                if not block:
+                    raise DynamicEmbFileError(self.path, "truncated while verifying the checksum")
+                crc = zlib.crc32(block, crc)
+                remaining -= len(block)
+        if crc != self.footer["crc32"]:
+            raise DynamicEmbFileError(self.path, f"corrupt: checksum {crc:#010x}, the footer says {self.footer['crc32']:#010x}")
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``(keys [n], scores [n], embeddings [n, dim], optimizer_state [n, state_dim] or None)`` per chunk."""
+        dim, state_dim, dtype = self.footer["dim"], self.state_dim, self.dtype
+        with open(self.path, "rb") as f:
+            f.seek(len(MAGIC))
+            for n in self.footer["chunk_rows"]:
+                keys = self._read(f, n * 8).view(torch.int64)
+                scores = self._read(f, n * 8).view(torch.int64)
+                embeddings = self._read(f, n * dim * dtype.itemsize).view(dtype).view(n, dim)
+                state = None
+                if state_dim:
+                    state = self._read(f, n * state_dim * dtype.itemsize).view(dtype).view(n, state_dim)
+                yield keys, scores, embeddings, state
+
+    def _read(self, f: BinaryIO, nbytes: int) -> torch.Tensor:
+        data = f.read(nbytes)
+        if len(data) != nbytes:
+            raise DynamicEmbFileError(self.path, "truncated while reading rows")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)

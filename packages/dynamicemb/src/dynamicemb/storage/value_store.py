@@ -1,0 +1,134 @@
+"""Value rows indexed by slot: all in device memory, or split between device and host memory."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from dynamicemb.table.base import SlotRemap
+
+__all__ = ["DeviceValueStore", "SplitValueStore", "ValueStore", "create_value_store", "resize_value_store"]
+
+_COPY_CHUNK_ROWS = 1 << 20
+
+
+class ValueStore(ABC):
+    """``capacity`` rows of ``row_dim`` columns; row ``s`` holds the value of the key in slot ``s``.
+
+    Slots and returned rows live on the compute ``device`` whatever the tier of the rows.
+    """
+
+    capacity: int
+    row_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    @abstractmethod
+    def device_rows(self) -> int:
+        """Rows held in device memory (the others are in host memory)."""
+
+    @abstractmethod
+    def read(self, slots: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+        """``slots [N]`` int64 in ``[0, capacity)`` -> ``[N, columns or row_dim]`` (the leading columns)."""
+
+    @abstractmethod
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """``rows [N, row_dim]`` into distinct ``slots [N]``."""
+
+    def memory_bytes(self) -> tuple[int, int]:
+        """``(device bytes, host bytes)`` held by the rows."""
+        row_bytes = self.row_dim * self.dtype.itemsize
+        return self.device_rows * row_bytes, (self.capacity - self.device_rows) * row_bytes
+
+
+class DeviceValueStore(ValueStore):
+    """Every row in one ``[capacity, row_dim]`` tensor on the compute device."""
+
+    def __init__(self, capacity: int, row_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.capacity, self.row_dim, self.dtype, self.device = capacity, row_dim, dtype, device
+        self.rows = torch.zeros((capacity, row_dim), dtype=dtype, device=device)
+
+    @property
+    def device_rows(self) -> int:
+        return self.capacity
+
+    def read(self, slots: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+        source = self.rows if columns is None or columns == self.row_dim else self.rows[:, :columns]
+        return source.index_select(0, slots)
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        self.rows.index_copy_(0, slots, rows.to(self.dtype))
+
+
+class SplitValueStore(ValueStore):
+    """Slots ``[0, device_rows)`` in device memory, the rest in host memory (pinned on CUDA).
+
+    Reading or writing host rows from a CUDA device moves the selected slots to the host (a
+    synchronization) and the rows across PCIe.
+    """
+
+    def __init__(
+        self, capacity: int, row_dim: int, dtype: torch.dtype, device: torch.device, device_rows: int
+    ) -> None:
+        if not 0 <= device_rows < capacity:
+            raise ValueError(f"SplitValueStore: device_rows {device_rows} must be in [0, {capacity})")
+        self.capacity, self.row_dim, self.dtype, self.device = capacity, row_dim, dtype, device
+        self._device_rows = device_rows
+        self.device_part = torch.zeros((device_rows, row_dim), dtype=dtype, device=device)
+        self.host_part = torch.zeros(
+            (capacity - device_rows, row_dim), dtype=dtype, pin_memory=device.type == "cuda"
+        )
+
+    @property
+    def device_rows(self) -> int:
+        return self._device_rows
+
+    def _split(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        on_device = slots < self._device_rows
+        return on_device.nonzero().squeeze(1), (~on_device).nonzero().squeeze(1)
+
+    def read(self, slots: torch.Tensor, columns: int | None = None) -> torch.Tensor:
+        cols = self.row_dim if columns is None else columns
+        out = torch.empty((slots.numel(), cols), dtype=self.dtype, device=self.device)
+        device_pos, host_pos = self._split(slots)
+        if device_pos.numel():
+            out.index_copy_(0, device_pos, self.device_part[:, :cols].index_select(0, slots[device_pos]))
+        if host_pos.numel():
+            host_slots = (slots[host_pos] - self._device_rows).cpu()
+            rows = self.host_part[:, :cols].index_select(0, host_slots)
+            out.index_copy_(0, host_pos, rows.to(self.device, non_blocking=True))
+        return out
+
+    def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        rows = rows.to(self.dtype)
+        device_pos, host_pos = self._split(slots)
+        if device_pos.numel():
+            self.device_part.index_copy_(0, slots[device_pos], rows[device_pos])
+        if host_pos.numel():
+            host_slots = (slots[host_pos] - self._device_rows).cpu()
+            self.host_part.index_copy_(0, host_slots, rows[host_pos].cpu())
+
+
+def create_value_store(
+    capacity: int, row_dim: int, dtype: torch.dtype, device: torch.device, device_budget_bytes: int | None
+) -> ValueStore:
+    """A store of ``capacity`` rows; ``device_budget_bytes`` ``None`` keeps every row on ``device``,
+    otherwise rows beyond the budget go to host memory."""
+    if device_budget_bytes is None:
+        return DeviceValueStore(capacity, row_dim, dtype, device)
+    row_bytes = max(row_dim * dtype.itemsize, 1)
+    device_rows = min(device_budget_bytes // row_bytes, capacity)
+    if device_rows == capacity:
+        return DeviceValueStore(capacity, row_dim, dtype, device)
+    return SplitValueStore(capacity, row_dim, dtype, device, device_rows)
+
+
+def resize_value_store(old: ValueStore, remap: SlotRemap, device_budget_bytes: int | None) -> ValueStore:
+    """A store of ``remap.new_capacity`` rows holding ``old``'s rows moved as ``remap`` says."""
+    new = create_value_store(remap.new_capacity, old.row_dim, old.dtype, old.device, device_budget_bytes)
+    for start in range(0, remap.old_slots.numel(), _COPY_CHUNK_ROWS):
+        stop = start + _COPY_CHUNK_ROWS
+        new.write(remap.new_slots[start:stop], old.read(remap.old_slots[start:stop]))
+    return new

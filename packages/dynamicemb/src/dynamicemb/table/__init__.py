@@ -1,0 +1,70 @@
+"""The hash-table index of dynamicemb: int64 keys -> slots, one score per slot.
+
+``create_hash_table`` builds one; see :class:`~dynamicemb.table.bucketed.BucketedHashTable` for the
+score, eviction and growth rules shared by every backend, and :mod:`dynamicemb.table.layout` for the
+memory layout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynamicemb.table.base import (
+    DynamicEmbScoreStrategy,
+    InsertResult,
+    ScoredHashTable,
+    SlotRemap,
+)
+from dynamicemb.table.bucketed import BucketedHashTable
+from dynamicemb.table.torch_backend import TorchHashTable
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def create_hash_table(
+    *,
+    init_capacity: int,
+    max_capacity: int,
+    bucket_capacity: int = 128,
+    max_load_factor: float = 0.5,
+    score_strategy: DynamicEmbScoreStrategy = DynamicEmbScoreStrategy.TIMESTAMP,
+    device: torch.device | str | None = None,
+    backend: str = "auto",
+) -> ScoredHashTable:
+    """A scored hash table of at least ``init_capacity`` slots, growing up to ``max_capacity``.
+
+    Capacities are rounded up to a power-of-two number of buckets of ``bucket_capacity`` slots
+    (itself a power of two >= 4). ``backend``: ``"torch"`` (vectorized torch ops, any device),
+    ``"triton"`` (GPU kernels; on CPU only under ``TRITON_INTERPRET=1``, for tests) or ``"auto"``
+    (Triton on CUDA devices, torch elsewhere).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown hash-table backend {backend!r}; choose one of {BACKENDS}")
+    resolved = torch.device("cpu" if device is None else device)
+    if backend == "auto":
+        backend = "triton" if resolved.type == "cuda" else "torch"
+    kwargs = dict(
+        init_capacity=init_capacity,
+        max_capacity=max_capacity,
+        bucket_capacity=bucket_capacity,
+        max_load_factor=max_load_factor,
+        score_strategy=score_strategy,
+        device=resolved,
+    )
+    if backend == "torch":
+        return TorchHashTable(**kwargs)
+    from dynamicemb.table.triton_backend import TritonHashTable
+
+    return TritonHashTable(**kwargs)
+
+
+__all__ = [
+    "BACKENDS",
+    "BucketedHashTable",
+    "DynamicEmbScoreStrategy",
+    "InsertResult",
+    "ScoredHashTable",
+    "SlotRemap",
+    "TorchHashTable",
+    "create_hash_table",
+]

@@ -1,0 +1,37 @@
+"""Configurations of a GR: the HSTU block, embedding tables and the ranking or retrieval task."""
+
+from hstu_attn import KernelBackend
+
+from gr_models.configs.embedding_config import (
+    BaseEmbeddingConfig,
+    DynamicShardedEmbeddingConfig,
+    EmbeddingOptimizerParam,
+    ShardedEmbeddingConfig,
+)
+from gr_models.configs.hstu_config import (
+    KERNEL_BACKEND_ENV,
+    HSTUConfig,
+    PositionEncodingConfig,
+    RelativeBiasConfig,
+    get_hstu_config,
+    parse_dtype,
+    parse_kernel_backend,
+)
+from gr_models.configs.task_config import RankingConfig, RetrievalConfig
+
+__all__ = [
+    "KERNEL_BACKEND_ENV",
+    "BaseEmbeddingConfig",
+    "DynamicShardedEmbeddingConfig",
+    "EmbeddingOptimizerParam",
+    "HSTUConfig",
+    "KernelBackend",
+    "PositionEncodingConfig",
+    "RankingConfig",
+    "RelativeBiasConfig",
+    "RetrievalConfig",
+    "ShardedEmbeddingConfig",
+    "get_hstu_config",
+    "parse_dtype",
+    "parse_kernel_backend",
+]

@@ -1,0 +1,211 @@
+"""MovieLens-1M / -20M as next-item retrieval or rating-threshold ranking data.
+
+Files: ML-1M ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``), optional ``users.dat``
+(``UserID::Gender::Age::Occupation::Zip-code``) and ``movies.dat`` (``MovieID::Title::Genres``, latin-1);
+ML-20M ``ratings.csv`` (``userId,movieId,rating,timestamp``) and optional ``movies.csv``. ``.gz`` copies of the
+ratings file are read as well.
+
+Each user's ratings, in time order (ties keep file order), are the events; the item is the movie id, the action
+is the bitmask of ``rating >= threshold`` over ``rating_thresholds`` (task ``t`` = threshold ``t``), the timestamp
+is the rating time. Contextual features: ``user_id`` and, for ML-1M with ``users.dat``, ``gender``, ``age``,
+``occupation``, ``zip_code`` (ids from sorted distinct values; 0 marks a user missing from ``users.dat``).
+Splits follow `WindowPolicy`: leave-last-out by default (train on all but the last rating, evaluate the last).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from gr_models.data.dataset import InMemorySequenceDataset, UserSequences, group_events_by_user
+from gr_models.data.errors import DataValidationError
+from gr_models.data.jagged import JaggedColumn
+from gr_models.data.sample import Split, TruncateSide, WindowPolicy
+from gr_models.data.schema import DatasetSchema, TaskKind
+from gr_models.data.text_files import column_as_numpy, read_delimited
+from gr_models.data.validation import check_ids
+
+__all__ = ["MovieLensDataset", "categorical_ids", "lookup_by_key"]
+
+Variant = Literal["1m", "20m"]
+_ML1M_USER_FEATURES = ("gender", "age", "occupation", "zip_code")
+
+
+def categorical_ids(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Ids ``1..V`` for the sorted distinct values; returns ``(ids, V + 1)`` so that 0 can mean "unknown"."""
+    distinct, inverse = np.unique(values, return_inverse=True)
+    return inverse.astype(np.int64) + 1, len(distinct) + 1
+
+
+def lookup_by_key(keys: np.ndarray, table_keys: np.ndarray, table_values: np.ndarray, missing: int = 0) -> np.ndarray:
+    """``table_values`` of each key (``missing`` where a key is absent from ``table_keys``)."""
+    order = np.argsort(table_keys, kind="stable")
+    sorted_keys = table_keys[order]
+    position = np.clip(np.searchsorted(sorted_keys, keys), 0, max(len(sorted_keys) - 1, 0))
+    found = (sorted_keys[position] == keys) if len(sorted_keys) else np.zeros(len(keys), dtype=bool)
+    return np.where(found, table_values[order][position], missing).astype(np.int64)
+
+
+def _find_ratings(root: Path, variant: Variant) -> Path:
+    names = ("ratings.dat", "ratings.dat.gz") if variant == "1m" else ("ratings.csv", "ratings.csv.gz")
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    partial = sorted(str(p) for p in root.glob("partial/*")) if root.is_dir() else []
+    hint = f"; files under partial/: {partial} (pass one as ratings_path)" if partial else ""
+    raise FileNotFoundError(f"no {' or '.join(names)} in {root}{hint}")
+
+
+class MovieLensDataset(InMemorySequenceDataset):
+    """MovieLens user histories for retrieval or ranking (see the module docstring).
+
+    Args:
+        root: directory of the MovieLens files.
+        variant: "1m" or "20m" (file formats).
+        kind: "retrieval" or "ranking".
+        split, holdout, max_train_candidates, truncate_side, max_sequence_length: see `WindowPolicy`.
+        ratings_path: ratings file to use instead of the one in ``root``.
+        rating_thresholds: task ``t`` is ``rating >= rating_thresholds[t]``.
+        with_actions: include the action feature (always on for ranking).
+        with_timestamps: include the ``timestamp`` feature.
+        user_features: ML-1M ``users.dat`` columns to use as contextual features (default: all four when the file
+            exists); ``user_id`` always comes first.
+
+    Feature names: ``user_id`` (+ user features), ``item_id``, ``action``, ``timestamp``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        variant: Variant = "1m",
+        kind: TaskKind = "retrieval",
+        split: Split = "train",
+        max_sequence_length: int = 200,
+        holdout: int = 1,
+        max_train_candidates: int = 0,
+        truncate_side: TruncateSide = "left",
+        ratings_path: str | Path | None = None,
+        rating_thresholds: Sequence[float] = (4.0,),
+        with_actions: bool = False,
+        with_timestamps: bool = True,
+        user_features: Sequence[str] | None = None,
+    ):
+        if variant not in ("1m", "20m"):
+            raise ValueError(f"variant must be '1m' or '20m', got {variant!r}")
+        root = Path(root)
+        ratings_file = Path(ratings_path) if ratings_path is not None else _find_ratings(root, variant)
+        self.ratings_path = ratings_file
+        with_actions = with_actions or kind == "ranking"
+        users, items, ratings, timestamps = self._read_ratings(ratings_file, variant)
+        user_keys, offsets, grouped = group_events_by_user(users, timestamps, {"item_id": items, "rating": ratings})
+
+        sequence = {"item_id": grouped["item_id"]}
+        vocab_sizes = {"item_id": self._item_vocab(root, variant, items)}
+        task_names: tuple[str, ...] = ()
+        if with_actions:
+            thresholds = list(rating_thresholds)
+            if not thresholds:
+                raise ValueError("rating_thresholds is empty")
+            sequence["action"] = sum(
+                (grouped["rating"] >= threshold).astype(np.int64) << task for task, threshold in enumerate(thresholds)
+            )
+            vocab_sizes["action"] = 2 ** len(thresholds)
+            task_names = tuple(f"rating>={threshold:g}" for threshold in thresholds)
+        if with_timestamps:
+            sequence["timestamp"] = grouped["__timestamps__"]
+
+        contextual = {"user_id": JaggedColumn.from_scalars(user_keys)}
+        vocab_sizes["user_id"] = int(user_keys.max()) + 1 if len(user_keys) else 1
+        for name, (ids, vocab) in self._user_features(root, variant, user_features, user_keys).items():
+            contextual[name] = JaggedColumn.from_scalars(ids)
+            vocab_sizes[name] = vocab
+        schema = DatasetSchema(
+            kind=kind,
+            item_feature_name="item_id",
+            contextual_feature_names=tuple(contextual),
+            contextual_max_lengths=dict.fromkeys(contextual, 1),
+            action_feature_name="action" if with_actions else None,
+            timestamp_feature_name="timestamp" if with_timestamps else None,
+            vocab_sizes=vocab_sizes,
+            max_sequence_length=max_sequence_length,
+            task_names=task_names,
+        )
+        policy = WindowPolicy(kind, split, max_sequence_length, holdout, max_train_candidates, truncate_side)
+        super().__init__(UserSequences(offsets, sequence, contextual), schema, policy)
+
+    @staticmethod
+    def _read_ratings(path: Path, variant: Variant) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        names = ["user", "item", "rating", "timestamp"]
+        types = {"user": pa.int64(), "item": pa.int64(), "rating": pa.float64(), "timestamp": pa.int64()}
+        if variant == "1m":
+            table = read_delimited(path, names, separator="::", column_types=types)
+        else:
+            header_names = ["userId", "movieId", "rating", "timestamp"]
+            header_types = dict(zip(header_names, types.values()))
+            table = read_delimited(path, header_names, header=True, column_types=header_types)
+            table = table.rename_columns(names)
+        source = str(path)
+        users, items, ratings, timestamps = (column_as_numpy(table, n, source=source) for n in names)
+        check_ids(JaggedColumn.from_scalars(users), column="user", source=source)
+        check_ids(JaggedColumn.from_scalars(items), column="item", source=source)
+        bad = np.flatnonzero((ratings < 0.5) | (ratings > 5.0))
+        if bad.size:
+            row = int(bad[0])
+            raise DataValidationError(
+                f"rating {ratings[row]} outside [0.5, 5]", source=source, row=row, column="rating"
+            )
+        return users, items, ratings, timestamps
+
+    @staticmethod
+    def _item_vocab(root: Path, variant: Variant, items: np.ndarray) -> int:
+        largest = int(items.max()) if len(items) else 0
+        movies = root / ("movies.dat" if variant == "1m" else "movies.csv")
+        if movies.is_file():
+            if variant == "1m":
+                table = read_delimited(
+                    movies,
+                    ["item", "title", "genres"],
+                    separator="::",
+                    include_columns=["item"],
+                    column_types={"item": pa.int64()},
+                )
+                ids = column_as_numpy(table, "item", source=str(movies))
+            else:
+                table = read_delimited(movies, ["movieId"], header=True, column_types={"movieId": pa.int64()})
+                ids = column_as_numpy(table, "movieId", source=str(movies))
+            largest = max(largest, int(ids.max()) if len(ids) else 0)
+        return largest + 1
+
+    @staticmethod
+    def _user_features(
+        root: Path, variant: Variant, requested: Sequence[str] | None, user_keys: np.ndarray
+    ) -> dict[str, tuple[np.ndarray, int]]:
+        users_file = root / "users.dat"
+        available = variant == "1m" and users_file.is_file()
+        names = list(_ML1M_USER_FEATURES if (requested is None and available) else (requested or ()))
+        unknown = [n for n in names if n not in _ML1M_USER_FEATURES]
+        if unknown:
+            raise ValueError(f"unknown user features {unknown}; ML-1M has {list(_ML1M_USER_FEATURES)}")
+        if not names:
+            return {}
+        if not available:
+            raise FileNotFoundError(f"user features {names} need {users_file} (ML-1M only)")
+        columns = ["user", *_ML1M_USER_FEATURES]
+        table = read_delimited(
+            users_file,
+            columns,
+            separator="::",
+            column_types={**dict.fromkeys(columns, pa.string()), "user": pa.int64()},
+        )
+        source = str(users_file)
+        keys = column_as_numpy(table, "user", source=source)
+        features = {}
+        for name in names:
+            ids, vocab = categorical_ids(column_as_numpy(table, name, source=source).astype(str))
+            features[name] = (lookup_by_key(user_keys, keys, ids), vocab)
+        return features

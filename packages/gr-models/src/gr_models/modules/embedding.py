@@ -1,0 +1,171 @@
+"""The embedding tables of a GR: static TorchRec tables (model- or data-parallel) and dynamic hash tables.
+
+`ShardedEmbedding` takes the batch's `KeyedJaggedTensor` and returns one `JaggedTensor` of embeddings per
+feature served by a table (features without a table, e.g. timestamps, are ignored). In one process the static
+tables are unsharded TorchRec `EmbeddingCollection`s; gr-parallel shards the same children with
+`DistributedModelParallel`. Static tables are trained by `SparseRowOptimizer`s built by `sparse_optimizers()`;
+dynamic tables (dynamicemb) apply their fused optimizer inside backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from gr_models.configs.embedding_config import (
+    BaseEmbeddingConfig,
+    DynamicShardedEmbeddingConfig,
+    EmbeddingOptimizerParam,
+    ShardedEmbeddingConfig,
+)
+from gr_models.modules.sparse_optimizer import SparseRowOptimizer
+
+__all__ = ["EmbeddingOptimizerParam", "ShardedEmbedding"]
+
+
+def _torchrec_config(config: BaseEmbeddingConfig) -> EmbeddingConfig:
+    return EmbeddingConfig(
+        num_embeddings=config.vocab_size,
+        embedding_dim=config.dim,
+        name=config.table_name,
+        feature_names=list(config.feature_names),
+        init_fn=config.initializer,
+    )
+
+
+def _select(jagged: dict[str, JaggedTensor], names: Sequence[str]) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor.from_jt_dict({name: jagged[name] for name in names})
+
+
+class ShardedEmbedding(nn.Module):
+    """Every embedding table of a GR, grouped by how it is stored and sharded.
+
+    Children (each present only when it has tables): `model_parallel` and `data_parallel` (TorchRec
+    `EmbeddingCollection`s) and `dynamic` (`dynamicemb.DynamicEmbeddingCollection`).
+
+    Args:
+        embedding_configs: `ShardedEmbeddingConfig` / `DynamicShardedEmbeddingConfig` entries, unique table and
+            feature names.
+        device: where the tables live.
+    """
+
+    def __init__(self, embedding_configs: Sequence[BaseEmbeddingConfig], device: torch.device | None = None) -> None:
+        super().__init__()
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self._configs = {c.table_name: c for c in embedding_configs}
+        self._feature_to_table = {f: c.table_name for c in embedding_configs for f in c.feature_names}
+        model_parallel = [
+            c for c in embedding_configs if isinstance(c, ShardedEmbeddingConfig) and c.sharding_type == "model_parallel"
+        ]
+        data_parallel = [
+            c for c in embedding_configs if isinstance(c, ShardedEmbeddingConfig) and c.sharding_type == "data_parallel"
+        ]
+        dynamic = [c for c in embedding_configs if isinstance(c, DynamicShardedEmbeddingConfig)]
+        unknown = [c for c in embedding_configs if not isinstance(c, (ShardedEmbeddingConfig, DynamicShardedEmbeddingConfig))]
+        if unknown:
+            raise TypeError(f"unsupported embedding config types: {[type(c).__name__ for c in unknown]}")
+        self.model_parallel = self._static_collection(model_parallel, device, sparse_grad=True)
+        self.data_parallel = self._static_collection(data_parallel, device, sparse_grad=False)
+        self.dynamic = self._dynamic_collection(dynamic, device) if dynamic else None
+        self._groups: list[tuple[nn.Module, list[str]]] = []
+        for module, configs in ((self.model_parallel, model_parallel), (self.data_parallel, data_parallel), (self.dynamic, dynamic)):
+            if module is not None:
+                self._groups.append((module, [f for c in configs for f in c.feature_names]))
+
+    @staticmethod
+    def _static_collection(
+        configs: list[ShardedEmbeddingConfig], device: torch.device, *, sparse_grad: bool
+    ) -> EmbeddingCollection | None:
+        if not configs:
+            return None
+        dims = {c.dim for c in configs}
+        if len(dims) != 1:
+            raise ValueError(
+                f"static tables of one sharding type must share one dim; got {[(c.table_name, c.dim) for c in configs]}"
+            )
+        collection = EmbeddingCollection(tables=[_torchrec_config(c) for c in configs], device=device)
+        for table in collection.embeddings.values():
+            table.sparse = sparse_grad
+        return collection
+
+    @staticmethod
+    def _dynamic_collection(configs: list[DynamicShardedEmbeddingConfig], device: torch.device) -> nn.Module:
+        from gr_models.modules.dynamic_embedding import build_dynamic_collection
+
+        return build_dynamic_collection(configs, device)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Every feature served by a table."""
+        return list(self._feature_to_table)
+
+    def table_config(self, table_name: str) -> BaseEmbeddingConfig:
+        """The config of one table, by name (KeyError names the known tables)."""
+        try:
+            return self._configs[table_name]
+        except KeyError:
+            raise KeyError(f"unknown table {table_name!r}; tables are {sorted(self._configs)}") from None
+
+    def table_of(self, feature_name: str) -> BaseEmbeddingConfig:
+        """The config of the table that serves `feature_name` (KeyError names the served features)."""
+        if feature_name not in self._feature_to_table:
+            raise KeyError(f"feature {feature_name!r} has no embedding table; tables serve {self.feature_names}")
+        return self._configs[self._feature_to_table[feature_name]]
+
+    def _check_static_ids(self, jagged: dict[str, JaggedTensor], names: Sequence[str]) -> None:
+        for name in names:
+            config = self.table_of(name)
+            if isinstance(config, DynamicShardedEmbeddingConfig):
+                continue
+            ids = jagged[name].values()
+            if ids.numel() == 0:
+                continue
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= config.vocab_size:
+                raise ValueError(
+                    f"feature {name!r}: ids must lie in [0, {config.vocab_size}) of table {config.table_name!r}; "
+                    f"got min {low}, max {high}"
+                )
+
+    def lookup(self, features: KeyedJaggedTensor, names: Sequence[str]) -> dict[str, JaggedTensor]:
+        """Embeddings of the features `names` only (each must have a table and be a key of `features`)."""
+        keys = set(features.keys())
+        missing = [f for f in names if f not in keys]
+        if missing:
+            raise ValueError(f"the batch lacks features {missing} that embedding tables expect")
+        for name in names:
+            self.table_of(name)
+        jagged = features.to_dict()
+        self._check_static_ids(jagged, names)
+        wanted = set(names)
+        embeddings: dict[str, JaggedTensor] = {}
+        for module, served in self._groups:
+            selected = [f for f in served if f in wanted]
+            if selected:
+                embeddings.update(module(_select(jagged, selected)))
+        return embeddings
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        """Embeddings `{feature: JaggedTensor(values [N_f, dim], lengths [B])}` for every feature with a table.
+
+        Raises ValueError if a feature with a table is missing from `features` or a static id is out of range.
+        """
+        return self.lookup(features, self.feature_names)
+
+    def static_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(table name, weight) of every static table (the parameters `sparse_optimizers` trains)."""
+        for collection in (self.model_parallel, self.data_parallel):
+            if collection is not None:
+                yield from ((name, table.weight) for name, table in collection.embeddings.items())
+
+    def sparse_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One `SparseRowOptimizer` per static table, configured by that table's `optimizer_param`."""
+        return {
+            name: SparseRowOptimizer([weight], self._configs[name].optimizer_param)
+            for name, weight in self.static_parameters()
+        }

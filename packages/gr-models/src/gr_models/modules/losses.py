@@ -1,0 +1,50 @@
+"""Training losses: multi-task binary cross-entropy (ranking) and sampled softmax (retrieval)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def multi_task_bce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-element BCE-with-logits `[N, T]` (no reduction) of `logits [N, T]` against 0/1 `labels [N, T]`."""
+    if logits.shape != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must have the same shape")
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+
+
+def sampled_softmax_loss(
+    queries: Tensor,
+    positive_ids: Tensor,
+    positive_embeddings: Tensor,
+    negative_ids: Tensor | None,
+    negative_embeddings: Tensor | None,
+    *,
+    temperature: float,
+    in_batch_negatives: bool,
+) -> Tensor:
+    """Per-query sampled-softmax cross-entropy `[N]` of predicting each positive among negatives.
+
+    Args:
+        queries: `[N, D]` query embeddings (already L2-normalized if wanted).
+        positive_ids: `[N]` ids of the target items; positive_embeddings: `[N, D]` their embeddings.
+        negative_ids, negative_embeddings: `[M]`, `[M, D]` shared sampled negatives, or None.
+        temperature: logits are dot products divided by it.
+        in_batch_negatives: also use every other row's positive as a negative.
+
+    A negative with the same id as a row's positive is masked out for that row (no false negatives).
+    """
+    if negative_ids is None and not in_batch_negatives:
+        raise ValueError("sampled softmax needs sampled negatives, in-batch negatives, or both")
+    positive_logits = (queries * positive_embeddings).sum(-1, keepdim=True)
+    logits = [positive_logits]
+    if in_batch_negatives:
+        in_batch = queries @ positive_embeddings.t()
+        logits.append(in_batch.masked_fill(positive_ids[None, :] == positive_ids[:, None], float("-inf")))
+    if negative_ids is not None and negative_embeddings is not None:
+        sampled = queries @ negative_embeddings.t()
+        logits.append(sampled.masked_fill(negative_ids[None, :] == positive_ids[:, None], float("-inf")))
+    all_logits = torch.cat(logits, dim=1).float() / temperature
+    target = torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device)
+    return F.cross_entropy(all_logits, target, reduction="none")

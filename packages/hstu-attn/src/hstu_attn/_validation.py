@@ -1,0 +1,153 @@
+"""Input checks of `hstu_attn_varlen_func`, with errors that name the problem.
+
+`check_arguments` looks only at shapes, dtypes, devices and Python scalars, so `torch.compile` traces it without a
+graph break. `check_offsets_and_targets` reads tensor values (one host sync) and runs inside the custom op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hstu_attn.backend import TRITON_DTYPES, TRITON_HEAD_DIMS, KernelBackend
+from hstu_attn.relative_bias import RelativeBias
+
+FLOATING_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_device(name: str, tensor: Tensor, device: torch.device) -> None:
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but q is on {device}; all inputs must share one device")
+
+
+def check_arguments(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    max_seq_len: int,
+    *,
+    alpha: float | None,
+    num_targets: Tensor | None,
+    contextual_seq_len: int,
+    max_attn_len: int,
+    scaling_seqlen: int | None,
+    rab: Tensor | None,
+    relative_bias: RelativeBias | None,
+    backend: KernelBackend,
+) -> None:
+    """Raise TypeError/ValueError/NotImplementedError on any input `hstu_attn_varlen_func` cannot take."""
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("seq_offsets", seq_offsets)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"q, k, v must be 3-D jagged tensors [L, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
+        )
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q [L, H, Dqk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v must be [L, H, Dv] with q's L and H; got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if q.dtype not in FLOATING_DTYPES:
+        raise TypeError(f"q, k, v dtype {q.dtype} is not supported; use float32, bfloat16, float16 or float64")
+    device = q.device
+    _check_device("k", k, device)
+    _check_device("v", v, device)
+
+    if backend is KernelBackend.CUTLASS:
+        raise NotImplementedError(
+            "CUTLASS backend not built yet: the compiled CUDA extension of hstu-attn does not exist; "
+            "use backend=KernelBackend.TRITON, PYTORCH or AUTO"
+        )
+    if backend is KernelBackend.TRITON:
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"the TRITON backend supports float32, bfloat16 and float16; got {q.dtype}")
+        for name, dim in (("Dqk", q.shape[2]), ("Dv", v.shape[2])):
+            if dim not in TRITON_HEAD_DIMS:
+                raise ValueError(
+                    f"the TRITON backend supports head dims {TRITON_HEAD_DIMS}; got {name}={dim} "
+                    "(use backend=KernelBackend.PYTORCH or AUTO for other sizes)"
+                )
+
+    if seq_offsets.dim() != 1 or seq_offsets.numel() < 1:
+        raise ValueError(f"seq_offsets must be 1-D [B+1] with B >= 0; got shape {tuple(seq_offsets.shape)}")
+    if seq_offsets.dtype not in INDEX_DTYPES:
+        raise TypeError(f"seq_offsets must be int32 or int64; got {seq_offsets.dtype}")
+    _check_device("seq_offsets", seq_offsets, device)
+    num_sequences = seq_offsets.numel() - 1
+    if max_seq_len < 0:
+        raise ValueError(f"max_seq_len must be >= 0; got {max_seq_len}")
+
+    if alpha is not None and not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a Python float or None; got {type(alpha).__name__}")
+    if contextual_seq_len < 0:
+        raise ValueError(f"contextual_seq_len must be >= 0; got {contextual_seq_len}")
+    if max_attn_len < 0:
+        raise ValueError(f"max_attn_len must be >= 0 (0 = unlimited); got {max_attn_len}")
+    if scaling_seqlen is not None and scaling_seqlen <= 0:
+        raise ValueError(f"scaling_seqlen must be > 0 (or None for max_seq_len); got {scaling_seqlen}")
+
+    if num_targets is not None:
+        if num_targets.dim() != 1 or num_targets.numel() != num_sequences:
+            raise ValueError(
+                f"num_targets must be 1-D [B] = [{num_sequences}] (one count per sequence); "
+                f"got shape {tuple(num_targets.shape)}"
+            )
+        if num_targets.dtype not in INDEX_DTYPES:
+            raise TypeError(f"num_targets must be int32 or int64; got {num_targets.dtype}")
+        _check_device("num_targets", num_targets, device)
+
+    if rab is not None:
+        expected = f"[B, H or 1, N, N] = [{num_sequences}, {q.shape[1]} or 1, {max_seq_len}, {max_seq_len}]"
+        if rab.dim() != 4 or rab.shape[0] != num_sequences or rab.shape[2:] != (max_seq_len, max_seq_len):
+            raise ValueError(f"rab must have shape {expected}; got {tuple(rab.shape)}")
+        if rab.shape[1] not in (1, q.shape[1]):
+            raise ValueError(f"rab must have shape {expected}; got {rab.shape[1]} heads")
+        if rab.dtype != q.dtype:
+            raise TypeError(f"rab must have q's dtype {q.dtype}; got {rab.dtype}")
+        _check_device("rab", rab, device)
+
+    if relative_bias is not None:
+        if not isinstance(relative_bias, RelativeBias):
+            raise TypeError(f"relative_bias must be a hstu_attn.RelativeBias; got {type(relative_bias).__name__}")
+        relative_bias.check_num_heads(q.shape[1])
+        for name in ("position_weights", "time_weights", "timestamps"):
+            tensor = getattr(relative_bias, name)
+            if tensor is not None:
+                _check_device(f"relative_bias.{name}", tensor, device)
+        if relative_bias.timestamps is not None and relative_bias.timestamps.shape[0] != q.shape[0]:
+            raise ValueError(
+                f"relative_bias.timestamps must have one entry per token [L] = [{q.shape[0]}]; "
+                f"got {tuple(relative_bias.timestamps.shape)}"
+            )
+
+
+def check_offsets_and_targets(
+    seq_offsets: Tensor, num_tokens: int, max_seq_len: int, num_targets: Tensor | None
+) -> None:
+    """Check the values of `seq_offsets` (and `num_targets`) against the inputs, with one host sync."""
+    offsets = seq_offsets.to(torch.int64)
+    lengths = offsets[1:] - offsets[:-1]
+    longest = lengths.max() if lengths.numel() else offsets.new_zeros(())
+    facts = [offsets[0], offsets[-1], lengths.min() if lengths.numel() else offsets.new_zeros(()), longest]
+    if num_targets is not None:
+        targets = num_targets.to(torch.int64)
+        facts.append((targets < 0).any().to(torch.int64))
+        facts.append((targets > lengths).any().to(torch.int64))
+    first, last, shortest, longest_value, *target_facts = torch.stack(facts).tolist()
+    if first != 0:
+        raise ValueError(f"seq_offsets must start at 0; got seq_offsets[0] = {first}")
+    if shortest < 0:
+        raise ValueError("seq_offsets must be non-decreasing; found a negative sequence length")
+    if last != num_tokens:
+        raise ValueError(f"seq_offsets[-1] must equal the number of tokens L = {num_tokens}; got {last}")
+    if longest_value > max_seq_len:
+        raise ValueError(f"max_seq_len = {max_seq_len} is smaller than the longest sequence ({longest_value})")
+    if target_facts and target_facts[0]:
+        raise ValueError("num_targets must be >= 0")
+    if target_facts and target_facts[1]:
+        raise ValueError("num_targets must not exceed its sequence's length (0 <= num_targets[b] <= length[b])")

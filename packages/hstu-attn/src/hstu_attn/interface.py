@@ -1,0 +1,285 @@
+"""`hstu_attn_varlen_func`: the public HSTU attention function, one entry point for every backend.
+
+Layering: public function (static checks) -> `torch.library` custom ops `hstu_attn::forward` /
+`hstu_attn::backward` (value checks, backend dispatch; opaque to `torch.compile`, with fake implementations and
+autograd registered) -> the reference or the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from hstu_attn._validation import check_arguments, check_offsets_and_targets
+from hstu_attn.backend import TRITON_ENTRY_POINTS, KernelBackend, resolve_backend
+from hstu_attn.reference import hstu_attn_reference, hstu_attn_reference_backward
+from hstu_attn.relative_bias import RelativeBias
+
+__all__ = ["hstu_attn_varlen_func"]
+
+
+def hstu_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    max_seq_len: int,
+    *,
+    alpha: float | None = None,
+    causal: bool = True,
+    num_targets: Tensor | None = None,
+    contextual_seq_len: int = 0,
+    max_attn_len: int = 0,
+    scaling_seqlen: int | None = None,
+    rab: Tensor | None = None,
+    relative_bias: RelativeBias | None = None,
+    backend: KernelBackend | str = KernelBackend.AUTO,
+    deterministic: bool = False,
+) -> Tensor:
+    """Jagged HSTU attention: `O = (SiLU(alpha * q k^T + bias) * valid / scaling_seqlen) v` per sequence.
+
+    The valid mask (causal, targets, contextual prefix, local window) is defined in `hstu_attn.reference`.
+
+    Args:
+        q, k: `[L, H, Dqk]`; v: `[L, H, Dv]`; one dtype among float32, bfloat16, float16 (float64: PYTORCH or AUTO
+            only); all inputs on one device.
+        seq_offsets: `[B+1]` int32/int64; starts at 0, non-decreasing, ends at L.
+        max_seq_len: N >= the longest sequence; the padded size of `rab` and the default `scaling_seqlen`.
+        alpha: scale of `q k^T`; default `1 / sqrt(Dqk)`.
+        causal: False makes history attention bidirectional (targets still see only history and themselves).
+        num_targets: `[B]` int32/int64 with `0 <= num_targets[b] <= length[b]`, or None (no targets).
+        contextual_seq_len: length of the contextual prefix (>= 0).
+        max_attn_len: local window (>= 0; 0 = unlimited).
+        scaling_seqlen: divisor of the attention weights (> 0); default `max_seq_len` (1 when max_seq_len is 0).
+        rab: `[B, H or 1, N, N]` bias of q's dtype, or None.
+        relative_bias: learnable position/time bias tables (`RelativeBias`), or None.
+        backend: a `KernelBackend` (or its string value). CUTLASS raises NotImplementedError (not built yet).
+        deterministic: make the TRITON backward deterministic (no floating-point atomics); ignored by PYTORCH.
+
+    Returns:
+        `[L, H, Dv]` in q's dtype; differentiable w.r.t. q, k, v, rab and the relative-bias tables.
+    """
+    backend = KernelBackend(backend)
+    check_arguments(
+        q, k, v, seq_offsets, max_seq_len, alpha=alpha, num_targets=num_targets,
+        contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, scaling_seqlen=scaling_seqlen,
+        rab=rab, relative_bias=relative_bias, backend=backend,
+    )  # fmt: skip
+    return _hstu_attn_forward(
+        q,
+        k,
+        v,
+        seq_offsets,
+        num_targets,
+        rab,
+        None if relative_bias is None else relative_bias.position_weights,
+        None if relative_bias is None else relative_bias.time_weights,
+        None if relative_bias is None else relative_bias.timestamps,
+        max_seq_len,
+        1.0 / math.sqrt(q.shape[2]) if alpha is None else float(alpha),
+        max(max_seq_len, 1) if scaling_seqlen is None else scaling_seqlen,
+        causal,
+        contextual_seq_len,
+        max_attn_len,
+        0.301 if relative_bias is None else relative_bias.time_bucket_divisor,
+        backend.value,
+        deterministic,
+    )
+
+
+def _relative_bias(
+    position_weights: Tensor | None, time_weights: Tensor | None, timestamps: Tensor | None, divisor: float
+) -> RelativeBias | None:
+    if position_weights is None and time_weights is None:
+        return None
+    return RelativeBias(position_weights, time_weights, timestamps, divisor)
+
+
+def _concrete_backend(backend: str, q: Tensor, v: Tensor) -> KernelBackend:
+    resolved = resolve_backend(KernelBackend(backend), q, v.shape[2])
+    if resolved is KernelBackend.TRITON and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the TRITON backend needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 to run the Triton "
+            "interpreter on CPU, or use backend=KernelBackend.PYTORCH"
+        )
+    return resolved
+
+
+def _import_triton_kernels() -> ModuleType:
+    try:
+        kernels = importlib.import_module("hstu_attn.triton")
+        missing = [name for name in TRITON_ENTRY_POINTS if not hasattr(kernels, name)]
+        if missing:
+            raise ImportError(f"hstu_attn.triton does not define {', '.join(missing)}")
+    except ImportError as error:
+        raise ImportError(
+            f"backend=KernelBackend.TRITON needs the Triton kernels (hstu_attn.triton) and triton itself: {error}"
+        ) from error
+    return kernels
+
+
+def _triton_options(
+    num_targets: Tensor | None,
+    rab: Tensor | None,
+    position_weights: Tensor | None,
+    time_weights: Tensor | None,
+    timestamps: Tensor | None,
+    alpha: float,
+    scaling_seqlen: int,
+    causal: bool,
+    contextual_seq_len: int,
+    max_attn_len: int,
+    time_bucket_divisor: float,
+) -> dict:
+    return {
+        "alpha": alpha,
+        "scale": 1.0 / scaling_seqlen,
+        "causal": causal,
+        "num_targets": num_targets,
+        "contextual_seq_len": contextual_seq_len,
+        "max_attn_len": max_attn_len,
+        "rab": rab,
+        "position_weights": position_weights,
+        "time_weights": time_weights,
+        "timestamps": timestamps,
+        "time_bucket_divisor": time_bucket_divisor,
+    }
+
+
+@torch.library.custom_op("hstu_attn::forward", mutates_args=())
+def _hstu_attn_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    num_targets: Tensor | None,
+    rab: Tensor | None,
+    position_weights: Tensor | None,
+    time_weights: Tensor | None,
+    timestamps: Tensor | None,
+    max_seq_len: int,
+    alpha: float,
+    scaling_seqlen: int,
+    causal: bool,
+    contextual_seq_len: int,
+    max_attn_len: int,
+    time_bucket_divisor: float,
+    backend: str,
+    deterministic: bool,
+) -> Tensor:
+    check_offsets_and_targets(seq_offsets, q.shape[0], max_seq_len, num_targets)
+    concrete = _concrete_backend(backend, q, v)
+    if concrete is KernelBackend.TRITON:
+        out = _import_triton_kernels().hstu_attn_triton_forward(
+            q, k, v, seq_offsets, max_seq_len,
+            **_triton_options(
+                num_targets, rab, position_weights, time_weights, timestamps, alpha, scaling_seqlen, causal,
+                contextual_seq_len, max_attn_len, time_bucket_divisor,
+            ),
+        )  # fmt: skip
+    else:
+        out = hstu_attn_reference(
+            q, k, v, seq_offsets, max_seq_len, alpha=alpha, causal=causal, num_targets=num_targets,
+            contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, scaling_seqlen=scaling_seqlen,
+            rab=rab, relative_bias=_relative_bias(position_weights, time_weights, timestamps, time_bucket_divisor),
+        )  # fmt: skip
+    return out.contiguous()
+
+
+@_hstu_attn_forward.register_fake
+def _hstu_attn_forward_fake(q: Tensor, k: Tensor, v: Tensor, *args: object) -> Tensor:
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
+@torch.library.custom_op("hstu_attn::backward", mutates_args=())
+def _hstu_attn_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    num_targets: Tensor | None,
+    rab: Tensor | None,
+    position_weights: Tensor | None,
+    time_weights: Tensor | None,
+    timestamps: Tensor | None,
+    max_seq_len: int,
+    alpha: float,
+    scaling_seqlen: int,
+    causal: bool,
+    contextual_seq_len: int,
+    max_attn_len: int,
+    time_bucket_divisor: float,
+    backend: str,
+    deterministic: bool,
+) -> list[Tensor]:
+    """Gradients `[dq, dk, dv]` followed by d_rab, d_position_weights, d_time_weights for those present."""
+    optional_inputs = (rab, position_weights, time_weights)
+    concrete = _concrete_backend(backend, q, v)
+    if concrete is KernelBackend.TRITON:
+        dq, dk, dv, *optional_grads = _import_triton_kernels().hstu_attn_triton_backward(
+            grad_out, q, k, v, seq_offsets, max_seq_len,
+            **_triton_options(
+                num_targets, rab, position_weights, time_weights, timestamps, alpha, scaling_seqlen, causal,
+                contextual_seq_len, max_attn_len, time_bucket_divisor,
+            ),
+            deterministic=deterministic,
+        )  # fmt: skip
+        grads = [dq, dk, dv]
+        for name, given, grad in zip(("rab", "position_weights", "time_weights"), optional_inputs, optional_grads):
+            if given is not None:
+                if grad is None:
+                    raise RuntimeError(f"hstu_attn_triton_backward returned no gradient for the given {name}")
+                grads.append(grad)
+    else:
+        dq, dk, dv, *optional_grads = hstu_attn_reference_backward(
+            grad_out, q, k, v, seq_offsets, max_seq_len, alpha=alpha, causal=causal, num_targets=num_targets,
+            contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, scaling_seqlen=scaling_seqlen,
+            rab=rab, relative_bias=_relative_bias(position_weights, time_weights, timestamps, time_bucket_divisor),
+        )  # fmt: skip
+        grads = [dq, dk, dv, *(grad for grad in optional_grads if grad is not None)]
+    return [grad.contiguous() for grad in grads]
+
+
+@_hstu_attn_backward.register_fake
+def _hstu_attn_backward_fake(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    num_targets: Tensor | None,
+    rab: Tensor | None,
+    position_weights: Tensor | None,
+    time_weights: Tensor | None,
+    *args: object,
+) -> list[Tensor]:
+    inputs = (q, k, v, rab, position_weights, time_weights)
+    return [tensor.new_empty(tensor.shape) for tensor in inputs if tensor is not None]
+
+
+_TENSOR_INPUTS = 9  # q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, timestamps
+_SCALAR_INPUTS = 9  # max_seq_len ... deterministic
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS])
+    ctx.scalars = inputs[_TENSOR_INPUTS:]
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple:
+    q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, timestamps = ctx.saved_tensors
+    dq, dk, dv, *optional_grads = _hstu_attn_backward(
+        grad_out, q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, timestamps, *ctx.scalars
+    )
+    supplied = iter(optional_grads)
+    drab, dposition, dtime = (next(supplied) if t is not None else None for t in (rab, position_weights, time_weights))
+    return (dq, dk, dv, None, None, drab, dposition, dtime, None) + (None,) * _SCALAR_INPUTS
+
+
+_hstu_attn_forward.register_autograd(_backward, setup_context=_setup_context)

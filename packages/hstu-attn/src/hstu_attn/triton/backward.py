@@ -1,0 +1,633 @@
+"""Triton backward kernels of jagged HSTU attention.
+
+With `A = SiLU(S) * valid * scale`, `O = A V`, `S = alpha Q K^T + bias`, the backward is
+
+    dV = A^T dO,   dS = (dO V^T) * SiLU'(S) * valid * scale,   dK = alpha dS^T Q,   dQ = alpha dS K,
+
+and the bias gradients are dS itself (`rab`) or its sums per table entry (position and time tables).
+No softmax, so nothing from the forward is needed beyond the inputs.
+
+`hstu_attn_backward_dkdv_kernel`: one program per block of BLOCK_N keys of one (sequence, head); it walks the
+query blocks that attend those keys, accumulates dK and dV in registers, and adds the bias gradients. It also
+adds dQ with fp32 atomics when ATOMIC_DQ. `hstu_attn_backward_dq_kernel`: the deterministic alternative, one
+program per query block walking its keys (like the forward) and writing dQ once.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from hstu_attn.triton.activation import mma, silu_and_grad
+from hstu_attn.triton.bias import (
+    accumulate_position_grad_transposed,
+    accumulate_time_grad,
+    score_bias,
+    time_buckets,
+)
+from hstu_attn.triton.masks import key_block_row_ranges, query_block_column_ranges, valid_mask
+
+
+@triton.jit
+def _backward_dkdv_span(
+    dk,
+    dv,
+    time_acc,
+    k,
+    v,
+    start,
+    end,
+    offs_n,
+    col_in,
+    ts_cols,
+    q_ptr,
+    do_ptr,
+    dq_ptr,
+    stride_qm,
+    stride_dom,
+    stride_dqm,
+    rab_ptr,
+    stride_rab_m,
+    stride_rab_n,
+    drab_ptr,
+    stride_drab_m,
+    stride_drab_n,
+    pos_ptr,
+    dpos_ptr,
+    pos_reach,
+    time_ptr,
+    ts_ptr,
+    inv_divisor,
+    num_buckets,
+    n0,
+    n,
+    u,
+    max_seq_len,
+    alpha,
+    scale,
+    contextual_seq_len,
+    max_attn_len,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_RAB: tl.constexpr,
+    HAS_DRAB: tl.constexpr,
+    DRAB_ATOMIC: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    NUM_BUCKETS_P2: tl.constexpr,
+    FAST_SILU: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    offs_dqk = tl.arange(0, DQK)
+    offs_dv = tl.arange(0, DV)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_in = offs_m < n
+        q_ptrs = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :]
+        do_ptrs = do_ptr + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :]
+        if MASKED:
+            q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+        scores_t = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+        y = scores_t * alpha
+        buckets = None
+        if HAS_TIME:
+            ts_rows = tl.load(ts_ptr + offs_m, mask=row_in, other=0)[None, :]
+            buckets = time_buckets(ts_rows, ts_cols, inv_divisor, num_buckets)
+        if HAS_RAB or HAS_POS or HAS_TIME:
+            y += score_bias(
+                offs_m[None, :],
+                offs_n[:, None],
+                row_in[None, :],
+                col_in[:, None],
+                rab_ptr,
+                stride_rab_m,
+                stride_rab_n,
+                pos_ptr,
+                pos_reach,
+                time_ptr,
+                buckets,
+                HAS_RAB,
+                HAS_POS,
+                HAS_TIME,
+            )
+        value, grad = silu_and_grad(y, FAST_SILU)
+        if MASKED:
+            valid = valid_mask(
+                offs_m[None, :],
+                offs_n[:, None],
+                n,
+                u,
+                contextual_seq_len,
+                max_attn_len,
+                CAUSAL,
+                HAS_CONTEXT,
+                HAS_WINDOW,
+            )
+            value = tl.where(valid, value, 0.0)
+            do = tl.load(do_ptrs, mask=row_in[:, None], other=0.0)
+        else:
+            do = tl.load(do_ptrs)
+        dv = mma(value.to(do.dtype), do, dv, UPCAST_DOT, INPUT_PRECISION)
+        dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+        ds_t = dp_t * grad
+        if MASKED:
+            ds_t = tl.where(valid, ds_t, 0.0)
+        dk = mma(ds_t.to(q.dtype), q, dk, UPCAST_DOT, INPUT_PRECISION)
+        if ATOMIC_DQ:
+            dq = mma(
+                tl.trans(ds_t).to(k.dtype), k, tl.zeros([BLOCK_M, DQK], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION
+            )
+            dq_ptrs = dq_ptr + offs_m[:, None].to(tl.int64) * stride_dqm + offs_dqk[None, :]
+            tl.atomic_add(dq_ptrs, dq * (alpha * scale), mask=row_in[:, None], sem="relaxed")
+        if HAS_DRAB or HAS_POS or HAS_TIME:
+            ds_scaled = ds_t * scale
+            if HAS_DRAB:
+                drab_ptrs = drab_ptr + offs_m[None, :].to(tl.int64) * stride_drab_m + offs_n[:, None] * stride_drab_n
+                drab_mask = row_in[None, :] & col_in[:, None]
+                if DRAB_ATOMIC:
+                    tl.atomic_add(drab_ptrs, ds_scaled, mask=drab_mask, sem="relaxed")
+                else:
+                    tl.store(drab_ptrs, ds_scaled.to(drab_ptr.dtype.element_ty), mask=drab_mask)
+            if HAS_POS:
+                accumulate_position_grad_transposed(
+                    ds_scaled, n0 - m0, dpos_ptr, pos_reach, max_seq_len, BLOCK_N, BLOCK_M, DETERMINISTIC
+                )
+            if HAS_TIME:
+                if MASKED:
+                    first = tl.min(tl.min(tl.where(valid, buckets, num_buckets), axis=1), axis=0)
+                    last = tl.max(tl.max(tl.where(valid, buckets, -1), axis=1), axis=0)
+                else:
+                    first = tl.min(tl.min(buckets, axis=1), axis=0)
+                    last = tl.max(tl.max(buckets, axis=1), axis=0)
+                time_acc = accumulate_time_grad(time_acc, ds_scaled, buckets, first, last, NUM_BUCKETS_P2)
+    return dk, dv, time_acc
+
+
+@triton.jit
+def hstu_attn_backward_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV_out,
+    DQ,
+    seq_offsets,
+    num_targets,
+    batch_order,
+    rab,
+    drab,
+    position_weights,
+    dposition,
+    time_weights,
+    dtime,
+    timestamps,
+    stride_qm,
+    stride_qh,
+    stride_km,
+    stride_kh,
+    stride_vm,
+    stride_vh,
+    stride_dom,
+    stride_doh,
+    stride_dkm,
+    stride_dkh,
+    stride_dvm,
+    stride_dvh,
+    stride_dqm,
+    stride_dqh,
+    stride_rab_b,
+    stride_rab_h,
+    stride_rab_m,
+    stride_rab_n,
+    stride_drab_b,
+    stride_drab_h,
+    stride_drab_m,
+    stride_drab_n,
+    stride_pos_h,
+    stride_dpos_h,
+    stride_time_h,
+    stride_dtime_h,
+    num_heads,
+    max_seq_len,
+    alpha,
+    scale,
+    contextual_seq_len,
+    max_attn_len,
+    pos_reach,
+    num_buckets,
+    inv_divisor,
+    AUTOTUNE_SEQ_LEN,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
+    HAS_RAB: tl.constexpr,
+    HAS_DRAB: tl.constexpr,
+    DRAB_ATOMIC: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    NUM_BUCKETS_P2: tl.constexpr,
+    FAST_SILU: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(max_seq_len, BLOCK_N)
+    bh = pid // num_n_blocks
+    n0 = (pid % num_n_blocks) * BLOCK_N
+    seq = bh // num_heads
+    head = bh % num_heads
+    if HAS_ORDER:
+        seq = tl.load(batch_order + seq)
+    seq_start = tl.load(seq_offsets + seq).to(tl.int64)
+    n = (tl.load(seq_offsets + seq + 1) - seq_start).to(tl.int32)
+    if n0 >= n:
+        return
+    u = n
+    if HAS_TARGETS:
+        u = n - tl.load(num_targets + seq).to(tl.int32)
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    col_in = offs_n < n
+    offs_dqk = tl.arange(0, DQK)
+    offs_dv = tl.arange(0, DV)
+    k_ptrs = K + seq_start * stride_km + head * stride_kh + offs_n[:, None].to(tl.int64) * stride_km + offs_dqk[None, :]
+    v_ptrs = V + seq_start * stride_vm + head * stride_vh + offs_n[:, None].to(tl.int64) * stride_vm + offs_dv[None, :]
+    k = tl.load(k_ptrs, mask=col_in[:, None], other=0.0)
+    v = tl.load(v_ptrs, mask=col_in[:, None], other=0.0)
+    q_ptr = Q + seq_start * stride_qm + head * stride_qh
+    do_ptr = DO + seq_start * stride_dom + head * stride_doh
+    dq_ptr = DQ + seq_start * stride_dqm + head * stride_dqh
+
+    rab_ptr = rab
+    if HAS_RAB:
+        rab_ptr = rab + seq.to(tl.int64) * stride_rab_b + head.to(tl.int64) * stride_rab_h
+    drab_ptr = drab
+    if HAS_DRAB:
+        drab_ptr = drab + seq.to(tl.int64) * stride_drab_b + head.to(tl.int64) * stride_drab_h
+    pos_ptr = position_weights
+    dpos_ptr = dposition
+    if HAS_POS:
+        pos_ptr = position_weights + head * stride_pos_h
+        if DETERMINISTIC:
+            dpos_ptr = dposition + pid.to(tl.int64) * stride_dpos_h
+        else:
+            dpos_ptr = dposition + head * stride_dpos_h
+    time_ptr = time_weights
+    ts_ptr = timestamps
+    ts_cols = None
+    if HAS_TIME:
+        time_ptr = time_weights + head * stride_time_h
+        ts_ptr = timestamps + seq_start
+        ts_cols = tl.load(ts_ptr + offs_n, mask=col_in, other=0)[:, None]
+    time_acc = tl.zeros([NUM_BUCKETS_P2], dtype=tl.float32)
+
+    dk = tl.zeros([BLOCK_N, DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+    ctx_end, lo, full_lo, full_hi, hi = key_block_row_ranges(
+        n0, n, u, contextual_seq_len, max_attn_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW
+    )
+    spans_start = (0, lo, full_lo, full_hi)
+    spans_end = (ctx_end, full_lo, full_hi, hi)
+    for span in tl.static_range(4):
+        # span 0 holds contextual query rows: compiled only when they can exist
+        if span != 0 or HAS_CONTEXT:
+            dk, dv, time_acc = _backward_dkdv_span(
+                dk,
+                dv,
+                time_acc,
+                k,
+                v,
+                spans_start[span],
+                spans_end[span],
+                offs_n,
+                col_in,
+                ts_cols,
+                q_ptr,
+                do_ptr,
+                dq_ptr,
+                stride_qm,
+                stride_dom,
+                stride_dqm,
+                rab_ptr,
+                stride_rab_m,
+                stride_rab_n,
+                drab_ptr,
+                stride_drab_m,
+                stride_drab_n,
+                pos_ptr,
+                dpos_ptr,
+                pos_reach,
+                time_ptr,
+                ts_ptr,
+                inv_divisor,
+                num_buckets,
+                n0,
+                n,
+                u,
+                max_seq_len,
+                alpha,
+                scale,
+                contextual_seq_len,
+                max_attn_len,
+                DQK,
+                DV,
+                BLOCK_M,
+                BLOCK_N,
+                span != 2,
+                CAUSAL,
+                HAS_CONTEXT,
+                HAS_WINDOW,
+                HAS_RAB,
+                HAS_DRAB,
+                DRAB_ATOMIC,
+                HAS_POS,
+                HAS_TIME,
+                ATOMIC_DQ,
+                DETERMINISTIC,
+                NUM_BUCKETS_P2,
+                FAST_SILU,
+                UPCAST_DOT,
+                INPUT_PRECISION,
+            )
+
+    dk_ptrs = DK + seq_start * stride_dkm + head * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkm + offs_dqk[None, :]
+    dv_ptrs = DV_out + seq_start * stride_dvm + head * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvm + offs_dv[None, :]
+    tl.store(dk_ptrs, (dk * (alpha * scale)).to(DK.dtype.element_ty), mask=col_in[:, None])
+    tl.store(dv_ptrs, (dv * scale).to(DV_out.dtype.element_ty), mask=col_in[:, None])
+    if HAS_TIME:
+        bucket_ids = tl.arange(0, NUM_BUCKETS_P2)
+        if DETERMINISTIC:
+            tl.store(dtime + pid.to(tl.int64) * stride_dtime_h + bucket_ids, time_acc, mask=bucket_ids < num_buckets)
+        else:
+            tl.atomic_add(
+                dtime + head * stride_dtime_h + bucket_ids, time_acc, mask=bucket_ids < num_buckets, sem="relaxed"
+            )
+
+
+@triton.jit
+def _backward_dq_span(
+    dq,
+    q,
+    do,
+    start,
+    end,
+    offs_m,
+    row_in,
+    ts_rows,
+    k_ptr,
+    v_ptr,
+    stride_km,
+    stride_vm,
+    rab_ptr,
+    stride_rab_m,
+    stride_rab_n,
+    pos_ptr,
+    pos_reach,
+    time_ptr,
+    ts_ptr,
+    inv_divisor,
+    num_buckets,
+    n,
+    u,
+    alpha,
+    contextual_seq_len,
+    max_attn_len,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_RAB: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    offs_dqk = tl.arange(0, DQK)
+    offs_dv = tl.arange(0, DV)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_in = offs_n < n
+        k_ptrs = k_ptr + offs_n[:, None].to(tl.int64) * stride_km + offs_dqk[None, :]
+        v_ptrs = v_ptr + offs_n[:, None].to(tl.int64) * stride_vm + offs_dv[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=col_in[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=col_in[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        scores = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+        y = scores * alpha
+        if HAS_RAB or HAS_POS or HAS_TIME:
+            buckets = None
+            if HAS_TIME:
+                ts_cols = tl.load(ts_ptr + offs_n, mask=col_in, other=0)[None, :]
+                buckets = time_buckets(ts_rows, ts_cols, inv_divisor, num_buckets)
+            y += score_bias(
+                offs_m[:, None],
+                offs_n[None, :],
+                row_in[:, None],
+                col_in[None, :],
+                rab_ptr,
+                stride_rab_m,
+                stride_rab_n,
+                pos_ptr,
+                pos_reach,
+                time_ptr,
+                buckets,
+                HAS_RAB,
+                HAS_POS,
+                HAS_TIME,
+            )
+        _, grad = silu_and_grad(y, FAST_SILU)
+        dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+        ds = dp * grad
+        if MASKED:
+            valid = valid_mask(
+                offs_m[:, None],
+                offs_n[None, :],
+                n,
+                u,
+                contextual_seq_len,
+                max_attn_len,
+                CAUSAL,
+                HAS_CONTEXT,
+                HAS_WINDOW,
+            )
+            ds = tl.where(valid, ds, 0.0)
+        dq = mma(ds.to(k.dtype), k, dq, UPCAST_DOT, INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def hstu_attn_backward_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    seq_offsets,
+    num_targets,
+    batch_order,
+    rab,
+    position_weights,
+    time_weights,
+    timestamps,
+    stride_qm,
+    stride_qh,
+    stride_km,
+    stride_kh,
+    stride_vm,
+    stride_vh,
+    stride_dom,
+    stride_doh,
+    stride_dqm,
+    stride_dqh,
+    stride_rab_b,
+    stride_rab_h,
+    stride_rab_m,
+    stride_rab_n,
+    stride_pos_h,
+    stride_time_h,
+    num_heads,
+    max_seq_len,
+    alpha,
+    scale,
+    contextual_seq_len,
+    max_attn_len,
+    pos_reach,
+    num_buckets,
+    inv_divisor,
+    AUTOTUNE_SEQ_LEN,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
+    HAS_RAB: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(max_seq_len, BLOCK_M)
+    bh = pid // num_m_blocks
+    m0 = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M
+    seq = bh // num_heads
+    head = bh % num_heads
+    if HAS_ORDER:
+        seq = tl.load(batch_order + seq)
+    seq_start = tl.load(seq_offsets + seq).to(tl.int64)
+    n = (tl.load(seq_offsets + seq + 1) - seq_start).to(tl.int32)
+    if m0 >= n:
+        return
+    u = n
+    if HAS_TARGETS:
+        u = n - tl.load(num_targets + seq).to(tl.int32)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_in = offs_m < n
+    offs_dqk = tl.arange(0, DQK)
+    offs_dv = tl.arange(0, DV)
+    q_ptrs = Q + seq_start * stride_qm + head * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :]
+    do_ptrs = DO + seq_start * stride_dom + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :]
+    q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
+    do = tl.load(do_ptrs, mask=row_in[:, None], other=0.0)
+    k_ptr = K + seq_start * stride_km + head * stride_kh
+    v_ptr = V + seq_start * stride_vm + head * stride_vh
+
+    rab_ptr = rab
+    if HAS_RAB:
+        rab_ptr = rab + seq.to(tl.int64) * stride_rab_b + head.to(tl.int64) * stride_rab_h
+    pos_ptr = position_weights
+    if HAS_POS:
+        pos_ptr = position_weights + head * stride_pos_h
+    time_ptr = time_weights
+    ts_ptr = timestamps
+    ts_rows = None
+    if HAS_TIME:
+        time_ptr = time_weights + head * stride_time_h
+        ts_ptr = timestamps + seq_start
+        ts_rows = tl.load(ts_ptr + offs_m, mask=row_in, other=0)[:, None]
+
+    ctx_end, lo, full_lo, full_hi, hi, diag_lo, diag_hi = query_block_column_ranges(
+        m0, n, u, contextual_seq_len, max_attn_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW
+    )
+    dq = tl.zeros([BLOCK_M, DQK], dtype=tl.float32)
+    spans_start = (0, lo, full_lo, full_hi, diag_lo)
+    spans_end = (ctx_end, full_lo, full_hi, hi, diag_hi)
+    for span in tl.static_range(5):
+        if (span != 0 or HAS_CONTEXT) and (span != 4 or HAS_TARGETS):
+            dq = _backward_dq_span(
+                dq,
+                q,
+                do,
+                spans_start[span],
+                spans_end[span],
+                offs_m,
+                row_in,
+                ts_rows,
+                k_ptr,
+                v_ptr,
+                stride_km,
+                stride_vm,
+                rab_ptr,
+                stride_rab_m,
+                stride_rab_n,
+                pos_ptr,
+                pos_reach,
+                time_ptr,
+                ts_ptr,
+                inv_divisor,
+                num_buckets,
+                n,
+                u,
+                alpha,
+                contextual_seq_len,
+                max_attn_len,
+                DQK,
+                DV,
+                BLOCK_N,
+                span != 2,
+                CAUSAL,
+                HAS_CONTEXT,
+                HAS_WINDOW,
+                HAS_RAB,
+                HAS_POS,
+                HAS_TIME,
+                FAST_SILU,
+                UPCAST_DOT,
+                INPUT_PRECISION,
+            )
+
+    dq_ptrs = DQ + seq_start * stride_dqm + head * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_dqk[None, :]
+    tl.store(dq_ptrs, (dq * (alpha * scale)).to(DQ.dtype.element_ty), mask=row_in[:, None])

@@ -1,0 +1,258 @@
+"""Triton forward kernel of jagged HSTU attention.
+
+One program computes one block of BLOCK_M query rows of one (sequence, head). Programs are numbered so that,
+within a (sequence, head), the heaviest query block (the last one: it attends the most keys) starts first, and,
+when a length order is given, the longest sequences start first. Programs whose block lies past the end of
+their sequence exit at once, so the grid can be sized from `max_seq_len` without a host synchronization.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from hstu_attn.triton.activation import mma, silu
+from hstu_attn.triton.bias import score_bias, time_buckets
+from hstu_attn.triton.masks import query_block_column_ranges, valid_mask
+
+
+@triton.jit
+def _forward_span(
+    acc,
+    q,
+    start,
+    end,
+    offs_m,
+    row_in,
+    ts_rows,
+    k_ptr,
+    v_ptr,
+    stride_km,
+    stride_vm,
+    rab_ptr,
+    stride_rab_m,
+    stride_rab_n,
+    pos_ptr,
+    pos_reach,
+    time_ptr,
+    ts_ptr,
+    inv_divisor,
+    num_buckets,
+    n,
+    u,
+    alpha,
+    contextual_seq_len,
+    max_attn_len,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_RAB: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    offs_dqk = tl.arange(0, DQK)
+    offs_dv = tl.arange(0, DV)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        col_in = offs_n < n
+        k_ptrs = k_ptr + offs_n[:, None].to(tl.int64) * stride_km + offs_dqk[None, :]
+        v_ptrs = v_ptr + offs_n[:, None].to(tl.int64) * stride_vm + offs_dv[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=col_in[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        scores = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+        y = scores * alpha
+        if HAS_RAB or HAS_POS or HAS_TIME:
+            buckets = None
+            if HAS_TIME:
+                ts_cols = tl.load(ts_ptr + offs_n, mask=col_in, other=0)[None, :]
+                buckets = time_buckets(ts_rows, ts_cols, inv_divisor, num_buckets)
+            y += score_bias(
+                offs_m[:, None],
+                offs_n[None, :],
+                row_in[:, None],
+                col_in[None, :],
+                rab_ptr,
+                stride_rab_m,
+                stride_rab_n,
+                pos_ptr,
+                pos_reach,
+                time_ptr,
+                buckets,
+                HAS_RAB,
+                HAS_POS,
+                HAS_TIME,
+            )
+        weights = silu(y, FAST_SILU)
+        if MASKED:
+            valid = valid_mask(
+                offs_m[:, None],
+                offs_n[None, :],
+                n,
+                u,
+                contextual_seq_len,
+                max_attn_len,
+                CAUSAL,
+                HAS_CONTEXT,
+                HAS_WINDOW,
+            )
+            weights = tl.where(valid, weights, 0.0)
+            v = tl.load(v_ptrs, mask=col_in[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = mma(weights.to(v.dtype), v, acc, UPCAST_DOT, INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def hstu_attn_forward_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    seq_offsets,
+    num_targets,
+    batch_order,
+    rab,
+    position_weights,
+    time_weights,
+    timestamps,
+    stride_qm,
+    stride_qh,
+    stride_km,
+    stride_kh,
+    stride_vm,
+    stride_vh,
+    stride_om,
+    stride_oh,
+    stride_rab_b,
+    stride_rab_h,
+    stride_rab_m,
+    stride_rab_n,
+    stride_pos_h,
+    stride_time_h,
+    num_heads,
+    max_seq_len,
+    alpha,
+    scale,
+    contextual_seq_len,
+    max_attn_len,
+    pos_reach,
+    num_buckets,
+    inv_divisor,
+    AUTOTUNE_SEQ_LEN,
+    DQK: tl.constexpr,
+    DV: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
+    HAS_CONTEXT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
+    HAS_RAB: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_TIME: tl.constexpr,
+    FAST_SILU: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(max_seq_len, BLOCK_M)
+    bh = pid // num_m_blocks
+    m0 = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M
+    seq = bh // num_heads
+    head = bh % num_heads
+    if HAS_ORDER:
+        seq = tl.load(batch_order + seq)
+    seq_start = tl.load(seq_offsets + seq).to(tl.int64)
+    n = (tl.load(seq_offsets + seq + 1) - seq_start).to(tl.int32)
+    if m0 >= n:
+        return
+    u = n
+    if HAS_TARGETS:
+        u = n - tl.load(num_targets + seq).to(tl.int32)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_in = offs_m < n
+    offs_dqk = tl.arange(0, DQK)
+    q_ptrs = Q + seq_start * stride_qm + head * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :]
+    q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
+    k_ptr = K + seq_start * stride_km + head * stride_kh
+    v_ptr = V + seq_start * stride_vm + head * stride_vh
+
+    rab_ptr = rab
+    if HAS_RAB:
+        rab_ptr = rab + seq.to(tl.int64) * stride_rab_b + head.to(tl.int64) * stride_rab_h
+    pos_ptr = position_weights
+    if HAS_POS:
+        pos_ptr = position_weights + head * stride_pos_h
+    time_ptr = time_weights
+    ts_ptr = timestamps
+    ts_rows = None
+    if HAS_TIME:
+        time_ptr = time_weights + head * stride_time_h
+        ts_ptr = timestamps + seq_start
+        ts_rows = tl.load(ts_ptr + offs_m, mask=row_in, other=0)[:, None]
+
+    ctx_end, lo, full_lo, full_hi, hi, diag_lo, diag_hi = query_block_column_ranges(
+        m0, n, u, contextual_seq_len, max_attn_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW
+    )
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    spans_start = (0, lo, full_lo, full_hi, diag_lo)
+    spans_end = (ctx_end, full_lo, full_hi, hi, diag_hi)
+    for span in tl.static_range(5):
+        # span 0 holds contextual columns, span 4 the diagonal of target rows: compiled only when they can exist
+        if (span != 0 or HAS_CONTEXT) and (span != 4 or HAS_TARGETS):
+            acc = _forward_span(
+                acc,
+                q,
+                spans_start[span],
+                spans_end[span],
+                offs_m,
+                row_in,
+                ts_rows,
+                k_ptr,
+                v_ptr,
+                stride_km,
+                stride_vm,
+                rab_ptr,
+                stride_rab_m,
+                stride_rab_n,
+                pos_ptr,
+                pos_reach,
+                time_ptr,
+                ts_ptr,
+                inv_divisor,
+                num_buckets,
+                n,
+                u,
+                alpha,
+                contextual_seq_len,
+                max_attn_len,
+                DQK,
+                DV,
+                BLOCK_N,
+                span != 2,
+                CAUSAL,
+                HAS_CONTEXT,
+                HAS_WINDOW,
+                HAS_RAB,
+                HAS_POS,
+                HAS_TIME,
+                FAST_SILU,
+                UPCAST_DOT,
+                INPUT_PRECISION,
+            )
+
+    offs_dv = tl.arange(0, DV)
+    out_ptrs = Out + seq_start * stride_om + head * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
+    tl.store(out_ptrs, (acc * scale).to(Out.dtype.element_ty), mask=row_in[:, None])
