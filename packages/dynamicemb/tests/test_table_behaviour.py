@@ -97,6 +97,14 @@ def test_insert_then_find_special_and_random_keys(backend: str) -> None:
     assert_consistent(table)
 
 
+def test_every_key_sits_in_its_hash_bucket(backend: str) -> None:
+    table = make(backend, capacity=512, bucket=32)
+    table.find_or_insert(random_keys(120, seed=19))
+    keys, slots, _ = export_all(table)
+    assert keys.numel() == 120
+    assert torch.equal(slots // table.bucket_capacity, bucket_of(keys, table.num_buckets))
+
+
 def test_missing_keys_are_not_found_next_to_present_ones(backend: str) -> None:
     table = make(backend)
     present, absent = random_keys(60, seed=2).split([30, 30])

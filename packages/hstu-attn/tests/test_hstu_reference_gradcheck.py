@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from hstu_attn import RelativeBias, hstu_attn_reference
+from hstu_attn.reference import hstu_attn_reference_backward
 
 LENGTHS = [4, 0, 1, 3]
 TARGETS = [1, 0, 1, 3]
@@ -59,3 +60,40 @@ def test_shared_rab_gradient_sums_over_heads() -> None:
     rab = torch.randn(2, 1, 3, 3, generator=generator, dtype=torch.float64, requires_grad=True)
     offsets = torch.tensor([0, 3, 5], dtype=torch.int32)
     assert torch.autograd.gradcheck(lambda q, k, v, r: hstu_attn_reference(q, k, v, offsets, 3, rab=r), (q, k, v, rab))
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+@pytest.mark.parametrize(("rab_heads", "position_rows", "time_rows"), [(1, 2, 1), (2, 1, 2)])
+def test_explicit_backward_matches_autograd(options: dict, rab_heads: int, position_rows: int, time_rows: int) -> None:
+    generator = torch.Generator().manual_seed(2)
+    heads, total = 2, int(OFFSETS[-1])
+
+    def leaf(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(True)
+
+    q, k, v = leaf(total, heads, 3), leaf(total, heads, 3), leaf(total, heads, 5)
+    rab = leaf(len(LENGTHS), rab_heads, MAX_LEN, MAX_LEN)
+    bias = RelativeBias(leaf(position_rows, 3), leaf(time_rows, 4), torch.randint(0, 60, (total,), generator=generator))
+    arguments = {
+        "alpha": 0.8,
+        "causal": options["causal"],
+        "num_targets": torch.tensor(TARGETS) if options.get("targets") else None,
+        "contextual_seq_len": options.get("contextual", 0),
+        "max_attn_len": options.get("window", 0),
+        "scaling_seqlen": 3,
+        "rab": rab,
+        "relative_bias": bias,
+    }
+    grad_out = torch.randn(total, heads, 5, generator=generator, dtype=torch.float64)
+    out = hstu_attn_reference(q, k, v, OFFSETS, MAX_LEN, **arguments)
+    expected = torch.autograd.grad(out, (q, k, v, rab, bias.position_weights, bias.time_weights), grad_out)
+    explicit = hstu_attn_reference_backward(grad_out, q, k, v, OFFSETS, MAX_LEN, **arguments)
+    for got, want in zip(explicit, expected):
+        assert got is not None and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_explicit_backward_returns_none_for_absent_inputs() -> None:
+    q = torch.randn(3, 1, 2)
+    grads = hstu_attn_reference_backward(torch.randn(3, 1, 2), q, q, q, torch.tensor([0, 3]), 3)
+    assert [g is None for g in grads] == [False, False, False, True, True, True]

@@ -1,5 +1,61 @@
-"""GPU hash-table embeddings that drop into TorchRec models."""
+"""Hash-table embeddings that drop into TorchRec models.
+
+Dynamic tables map any int64 id to an embedding row stored in a scored, bucketed hash table that
+grows and evicts by score, keep rows in device memory, device + host memory or behind a device
+cache, and train with fused optimizers applied in the backward pass.
+"""
+
+from dynamicemb.admission import AdmissionStrategy, Counter, FrequencyAdmissionStrategy, KVCounter
+from dynamicemb.dump import (
+    DynamicEmbDump,
+    DynamicEmbFileError,
+    DynamicEmbLoad,
+    get_score,
+    incremental_dump,
+    set_score,
+)
+from dynamicemb.embedding_table import DynamicEmbeddingTable
+from dynamicemb.key_value_table import KeyValueTable
+from dynamicemb.lookup import dynamic_embedding_lookup
+from dynamicemb.modules import DynamicEmbeddingBagCollection, DynamicEmbeddingCollection, DynamicEmbModule
+from dynamicemb.optimizer import DynamicEmbOptimizerArgs, DynamicEmbOptimizerType
+from dynamicemb.options import DynamicEmbInitializerArgs, DynamicEmbTableOptions
+from dynamicemb.storage import PyDictStorage, Storage
+from dynamicemb.types import (
+    DynamicEmbCheckMode,
+    DynamicEmbEvictStrategy,
+    DynamicEmbInitializerMode,
+    DynamicEmbScoreStrategy,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "AdmissionStrategy",
+    "Counter",
+    "DynamicEmbCheckMode",
+    "DynamicEmbDump",
+    "DynamicEmbEvictStrategy",
+    "DynamicEmbFileError",
+    "DynamicEmbInitializerArgs",
+    "DynamicEmbInitializerMode",
+    "DynamicEmbLoad",
+    "DynamicEmbModule",
+    "DynamicEmbOptimizerArgs",
+    "DynamicEmbOptimizerType",
+    "DynamicEmbScoreStrategy",
+    "DynamicEmbTableOptions",
+    "DynamicEmbeddingBagCollection",
+    "DynamicEmbeddingCollection",
+    "DynamicEmbeddingTable",
+    "FrequencyAdmissionStrategy",
+    "KVCounter",
+    "KeyValueTable",
+    "PyDictStorage",
+    "Storage",
+    "__version__",
+    "dynamic_embedding_lookup",
+    "get_score",
+    "incremental_dump",
+    "set_score",
+]

@@ -197,6 +197,29 @@ class DynamicEmbeddingTable:
             )
         self._custom_score = int(score)
 
+    def score_clock(self) -> int:
+        """Where the table's score source stands (STEP: the step; CUSTOMIZED: the set score;
+        TIMESTAMP / NO_EVICTION: the last timestamp given; LFU: 0); saved in dumps."""
+        strategy = self.options.score_strategy
+        if strategy is DynamicEmbScoreStrategy.STEP:
+            return self.score_step
+        if strategy is DynamicEmbScoreStrategy.CUSTOMIZED:
+            return self._custom_score
+        if strategy is DynamicEmbScoreStrategy.LFU:
+            return 0
+        return self._last_timestamp
+
+    def restore_score_clock(self, clock: int) -> None:
+        """Continue from a dumped :meth:`score_clock`, so keys touched after a load score at least
+        as high as the loaded ones."""
+        strategy = self.options.score_strategy
+        if strategy is DynamicEmbScoreStrategy.STEP:
+            self.score_step = max(self.score_step, clock)
+        elif strategy is DynamicEmbScoreStrategy.CUSTOMIZED:
+            self._custom_score = clock
+        elif strategy is not DynamicEmbScoreStrategy.LFU:
+            self._last_timestamp = max(self._last_timestamp, clock)
+
     # --- lookup and update --------------------------------------------------------------------
     @property
     def needs_counts(self) -> bool:

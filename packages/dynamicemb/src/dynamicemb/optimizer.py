@@ -112,7 +112,7 @@ class DynamicEmbOptimizerArgs:
         """From TorchRec/fbgemm ``fused_params`` (``optimizer`` an ``EmbOptimType`` or its name,
         ``learning_rate``, ``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``weight_decay_mode``,
         ``gradient_clipping``, ``max_gradient``; other keys are left to the caller). ADAM with
-        ``weight_decay_mode`` DECOUPLED is ADAMW."""
+        ``weight_decay_mode`` DECOUPLE (fbgemm's WeightDecayMode) is ADAMW."""
         raw = fused_params.get("optimizer", "SGD")
         name = str(getattr(raw, "name", raw)).upper()
         if name not in _FUSED_PARAM_NAMES:
@@ -121,8 +121,9 @@ class DynamicEmbOptimizerArgs:
                 f"supported: {sorted(_FUSED_PARAM_NAMES)}"
             )
         optimizer = _FUSED_PARAM_NAMES[name]
-        decay_mode = str(getattr(fused_params.get("weight_decay_mode"), "name", "")).upper()
-        if optimizer is DynamicEmbOptimizerType.ADAM and decay_mode == "DECOUPLED":
+        raw_mode = fused_params.get("weight_decay_mode") or ""
+        decay_mode = str(getattr(raw_mode, "name", raw_mode)).upper()
+        if optimizer is DynamicEmbOptimizerType.ADAM and decay_mode in ("DECOUPLE", "DECOUPLED"):
             optimizer = DynamicEmbOptimizerType.ADAMW
         defaults = cls()
         return cls(

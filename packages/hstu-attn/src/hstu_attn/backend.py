@@ -8,7 +8,7 @@ import importlib
 
 import torch
 
-__all__ = ["TRITON_HEAD_DIMS", "TRITON_DTYPES", "KernelBackend", "resolve_backend", "triton_backend_available"]
+__all__ = ["TRITON_DTYPES", "TRITON_HEAD_DIMS", "KernelBackend", "resolve_backend", "triton_backend_available"]
 
 TRITON_HEAD_DIMS = (32, 64, 128, 256)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

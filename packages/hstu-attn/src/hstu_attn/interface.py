@@ -11,6 +11,7 @@ import importlib
 import math
 import os
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -217,32 +218,39 @@ def _hstu_attn_backward(
     time_bucket_divisor: float,
     backend: str,
     deterministic: bool,
+    rab_needs_grad: bool,
 ) -> list[Tensor]:
-    """Gradients `[dq, dk, dv]` followed by d_rab, d_position_weights, d_time_weights for those present."""
-    optional_inputs = (rab, position_weights, time_weights)
+    """Gradients `[dq, dk, dv]`, then d_rab (if rab is given and `rab_needs_grad`), d_position_weights and
+    d_time_weights (for the tables given)."""
     concrete = _concrete_backend(backend, q, v)
     if concrete is KernelBackend.TRITON:
-        dq, dk, dv, *optional_grads = _import_triton_kernels().hstu_attn_triton_backward(
+        all_grads = _import_triton_kernels().hstu_attn_triton_backward(
             grad_out, q, k, v, seq_offsets, max_seq_len,
             **_triton_options(
                 num_targets, rab, position_weights, time_weights, timestamps, alpha, scaling_seqlen, causal,
                 contextual_seq_len, max_attn_len, time_bucket_divisor,
             ),
             deterministic=deterministic,
+            rab_requires_grad=rab_needs_grad,
         )  # fmt: skip
-        grads = [dq, dk, dv]
-        for name, given, grad in zip(("rab", "position_weights", "time_weights"), optional_inputs, optional_grads):
-            if given is not None:
-                if grad is None:
-                    raise RuntimeError(f"hstu_attn_triton_backward returned no gradient for the given {name}")
-                grads.append(grad)
     else:
-        dq, dk, dv, *optional_grads = hstu_attn_reference_backward(
+        all_grads = hstu_attn_reference_backward(
             grad_out, q, k, v, seq_offsets, max_seq_len, alpha=alpha, causal=causal, num_targets=num_targets,
             contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, scaling_seqlen=scaling_seqlen,
             rab=rab, relative_bias=_relative_bias(position_weights, time_weights, timestamps, time_bucket_divisor),
         )  # fmt: skip
-        grads = [dq, dk, dv, *(grad for grad in optional_grads if grad is not None)]
+    dq, dk, dv, *optional_grads = all_grads
+    grads = [dq, dk, dv]
+    optional_inputs = {
+        "rab": rab if rab_needs_grad else None,
+        "position_weights": position_weights,
+        "time_weights": time_weights,
+    }
+    for (name, given), grad in zip(optional_inputs.items(), optional_grads):
+        if given is not None:
+            if grad is None:
+                raise RuntimeError(f"the {concrete.value} backward returned no gradient for the given {name}")
+            grads.append(grad)
     return [grad.contiguous() for grad in grads]
 
 
@@ -257,28 +265,35 @@ def _hstu_attn_backward_fake(
     rab: Tensor | None,
     position_weights: Tensor | None,
     time_weights: Tensor | None,
+    timestamps: Tensor | None,
     *args: object,
 ) -> list[Tensor]:
-    inputs = (q, k, v, rab, position_weights, time_weights)
+    rab_needs_grad = args[-1]
+    inputs = (q, k, v, rab if rab_needs_grad else None, position_weights, time_weights)
     return [tensor.new_empty(tensor.shape) for tensor in inputs if tensor is not None]
 
 
 _TENSOR_INPUTS = 9  # q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, timestamps
-_SCALAR_INPUTS = 9  # max_seq_len ... deterministic
+_SCALAR_INPUTS = 9  # max_seq_len ... deterministic; index 5 of the inputs is rab
 
 
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: Tensor) -> None:
+def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.save_for_backward(*inputs[:_TENSOR_INPUTS])
     ctx.scalars = inputs[_TENSOR_INPUTS:]
 
 
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple:
+def _backward(ctx: Any, grad_out: Tensor) -> tuple:
     q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, timestamps = ctx.saved_tensors
+    rab_needs_grad = rab is not None and ctx.needs_input_grad[5]
     dq, dk, dv, *optional_grads = _hstu_attn_backward(
-        grad_out, q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, timestamps, *ctx.scalars
-    )
+        grad_out, q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, timestamps, *ctx.scalars,
+        rab_needs_grad,
+    )  # fmt: skip
     supplied = iter(optional_grads)
-    drab, dposition, dtime = (next(supplied) if t is not None else None for t in (rab, position_weights, time_weights))
+    rab_slot = rab if rab_needs_grad else None
+    drab, dposition, dtime = (
+        next(supplied) if t is not None else None for t in (rab_slot, position_weights, time_weights)
+    )
     return (dq, dk, dv, None, None, drab, dposition, dtime, None) + (None,) * _SCALAR_INPUTS
 
 

@@ -36,7 +36,6 @@ import torch
 
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.options import options_to_json
-from dynamicemb.types import DynamicEmbScoreStrategy
 
 __all__ = ["FORMAT_VERSION", "DynamicEmbFileError", "TableFile", "write_table_file"]
 
@@ -63,25 +62,6 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
 
 
-def score_clock(table: DynamicEmbeddingTable) -> int:
-    strategy = table.options.score_strategy
-    if strategy is DynamicEmbScoreStrategy.STEP:
-        return table.score_step
-    if strategy is DynamicEmbScoreStrategy.CUSTOMIZED:
-        return table.get_score() or 0
-    return table._last_timestamp
-
-
-def restore_score_clock(table: DynamicEmbeddingTable, clock: int) -> None:
-    strategy = table.options.score_strategy
-    if strategy is DynamicEmbScoreStrategy.STEP:
-        table.score_step = max(table.score_step, clock)
-    elif strategy is DynamicEmbScoreStrategy.CUSTOMIZED:
-        table.set_score(clock)
-    elif strategy is not DynamicEmbScoreStrategy.LFU:
-        table._last_timestamp = max(table._last_timestamp, clock)
-
-
 def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: bool) -> int:
     """Write ``table`` (with its optimizer state if ``optim``) to the open binary ``file``; returns rows written."""
     file.write(MAGIC)
@@ -106,7 +86,7 @@ def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: boo
         "optimizer": table.optimizer.args.to_json(),
         "optimizer_step": table.optimizer.step,
         "score_strategy": table.options.score_strategy.name,
-        "score_clock": score_clock(table),
+        "score_clock": table.score_clock(),
         "options": options_to_json(table.options),
         "crc32": crc,
     }

@@ -28,9 +28,10 @@ _EPOCH_LIMIT = 2**31 - 1
 class ScoreUpdate:
     """How one call sets the scores of the keys it touches.
 
-    ``accumulate``: LFU, each occurrence of a key adds 1 (a new key starts at its count).
-    Otherwise the score is assigned: ``values [N]`` per occurrence when given (a key occurring
-    several times gets the largest), else the scalar ``value``.
+    ``accumulate``: LFU, each occurrence of a key adds 1 (a new key starts at its count); a backend
+    that has reduced duplicates itself passes the per-key counts as ``values``. Otherwise the score
+    is assigned: ``values [N]`` per occurrence when given (a key occurring several times gets the
+    largest), else the scalar ``value``.
     """
 
     accumulate: bool = False

@@ -24,8 +24,8 @@ NO_SLOT: tl.constexpr = tl.constexpr(9223372036854775807)
 # Score modes (how a call sets the score of a key it touches).
 SCORE_NONE: tl.constexpr = tl.constexpr(0)
 SCORE_VALUE: tl.constexpr = tl.constexpr(1)  # assign the scalar ``score_value``
-SCORE_COUNT: tl.constexpr = tl.constexpr(2)  # add 1 per occurrence (LFU)
-SCORE_PER_KEY: tl.constexpr = tl.constexpr(3)  # assign ``score_ptr[i]`` (a key's largest)
+SCORE_ADD: tl.constexpr = tl.constexpr(2)  # add ``score_ptr[i]`` (LFU counts; a new key starts at it)
+SCORE_PER_KEY: tl.constexpr = tl.constexpr(3)  # assign ``score_ptr[i]``
 
 
 @triton.jit
@@ -46,10 +46,8 @@ def _coordinates(keys, num_buckets, NUM_GROUPS: tl.constexpr):
 
 @triton.jit
 def _call_scores(offs, live, score_ptr, score_value, SCORE_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    if SCORE_MODE == SCORE_PER_KEY:
+    if (SCORE_MODE == SCORE_PER_KEY) or (SCORE_MODE == SCORE_ADD):
         scores = tl.load(score_ptr + offs, mask=live, other=0)
-    elif SCORE_MODE == SCORE_COUNT:
-        scores = tl.full([BLOCK], 1, tl.int64)
     else:
         scores = tl.full([BLOCK], score_value, tl.int64)
     return scores
@@ -99,10 +97,12 @@ def lookup_kernel(
         r += 1
     found = slot >= 0
     at = tl.maximum(slot, 0)
-    if SCORE_MODE == SCORE_COUNT:
-        tl.atomic_add(scores_ptr + at, tl.full([BLOCK], 1, tl.int64), mask=found)
-    elif SCORE_MODE != SCORE_NONE:
-        tl.store(scores_ptr + at, _call_scores(offs, live, score_ptr, score_value, SCORE_MODE, BLOCK), mask=found)
+    if SCORE_MODE != SCORE_NONE:
+        score = _call_scores(offs, live, score_ptr, score_value, SCORE_MODE, BLOCK)
+        if SCORE_MODE == SCORE_ADD:
+            tl.atomic_add(scores_ptr + at, score, mask=found)
+        else:
+            tl.store(scores_ptr + at, score, mask=found)
     if MARK_EPOCH:
         tl.store(epochs_ptr + at, tl.full([BLOCK], epoch, tl.int32), mask=found)
     tl.store(out_slots_ptr + offs, slot, mask=live)
@@ -136,7 +136,7 @@ def insert_kernel(
     BLOCK: tl.constexpr,
 ):
     """Insert the keys with ``found == 0`` (a lookup with ``MARK_EPOCH`` ran before), writing their
-    slots (-1: refused) and, per lane, the entry it evicted."""
+    slots (-1: refused) and, per lane, the entry it evicted. Per-key score modes need distinct keys."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
@@ -144,9 +144,6 @@ def insert_kernel(
     found_before = tl.load(found_ptr + offs, mask=live, other=1) != 0
     slot = tl.load(slots_ptr + offs, mask=live, other=-1)
     score = _call_scores(offs, live, score_ptr, score_value, SCORE_MODE, BLOCK)
-    if SCORE_MODE == SCORE_PER_KEY:
-        # The lookup assigned one occurrence's score; duplicates settle on the largest.
-        tl.atomic_max(scores_ptr + tl.maximum(slot, 0), score, mask=live & found_before)
     cols = tl.arange(0, GROUP)
     evicted = tl.zeros([BLOCK], tl.int1)
     evicted_key = tl.zeros([BLOCK], tl.int64)
@@ -189,12 +186,8 @@ def insert_kernel(
             scanning = scanning & (hit == NO_SLOT) & ~ended
             r += 1
 
-        # A duplicate lane inserted this key already.
+        # A duplicate lane inserted this key already (duplicates share the call's scalar score).
         dup = pending & (hit_slot != NO_SLOT)
-        if SCORE_MODE == SCORE_COUNT:
-            tl.atomic_add(scores_ptr + tl.where(dup, hit_slot, 0), score, mask=dup)
-        elif SCORE_MODE == SCORE_PER_KEY:
-            tl.atomic_max(scores_ptr + tl.where(dup, hit_slot, 0), score, mask=dup)
         slot = tl.where(dup, hit_slot, slot)
         pending = pending & ~dup
 
@@ -219,7 +212,7 @@ def insert_kernel(
         won = valid & (seen == word)
         # The entry may have been replaced by one of this call's keys since it was chosen.
         stolen = won & ~use_free & (tl.load(epochs_ptr + safe_target, mask=won, other=0, volatile=True) == epoch)
-        tl.atomic_xor(word_ptr, (BUSY ^ state) << shift, mask=stolen)
+        tl.atomic_xor(word_ptr, (state ^ BUSY) << shift, mask=stolen)
         won = won & ~stolen
         replaced = won & ~use_free
         old_key = tl.load(keys_ptr + safe_target, mask=replaced, other=0, volatile=True)
@@ -230,7 +223,7 @@ def insert_kernel(
         tl.store(keys_ptr + safe_target, key, mask=won)
         tl.store(scores_ptr + safe_target, score, mask=won)
         tl.store(epochs_ptr + safe_target, tl.full([BLOCK], epoch, tl.int32), mask=won)
-        tl.atomic_xor(word_ptr, (BUSY ^ digest) << shift, mask=won)
+        tl.atomic_xor(word_ptr, (digest ^ BUSY) << shift, mask=won)
         tl.atomic_add(size_ptr, tl.sum((won & use_free).to(tl.int64), axis=0))
         slot = tl.where(won, target, slot)
         pending = pending & ~won

@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 
 from gr_models.data.dataset import InMemorySequenceDataset, UserSequences, group_events_by_user
+from gr_models.data.encoding import categorical_ids, lookup_by_key
 from gr_models.data.errors import DataValidationError
 from gr_models.data.feature_ops import HashIds
 from gr_models.data.jagged import JaggedColumn
-from gr_models.data.movielens import categorical_ids, lookup_by_key
 from gr_models.data.sample import Split, TruncateSide, WindowPolicy
 from gr_models.data.schema import DatasetSchema, TaskKind
 from gr_models.data.text_files import column_as_numpy, read_delimited

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from gr_models.data.dataset import InMemorySequenceDataset, UserSequences, group_events_by_user
+from gr_models.data.encoding import categorical_ids, lookup_by_key
 from gr_models.data.errors import DataValidationError
 from gr_models.data.jagged import JaggedColumn
 from gr_models.data.sample import Split, TruncateSide, WindowPolicy
@@ -29,25 +30,10 @@ from gr_models.data.schema import DatasetSchema, TaskKind
 from gr_models.data.text_files import column_as_numpy, read_delimited
 from gr_models.data.validation import check_ids
 
-__all__ = ["MovieLensDataset", "categorical_ids", "lookup_by_key"]
+__all__ = ["MovieLensDataset"]
 
 Variant = Literal["1m", "20m"]
 _ML1M_USER_FEATURES = ("gender", "age", "occupation", "zip_code")
-
-
-def categorical_ids(values: np.ndarray) -> tuple[np.ndarray, int]:
-    """Ids ``1..V`` for the sorted distinct values; returns ``(ids, V + 1)`` so that 0 can mean "unknown"."""
-    distinct, inverse = np.unique(values, return_inverse=True)
-    return inverse.astype(np.int64) + 1, len(distinct) + 1
-
-
-def lookup_by_key(keys: np.ndarray, table_keys: np.ndarray, table_values: np.ndarray, missing: int = 0) -> np.ndarray:
-    """``table_values`` of each key (``missing`` where a key is absent from ``table_keys``)."""
-    order = np.argsort(table_keys, kind="stable")
-    sorted_keys = table_keys[order]
-    position = np.clip(np.searchsorted(sorted_keys, keys), 0, max(len(sorted_keys) - 1, 0))
-    found = (sorted_keys[position] == keys) if len(sorted_keys) else np.zeros(len(keys), dtype=bool)
-    return np.where(found, table_values[order][position], missing).astype(np.int64)
 
 
 def _find_ratings(root: Path, variant: Variant) -> Path:

@@ -61,23 +61,29 @@ def _as_feature(spec: FeatureColumn | str) -> FeatureColumn:
 
 
 def read_table(path: Path, columns: Sequence[str], file_format: FileFormat | None = None) -> pa.Table:
-    """Read ``columns`` of a Parquet (``.parquet``/``.pq``) or ORC (``.orc``) file."""
+    """Read ``columns`` of a Parquet (``.parquet``/``.pq``) or ORC (``.orc``) file; a missing column raises
+    `DataValidationError` naming it."""
     fmt = file_format or {".parquet": "parquet", ".pq": "parquet", ".orc": "orc"}.get(path.suffix.lower())
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path, columns=list(columns))
-    if fmt == "orc":
+        available = pq.read_schema(path).names
+        reader = pq.read_table
+    elif fmt == "orc":
         import pyarrow.orc as orc
 
-        return orc.read_table(path, columns=list(columns))
-    raise ValueError(f"cannot tell the format of {path}: pass file_format='parquet' or 'orc'")
+        available = orc.ORCFile(path).schema.names
+        reader = orc.read_table
+    else:
+        raise ValueError(f"cannot tell the format of {path}: pass file_format='parquet' or 'orc'")
+    for column in columns:
+        if column not in available:
+            raise DataValidationError(f"no such column (columns: {available})", source=str(path), column=column)
+    return reader(path, columns=list(columns))
 
 
 def _to_jagged(table: pa.Table, column: str, source: str) -> JaggedColumn:
     """A list or scalar column as a `JaggedColumn` (a null raises, naming the row)."""
-    if column not in table.column_names:
-        raise DataValidationError(f"no such column (columns: {table.column_names})", source=source, column=column)
     array = table.column(column).combine_chunks()
     if array.null_count:
         row = int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])

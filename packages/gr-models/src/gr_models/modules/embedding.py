@@ -46,7 +46,8 @@ class ShardedEmbedding(nn.Module):
     """Every embedding table of a GR, grouped by how it is stored and sharded.
 
     Children (each present only when it has tables): `model_parallel` and `data_parallel` (TorchRec
-    `EmbeddingCollection`s) and `dynamic` (`dynamicemb.DynamicEmbeddingCollection`).
+    `EmbeddingCollection`s) and `dynamic` (a `ModuleDict` of one `dynamicemb.DynamicEmbeddingCollection` per
+    dynamic table, each with its own fused optimizer).
 
     Args:
         embedding_configs: `ShardedEmbeddingConfig` / `DynamicShardedEmbeddingConfig` entries, unique table and
@@ -71,11 +72,14 @@ class ShardedEmbedding(nn.Module):
             raise TypeError(f"unsupported embedding config types: {[type(c).__name__ for c in unknown]}")
         self.model_parallel = self._static_collection(model_parallel, device, sparse_grad=True)
         self.data_parallel = self._static_collection(data_parallel, device, sparse_grad=False)
-        self.dynamic = self._dynamic_collection(dynamic, device) if dynamic else None
+        self.dynamic = self._dynamic_collections(dynamic, device) if dynamic else None
         self._groups: list[tuple[nn.Module, list[str]]] = []
-        for module, configs in ((self.model_parallel, model_parallel), (self.data_parallel, data_parallel), (self.dynamic, dynamic)):
+        for module, configs in ((self.model_parallel, model_parallel), (self.data_parallel, data_parallel)):
             if module is not None:
                 self._groups.append((module, [f for c in configs for f in c.feature_names]))
+        if self.dynamic is not None:
+            for config in dynamic:
+                self._groups.append((self.dynamic[config.table_name], list(config.feature_names)))
 
     @staticmethod
     def _static_collection(
@@ -94,7 +98,7 @@ class ShardedEmbedding(nn.Module):
         return collection
 
     @staticmethod
-    def _dynamic_collection(configs: list[DynamicShardedEmbeddingConfig], device: torch.device) -> nn.Module:
+    def _dynamic_collections(configs: list[DynamicShardedEmbeddingConfig], device: torch.device) -> nn.ModuleDict:
         from gr_models.modules.dynamic_embedding import build_dynamic_collection
 
         return build_dynamic_collection(configs, device)

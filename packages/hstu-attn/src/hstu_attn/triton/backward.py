@@ -134,6 +134,7 @@ def _backward_dkdv_span(
                 HAS_CONTEXT,
                 HAS_WINDOW,
             )
+            valid = valid & (offs_m[None, :] < end)
             value = tl.where(valid, value, 0.0)
             do = tl.load(do_ptrs, mask=row_in[:, None], other=0.0)
         else:
@@ -276,7 +277,9 @@ def hstu_attn_backward_dkdv_kernel(
     v = tl.load(v_ptrs, mask=col_in[:, None], other=0.0)
     q_ptr = Q + seq_start * stride_qm + head * stride_qh
     do_ptr = DO + seq_start * stride_dom + head * stride_doh
-    dq_ptr = DQ + seq_start * stride_dqm + head * stride_dqh
+    dq_ptr = DQ
+    if ATOMIC_DQ:
+        dq_ptr = DQ + seq_start * stride_dqm + head * stride_dqh
 
     rab_ptr = rab
     if HAS_RAB:
@@ -477,7 +480,7 @@ def _backward_dq_span(
                 HAS_CONTEXT,
                 HAS_WINDOW,
             )
-            ds = tl.where(valid, ds, 0.0)
+            ds = tl.where(valid & (offs_n[None, :] < end), ds, 0.0)
         dq = mma(ds.to(k.dtype), k, dq, UPCAST_DOT, INPUT_PRECISION)
     return dq
 

@@ -104,7 +104,7 @@ def _forward_span(
                 HAS_CONTEXT,
                 HAS_WINDOW,
             )
-            weights = tl.where(valid, weights, 0.0)
+            weights = tl.where(valid & (offs_n[None, :] < end), weights, 0.0)
             v = tl.load(v_ptrs, mask=col_in[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)

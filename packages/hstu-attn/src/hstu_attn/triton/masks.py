@@ -9,7 +9,8 @@ history tokens, contextual prefix c and window w,
 
 restricted to i, j < n. The range helpers return, for one block of query rows (forward, dq) or one block of key
 columns (dk/dv), the span that can hold valid pairs split into masked edges and an interior of whole tiles where
-every pair is valid, so interior tiles skip the mask arithmetic.
+every pair is valid, so interior tiles skip the mask arithmetic. A masked span's last tile may reach past the
+span's end: kernels clip masked tiles to `< end`, so consecutive spans never count a pair twice.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def query_block_column_ranges(
         else:
             ctx_end = contextual_cols
     full_end = tl.minimum(full_end, hi)
-    full_lo = tl.maximum(tl.minimum(full_lo, full_end), lo)
+    # start the interior a whole number of tiles after `lo`, so the masked edge before it is whole tiles too
+    full_lo = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(full_lo, tl.maximum(full_end, lo))
     full_hi = full_lo + (tl.maximum(full_end - full_lo, 0) // BLOCK_N) * BLOCK_N
     diag_lo = tl.maximum(m0, hi)
     return ctx_end, lo, full_lo, full_hi, hi, diag_lo, m1
@@ -158,7 +161,8 @@ def key_block_row_ranges(
             if HAS_WINDOW:
                 if u > n0 + max_attn_len:
                     full_end = n0 + max_attn_len + 1
-            full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+            full_lo = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_M) * BLOCK_M
+            full_lo = tl.minimum(full_lo, hi)
             full_end = tl.minimum(tl.maximum(full_end, full_lo), hi)
         full_hi = full_lo + ((full_end - full_lo) // BLOCK_M) * BLOCK_M
         if HAS_CONTEXT:
@@ -172,6 +176,4 @@ def key_block_row_ranges(
                 hi = tl.maximum(hi, contextual_rows)
             else:
                 ctx_end = contextual_rows
-            full_lo = tl.maximum(full_lo, lo)
-            full_hi = tl.maximum(full_hi, full_lo)
     return ctx_end, lo, full_lo, full_hi, hi

@@ -1,0 +1,316 @@
+"""Throughput of the dynamicemb hash-table index, beside ``index_select`` on the same rows.
+
+GPU (default): a 16M-slot table (bucket 128, TIMESTAMP) at load factor 0.5 and 1.0, values fp32
+``[capacity, dim]`` indexed by slot, 1M keys per call:
+
+- ``find``: 1M present keys -> slots, then the value rows gathered by slot;
+- ``find_or_insert``: 1M distinct keys, half present and half new (at load factor 1.0 each new key
+  evicts), then the value rows gathered; the table is restored before every timed repetition;
+- ``insert_and_evict`` (load factor 1.0): 1M new keys, each evicting one entry; the evicted rows are
+  read out and the new rows written in; restored before every repetition;
+- ``baseline``: ``values.index_select(0, slots)`` of the same 1M rows, in the same run.
+
+Each row reports the whole operation with the Triton row gather (``gkeys_per_s``), with
+``index_select`` as the gather (``gkeys_per_s_index_select``) and the index operation alone
+(``index_gkeys_per_s``). Medians of CUDA-event timings.
+
+CPU (``--device cpu``): the torch backend on one thread, 32k keys per call into a 1M-slot table at
+load factor 0.5.
+
+Writes ``results/<device>.json``; ``--readme`` rebuilds ``README.md`` from every results file.
+If ``bench_train_step.py`` sits beside this file its ``run_train_step_benchmark`` rows are added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dynamicemb.table import DynamicEmbScoreStrategy, ScoredHashTable, create_hash_table
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CHUNK = 1 << 20
+
+
+def random_keys(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randint(-(2**63), 2**63 - 1, (n,), generator=generator, device=device, dtype=torch.int64)
+
+
+def snapshot(table: ScoredHashTable) -> dict[str, torch.Tensor]:
+    storage = table._storage
+    return {name: getattr(storage, name).clone() for name in ("keys", "scores", "digests", "epochs", "size")}
+
+
+def restore(table: ScoredHashTable, saved: dict[str, torch.Tensor]) -> None:
+    storage = table._storage
+    for name, tensor in saved.items():
+        getattr(storage, name).copy_(tensor)
+
+
+def cuda_median_ms(fn: Callable[[], object], setup: Callable[[], None] | None = None, reps: int = 20) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for i in range(reps + 3):
+        if setup is not None:
+            setup()
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def fill(table: ScoredHashTable, load_factor: float, generator: torch.Generator) -> torch.Tensor:
+    """Insert random keys until the table reaches ``load_factor``; returns the resident keys."""
+    device = table.device
+    target = int(load_factor * table.capacity)
+    if load_factor < 1.0:
+        remaining = target
+        while remaining > 0:
+            table.find_or_insert(random_keys(min(CHUNK, remaining), generator, device))
+            remaining = target - table.size()
+    else:
+        while table.size() < 0.999 * table.capacity:
+            table.find_or_insert(random_keys(CHUNK, generator, device))
+    return table.export_batch(0, table.capacity)[0]
+
+
+def gkeys(n: int, ms: float) -> float:
+    return n / (ms * 1e-3) / 1e9
+
+
+def bench_gpu(args: argparse.Namespace) -> list[dict]:
+    from dynamicemb.table.gather import gather_rows
+
+    device = torch.device("cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    capacity, n = 1 << args.capacity_log2, args.keys
+    rows: list[dict] = []
+    for load_factor in (0.5, 1.0):
+        table = create_hash_table(
+            init_capacity=capacity,
+            max_capacity=capacity,
+            bucket_capacity=128,
+            score_strategy=DynamicEmbScoreStrategy.TIMESTAMP,
+            device=device,
+        )
+        resident = fill(table, load_factor, generator)
+        measured_lf = table.load_factor()
+        saved = snapshot(table)
+        present = resident[torch.randperm(resident.numel(), device=device, generator=generator)[:n]]
+        fresh = random_keys(n, generator, device)
+        assert not bool(table.find(fresh)[1].any())
+        mixed = torch.cat([present[: n // 2], fresh[: n - n // 2]])
+        mixed = mixed[torch.randperm(n, device=device, generator=generator)]
+        slots, found = table.find(present)
+        assert bool(found.all())
+        for dim in args.dims:
+            values = torch.randn(capacity, dim, device=device)
+            common = {"dim": dim, "load_factor": round(measured_lf, 4), "keys": n, "capacity": capacity}
+            base_ms = cuda_median_ms(lambda s=slots, v=values: v.index_select(0, s))
+            baseline = gkeys(n, base_ms)
+            gather_ms = cuda_median_ms(lambda s=slots, v=values: gather_rows(v, s))
+            rows.append({"op": "index_select", **common, "ms": base_ms, "gkeys_per_s": baseline, "baseline": baseline})
+            rows.append({"op": "gather_rows", **common, "ms": gather_ms, "gkeys_per_s": gkeys(n, gather_ms), "baseline": baseline})
+
+            def timed(op: str, index_fn, gather_fn, select_fn, setup=None, common=common, baseline=baseline):
+                index_ms = cuda_median_ms(index_fn, setup)
+                total_ms = cuda_median_ms(gather_fn, setup)
+                select_ms = cuda_median_ms(select_fn, setup)
+                rows.append(
+                    {
+                        "op": op,
+                        **common,
+                        "ms": total_ms,
+                        "gkeys_per_s": gkeys(n, total_ms),
+                        "gkeys_per_s_index_select": gkeys(n, select_ms),
+                        "index_gkeys_per_s": gkeys(n, index_ms),
+                        "baseline": baseline,
+                    }
+                )
+
+            reset = lambda: restore(table, saved)  # noqa: E731
+            timed(
+                "find",
+                lambda: table.find(present),
+                lambda v=values: gather_rows(v, table.find(present)[0]),
+                lambda v=values: v.index_select(0, table.find(present)[0]),
+                setup=reset,
+            )
+            timed(
+                "find_or_insert",
+                lambda: table.find_or_insert(mixed),
+                lambda v=values: gather_rows(v, table.find_or_insert(mixed).slots),
+                lambda v=values: v.index_select(0, table.find_or_insert(mixed).slots.clamp_min(0)),
+                setup=reset,
+            )
+            if load_factor == 1.0:
+                new_rows = torch.randn(n, dim, device=device)
+
+                def evict_and_move(gather, v=values, new_rows=new_rows):
+                    result = table.insert_and_evict(fresh)
+                    evicted_rows = gather(v, result.evicted_slots)
+                    placed = result.slots >= 0
+                    v.index_copy_(0, result.slots[placed], new_rows[placed])
+                    return evicted_rows
+
+                timed(
+                    "insert_and_evict",
+                    lambda: table.insert_and_evict(fresh),
+                    lambda: evict_and_move(gather_rows),
+                    lambda: evict_and_move(lambda v, s: v.index_select(0, s)),
+                    setup=reset,
+                )
+            del values
+        del table, saved
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_cpu(args: argparse.Namespace) -> list[dict]:
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    capacity, n = 1 << 20, 32768
+    table = create_hash_table(init_capacity=capacity, max_capacity=capacity, device="cpu", backend="torch")
+    resident = fill(table, 0.5, generator)
+    saved = snapshot(table)
+    present = resident[torch.randperm(resident.numel(), generator=generator)[:n]]
+    mixed = torch.cat([present[: n // 2], random_keys(n - n // 2, generator, torch.device("cpu"))])
+
+    def median_ms(fn, setup=None, reps=15) -> float:
+        times = []
+        for i in range(reps + 2):
+            if setup is not None:
+                setup()
+            start = time.perf_counter()
+            fn()
+            if i >= 2:
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    common = {"dim": None, "load_factor": round(table.load_factor(), 4), "keys": n, "capacity": capacity, "threads": 1}
+    rows = [
+        {"op": "find", **common, "ms": median_ms(lambda: table.find(present))},
+        {
+            "op": "find_or_insert",
+            **common,
+            "ms": median_ms(lambda: table.find_or_insert(mixed), lambda: restore(table, saved)),
+        },
+    ]
+    for row in rows:
+        row["gkeys_per_s"] = gkeys(n, row["ms"])
+    return rows
+
+
+def train_step_rows(device: torch.device, dims: list[int]) -> list[dict]:
+    if not (HERE / "bench_train_step.py").exists():
+        print("note: bench_train_step.py is not there yet: no training-step rows")
+        return []
+    sys.path.insert(0, str(HERE))
+    from bench_train_step import run_train_step_benchmark
+
+    return run_train_step_benchmark(device, dims)
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'op':18s} {'dim':>4s} {'lf':>6s} {'ms':>8s} {'Gkeys/s':>8s} {'w/ index_select':>15s} {'index only':>10s} {'baseline':>8s}"
+    print(header)
+    for row in rows:
+        if "gkeys_per_s" not in row:
+            print(json.dumps(row))
+            continue
+
+        def fmt(key: str, row=row) -> str:
+            value = row.get(key)
+            return "-" if value is None else f"{value:.3f}"
+
+        print(
+            f"{row['op']:18s} {row.get('dim') or '-'!s:>4s} {row.get('load_factor', '-')!s:>6s} "
+            f"{row['ms']:8.3f} {row['gkeys_per_s']:8.3f} {fmt('gkeys_per_s_index_select'):>15s} "
+            f"{fmt('index_gkeys_per_s'):>10s} {fmt('baseline'):>8s}"
+        )
+
+
+def write_readme() -> None:
+    lines = [
+        "# dynamicemb benchmarks",
+        "",
+        "Written by `bench_table.py --readme` from `results/*.json`; see the docstring of",
+        "`bench_table.py` for what each operation includes. Billion keys per second (Gkeys/s), 1M keys",
+        "per call on the GPU; `baseline` is `index_select` of the same rows on a plain tensor in the same",
+        "run; `w/ index_select` is the same operation with `index_select` as the row gather;",
+        "`index only` leaves out the values.",
+        "",
+    ]
+    for path in sorted(RESULTS.glob("*.json")):
+        rows = json.loads(path.read_text())
+        if not rows:
+            continue
+        first = rows[0]
+        lines += [f"## {first['device']} ({first['date']}, commit {first['commit']})", ""]
+        lines += [
+            "| op | dim | load factor | ms | Gkeys/s | w/ index_select | index only | baseline |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            if "gkeys_per_s" not in row:
+                continue
+            cells = [row["op"], row.get("dim") or "-", row.get("load_factor", "-"), f"{row['ms']:.3f}"]
+            for key in ("gkeys_per_s", "gkeys_per_s_index_select", "index_gkeys_per_s", "baseline"):
+                cells.append("-" if row.get(key) is None else f"{row[key]:.3f}")
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        others = [row for row in rows if "gkeys_per_s" not in row]
+        if others:
+            lines += ["", "Other rows:", ""] + [f"- `{json.dumps(row)}`" for row in others]
+        lines.append("")
+    (HERE / "README.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--dims", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--keys", type=int, default=1 << 20)
+    parser.add_argument("--capacity-log2", type=int, default=24)
+    parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-train-step", action="store_true")
+    parser.add_argument("--readme", action="store_true", help="only rebuild README.md from results/")
+    args = parser.parse_args()
+    if args.readme:
+        write_readme()
+        return
+    if args.device == "cuda":
+        rows = bench_gpu(args)
+        if not args.no_train_step:
+            rows += train_step_rows(torch.device("cuda"), args.dims)
+        device_name = torch.cuda.get_device_name()
+    else:
+        rows = bench_cpu(args)
+        device_name = "cpu"
+    date = datetime.date.today().isoformat()
+    for row in rows:
+        row.setdefault("device", device_name)
+        row.setdefault("date", date)
+        row.setdefault("commit", args.commit)
+    print_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{device_name.replace(' ', '_')}.json"
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

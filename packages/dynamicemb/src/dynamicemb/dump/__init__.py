@@ -1,0 +1,24 @@
+"""Dump/load of dynamic tables, incremental dumps and scores."""
+
+from dynamicemb.dump.api import (
+    DynamicEmbDump,
+    DynamicEmbLoad,
+    find_dynamic_modules,
+    get_score,
+    incremental_dump,
+    set_score,
+    table_file_path,
+)
+from dynamicemb.dump.file_format import DynamicEmbFileError, TableFile
+
+__all__ = [
+    "DynamicEmbDump",
+    "DynamicEmbFileError",
+    "DynamicEmbLoad",
+    "TableFile",
+    "find_dynamic_modules",
+    "get_score",
+    "incremental_dump",
+    "set_score",
+    "table_file_path",
+]

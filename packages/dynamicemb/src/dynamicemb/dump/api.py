@@ -1,0 +1,236 @@
+"""Dump and load the dynamic tables of a model; incremental dumps; scores.
+
+``DynamicEmbDump(path, model)`` writes, for every module of ``model`` holding dynamic tables
+(a :class:`~dynamicemb.modules.DynamicEmbModule`), one folder ``path/<module name>/`` (the
+module's dotted path in the model, ``_root`` for the model itself) with one file
+``<table name>.dynamicemb`` per table (format: :mod:`dynamicemb.dump.file_format`). Every file is
+first written under a temporary name in its folder and flushed to disk; only when all are written
+are they renamed over the previous ones, so a crash while dumping leaves the previous dump whole.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dynamicemb.dump.file_format import TableFile, write_table_file
+from dynamicemb.embedding_table import DynamicEmbeddingTable
+from dynamicemb.modules.common import DynamicEmbModule
+
+__all__ = [
+    "DynamicEmbDump",
+    "DynamicEmbLoad",
+    "find_dynamic_modules",
+    "get_score",
+    "incremental_dump",
+    "set_score",
+    "table_file_path",
+]
+
+FILE_SUFFIX = ".dynamicemb"
+ROOT_NAME = "_root"
+
+TableNames = Mapping[str, Sequence[str]] | None
+
+
+def find_dynamic_modules(model: nn.Module) -> dict[str, DynamicEmbModule]:
+    """Modules of ``model`` holding dynamic tables, by dotted path (``_root`` for ``model`` itself)."""
+    return {
+        name or ROOT_NAME: module for name, module in model.named_modules() if isinstance(module, DynamicEmbModule)
+    }
+
+
+def _check_single_process(pg: dist.ProcessGroup | None) -> None:
+    if pg is not None and dist.get_world_size(pg) > 1:
+        raise NotImplementedError(
+            "dump/load across a process group of several ranks needs sharded dynamic modules; "
+            "the standalone collections are single-process (pass pg=None)"
+        )
+
+
+def _selected_tables(model: nn.Module, table_names: TableNames) -> dict[str, dict[str, DynamicEmbeddingTable]]:
+    modules = find_dynamic_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} holds no dynamic embedding module")
+    selected: dict[str, dict[str, DynamicEmbeddingTable]] = {}
+    if table_names is None:
+        for name, module in modules.items():
+            selected[name] = dict(module.dynamic_embedding_tables())
+        return selected
+    for module_name, names in table_names.items():
+        if module_name not in modules:
+            raise KeyError(f"no dynamic embedding module {module_name!r} in the model (it has {sorted(modules)})")
+        tables = modules[module_name].dynamic_embedding_tables()
+        unknown = [n for n in names if n not in tables]
+        if unknown:
+            raise KeyError(f"module {module_name!r} has no dynamic tables {unknown} (it has {sorted(tables)})")
+        selected[module_name] = {n: tables[n] for n in names}
+    return selected
+
+
+def _check_file_name(name: str) -> str:
+    if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+        raise ValueError(f"{name!r} cannot name a dump file or folder")
+    return name
+
+
+def table_file_path(path: str, module_name: str, table_name: str) -> str:
+    """Where :func:`DynamicEmbDump` writes table ``table_name`` of module ``module_name``."""
+    return os.path.join(path, _check_file_name(module_name), _check_file_name(table_name) + FILE_SUFFIX)
+
+
+def _write_temporary(final_path: str, table: DynamicEmbeddingTable, optim: bool) -> str:
+    folder, name = os.path.split(final_path)
+    temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(temporary, "wb") as f:
+            write_table_file(f, table, optim=optim)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return temporary
+
+
+def _fsync_folder(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def DynamicEmbDump(
+    path: str,
+    model: nn.Module,
+    table_names: TableNames = None,
+    optim: bool = False,
+    pg: dist.ProcessGroup | None = None,
+) -> None:
+    """Write the dynamic tables of ``model`` (keys, embeddings, scores; optimizer state and step if
+    ``optim``; options) under ``path``.
+
+    ``table_names``: ``{module name: [table names]}`` to dump only those (module names as in
+    :func:`find_dynamic_modules`). Cached tables are dumped from their cache and their backing
+    storage (the cache wins for keys in both).
+    """
+    _check_single_process(pg)
+    selected = _selected_tables(model, table_names)
+    written: list[tuple[str, str]] = []
+    try:
+        for module_name, tables in selected.items():
+            for table_name, table in tables.items():
+                final_path = table_file_path(path, module_name, table_name)
+                os.makedirs(os.path.dirname(final_path), exist_ok=True)
+                written.append((_write_temporary(final_path, table, optim), final_path))
+    except BaseException:
+        for temporary, _ in written:
+            os.remove(temporary)
+        raise
+    for temporary, final_path in written:
+        os.replace(temporary, final_path)
+    for folder in {os.path.dirname(final_path) for _, final_path in written}:
+        _fsync_folder(folder)
+
+
+def DynamicEmbLoad(
+    path: str,
+    model: nn.Module,
+    table_names: TableNames = None,
+    optim: bool = False,
+    pg: dist.ProcessGroup | None = None,
+) -> None:
+    """Load tables written by :func:`DynamicEmbDump` into the dynamic tables of ``model``.
+
+    Loaded keys replace rows of the same keys; other rows stay. Every file is checked first (format,
+    size, checksum, table name, dim, dtype and, with ``optim``, the optimizer state layout), so a
+    bad file raises :class:`~dynamicemb.dump.file_format.DynamicEmbFileError` (a ``ValueError``
+    naming the file and the problem) before any table changes. With ``optim`` the optimizer state
+    and step are restored; without, loaded rows start from a fresh optimizer state.
+    """
+    _check_single_process(pg)
+    selected = _selected_tables(model, table_names)
+    plans: list[tuple[TableFile, DynamicEmbeddingTable]] = []
+    for module_name, tables in selected.items():
+        for table_name, table in tables.items():
+            table_file = TableFile.open(table_file_path(path, module_name, table_name))
+            table_file.check_matches(table, optim=optim)
+            table_file.verify_checksum()
+            plans.append((table_file, table))
+    for table_file, table in plans:
+        for keys, scores, embeddings, state in table_file.chunks():
+            if keys.numel():
+                table.import_rows(keys, embeddings, state if optim else None, scores)
+        if optim:
+            table.optimizer.step = int(table_file.footer["optimizer_step"])
+        table.restore_score_clock(int(table_file.footer["score_clock"]))
+
+
+ScoreMap = dict[str, dict[str, int | None]]
+
+
+def incremental_dump(
+    model: nn.Module,
+    score_threshold: int | Mapping[str, Mapping[str, int]],
+    pg: dist.ProcessGroup | None = None,
+) -> tuple[dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], ScoreMap]:
+    """Keys (and embeddings) whose score is ``>= score_threshold``: the rows touched since the
+    threshold was taken from :func:`get_score`.
+
+    ``score_threshold``: one int for every table, or ``{module name: {table name: threshold}}``
+    for only those tables. Returns ``({module: {table: (keys [M] int64, embeddings [M, dim])}},
+    {module: {table: score}})`` on the host, the scores being :func:`get_score` now (the threshold
+    for the next incremental dump) for the tables dumped.
+    """
+    _check_single_process(pg)
+    if isinstance(score_threshold, int):
+        selected = _selected_tables(model, None)
+        thresholds = {m: dict.fromkeys(tables, score_threshold) for m, tables in selected.items()}
+    else:
+        selected = _selected_tables(model, {m: list(t) for m, t in score_threshold.items()})
+        thresholds = {m: dict(t) for m, t in score_threshold.items()}
+    dumped: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    scores: ScoreMap = {}
+    for module_name, tables in selected.items():
+        dumped[module_name], scores[module_name] = {}, {}
+        for table_name, table in tables.items():
+            parts = list(table.export(min_score=thresholds[module_name][table_name]))
+            keys = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+            empty = torch.zeros((0, table.dim), dtype=table.dtype)
+            embeddings = torch.cat([p[1] for p in parts]) if parts else empty
+            dumped[module_name][table_name] = (keys, embeddings)
+            scores[module_name][table_name] = table.get_score()
+    return dumped, scores
+
+
+def get_score(model: nn.Module) -> ScoreMap | None:
+    """``{module: {table: score}}``: each table's :meth:`~DynamicEmbeddingTable.get_score` (``None``
+    for LFU tables); ``None`` if the model has no dynamic tables."""
+    modules = find_dynamic_modules(model)
+    if not modules:
+        return None
+    return {
+        name: {t: table.get_score() for t, table in module.dynamic_embedding_tables().items()}
+        for name, module in modules.items()
+    }
+
+
+def set_score(model: nn.Module, table_score: int | Mapping[str, Mapping[str, int]]) -> None:
+    """Set the score of the next training lookups of CUSTOMIZED tables: one int for every table of
+    the model, or ``{module: {table: score}}``."""
+    if isinstance(table_score, int):
+        for tables in _selected_tables(model, None).values():
+            for table in tables.values():
+                table.set_score(table_score)
+        return
+    selected = _selected_tables(model, {m: list(t) for m, t in table_score.items()})
+    for module_name, tables in selected.items():
+        for table_name, table in tables.items():
+            table.set_score(table_score[module_name][table_name])

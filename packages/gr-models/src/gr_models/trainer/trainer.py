@@ -1,0 +1,340 @@
+"""The training loop behind `gr-train`: data, model, optimizers, evaluation, logging and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data
+from tqdm.auto import tqdm
+
+from gr_models.data.batch import Batch
+from gr_models.data.collate import BatchCollator
+from gr_models.data.dataset import SequenceDataset
+from gr_models.data.pipeline import UserShardSampler
+from gr_models.metrics.classification import MultiTaskBinaryMetrics
+from gr_models.model import RankingGR, RetrievalGR
+from gr_models.model.base import GRModel
+from gr_models.trainer.builders import build_model, build_train_dataset, resolve_device
+from gr_models.trainer.config import RunConfig
+from gr_models.trainer.optim import OptimizerBundle
+from gr_models.trainer.reporting import RunRecorder, write_json
+
+CHECKPOINT_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def sequence_tokens(batch: Batch) -> int:
+    """Tokens the model sees for `batch`: contextual ids + 2 per history event (1 without actions) + candidates."""
+    items = int(batch.item_lengths().sum())
+    candidates = int(batch.num_candidates.sum()) if batch.num_candidates is not None else 0
+    contextual = sum(int(batch.feature_lengths(n).sum()) for n in batch.contextual_feature_names)
+    stride = 2 if batch.action_feature_name is not None else 1
+    return contextual + stride * (items - candidates) + candidates
+
+
+class _SkippingSampler(torch.utils.data.Sampler[int]):
+    """The epoch order of a `UserShardSampler` without its first `skip` indices (resuming mid-epoch)."""
+
+    def __init__(self, sampler: UserShardSampler, skip: int) -> None:
+        self.sampler, self.skip = sampler, skip
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(iter(self.sampler))
+        return iter(order[self.skip :])
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: final evaluation metrics, throughput and the files written."""
+
+    step: int
+    metrics: dict[str, float]
+    throughput: dict[str, float]
+    files: dict[str, str] = field(default_factory=dict)
+
+
+class Trainer:
+    """Trains a GR as described by a `RunConfig` (see `gr_models.trainer.config`).
+
+    Args:
+        config: the run.
+        train_dataset: overrides the dataset built from `config.data` (its `with_split("eval")` is evaluated).
+        model: overrides the model built from the config.
+    """
+
+    def __init__(
+        self, config: RunConfig, *, train_dataset: SequenceDataset | None = None, model: GRModel | None = None
+    ) -> None:
+        self.config = config
+        seed_everything(config.seed)
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+        self.train_dataset = train_dataset if train_dataset is not None else build_train_dataset(config.data, config.task)
+        self.eval_dataset = self.train_dataset.with_split("eval")
+        self.model = model if model is not None else build_model(config, self.train_dataset.schema, self.device)
+        self.optimizers = OptimizerBundle(self.model, config.optim, config.train.max_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self._dtype() == torch.float16)
+        self.run_dir = config.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.recorder = RunRecorder(self.run_dir)
+        self.step = 0
+        self.epoch = 0
+        self.batches_into_epoch = 0
+        self.train_seconds = 0.0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+
+    def _dtype(self) -> torch.dtype:
+        hstu_config = getattr(self.model, "hstu_config", None)
+        return hstu_config.dtype if hstu_config is not None else torch.float32
+
+    def _loader(self, dataset: SequenceDataset, *, train: bool, skip_batches: int = 0) -> torch.utils.data.DataLoader:
+        data = self.config.data
+        batch_size = data.batch_size if train else data.eval_batch_size
+        sampler = UserShardSampler(len(dataset), shuffle=train, seed=self.config.seed)
+        sampler.set_epoch(self.epoch)
+        workers = data.num_workers
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=_SkippingSampler(sampler, skip_batches * batch_size) if skip_batches else sampler,
+            collate_fn=BatchCollator(dataset.schema),
+            num_workers=workers,
+            prefetch_factor=data.prefetch_factor if workers > 0 else None,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _batches(self) -> Iterator[Batch]:
+        """Training batches forever, epoch after epoch, starting where a resumed run stopped."""
+        while True:
+            loader = self._loader(self.train_dataset, train=True, skip_batches=self.batches_into_epoch)
+            for batch in loader:
+                self.batches_into_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batches_into_epoch = 0
+
+    # ----------------------------------------------------------------------------------------------- training
+
+    def _optimizer_step(self) -> float | None:
+        grad_clip = self.config.optim.grad_clip
+        for optimizer in self.optimizers.optimizers:
+            self.scaler.unscale_(optimizer)
+        grad_norm = None
+        if grad_clip is not None and grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.model.dense_parameters()), grad_clip))
+        for optimizer in self.optimizers.optimizers:
+            self.scaler.step(optimizer)
+        self.scaler.update()
+        self.optimizers.scheduler.step()
+        self.optimizers.zero_grad()
+        return grad_norm
+
+    def train(self) -> TrainResult:
+        """Run until `train.max_steps` optimizer steps, evaluating, logging and checkpointing on the way."""
+        settings = self.config.train
+        if settings.resume:
+            self.load_latest_checkpoint()
+        self.model.train()
+        accumulation = settings.grad_accumulation
+        if accumulation < 1:
+            raise ValueError(f"train.grad_accumulation must be >= 1, got {accumulation}")
+        bar = tqdm(
+            total=settings.max_steps, initial=self.step, disable=not settings.progress_bar, desc=self.config.name,
+            dynamic_ncols=True,
+        )  # fmt: skip
+        batches = self._batches()
+        window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
+        window_samples = window_tokens = 0
+        while self.step < settings.max_steps:
+            started = time.perf_counter()
+            for _ in range(accumulation):
+                batch = next(batches)
+                losses, _ = self.model(batch)
+                loss = losses.mean()
+                self.scaler.scale(loss / accumulation).backward()
+                window_loss += float(loss.detach())
+                window_count += 1
+                window_samples += batch.batch_size
+                window_tokens += sequence_tokens(batch)
+            grad_norm = self._optimizer_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.train_seconds += time.perf_counter() - started
+            self.step += 1
+            bar.update(1)
+            if self.step % settings.log_every == 0 or self.step == settings.max_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                stats = {
+                    "loss": window_loss / window_count,
+                    "lr": self.optimizers.learning_rate,
+                    "samples_per_s": window_samples / elapsed,
+                    "tokens_per_s": window_tokens / elapsed,
+                }
+                if grad_norm is not None:
+                    stats["grad_norm"] = grad_norm
+                self.recorder.scalars("train", stats, self.step)
+                bar.set_postfix(
+                    loss=f"{stats['loss']:.4f}",
+                    samples_s=f"{stats['samples_per_s']:.0f}",
+                    tokens_s=f"{stats['tokens_per_s']:.0f}",
+                )
+                self.samples_seen += window_samples
+                self.tokens_seen += window_tokens
+                window_loss, window_count, window_samples, window_tokens = 0.0, 0, 0, 0
+                window_start = time.perf_counter()
+            if settings.eval_every > 0 and self.step % settings.eval_every == 0 and self.step < settings.max_steps:
+                self._evaluate_and_record(bar)
+                window_start = time.perf_counter()
+            if settings.checkpoint_every > 0 and self.step % settings.checkpoint_every == 0:
+                self.save_checkpoint()
+                window_start = time.perf_counter()
+        self.samples_seen += window_samples
+        self.tokens_seen += window_tokens
+        final = self._evaluate_and_record(bar)
+        bar.close()
+        return self._finish(final)
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+
+    def _evaluate_and_record(self, bar: tqdm) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.recorder.scalars("eval", metrics, self.step)
+        bar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        self.model.train()
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Metrics over the evaluation split (the first `max_batches`, default `train.eval_batches`, or all)."""
+        limit = max_batches if max_batches is not None else self.config.train.eval_batches
+        self.model.eval()
+        loader = self._loader(self.eval_dataset, train=False)
+        if isinstance(self.model, RankingGR):
+            return self._evaluate_ranking(loader, limit)
+        if isinstance(self.model, RetrievalGR):
+            return self._evaluate_retrieval(loader, limit)
+        raise TypeError(f"cannot evaluate a {type(self.model).__name__}")
+
+    def _limited(self, loader: torch.utils.data.DataLoader, limit: int | None) -> Iterator[Batch]:
+        for index, batch in enumerate(loader):
+            if limit is not None and index >= limit:
+                return
+            yield batch
+
+    def _evaluate_ranking(self, loader: torch.utils.data.DataLoader, limit: int | None) -> dict[str, float]:
+        task_names = list(self.eval_dataset.schema.task_names)
+        metrics = MultiTaskBinaryMetrics(task_names)
+        for batch in self._limited(loader, limit):
+            result = self.model.evaluate_batch(batch)
+            metrics.update(result["logits"].cpu(), result["labels"].cpu())
+        return metrics.compute()
+
+    def _evaluate_retrieval(self, loader: torch.utils.data.DataLoader, limit: int | None) -> dict[str, float]:
+        from gr_models.metrics.retrieval import RankingMetrics
+
+        model = self.model
+        assert isinstance(model, RetrievalGR)
+        item_name = self.eval_dataset.schema.item_feature_name
+        corpus = model.all_item_embeddings(item_name)
+        metrics = RankingMetrics(top_k=list(model.task_config.eval_top_k))
+        for batch in self._limited(loader, limit):
+            metrics.update_ranks(model.evaluate_batch(batch, corpus)["ranks"].cpu())
+        return metrics.compute()
+
+    # --------------------------------------------------------------------------------------------- checkpoints
+
+    def _checkpoint_root(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR
+
+    def save_checkpoint(self) -> Path:
+        """Model and optimizers through gr_checkpoint, plus the loop position, into `checkpoints/step_<N>`."""
+        import gr_checkpoint
+
+        path = self._checkpoint_root() / f"step_{self.step:08d}"
+        path.mkdir(parents=True, exist_ok=True)
+        gr_checkpoint.save(str(path), self.model, self.optimizers)
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_into_epoch": self.batches_into_epoch,
+            "train_seconds": self.train_seconds,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "history": {tag: values for tag, values in self.recorder.history.items()},
+        }
+        write_json(path / TRAINER_STATE, state)
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint of this run directory, or None."""
+        root = self._checkpoint_root()
+        if not root.is_dir():
+            return None
+        complete = sorted(p for p in root.glob("step_*") if (p / TRAINER_STATE).is_file())
+        return complete[-1] if complete else None
+
+    def load_latest_checkpoint(self) -> bool:
+        """Restore model, optimizers and loop position from the latest checkpoint; False when there is none."""
+        path = self.latest_checkpoint()
+        if path is None:
+            return False
+        import gr_checkpoint
+
+        gr_checkpoint.load(str(path), self.model, self.optimizers)
+        state = json.loads((path / TRAINER_STATE).read_text())
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batches_into_epoch = int(state["batches_into_epoch"])
+        self.train_seconds = float(state["train_seconds"])
+        self.samples_seen = int(state["samples_seen"])
+        self.tokens_seen = int(state["tokens_seen"])
+        for tag, values in state["history"].items():
+            self.recorder.history[tag] = [(int(s), float(v)) for s, v in values]
+        seed_everything(self.config.seed + self.step)
+        return True
+
+    # ------------------------------------------------------------------------------------------------- results
+
+    def _finish(self, metrics: dict[str, float]) -> TrainResult:
+        seconds = max(self.train_seconds, 1e-9)
+        throughput = {
+            "train_seconds": self.train_seconds,
+            "samples_per_s": self.samples_seen / seconds,
+            "tokens_per_s": self.tokens_seen / seconds,
+            "samples": float(self.samples_seen),
+            "tokens": float(self.tokens_seen),
+        }
+        plot = self.recorder.plot(self.run_dir / "curves.png", title=f"{self.config.name} ({self.device.type})")
+        payload: dict[str, Any] = {
+            "name": self.config.name,
+            "step": self.step,
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "metrics": metrics,
+            "throughput": throughput,
+            "history": dict(self.recorder.history),
+            "config": self.config.to_dict(),
+        }
+        metrics_path = write_json(self.run_dir / "metrics.json", payload)
+        self.recorder.close()
+        files = {"metrics": str(metrics_path), "curves": str(plot), "tensorboard": str(self.run_dir / "tensorboard")}
+        return TrainResult(step=self.step, metrics=metrics, throughput=throughput, files=files)
