@@ -109,7 +109,9 @@ def test_weighted_mean_divides_the_weighted_sum_by_the_bag_length() -> None:
     features = _kjt(batch=4, seed=5, weighted=True)
     pooled = {}
     for pooling in (PoolingType.SUM, PoolingType.MEAN):
-        config = EmbeddingBagConfig(name="t", embedding_dim=3, num_embeddings=ROWS, feature_names=["a", "b", "c"], pooling=pooling)
+        config = EmbeddingBagConfig(
+            name="t", embedding_dim=3, num_embeddings=ROWS, feature_names=["a", "b", "c"], pooling=pooling
+        )
         torch.manual_seed(0)
         pooled[pooling] = DynamicEmbeddingBagCollection(tables=[config], is_weighted=True)(features).values()
     lengths = features.lengths().view(3, 4).t().repeat_interleave(3, dim=1).clamp(min=1)
@@ -160,11 +162,19 @@ def test_input_errors_name_the_problem() -> None:
         DynamicEmbeddingCollection(tables=[config], table_options={"nope": DynamicEmbTableOptions()})
     with pytest.raises(ValueError, match="pooling"):
         DynamicEmbeddingBagCollection(
-            tables=[EmbeddingBagConfig(name="t", embedding_dim=3, num_embeddings=9, feature_names=["a"], pooling=PoolingType.NONE)]
+            tables=[
+                EmbeddingBagConfig(
+                    name="t", embedding_dim=3, num_embeddings=9, feature_names=["a"], pooling=PoolingType.NONE
+                )
+            ]
         )
     strict = DynamicEmbeddingCollection(tables=[config], table_options=DynamicEmbTableOptions(index_type=torch.int64))
     with pytest.raises(TypeError, match="index_type"):
-        strict(KeyedJaggedTensor.from_lengths_sync(keys=["a"], values=torch.tensor([1], dtype=torch.int32), lengths=torch.tensor([1])))
+        strict(
+            KeyedJaggedTensor.from_lengths_sync(
+                keys=["a"], values=torch.tensor([1], dtype=torch.int32), lengths=torch.tensor([1])
+            )
+        )
     with pytest.raises(ValueError, match="training is False"):
         DynamicEmbeddingCollection(
             tables=[config],
@@ -202,7 +212,9 @@ def test_safe_check_mode_ignore_warn_error() -> None:
 
 
 def _touch(collection, ids: list[int]) -> None:
-    collection(KeyedJaggedTensor.from_lengths_sync(keys=["a"], values=torch.tensor(ids), lengths=torch.tensor([len(ids)])))
+    collection(
+        KeyedJaggedTensor.from_lengths_sync(keys=["a"], values=torch.tensor(ids), lengths=torch.tensor([len(ids)]))
+    )
 
 
 def test_lru_evicts_the_least_recently_used_key() -> None:

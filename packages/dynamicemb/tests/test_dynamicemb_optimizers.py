@@ -72,23 +72,38 @@ def _train_pair(args: DynamicEmbOptimizerArgs, make_torch_optimizer, clip: float
     return _rows(table), reference.weight.detach(), table
 
 
+def _torch_sgd(params, a: DynamicEmbOptimizerArgs) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=a.learning_rate, weight_decay=a.weight_decay)
+
+
+def _torch_adam(params, a: DynamicEmbOptimizerArgs) -> torch.optim.Optimizer:
+    return torch.optim.Adam(
+        params, lr=a.learning_rate, betas=(a.beta1, a.beta2), eps=a.eps, weight_decay=a.weight_decay
+    )
+
+
+def _torch_adamw(params, a: DynamicEmbOptimizerArgs) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        params, lr=a.learning_rate, betas=(a.beta1, a.beta2), eps=a.eps, weight_decay=a.weight_decay
+    )
+
+
+def _torch_adagrad(params, a: DynamicEmbOptimizerArgs) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(
+        params,
+        lr=a.learning_rate,
+        eps=a.eps,
+        weight_decay=a.weight_decay,
+        initial_accumulator_value=a.initial_accumulator_value,
+    )
+
+
 CASES = {
-    "sgd": (DynamicEmbOptimizerType.SGD, lambda p, a: torch.optim.SGD(p, lr=a.learning_rate, weight_decay=a.weight_decay)),
-    "adam": (
-        DynamicEmbOptimizerType.ADAM,
-        lambda p, a: torch.optim.Adam(p, lr=a.learning_rate, betas=(a.beta1, a.beta2), eps=a.eps, weight_decay=a.weight_decay),
-    ),
-    "adamw": (
-        DynamicEmbOptimizerType.ADAMW,
-        lambda p, a: torch.optim.AdamW(p, lr=a.learning_rate, betas=(a.beta1, a.beta2), eps=a.eps, weight_decay=a.weight_decay),
-    ),
-    "adagrad": (
-        DynamicEmbOptimizerType.ADAGRAD,
-        lambda p, a: torch.optim.Adagrad(
-            p, lr=a.learning_rate, eps=a.eps, weight_decay=a.weight_decay, initial_accumulator_value=a.initial_accumulator_value
-        ),
-    ),
-}  # fmt: skip
+    "sgd": (DynamicEmbOptimizerType.SGD, _torch_sgd),
+    "adam": (DynamicEmbOptimizerType.ADAM, _torch_adam),
+    "adamw": (DynamicEmbOptimizerType.ADAMW, _torch_adamw),
+    "adagrad": (DynamicEmbOptimizerType.ADAGRAD, _torch_adagrad),
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -165,7 +180,9 @@ def test_adam_state_is_stored_beside_the_embedding() -> None:
 def test_rows_absent_from_a_step_keep_weight_and_state_like_torchrec() -> None:
     """Adam: fused updates touch only rows in the batch and use one step counter per table, which is
     what torch.optim.SparseAdam does; dense torch.optim.Adam moves absent rows by their momentum."""
-    args = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=0.05, beta1=0.8, beta2=0.95, eps=1e-6)
+    args = DynamicEmbOptimizerArgs(
+        optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=0.05, beta1=0.8, beta2=0.95, eps=1e-6
+    )
     generator = torch.Generator().manual_seed(5)
     batches = _batches(generator, steps=6, every_row=False)
     present_in_last = torch.zeros(ROWS, dtype=torch.bool)

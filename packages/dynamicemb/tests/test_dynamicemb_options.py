@@ -86,7 +86,9 @@ def test_capacity_is_inferred_from_num_embeddings() -> None:
 
 def _draw(args: DynamicEmbInitializerArgs, n: int = 20000, num_embeddings: int = 100) -> torch.Tensor:
     torch.manual_seed(0)
-    return EmbeddingInitializer(args, dim=8, num_embeddings=num_embeddings, dtype=torch.float32, device=torch.device("cpu"))(n)
+    return EmbeddingInitializer(
+        args, dim=8, num_embeddings=num_embeddings, dtype=torch.float32, device=torch.device("cpu")
+    )(n)
 
 
 def test_initializer_modes() -> None:

@@ -149,6 +149,7 @@ def test_dump_and_load_keep_values_and_scores() -> None:
     for batch in batches:
         target.load(*batch)
     values, found = target.find(keys)
+    assert bool(found.all())
     torch.testing.assert_close(values, rows)
     restored = {k: s for b in target.dump() for k, s in zip(b[0].tolist(), b[2].tolist())}
     assert restored == {5: 7, -9: 8, INT64_MAX: 9, 3: 10}

@@ -141,7 +141,9 @@ def test_external_storage_holds_the_rows_the_cache_evicts() -> None:
     torch.testing.assert_close(values, torch.stack([expected[k] for k in range(8)]))
     exported = {k: row for keys, rows, _, _ in table.export() for k, row in zip(keys.tolist(), rows)}
     assert sorted(exported) == list(range(24))
-    torch.testing.assert_close(torch.stack([exported[k] for k in range(24)]), torch.stack([expected[k] for k in range(24)]))
+    torch.testing.assert_close(
+        torch.stack([exported[k] for k in range(24)]), torch.stack([expected[k] for k in range(24)])
+    )
 
 
 def test_external_storage_rows_must_fit_the_table() -> None:

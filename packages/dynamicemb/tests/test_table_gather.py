@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from dynamicemb.table.gather import gather_rows  # noqa: E402
+from dynamicemb.table.gather import gather_rows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

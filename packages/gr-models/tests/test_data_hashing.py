@@ -47,7 +47,7 @@ def test_string_hash_and_key_spaces():
     assert hashes.dtype == np.uint64
     assert int(hashes[0]) == murmur3_x64_128(b"foo")[0]
     buckets = to_key_space(hashes, 1000)
-    assert buckets.dtype == np.int64 and ((0 <= buckets) & (buckets < 1000)).all()
+    assert buckets.dtype == np.int64 and ((buckets >= 0) & (buckets < 1000)).all()
     assert buckets.tolist() == [int(h) % 1000 for h in hashes]
     keys = to_key_space(hashes, 0)
     assert (keys >= 0).all() and keys.tolist() == [int(h) & ((1 << 63) - 1) for h in hashes]

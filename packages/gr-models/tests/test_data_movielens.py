@@ -79,7 +79,7 @@ def test_bad_ratings_lines_name_the_line(tmp_path):
     root = _write_ml1m(tmp_path / "c", "1::5::5::300\n1::-3::4::100\n")
     with pytest.raises(DataValidationError, match=r"row 1, column 'item': negative id -3"):
         MovieLensDataset(root)
-    with pytest.raises(FileNotFoundError, match="no ratings.dat"):
+    with pytest.raises(FileNotFoundError, match=r"no ratings\.dat"):
         MovieLensDataset(tmp_path / "missing")
 
 

@@ -34,11 +34,12 @@ def test_ranks_split_users_without_overlap():
     dataset = SyntheticDataset(CONFIG, kind="retrieval", max_sequence_length=24)
     shards = [_user_ids(build_dataloader(dataset, 8, rank=r, world_size=3, even_shards=False)) for r in range(3)]
     assert sum(len(s) for s in shards) == 103
-    assert sorted(sum(shards, [])) == list(range(1, 104))  # user_id = index + 1: every user exactly once
+    # user_id = index + 1: every user exactly once
+    assert sorted(user for shard in shards for user in shard) == list(range(1, 104))
     assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
     padded = [_user_ids(build_dataloader(dataset, 8, rank=r, world_size=3)) for r in range(3)]
     assert [len(s) for s in padded] == [35, 35, 35]
-    assert set(sum(padded, [])) == set(range(1, 104))
+    assert {user for shard in padded for user in shard} == set(range(1, 104))
     assert len(set(padded[0]) & set(padded[1])) <= 2  # only the two padding repeats can coincide
 
 

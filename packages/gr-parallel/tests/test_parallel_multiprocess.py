@@ -42,12 +42,13 @@ def _run_ranks(out_dir: Path, timeout_s: float = 120.0) -> list[dict]:
             )
         )
     outputs = []
-    try:
-        for process in processes:
+    for process in processes:
+        try:
             outputs.append(process.communicate(timeout=timeout_s)[0])
-    finally:
-        for process in processes:
-            process.kill()
+        except subprocess.TimeoutExpired:
+            for straggler in processes:
+                straggler.kill()
+            outputs.append(process.communicate()[0])
     for rank, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"rank {rank} exited with {process.returncode}:\n{output}"
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]

@@ -57,7 +57,9 @@ class CachedKeyValueTable(Storage):
 
     def size(self) -> int:
         """Distinct keys stored in the cache or the backing store."""
-        backing_only = sum(int((~self.cache.contains(keys.to(self.device))).sum()) for keys, _, _ in self.backing.dump())
+        backing_only = sum(
+            int((~self.cache.contains(keys.to(self.device))).sum()) for keys, _, _ in self.backing.dump()
+        )
         return self.cache.size() + backing_only
 
     # --- helpers ------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class DynamicEmbeddingTable:
     a handle, and :meth:`apply_gradients` takes the handle and the summed gradients ``[U, dim]``.
     ``num_embeddings`` is the TorchRec config's row count (it sizes the table when
     ``options.max_capacity`` is ``None`` and bounds UNIFORM/TRUNCATED_NORMAL initializers).
+    ``hash_backend``: the index implementation (``"auto"``: Triton on CUDA, torch elsewhere).
     """
 
     def __init__(
@@ -60,8 +61,10 @@ class DynamicEmbeddingTable:
         optimizer: DynamicEmbOptimizerArgs | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        hash_backend: str = "auto",
     ) -> None:
         self.name = name
+        self.hash_backend = hash_backend
         self.dim = dim
         self.num_embeddings = num_embeddings
         self.options = options = options if options is not None else DynamicEmbTableOptions()
@@ -118,6 +121,7 @@ class DynamicEmbeddingTable:
             device=self.device,
             bucket_capacity=options.bucket_capacity,
             new_rows=self.new_rows,
+            hash_backend=self.hash_backend,
         )
         host_only = None if self.device.type == "cpu" else 0
         if not options.caching and options.external_storage is None:
@@ -334,8 +338,7 @@ def _resolve_device(device: torch.device | str | None, name: str) -> torch.devic
     resolved = torch.device("cpu" if device is None else device)
     if resolved.type == "meta":
         raise ValueError(
-            f"table {name!r}: a dynamic table holds a hash table and its rows, it cannot be created "
-            "on the meta device"
+            f"table {name!r}: a dynamic table holds a hash table and its rows, it cannot be created on the meta device"
         )
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())

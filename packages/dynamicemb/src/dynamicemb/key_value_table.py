@@ -9,7 +9,7 @@ import torch
 
 from dynamicemb.optimizer import FusedOptimizer
 from dynamicemb.storage.base import Storage
-from dynamicemb.storage.value_store import ValueStore, create_value_store, resize_value_store
+from dynamicemb.storage.value_store import DeviceValueStore, ValueStore, create_value_store, resize_value_store
 from dynamicemb.table import create_hash_table
 from dynamicemb.table.base import DynamicEmbScoreStrategy, InsertResult
 
@@ -58,8 +58,14 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def update_rows_(
     values: ValueStore, slots: torch.Tensor, grads: torch.Tensor, optimizer: FusedOptimizer, step: int
 ) -> None:
-    """Apply the optimizer to the rows at distinct ``slots [M]`` with summed ``grads [M, dim]``."""
+    """Apply the optimizer to the rows at distinct ``slots [M]`` with summed ``grads [M, dim]``:
+    in place by one Triton kernel for device rows on CUDA, else read / update / write."""
     if slots.numel() == 0:
+        return
+    if isinstance(values, DeviceValueStore) and values.device.type == "cuda":
+        from dynamicemb.triton_optimizer import fused_update_triton_
+
+        fused_update_triton_(values.rows, slots, grads.contiguous(), optimizer, step)
         return
     rows = values.read(slots).float()
     optimizer.update_(rows, grads, step)
@@ -72,7 +78,8 @@ class KeyValueTable(Storage):
     The index lives on ``device``; value rows are split between device memory and host memory by
     ``device_budget_bytes`` (``None``: all on ``device``). When the index grows it returns a
     :class:`~dynamicemb.table.base.SlotRemap` and the rows move with their keys. New keys get
-    ``new_rows(n)`` (``[n, value_dim]``).
+    ``new_rows(n)`` (``[n, value_dim]``). ``hash_backend`` picks the index implementation
+    (:func:`~dynamicemb.table.create_hash_table`: ``"auto"``, ``"torch"`` or ``"triton"``).
     """
 
     def __init__(
@@ -89,6 +96,7 @@ class KeyValueTable(Storage):
         score_strategy: DynamicEmbScoreStrategy,
         device_budget_bytes: int | None,
         new_rows: NewRows,
+        hash_backend: str = "auto",
     ) -> None:
         self.dim = dim
         self._value_dim = value_dim
@@ -103,6 +111,7 @@ class KeyValueTable(Storage):
             max_load_factor=max_load_factor,
             score_strategy=score_strategy,
             device=device,
+            backend=hash_backend,
         )
         self.values = create_value_store(self.index.capacity, value_dim, dtype, device, device_budget_bytes)
         self.version = 0
@@ -150,9 +159,7 @@ class KeyValueTable(Storage):
         self.version += 1
         evicted = None
         if read_evicted:
-            evicted = EvictedRows(
-                result.evicted_keys, self.values.read(result.evicted_slots), result.evicted_scores
-            )
+            evicted = EvictedRows(result.evicted_keys, self.values.read(result.evicted_slots), result.evicted_scores)
         return result, evicted
 
     def find(self, keys: torch.Tensor, columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,29 @@
-"""Reshardable checkpoints of hybrid-sharded models."""
+"""Atomic, reshardable checkpoints of models with dynamic embedding tables.
+
+``save(path, model, optimizer)`` writes dynamic tables to ``path/dynamicemb_module/`` and the rest
+(model, optimizer, extra state) to ``path/torch_module/`` through ``torch.distributed.checkpoint``,
+with ``path/manifest.json`` describing it; ``load(path, model, optimizer)`` checks the manifest
+against the model and restores everything.
+"""
+
+from gr_checkpoint.checkpoint import load, save
+from gr_checkpoint.errors import CheckpointCorruptError, CheckpointMismatchError
+from gr_checkpoint.manifest import DynamicTableSpec, Manifest, TensorSpec, read_manifest
+from gr_checkpoint.steps import checkpoint_path, latest_checkpoint, save_step
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointMismatchError",
+    "DynamicTableSpec",
+    "Manifest",
+    "TensorSpec",
+    "__version__",
+    "checkpoint_path",
+    "latest_checkpoint",
+    "load",
+    "read_manifest",
+    "save",
+    "save_step",
+]

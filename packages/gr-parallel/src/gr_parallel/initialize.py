@@ -43,6 +43,7 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 _TORCHRUN_REQUIRED_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _timeout: timedelta = DEFAULT_TIMEOUT
+_initialization_count = 0
 
 
 def _default_backend() -> str:
@@ -72,7 +73,7 @@ def initialize_distributed(backend: str | None = None, timeout: timedelta = DEFA
     With CUDA, the current device is set to ``cuda:LOCAL_RANK``. A second call with a matching
     world is a no-op; a call that asks for another backend or world size raises ``RuntimeError``.
     """
-    global _timeout
+    global _initialization_count, _timeout
     requested_backend = backend or _default_backend()
     launched = [name for name in (*_TORCHRUN_REQUIRED_VARS, "LOCAL_RANK") if name in os.environ]
     if dist.is_initialized():
@@ -84,11 +85,16 @@ def initialize_distributed(backend: str | None = None, timeout: timedelta = DEFA
     if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
         _use_cuda_device(_torchrun_local_rank(launched))
         # env:// also honours the store torchrun's agent hosts (TORCHELASTIC_USE_AGENT_STORE).
-        dist.init_process_group(requested_backend, init_method="env://", timeout=timeout)
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
     else:
         _use_cuda_device(0)
         store = dist.TCPStore("127.0.0.1", 0, world_size=1, is_master=True, timeout=timeout)
-        dist.init_process_group(requested_backend, store=store, rank=0, world_size=1, timeout=timeout)
+        rank, world_size = 0, 1
+    # Process-group names restart at 0 after a destroy while the TCPStore server (shared per port
+    # inside a process) may outlive it, so each initialization gets its own key namespace.
+    store = dist.PrefixStore(f"gr_parallel/init_{_initialization_count}", store)
+    dist.init_process_group(requested_backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    _initialization_count += 1
     _timeout = timeout
 
 

@@ -40,9 +40,7 @@ TableNames = Mapping[str, Sequence[str]] | None
 
 def find_dynamic_modules(model: nn.Module) -> dict[str, DynamicEmbModule]:
     """Modules of ``model`` holding dynamic tables, by dotted path (``_root`` for ``model`` itself)."""
-    return {
-        name or ROOT_NAME: module for name, module in model.named_modules() if isinstance(module, DynamicEmbModule)
-    }
+    return {name or ROOT_NAME: module for name, module in model.named_modules() if isinstance(module, DynamicEmbModule)}
 
 
 def _check_single_process(pg: dist.ProcessGroup | None) -> None:

@@ -178,7 +178,9 @@ class TableFile:
         if not optim:
             return
         if not footer["has_optimizer_state"]:
-            raise DynamicEmbFileError(self.path, "has no optimizer state (dumped with optim=False); load with optim=False")
+            raise DynamicEmbFileError(
+                self.path, "has no optimizer state (dumped with optim=False); load with optim=False"
+            )
         file_optimizer = footer["optimizer"].get("optimizer")
         table_optimizer = table.optimizer.args.optimizer.name
         if file_optimizer != table_optimizer or footer["optimizer_state_dim"] != table.optimizer.state_dim:
@@ -200,7 +202,9 @@ class TableFile:
                 crc = zlib.crc32(block, crc)
                 remaining -= len(block)
         if crc != self.footer["crc32"]:
-            raise DynamicEmbFileError(self.path, f"corrupt: checksum {crc:#010x}, the footer says {self.footer['crc32']:#010x}")
+            raise DynamicEmbFileError(
+                self.path, f"corrupt: checksum {crc:#010x}, the footer says {self.footer['crc32']:#010x}"
+            )
 
     def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """``(keys [n], scores [n], embeddings [n, dim], optimizer_state [n, state_dim] or None)`` per chunk."""

@@ -14,7 +14,7 @@ from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs
 from dynamicemb.options import DynamicEmbTableOptions
 
-__all__ = ["DynamicEmbModule", "TableOptionsArg", "OptimizerArg", "build_tables", "FeatureIds"]
+__all__ = ["DynamicEmbModule", "FeatureIds", "OptimizerArg", "TableOptionsArg", "build_tables"]
 
 TableOptionsArg = DynamicEmbTableOptions | Mapping[str, DynamicEmbTableOptions] | None
 OptimizerArg = DynamicEmbOptimizerArgs | Mapping[str, Any] | None

@@ -45,7 +45,9 @@ class PyDictStorage(Storage):
     def insert(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None = None) -> None:
         keys = keys.cpu()
         if values.shape != (keys.numel(), self._value_dim):
-            raise ValueError(f"PyDictStorage.insert: values {tuple(values.shape)}, expected {(keys.numel(), self._value_dim)}")
+            raise ValueError(
+                f"PyDictStorage.insert: values {tuple(values.shape)}, expected {(keys.numel(), self._value_dim)}"
+            )
         rows = self._rows_of(keys)
         new = rows < 0
         num_new = int(new.sum())

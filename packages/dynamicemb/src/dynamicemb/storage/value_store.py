@@ -56,6 +56,10 @@ class DeviceValueStore(ValueStore):
 
     def read(self, slots: torch.Tensor, columns: int | None = None) -> torch.Tensor:
         source = self.rows if columns is None or columns == self.row_dim else self.rows[:, :columns]
+        if self.device.type == "cuda":
+            from dynamicemb.table.gather import gather_rows  # wide-load Triton gather
+
+            return gather_rows(source, slots)
         return source.index_select(0, slots)
 
     def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
@@ -69,17 +73,13 @@ class SplitValueStore(ValueStore):
     synchronization) and the rows across PCIe.
     """
 
-    def __init__(
-        self, capacity: int, row_dim: int, dtype: torch.dtype, device: torch.device, device_rows: int
-    ) -> None:
+    def __init__(self, capacity: int, row_dim: int, dtype: torch.dtype, device: torch.device, device_rows: int) -> None:
         if not 0 <= device_rows < capacity:
             raise ValueError(f"SplitValueStore: device_rows {device_rows} must be in [0, {capacity})")
         self.capacity, self.row_dim, self.dtype, self.device = capacity, row_dim, dtype, device
         self._device_rows = device_rows
         self.device_part = torch.zeros((device_rows, row_dim), dtype=dtype, device=device)
-        self.host_part = torch.zeros(
-            (capacity - device_rows, row_dim), dtype=dtype, pin_memory=device.type == "cuda"
-        )
+        self.host_part = torch.zeros((capacity - device_rows, row_dim), dtype=dtype, pin_memory=device.type == "cuda")
 
     @property
     def device_rows(self) -> int:

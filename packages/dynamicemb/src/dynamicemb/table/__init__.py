@@ -43,7 +43,12 @@ def create_hash_table(
     resolved = torch.device("cpu" if device is None else device)
     if backend == "auto":
         backend = "triton" if resolved.type == "cuda" else "torch"
-    kwargs = dict(
+    table_class: type[BucketedHashTable] = TorchHashTable
+    if backend == "triton":
+        from dynamicemb.table.triton_backend import TritonHashTable
+
+        table_class = TritonHashTable
+    return table_class(
         init_capacity=init_capacity,
         max_capacity=max_capacity,
         bucket_capacity=bucket_capacity,
@@ -51,11 +56,6 @@ def create_hash_table(
         score_strategy=score_strategy,
         device=resolved,
     )
-    if backend == "torch":
-        return TorchHashTable(**kwargs)
-    from dynamicemb.table.triton_backend import TritonHashTable
-
-    return TritonHashTable(**kwargs)
 
 
 __all__ = [

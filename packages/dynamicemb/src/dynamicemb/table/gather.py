@@ -9,32 +9,10 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
-_ROWS = 32
+from dynamicemb.table.triton_kernels import gather_rows_kernel
 
-
-@triton.jit
-def _gather_rows_kernel(
-    values_ptr,
-    slots_ptr,
-    out_ptr,
-    n,
-    dim,
-    values_stride,
-    out_stride,
-    ROWS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = rows < n
-    slot = tl.load(slots_ptr + rows, mask=live, other=-1)
-    hit = slot >= 0
-    for start in range(0, dim, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        in_row = (cols < dim)[None, :]
-        row = tl.load(values_ptr + slot[:, None] * values_stride + cols[None, :], mask=hit[:, None] & in_row, other=0)
-        tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], row, mask=live[:, None] & in_row)
+_TILE_ELEMENTS = 4096
 
 
 def gather_rows(values: torch.Tensor, slots: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
@@ -61,7 +39,8 @@ def gather_rows(values: torch.Tensor, slots: torch.Tensor, use_triton: bool | No
     if values.stride(1) != 1:
         values = values.contiguous()
     block_d = min(triton.next_power_of_2(dim), 128)
-    _gather_rows_kernel[(triton.cdiv(n, _ROWS),)](
-        values, slots, out, n, dim, values.stride(0), out.stride(0), ROWS=_ROWS, BLOCK_D=block_d
+    rows = max(16, min(256, _TILE_ELEMENTS // block_d))
+    gather_rows_kernel[(triton.cdiv(n, rows),)](
+        values, slots, out, n, dim, values.stride(0), out.stride(0), ROWS=rows, BLOCK_D=block_d
     )
     return out

@@ -98,29 +98,80 @@ def _first_free(storage: TableStorage, probe: _Probe) -> torch.Tensor:
     return first_free
 
 
-def _lowest_evictable(
-    storage: TableStorage, buckets: torch.Tensor, epoch: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per bucket ``[R]``: (has an evictable entry, its slot, its score) for the lowest score among
-    entries not touched by the current call (ties: the lowest slot)."""
-    slots = buckets[:, None] * storage.bucket_capacity + torch.arange(storage.bucket_capacity, device=buckets.device)
-    evictable = (storage.digests[slots] >= FIRST_DIGEST) & (storage.epochs[slots] != epoch)
-    scores = storage.scores[slots].masked_fill(~evictable, _INT64_MAX)
-    column = scores.argmin(1, keepdim=True)
-    has = evictable.gather(1, column).squeeze(1)
-    return has, slots.gather(1, column).squeeze(1), scores.gather(1, column).squeeze(1)
-
-
 def _winners(targets: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Among rows sharing a target slot, the one with the highest score (then the first row): ``[R]`` bool."""
-    by_score = torch.sort(scores, descending=True, stable=True).indices
-    order = by_score[torch.sort(targets[by_score], stable=True).indices]
+    order = _group_by_descending_score(targets, scores)
     sorted_targets = targets[order]
     first = torch.ones_like(sorted_targets, dtype=torch.bool)
     first[1:] = sorted_targets[1:] != sorted_targets[:-1]
     winners = torch.zeros_like(first)
     winners[order[first]] = True
     return winners
+
+
+def _group_by_descending_score(groups: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Permutation sorting rows by group, then by descending score, then by row."""
+    by_score = torch.sort(scores, descending=True, stable=True).indices
+    return by_score[torch.sort(groups[by_score], stable=True).indices]
+
+
+def _write(
+    storage: TableStorage, probe: _Probe, rows: torch.Tensor, slots: torch.Tensor, scores: torch.Tensor, epoch: int
+) -> None:
+    storage.keys[slots] = probe.keys[rows]
+    storage.scores[slots] = scores[rows]
+    storage.digests[slots] = probe.digest[rows]
+    storage.epochs[slots] = epoch
+
+
+def _fill_free_slots(
+    storage: TableStorage, probe: _Probe, scores: torch.Tensor, first_free: torch.Tensor, epoch: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Place keys at the first free slot of their probe sequence, in rounds (one winner per slot per
+    round, by score); returns the rows whose bucket ran out of free slots."""
+    pending = torch.arange(probe.keys.numel(), device=probe.keys.device)
+    targets = first_free
+    without_room = [pending[:0]]
+    while pending.numel():
+        has_room = targets >= 0
+        without_room.append(pending[~has_room])
+        pending, targets = pending[has_room], targets[has_room]
+        won = _winners(targets, scores[pending])
+        _write(storage, probe, pending[won], targets[won], scores, epoch)
+        storage.size += int(won.sum().item())
+        out[pending[won]] = targets[won]
+        pending = pending[~won]
+        targets = _first_free(storage, probe.select(pending))
+    return torch.cat(without_room)
+
+
+def _evict_for(
+    storage: TableStorage, probe: _Probe, scores: torch.Tensor, rows: torch.Tensor, epoch: int, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Place the keys ``rows`` (whose buckets are full) over the lowest-score entries not touched by
+    this call: per bucket, the k-th highest new score against the k-th lowest entry, refused where
+    lower. Returns the evicted ``(keys, slots, scores)``."""
+    width = storage.bucket_capacity
+    buckets, which = torch.unique(probe.bucket[rows], return_inverse=True)
+    digests = storage.digests.view(-1, width).index_select(0, buckets)
+    touched = storage.epochs.view(-1, width).index_select(0, buckets) == epoch
+    evictable = (digests >= FIRST_DIGEST) & ~touched
+    held = storage.scores.view(-1, width).index_select(0, buckets).masked_fill(~evictable, _INT64_MAX)
+    counts = torch.bincount(which, minlength=buckets.numel())
+    most = min(int(counts.max().item()), width)
+    victim_scores, victim_cols = torch.topk(held, most, dim=1, largest=False, sorted=True)
+    order = _group_by_descending_score(which, scores[rows])
+    rows, which = rows[order], which[order]
+    rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[which]
+    column = rank.clamp(max=most - 1)
+    ok = rank < evictable.sum(1)[which]
+    ok &= scores[rows] >= victim_scores[which, column]
+    rows = rows[ok]
+    slots = buckets[which[ok]] * width + victim_cols[which[ok], column[ok]]
+    evicted = (storage.keys[slots], slots, storage.scores[slots])
+    _write(storage, probe, rows, slots, scores, epoch)
+    out[rows] = slots
+    return evicted
 
 
 def place_absent_keys(
@@ -131,44 +182,16 @@ def place_absent_keys(
     epoch: int,
     evict: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Insert distinct absent keys ``[M]`` in rounds.
+    """Insert distinct absent keys ``[M]``: free slots first, then (``evict``) over low-score entries.
 
     Returns ``(slots [M] (-1 refused), evicted_keys [E], evicted_slots [E], evicted_scores [E])``.
     """
-    device = probe.keys.device
-    out = torch.full((probe.keys.numel(),), -1, dtype=torch.int64, device=device)
-    evicted: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    pending = torch.arange(probe.keys.numel(), device=device)
-    targets = first_free.clone()
-    while pending.numel():
-        accepted = targets >= 0
-        full = (~accepted).nonzero().squeeze(1)
-        if evict and full.numel():
-            has, victim, victim_score = _lowest_evictable(storage, probe.bucket[pending[full]], epoch)
-            ok = has & (scores[pending[full]] >= victim_score)
-            targets[full[ok]] = victim[ok]
-            accepted[full[ok]] = True
-        rows = accepted.nonzero().squeeze(1)
-        keys_rows = pending[rows]
-        won = _winners(targets[rows], scores[keys_rows])
-        win_rows, win_slots = keys_rows[won], targets[rows[won]]
-        replaced = storage.digests[win_slots] >= FIRST_DIGEST
-        if bool(replaced.any()):
-            lost = win_slots[replaced]
-            evicted.append((storage.keys[lost], lost, storage.scores[lost]))
-        storage.size += int((~replaced).sum().item())
-        storage.keys[win_slots] = probe.keys[win_rows]
-        storage.scores[win_slots] = scores[win_rows]
-        storage.digests[win_slots] = probe.digest[win_rows]
-        storage.epochs[win_slots] = epoch
-        out[win_rows] = win_slots
-        pending = keys_rows[~won]
-        targets = _first_free(storage, probe.select(pending))
-    if evicted:
-        ev_keys, ev_slots, ev_scores = (torch.cat(parts) for parts in zip(*evicted))
-    else:
-        ev_keys = ev_slots = ev_scores = torch.zeros(0, dtype=torch.int64, device=device)
-    return out, ev_keys, ev_slots, ev_scores
+    out = torch.full((probe.keys.numel(),), -1, dtype=torch.int64, device=probe.keys.device)
+    without_room = _fill_free_slots(storage, probe, scores, first_free, epoch, out)
+    if evict and without_room.numel():
+        return (out, *_evict_for(storage, probe, scores, without_room, epoch, out))
+    empty = torch.zeros(0, dtype=torch.int64, device=probe.keys.device)
+    return out, empty, empty, empty
 
 
 class TorchHashTable(BucketedHashTable):

@@ -156,10 +156,9 @@ class TritonHashTable(BucketedHashTable):
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
     ) -> InsertResult:
         slots, found = self._launch_lookup(storage, keys, update, epoch)
-        evicted, evicted_keys, evicted_scores = self._launch_insert(
-            storage, keys, found, slots, update, epoch, evict
-        )
-        return InsertResult(slots, found.view(torch.bool), evicted_keys[evicted], slots[evicted], evicted_scores[evicted])
+        evicted, evicted_keys, evicted_scores = self._launch_insert(storage, keys, found, slots, update, epoch, evict)
+        lanes = evicted.nonzero().squeeze(1)
+        return InsertResult(slots, found.view(torch.bool), evicted_keys[lanes], slots[lanes], evicted_scores[lanes])
 
     def _place_unique(self, storage: TableStorage, keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if keys.numel() == 0:

@@ -7,6 +7,8 @@ the digest with an atomic xor (release). A lane that sees a ``BUSY`` slot in its
 retries on the next pass, because that slot may be receiving its own key from a duplicate lane;
 together with claims that succeed only on a slot still in the state the lane chose it in, this
 keeps one copy of each key however many lanes carry it.
+
+``gather_rows_kernel`` copies value rows by slot (see :mod:`dynamicemb.table.gather`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _coordinates(keys, num_buckets, NUM_GROUPS: tl.constexpr):
 
 @triton.jit
 def _call_scores(offs, live, score_ptr, score_value, SCORE_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    if (SCORE_MODE == SCORE_PER_KEY) or (SCORE_MODE == SCORE_ADD):
+    if SCORE_MODE in (SCORE_PER_KEY, SCORE_ADD):
         scores = tl.load(score_ptr + offs, mask=live, other=0)
     else:
         scores = tl.full([BLOCK], score_value, tl.int64)
@@ -224,10 +226,36 @@ def insert_kernel(
         tl.store(scores_ptr + safe_target, score, mask=won)
         tl.store(epochs_ptr + safe_target, tl.full([BLOCK], epoch, tl.int32), mask=won)
         tl.atomic_xor(word_ptr, (digest ^ BUSY) << shift, mask=won)
-        tl.atomic_add(size_ptr, tl.sum((won & use_free).to(tl.int64), axis=0))
+        grown = tl.sum((won & use_free).to(tl.int64), axis=0)
+        if grown > 0:
+            tl.atomic_add(size_ptr, grown)
         slot = tl.where(won, target, slot)
         pending = pending & ~won
     tl.store(slots_ptr + offs, slot, mask=live)
     tl.store(evicted_ptr + offs, evicted.to(tl.int8), mask=live)
     tl.store(evicted_keys_ptr + offs, evicted_key, mask=live)
     tl.store(evicted_scores_ptr + offs, evicted_score, mask=live)
+
+
+@triton.jit
+def gather_rows_kernel(
+    values_ptr,
+    slots_ptr,
+    out_ptr,
+    n,
+    dim,
+    values_stride,
+    out_stride,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``out[i] = values[slots[i]]`` for ``n`` rows of ``dim`` elements; rows of slot -1 are zeros."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = rows < n
+    slot = tl.load(slots_ptr + rows, mask=live, other=-1)
+    hit = slot >= 0
+    for start in range(0, dim, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        in_row = (cols < dim)[None, :]
+        row = tl.load(values_ptr + slot[:, None] * values_stride + cols[None, :], mask=hit[:, None] & in_row, other=0)
+        tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], row, mask=live[:, None] & in_row)

@@ -9,6 +9,7 @@ backward uses fixed configurations (`deterministic_config`) so its scratch buffe
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -18,6 +19,7 @@ from hstu_attn.triton.backward import hstu_attn_backward_dkdv_kernel, hstu_attn_
 from hstu_attn.triton.forward import hstu_attn_forward_kernel
 
 __all__ = [
+    "AUTOTUNE",
     "INTERPRET",
     "autotune_seq_len",
     "backward_dkdv",
@@ -27,6 +29,8 @@ __all__ = [
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# HSTU_ATTN_TRITON_AUTOTUNE=0 skips tuning and uses the first configuration listed for the head dim.
+AUTOTUNE = os.environ.get("HSTU_ATTN_TRITON_AUTOTUNE", "1") != "0"
 
 _TUNING_KEY = ["AUTOTUNE_SEQ_LEN", "DQK", "DV", "CAUSAL", "HAS_TARGETS", "HAS_RAB", "HAS_POS", "HAS_TIME"]
 
@@ -75,7 +79,8 @@ def _pruner(table: dict[int, list[tuple[int, int, int, int]]]):
             for c in configs
             if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed
         ]
-        return kept or configs[:1]
+        kept.sort(key=lambda c: allowed.index((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)))
+        return kept if AUTOTUNE else kept[:1]
 
     return prune
 
@@ -101,10 +106,16 @@ def deterministic_config(head_dim: int) -> dict[str, int]:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 
+# Keep tuning results on disk where this Triton version can (`cache_results`), so a new process skips tuning.
+_DISK_CACHE: dict[str, Any] = (
+    {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+)
+
 forward = triton.autotune(
     configs=_configs(_FORWARD_CONFIGS),
     key=_TUNING_KEY,
     prune_configs_by={"early_config_prune": _pruner(_FORWARD_CONFIGS)},
+    **_DISK_CACHE,
 )(hstu_attn_forward_kernel)
 
 backward_dkdv = triton.autotune(
@@ -112,10 +123,12 @@ backward_dkdv = triton.autotune(
     key=[*_TUNING_KEY, "ATOMIC_DQ"],
     prune_configs_by={"early_config_prune": _pruner(_BACKWARD_CONFIGS)},
     pre_hook=_zero_accumulators,
+    **_DISK_CACHE,
 )(hstu_attn_backward_dkdv_kernel)
 
 backward_dq = triton.autotune(
     configs=_configs(_FORWARD_CONFIGS),
     key=_TUNING_KEY,
     prune_configs_by={"early_config_prune": _pruner(_FORWARD_CONFIGS)},
+    **_DISK_CACHE,
 )(hstu_attn_backward_dq_kernel)

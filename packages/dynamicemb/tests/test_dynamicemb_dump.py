@@ -1,0 +1,259 @@
+"""DynamicEmbDump / DynamicEmbLoad / incremental_dump: round trips, corrupt files, crashes mid-dump."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+import dynamicemb.dump.api as dump_api
+from dynamicemb import (
+    DynamicEmbDump,
+    DynamicEmbeddingBagCollection,
+    DynamicEmbeddingCollection,
+    DynamicEmbFileError,
+    DynamicEmbLoad,
+    DynamicEmbOptimizerArgs,
+    DynamicEmbOptimizerType,
+    DynamicEmbScoreStrategy,
+    DynamicEmbTableOptions,
+    get_score,
+    incremental_dump,
+    set_score,
+)
+from dynamicemb.dump import TableFile, table_file_path
+
+ADAM = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=0.05)
+STEP = DynamicEmbTableOptions(score_strategy=DynamicEmbScoreStrategy.STEP)
+
+
+class TwoCollections(nn.Module):
+    def __init__(self, dim: int = 4, options: DynamicEmbTableOptions = STEP) -> None:
+        super().__init__()
+        self.sequence = DynamicEmbeddingCollection(
+            tables=[
+                EmbeddingConfig(name="users", embedding_dim=dim, num_embeddings=500, feature_names=["u"]),
+                EmbeddingConfig(name="items", embedding_dim=dim, num_embeddings=500, feature_names=["i"]),
+            ],
+            table_options=options,
+            optimizer=ADAM,
+        )
+        self.pooled = DynamicEmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name="tags", embedding_dim=3, num_embeddings=100, feature_names=["t"])],
+            optimizer=ADAM,
+        )
+
+    def train_step(self, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        ids = torch.randint(-(2**62), 2**62, (12,), generator=generator) % 50
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=["u", "i", "t"], values=torch.cat([ids, ids[:5] * 3]), lengths=torch.tensor([4, 2, 3, 3, 1, 4])
+        )
+        out = self.sequence(features)
+        loss = sum(jt.values().square().sum() for jt in out.values()) + self.pooled(features).values().sum()
+        loss.backward()
+
+
+def _rows(table) -> dict[int, tuple]:
+    return {
+        k: (e.tolist(), s.tolist(), score)
+        for keys, emb, state, scores in table.export()
+        for k, e, s, score in zip(keys.tolist(), emb, state, scores.tolist())
+    }
+
+
+def _all_rows(model: nn.Module) -> dict:
+    return {
+        (name, t): _rows(table)
+        for name, module in dump_api.find_dynamic_modules(model).items()
+        for t, table in module.dynamic_embedding_tables().items()
+    }
+
+
+@pytest.fixture
+def trained() -> TwoCollections:
+    model = TwoCollections()
+    for seed in range(3):
+        model.train_step(seed)
+    return model
+
+
+def test_round_trip_restores_rows_scores_optimizer_state_and_step(tmp_path, trained: TwoCollections) -> None:
+    DynamicEmbDump(str(tmp_path), trained, optim=True)
+    assert sorted(os.listdir(tmp_path)) == ["pooled", "sequence"]
+    assert sorted(os.listdir(tmp_path / "sequence")) == ["items.dynamicemb", "users.dynamicemb"]
+    restored = TwoCollections()
+    DynamicEmbLoad(str(tmp_path), restored, optim=True)
+    assert _all_rows(restored) == _all_rows(trained)
+    table, source = (
+        restored.sequence.dynamic_embedding_tables()["users"],
+        trained.sequence.dynamic_embedding_tables()["users"],
+    )
+    assert table.optimizer.step == source.optimizer.step == 3
+    assert table.get_score() == source.get_score() == 4  # STEP tables continue after the dumped step
+    # Both continue identically (up to the wall-clock scores of the TIMESTAMP table "tags").
+    torch.manual_seed(0)
+    trained.train_step(9)
+    torch.manual_seed(0)
+    restored.train_step(9)
+
+    def without_time(rows: dict) -> dict:
+        return {t: {k: r[:2] for k, r in table.items()} for t, table in rows.items()}
+
+    assert without_time(_all_rows(restored)) == without_time(_all_rows(trained))
+
+
+def test_footer_documents_options_and_optimizer(tmp_path, trained: TwoCollections) -> None:
+    DynamicEmbDump(str(tmp_path), trained, optim=True)
+    footer = TableFile.open(table_file_path(str(tmp_path), "sequence", "users")).footer
+    assert footer["table"] == "users" and footer["dim"] == 4 and footer["dtype"] == "float32"
+    assert footer["options"]["score_strategy"] == "STEP"
+    assert footer["optimizer"]["optimizer"] == "ADAM" and footer["optimizer_state_dim"] == 8
+    assert footer["num_rows"] == trained.sequence.dynamic_embedding_tables()["users"].size()
+    json.dumps(footer)
+
+
+def test_load_without_optimizer_state_starts_fresh_state(tmp_path, trained: TwoCollections) -> None:
+    DynamicEmbDump(str(tmp_path), trained)
+    restored = TwoCollections()
+    DynamicEmbLoad(str(tmp_path), restored)
+    rows, source = (
+        _rows(restored.sequence.dynamic_embedding_tables()["items"]),
+        _rows(trained.sequence.dynamic_embedding_tables()["items"]),
+    )
+    assert rows.keys() == source.keys()
+    for key, (embedding, state, score) in rows.items():
+        assert embedding == source[key][0] and score == source[key][2]
+        assert all(v == 0.0 for v in state)
+    with pytest.raises(DynamicEmbFileError, match="no optimizer state"):
+        DynamicEmbLoad(str(tmp_path), TwoCollections(), optim=True)
+
+
+def test_table_names_select_what_is_dumped_and_loaded(tmp_path, trained: TwoCollections) -> None:
+    DynamicEmbDump(str(tmp_path), trained, table_names={"sequence": ["items"]})
+    assert os.listdir(tmp_path) == ["sequence"] and os.listdir(tmp_path / "sequence") == ["items.dynamicemb"]
+    restored = TwoCollections()
+    DynamicEmbLoad(str(tmp_path), restored, table_names={"sequence": ["items"]})
+    assert restored.sequence.dynamic_embedding_tables()["users"].size() == 0
+    with pytest.raises(KeyError, match="no dynamic tables"):
+        DynamicEmbDump(str(tmp_path), trained, table_names={"sequence": ["nope"]})
+    with pytest.raises(FileNotFoundError, match=r"users\.dynamicemb"):
+        DynamicEmbLoad(str(tmp_path), restored)
+
+
+def test_incremental_dump_returns_rows_touched_since_the_threshold() -> None:
+    model = TwoCollections()
+    model.train_step(0)
+    threshold = get_score(model)
+    assert threshold["sequence"] == {"users": 2, "items": 2}
+    before = _rows(model.sequence.dynamic_embedding_tables()["users"])
+    model.train_step(1)
+    dumped, scores = incremental_dump(model, threshold)
+    keys, embeddings = dumped["sequence"]["users"]
+    after = _rows(model.sequence.dynamic_embedding_tables()["users"])
+    touched = sorted(k for k, row in after.items() if row[2] >= 2)
+    assert sorted(keys.tolist()) == touched and len(touched) < len(after) + 1
+    assert set(before) - set(touched)  # some rows were not touched again and are left out
+    for key, embedding in zip(keys.tolist(), embeddings):
+        assert embedding.tolist() == after[key][0]
+    assert scores["sequence"]["users"] == 3
+    everything, _ = incremental_dump(model, 0)
+    assert everything["sequence"]["users"][0].numel() == len(after)
+    assert set(everything) == {"sequence", "pooled"}
+
+
+def test_set_score_applies_to_customized_tables() -> None:
+    custom = DynamicEmbTableOptions(score_strategy=DynamicEmbScoreStrategy.CUSTOMIZED)
+    model = TwoCollections(options=custom)
+    set_score(model, {"sequence": {"users": 40, "items": 41}})
+    model.sequence.train()
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=["u", "i"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1])
+    )
+    model.sequence(features)
+    assert _rows(model.sequence.dynamic_embedding_tables()["items"])[2][2] == 41
+    with pytest.raises(ValueError, match="CUSTOMIZED"):
+        set_score(model, 5)  # the pooled collection's table uses TIMESTAMP
+
+
+# --- corrupt and mismatched files ------------------------------------------------------------------
+@pytest.fixture
+def dumped(tmp_path, trained: TwoCollections) -> str:
+    DynamicEmbDump(str(tmp_path), trained, optim=True)
+    return table_file_path(str(tmp_path), "sequence", "users")
+
+
+def _load_fails(tmp_path, match: str, model: nn.Module | None = None) -> None:
+    with pytest.raises(DynamicEmbFileError, match=match) as info:
+        DynamicEmbLoad(str(tmp_path), model or TwoCollections(), optim=True)
+    assert "users.dynamicemb" in str(info.value)
+
+
+def test_truncated_file_fails_naming_the_file(tmp_path, dumped: str) -> None:
+    data = Path(dumped).read_bytes()
+    for keep in (len(data) - 3, len(data) // 2, 10):
+        Path(dumped).write_bytes(data[:keep])
+        _load_fails(tmp_path, "truncated|corrupt|magic")
+
+
+def test_bad_footer_json_fails_naming_the_file(tmp_path, dumped: str) -> None:
+    data = bytearray(Path(dumped).read_bytes())
+    start = data.rindex(b'"table"')
+    data[start : start + 7] = b"}{!bad!"[:7]
+    Path(dumped).write_bytes(bytes(data))
+    _load_fails(tmp_path, "JSON")
+
+
+def test_flipped_data_byte_fails_the_checksum(tmp_path, dumped: str, trained: TwoCollections) -> None:
+    data = bytearray(Path(dumped).read_bytes())
+    data[20] ^= 0xFF
+    Path(dumped).write_bytes(bytes(data))
+    restored = TwoCollections()
+    _load_fails(tmp_path, "checksum", restored)
+    assert all(not rows for rows in _all_rows(restored).values())  # nothing was loaded
+
+
+def test_mismatched_dim_or_table_fails_naming_both(tmp_path, dumped: str) -> None:
+    _load_fails(tmp_path, "embedding dim 4 in the file, 6 in table 'users'", TwoCollections(dim=6))
+    items = table_file_path(str(tmp_path), "sequence", "items")
+    os.replace(items, dumped)  # the users file now holds table 'items'
+    _load_fails(tmp_path, "holds table 'items', not 'users'")
+
+
+def test_mismatched_optimizer_fails(tmp_path, dumped: str) -> None:
+    model = TwoCollections()
+    for table in model.sequence.dynamic_embedding_tables().values():
+        table.optimizer.args = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAGRAD)
+        table.optimizer.state_dim = 4
+    _load_fails(tmp_path, "optimizer state of ADAM", model)
+
+
+# --- crashes --------------------------------------------------------------------------------------
+def test_a_crash_mid_dump_leaves_the_previous_dump_loadable(tmp_path, monkeypatch, trained: TwoCollections) -> None:
+    DynamicEmbDump(str(tmp_path), trained, optim=True)
+    previous = _all_rows(trained)
+    trained.train_step(7)
+    real_writer = dump_api.write_table_file
+    calls = []
+
+    def crash_after_partial_write(file, table, *, optim):
+        calls.append(table.name)
+        if len(calls) == 2:
+            file.write(b"DYNEMB\x00\x01 partial rows")
+            raise OSError("disk went away")
+        return real_writer(file, table, optim=optim)
+
+    monkeypatch.setattr(dump_api, "write_table_file", crash_after_partial_write)
+    with pytest.raises(OSError, match="disk went away"):
+        DynamicEmbDump(str(tmp_path), trained, optim=True)
+    leftovers = [name for folder in ("sequence", "pooled") for name in os.listdir(tmp_path / folder)]
+    assert sorted(leftovers) == ["items.dynamicemb", "tags.dynamicemb", "users.dynamicemb"]  # no temp files
+    restored = TwoCollections()
+    DynamicEmbLoad(str(tmp_path), restored, optim=True)
+    assert _all_rows(restored) == previous

@@ -1,0 +1,130 @@
+"""``manifest.json``: what a checkpoint holds, written last, checked first on load.
+
+Fields: ``format`` ("gr-checkpoint"), ``format_version``, ``versions`` (gr-checkpoint, torch,
+dynamicemb), ``world_size`` at save time, ``step`` (or null), ``model_tensors`` and
+``optimizer_tensors`` (``{key: {"shape": [...], "dtype": "float32"}}``, global shapes of sharded
+tensors), ``optimizer_class`` (or null), ``dynamic_tables`` (``{module: {table: {"dim", "dtype"}}}``)
+and ``has_extra_state``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gr_checkpoint.errors import CheckpointCorruptError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "DynamicTableSpec",
+    "Manifest",
+    "TensorSpec",
+    "read_manifest",
+]
+
+FORMAT_NAME = "gr-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Global shape and dtype name (``str(dtype)`` without ``torch.``) of one saved tensor."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    def describe(self) -> str:
+        return f"shape {list(self.shape)} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class DynamicTableSpec:
+    """Embedding dim and dtype name of one dynamic table."""
+
+    dim: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Contents of ``manifest.json`` (see the module docstring)."""
+
+    world_size: int
+    versions: dict[str, str]
+    model_tensors: dict[str, TensorSpec]
+    optimizer_class: str | None = None
+    optimizer_tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    dynamic_tables: dict[str, dict[str, DynamicTableSpec]] = field(default_factory=dict)
+    has_extra_state: bool = False
+    step: int | None = None
+
+    def to_json(self) -> str:
+        body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(self)}
+        return json.dumps(body, indent=1, sort_keys=True)
+
+    def write(self, directory: Path) -> None:
+        """Write ``directory/manifest.json`` and flush it to disk."""
+        path = directory / MANIFEST_NAME
+        with open(path, "w") as file:
+            file.write(self.to_json())
+            file.flush()
+            os.fsync(file.fileno())
+
+
+_REQUIRED_FIELDS = ("format", "format_version", "world_size", "versions", "model_tensors")
+
+
+def _tensor_specs(raw: Any) -> dict[str, TensorSpec]:
+    return {key: TensorSpec(tuple(int(d) for d in spec["shape"]), str(spec["dtype"])) for key, spec in raw.items()}
+
+
+def _dynamic_specs(raw: Any) -> dict[str, dict[str, DynamicTableSpec]]:
+    return {
+        module: {table: DynamicTableSpec(int(spec["dim"]), str(spec["dtype"])) for table, spec in tables.items()}
+        for module, tables in raw.items()
+    }
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    """Parse and validate ``directory/manifest.json``.
+
+    Raises ``FileNotFoundError`` when it is absent (not a checkpoint, or one whose save never
+    finished) and :class:`CheckpointCorruptError` naming the file when it is malformed.
+    """
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; {Path(directory)} is not a complete gr-checkpoint checkpoint")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointCorruptError(path, f"not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointCorruptError(path, "the manifest is not a JSON object")
+    missing = [name for name in _REQUIRED_FIELDS if name not in raw]
+    if missing:
+        raise CheckpointCorruptError(path, f"missing fields {missing}")
+    if raw["format"] != FORMAT_NAME:
+        raise CheckpointCorruptError(path, f"format is {raw['format']!r}, expected {FORMAT_NAME!r}")
+    if raw["format_version"] != FORMAT_VERSION:
+        raise CheckpointCorruptError(
+            path, f"format_version {raw['format_version']!r}; this gr-checkpoint reads version {FORMAT_VERSION}"
+        )
+    try:
+        return Manifest(
+            world_size=int(raw["world_size"]),
+            versions={str(k): str(v) for k, v in raw["versions"].items()},
+            model_tensors=_tensor_specs(raw["model_tensors"]),
+            optimizer_class=raw.get("optimizer_class"),
+            optimizer_tensors=_tensor_specs(raw.get("optimizer_tensors", {})),
+            dynamic_tables=_dynamic_specs(raw.get("dynamic_tables", {})),
+            has_extra_state=bool(raw.get("has_extra_state", False)),
+            step=None if raw.get("step") is None else int(raw["step"]),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointCorruptError(path, f"malformed field value ({type(error).__name__}: {error})") from None
