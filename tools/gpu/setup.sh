@@ -5,6 +5,7 @@
 # Installs the carried cp312 wheels into a target directory (no network there), puts it on
 # PYTHONPATH, installs the workspace packages editable, prints versions and the device name, and
 # runs the GPU-marked tests. Sourcing keeps PYTHONPATH for the commands that follow.
+_gr_caller_opts=$(set +o)
 set -eo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$root"
@@ -37,3 +38,5 @@ if [ -z "${GR_SKIP_TESTS:-}" ]; then
   if [ "$rc" = 5 ]; then echo "pytest -m gpu: no GPU-marked tests were collected"; rc=0; fi
   [ "$rc" = 0 ] || { echo "pytest -m gpu failed (exit $rc)" >&2; return "$rc" 2>/dev/null || exit "$rc"; }
 fi
+# When sourced, give the caller its own shell options back.
+eval "$_gr_caller_opts"

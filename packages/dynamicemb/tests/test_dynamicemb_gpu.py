@@ -57,7 +57,9 @@ def test_collection_on_cuda_matches_torch_optim_at_scale(args: DynamicEmbOptimiz
     generator = torch.Generator(device=CUDA).manual_seed(0)
     initial = torch.randn(rows, dim, device=CUDA, generator=generator)
     config = EmbeddingConfig(name="t", embedding_dim=dim, num_embeddings=rows, feature_names=["f"])
-    options = DynamicEmbTableOptions(global_hbm_for_values=1 << 30)
+    # Twice as many slots as rows: at the inferred capacity (rows rounded up to a power of two, load
+    # 0.76 here) a few buckets of 128 overflow and evict, which is the table's documented behaviour.
+    options = DynamicEmbTableOptions(global_hbm_for_values=1 << 30, max_capacity=2 * rows)
     collection = DynamicEmbeddingCollection(tables=[config], device=CUDA, table_options=options, optimizer=args)
     table = collection.dynamic_embedding_tables()["t"]
     table.import_rows(torch.arange(rows, device=CUDA), initial, None, torch.zeros(rows, dtype=torch.int64, device=CUDA))

@@ -253,3 +253,26 @@ def test_lfu_scores_count_occurrences() -> None:
     scores = {k: s for keys, _, _, sc in table.export() for k, s in zip(keys.tolist(), sc.tolist())}
     assert scores[1] == 1 and scores[3] == 1 and scores[2] >= 2
     assert table.get_score() is None
+
+
+def test_empty_features_duplicate_ids_and_int64_extremes() -> None:
+    config = EmbeddingConfig(name="t", embedding_dim=3, num_embeddings=100, feature_names=["a", "b"])
+    ours = DynamicEmbeddingCollection(tables=[config], optimizer=DynamicEmbOptimizerArgs(learning_rate=1.0))
+    table = ours.dynamic_embedding_tables()["t"]
+    empty = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(4, dtype=torch.int64)
+    )
+    out = ours(empty)
+    assert out["a"].values().shape == (0, 3) and out["b"].lengths().tolist() == [0, 0]
+    extremes = torch.tensor([torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max, -1, 0])
+    same = torch.full((5,), 7, dtype=torch.int32)
+    features = KeyedJaggedTensor.from_lengths_sync(
+        keys=["a", "b"], values=torch.cat([extremes, same.long()]), lengths=torch.tensor([4, 0, 2, 3])
+    )
+    out = ours(features)
+    assert torch.equal(out["b"].values(), out["b"].values()[:1].expand(5, 3))  # one row for the repeated id
+    before = table.lookup(extremes, training=False)[0]
+    (out["a"].values().sum() + out["b"].values().sum()).backward()
+    torch.testing.assert_close(table.lookup(extremes, training=False)[0], before - 1.0)
+    torch.testing.assert_close(table.lookup(torch.tensor([7]), training=False)[0], out["b"].values()[:1].detach() - 5.0)
+    assert table.size() == 5

@@ -111,28 +111,40 @@ class DynamicEmbeddingTable:
         state = self.optimizer.initial_state(n, self.dtype, self.device)
         return torch.cat([self.initializer(n), state], dim=1)
 
-    def _build_store(self) -> KeyValueTable | CachedKeyValueTable:
-        options = self.options
-        strategy = options.score_strategy
-        common = dict(
+    def _key_value_table(
+        self,
+        *,
+        capacity: tuple[int, int],
+        max_load_factor: float,
+        score_strategy: DynamicEmbScoreStrategy,
+        device_budget_bytes: int | None,
+    ) -> KeyValueTable:
+        return KeyValueTable(
             dim=self.dim,
             value_dim=self.value_dim,
             dtype=self.dtype,
             device=self.device,
-            bucket_capacity=options.bucket_capacity,
+            init_capacity=capacity[0],
+            max_capacity=capacity[1],
+            bucket_capacity=self.options.bucket_capacity,
+            max_load_factor=max_load_factor,
+            score_strategy=score_strategy,
+            device_budget_bytes=device_budget_bytes,
             new_rows=self.new_rows,
             hash_backend=self.hash_backend,
         )
+
+    def _build_store(self) -> KeyValueTable | CachedKeyValueTable:
+        options = self.options
+        strategy = options.score_strategy
+        capacity = (self.init_capacity, self.max_capacity)
         host_only = None if self.device.type == "cpu" else 0
         if not options.caching and options.external_storage is None:
-            budget = options.global_hbm_for_values or host_only
-            return KeyValueTable(
-                init_capacity=self.init_capacity,
-                max_capacity=self.max_capacity,
+            return self._key_value_table(
+                capacity=capacity,
                 max_load_factor=options.max_load_factor,
                 score_strategy=strategy,
-                device_budget_bytes=budget,
-                **common,
+                device_budget_bytes=options.global_hbm_for_values or host_only,
             )
         row_bytes = self.value_dim * self.dtype.itemsize
         if options.global_hbm_for_values:
@@ -145,21 +157,17 @@ class DynamicEmbeddingTable:
                 f"table {self.name!r}: caching=True needs global_hbm_for_values > 0 (the bytes of the device cache)"
             )
         no_eviction = strategy is DynamicEmbScoreStrategy.NO_EVICTION
-        cache = KeyValueTable(
-            init_capacity=cache_capacity,
-            max_capacity=cache_capacity,
+        cache = self._key_value_table(
+            capacity=(cache_capacity, cache_capacity),
             max_load_factor=1.0,
             score_strategy=DynamicEmbScoreStrategy.TIMESTAMP if no_eviction else strategy,
             device_budget_bytes=None,
-            **common,
         )
-        backing = options.external_storage or KeyValueTable(
-            init_capacity=self.init_capacity,
-            max_capacity=self.max_capacity,
+        backing = options.external_storage or self._key_value_table(
+            capacity=capacity,
             max_load_factor=options.max_load_factor,
             score_strategy=strategy,
             device_budget_bytes=host_only,
-            **common,
         )
         return CachedKeyValueTable(cache, backing)
 

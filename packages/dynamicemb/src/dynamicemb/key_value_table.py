@@ -247,10 +247,13 @@ class KeyValueTable(Storage):
             version=self.version,
         )
 
-    def current_slots(self, lookup: TrainingLookup) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(positions, slots)`` of the lookup's keys that are in the table now: the slots the
-        lookup found when nothing moved since, else a fresh find."""
+    def current_slots(self, lookup: TrainingLookup) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(positions, slots)`` of the lookup's keys that are in the table now (``positions``
+        ``None``: all of them, in order): the slots the lookup found when nothing moved since, else
+        a fresh find."""
         if lookup.version == self.version:
+            if lookup.table_pos.numel() == lookup.keys.numel():
+                return None, lookup.slots
             return lookup.table_pos, lookup.slots[lookup.table_pos]
         slots, found = self.index.find(lookup.keys)
         positions = _positions(found)
@@ -262,4 +265,4 @@ class KeyValueTable(Storage):
         """Apply ``grads [U, dim]`` (summed per unique key) to the rows of the lookup's keys still
         in the table; keys evicted since the lookup get no update."""
         positions, slots = self.current_slots(lookup)
-        update_rows_(self.values, slots, grads[positions], optimizer, step)
+        update_rows_(self.values, slots, grads if positions is None else grads[positions], optimizer, step)

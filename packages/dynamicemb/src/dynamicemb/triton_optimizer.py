@@ -27,9 +27,10 @@ _CODES = {
 }
 
 
-@triton.jit
-def _gradient(grads_ptr, rows, cols, mask, grads_stride, w, max_gradient, weight_decay,
-              OPT: tl.constexpr, CLIP: tl.constexpr):  # fmt: skip
+@triton.jit  # type: ignore[misc]
+def _gradient(  # type: ignore[no-untyped-def]
+    grads_ptr, rows, cols, mask, grads_stride, w, max_gradient, weight_decay, OPT: tl.constexpr, CLIP: tl.constexpr
+):
     g = tl.load(grads_ptr + rows[:, None] * grads_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if CLIP:
         g = tl.minimum(tl.maximum(g, -max_gradient), max_gradient)
@@ -38,8 +39,8 @@ def _gradient(grads_ptr, rows, cols, mask, grads_stride, w, max_gradient, weight
     return g
 
 
-@triton.jit
-def _fused_update_kernel(
+@triton.jit  # type: ignore[misc]
+def _fused_update_kernel(  # type: ignore[no-untyped-def]
     values_ptr,
     slots_ptr,
     grads_ptr,

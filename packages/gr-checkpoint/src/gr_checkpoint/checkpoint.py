@@ -14,7 +14,7 @@ import contextlib
 import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from gr_checkpoint.atomic import (
     discard_staging,
@@ -40,7 +41,7 @@ from gr_checkpoint.dynamic_tables import (
     dynamic_table_specs,
     load_dynamic_tables,
 )
-from gr_checkpoint.errors import CheckpointMismatchError
+from gr_checkpoint.errors import CheckpointCorruptError, CheckpointMismatchError
 from gr_checkpoint.manifest import Manifest, read_manifest
 from gr_checkpoint.torch_state import check_tensor_specs, collect_torch_state, restore_torch_state, tensor_specs
 
@@ -71,6 +72,16 @@ def _quiet_single_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.distributed is .*assuming the intent is to")
         yield
+
+
+@contextlib.contextmanager
+def _dcp_failures_as(error: Callable[[str], Exception]) -> Iterator[None]:
+    """Re-raise DCP's ``CheckpointException`` (a ``BaseException``) as ``error(first rank's problem)``."""
+    try:
+        yield
+    except CheckpointException as failure:
+        rank, (first, _) = next(iter(sorted(failure.failures.items())))
+        raise error(f"rank {rank}: {type(first).__name__}: {first}") from failure
 
 
 def _serialized(extra_state: Any) -> io.BytesIO:
@@ -119,7 +130,7 @@ def save(
         )
         if extra_state is not None and (not dist.is_initialized() or dist.get_rank() == 0):
             state[_EXTRA_STATE_KEY] = _serialized(extra_state)
-        with _quiet_single_process():
+        with _quiet_single_process(), _dcp_failures_as(lambda problem: RuntimeError(f"saving {target}: {problem}")):
             dcp.save(state, storage_writer=dcp.FileSystemWriter(staging / TORCH_FOLDER))
         run_on_rank_zero(lambda: (manifest.write(staging), publish(target)))
     except BaseException:
@@ -136,8 +147,9 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
     the model is changed, the manifest is checked against it: a missing or unexpected key,
     or a different shape or dtype, raises :class:`CheckpointMismatchError` naming the key and
     both shapes; a missing manifest raises ``FileNotFoundError`` and a malformed one
-    :class:`CheckpointCorruptError`, each naming the file. Without ``optimizer`` only the model
-    is loaded. Returns the ``extra_state`` given to :func:`save` (``None`` if there was none).
+    :class:`CheckpointCorruptError`, each naming the file; so does unreadable data in
+    ``torch_module/`` (found while reading, so the model may then be partly loaded). Without
+    ``optimizer`` only the model is loaded. Returns the ``extra_state`` given to :func:`save` (``None`` if there was none).
     """
     directory = resolve_checkpoint_dir(Path(path))
     manifest = read_manifest(directory)
@@ -158,8 +170,9 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
         check_tensor_specs("optimizer", manifest.optimizer_tensors, tensor_specs(state["optimizer"]["state"]))
     if manifest.has_extra_state:
         state[_EXTRA_STATE_KEY] = io.BytesIO()
-    with _quiet_single_process():
-        dcp.load(state, storage_reader=dcp.FileSystemReader(directory / TORCH_FOLDER))
+    torch_folder = directory / TORCH_FOLDER
+    with _quiet_single_process(), _dcp_failures_as(lambda problem: CheckpointCorruptError(torch_folder, problem)):
+        dcp.load(state, storage_reader=dcp.FileSystemReader(torch_folder))
     restore_torch_state(model, optimizer, state)
     if dynamic_modules:
         load_dynamic_tables(directory, model)

@@ -66,7 +66,7 @@ class Manifest:
 
     def to_json(self) -> str:
         body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(self)}
-        return json.dumps(body, indent=1, sort_keys=True)
+        return json.dumps(body, sort_keys=True)
 
     def write(self, directory: Path) -> None:
         """Write ``directory/manifest.json`` and flush it to disk."""

@@ -59,7 +59,7 @@ class DynamicEmbFileError(ValueError):
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1).data
 
 
 def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: bool) -> int:
@@ -74,7 +74,7 @@ def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: boo
             file.write(data)
             crc = zlib.crc32(data, crc)
         chunk_rows.append(keys.numel())
-    footer = {
+    footer: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "table": table.name,
         "dim": table.dim,

@@ -48,7 +48,7 @@ def _coordinates(keys, num_buckets, NUM_GROUPS: tl.constexpr):
 
 @triton.jit
 def _call_scores(offs, live, score_ptr, score_value, SCORE_MODE: tl.constexpr, BLOCK: tl.constexpr):
-    if SCORE_MODE in (SCORE_PER_KEY, SCORE_ADD):
+    if (SCORE_MODE == SCORE_PER_KEY) or (SCORE_MODE == SCORE_ADD):  # noqa: SIM109 (Triton has no `in`)
         scores = tl.load(score_ptr + offs, mask=live, other=0)
     else:
         scores = tl.full([BLOCK], score_value, tl.int64)

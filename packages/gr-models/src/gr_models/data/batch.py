@@ -39,8 +39,9 @@ the candidate items are held-out targets that must be predicted from the history
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -150,8 +151,12 @@ class Batch(Pipelineable):
     def _tensor_fields(self) -> dict[str, torch.Tensor]:
         return {"num_candidates": self.num_candidates} if self.num_candidates is not None else {}
 
-    def _map(self: _BatchT, fn_kjt, fn_tensor) -> _BatchT:
-        updates = {name: fn_tensor(t) for name, t in self._tensor_fields().items()}
+    def _map(
+        self: _BatchT,
+        fn_kjt: Callable[[KeyedJaggedTensor], KeyedJaggedTensor],
+        fn_tensor: Callable[[torch.Tensor], torch.Tensor],
+    ) -> _BatchT:
+        updates: dict[str, Any] = {name: fn_tensor(t) for name, t in self._tensor_fields().items()}
         return dataclasses.replace(self, features=fn_kjt(self.features), **updates)
 
     def to(self: _BatchT, device: torch.device | str, non_blocking: bool = False) -> _BatchT:

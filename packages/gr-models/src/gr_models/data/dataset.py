@@ -119,8 +119,8 @@ def group_events_by_user(
     """
     order = np.lexsort((np.arange(len(user_keys)), timestamps, user_keys))
     sorted_users = user_keys[order]
-    starts = np.flatnonzero(np.concatenate([[True], sorted_users[1:] != sorted_users[:-1]])) if len(order) else []
-    offsets = np.append(np.asarray(starts, dtype=np.int64), len(order)).astype(np.int64)
+    is_first = np.concatenate([[True], sorted_users[1:] != sorted_users[:-1]]) if len(order) else np.zeros(0, bool)
+    offsets = np.append(np.flatnonzero(is_first), len(order)).astype(np.int64)
     grouped = {name: values[order] for name, values in columns.items()}
     grouped["__timestamps__"] = timestamps[order]
     return sorted_users[offsets[:-1]], offsets, grouped

@@ -88,10 +88,8 @@ class KuaiRandDataset(InMemorySequenceDataset):
         if item_hash_buckets is None:
             item_vocab = int(item_ids.max()) + 1 if len(item_ids) else 1
         else:
-            item_ids = HashIds(item_hash_buckets).apply(
-                JaggedColumn.from_scalars(item_ids), name="video_id", source=None
-            )
-            item_ids, item_vocab = item_ids.values, item_hash_buckets
+            hashed = HashIds(item_hash_buckets).apply(JaggedColumn.from_scalars(item_ids), name="video_id", source=None)
+            item_ids, item_vocab = hashed.values, item_hash_buckets
         sequence = {"item_id": item_ids, "action": grouped["action"], "timestamp": grouped["__timestamps__"] // 1000}
         contextual = {"user_id": JaggedColumn.from_scalars(user_keys)}
         vocab_sizes = {
@@ -139,8 +137,10 @@ class KuaiRandDataset(InMemorySequenceDataset):
                     check_ids(JaggedColumn.from_scalars(values), column=name, source=source)
                 parts[name].append(values)
         merged = {name: np.concatenate(chunks) for name, chunks in parts.items()}
-        actions = sum(merged[name].astype(np.int64) << task for task, name in enumerate(tasks))
-        return merged["user_id"], merged["video_id"], merged["time_ms"], np.asarray(actions, dtype=np.int64)
+        actions = np.zeros(len(merged["user_id"]), dtype=np.int64)
+        for task, name in enumerate(tasks):
+            actions |= merged[name].astype(np.int64) << task
+        return merged["user_id"], merged["video_id"], merged["time_ms"], actions
 
     @staticmethod
     def _user_features(

@@ -97,9 +97,10 @@ class MovieLensDataset(InMemorySequenceDataset):
             thresholds = list(rating_thresholds)
             if not thresholds:
                 raise ValueError("rating_thresholds is empty")
-            sequence["action"] = sum(
-                (grouped["rating"] >= threshold).astype(np.int64) << task for task, threshold in enumerate(thresholds)
-            )
+            action = np.zeros(len(grouped["rating"]), dtype=np.int64)
+            for task, threshold in enumerate(thresholds):
+                action |= (grouped["rating"] >= threshold).astype(np.int64) << task
+            sequence["action"] = action
             vocab_sizes["action"] = 2 ** len(thresholds)
             task_names = tuple(f"rating>={threshold:g}" for threshold in thresholds)
         if with_timestamps:

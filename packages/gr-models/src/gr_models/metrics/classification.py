@@ -74,6 +74,10 @@ class _BinaryMetric(IncrementalMetric):
             raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} differ")
         return predictions.double(), labels.double()
 
+    @abstractmethod
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch: ``predictions`` and 0/1 ``labels``, both ``[N, T]`` (or ``[N]`` for one task)."""
+
     def _keyed(self, values: Sequence[float]) -> dict[str, float]:
         return {f"{self.name}/{task}": float(v) for task, v in zip(self.task_names, values)}
 
@@ -136,11 +140,19 @@ class BinaryAccuracy(_SummedMetric):
 
     name = "accuracy"
 
-    def __init__(self, task_names: Sequence[str] | int = 1, *, threshold: float = 0.5, **kwargs):
+    def __init__(
+        self,
+        task_names: Sequence[str] | int = 1,
+        *,
+        threshold: float = 0.5,
+        from_logits: bool = True,
+        sync_dist: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+    ):
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must lie in (0, 1), got {threshold}")
         self.threshold = threshold
-        super().__init__(task_names, **kwargs)
+        super().__init__(task_names, from_logits=from_logits, sync_dist=sync_dist, process_group=process_group)
 
     def _per_example(self, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         probabilities = torch.sigmoid(predictions) if self.from_logits else predictions
@@ -171,11 +183,9 @@ class MultiTaskBinaryMetrics:
         sync_dist: bool = True,
         process_group: dist.ProcessGroup | None = None,
     ):
-        kwargs = {"from_logits": from_logits, "sync_dist": sync_dist, "process_group": process_group}
-        self.metrics = [
-            BinaryAUC(task_names, **kwargs),
-            BinaryAccuracy(task_names, **kwargs),
-            BinaryLogLoss(task_names, **kwargs),
+        self.metrics: list[_BinaryMetric] = [
+            metric_class(task_names, from_logits=from_logits, sync_dist=sync_dist, process_group=process_group)
+            for metric_class in (BinaryAUC, BinaryAccuracy, BinaryLogLoss)
         ]
 
     def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from gr_models.configs.hstu_config import HSTUConfig
 from gr_models.configs.task_config import RetrievalConfig
 from gr_models.data.batch import RetrievalBatch
+from gr_models.metrics.retrieval import target_ranks
 from gr_models.model.base import GRModel
 from gr_models.modules.embedding import ShardedEmbedding
 from gr_models.modules.hstu_block import HSTUBlock, history_event_outputs
@@ -129,8 +130,9 @@ class RetrievalGR(GRModel):
     def evaluate_batch(self, batch: RetrievalBatch, item_embeddings: Tensor | None = None) -> dict[str, Tensor]:
         """Full-corpus ranking of each user's held-out item.
 
-        Returns `{"ranks": [U] int64 (0 = ranked first; ties count in the target's favour), "scores": [U, V],
-        "targets": [U]}`. Pass `item_embeddings` (from `all_item_embeddings`) to reuse them across batches.
+        Returns `{"ranks": [U] int64 (0 = ranked first; ties count against the target, see
+        `gr_models.metrics.retrieval.target_ranks`), "scores": [U, V], "targets": [U]}`. With
+        `eval_exclude_history`, items of the user's history (other than the target) are left out of the ranking. Pass `item_embeddings` (from `all_item_embeddings`) to reuse them across batches.
         """
         batch = self._on_device(batch)
         sequence, item_ids, _, item_offsets = self._encode(batch)
@@ -139,22 +141,21 @@ class RetrievalGR(GRModel):
         corpus = item_embeddings if item_embeddings is not None else self.all_item_embeddings(batch.item_feature_name)
         scores = queries @ corpus.t()
         target_ids = item_ids[target]
+        exclude = None
         if self.task_config.eval_exclude_history:
-            scores = self._mask_history(scores, users, item_ids, item_offsets, sequence.history_lengths, target_ids)
-        target_scores = scores.gather(1, target_ids.unsqueeze(1))
-        ranks = (scores > target_scores).sum(dim=1)
+            exclude = self._history_mask(scores.shape, users, item_ids, item_offsets, sequence.history_lengths)
+        ranks = target_ranks(scores, target_ids, exclude)
         return {"ranks": ranks, "scores": scores, "targets": target_ids}
 
     @staticmethod
-    def _mask_history(
-        scores: Tensor, users: Tensor, item_ids: Tensor, item_offsets: Tensor, history: Tensor, targets: Tensor
+    def _history_mask(
+        shape: torch.Size, users: Tensor, item_ids: Tensor, item_offsets: Tensor, history: Tensor
     ) -> Tensor:
-        """Scores of items already in each user's history set to -inf (the target itself is kept)."""
+        """Bool `[U, V]`: True for the items in each evaluated user's history."""
         owner, position = token_coordinates(item_offsets[1:] - item_offsets[:-1])
-        row_of_user = torch.full((history.numel(),), -1, dtype=torch.int64, device=scores.device)
-        row_of_user[users] = torch.arange(users.numel(), device=scores.device)
+        row_of_user = torch.full((history.numel(),), -1, dtype=torch.int64, device=item_ids.device)
+        row_of_user[users] = torch.arange(users.numel(), device=item_ids.device)
         seen = (position < history[owner]) & (row_of_user[owner] >= 0)
-        rows, cols = row_of_user[owner][seen], item_ids[seen]
-        keep = cols != targets[rows]
-        return scores.index_put((rows[keep], cols[keep]), torch.tensor(float("-inf"), device=scores.device))
-
+        mask = torch.zeros(shape, dtype=torch.bool, device=item_ids.device)
+        mask[row_of_user[owner][seen], item_ids[seen]] = True
+        return mask

@@ -38,8 +38,15 @@ def _torchrec_config(config: BaseEmbeddingConfig) -> EmbeddingConfig:
     )
 
 
-def _select(jagged: dict[str, JaggedTensor], names: Sequence[str]) -> KeyedJaggedTensor:
-    return KeyedJaggedTensor.from_jt_dict({name: jagged[name] for name in names})
+def _select(jagged: dict[str, JaggedTensor], names: Sequence[str], wanted: set[str], stride: int) -> KeyedJaggedTensor:
+    """A KJT of every feature in `names` (a collection needs all of its features): the wanted ones from `jagged`,
+    the others empty."""
+    device = next(iter(jagged.values())).values().device
+    empty = JaggedTensor(
+        values=torch.empty(0, dtype=torch.int64, device=device),
+        lengths=torch.zeros(stride, dtype=torch.int64, device=device),
+    )
+    return KeyedJaggedTensor.from_jt_dict({name: jagged[name] if name in wanted else empty for name in names})
 
 
 class ShardedEmbedding(nn.Module):
@@ -149,9 +156,9 @@ class ShardedEmbedding(nn.Module):
         wanted = set(names)
         embeddings: dict[str, JaggedTensor] = {}
         for module, served in self._groups:
-            selected = [f for f in served if f in wanted]
-            if selected:
-                embeddings.update(module(_select(jagged, selected)))
+            if any(f in wanted for f in served):
+                looked_up = module(_select(jagged, served, wanted, features.stride()))
+                embeddings.update({f: looked_up[f] for f in served if f in wanted})
         return embeddings
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import torch
 
 from gr_models.model.base import GRModel
@@ -40,10 +38,7 @@ def lr_multiplier(step: int, section: OptimSection, max_steps: int) -> float:
 
 
 class OptimizerBundle:
-    """The dense optimizer, its LR schedule and the sparse per-table optimizers, stepped and saved together.
-
-    `state_dict()` / `load_state_dict()` make the bundle one checkpointable optimizer.
-    """
+    """The dense optimizer, its LR schedule and the sparse per-table optimizers of one model."""
 
     def __init__(self, model: GRModel, section: OptimSection, max_steps: int) -> None:
         self.dense = build_dense_optimizer(model, section)
@@ -63,19 +58,3 @@ class OptimizerBundle:
     def zero_grad(self) -> None:
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "dense": self.dense.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "sparse": {name: opt.state_dict() for name, opt in self.sparse.items()},
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = sorted(set(self.sparse) - set(state.get("sparse", {})))
-        if missing:
-            raise ValueError(f"optimizer state lacks the sparse optimizers of tables {missing}")
-        self.dense.load_state_dict(state["dense"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for name, optimizer in self.sparse.items():
-            optimizer.load_state_dict(state["sparse"][name])

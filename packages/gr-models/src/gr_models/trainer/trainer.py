@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from gr_models.data.collate import BatchCollator
 from gr_models.data.dataset import SequenceDataset
 from gr_models.data.pipeline import UserShardSampler
 from gr_models.metrics.classification import MultiTaskBinaryMetrics
+from gr_models.metrics.retrieval import RetrievalMetrics
 from gr_models.model import RankingGR, RetrievalGR
 from gr_models.model.base import GRModel
 from gr_models.trainer.builders import build_model, build_train_dataset, resolve_device
@@ -28,7 +28,6 @@ from gr_models.trainer.optim import OptimizerBundle
 from gr_models.trainer.reporting import RunRecorder, write_json
 
 CHECKPOINT_DIR = "checkpoints"
-TRAINER_STATE = "trainer_state.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -249,15 +248,13 @@ class Trainer:
         return metrics.compute()
 
     def _evaluate_retrieval(self, loader: torch.utils.data.DataLoader, limit: int | None) -> dict[str, float]:
-        from gr_models.metrics.retrieval import RankingMetrics
-
         model = self.model
         assert isinstance(model, RetrievalGR)
         item_name = self.eval_dataset.schema.item_feature_name
         corpus = model.all_item_embeddings(item_name)
-        metrics = RankingMetrics(top_k=list(model.task_config.eval_top_k))
+        metrics = RetrievalMetrics(list(model.task_config.eval_top_k))
         for batch in self._limited(loader, limit):
-            metrics.update_ranks(model.evaluate_batch(batch, corpus)["ranks"].cpu())
+            metrics.update_from_ranks(model.evaluate_batch(batch, corpus)["ranks"].cpu())
         return metrics.compute()
 
     # --------------------------------------------------------------------------------------------- checkpoints
@@ -265,32 +262,38 @@ class Trainer:
     def _checkpoint_root(self) -> Path:
         return self.run_dir / CHECKPOINT_DIR
 
-    def save_checkpoint(self) -> Path:
-        """Model and optimizers through gr_checkpoint, plus the loop position, into `checkpoints/step_<N>`."""
-        import gr_checkpoint
-
-        path = self._checkpoint_root() / f"step_{self.step:08d}"
-        path.mkdir(parents=True, exist_ok=True)
-        gr_checkpoint.save(str(path), self.model, self.optimizers)
-        state = {
+    def _loop_state(self) -> dict[str, Any]:
+        return {
             "step": self.step,
             "epoch": self.epoch,
             "batches_into_epoch": self.batches_into_epoch,
             "train_seconds": self.train_seconds,
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
-            "history": {tag: values for tag, values in self.recorder.history.items()},
+            "history": {tag: list(values) for tag, values in self.recorder.history.items()},
+            "scheduler": self.optimizers.scheduler.state_dict(),
+            "sparse_optimizers": {name: opt.state_dict() for name, opt in self.optimizers.sparse.items()},
+            "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
-        write_json(path / TRAINER_STATE, state)
-        return path
+
+    def save_checkpoint(self) -> Path:
+        """Model, optimizers and loop position through gr_checkpoint into `checkpoints/step_<N>`.
+
+        The dense optimizer is gr_checkpoint's `optimizer`; the sparse per-table optimizers, the LR schedule, the
+        loss scaler, the RNG states and the data position travel as its `extra_state`.
+        """
+        import gr_checkpoint
+
+        return gr_checkpoint.save_step(
+            self._checkpoint_root(), self.step, self.model, self.optimizers.dense, extra_state=self._loop_state()
+        )
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint of this run directory, or None."""
-        root = self._checkpoint_root()
-        if not root.is_dir():
-            return None
-        complete = sorted(p for p in root.glob("step_*") if (p / TRAINER_STATE).is_file())
-        return complete[-1] if complete else None
+        import gr_checkpoint
+
+        return gr_checkpoint.latest_checkpoint(self._checkpoint_root())
 
     def load_latest_checkpoint(self) -> bool:
         """Restore model, optimizers and loop position from the latest checkpoint; False when there is none."""
@@ -299,8 +302,14 @@ class Trainer:
             return False
         import gr_checkpoint
 
-        gr_checkpoint.load(str(path), self.model, self.optimizers)
-        state = json.loads((path / TRAINER_STATE).read_text())
+        state = gr_checkpoint.load(path, self.model, self.optimizers.dense)
+        missing = sorted(set(self.optimizers.sparse) - set(state["sparse_optimizers"]))
+        if missing:
+            raise ValueError(f"checkpoint {path} lacks the sparse optimizer state of tables {missing}")
+        for name, optimizer in self.optimizers.sparse.items():
+            optimizer.load_state_dict(state["sparse_optimizers"][name])
+        self.optimizers.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batches_into_epoch = int(state["batches_into_epoch"])
@@ -309,7 +318,9 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         for tag, values in state["history"].items():
             self.recorder.history[tag] = [(int(s), float(v)) for s, v in values]
-        seed_everything(self.config.seed + self.step)
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
         return True
 
     # ------------------------------------------------------------------------------------------------- results
