@@ -17,6 +17,8 @@ pytest.importorskip("triton")
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 GPU = pytest.mark.gpu
+# The Triton backend runs on CPU tensors only under the interpreter, i.e. on machines without CUDA.
+INTERPRETER = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton on CPU runs only interpreted")
 
 
 def _key_score_map(table: ScoredHashTable) -> dict[int, int]:
@@ -125,14 +127,17 @@ def run_one_bucket_crowd(device: torch.device, crowd: int, copies: int, seed: in
         _check_valid(table)
 
 
+@INTERPRETER
 def test_backends_agree_tiny_cpu() -> None:
     run_agreement(torch.device("cpu"), capacity=256, max_capacity=1024, bucket=64, sizes=[48, 64, 64, 32, 64], seed=0)
 
 
+@INTERPRETER
 def test_pressure_keeps_tables_valid_tiny_cpu() -> None:
     run_pressure(torch.device("cpu"), capacity=256, bucket=16, batch=64, rounds=6, seed=1, strategy=0)
 
 
+@INTERPRETER
 def test_one_bucket_crowd_tiny_cpu() -> None:
     run_one_bucket_crowd(torch.device("cpu"), crowd=150, copies=2, seed=2)
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import gr_checkpoint
@@ -57,7 +58,7 @@ def main(out_dir: Path) -> None:
     expected = {
         "dense.weight": dense.weight.detach().clone(),
         "dense.bias": dense.bias.detach().clone(),
-        "table": model.table.full_tensor().detach(),
+        "table": cast(DTensor, model.table).full_tensor().detach(),
         "table.exp_avg": table_state["exp_avg"].full_tensor(),
         "dense.weight.exp_avg": optimizer.state[dense.weight]["exp_avg"].clone(),
     }

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+import gr_checkpoint
 from dynamicemb import (
     DynamicEmbeddingCollection,
     DynamicEmbOptimizerArgs,
@@ -14,23 +20,20 @@ from dynamicemb import (
     DynamicEmbScoreStrategy,
     DynamicEmbTableOptions,
 )
-from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-import gr_checkpoint
 from gr_checkpoint import CheckpointMismatchError
 
+Trained = tuple["Recommender", torch.optim.Optimizer]
 ADAM = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=0.05)
 STEP_SCORES = DynamicEmbTableOptions(score_strategy=DynamicEmbScoreStrategy.STEP)
 
 
 class CollectionWithMarker(DynamicEmbeddingCollection):
-    """A dynamic module that also carries ordinary module state, which must not reach torch_module/."""
+    """A dynamic module that also carries ordinary module state (as a mixed sharded collection
+    carries TorchRec tables): that state belongs in torch_module/, the tables in dynamicemb_module/."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.register_buffer("marker", torch.arange(3.0))
+        self.register_buffer("marker", torch.zeros(3))
 
 
 class Recommender(nn.Module):
@@ -80,14 +83,14 @@ def _rows(model: Recommender) -> dict[str, dict[int, tuple[list[float], list[flo
     }
 
 
-def _fresh(**kwargs) -> tuple[Recommender, torch.optim.Optimizer]:
+def _fresh(**kwargs: Any) -> tuple[Recommender, torch.optim.Optimizer]:
     torch.manual_seed(123)
     model = Recommender(**kwargs)
     return model, torch.optim.Adam(model.head.parameters(), lr=0.02)
 
 
 @pytest.fixture
-def trained() -> tuple[Recommender, torch.optim.Optimizer]:
+def trained() -> Trained:
     torch.manual_seed(0)
     model = Recommender()
     optimizer = torch.optim.Adam(model.head.parameters(), lr=0.02)
@@ -95,7 +98,7 @@ def trained() -> tuple[Recommender, torch.optim.Optimizer]:
     return model, optimizer
 
 
-def test_round_trip_of_dynamic_tables_dense_part_and_both_optimizers(tmp_path: Path, trained) -> None:
+def test_round_trip_of_dynamic_tables_dense_part_and_both_optimizers(tmp_path: Path, trained: Trained) -> None:
     model, optimizer = trained
     rng_at_save = torch.get_rng_state()  # new rows draw their initial values from the global RNG
     path = gr_checkpoint.save(tmp_path / "ckpt", model, optimizer, extra_state={"step": 4, "rng": rng_at_save})
@@ -132,7 +135,7 @@ def test_round_trip_of_dynamic_tables_dense_part_and_both_optimizers(tmp_path: P
     assert torch.equal(restored(_batch(99)), model(_batch(99)))
 
 
-def test_dynamic_table_dim_mismatch_is_named(tmp_path: Path, trained) -> None:
+def test_dynamic_table_dim_mismatch_is_named(tmp_path: Path, trained: Trained) -> None:
     model, optimizer = trained
     gr_checkpoint.save(tmp_path / "ckpt", model, optimizer)
     wider, wider_optimizer = _fresh(item_dim=6)
@@ -144,7 +147,7 @@ def test_dynamic_table_dim_mismatch_is_named(tmp_path: Path, trained) -> None:
     assert _rows(wider) == {"items": {}, "users": {}}
 
 
-def test_dynamic_tables_missing_from_the_model_are_named(tmp_path: Path, trained) -> None:
+def test_dynamic_tables_missing_from_the_model_are_named(tmp_path: Path, trained: Trained) -> None:
     model, _ = trained
     gr_checkpoint.save(tmp_path / "ckpt", model)
     dense_only = nn.Module()
@@ -153,14 +156,17 @@ def test_dynamic_tables_missing_from_the_model_are_named(tmp_path: Path, trained
         gr_checkpoint.load(tmp_path / "ckpt", dense_only)
 
 
-def test_state_of_a_dynamic_module_stays_out_of_torch_module(tmp_path: Path) -> None:
+def test_ordinary_state_of_a_dynamic_module_goes_to_torch_module(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Recommender(collection=CollectionWithMarker)
     _train(model, torch.optim.SGD(model.head.parameters(), lr=0.1), range(2))
-    assert "embeddings.marker" in model.state_dict()
+    model.embeddings.marker += torch.tensor([1.0, 2.0, 3.0])
 
     gr_checkpoint.save(tmp_path / "ckpt", model)
-    assert set(gr_checkpoint.read_manifest(tmp_path / "ckpt").model_tensors) == {"head.weight", "head.bias"}
+    manifest = gr_checkpoint.read_manifest(tmp_path / "ckpt")
+    assert set(manifest.model_tensors) == {"embeddings.marker", "head.weight", "head.bias"}
+    assert set(manifest.dynamic_tables["embeddings"]) == {"items", "users"}
     restored = Recommender(collection=CollectionWithMarker)
     gr_checkpoint.load(tmp_path / "ckpt", restored)
     assert _rows(restored) == _rows(model)
+    assert restored.embeddings.marker.tolist() == [1.0, 2.0, 3.0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,9 @@ def test_corrupt_manifest_names_the_file(saved: tuple[Path, nn.Module]) -> None:
         (lambda m: m["model_tensors"]["0.weight"].update(shape="wide"), "malformed field value"),
     ],
 )
-def test_malformed_manifest_fields_are_named(saved: tuple[Path, nn.Module], edit, problem: str) -> None:
+def test_malformed_manifest_fields_are_named(
+    saved: tuple[Path, nn.Module], edit: Callable[[dict], object], problem: str
+) -> None:
     path, _ = saved
     manifest = path / "manifest.json"
     content = json.loads(manifest.read_text())
@@ -95,7 +98,7 @@ def test_manifest_describes_the_checkpoint(saved: tuple[Path, nn.Module]) -> Non
     assert manifest.versions["torch"] == torch.__version__
 
 
-def _crash_in_dcp_finish(*args, **kwargs) -> None:
+def _crash_in_dcp_finish(*args: object, **kwargs: object) -> None:
     raise OSError("disk full (simulated) while DCP finishes")
 
 
@@ -112,7 +115,7 @@ def _crash_while_writing_manifest(self: Manifest, directory: Path) -> None:
     ],
 )
 def test_crash_mid_save_keeps_the_previous_checkpoint(
-    saved: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch, target, name: str, crash
+    saved: tuple[Path, nn.Module], monkeypatch: pytest.MonkeyPatch, target: type, name: str, crash: Callable[..., None]
 ) -> None:
     path, first = saved
     monkeypatch.setattr(target, name, crash)
@@ -130,7 +133,7 @@ def test_crash_between_the_two_renames_loads_the_previous_checkpoint(
     path, first = saved
     real_replace, calls = os.replace, []
 
-    def replace_then_crash(src, dst) -> None:
+    def replace_then_crash(src: Path, dst: Path) -> None:
         calls.append((src, dst))
         if len(calls) == 2:
             raise OSError("power cut (simulated) between renames")

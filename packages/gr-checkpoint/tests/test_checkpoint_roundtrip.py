@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ import gr_checkpoint
 from gr_checkpoint import CheckpointMismatchError
 
 
-def _model(hidden: int = 8, dtype: torch.dtype = torch.float32) -> nn.Module:
+def _model(hidden: int = 8, dtype: torch.dtype = torch.float32) -> nn.Sequential:
     return nn.Sequential(nn.Linear(5, hidden), nn.ReLU(), nn.LayerNorm(hidden), nn.Linear(hidden, 3)).to(dtype)
 
 
@@ -40,7 +43,7 @@ def _fresh(seed: int = 1) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.Adam(model.parameters(), lr=0.5)
 
 
-def _assert_same_state(a: dict, b: dict) -> None:
+def _assert_same_state(a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
     assert a.keys() == b.keys()
     for key in a:
         if isinstance(a[key], torch.Tensor):
@@ -53,7 +56,8 @@ def _assert_same_state(a: dict, b: dict) -> None:
 
 def test_round_trip_is_exact_for_model_optimizer_and_extra_state(tmp_path: Path) -> None:
     model, optimizer = _trained()
-    extra = {"step": 3, "rng": torch.get_rng_state(), "note": "epoch 0"}
+    rng = torch.get_rng_state()
+    extra = {"step": 3, "rng": rng, "note": "epoch 0"}
     path = gr_checkpoint.save(tmp_path / "ckpt", model, optimizer, extra_state=extra)
 
     assert sorted(os.listdir(path)) == ["manifest.json", "torch_module"]
@@ -65,7 +69,7 @@ def test_round_trip_is_exact_for_model_optimizer_and_extra_state(tmp_path: Path)
     assert saved_optimizer_state["param_groups"] == loaded_optimizer_state["param_groups"]
     _assert_same_state(saved_optimizer_state["state"], loaded_optimizer_state["state"])
     assert loaded_extra["step"] == 3 and loaded_extra["note"] == "epoch 0"
-    assert torch.equal(loaded_extra["rng"], extra["rng"])
+    assert torch.equal(loaded_extra["rng"], rng)
 
 
 def test_resumed_training_matches_uninterrupted_training(tmp_path: Path) -> None:
@@ -132,10 +136,12 @@ def test_missing_and_unexpected_keys_are_named(tmp_path: Path) -> None:
     model, _ = _trained()
     gr_checkpoint.save(tmp_path / "ckpt", model)
     extended = nn.Sequential(*_model(), nn.Linear(3, 2))
-    with pytest.raises(CheckpointMismatchError, match="'4.weight' is in the model but not in the checkpoint"):
+    with pytest.raises(
+        CheckpointMismatchError, match=re.escape("'4.weight' is in the model but not in the checkpoint")
+    ):
         gr_checkpoint.load(tmp_path / "ckpt", extended)
     truncated = nn.Sequential(*list(_model())[:3])
-    with pytest.raises(CheckpointMismatchError, match="'3.bias' is in the checkpoint but not in the model"):
+    with pytest.raises(CheckpointMismatchError, match=re.escape("'3.bias' is in the checkpoint but not in the model")):
         gr_checkpoint.load(tmp_path / "ckpt", truncated)
 
 

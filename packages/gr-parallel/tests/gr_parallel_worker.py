@@ -16,7 +16,7 @@ import torch.distributed as dist
 import gr_parallel
 
 
-def _sum_over(group: dist.ProcessGroup, value: float) -> float:
+def _sum_over(group: dist.ProcessGroup | None, value: float) -> float:
     tensor = torch.tensor([value])
     dist.all_reduce(tensor, group=group)
     return tensor.item()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -141,7 +141,7 @@ def test_tensor_parallel_size_must_divide_world(single_process: None, size: obje
         gr_parallel.get_tensor_model_parallel_group,
     ],
 )
-def test_parallel_queries_before_initialization_name_the_fix(single_process: None, query) -> None:
+def test_parallel_queries_before_initialization_name_the_fix(single_process: None, query: Callable[[], object]) -> None:
     with pytest.raises(RuntimeError, match=rf"{query.__name__}\(\) needs .* initialize_model_parallel"):
         query()
 

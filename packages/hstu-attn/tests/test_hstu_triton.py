@@ -351,9 +351,7 @@ GPU_CASES = {
     "bf16_noncausal_targets_contextual_window": dict(causal=False, contextual=5, window=100, targets=True),
     "bf16_causal_everything_rab_shared": dict(contextual=3, window=64, targets=True, rab_heads=1),
     "bf16_fused_position_time": dict(position_rows=2, time_rows=1, position_reach=300, time_buckets=40),
-    "bf16_deterministic_all_bias": dict(
-        deterministic=True, rab_heads=2, position_rows=1, time_rows=2, position_reach=200, targets=True
-    ),
+    "bf16_deterministic_position_rab": dict(deterministic=True, rab_heads=2, position_rows=1, position_reach=200),
     "fp32_causal_targets": dict(dtype=torch.float32, targets=True),
     "fp16_dqk64_dv32_int32": dict(dtype=torch.float16, dqk=64, dv=32, offsets_dtype=torch.int32),
     "bf16_d256_causal": dict(dqk=256, dv=256),

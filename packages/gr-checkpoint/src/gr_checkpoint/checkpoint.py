@@ -5,7 +5,7 @@ On-disk layout of a checkpoint directory::
     manifest.json        what is inside (see gr_checkpoint.manifest); written last
     torch_module/        torch.distributed.checkpoint files: model state (without dynamic tables),
                          optimizer state, extra state
-    dynamicemb_module/   dynamicemb dump of every dynamic embedding module (only if there is one)
+    dynamicemb_module/   dynamicemb dump of the dynamic tables (only if the model has any)
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import dynamicemb
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torchrec.optim.keyed import KeyedOptimizer
 
+import dynamicemb
 from gr_checkpoint.atomic import (
     discard_staging,
     prepare_staging,
@@ -37,13 +38,19 @@ from gr_checkpoint.atomic import (
 from gr_checkpoint.dynamic_tables import (
     check_dynamic_tables,
     dump_dynamic_tables,
-    dynamic_module_names,
     dynamic_table_specs,
     load_dynamic_tables,
 )
 from gr_checkpoint.errors import CheckpointCorruptError, CheckpointMismatchError
 from gr_checkpoint.manifest import Manifest, read_manifest
-from gr_checkpoint.torch_state import check_tensor_specs, collect_torch_state, restore_torch_state, tensor_specs
+from gr_checkpoint.torch_state import (
+    SPARSE_OPTIMIZER,
+    check_tensor_specs,
+    collect_torch_state,
+    fused_optimizer,
+    restore_torch_state,
+    tensor_specs,
+)
 
 __all__ = ["TORCH_FOLDER", "load", "save"]
 
@@ -102,9 +109,10 @@ def save(
     """Write a checkpoint of ``model`` (and ``optimizer``, and ``extra_state``) to directory ``path``.
 
     Collective: with an initialized process group every rank calls it with its own shard of the
-    state. Dynamic embedding modules go to ``dynamicemb_module/`` (dynamicemb's dump, with their
-    fused-optimizer state); the rest of the model, the optimizer and ``extra_state`` to
-    ``torch_module/`` (``torch.distributed.checkpoint``, so it loads at another world size).
+    state. Dynamic tables (standalone or sharded dynamicemb modules) go to ``dynamicemb_module/``
+    (dynamicemb's dump, with their fused-optimizer state); the model's state dict (which holds no
+    dynamic table rows), the optimizer and ``extra_state`` to ``torch_module/``
+    (``torch.distributed.checkpoint``, so it loads at another world size).
 
     ``extra_state``: any picklable object (step counters, RNG states, data-loader position);
     rank 0's value is kept. ``step`` is recorded in the manifest. The save is atomic: an existing
@@ -114,17 +122,21 @@ def save(
     run_on_rank_zero(lambda: prepare_staging(target))
     staging = staging_dir(target)
     try:
-        dynamic_modules = dynamic_module_names(model)
-        if dynamic_modules:
+        dynamic_tables = dynamic_table_specs(model)
+        if dynamic_tables:
             dump_dynamic_tables(staging, model)
-        state: dict[str, Any] = collect_torch_state(model, optimizer, dynamic_modules)
+        sparse_optimizer = fused_optimizer(model)
+        state: dict[str, Any] = collect_torch_state(model, optimizer, sparse_optimizer)
         manifest = Manifest(
             world_size=dist.get_world_size() if dist.is_initialized() else 1,
             versions=_versions(),
             model_tensors=tensor_specs(state["model"]),
             optimizer_class=None if optimizer is None else type(optimizer).__name__,
             optimizer_tensors={} if optimizer is None else tensor_specs(state["optimizer"]["state"]),
-            dynamic_tables=dynamic_table_specs(model),
+            sparse_optimizer_tensors=(
+                None if sparse_optimizer is None else tensor_specs(state[SPARSE_OPTIMIZER]["state"])
+            ),
+            dynamic_tables=dynamic_tables,
             has_extra_state=extra_state is not None,
             step=step,
         )
@@ -132,12 +144,36 @@ def save(
             state[_EXTRA_STATE_KEY] = _serialized(extra_state)
         with _quiet_single_process(), _dcp_failures_as(lambda problem: RuntimeError(f"saving {target}: {problem}")):
             dcp.save(state, storage_writer=dcp.FileSystemWriter(staging / TORCH_FOLDER))
-        run_on_rank_zero(lambda: (manifest.write(staging), publish(target)))
+
+        def finish() -> None:
+            manifest.write(staging)
+            publish(target)
+
+        run_on_rank_zero(finish)
     except BaseException:
         if not dist.is_initialized() or dist.get_rank() == 0:
             discard_staging(target)
         raise
     return target
+
+
+def _sparse_optimizer_to_load(directory: Path, manifest: Manifest, model: nn.Module) -> KeyedOptimizer | None:
+    """The DMP fused optimizer to restore, when both the model has one and the checkpoint holds its state."""
+    sparse_optimizer = fused_optimizer(model)
+    if sparse_optimizer is not None and manifest.sparse_optimizer_tensors is None:
+        warnings.warn(
+            f"{directory} was not saved from a DistributedModelParallel: the fused optimizer state of its "
+            "TorchRec tables starts fresh",
+            stacklevel=3,
+        )
+        return None
+    if sparse_optimizer is None and manifest.sparse_optimizer_tensors:
+        warnings.warn(
+            f"{directory} holds the fused optimizer state of a DistributedModelParallel's TorchRec tables; "
+            "the model given is not one, so that state is not loaded",
+            stacklevel=3,
+        )
+    return sparse_optimizer
 
 
 def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Any:
@@ -149,7 +185,8 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
     both shapes; a missing manifest raises ``FileNotFoundError`` and a malformed one
     :class:`CheckpointCorruptError`, each naming the file; so does unreadable data in
     ``torch_module/`` (found while reading, so the model may then be partly loaded). Without
-    ``optimizer`` only the model is loaded. Returns the ``extra_state`` given to :func:`save` (``None`` if there was none).
+    ``optimizer`` only the model is loaded. Returns the ``extra_state`` given to :func:`save`
+    (``None`` if there was none).
     """
     directory = resolve_checkpoint_dir(Path(path))
     manifest = read_manifest(directory)
@@ -160,21 +197,22 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
             f"{directory} holds {manifest.optimizer_class} state; the optimizer given is {type(optimizer).__name__}"
         )
     check_dynamic_tables(manifest.dynamic_tables, model)
-    dynamic_modules = dynamic_module_names(model)
-    model_only = collect_torch_state(model, None, dynamic_modules)
+    sparse_optimizer = _sparse_optimizer_to_load(directory, manifest, model)
+    model_only = collect_torch_state(model, None, None)
     check_tensor_specs("model", manifest.model_tensors, tensor_specs(model_only["model"]))
-    state: dict[str, Any] = (
-        model_only if optimizer is None else collect_torch_state(model, optimizer, dynamic_modules)
-    )
+    state: dict[str, Any] = collect_torch_state(model, optimizer, sparse_optimizer)
     if optimizer is not None:
         check_tensor_specs("optimizer", manifest.optimizer_tensors, tensor_specs(state["optimizer"]["state"]))
+    if sparse_optimizer is not None and manifest.sparse_optimizer_tensors is not None:
+        sparse_specs = tensor_specs(state[SPARSE_OPTIMIZER]["state"])
+        check_tensor_specs("sparse optimizer", manifest.sparse_optimizer_tensors, sparse_specs)
     if manifest.has_extra_state:
         state[_EXTRA_STATE_KEY] = io.BytesIO()
     torch_folder = directory / TORCH_FOLDER
     with _quiet_single_process(), _dcp_failures_as(lambda problem: CheckpointCorruptError(torch_folder, problem)):
         dcp.load(state, storage_reader=dcp.FileSystemReader(torch_folder))
-    restore_torch_state(model, optimizer, state)
-    if dynamic_modules:
+    restore_torch_state(model, optimizer, sparse_optimizer, state)
+    if manifest.dynamic_tables:
         load_dynamic_tables(directory, model)
     if not manifest.has_extra_state:
         return None

@@ -1,8 +1,15 @@
-"""The dynamic-embedding part of a checkpoint: dynamicemb's own dump format, in ``dynamicemb_module/``.
+"""The dynamic-embedding part of a checkpoint: dynamicemb's own dump formats, in ``dynamicemb_module/``.
 
-Every module of the model that is a :class:`dynamicemb.DynamicEmbModule` (the standalone
-``DynamicEmbeddingCollection`` / ``DynamicEmbeddingBagCollection``, and the sharded collections
-built on it) is dumped with :func:`dynamicemb.DynamicEmbDump`, with its fused-optimizer state.
+Dynamic tables are hash tables, not parameters, so they never appear in a state dict; dynamicemb
+dumps them with their fused-optimizer state:
+
+- standalone modules (:class:`dynamicemb.DynamicEmbModule`: ``DynamicEmbeddingCollection``,
+  ``DynamicEmbeddingBagCollection``) with :func:`dynamicemb.DynamicEmbDump` / ``DynamicEmbLoad``;
+- sharded modules (:class:`dynamicemb.distributed.ShardedDynamicEmbModule`, under
+  ``DistributedModelParallel``) collectively with :func:`dynamicemb.distributed.dump_sharded` /
+  ``load_sharded``, which reload at another world size.
+
+Modules are named as dynamicemb names them (dotted path; ``_root`` for the model itself).
 """
 
 from __future__ import annotations
@@ -10,10 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.distributed as dist
-from dynamicemb import DynamicEmbDump, DynamicEmbLoad, DynamicEmbModule
-from dynamicemb.dump import find_dynamic_modules
 from torch import nn
 
+from dynamicemb import DynamicEmbDump, DynamicEmbLoad, DynamicEmbModule
+from dynamicemb.distributed import ShardedDynamicEmbModule, dump_sharded, find_sharded_modules, load_sharded
+from dynamicemb.dump import find_dynamic_modules
 from gr_checkpoint.errors import CheckpointMismatchError
 from gr_checkpoint.manifest import DynamicTableSpec
 
@@ -21,40 +29,54 @@ __all__ = [
     "DYNAMIC_FOLDER",
     "check_dynamic_tables",
     "dump_dynamic_tables",
-    "dynamic_module_names",
     "dynamic_table_specs",
     "load_dynamic_tables",
 ]
 
 DYNAMIC_FOLDER = "dynamicemb_module"
 
-
-def dynamic_module_names(model: nn.Module) -> list[str]:
-    """Dotted paths (as in ``model.named_modules()``) of the modules holding dynamic tables."""
-    return [name for name, module in model.named_modules() if isinstance(module, DynamicEmbModule)]
+TableSpecs = dict[str, dict[str, DynamicTableSpec]]
 
 
-def dynamic_table_specs(model: nn.Module) -> dict[str, dict[str, DynamicTableSpec]]:
-    """``{module name: {table name: spec}}`` of the model's dynamic tables (module names as dynamicemb's)."""
+def dynamic_table_specs(model: nn.Module) -> TableSpecs:
+    """``{module name: {table name: spec}}`` of every dynamic table of ``model``, sharded or not."""
+    modules: dict[str, DynamicEmbModule | ShardedDynamicEmbModule] = {
+        **find_dynamic_modules(model),
+        **find_sharded_modules(model),
+    }
     return {
         module_name: {
             table_name: DynamicTableSpec(table.dim, str(table.dtype).removeprefix("torch."))
             for table_name, table in module.dynamic_embedding_tables().items()
         }
-        for module_name, module in find_dynamic_modules(model).items()
+        for module_name, module in modules.items()
     }
 
 
-def _process_group() -> dist.ProcessGroup | None:
+def _standalone_process_group() -> dist.ProcessGroup | None:
+    # Standalone modules are single-process; with several ranks dynamicemb refuses them clearly.
     return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 def dump_dynamic_tables(checkpoint_dir: Path, model: nn.Module) -> None:
-    """Collectively dump every dynamic table of ``model`` (with optimizer state) into the checkpoint."""
-    DynamicEmbDump(str(checkpoint_dir / DYNAMIC_FOLDER), model, optim=True, pg=_process_group())
+    """Dump every dynamic table of ``model`` (with optimizer state) into the checkpoint (collective)."""
+    folder = str(checkpoint_dir / DYNAMIC_FOLDER)
+    if find_dynamic_modules(model):
+        DynamicEmbDump(folder, model, optim=True, pg=_standalone_process_group())
+    if find_sharded_modules(model):
+        dump_sharded(folder, model, optim=True)
 
 
-def check_dynamic_tables(saved: dict[str, dict[str, DynamicTableSpec]], model: nn.Module) -> None:
+def load_dynamic_tables(checkpoint_dir: Path, model: nn.Module) -> None:
+    """Load the dynamic tables (and their optimizer state) into ``model`` (collective)."""
+    folder = str(checkpoint_dir / DYNAMIC_FOLDER)
+    if find_dynamic_modules(model):
+        DynamicEmbLoad(folder, model, optim=True, pg=_standalone_process_group())
+    if find_sharded_modules(model):
+        load_sharded(folder, model, optim=True)
+
+
+def check_dynamic_tables(saved: TableSpecs, model: nn.Module) -> None:
     """Raise :class:`CheckpointMismatchError` unless ``model`` has exactly the saved dynamic tables."""
     current = dynamic_table_specs(model)
     problems = []
@@ -71,8 +93,3 @@ def check_dynamic_tables(saved: dict[str, dict[str, DynamicTableSpec]], model: n
                 problems.append(f"{where}: checkpoint has dim {s.dim} {s.dtype}, model has dim {c.dim} {c.dtype}")
     if problems:
         raise CheckpointMismatchError("; ".join(problems))
-
-
-def load_dynamic_tables(checkpoint_dir: Path, model: nn.Module) -> None:
-    """Collectively load the dynamic tables (and their optimizer state) into ``model``."""
-    DynamicEmbLoad(str(checkpoint_dir / DYNAMIC_FOLDER), model, optim=True, pg=_process_group())

@@ -3,7 +3,8 @@
 Fields: ``format`` ("gr-checkpoint"), ``format_version``, ``versions`` (gr-checkpoint, torch,
 dynamicemb), ``world_size`` at save time, ``step`` (or null), ``model_tensors`` and
 ``optimizer_tensors`` (``{key: {"shape": [...], "dtype": "float32"}}``, global shapes of sharded
-tensors), ``optimizer_class`` (or null), ``dynamic_tables`` (``{module: {table: {"dim", "dtype"}}}``)
+tensors), ``optimizer_class`` (or null), ``sparse_optimizer_tensors`` (the fused optimizer state of
+a ``DistributedModelParallel``'s TorchRec tables, or null), ``dynamic_tables`` (``{module: {table: {"dim", "dtype"}}}``)
 and ``has_extra_state``.
 """
 
@@ -60,6 +61,7 @@ class Manifest:
     model_tensors: dict[str, TensorSpec]
     optimizer_class: str | None = None
     optimizer_tensors: dict[str, TensorSpec] = field(default_factory=dict)
+    sparse_optimizer_tensors: dict[str, TensorSpec] | None = None
     dynamic_tables: dict[str, dict[str, DynamicTableSpec]] = field(default_factory=dict)
     has_extra_state: bool = False
     step: int | None = None
@@ -122,6 +124,9 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
             model_tensors=_tensor_specs(raw["model_tensors"]),
             optimizer_class=raw.get("optimizer_class"),
             optimizer_tensors=_tensor_specs(raw.get("optimizer_tensors", {})),
+            sparse_optimizer_tensors=(
+                None if raw.get("sparse_optimizer_tensors") is None else _tensor_specs(raw["sparse_optimizer_tensors"])
+            ),
             dynamic_tables=_dynamic_specs(raw.get("dynamic_tables", {})),
             has_extra_state=bool(raw.get("has_extra_state", False)),
             step=None if raw.get("step") is None else int(raw["step"]),

@@ -69,7 +69,8 @@ def save_step(
     keep_last: int | None = None,
 ) -> Path:
     """:func:`~gr_checkpoint.save` to ``root/step_<step>``; then, with ``keep_last``, delete all but
-    the ``keep_last`` complete step checkpoints with the largest steps. Collective. Returns the new checkpoint's path."""
+    the ``keep_last`` complete step checkpoints with the largest steps. Collective. Returns the new
+    checkpoint's path."""
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
     path = save(checkpoint_path(root, step), model, optimizer, extra_state=extra_state, step=step)

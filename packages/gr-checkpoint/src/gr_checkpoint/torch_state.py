@@ -2,8 +2,9 @@
 
 State dicts come from ``torch.distributed.checkpoint.state_dict`` (keys are parameter FQNs, with
 wrappers such as DDP's ``module.`` removed, and optimizer state keyed by FQN), so a checkpoint
-saved by a DDP model on N ranks loads into the bare model on M ranks. The state of modules
-holding dynamic tables is left out: those are saved by :mod:`gr_checkpoint.dynamic_tables`.
+saved by a DDP model on N ranks loads into the bare model on M ranks. Dynamic tables are not
+parameters and never appear here (see :mod:`gr_checkpoint.dynamic_tables`); the ordinary state
+of modules that hold them (e.g. the TorchRec tables a mixed sharded collection keeps) does.
 """
 
 from __future__ import annotations
@@ -14,71 +15,73 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
-from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
+from torchrec.optim.keyed import KeyedOptimizer
 
 from gr_checkpoint.errors import CheckpointMismatchError
 from gr_checkpoint.manifest import TensorSpec
 
-__all__ = ["TorchState", "check_tensor_specs", "collect_torch_state", "restore_torch_state", "tensor_specs"]
+__all__ = [
+    "SPARSE_OPTIMIZER",
+    "TorchState",
+    "check_tensor_specs",
+    "collect_torch_state",
+    "fused_optimizer",
+    "restore_torch_state",
+    "tensor_specs",
+]
 
 TorchState = dict[str, Any]
-"""``{"model": flat model state, "optimizer": optimizer state}`` (the latter only with an optimizer)."""
+"""``{"model": ..., "optimizer": ..., "sparse_optimizer": ...}`` state dicts (the last two optional)."""
 
-# Strictness is enforced by check_tensor_specs against the manifest, which also covers the keys
-# of dynamic modules deliberately absent from the state.
-_LOAD_OPTIONS = StateDictOptions(strict=False)
-
-
-def _state_dict_prefix(model: nn.Module, module_name: str) -> str:
-    """The key prefix of submodule ``module_name`` in DCP's state dict (DDP's ``module`` removed)."""
-    kept, module = [], model
-    for atom in module_name.split("."):
-        if not (isinstance(module, DistributedDataParallel) and atom == "module"):
-            kept.append(atom)
-        module = getattr(module, atom)
-    return ".".join(kept)
-
-
-def _without_prefixes(state: Mapping[str, Any], prefixes: list[str]) -> dict[str, Any]:
-    if "" in prefixes:  # the model itself holds the dynamic tables
-        return {}
-    starts = tuple(prefix + "." for prefix in prefixes)
-    return {key: value for key, value in state.items() if not key.startswith(starts)}
+SPARSE_OPTIMIZER = "sparse_optimizer"
 
 
 def collect_torch_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, excluded_modules: Iterable[str]
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, sparse_optimizer: KeyedOptimizer | None
 ) -> TorchState:
-    """The model's state (minus ``excluded_modules``) and, if given, the optimizer's.
+    """The state of ``model``, of ``optimizer`` and of ``sparse_optimizer`` (each if given).
 
-    With an optimizer whose state is still empty, DCP initializes it (a zero-gradient, zero-lr
-    step), so the result can also serve as the destination of a load.
+    DCP's state-dict functions do not know TorchRec's ``DistributedModelParallel``: they get the
+    module it wraps, whose keys are the same as the DMP's own state dict. With an optimizer whose
+    state is still empty, DCP initializes it (a zero-gradient, zero-lr step), so the result can
+    also serve as the destination of a load.
     """
-    prefixes = [_state_dict_prefix(model, name) for name in excluded_modules]
+    module = get_unwrapped_module(model)
     if optimizer is None:
-        return {"model": _without_prefixes(get_model_state_dict(model), prefixes)}
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    return {"model": _without_prefixes(model_state, prefixes), "optimizer": optimizer_state}
-
-
-def restore_torch_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: TorchState) -> None:
-    """Put a loaded :data:`TorchState` back into ``model`` and ``optimizer``."""
-    if optimizer is None:
-        set_model_state_dict(model, state["model"], options=_LOAD_OPTIONS)
+        state: TorchState = {"model": get_model_state_dict(module)}
     else:
-        set_state_dict(
-            model,
-            optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optimizer"],
-            options=_LOAD_OPTIONS,
-        )
+        model_state, optimizer_state = get_state_dict(module, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    if sparse_optimizer is not None:
+        state[SPARSE_OPTIMIZER] = sparse_optimizer.state_dict()
+    return state
+
+
+def fused_optimizer(model: nn.Module) -> KeyedOptimizer | None:
+    """The in-backward optimizer of TorchRec's sharded tables, if ``model`` is a ``DistributedModelParallel``."""
+    return model.fused_optimizer if isinstance(model, DistributedModelParallel) else None
+
+
+def restore_torch_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    sparse_optimizer: KeyedOptimizer | None,
+    state: TorchState,
+) -> None:
+    """Put a loaded :data:`TorchState` back into ``model``, ``optimizer`` and ``sparse_optimizer``."""
+    module = get_unwrapped_module(model)
+    if optimizer is None:
+        set_model_state_dict(module, state["model"])
+    else:
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if sparse_optimizer is not None:
+        sparse_optimizer.load_state_dict(state[SPARSE_OPTIMIZER])
 
 
 def _flat_tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -107,7 +110,9 @@ def tensor_specs(state: Any) -> dict[str, TensorSpec]:
 def check_tensor_specs(what: str, saved: Mapping[str, TensorSpec], current: Mapping[str, TensorSpec]) -> None:
     """Raise :class:`CheckpointMismatchError` naming every key whose presence, shape or dtype differs."""
     problems = [f"{what} key {key!r} is in the checkpoint but not in the {what}" for key in saved if key not in current]
-    problems += [f"{what} key {key!r} is in the {what} but not in the checkpoint" for key in current if key not in saved]
+    problems += [
+        f"{what} key {key!r} is in the {what} but not in the checkpoint" for key in current if key not in saved
+    ]
     problems += [
         f"{what} key {key!r}: checkpoint has {saved[key].describe()}, {what} has {current[key].describe()}"
         for key in saved

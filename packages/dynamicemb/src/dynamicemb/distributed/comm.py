@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
+from torchrec.distributed import comm_ops
 from torchrec.distributed.types import Awaitable
 
 __all__ = ["AllToAllAwaitable", "all_gather_counts", "all_to_all_with_grad", "comm_dtypes"]
@@ -28,7 +29,9 @@ class AllToAllAwaitable(Awaitable[torch.Tensor]):
     ) -> None:
         super().__init__()
         self._output = tensor.new_empty(sum(output_splits))
-        self._work = dist.all_to_all_single(self._output, tensor, output_splits, input_splits, group=group, async_op=True)
+        self._work = dist.all_to_all_single(
+            self._output, tensor, output_splits, input_splits, group=group, async_op=True
+        )
 
     def _wait_impl(self) -> torch.Tensor:
         if self._work is not None:
@@ -37,7 +40,11 @@ class AllToAllAwaitable(Awaitable[torch.Tensor]):
 
 
 def _exchange(
-    tensor: torch.Tensor, output_splits: list[int], input_splits: list[int], group: dist.ProcessGroup, dtype: torch.dtype
+    tensor: torch.Tensor,
+    output_splits: list[int],
+    input_splits: list[int],
+    group: dist.ProcessGroup,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     send = tensor.to(dtype).contiguous()
     out = send.new_empty(sum(output_splits))
@@ -47,7 +54,9 @@ def _exchange(
 
 class _AllToAllWithGrad(torch.autograd.Function):
     """Forward: all-to-all of ``[sum(input_splits)]`` -> ``[sum(output_splits)]`` sent in
-    ``forward_dtype``; backward: the reverse all-to-all of the gradient, sent in ``backward_dtype``."""
+    ``forward_dtype``; backward: the reverse all-to-all of the gradient, sent in ``backward_dtype``
+    and divided by the world size when TorchRec's gradient division is on (its default, see
+    ``torchrec.distributed.comm_ops.set_gradient_division``), as TorchRec's embedding all-to-alls do."""
 
     @staticmethod
     def forward(
@@ -68,7 +77,10 @@ class _AllToAllWithGrad(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:
         output_splits, input_splits = ctx.splits
-        return _exchange(grad, input_splits, output_splits, ctx.group, ctx.backward_dtype), None, None, None, None, None
+        grad_input = _exchange(grad, input_splits, output_splits, ctx.group, ctx.backward_dtype)
+        if comm_ops.get_gradient_division():
+            grad_input = grad_input / dist.get_world_size(ctx.group)
+        return grad_input, None, None, None, None, None
 
 
 def all_to_all_with_grad(
@@ -80,7 +92,8 @@ def all_to_all_with_grad(
     backward_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """All-to-all of a 1-D tensor that autograd differentiates (the gradient takes the reverse
-    route). ``forward_dtype`` / ``backward_dtype``: the dtype on the wire (default: the tensor's)."""
+    route and is divided by the world size under TorchRec's gradient division).
+    ``forward_dtype`` / ``backward_dtype``: the dtype on the wire (default: the tensor's)."""
     return _AllToAllWithGrad.apply(
         tensor, output_splits, input_splits, group, forward_dtype or tensor.dtype, backward_dtype or tensor.dtype
     )
@@ -89,7 +102,9 @@ def all_to_all_with_grad(
 _WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def comm_dtypes(qcomm_codecs_registry: dict[str, Any] | None, comm_op: str) -> tuple[torch.dtype | None, torch.dtype | None]:
+def comm_dtypes(
+    qcomm_codecs_registry: dict[str, Any] | None, comm_op: str
+) -> tuple[torch.dtype | None, torch.dtype | None]:
     """Wire dtypes (forward, backward) of ``comm_op`` (a TorchRec ``CommOp`` name) from a TorchRec
     ``qcomm_codecs_registry``; ``(None, None)`` when it has no entry. Only casts are applied (no
     fbgemm quantization kernel runs): FP32, FP16 and BF16 precisions are supported."""

@@ -105,7 +105,9 @@ class DynamicTableMemory:
         """Bytes in host memory (everything when the compute device is the CPU)."""
         if self.compute_on_device:
             return self.value_host_bytes
-        return self.index_bytes + self.value_device_bytes + self.value_host_bytes + self.cache_bytes + self.counter_bytes
+        return (
+            self.index_bytes + self.value_device_bytes + self.value_host_bytes + self.cache_bytes + self.counter_bytes
+        )
 
     @property
     def total_bytes(self) -> int:

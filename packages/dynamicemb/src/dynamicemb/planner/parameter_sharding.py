@@ -52,9 +52,7 @@ class DynamicEmbParameterSharding(ParameterSharding):
     def __post_init__(self) -> None:
         self.key_distribution = KeyDistribution(self.key_distribution)
         if self.sharding_type != ShardingType.ROW_WISE.value:
-            raise ValueError(
-                f"dynamic tables are sharded row-wise only, got sharding_type {self.sharding_type!r}"
-            )
+            raise ValueError(f"dynamic tables are sharded row-wise only, got sharding_type {self.sharding_type!r}")
         if self.compute_kernel != EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value:
             raise ValueError(
                 f"a dynamic table's compute_kernel must be {EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value!r}, "

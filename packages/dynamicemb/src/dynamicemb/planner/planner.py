@@ -122,7 +122,9 @@ class DynamicEmbeddingShardingPlanner(EmbeddingShardingPlanner):
             known = {config.name for config in eb_configs}
             unknown = sorted(set(constraints or {}) - known)
             if unknown:
-                raise ValueError(f"constraints name tables {unknown} that are not in eb_configs (tables {sorted(known)})")
+                raise ValueError(
+                    f"constraints name tables {unknown} that are not in eb_configs (tables {sorted(known)})"
+                )
         super().__init__(
             topology=topology,
             batch_size=batch_size,
@@ -188,7 +190,9 @@ class DynamicEmbeddingShardingPlanner(EmbeddingShardingPlanner):
             )
             spec = EnumerableShardingSpec(
                 [
-                    ShardMetadata(shard_offsets=offset, shard_sizes=size, placement=placement(compute_device, rank, local_size))
+                    ShardMetadata(
+                        shard_offsets=offset, shard_sizes=size, placement=placement(compute_device, rank, local_size)
+                    )
                     for rank, (size, offset) in enumerate(zip(sizes, offsets))
                 ]
             )

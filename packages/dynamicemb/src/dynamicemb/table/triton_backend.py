@@ -16,12 +16,14 @@ import triton
 
 from dynamicemb.table.base import InsertResult
 from dynamicemb.table.bucketed import BucketedHashTable, ScoreUpdate
-from dynamicemb.table.layout import TableStorage
+from dynamicemb.table.layout import TableStorage, hash_keys
 from dynamicemb.table.triton_kernels import (
+    DEFERRED,
     SCORE_ADD,
     SCORE_NONE,
     SCORE_PER_KEY,
     SCORE_VALUE,
+    evict_kernel,
     insert_kernel,
     lookup_kernel,
 )
@@ -49,9 +51,41 @@ def _reduce_duplicates(keys: torch.Tensor, update: ScoreUpdate) -> tuple[torch.T
     return unique, inverse, ScoreUpdate(values=largest)
 
 
+def _group_contenders(
+    storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, lanes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct deferred keys grouped by bucket, by descending score inside a bucket.
+
+    Returns ``(contenders [U], inverse [M], scores [U], order [M])``: the ``i``-th lane of
+    ``keys[order]`` is contender ``inverse[i]``.
+    """
+    h = hash_keys(keys)
+    if update.values is None and not update.accumulate:
+        # One score for the call; duplicates are possible. Ordering by the hash with the bucket bits
+        # on top groups buckets and puts equal keys side by side (the hash is a bijection).
+        bits = storage.num_buckets.bit_length() - 1
+        rotated = h if bits == 0 else (h << (64 - bits)) | ((h >> bits) & ((1 << (64 - bits)) - 1))
+        order = torch.argsort(rotated)
+        sorted_keys = keys[order]
+        first = torch.ones_like(sorted_keys, dtype=torch.bool)
+        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        contenders = sorted_keys[first]
+        return contenders, torch.cumsum(first, 0) - 1, torch.full_like(contenders, update.value), order
+    # Per-key scores come from distinct keys (see _reduce_duplicates).
+    assert update.values is not None
+    scores = update.values[lanes]
+    by_score = torch.argsort(scores, descending=True, stable=True)
+    order = by_score[torch.argsort((h & (storage.num_buckets - 1))[by_score], stable=True)]
+    return keys[order], torch.arange(keys.numel(), device=keys.device), scores[order], order
+
+
+# The insertion kernel needs BLOCK >= 32 * num_warps (see triton_kernels).
+_INSERT_WARPS = 4
+
+
 def _block_size(device: torch.device) -> int:
     # The interpreter pays per program instance, so it gets few large programs.
-    return 256 if device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1" else 128
+    return 256 if device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1" else 32 * _INSERT_WARPS
 
 
 class TritonHashTable(BucketedHashTable):
@@ -95,13 +129,10 @@ class TritonHashTable(BucketedHashTable):
         slots: torch.Tensor,
         update: ScoreUpdate,
         epoch: int,
-        evict: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inserts in place into ``slots``; returns per-lane (evicted flag, evicted key, its score)."""
+        defer_full: bool,
+    ) -> None:
+        """Inserts in place into ``slots``: free slots only; full buckets give ``DEFERRED`` or -1."""
         n = keys.numel()
-        evicted = torch.empty(n, dtype=torch.int8, device=keys.device)
-        evicted_keys = torch.empty(n, dtype=torch.int64, device=keys.device)
-        evicted_scores = torch.empty(n, dtype=torch.int64, device=keys.device)
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
         insert_kernel[(triton.cdiv(n, block),)](
@@ -109,11 +140,7 @@ class TritonHashTable(BucketedHashTable):
             n,
             found,
             slots,
-            evicted,
-            evicted_keys,
-            evicted_scores,
             storage.keys,
-            storage.digests,
             storage.digests.view(torch.int32),
             storage.scores,
             storage.epochs,
@@ -123,13 +150,55 @@ class TritonHashTable(BucketedHashTable):
             value,
             epoch,
             SCORE_MODE=mode,
-            EVICT=evict,
+            DEFER_FULL=defer_full,
             BUCKET=storage.bucket_capacity,
             GROUP=storage.group_size,
             NUM_GROUPS=storage.num_groups,
             BLOCK=block,
+            num_warps=_INSERT_WARPS,
         )
-        return evicted.view(torch.bool), evicted_keys, evicted_scores
+
+    def _evict_deferred(
+        self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, update: ScoreUpdate, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Place the deferred lanes of ``slots`` over low-score entries (in place); returns the
+        evicted ``(keys, slots, scores)``."""
+        lanes = (slots == DEFERRED.value).nonzero().squeeze(1)
+        if lanes.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=keys.device)
+            return empty, empty, empty
+        contenders, inverse, scores, order = _group_contenders(storage, keys[lanes], update, lanes)
+        buckets = hash_keys(contenders) & (storage.num_buckets - 1)
+        segment_bucket, segment_count = torch.unique_consecutive(buckets, return_counts=True)
+        segment_start = torch.cumsum(segment_count, 0) - segment_count
+        placed = torch.empty_like(contenders)
+        evicted = torch.empty(contenders.numel(), dtype=torch.int8, device=keys.device)
+        evicted_keys = torch.empty_like(contenders)
+        evicted_scores = torch.empty_like(contenders)
+        evict_kernel[(segment_bucket.numel(),)](
+            segment_bucket,
+            segment_start,
+            segment_count,
+            contenders,
+            scores,
+            placed,
+            evicted,
+            evicted_keys,
+            evicted_scores,
+            storage.keys,
+            storage.digests,
+            storage.scores,
+            storage.epochs,
+            storage.num_buckets,
+            epoch,
+            BUCKET=storage.bucket_capacity,
+            NUM_GROUPS=storage.num_groups,
+            CHUNK=16,
+            RANK_ROWS=min(16, storage.bucket_capacity),
+        )
+        slots[lanes[order]] = placed[inverse]
+        won = evicted.nonzero().squeeze(1)
+        return evicted_keys[won], placed[won], evicted_scores[won]
 
     def _lookup(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate | None
@@ -156,14 +225,17 @@ class TritonHashTable(BucketedHashTable):
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
     ) -> InsertResult:
         slots, found = self._launch_lookup(storage, keys, update, epoch)
-        evicted, evicted_keys, evicted_scores = self._launch_insert(storage, keys, found, slots, update, epoch, evict)
-        lanes = evicted.nonzero().squeeze(1)
-        return InsertResult(slots, found.view(torch.bool), evicted_keys[lanes], slots[lanes], evicted_scores[lanes])
+        self._launch_insert(storage, keys, found, slots, update, epoch, defer_full=evict)
+        if evict:
+            evicted_keys, evicted_slots, evicted_scores = self._evict_deferred(storage, keys, slots, update, epoch)
+        else:
+            evicted_keys = evicted_slots = evicted_scores = torch.zeros(0, dtype=torch.int64, device=keys.device)
+        return InsertResult(slots, found.view(torch.bool), evicted_keys, evicted_slots, evicted_scores)
 
     def _place_unique(self, storage: TableStorage, keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if keys.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=keys.device)
         found = torch.zeros(keys.numel(), dtype=torch.int8, device=keys.device)
         slots = torch.full((keys.numel(),), -1, dtype=torch.int64, device=keys.device)
-        self._launch_insert(storage, keys, found, slots, ScoreUpdate(values=scores), 0, evict=False)
+        self._launch_insert(storage, keys, found, slots, ScoreUpdate(values=scores), 0, defer_full=False)
         return slots

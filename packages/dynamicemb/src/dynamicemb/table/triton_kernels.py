@@ -1,12 +1,20 @@
 """Triton kernels of the bucketed table (layout: :mod:`dynamicemb.table.layout`).
 
 ``lookup_kernel`` finds keys (read-only probing, optional score update). ``insert_kernel`` inserts
-the keys a lookup did not find, lock-free: a lane claims a slot by a compare-and-swap of the 32-bit
-word holding four slots' state bytes (free -> ``BUSY``), writes key, score and epoch, then publishes
-the digest with an atomic xor (release). A lane that sees a ``BUSY`` slot in its probe sequence
-retries on the next pass, because that slot may be receiving its own key from a duplicate lane;
-together with claims that succeed only on a slot still in the state the lane chose it in, this
-keeps one copy of each key however many lanes carry it.
+the keys a lookup did not find at the first free slot of their probe sequence, lock-free: a lane
+claims a slot by a compare-and-swap of the 32-bit word holding four slots' state bytes (free ->
+``BUSY``), writes key, score and epoch, then publishes the digest with an atomic xor (release). A
+lane that sees a ``BUSY`` slot in its probe sequence retries on the next pass, because that slot may
+be receiving its own key from a duplicate lane; as free slots never come back within a call, a lane
+that finds no free slot and no copy of its key can defer it safely. ``evict_kernel`` then places the
+deferred keys (deduplicated and grouped by bucket on the host), one program per bucket, over the
+lowest-score entries the call has not touched.
+
+The insertion kernel keeps every per-lane value in a one-dimensional ``[BLOCK]`` layout (the probe
+reads four state bytes per 32-bit word instead of reducing ``[BLOCK, GROUP]`` tiles): an atomic's
+returned value is only reliable in the thread that issued it, and reductions produce layouts that
+replicate a lane across threads (triton-lang/triton#7402). ``BLOCK`` must be at least the number
+of threads of a program.
 
 ``gather_rows_kernel`` copies value rows by slot (see :mod:`dynamicemb.table.gather`).
 """
@@ -22,6 +30,7 @@ TOMBSTONE: tl.constexpr = tl.constexpr(1)
 BUSY: tl.constexpr = tl.constexpr(2)
 FIRST_DIGEST: tl.constexpr = tl.constexpr(3)
 NO_SLOT: tl.constexpr = tl.constexpr(9223372036854775807)
+DEFERRED: tl.constexpr = tl.constexpr(-2)
 
 # Score modes (how a call sets the score of a key it touches).
 SCORE_NONE: tl.constexpr = tl.constexpr(0)
@@ -117,11 +126,7 @@ def insert_kernel(
     n,
     found_ptr,
     slots_ptr,
-    evicted_ptr,
-    evicted_keys_ptr,
-    evicted_scores_ptr,
     keys_ptr,
-    digests_ptr,
     words_ptr,
     scores_ptr,
     epochs_ptr,
@@ -131,14 +136,16 @@ def insert_kernel(
     score_value,
     epoch,
     SCORE_MODE: tl.constexpr,
-    EVICT: tl.constexpr,
+    DEFER_FULL: tl.constexpr,
     BUCKET: tl.constexpr,
     GROUP: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Insert the keys with ``found == 0`` (a lookup with ``MARK_EPOCH`` ran before), writing their
-    slots (-1: refused) and, per lane, the entry it evicted. Per-key score modes need distinct keys."""
+    """Insert the keys with ``found == 0`` (a lookup with ``MARK_EPOCH`` ran before) at the first
+    free slot of their probe sequence. A key whose bucket has no free slot gets slot ``DEFERRED``
+    (``DEFER_FULL``, for :func:`evict_kernel`) or ``-1`` (refused). Per-key score modes need
+    distinct keys."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
@@ -146,46 +153,28 @@ def insert_kernel(
     found_before = tl.load(found_ptr + offs, mask=live, other=1) != 0
     slot = tl.load(slots_ptr + offs, mask=live, other=-1)
     score = _call_scores(offs, live, score_ptr, score_value, SCORE_MODE, BLOCK)
-    cols = tl.arange(0, GROUP)
-    evicted = tl.zeros([BLOCK], tl.int1)
-    evicted_key = tl.zeros([BLOCK], tl.int64)
-    evicted_score = tl.zeros([BLOCK], tl.int64)
     pending = live & ~found_before
     while tl.max(pending.to(tl.int32), axis=0) > 0:
         hit_slot = tl.full([BLOCK], NO_SLOT, tl.int64)
         free_slot = tl.full([BLOCK], NO_SLOT, tl.int64)
-        victim = tl.full([BLOCK], NO_SLOT, tl.int64)
-        victim_score = tl.full([BLOCK], NO_SLOT, tl.int64)
         busy = tl.zeros([BLOCK], tl.int1)
         scanning = pending
         r = 0
         while (r < NUM_GROUPS) & (tl.max(scanning.to(tl.int32), axis=0) > 0):
             first = bucket * BUCKET + ((group + r) & (NUM_GROUPS - 1)) * GROUP
-            pos = first[:, None] + cols[None, :]
-            scan = scanning[:, None]
-            dig = tl.load(digests_ptr + pos, mask=scan, other=EMPTY, volatile=True).to(tl.int32)
-            match = scan & (dig == digest[:, None])
-            held = tl.load(keys_ptr + pos, mask=match, other=0, volatile=True)
-            hit = tl.min(tl.where(match & (held == key[:, None]), pos, NO_SLOT), axis=1)
-            hit_slot = tl.minimum(hit_slot, hit)
-            busy = busy | (tl.max((scan & (dig == BUSY)).to(tl.int32), axis=1) > 0)
-            free = tl.min(tl.where(scan & (dig <= TOMBSTONE), pos, NO_SLOT), axis=1)
-            free_slot = tl.where(free_slot == NO_SLOT, free, free_slot)
-            if EVICT:
-                # Candidates to evict only while no free slot is known: entries untouched this call.
-                want = scan & (free_slot == NO_SLOT)[:, None] & (dig >= FIRST_DIGEST)
-                touched = tl.load(epochs_ptr + pos, mask=want, other=epoch, volatile=True) == epoch
-                held_score = tl.load(scores_ptr + pos, mask=want, other=0, volatile=True)
-                ranked = tl.where(want & ~touched, held_score, NO_SLOT)
-                low = tl.min(ranked, axis=1)
-                low_slot = tl.min(tl.where((ranked == low[:, None]) & want & ~touched, pos, NO_SLOT), axis=1)
-                better = (low_slot != NO_SLOT) & (
-                    (victim == NO_SLOT) | (low < victim_score) | ((low == victim_score) & (low_slot < victim))
-                )
-                victim = tl.where(better, low_slot, victim)
-                victim_score = tl.where(better, low, victim_score)
-            ended = tl.max((scan & (dig == EMPTY)).to(tl.int32), axis=1) > 0
-            scanning = scanning & (hit == NO_SLOT) & ~ended
+            ended = tl.zeros([BLOCK], tl.int1)
+            for w in tl.static_range(GROUP // 4):
+                word = tl.load(words_ptr + (first >> 2) + w, mask=scanning, other=0, volatile=True)
+                for b in tl.static_range(4):
+                    pos = first + (4 * w + b)
+                    dig = (word >> (8 * b)) & 0xFF
+                    match = scanning & (dig == digest)
+                    held = tl.load(keys_ptr + pos, mask=match, other=0, volatile=True)
+                    hit_slot = tl.where(match & (held == key) & (hit_slot == NO_SLOT), pos, hit_slot)
+                    busy = busy | (scanning & (dig == BUSY))
+                    free_slot = tl.where(scanning & (dig <= TOMBSTONE) & (free_slot == NO_SLOT), pos, free_slot)
+                    ended = ended | (scanning & (dig == EMPTY))
+            scanning = scanning & (hit_slot == NO_SLOT) & ~ended
             r += 1
 
         # A duplicate lane inserted this key already (duplicates share the call's scalar score).
@@ -194,47 +183,104 @@ def insert_kernel(
         pending = pending & ~dup
 
         trying = pending & ~busy
-        use_free = free_slot != NO_SLOT
-        target = tl.where(use_free, free_slot, victim)
-        refused = trying & ((target == NO_SLOT) | (~use_free & (score < victim_score)))
-        slot = tl.where(refused, -1, slot)
-        pending = pending & ~refused
-        attempt = trying & ~refused
+        full = trying & (free_slot == NO_SLOT)
+        if DEFER_FULL:
+            slot = tl.where(full, DEFERRED, slot)
+        else:
+            slot = tl.where(full, -1, slot)
+        pending = pending & ~full
+        attempt = trying & ~full
 
-        # Claim: CAS the target's state byte from the state it was chosen in to BUSY.
-        safe_target = tl.where(attempt, target, bucket * BUCKET)
-        word_ptr = words_ptr + (safe_target >> 2)
-        shift = ((safe_target & 3) * 8).to(tl.int32)
+        # Claim: CAS the target's state byte from free to BUSY, then publish the digest.
+        target = tl.where(attempt, free_slot, bucket * BUCKET)
+        word_ptr = words_ptr + (target >> 2)
+        shift = ((target & 3) * 8).to(tl.int32)
         word = tl.load(word_ptr, volatile=True)
-        state = (word >> shift) & 0xFF
-        valid = attempt & tl.where(use_free, state <= TOMBSTONE, state >= FIRST_DIGEST)
+        valid = attempt & (((word >> shift) & 0xFF) <= TOMBSTONE)
         claimed_word = (word & ~(0xFF << shift)) | (BUSY << shift)
         # Lanes without a valid claim swap a word for itself: no effect on memory.
         seen = tl.atomic_cas(word_ptr, tl.where(valid, word, 0), tl.where(valid, claimed_word, 0))
         won = valid & (seen == word)
-        # The entry may have been replaced by one of this call's keys since it was chosen.
-        stolen = won & ~use_free & (tl.load(epochs_ptr + safe_target, mask=won, other=0, volatile=True) == epoch)
-        tl.atomic_xor(word_ptr, (state ^ BUSY) << shift, mask=stolen)
-        won = won & ~stolen
-        replaced = won & ~use_free
-        old_key = tl.load(keys_ptr + safe_target, mask=replaced, other=0, volatile=True)
-        old_score = tl.load(scores_ptr + safe_target, mask=replaced, other=0, volatile=True)
-        evicted_key = tl.where(replaced, old_key, evicted_key)
-        evicted_score = tl.where(replaced, old_score, evicted_score)
-        evicted = evicted | replaced
-        tl.store(keys_ptr + safe_target, key, mask=won)
-        tl.store(scores_ptr + safe_target, score, mask=won)
-        tl.store(epochs_ptr + safe_target, tl.full([BLOCK], epoch, tl.int32), mask=won)
+        tl.store(keys_ptr + target, key, mask=won)
+        tl.store(scores_ptr + target, score, mask=won)
+        tl.store(epochs_ptr + target, tl.full([BLOCK], epoch, tl.int32), mask=won)
         tl.atomic_xor(word_ptr, (digest ^ BUSY) << shift, mask=won)
-        grown = tl.sum((won & use_free).to(tl.int64), axis=0)
+        grown = tl.sum(won.to(tl.int64), axis=0)
         if grown > 0:
             tl.atomic_add(size_ptr, grown)
         slot = tl.where(won, target, slot)
         pending = pending & ~won
     tl.store(slots_ptr + offs, slot, mask=live)
-    tl.store(evicted_ptr + offs, evicted.to(tl.int8), mask=live)
-    tl.store(evicted_keys_ptr + offs, evicted_key, mask=live)
-    tl.store(evicted_scores_ptr + offs, evicted_score, mask=live)
+
+
+@triton.jit
+def evict_kernel(
+    segment_bucket_ptr,
+    segment_start_ptr,
+    segment_count_ptr,
+    query_ptr,
+    query_scores_ptr,
+    slots_ptr,
+    evicted_ptr,
+    evicted_keys_ptr,
+    evicted_scores_ptr,
+    keys_ptr,
+    digests_ptr,
+    scores_ptr,
+    epochs_ptr,
+    num_buckets,
+    epoch,
+    BUCKET: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    RANK_ROWS: tl.constexpr,
+):
+    """One program per full bucket: its contenders (distinct keys, ordered by descending score)
+    take the entries not touched by this call in ascending (score, slot) order; a contender whose
+    score is lower than its entry's is refused. The program owns the bucket, so no atomics."""
+    pid = tl.program_id(0)
+    bucket = tl.load(segment_bucket_ptr + pid)
+    start = tl.load(segment_start_ptr + pid)
+    count = tl.load(segment_count_ptr + pid)
+    cols = tl.arange(0, BUCKET)
+    slots = bucket * BUCKET + cols
+    held_keys = tl.load(keys_ptr + slots)
+    held_scores = tl.load(scores_ptr + slots)
+    candidate = (tl.load(digests_ptr + slots).to(tl.int32) >= FIRST_DIGEST) & (tl.load(epochs_ptr + slots) != epoch)
+    # Rank of each candidate among the candidates by (score, slot), counted over row chunks.
+    rank = tl.zeros([BUCKET], tl.int32)
+    for row in tl.static_range(0, BUCKET, RANK_ROWS):
+        rows = row + tl.arange(0, RANK_ROWS)
+        row_slots = bucket * BUCKET + rows
+        row_scores = tl.load(scores_ptr + row_slots)
+        row_candidate = (tl.load(digests_ptr + row_slots).to(tl.int32) >= FIRST_DIGEST) & (
+            tl.load(epochs_ptr + row_slots) != epoch
+        )
+        lower = (row_scores[:, None] < held_scores[None, :]) | (
+            (row_scores[:, None] == held_scores[None, :]) & (rows[:, None] < cols[None, :])
+        )
+        rank += tl.sum((row_candidate[:, None] & lower).to(tl.int32), axis=0)
+    rank = tl.where(candidate, rank, BUCKET)
+    for chunk in range(0, count, CHUNK):
+        k = chunk + tl.arange(0, CHUNK)
+        live = k < count
+        key = tl.load(query_ptr + start + k, mask=live, other=0)
+        score = tl.load(query_scores_ptr + start + k, mask=live, other=0)
+        _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
+        pick = (rank[None, :] == k[:, None]) & live[:, None]
+        has = tl.max(pick.to(tl.int32), axis=1) > 0
+        victim = tl.sum(tl.where(pick, slots[None, :], 0), axis=1)
+        victim_key = tl.sum(tl.where(pick, held_keys[None, :], 0), axis=1)
+        victim_score = tl.sum(tl.where(pick, held_scores[None, :], 0), axis=1)
+        won = live & has & (score >= victim_score)
+        tl.store(keys_ptr + victim, key, mask=won)
+        tl.store(scores_ptr + victim, score, mask=won)
+        tl.store(epochs_ptr + victim, tl.full([CHUNK], epoch, tl.int32), mask=won)
+        tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
+        tl.store(slots_ptr + start + k, tl.where(won, victim, -1), mask=live)
+        tl.store(evicted_ptr + start + k, won.to(tl.int8), mask=live)
+        tl.store(evicted_keys_ptr + start + k, victim_key, mask=live)
+        tl.store(evicted_scores_ptr + start + k, victim_score, mask=live)
 
 
 @triton.jit

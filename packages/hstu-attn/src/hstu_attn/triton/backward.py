@@ -309,11 +309,13 @@ def hstu_attn_backward_dkdv_kernel(
     ctx_end, lo, full_lo, full_hi, hi = key_block_row_ranges(
         n0, n, u, contextual_seq_len, max_attn_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW
     )
+    # Spans: contextual rows, masked edge, unmasked interior, masked edge. With a bias the interior split is
+    # skipped (span 1 covers [lo, hi)): half the code to compile.
+    split: tl.constexpr = not (HAS_RAB or HAS_POS or HAS_TIME)
     spans_start = (0, lo, full_lo, full_hi)
-    spans_end = (ctx_end, full_lo, full_hi, hi)
+    spans_end = (ctx_end, full_lo if split else hi, full_hi, hi)
     for span in tl.static_range(4):
-        # span 0 holds contextual query rows: compiled only when they can exist
-        if span != 0 or HAS_CONTEXT:
+        if (span != 0 or HAS_CONTEXT) and (split or (span != 2 and span != 3)):
             dk, dv, time_acc = _backward_dkdv_span(
                 dk,
                 dv,
@@ -586,10 +588,13 @@ def hstu_attn_backward_dq_kernel(
         m0, n, u, contextual_seq_len, max_attn_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW
     )
     dq = tl.zeros([BLOCK_M, DQK], dtype=tl.float32)
+    # Spans: contextual columns, masked left edge, unmasked interior, masked right edge, target diagonal.
+    # With a bias the interior split is skipped (span 1 covers [lo, hi)): half the code to compile.
+    split: tl.constexpr = not (HAS_RAB or HAS_POS or HAS_TIME)
     spans_start = (0, lo, full_lo, full_hi, diag_lo)
-    spans_end = (ctx_end, full_lo, full_hi, hi, diag_hi)
+    spans_end = (ctx_end, full_lo if split else hi, full_hi, hi, diag_hi)
     for span in tl.static_range(5):
-        if (span != 0 or HAS_CONTEXT) and (span != 4 or HAS_TARGETS):
+        if (span != 0 or HAS_CONTEXT) and (span != 4 or HAS_TARGETS) and (split or (span != 2 and span != 3)):
             dq = _backward_dq_span(
                 dq,
                 q,

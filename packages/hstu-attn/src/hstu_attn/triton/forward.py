@@ -207,11 +207,13 @@ def hstu_attn_forward_kernel(
         m0, n, u, contextual_seq_len, max_attn_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW
     )
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    # Spans: contextual columns, masked left edge, unmasked interior, masked right edge, target diagonal.
+    # With a bias the interior split is skipped (span 1 covers [lo, hi)): half the code to compile.
+    split: tl.constexpr = not (HAS_RAB or HAS_POS or HAS_TIME)
     spans_start = (0, lo, full_lo, full_hi, diag_lo)
-    spans_end = (ctx_end, full_lo, full_hi, hi, diag_hi)
+    spans_end = (ctx_end, full_lo if split else hi, full_hi, hi, diag_hi)
     for span in tl.static_range(5):
-        # span 0 holds contextual columns, span 4 the diagonal of target rows: compiled only when they can exist
-        if (span != 0 or HAS_CONTEXT) and (span != 4 or HAS_TARGETS):
+        if (span != 0 or HAS_CONTEXT) and (span != 4 or HAS_TARGETS) and (split or (span != 2 and span != 3)):
             acc = _forward_span(
                 acc,
                 q,

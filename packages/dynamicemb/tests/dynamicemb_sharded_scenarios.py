@@ -1,0 +1,728 @@
+"""Multi-process scenarios of sharded dynamic tables (run by ``dynamicemb_sharded_harness``).
+
+Each scenario runs on every rank of a 3-process gloo world and uses a subgroup of 1, 2 or 3 of
+them; it raises on failure. References are computed on every rank with unsharded modules over the
+global batch (the concatenation of every rank's batch) with the loss divided by the world size:
+TorchRec divides embedding gradients by the world size (``comm_ops`` gradient division) and DDP
+averages dense gradients, so that is the sharded models' objective.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+from torchrec.distributed.planner import ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dynamicemb import (
+    DynamicEmbDump,
+    DynamicEmbeddingBagCollection,
+    DynamicEmbeddingCollection,
+    DynamicEmbInitializerArgs,
+    DynamicEmbInitializerMode,
+    DynamicEmbTableOptions,
+)
+from dynamicemb.distributed import (
+    DynamicEmbeddingBagCollectionSharder,
+    DynamicEmbeddingCollectionSharder,
+    ShardedDynamicEmbeddingBagCollection,
+    ShardedDynamicEmbeddingCollection,
+    dump_sharded,
+    find_sharded_modules,
+    get_sharded_score,
+    incremental_dump_sharded,
+    load_sharded,
+    owner_ranks,
+)
+from dynamicemb.embedding_table import DynamicEmbeddingTable
+from dynamicemb.planner import (
+    DynamicEmbeddingEnumerator,
+    DynamicEmbeddingShardingPlanner,
+    DynamicEmbParameterConstraints,
+    KeyDistribution,
+)
+
+DIM = 8
+INT64_MIN, INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+HASH, MODULO = KeyDistribution.HASH, KeyDistribution.MODULO
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Env:
+    """This rank and the groups of the first 1, 2 and 3 ranks (``None`` where it is not a member)."""
+
+    rank: int
+    groups: dict[int, dist.ProcessGroup | None]
+    folder: str
+
+    @classmethod
+    def create(cls, rank: int, folder: str) -> Env:
+        groups: dict[int, dist.ProcessGroup | None] = {}
+        for size in (1, 2):
+            group = dist.new_group(list(range(size)))
+            groups[size] = group if rank < size else None
+        groups[3] = dist.group.WORLD
+        if rank == 0:
+            os.makedirs(folder, exist_ok=True)
+        dist.barrier()
+        return cls(rank, groups, folder)
+
+
+# --- building blocks --------------------------------------------------------------------------------
+def dyadic(shape: tuple[int, ...], seed: int, scale: int = 16) -> torch.Tensor:
+    """Random multiples of 1/scale in [-0.5, 0.5): sums and halvings of them are exact in float32."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(-scale // 2, scale // 2, shape, generator=generator).float() / scale
+
+
+def make_kjt(features: list[str], bags: dict[str, list[list[int]]]) -> KeyedJaggedTensor:
+    values = [k for f in features for bag in bags[f] for k in bag]
+    lengths = [len(bag) for f in features for bag in bags[f]]
+    return KeyedJaggedTensor(
+        keys=list(features),
+        values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int64),
+    )
+
+
+def global_bags(per_rank: list[dict[str, list[list[int]]]], features: list[str]) -> dict[str, list[list[int]]]:
+    return {f: [bag for bags in per_rank for bag in bags[f]] for f in features}
+
+
+def random_bags(features: list[str], batch: int, seed: int, low: int, high: int) -> dict[str, list[list[int]]]:
+    generator = torch.Generator().manual_seed(seed)
+    bags: dict[str, list[list[int]]] = {}
+    for f in features:
+        lengths = torch.randint(0, 4, (batch,), generator=generator).tolist()
+        bags[f] = [torch.randint(low, high, (n,), generator=generator).tolist() for n in lengths]
+    return bags
+
+
+def keys_owned_by(rank: int, world_size: int, distribution: KeyDistribution, count: int, start: int) -> list[int]:
+    candidates = torch.arange(start, start + 64 * count * world_size)
+    mine = candidates[owner_ranks(candidates, world_size, distribution) == rank]
+    return mine[:count].tolist()
+
+
+def shard(
+    module: nn.Module,
+    constraints: dict[str, ParameterConstraints],
+    sharders: list[Any],
+    group: dist.ProcessGroup,
+) -> DistributedModelParallel:
+    """Plan with the dynamicemb planner over ``group`` and wrap ``module`` in DMP, as seed 004 does."""
+    world_size = dist.get_world_size(group)
+    topology = Topology(world_size=world_size, local_world_size=world_size, compute_device="cpu")
+    planner = DynamicEmbeddingShardingPlanner(
+        topology=topology,
+        constraints=constraints,
+        batch_size=8,
+        enumerator=DynamicEmbeddingEnumerator(topology=topology, constraints=constraints),
+        storage_reservation=HeuristicalStorageReservation(percentage=0.05),
+        debug=False,
+    )
+    plan = planner.collective_plan(module, sharders, group)
+    return DistributedModelParallel(
+        module, env=ShardingEnv.from_process_group(group), device=CPU, sharders=sharders, plan=plan
+    )
+
+
+def shards_of(model: nn.Module) -> dict[str, DynamicEmbeddingTable]:
+    """This rank's shard of every dynamic table of ``model``, by table name."""
+    return {name: t for m in find_sharded_modules(model).values() for name, t in m.dynamic_embedding_tables().items()}
+
+
+def rows_of(table: DynamicEmbeddingTable) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """key -> (embedding, optimizer state) of every stored row."""
+    rows = {}
+    for keys, embeddings, state, _ in table.export():
+        for k, e, s in zip(keys.tolist(), embeddings, state):
+            rows[k] = (e.clone(), s.clone())
+    return rows
+
+
+def preload(
+    table: DynamicEmbeddingTable, rows: dict[int, torch.Tensor], world_size: int, rank: int, distribution: KeyDistribution
+) -> None:
+    """Store the rows of ``rows`` this rank owns (all of them with ``world_size`` 1)."""
+    keys = torch.tensor(sorted(rows), dtype=torch.int64)
+    mine = keys[owner_ranks(keys, world_size, distribution) == rank]
+    if mine.numel():
+        embeddings = torch.stack([rows[k] for k in mine.tolist()])
+        table.import_rows(mine, embeddings, None, torch.zeros_like(mine))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, exact: bool, what: str) -> None:
+    if exact:
+        assert torch.equal(actual, expected), f"{what}: not bitwise equal, max diff {(actual - expected).abs().max()}"
+    else:
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+def assert_shards_match(
+    shards: dict[str, DynamicEmbeddingTable],
+    reference: dict[str, DynamicEmbeddingTable],
+    group: dist.ProcessGroup,
+    distributions: dict[str, KeyDistribution],
+    exact: bool,
+) -> None:
+    """Every shard holds exactly the reference rows (embedding and optimizer state) of the keys it owns."""
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    for name, shard_table in shards.items():
+        expected = rows_of(reference[name])
+        got = rows_of(shard_table)
+        keys = torch.tensor(sorted(got), dtype=torch.int64)
+        assert bool((owner_ranks(keys, world_size, distributions[name]) == rank).all()), f"{name}: a key on the wrong rank"
+        for key, (embedding, state) in got.items():
+            assert key in expected, f"{name}: key {key} is not in the reference"
+            assert_close(embedding, expected[key][0], exact, f"{name} key {key} embedding")
+            assert_close(state, expected[key][1], exact, f"{name} key {key} optimizer state")
+        total = torch.tensor([len(got)])
+        dist.all_reduce(total, group=group)
+        assert int(total) == len(expected), f"{name}: {int(total)} rows over the shards, {len(expected)} in the reference"
+        steps = [None] * world_size
+        dist.all_gather_object(steps, shard_table.optimizer.step, group=group)
+        assert set(steps) == {reference[name].optimizer.step}, f"{name}: steps {steps} vs {reference[name].optimizer.step}"
+
+
+# --- equivalence with the unsharded collection --------------------------------------------------------
+EC_FEATURES = ["f1", "f2", "f3"]
+
+
+def ec_configs(num_embeddings: int = 512) -> list[EmbeddingConfig]:
+    return [
+        EmbeddingConfig(name="t", embedding_dim=DIM, num_embeddings=num_embeddings, feature_names=["f1", "f2"]),
+        EmbeddingConfig(name="u", embedding_dim=DIM, num_embeddings=num_embeddings, feature_names=["f3"]),
+    ]
+
+
+def equivalence_batches(world_size: int, distribution: KeyDistribution) -> list[list[dict[str, list[list[int]]]]]:
+    """Per step, per rank, the bags of every feature: ordinary ids; an empty feature, all-duplicate
+    ids and a table no rank uses; int64 extremes and a table only one owner gets ids of."""
+    steps = [[random_bags(EC_FEATURES, 3, 100 + r, -20, 40) for r in range(world_size)]]
+    step = []
+    for r in range(world_size):
+        bags = random_bags(EC_FEATURES, 3, 200 + r, 0, 30)
+        bags["f3"] = [[], [], []]
+        if r == 0:
+            bags["f2"] = [[], [], []]
+        else:
+            bags["f1"] = [[7, 7], [7], [7, 7, 7]]
+        step.append(bags)
+    steps.append(step)
+    only_rank0 = keys_owned_by(0, world_size, distribution, 3, 1000)
+    step = []
+    for r in range(world_size):
+        bags = random_bags(EC_FEATURES, 3, 300 + r, 0, 30)
+        bags["f1"] = [[INT64_MIN, INT64_MAX], [-1, 0], [-(2**40), INT64_MAX, 5]]
+        bags["f3"] = [[only_rank0[0]], [only_rank0[1], only_rank0[2]], []]
+        step.append(bags)
+    steps.append(step)
+    steps.append([random_bags(EC_FEATURES, 3, 400 + r, -20, 40) for r in range(world_size)])
+    return steps
+
+
+def run_equivalence(
+    env: Env,
+    world_size: int,
+    fused_params: dict[str, Any],
+    distribution: KeyDistribution,
+    dedup_variants: tuple[bool, ...],
+    exact: bool,
+    qcomm_codecs_registry: dict[str, Any] | None = None,
+) -> None:
+    group = env.groups[world_size]
+    if group is None:
+        return
+    rank = dist.get_rank(group)
+    options = DynamicEmbTableOptions(
+        initializer_args=DynamicEmbInitializerArgs(mode=DynamicEmbInitializerMode.CONSTANT, value=0.25)
+    )
+    initial = {k: dyadic((DIM,), seed=k + 50) for k in range(-20, 40, 2)}
+    reference = DynamicEmbeddingCollection(ec_configs(), device=CPU, table_options=options, optimizer=fused_params)
+    for table in reference.dynamic_embedding_tables().values():
+        preload(table, initial, 1, 0, distribution)
+    models = []
+    for dedup in dedup_variants:
+        constraints = {
+            name: DynamicEmbParameterConstraints(
+                sharding_types=[ShardingType.ROW_WISE.value],
+                use_dynamicemb=True,
+                dynamicemb_options=options,
+                key_distribution=distribution,
+            )
+            for name in ("t", "u")
+        }
+        sharder = DynamicEmbeddingCollectionSharder(
+            qcomm_codecs_registry=qcomm_codecs_registry, fused_params=fused_params, use_index_dedup=dedup
+        )
+        model = shard(EmbeddingCollection(tables=ec_configs(), device=torch.device("meta")), constraints, [sharder], group)
+        for table in shards_of(model).values():
+            preload(table, initial, world_size, rank, distribution)
+        models.append(model)
+    for step, per_rank in enumerate(equivalence_batches(world_size, distribution)):
+        full = global_bags(per_rank, EC_FEATURES)
+        expected = reference(make_kjt(EC_FEATURES, full))
+        loss = torch.zeros(())
+        mine: dict[str, slice] = {}
+        weights: dict[str, torch.Tensor] = {}
+        for i, f in enumerate(EC_FEATURES):
+            sizes = [sum(len(bag) for bag in bags[f]) for bags in per_rank]
+            start = sum(sizes[:rank])
+            mine[f] = slice(start, start + sizes[rank])
+            weights[f] = dyadic((sum(sizes), DIM), seed=1000 * step + i, scale=4)
+            loss = loss + (expected[f].values() * weights[f]).sum()
+        (loss / world_size).backward()
+        for model in models:
+            out = model(make_kjt(EC_FEATURES, per_rank[rank]))
+            local_loss = torch.zeros(())
+            for f in EC_FEATURES:
+                assert_close(out[f].values(), expected[f].values()[mine[f]].detach(), exact, f"step {step} {f}")
+                assert torch.equal(out[f].lengths(), torch.tensor([len(b) for b in per_rank[rank][f]]))
+                local_loss = local_loss + (out[f].values() * weights[f][mine[f]]).sum()
+            local_loss.backward()
+    distributions = {"t": distribution, "u": distribution}
+    for model in models:
+        assert_shards_match(shards_of(model), reference.dynamic_embedding_tables(), group, distributions, exact)
+
+
+SGD = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.5}
+ADAM = {"optimizer": EmbOptimType.ADAM, "learning_rate": 0.05, "eps": 1e-6, "weight_decay": 0.01}
+
+
+def equivalence_sgd_dedup_on_off_two_ranks(env: Env) -> None:
+    """Dyadic rows, weights and learning rate: sharded == unsharded bitwise, with dedup on and off."""
+    run_equivalence(env, 2, SGD, HASH, (True, False), exact=True)
+
+
+def equivalence_adam_modulo_two_ranks(env: Env) -> None:
+    run_equivalence(env, 2, ADAM, MODULO, (True, False), exact=False)
+
+
+def equivalence_adam_hash_three_ranks(env: Env) -> None:
+    run_equivalence(env, 3, ADAM, HASH, (True,), exact=False)
+
+
+def equivalence_rowwise_adagrad_one_rank(env: Env) -> None:
+    fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1, "eps": 1e-6}
+    run_equivalence(env, 1, fused, HASH, (True,), exact=False)
+
+
+def fp16_wire_two_ranks(env: Env) -> None:
+    """A FP16 qcomm codec sends embeddings and gradients as float16: results within fp16 precision."""
+    group = env.groups[2]
+    if group is None:
+        return
+    registry = get_qcomm_codecs_registry(
+        QCommsConfig(forward_precision=CommType.FP16, backward_precision=CommType.FP16)
+    )
+    sharder = DynamicEmbeddingCollectionSharder(qcomm_codecs_registry=registry, fused_params=SGD)
+    constraints = {n: DynamicEmbParameterConstraints(use_dynamicemb=True) for n in ("t", "u")}
+    model = shard(EmbeddingCollection(tables=ec_configs(), device=torch.device("meta")), constraints, [sharder], group)
+    rank = dist.get_rank(group)
+    initial = {k: torch.randn(DIM, generator=torch.Generator().manual_seed(k + 7)) for k in range(30)}
+    for table in shards_of(model).values():
+        preload(table, initial, 2, rank, HASH)
+    bags = random_bags(EC_FEATURES, 4, 10 + rank, 0, 30)
+    out = model(make_kjt(EC_FEATURES, bags))
+    for f, jt in out.items():
+        ids = [k for bag in bags[f] for k in bag]
+        expected = torch.stack([initial[k] for k in ids]) if ids else torch.zeros(0, DIM)
+        torch.testing.assert_close(jt.values().detach(), expected, rtol=1e-3, atol=1e-3)
+        assert not torch.equal(jt.values().detach(), expected) or not ids or all(
+            torch.equal(e.half().float(), e) for e in expected
+        ), "the values did not travel as float16"
+
+
+# --- equivalence with TorchRec's static row-wise table ----------------------------------------------------
+def static_rows(model: nn.Module, key: str) -> list[tuple[int, torch.Tensor]]:
+    """(row offset, local rows) of every local shard of state dict entry ``key``."""
+    value = model.state_dict()[key]
+    if hasattr(value, "local_shards"):
+        return [(s.metadata.shard_offsets[0], s.tensor) for s in value.local_shards()]
+    return [(0, value)]
+
+
+def set_static_rows(model: nn.Module, key: str, rows: torch.Tensor) -> None:
+    for offset, tensor in static_rows(model, key):
+        with torch.no_grad():
+            tensor.copy_(rows[offset : offset + tensor.shape[0]])
+
+
+def torchrec_static_equivalence(env: Env) -> None:
+    """A dynamic table == TorchRec's fused row-wise table (fbgemm CPU TBE) with the same initial
+    rows and optimizer, with no eviction: same outputs at every step and same rows after."""
+    group = env.groups[2]
+    if group is None:
+        return
+    rank = dist.get_rank(group)
+    rows = 64
+    config = [EmbeddingConfig(name="s", embedding_dim=DIM, num_embeddings=rows, feature_names=["a"])]
+    initial = dyadic((rows, DIM), seed=5)
+    optimizers = [
+        {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.25},
+        {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1, "eps": 1e-8},
+        {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.1, "eps": 1e-8},
+    ]
+    for fused in optimizers:
+        static = shard(
+            EmbeddingCollection(tables=config, device=torch.device("meta")),
+            {"s": ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value])},
+            [DynamicEmbeddingCollectionSharder(fused_params=fused)],
+            group,
+        )
+        set_static_rows(static, "embeddings.s.weight", initial)
+        dynamic = shard(
+            EmbeddingCollection(tables=config, device=torch.device("meta")),
+            {"s": DynamicEmbParameterConstraints(use_dynamicemb=True, key_distribution=MODULO)},
+            [DynamicEmbeddingCollectionSharder(fused_params=fused, use_index_dedup=True)],
+            group,
+        )
+        assert isinstance(find_sharded_modules(dynamic)["_root"], ShardedDynamicEmbeddingCollection)
+        preload(shards_of(dynamic)["s"], dict(enumerate(initial)), 2, rank, MODULO)
+        for step in range(3):
+            bags = random_bags(["a"], 4, 30 * step + rank, 0, rows)
+            kjt = make_kjt(["a"], bags)
+            ours, theirs = dynamic(kjt)["a"].values(), static(kjt)["a"].values()
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+            weights = dyadic(tuple(ours.shape), seed=step + 3, scale=4)
+            (ours * weights).sum().backward()
+            (theirs * weights).sum().backward()
+        every_key = make_kjt(["a"], {"a": [list(range(rows))]})
+        dynamic.eval()
+        static.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(dynamic(every_key)["a"].values(), static(every_key)["a"].values(), rtol=1e-5, atol=1e-6)
+
+
+# --- a mixed model: dynamic and ordinary tables in one DMP, dense optimizer for the rest ------------------
+MIXED_FEATURES = ["x", "y", "z", "w"]
+
+
+def mixed_configs() -> tuple[list[EmbeddingConfig], list[EmbeddingBagConfig]]:
+    ec = [
+        EmbeddingConfig(name="dyn", embedding_dim=DIM, num_embeddings=256, feature_names=["x"]),
+        EmbeddingConfig(name="rw", embedding_dim=DIM, num_embeddings=32, feature_names=["y"]),
+        EmbeddingConfig(name="tw", embedding_dim=DIM, num_embeddings=32, feature_names=["z"]),
+        EmbeddingConfig(name="dp", embedding_dim=DIM, num_embeddings=32, feature_names=["w"]),
+    ]
+    ebc = [
+        EmbeddingBagConfig(name="bag_dyn", embedding_dim=DIM, num_embeddings=256, feature_names=["x"], pooling=PoolingType.MEAN),
+        EmbeddingBagConfig(name="bag_rw", embedding_dim=DIM, num_embeddings=32, feature_names=["y"], pooling=PoolingType.SUM),
+    ]  # fmt: skip
+    return ec, ebc
+
+
+class MixedModel(nn.Module):
+    """Sequence and pooled embeddings into two small dense layers; ``ec`` / ``ebc`` are any
+    modules mapping the KJT to ``Dict[str, JaggedTensor]`` / a ``KeyedTensor`` (or a pair of them)."""
+
+    def __init__(self, ec: nn.Module, ebc: nn.Module) -> None:
+        super().__init__()
+        self.ec = ec
+        self.ebc = ebc
+        self.seq_head = nn.Linear(DIM, 1)
+        self.pool_head = nn.Linear(2 * DIM, 1)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        seq = self.ec(kjt)
+        pooled = self.ebc(kjt)
+        seq_values = {f: seq[f].values() for f in MIXED_FEATURES}
+        seq_loss = sum(self.seq_head(v).square().sum() for v in seq_values.values())
+        pooled_loss = self.pool_head(pooled.values()).square().sum()
+        return seq_loss + pooled_loss, {**seq_values, "pooled": pooled.values()}
+
+
+class _Merged(nn.Module):
+    """The reference's collections: an unsharded TorchRec module and a dynamic one side by side."""
+
+    def __init__(self, static: nn.Module, dynamic: nn.Module, pooled: bool) -> None:
+        super().__init__()
+        self.static, self.dynamic, self.pooled = static, dynamic, pooled
+
+    def forward(self, kjt: KeyedJaggedTensor) -> Any:
+        a, b = self.static(kjt), self.dynamic(kjt)
+        if not self.pooled:
+            return {**a, **b}
+        from torchrec.sparse.jagged_tensor import KeyedTensor
+
+        merged = {**b.to_dict(), **a.to_dict()}
+        return KeyedTensor(keys=["x", "y"], length_per_key=[DIM, DIM], values=torch.cat([merged["x"], merged["y"]], 1))
+
+
+def mixed_model_matches_unsharded_reference(env: Env) -> None:
+    """One DMP holding dynamic tables (EC and EBC) beside static row-wise, table-wise and
+    data-parallel tables and two dense layers, trained with a dense SGD: equal to the unsharded
+    model trained on the global batch, step after step."""
+    group = env.groups[2]
+    if group is None:
+        return
+    rank, world_size = dist.get_rank(group), 2
+    lr = 0.125
+    fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr}
+    ec_cfg, ebc_cfg = mixed_configs()
+    torch.manual_seed(0)
+    dense_init = MixedModel(nn.Identity(), nn.Identity())
+    static_rows_init = {c.name: dyadic((c.num_embeddings, DIM), seed=len(c.name)) for c in ec_cfg + ebc_cfg}
+    dyn_init = {k: dyadic((DIM,), seed=k + 900) for k in range(-8, 24)}
+
+    constraints = {
+        "dyn": DynamicEmbParameterConstraints(use_dynamicemb=True, key_distribution=HASH),
+        "rw": ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]),
+        "tw": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]),
+        "dp": ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value]),
+        "bag_dyn": DynamicEmbParameterConstraints(use_dynamicemb=True, key_distribution=MODULO),
+        "bag_rw": ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]),
+    }
+    sharded = MixedModel(
+        EmbeddingCollection(tables=ec_cfg, device=torch.device("meta")),
+        EmbeddingBagCollection(tables=ebc_cfg, device=torch.device("meta")),
+    )
+    sharded.load_state_dict(dense_init.state_dict(), strict=False)
+    sharders = [
+        DynamicEmbeddingCollectionSharder(fused_params=fused, use_index_dedup=True),
+        DynamicEmbeddingBagCollectionSharder(fused_params=fused, use_index_dedup=True),
+    ]
+    dmp = shard(sharded, constraints, sharders, group)
+    assert isinstance(dmp.module.ec, ShardedDynamicEmbeddingCollection)
+    assert isinstance(dmp.module.ebc, ShardedDynamicEmbeddingBagCollection)
+    state_keys = set(dmp.state_dict())
+    for key in ("ec.embeddings.rw.weight", "ec.embeddings.tw.weight", "ec.embeddings.dp.weight", "ebc.embedding_bags.bag_rw.weight"):
+        assert key in state_keys, f"{key} missing from the state dict keys {sorted(state_keys)}"
+        name = key.split(".")[-2]
+        set_static_rows(dmp, key, static_rows_init[name])
+    for name, table in shards_of(dmp).items():
+        preload(table, dyn_init, world_size, rank, constraints[name].key_distribution)  # type: ignore[attr-defined]
+    dense_optimizer = torch.optim.SGD(dmp.parameters(), lr=lr)
+
+    static_ec = EmbeddingCollection(tables=[c for c in ec_cfg if c.name != "dyn"], device=CPU)
+    static_ebc = EmbeddingBagCollection(tables=[c for c in ebc_cfg if c.name != "bag_dyn"], device=CPU)
+    with torch.no_grad():
+        for name, module in list(static_ec.embeddings.items()) + list(static_ebc.embedding_bags.items()):
+            module.weight.copy_(static_rows_init[name])
+    dyn_ec = DynamicEmbeddingCollection([ec_cfg[0]], device=CPU, optimizer=fused)
+    dyn_ebc = DynamicEmbeddingBagCollection([ebc_cfg[0]], device=CPU, optimizer=fused)
+    preload(dyn_ec.dynamic_embedding_tables()["dyn"], dyn_init, 1, 0, HASH)
+    preload(dyn_ebc.dynamic_embedding_tables()["bag_dyn"], dyn_init, 1, 0, HASH)
+    reference = MixedModel(_Merged(static_ec, dyn_ec, pooled=False), _Merged(static_ebc, dyn_ebc, pooled=True))
+    reference.load_state_dict(dense_init.state_dict(), strict=False)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=lr)
+
+    for step in range(3):
+        per_rank = [random_bags(MIXED_FEATURES, 3, 77 * step + r, -8, 24) for r in range(world_size)]
+        for bags in per_rank:
+            for f in ("y", "z", "w"):
+                bags[f] = [[abs(k) % 32 for k in bag] for bag in bags[f]]
+        full = global_bags(per_rank, MIXED_FEATURES)
+        ref_loss, ref_out = reference(make_kjt(MIXED_FEATURES, full))
+        reference_optimizer.zero_grad()
+        (ref_loss / world_size).backward()
+        reference_optimizer.step()
+        loss, out = dmp(make_kjt(MIXED_FEATURES, per_rank[rank]))
+        dense_optimizer.zero_grad()
+        loss.backward()
+        dense_optimizer.step()
+        for f in MIXED_FEATURES:
+            sizes = [sum(len(b) for b in bags[f]) for bags in per_rank]
+            start = sum(sizes[:rank])
+            torch.testing.assert_close(out[f], ref_out[f][start : start + sizes[rank]], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["pooled"], ref_out["pooled"][3 * rank : 3 * rank + 3], rtol=1e-5, atol=1e-6)
+    for name in ("seq_head", "pool_head"):
+        torch.testing.assert_close(getattr(dmp.module, name).weight, getattr(reference, name).weight, rtol=1e-5, atol=1e-6)
+
+
+# --- dump / load across world sizes and key distributions --------------------------------------------------
+DUMP_CONFIGS = [
+    EmbeddingConfig(name="h", embedding_dim=4, num_embeddings=512, feature_names=["fh"]),
+    EmbeddingConfig(name="m", embedding_dim=4, num_embeddings=512, feature_names=["fm"]),
+]
+DUMP_ADAM = {"optimizer": EmbOptimType.ADAM, "learning_rate": 0.01}
+
+
+def dump_model(group: dist.ProcessGroup, distributions: dict[str, KeyDistribution]) -> DistributedModelParallel:
+    constraints = {
+        name: DynamicEmbParameterConstraints(use_dynamicemb=True, key_distribution=d) for name, d in distributions.items()
+    }
+    sharder = DynamicEmbeddingCollectionSharder(fused_params=DUMP_ADAM, use_index_dedup=True)
+    return shard(EmbeddingCollection(tables=DUMP_CONFIGS, device=torch.device("meta")), constraints, [sharder], group)
+
+
+def train(model: nn.Module, seed: int, low: int = -300, high: int = 300) -> None:
+    bags = random_bags(["fh", "fm"], 6, seed, low, high)
+    out = model(make_kjt(["fh", "fm"], bags))
+    sum(jt.values().sum() for jt in out.values()).backward()
+
+
+def gather_rows(model: nn.Module) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """Every rank's rows of every table of ``model`` (collective over the world; ranks not in
+    the model's group contribute nothing)."""
+    mine = {name: rows_of(t) for name, t in shards_of(model).items()} if model is not None else {}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    merged: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for part in everyone:
+        for name, rows in part.items():
+            merged.setdefault(name, {}).update(rows)
+    return merged
+
+
+def assert_holds(model: nn.Module, expected: dict[str, dict[int, Any]], group: dist.ProcessGroup, what: str) -> None:
+    """Each rank holds exactly the expected rows it owns; the shards together hold all of them."""
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    module = next(iter(find_sharded_modules(model).values()))
+    for name, table in shards_of(model).items():
+        got = rows_of(table)
+        keys = torch.tensor(sorted(expected[name]), dtype=torch.int64)
+        owned = keys[owner_ranks(keys, world_size, module.key_distributions()[name]) == rank].tolist()
+        assert sorted(got) == owned, f"{what}: table {name} holds {len(got)} keys, owns {len(owned)} of the dump"
+        for key in owned:
+            assert torch.equal(got[key][0], expected[name][key][0]), f"{what}: {name} key {key} embedding"
+            assert torch.equal(got[key][1], expected[name][key][1]), f"{what}: {name} key {key} optimizer state"
+
+
+def dump_and_load_across_world_sizes(env: Env) -> None:
+    """2 -> 1, 1 -> 2, 2 -> 3 (each with HASH and MODULO, and across them), an unsharded dump into a
+    sharded model, a corrupt shard, a second dump replacing the first, an incremental dump."""
+    g1, g2, g3 = env.groups[1], env.groups[2], env.groups[3]
+    d2, d1, single, bad = (os.path.join(env.folder, n) for n in ("d2", "d1", "single", "bad"))
+    assert g3 is not None
+    model2 = None
+    if g2 is not None:
+        model2 = dump_model(g2, {"h": HASH, "m": MODULO})
+        for step in range(2):
+            train(model2, seed=10 * step + env.rank)
+        dump_sharded(d2, model2, optim=True)
+    reference = gather_rows(model2)
+    steps: list[Any] = [None] * 3
+    dist.all_gather_object(steps, {n: t.optimizer.step for n, t in shards_of(model2).items()} if model2 else None)
+    assert len(reference["h"]) > 20 and len(reference["m"]) > 20
+
+    if g1 is not None:  # 2 -> 1
+        model1 = dump_model(g1, {"h": HASH, "m": MODULO})
+        load_sharded(d2, model1, optim=True)
+        assert_holds(model1, reference, g1, "2 -> 1")
+        assert {n: t.optimizer.step for n, t in shards_of(model1).items()} == steps[0]
+        dump_sharded(d1, model1, optim=True)
+        standalone = DynamicEmbeddingCollection(DUMP_CONFIGS, device=CPU, optimizer=DUMP_ADAM)
+        for name, table in standalone.dynamic_embedding_tables().items():
+            rows = reference[name]
+            keys = torch.tensor(sorted(rows), dtype=torch.int64)
+            table.import_rows(keys, torch.stack([rows[k][0] for k in keys.tolist()]), torch.stack([rows[k][1] for k in keys.tolist()]), torch.zeros_like(keys))
+        DynamicEmbDump(single, standalone, optim=True)
+    dist.barrier()
+
+    model3 = dump_model(g3, {"h": MODULO, "m": HASH})  # 2 -> 3, across distributions
+    load_sharded(d2, model3, optim=True)
+    assert_holds(model3, reference, g3, "2 -> 3")
+
+    if g2 is not None:
+        model2b = dump_model(g2, {"h": MODULO, "m": HASH})  # 1 -> 2
+        load_sharded(d1, model2b, optim=True)
+        assert_holds(model2b, reference, g2, "1 -> 2")
+        model2c = dump_model(g2, {"h": HASH, "m": HASH})  # an unsharded dump into a sharded model
+        load_sharded(os.path.join(single, ""), model2c, optim=True)
+        assert_holds(model2c, reference, g2, "unsharded -> 2")
+
+        if env.rank == 0:
+            shutil.copytree(d2, bad)
+            victim = next(n for n in sorted(os.listdir(os.path.join(bad, "_root"))) if n.startswith("h.") and "shard-1" in n)
+            with open(os.path.join(bad, "_root", victim), "r+b") as f:
+                f.seek(20)
+                f.write(b"\xff\xfe\xfd")
+        dist.barrier(group=g2)
+        fresh = dump_model(g2, {"h": HASH, "m": MODULO})
+        try:
+            load_sharded(bad, fresh, optim=True)
+        except RuntimeError as error:
+            assert "checksum" in str(error) and "shard-1" in str(error), str(error)
+        else:
+            raise AssertionError("a corrupt shard loaded")
+        assert all(t.size() == 0 for t in shards_of(fresh).values()), "a table changed before the corrupt file was found"
+
+        assert model2 is not None  # a second dump replaces the first: new files, old ones deleted
+        old_files = set(os.listdir(os.path.join(d2, "_root")))
+        train(model2, seed=99 + env.rank)
+        dump_sharded(d2, model2, optim=True)
+        new_files = set(os.listdir(os.path.join(d2, "_root")))
+        assert len(new_files) == 5 and not (old_files - {"sharded_manifest.json"}) & new_files, (old_files, new_files)
+        updated = gather_rows_in(model2, g2)
+        reloaded = dump_model(g2, {"h": HASH, "m": MODULO})
+        load_sharded(d2, reloaded, optim=True)
+        assert_holds(reloaded, updated, g2, "second dump")
+
+        thresholds = get_sharded_score(model2)  # incremental dump: the rows touched since
+        assert thresholds is not None
+        touched = {"fh": [[1000 + env.rank, 5], [7]], "fm": [[2000], [8, 9 + env.rank]]}
+        out = model2(make_kjt(["fh", "fm"], touched))
+        sum(jt.values().sum() for jt in out.values()).backward()
+        rows, _ = incremental_dump_sharded(model2, thresholds["_root"]["h"])
+        all_touched = {"h": {1000, 1001, 5, 7}, "m": {2000, 8, 9, 10}}
+        module = find_sharded_modules(model2)["_root"]
+        for name, (keys, embeddings) in rows["_root"].items():
+            distribution = module.key_distributions()[name]
+            candidates = torch.tensor(sorted(all_touched[name]))
+            expected = set(candidates[owner_ranks(candidates, 2, distribution) == env.rank].tolist())
+            assert set(keys.tolist()) == expected, (name, keys.tolist(), expected)
+            assert embeddings.shape == (len(expected), 4)
+
+
+def gather_rows_in(model: nn.Module, group: dist.ProcessGroup) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    mine = {name: rows_of(t) for name, t in shards_of(model).items()}
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    merged: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for part in everyone:
+        for name, rows in part.items():
+            merged.setdefault(name, {}).update(rows)
+    return merged
+
+
+def plan_for_another_world_size_is_refused(env: Env) -> None:
+    g3 = env.groups[3]
+    assert g3 is not None
+    topology = Topology(world_size=2, local_world_size=2, compute_device="cpu")
+    constraints = {"h": DynamicEmbParameterConstraints(use_dynamicemb=True)}
+    planner = DynamicEmbeddingShardingPlanner(
+        topology=topology, constraints=constraints, enumerator=DynamicEmbeddingEnumerator(topology=topology, constraints=constraints)
+    )
+    module = EmbeddingCollection(tables=DUMP_CONFIGS, device=torch.device("meta"))
+    try:
+        planner.collective_plan(module, [DynamicEmbeddingCollectionSharder()], g3)
+    except ValueError as error:
+        assert "3 ranks" in str(error) and "topology 2" in str(error), str(error)
+    else:
+        raise AssertionError("a plan for 2 ranks was made over 3")
+    plan = planner.plan(module, [DynamicEmbeddingCollectionSharder()])
+    try:
+        DistributedModelParallel(module, env=ShardingEnv.from_process_group(g3), device=CPU, sharders=[DynamicEmbeddingCollectionSharder()], plan=plan)
+    except ValueError as error:
+        assert "plan shards it over ranks [0, 1]" in str(error), str(error)
+    else:
+        raise AssertionError("a plan for 2 ranks sharded a module over 3")
+
+
+SCENARIOS = [
+    "equivalence_sgd_dedup_on_off_two_ranks",
+    "equivalence_adam_modulo_two_ranks",
+    "equivalence_adam_hash_three_ranks",
+    "equivalence_rowwise_adagrad_one_rank",
+    "fp16_wire_two_ranks",
+    "torchrec_static_equivalence",
+    "mixed_model_matches_unsharded_reference",
+    "dump_and_load_across_world_sizes",
+    "plan_for_another_world_size_is_refused",
+]

@@ -1,0 +1,13 @@
+"""Sharded dump/load at other world sizes and key distributions (2 -> 1, 1 -> 2, 2 -> 3)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # the harness and its scenarios live beside this file
+from dynamicemb_sharded_harness import outcome  # noqa: E402
+
+
+def test_dump_and_load_across_world_sizes_and_distributions() -> None:
+    outcome("dump_and_load_across_world_sizes")
