@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,47 +11,6 @@ from torch import nn
 import gr_checkpoint
 
 WORKER = Path(__file__).with_name("gr_checkpoint_worker.py")
-WORLD_SIZE = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run_ranks(out_dir: Path, timeout_s: float = 120.0) -> None:
-    port = _free_port()
-    processes = []
-    for rank in range(WORLD_SIZE):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(WORLD_SIZE),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            CUDA_VISIBLE_DEVICES="",
-        )
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(out_dir)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=timeout_s)[0])
-        except subprocess.TimeoutExpired:
-            for straggler in processes:
-                straggler.kill()
-            outputs.append(process.communicate()[0])
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"rank {rank} exited with {process.returncode}:\n{output}"
 
 
 class BareModel(nn.Module):
@@ -66,8 +22,8 @@ class BareModel(nn.Module):
         self.table = nn.Parameter(torch.zeros(10, 3))
 
 
-def test_two_rank_save_loads_in_one_process(tmp_path: Path) -> None:
-    _run_ranks(tmp_path)
+def test_two_rank_save_loads_in_one_process(tmp_path: Path, run_ranks: Callable[..., None]) -> None:
+    run_ranks(WORKER, 2, str(tmp_path))
     expected = torch.load(tmp_path / "expected.pt")
     manifest = gr_checkpoint.read_manifest(tmp_path / "ckpt")
     assert manifest.world_size == 2

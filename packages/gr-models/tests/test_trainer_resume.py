@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from gr_models.trainer import Trainer, load_config
@@ -52,25 +53,38 @@ def _item_kjt(ids: torch.Tensor):
     return KeyedJaggedTensor.from_lengths_sync(keys=["item_id"], values=ids, lengths=torch.tensor([ids.numel()]))
 
 
-def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
+class _Crash(Exception):
+    pass
+
+
+class _CrashingTrainer(Trainer):
+    """Dies right after writing its first checkpoint, like a job killed mid-run."""
+
+    def save_checkpoint(self) -> Path:
+        path = super().save_checkpoint()
+        raise _Crash(path)
+
+
+def test_a_crashed_run_resumes_bit_for_bit(tmp_path: Path) -> None:
     straight = Trainer(_config(tmp_path / "straight", max_steps=7, checkpoint_every=0))
     straight.train()
 
-    first = Trainer(_config(tmp_path / "resumed", max_steps=4, checkpoint_every=4))
-    first.train()
-    assert first.latest_checkpoint() is not None and first.latest_checkpoint().name == "step_4"
+    crashing = _CrashingTrainer(_config(tmp_path / "resumed", max_steps=7, checkpoint_every=4))
+    with pytest.raises(_Crash):
+        crashing.train()
+    assert crashing.latest_checkpoint() is not None and crashing.latest_checkpoint().name == "step_4"
 
-    second = Trainer(_config(tmp_path / "resumed", max_steps=7, checkpoint_every=0))
-    result = second.train()
+    resumed = Trainer(_config(tmp_path / "resumed", max_steps=7, checkpoint_every=0))
+    result = resumed.train()
     assert result.step == 7
-    losses = [v for _, v in second.recorder.history["train/loss"]]
-    assert len(losses) == 7  # history from the checkpoint plus three new steps
-    expected, got = _state(straight), _state(second)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    losses = [v for _, v in resumed.recorder.history["train/loss"]]
+    assert len(losses) == 7  # the history of the checkpoint plus three new steps
     torch.testing.assert_close(
         torch.tensor(losses), torch.tensor([v for _, v in straight.recorder.history["train/loss"]]), rtol=0, atol=0
     )
+    expected, got = _state(straight), _state(resumed)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_resume_false_starts_over(tmp_path: Path) -> None:

@@ -8,8 +8,10 @@ Usage (on a CUDA machine, from the repository root):
 FLOPs are counted causal, as in ANCHORS.md: forward = 4 * sum_b(l_b (l_b + 1) / 2) * H * D, backward = 2.5x
 forward. Times are `triton.testing.do_bench` medians; inputs are bf16 random normal with a fixed seed.
 Meta's kernel (github.com/facebookresearch/generative-recommenders, fetched into an ignored `--peers` folder,
-never committed) runs in child processes, so an illegal memory access (its backward on jagged inputs) is
-recorded as a crash instead of ending the run; its backward is then also measured at full length.
+never committed) runs in child processes with its own full autotuning, so an illegal memory access (its backward
+on jagged inputs) is recorded as a crash instead of ending the run; its backward is also measured at full
+length (every sequence of length N) for the comparison. Before timing, every candidate kernel of both
+implementations is compiled in parallel processes into Triton's disk cache (`--no-precompile` skips that).
 SDPA (softmax attention, dense, causal) runs on the full-length shapes only.
 The result rows go to `<out>/<device>.json` (keys case, backend, fwd_tflops, bwd_tflops, device, date, commit).
 """
@@ -24,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -145,8 +148,8 @@ def bench_sdpa(shape: Shape, backend_name: str) -> tuple[float, float]:
 # ---- Meta's kernel, in child processes ----------------------------------------------------------------
 
 
-def meta_worker(shape: Shape, part: str, full: bool) -> None:
-    """Print one JSON line {"part": ..., "tflops": ...}: Meta's forward or backward on `shape`."""
+def meta_rate(shape: Shape, part: str, full: bool) -> float:
+    """TFLOP/s of Meta's forward or backward on `shape` (its own autotuning included in the first call)."""
     from generative_recommenders.ops.triton.triton_hstu_attention import (
         triton_hstu_attention_bwd,
         triton_hstu_attention_fwd,
@@ -162,95 +165,182 @@ def meta_worker(shape: Shape, part: str, full: bool) -> None:
                 N=shape.max_len, alpha=alpha, q=x["q"], k=x["k"], v=x["v"], seq_offsets=x["seq_offsets"], **common
             )
         )
-        rate = flops / ms / 1e9
-    else:
-        dq, dk, dv = (torch.empty_like(x[name]) for name in ("q", "k", "v"))
+        return flops / ms / 1e9
+    dq, dk, dv = (torch.empty_like(x[name]) for name in ("q", "k", "v"))
 
-        def bwd():
-            return triton_hstu_attention_bwd(
-                dout=x["grad_out"],
-                q=x["q"],
-                k=x["k"],
-                v=x["v"],
-                dq=dq,
-                dk=dk,
-                dv=dv,
-                seq_offsets=x["seq_offsets"],
-                N=shape.max_len,
-                alpha=alpha,
-                **common,
-            )
+    def bwd():
+        return triton_hstu_attention_bwd(
+            dout=x["grad_out"],
+            q=x["q"],
+            k=x["k"],
+            v=x["v"],
+            dq=dq,
+            dk=dk,
+            dv=dv,
+            seq_offsets=x["seq_offsets"],
+            N=shape.max_len,
+            alpha=alpha,
+            **common,
+        )
 
-        bwd()
-        torch.cuda.synchronize()
-        ms = median_ms(bwd)
-        torch.cuda.synchronize()
-        rate = 2.5 * flops / ms / 1e9
-    print(json.dumps({"part": part, "tflops": rate}), flush=True)
+    bwd()
+    torch.cuda.synchronize()
+    ms = median_ms(bwd)
+    torch.cuda.synchronize()
+    return 2.5 * flops / ms / 1e9
 
 
-def run_meta(shape: Shape, part: str, full: bool, peers: str, timeout: int) -> tuple[float | None, str]:
-    """Run `meta_worker` in a child process; returns (TFLOP/s or None, status text)."""
+def meta_worker(jobs: list[list]) -> None:
+    """Print one JSON line per job [shape dict, part, full]."""
+    for shape_dict, part, full in jobs:
+        rate = meta_rate(Shape(**shape_dict), part, full)
+        print(json.dumps({"name": shape_dict["name"], "part": part, "full": full, "tflops": rate}), flush=True)
+
+
+def meta_precompile_worker(rank: int, world: int) -> None:
+    """Compile every world-th of Meta's autotuning configurations (from `rank`) into Triton's disk cache.
+
+    Tiny inputs with the same specializations as the benchmark shapes (batch 8: not a multiple of 16; 16: one).
+    """
+    from generative_recommenders.ops.triton import triton_hstu_attention as meta
+
+    for tuner in (meta._hstu_attn_fwd, meta._hstu_attn_bwd):
+        tuner.configs = tuner.configs[rank::world]
+    for head_dim in (128, 256):
+        for batch in (8, 16):
+            shape = Shape("precompile", batch, 64, 4, head_dim, 64)
+            meta_rate(shape, "fwd", True)
+            meta_rate(shape, "bwd", True)
+
+
+def _child(args: list[str], peers: str | None, timeout: int, env_extra: dict | None = None):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([peers, env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, __file__, "--meta-worker", json.dumps(asdict(shape)), part] + (["--full"] if full else [])
+    if peers:
+        env["PYTHONPATH"] = os.pathsep.join([peers, env.get("PYTHONPATH", "")])
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_meta(jobs: list[tuple[Shape, str, bool]], peers: str, timeout: int) -> tuple[dict, str]:
+    """Run Meta jobs in one child process; returns ({(name, part, full): TFLOP/s}, status of the process)."""
+    payload = json.dumps([[asdict(shape), part, full] for shape, part, full in jobs])
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, f"timeout after {timeout}s"
-    for line in proc.stdout.splitlines():
+        proc = _child(["--meta-worker", payload], peers, timeout)
+        out, status = proc.stdout, "ok"
+        if proc.returncode != 0:
+            err = proc.stderr or ""
+            lines = err.strip().splitlines() or [""]
+            reason = "illegal memory access" if "illegal memory access" in err else lines[-1]
+            status = f"crash (exit {proc.returncode}): {reason[:160]}"
+    except subprocess.TimeoutExpired as error:
+        partial = error.stdout or ""
+        out = partial.decode() if isinstance(partial, bytes) else partial
+        status = f"timeout after {timeout}s"
+    rates = {}
+    for line in out.splitlines():
         if line.startswith("{"):
-            return float(json.loads(line)["tflops"]), "ok"
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    reason = "illegal memory access" if "illegal memory access" in (proc.stderr or "") else tail[0][:160]
-    return None, f"crash (exit {proc.returncode}): {reason}"
+            row = json.loads(line)
+            rates[(row["name"], row["part"], row["full"])] = row["tflops"]
+    return rates, status
+
+
+def precompile(shapes: list[Shape], peers: str | None, with_meta: bool, memory_shape: Shape | None) -> None:
+    """Fill Triton's disk cache in parallel processes so the timed run does not compile one kernel at a time."""
+    import concurrent.futures
+
+    jobs: list[tuple[list[str], dict]] = []
+    classes = sorted({s.head_dim for s in shapes})
+    for head_dim in classes:
+        for candidate in range(6):
+            env = {"HSTU_ATTN_TRITON_CANDIDATE": str(candidate)}
+            jobs.append((["--ours-precompile", str(head_dim), "plain"], env))
+            if memory_shape is not None and head_dim == memory_shape.head_dim:
+                jobs.append((["--ours-precompile", str(head_dim), "bias"], env))
+    if with_meta:
+        world = 12
+        jobs += [(["--meta-precompile", str(rank), str(world)], {}) for rank in range(world)]
+    workers = min(len(jobs), os.cpu_count() or 4)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(_child, args, peers, 900, env) for args, env in jobs]
+        for (args, _), future in zip(jobs, futures):
+            proc = future.result()
+            if proc.returncode != 0:
+                print(f"precompile {' '.join(args)} failed: {(proc.stderr or '').strip()[-300:]}", flush=True)
+
+
+def ours_precompile_worker(head_dim: int, kind: str) -> None:
+    """Compile our kernels (the candidate in HSTU_ATTN_TRITON_CANDIDATE) with the benchmark's specializations."""
+    from hstu_attn.triton import hstu_attn_triton_backward, hstu_attn_triton_forward
+
+    shape = Shape("precompile", 2, 1024, 4, head_dim, 1024)
+    x = make_inputs(shape)
+    kw = ours_kwargs(shape)
+    if kind == "bias":
+        kw.update(bias_tables(shape, x["q"].shape[0]))
+    hstu_attn_triton_forward(x["q"], x["k"], x["v"], x["seq_offsets"], shape.max_len, **kw)
+    for atomic_dq in (True, False) if kind == "plain" else (True,):
+        hstu_attn_triton_backward(
+            x["grad_out"], x["q"], x["k"], x["v"], x["seq_offsets"], shape.max_len, **kw,
+            deterministic=False, atomic_dq=atomic_dq,
+        )  # fmt: skip
+    torch.cuda.synchronize()
 
 
 # ---- memory: fused relative bias vs materialized rab --------------------------------------------------
 
 
+def bias_tables(shape: Shape, num_tokens: int) -> dict[str, Any]:
+    """Fused relative-bias arguments: per-head position table over every distance, 64 time buckets."""
+    gen = torch.Generator().manual_seed(SEED + 1)
+    return dict(
+        position_weights=(0.1 * torch.randn(shape.heads, 2 * shape.max_len - 1, generator=gen)).cuda(),
+        time_weights=(0.1 * torch.randn(shape.heads, 64, generator=gen)).cuda(),
+        timestamps=torch.randint(0, 1000, (num_tokens,), generator=gen).cumsum(0).cuda(),
+        time_bucket_divisor=0.301,
+    )
+
+
 def bench_bias_memory(shape: Shape) -> dict[str, Any]:
-    """Peak extra memory of forward+backward with the fused position+time bias vs the same bias materialized."""
+    """Peak extra memory of forward+backward with the fused position+time bias vs the same bias materialized
+    as a `[B, H, N, N]` rab (bf16, with its gradient), plus the fused-bias throughput."""
     from hstu_attn.relative_bias import RelativeBias
     from hstu_attn.triton import hstu_attn_triton_backward, hstu_attn_triton_forward
 
     x = make_inputs(shape)
-    gen = torch.Generator().manual_seed(SEED + 1)
-    heads, n = shape.heads, shape.max_len
-    pos = (0.1 * torch.randn(heads, 2 * n - 1, generator=gen)).cuda()
-    tim = (0.1 * torch.randn(heads, 64, generator=gen)).cuda()
-    ts = torch.randint(0, 1000, (x["q"].shape[0],), generator=gen).cumsum(0).cuda()
-    kw = ours_kwargs(shape)
-    kw.update(position_weights=pos, time_weights=tim, timestamps=ts, time_bucket_divisor=0.301)
+    n = shape.max_len
+    tables = bias_tables(shape, x["q"].shape[0])
+    kw = dict(ours_kwargs(shape), **tables)
     flops = forward_flops(x["lengths"], shape.heads, shape.head_dim)
     result: dict[str, Any] = {}
-
-    def measure(label: str, run) -> None:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        torch.cuda.synchronize()
-        result[f"{label}_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
 
     def fused() -> None:
         hstu_attn_triton_forward(x["q"], x["k"], x["v"], x["seq_offsets"], n, **kw)
         hstu_attn_triton_backward(x["grad_out"], x["q"], x["k"], x["v"], x["seq_offsets"], n, **kw, deterministic=False)
 
     def materialized() -> None:
-        bias = RelativeBias(position_weights=pos, time_weights=tim, timestamps=ts, time_bucket_divisor=0.301)
-        rab = bias.materialize(x["seq_offsets"], n, heads).to(torch.bfloat16).contiguous()
+        bias = RelativeBias(
+            position_weights=tables["position_weights"],
+            time_weights=tables["time_weights"],
+            timestamps=tables["timestamps"],
+            time_bucket_divisor=tables["time_bucket_divisor"],
+        )
+        with torch.no_grad():
+            rab = bias.materialize(x["seq_offsets"], n, shape.heads).to(torch.bfloat16).contiguous()
         kw_rab = dict(ours_kwargs(shape), rab=rab)
         hstu_attn_triton_forward(x["q"], x["k"], x["v"], x["seq_offsets"], n, **kw_rab)
         hstu_attn_triton_backward(
             x["grad_out"], x["q"], x["k"], x["v"], x["seq_offsets"], n, **kw_rab, deterministic=False
         )
 
-    fused()
-    materialized()
-    measure("fused_bias", fused)
-    measure("materialized_rab", materialized)
+    for label, run in (("fused_bias", fused), ("materialized_rab", materialized)):
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        result[f"{label}_peak_extra_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
     fwd_ms = median_ms(lambda: hstu_attn_triton_forward(x["q"], x["k"], x["v"], x["seq_offsets"], n, **kw))
     bwd_ms = median_ms(
         lambda: hstu_attn_triton_backward(
@@ -259,9 +349,8 @@ def bench_bias_memory(shape: Shape) -> dict[str, Any]:
     )
     result["fused_bias_fwd_tflops"] = flops / fwd_ms / 1e9
     result["fused_bias_bwd_tflops"] = 2.5 * flops / bwd_ms / 1e9
-    q_bytes = x["q"].numel() * x["q"].element_size()
-    result["q_mib"] = q_bytes / 2**20
-    result["rab_mib"] = shape.batch * heads * n * n * 2 / 2**20
+    result["qkv_grad_out_mib"] = round(4 * x["q"].numel() * x["q"].element_size() / 2**20, 1)
+    result["dense_bias_bf16_mib"] = round(shape.batch * shape.heads * n * n * 2 / 2**20, 1)
     return result
 
 
@@ -279,45 +368,79 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", help="substrings selecting shapes by name (default: all)")
     parser.add_argument("--backends", nargs="*", default=["ours", "meta", "sdpa_cudnn", "sdpa_flash"])
     parser.add_argument("--variants", action="store_true", help="also time our scheduling/dq variants")
-    parser.add_argument("--memory-shape", default="jagged B16 N4096", help="shape (substring) for the memory rows")
-    parser.add_argument("--meta-timeout", type=int, default=400)
+    parser.add_argument("--memory-shape", default="jagged B32 N1024", help="shape (name substring) of the memory row")
+    parser.add_argument("--no-precompile", action="store_true", help="compile kernels lazily, one at a time")
+    parser.add_argument("--meta-timeout", type=int, default=420)
     parser.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", "unknown"))
     parser.add_argument("--meta-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("part", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--meta-precompile", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--ours-precompile", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.meta_worker:
-        meta_worker(Shape(**json.loads(args.meta_worker)), args.part, args.full)
+        meta_worker(json.loads(args.meta_worker))
+        return
+    if args.meta_precompile:
+        meta_precompile_worker(*args.meta_precompile)
+        return
+    if args.ours_precompile:
+        ours_precompile_worker(int(args.ours_precompile[0]), args.ours_precompile[1])
         return
 
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
     shapes = [s for s in SHAPES if not args.shapes or any(p in s.name for p in args.shapes)]
+    memory_shape = next((s for s in SHAPES if args.memory_shape in s.name), None) if "ours" in args.backends else None
     rows: list[dict[str, Any]] = []
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{device_slug(device)}.json")
 
     def add(case: str, backend: str, fwd: float | None, bwd: float | None, **extra: Any) -> None:
         row = {"case": case, "backend": backend, "fwd_tflops": fwd, "bwd_tflops": bwd}
         row.update(extra)
         row.update(device=device, date=date, commit=args.commit)
         rows.append(row)
-        fmt = lambda x: "-" if x is None else f"{x:7.1f}"  # noqa: E731
+        with open(path, "w") as f:  # rewritten after every row: a run cut short keeps what it measured
+            json.dump(rows, f, indent=1)
+        fmt = lambda x: "      -" if x is None else f"{x:7.1f}"
         print(f"{case:40s} {backend:24s} fwd {fmt(fwd)}  bwd {fmt(bwd)}  {extra if extra else ''}", flush=True)
+
+    if not args.no_precompile:
+        started = time.time()
+        precompile(shapes, args.peers, "meta" in args.backends, memory_shape if "ours" in args.backends else None)
+        print(f"precompiled in {time.time() - started:.0f}s", flush=True)
+
+    meta_rates: dict = {}
+    meta_status: dict[str, str] = {}
+    if "meta" in args.backends:
+        # one process for everything that should not crash; each jagged backward in its own process
+        safe = [(s, "fwd", False) for s in shapes] + [(s, "bwd", True) for s in shapes]
+        rates, status = run_meta(safe, args.peers, args.meta_timeout)
+        meta_rates.update(rates)
+        meta_status["safe"] = status
+        for shape in shapes:
+            if shape.jagged:
+                rates, status = run_meta([(shape, "bwd", False)], args.peers, 90)
+                meta_rates.update(rates)
+                meta_status[shape.name] = status
 
     for shape in shapes:
         if "ours" in args.backends:
             add(shape.name, "ours_triton", *bench_ours(shape))
             if args.variants:
-                add(shape.name, "ours_triton_no_sort", *bench_ours(shape, sort_by_length=False))
+                add(shape.name, "ours_triton_sort_by_length", *bench_ours(shape, sort_by_length=True))
+                add(shape.name, "ours_triton_atomic_dq", *bench_ours(shape, atomic_dq=True))
                 add(shape.name, "ours_triton_dq_kernel", *bench_ours(shape, atomic_dq=False))
         if "meta" in args.backends:
-            fwd, fwd_status = run_meta(shape, "fwd", False, args.peers, args.meta_timeout)
-            bwd, bwd_status = run_meta(shape, "bwd", False, args.peers, args.meta_timeout)
-            extra: dict[str, Any] = {"fwd_status": fwd_status, "bwd_status": bwd_status}
-            if shape.jagged and bwd is None:
-                full_bwd, full_status = run_meta(shape, "bwd", True, args.peers, args.meta_timeout)
-                extra.update(bwd_full_length_tflops=full_bwd, bwd_full_length_status=full_status)
-            add(shape.name, "meta_triton", fwd, bwd, **extra)
+            fwd = meta_rates.get((shape.name, "fwd", False))
+            full_bwd = meta_rates.get((shape.name, "bwd", True))
+            if shape.jagged:
+                bwd = meta_rates.get((shape.name, "bwd", False))
+                extra = {"bwd_status": "ok" if bwd is not None else meta_status.get(shape.name, "missing")}
+                extra["bwd_full_length_tflops"] = full_bwd
+                add(shape.name, "meta_triton", fwd, bwd, **extra)
+            else:
+                add(shape.name, "meta_triton", fwd, full_bwd, status=meta_status.get("safe", "ok"))
         if not shape.jagged:
             for name in ("cudnn", "flash"):
                 if f"sdpa_{name}" in args.backends:
@@ -325,16 +448,16 @@ def main() -> None:
                         add(shape.name, f"sdpa_{name}", *bench_sdpa(shape, name))
                     except RuntimeError as error:
                         add(shape.name, f"sdpa_{name}", None, None, status=str(error)[:160])
-    memory_shapes = [s for s in SHAPES if args.memory_shape in s.name]
-    if memory_shapes and "ours" in args.backends:
-        shape = memory_shapes[0]
-        mem = bench_bias_memory(shape)
-        add(shape.name, "ours_triton_fused_bias", mem.pop("fused_bias_fwd_tflops"), mem.pop("fused_bias_bwd_tflops"), **mem)
+    if memory_shape is not None:
+        mem = bench_bias_memory(memory_shape)
+        add(
+            memory_shape.name,
+            "ours_triton_fused_bias",
+            mem.pop("fused_bias_fwd_tflops"),
+            mem.pop("fused_bias_bwd_tflops"),
+            **mem,
+        )
 
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{device_slug(device)}.json")
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
     print(f"wrote {path}")
 
 

@@ -53,10 +53,13 @@ class BucketedHashTable(ScoredHashTable):
     STEP uses the value of :meth:`set_step`; LFU adds the number of occurrences in the batch.
     ``find(update_score=True)`` leaves CUSTOMIZED scores unchanged.
 
-    Eviction. A new key goes to the first free slot of its bucket in probe order; if the bucket has
-    none it replaces the lowest-score entry not touched by the same call, provided its own score is
-    not lower; otherwise it is refused (slot ``-1``). NO_EVICTION never evicts: a key that finds no
-    free slot raises ``RuntimeError`` naming the capacity (call :meth:`reserve` first).
+    Eviction. A new key goes to the first free slot of its bucket in probe order. The new keys of a
+    call that find their bucket full then take, highest score first, the entries of that bucket the
+    call has not touched (found or inserted), lowest score first; a key whose score is lower than
+    the entry it would replace is refused (slot ``-1``), so a key lower than every entry is always
+    refused. Which of several new keys gets a contended free slot, and ties between equal scores,
+    may differ between backends. NO_EVICTION never evicts: a key that finds no free slot raises
+    ``RuntimeError`` naming the capacity (call :meth:`reserve` first).
     """
 
     def __init__(

@@ -1,10 +1,12 @@
 """The table on Triton kernels: the GPU backend (on CPU only under ``TRITON_INTERPRET=1``, for tests).
 
-``find_or_insert`` is two launches: a lookup that also refreshes the scores of present keys and marks
-their slots with the call's epoch, then a lock-free insertion of the rest (see
-:mod:`dynamicemb.table.triton_kernels`). With one score for the whole call (TIMESTAMP, STEP,
-NO_EVICTION) batches are not deduplicated: duplicate keys meet in the table itself. Per-key scores
-(LFU counts, caller scores) are first reduced over duplicates with ``torch.unique``.
+``find_or_insert`` is a lookup that also refreshes the scores of present keys and marks their slots
+with the call's epoch, then a lock-free insertion of the rest into free slots (see
+:mod:`dynamicemb.table.triton_kernels`); keys whose bucket is full are then deduplicated and grouped
+by bucket with torch sorts and placed by one eviction launch (one program per bucket). With one
+score for the whole call (TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front:
+duplicate keys meet in the table itself. Per-key scores (LFU counts, caller scores) are first
+reduced over duplicates with ``torch.unique``.
 """
 
 from __future__ import annotations

@@ -119,6 +119,8 @@ class Trainer:
             num_workers=workers,
             prefetch_factor=data.prefetch_factor if workers > 0 else None,
             pin_memory=self.device.type == "cuda",
+            # its own generator: creating an iterator must not consume the global RNG (resumed runs match)
+            generator=torch.Generator().manual_seed(self.config.seed + self.epoch),
         )
 
     def _batches(self) -> Iterator[Batch]:

@@ -1,7 +1,9 @@
 """Python entry points of the Triton backend: argument preparation and kernel launches.
 
 `hstu_attn.interface` validates user input and calls these two functions; they assume shapes are consistent
-(q, k `[L, H, Dqk]`, v `[L, H, Dv]` on one CUDA device, or on CPU under `TRITON_INTERPRET=1`).
+(q, k `[L, H, Dqk]`, v `[L, H, Dv]` on one CUDA device, or on CPU under `TRITON_INTERPRET=1`). The per-call host
+work is kept small (no host synchronization, few tensor operations): short jagged batches take only tens of
+microseconds on the GPU.
 """
 
 from __future__ import annotations
@@ -10,38 +12,48 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import triton
 from torch import Tensor
 
-from hstu_attn.triton import configs
 from hstu_attn.triton.backward import hstu_attn_backward_dkdv_kernel, hstu_attn_backward_dq_kernel
+from hstu_attn.triton.configs import (
+    BACKWARD_CANDIDATES,
+    FORWARD_CANDIDATES,
+    INTERPRET,
+    LaunchConfig,
+    TunedKernel,
+    deterministic_config,
+    next_power_of_two,
+)
+from hstu_attn.triton.forward import hstu_attn_forward_kernel
 
 __all__ = ["SUPPORTED_HEAD_DIMS", "hstu_attn_triton_backward", "hstu_attn_triton_forward"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The separate dQ kernel beats fp32 atomics on long sequences; atomics save a launch on short ones.
+_DQ_KERNEL_MIN_SEQ_LEN = 2048
+
+_forward = TunedKernel(hstu_attn_forward_kernel, FORWARD_CANDIDATES)
+_backward_dkdv = TunedKernel(hstu_attn_backward_dkdv_kernel, BACKWARD_CANDIDATES)
+_backward_dq = TunedKernel(hstu_attn_backward_dq_kernel, FORWARD_CANDIDATES)
 
 
 @dataclass
 class _Launch:
-    """Everything the kernels share: prepared tensors, strides, scalars and compile-time flags."""
+    """What every kernel of one call shares: prepared tensors, scalars, compile-time flags, the tuning key."""
 
     num_sequences: int
     num_heads: int
-    dqk: int
-    dv: int
-    batch_order: Tensor | None
-    rab: Tensor | None
-    rab_strides: tuple[int, int, int, int]
-    position_weights: Tensor | None
-    time_weights: Tensor | None
-    timestamps: Tensor | None
-    scalars: dict[str, float | int]
-    flags: dict[str, object]
+    head_dim: int
+    tensors: tuple  # seq_offsets, num_targets, batch_order, rab, position_weights, time_weights, timestamps
+    table_strides: tuple[int, int, int, int, int, int]  # rab b/h/m/n, position row, time row
+    scalars: dict
+    flags: dict
+    key: tuple
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _contiguous(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _broadcast_stride(t: Tensor, dim: int) -> int:
@@ -51,21 +63,12 @@ def _broadcast_stride(t: Tensor, dim: int) -> int:
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"Triton HSTU attention supports float32, bfloat16 and float16 inputs; got {q.dtype}")
-    for name, dim in (("Dqk", q.shape[2]), ("Dv", v.shape[2])):
-        if dim not in SUPPORTED_HEAD_DIMS:
-            raise NotImplementedError(
-                f"Triton HSTU attention supports head dims {SUPPORTED_HEAD_DIMS}; got {name}={dim}"
-            )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-
-
-def _length_order(seq_offsets: Tensor) -> Tensor | None:
-    """Sequence indices, longest first (int32, on device, no host synchronization)."""
-    if seq_offsets.numel() <= 2:
-        return None
-    lengths = seq_offsets[1:] - seq_offsets[:-1]
-    return torch.argsort(lengths, descending=True).to(torch.int32)
+    if q.shape[2] not in SUPPORTED_HEAD_DIMS or v.shape[2] not in SUPPORTED_HEAD_DIMS:
+        raise NotImplementedError(
+            f"Triton HSTU attention supports head dims {SUPPORTED_HEAD_DIMS}; got Dqk={q.shape[2]}, Dv={v.shape[2]}"
+        )
 
 
 def _prepare(
@@ -87,16 +90,28 @@ def _prepare(
     time_bucket_divisor: float,
     sort_by_length: bool,
 ) -> _Launch:
+    num_sequences = seq_offsets.shape[0] - 1
     num_heads, dqk, dv = q.shape[1], q.shape[2], v.shape[2]
     rab_strides = (0, 0, 0, 0)
     if rab is not None:
-        rab = _last_dim_contiguous(rab)
+        rab = rab if rab.stride(-1) == 1 else rab.contiguous()
         rab_strides = (_broadcast_stride(rab, 0), _broadcast_stride(rab, 1), rab.stride(2), rab.stride(3))
-    if time_weights is not None and timestamps is None:
-        raise ValueError("time_weights needs timestamps ([L], one per token)")
-    num_buckets = 0 if time_weights is None else time_weights.shape[1]
-    inv_divisor = float(np.float32(1.0) / np.float32(time_bucket_divisor)) if time_weights is not None else 1.0
-    interpret = configs.INTERPRET
+    pos_reach, pos_stride = 0, 0
+    if position_weights is not None:
+        position_weights = _contiguous(position_weights)
+        pos_reach, pos_stride = (position_weights.shape[1] - 1) // 2, _broadcast_stride(position_weights, 0)
+    num_buckets, time_stride, inv_divisor = 0, 0, 1.0
+    if time_weights is not None:
+        if timestamps is None:
+            raise ValueError("time_weights needs timestamps ([L], one per token)")
+        time_weights, timestamps = _contiguous(time_weights), _contiguous(timestamps)
+        num_buckets, time_stride = time_weights.shape[1], _broadcast_stride(time_weights, 0)
+        # the reference divides by the divisor the way PyTorch's CUDA kernel does: times its fp32 reciprocal
+        inv_divisor = float(np.float32(1.0) / np.float32(time_bucket_divisor))
+    batch_order = None
+    if sort_by_length and num_sequences > 1:
+        batch_order = torch.argsort(seq_offsets[1:] - seq_offsets[:-1], descending=True).to(torch.int32)
+    low_precision = q.dtype != torch.float32
     flags = {
         "DQK": dqk,
         "DV": dv,
@@ -104,15 +119,14 @@ def _prepare(
         "HAS_TARGETS": num_targets is not None,
         "HAS_CONTEXT": contextual_seq_len > 0,
         "HAS_WINDOW": max_attn_len > 0,
+        "HAS_ORDER": batch_order is not None,
         "HAS_RAB": rab is not None,
         "HAS_POS": position_weights is not None,
         "HAS_TIME": time_weights is not None,
-        "FAST_SILU": (not interpret) and q.dtype in (torch.bfloat16, torch.float16),
-        "UPCAST_DOT": interpret and q.dtype == torch.bfloat16,
+        "FAST_SILU": low_precision and not INTERPRET,
+        "UPCAST_DOT": INTERPRET and q.dtype == torch.bfloat16,
         "INPUT_PRECISION": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
     }
-    batch_order = _length_order(seq_offsets) if sort_by_length else None
-    flags["HAS_ORDER"] = batch_order is not None
     scalars = {
         "num_heads": num_heads,
         "max_seq_len": max_seq_len,
@@ -120,29 +134,36 @@ def _prepare(
         "scale": float(scale),
         "contextual_seq_len": int(contextual_seq_len),
         "max_attn_len": int(max_attn_len),
-        "pos_reach": 0 if position_weights is None else (position_weights.shape[1] - 1) // 2,
+        "pos_reach": pos_reach,
         "num_buckets": num_buckets,
         "inv_divisor": inv_divisor,
-        "AUTOTUNE_SEQ_LEN": configs.autotune_seq_len(max_seq_len),
     }
+    key = (
+        next_power_of_two(max(max_seq_len, 16)),
+        min(next_power_of_two(num_sequences * num_heads), 1024),
+        q.dtype,
+        tuple(flags.values()),
+    )
     return _Launch(
-        num_sequences=seq_offsets.numel() - 1,
+        num_sequences=num_sequences,
         num_heads=num_heads,
-        dqk=dqk,
-        dv=dv,
-        batch_order=batch_order,
-        rab=rab,
-        rab_strides=rab_strides,
-        position_weights=None if position_weights is None else _last_dim_contiguous(position_weights),
-        time_weights=None if time_weights is None else _last_dim_contiguous(time_weights),
-        timestamps=None if timestamps is None else timestamps.contiguous(),
+        head_dim=max(dqk, dv),
+        tensors=(seq_offsets, num_targets, batch_order, rab, position_weights, time_weights, timestamps),
+        table_strides=(*rab_strides, pos_stride, time_stride),
         scalars=scalars,
         flags=flags,
+        key=key,
     )
 
 
-def _table_stride(table: Tensor | None) -> int:
-    return 0 if table is None else _broadcast_stride(table, 0)
+def _query_grid(launch: _Launch, max_seq_len: int) -> callable:
+    programs = launch.num_sequences * launch.num_heads
+    return lambda config: (programs * ((max_seq_len + config.block_m - 1) // config.block_m),)
+
+
+def _key_grid(launch: _Launch, max_seq_len: int) -> callable:
+    programs = launch.num_sequences * launch.num_heads
+    return lambda config: (programs * ((max_seq_len + config.block_n - 1) // config.block_n),)
 
 
 def hstu_attn_triton_forward(
@@ -163,7 +184,7 @@ def hstu_attn_triton_forward(
     time_weights: Tensor | None,
     timestamps: Tensor | None,
     time_bucket_divisor: float,
-    sort_by_length: bool = True,
+    sort_by_length: bool = False,
 ) -> Tensor:
     """Jagged HSTU attention forward: `out [L, H, Dv] = (SiLU(alpha q k^T + bias) * valid * scale) v`.
 
@@ -175,14 +196,15 @@ def hstu_attn_triton_forward(
         rab: `[B or 1, H or 1, >=N, >=N]` bias or None.
         position_weights `[Hb, 2M-1]`, time_weights `[Hb, NB]` with timestamps `[L]` and time_bucket_divisor:
             the fused relative bias (see `hstu_attn.relative_bias`), each optional.
-        sort_by_length: schedule the longest sequences first (one small device-side argsort).
+        sort_by_length: also start the longest sequences first (a device-side argsort per call). Within each
+            sequence the heaviest query blocks always start first.
     """
     _check(q, k, v)
     num_tokens = q.shape[0]
     out = torch.empty((num_tokens, q.shape[1], v.shape[2]), dtype=q.dtype, device=q.device)
     if num_tokens == 0 or max_seq_len <= 0:
         return out
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = _contiguous(q), _contiguous(k), _contiguous(v)
     launch = _prepare(
         q,
         v,
@@ -201,36 +223,12 @@ def hstu_attn_triton_forward(
         time_bucket_divisor=time_bucket_divisor,
         sort_by_length=sort_by_length,
     )
-    programs = launch.num_sequences * launch.num_heads
-
-    def grid(meta: dict[str, int]) -> tuple[int]:
-        return (programs * triton.cdiv(max_seq_len, meta["BLOCK_M"]),)
-
-    configs.forward[grid](
-        q,
-        k,
-        v,
-        out,
-        seq_offsets,
-        num_targets,
-        launch.batch_order,
-        launch.rab,
-        launch.position_weights,
-        launch.time_weights,
-        launch.timestamps,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        out.stride(0),
-        out.stride(1),
-        *launch.rab_strides,
-        _table_stride(launch.position_weights),
-        _table_stride(launch.time_weights),
-        **launch.scalars,
-        **launch.flags,
+    _forward.launch(
+        launch.key,
+        launch.head_dim,
+        _query_grid(launch, max_seq_len),
+        (q, k, v, out, *launch.tensors, *launch.table_strides),
+        {**launch.scalars, **launch.flags},
     )
     return out
 
@@ -256,31 +254,30 @@ def hstu_attn_triton_backward(
     time_bucket_divisor: float,
     deterministic: bool,
     rab_requires_grad: bool = True,
-    sort_by_length: bool = True,
-    atomic_dq: bool = True,
+    sort_by_length: bool = False,
+    atomic_dq: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of `hstu_attn_triton_forward` (same arguments) w.r.t. q, k, v, rab and the bias tables.
 
     Returns `(dq, dk, dv, drab, dposition_weights, dtime_weights)`, each None when its input is None (drab also
     when `rab_requires_grad` is False). `deterministic=True` gives bitwise-reproducible results: dQ comes from a
     second kernel instead of fp32 atomics, and the bias gradients are reduced from per-program partials (for a
-    position table that scratch holds `B * H * ceil(N / BLOCK_N) * (2N - 1)` fp32 values).
-    `atomic_dq=False` also selects the separate dQ kernel without the rest of the deterministic mode.
+    position table that scratch holds `B * H * ceil(N / BLOCK_N) * (2N - 1)` fp32 values). `atomic_dq` picks
+    fp32 atomics (True) or the separate dQ kernel (False) for dQ; by default atomics below max_seq_len 2048.
     """
     _check(q, k, v)
     num_tokens = q.shape[0]
-    dq = torch.zeros_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
     has_rab_grad = rab is not None and rab_requires_grad
-    drab = torch.zeros_like(rab) if has_rab_grad else None
-    dposition = None if position_weights is None else torch.zeros_like(position_weights)
-    dtime = None if time_weights is None else torch.zeros_like(time_weights)
     if num_tokens == 0 or max_seq_len <= 0:
-        return dq, dk, dv, drab, dposition, dtime
-
-    grad_out = _last_dim_contiguous(grad_out)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        return (
+            torch.zeros_like(q),
+            torch.zeros_like(k),
+            torch.zeros_like(v),
+            torch.zeros_like(rab) if has_rab_grad else None,
+            None if position_weights is None else torch.zeros_like(position_weights),
+            None if time_weights is None else torch.zeros_like(time_weights),
+        )
+    grad_out, q, k, v = _contiguous(grad_out), _contiguous(q), _contiguous(k), _contiguous(v)
     launch = _prepare(
         q,
         v,
@@ -300,27 +297,32 @@ def hstu_attn_triton_backward(
         sort_by_length=sort_by_length,
     )
     num_sequences, num_heads = launch.num_sequences, launch.num_heads
-    programs = num_sequences * num_heads
+    if atomic_dq is None:
+        atomic_dq = max_seq_len < _DQ_KERNEL_MIN_SEQ_LEN
     atomic_dq = atomic_dq and not deterministic
-    fixed = configs.deterministic_config(max(launch.dqk, launch.dv)) if deterministic else None
-    num_key_programs = 0 if fixed is None else programs * triton.cdiv(max_seq_len, fixed["BLOCK_N"])
+    fixed = deterministic_config(launch.head_dim) if deterministic else None
+    key_programs = 0 if fixed is None else num_sequences * num_heads * -(-max_seq_len // fixed.block_n)
+    device = q.device
 
-    # Accumulation targets of the dk/dv kernel.
-    dq_accumulator = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else None
-    drab_target, drab_atomic, drab_strides = None, False, (0, 0, 0, 0)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=device) if atomic_dq else torch.empty_like(q)
+
+    # Gradient targets of the bias terms: final tensors, fp32 atomic accumulators or per-program partials.
+    drab = drab_target = None
+    drab_atomic, drab_strides = False, (0, 0, 0, 0)
     if has_rab_grad:
         assert rab is not None
+        drab = torch.zeros_like(rab)
         broadcast = (rab.shape[0] == 1 and num_sequences > 1) or (rab.shape[1] == 1 and num_heads > 1)
         if not broadcast:
             drab_target = drab
-            drab_strides = (drab.stride(0), drab.stride(1), drab.stride(2), drab.stride(3))
+            drab_strides = tuple(drab.stride())
         elif deterministic:
-            drab_target = torch.zeros(
-                (num_sequences, num_heads, rab.shape[2], rab.shape[3]), dtype=torch.float32, device=q.device
-            )
-            drab_strides = drab_target.stride()
+            drab_target = torch.zeros((num_sequences, num_heads, *rab.shape[2:]), dtype=torch.float32, device=device)
+            drab_strides = tuple(drab_target.stride())
         else:
-            drab_target = torch.zeros(rab.shape, dtype=torch.float32, device=q.device)
+            drab_target = torch.zeros(rab.shape, dtype=torch.float32, device=device)
             drab_atomic = True
             drab_strides = (
                 _broadcast_stride(drab_target, 0),
@@ -330,23 +332,16 @@ def hstu_attn_triton_backward(
             )
     dpos_target, dpos_stride = None, 0
     if position_weights is not None:
-        if deterministic:
-            dpos_target = torch.zeros((num_key_programs, 2 * max_seq_len - 1), dtype=torch.float32, device=q.device)
-            dpos_stride = dpos_target.stride(0)
-        else:
-            dpos_target = torch.zeros(position_weights.shape, dtype=torch.float32, device=q.device)
-            dpos_stride = _broadcast_stride(dpos_target, 0)
+        shape = (key_programs, 2 * max_seq_len - 1) if deterministic else tuple(position_weights.shape)
+        dpos_target = torch.zeros(shape, dtype=torch.float32, device=device)
+        dpos_stride = dpos_target.stride(0) if deterministic else _broadcast_stride(dpos_target, 0)
     dtime_target, dtime_stride = None, 0
     if time_weights is not None:
-        if deterministic:
-            dtime_target = torch.zeros((num_key_programs, time_weights.shape[1]), dtype=torch.float32, device=q.device)
-            dtime_stride = dtime_target.stride(0)
-        else:
-            dtime_target = torch.zeros(time_weights.shape, dtype=torch.float32, device=q.device)
-            dtime_stride = _broadcast_stride(dtime_target, 0)
+        shape = (key_programs, time_weights.shape[1]) if deterministic else tuple(time_weights.shape)
+        dtime_target = torch.zeros(shape, dtype=torch.float32, device=device)
+        dtime_stride = dtime_target.stride(0) if deterministic else _broadcast_stride(dtime_target, 0)
 
-    dq_target = dq_accumulator if atomic_dq else dq
-    common_flags = dict(launch.flags)
+    seq_offsets_, num_targets_, batch_order, rab_, position_weights_, time_weights_, timestamps_ = launch.tensors
     dkdv_args = (
         q,
         k,
@@ -354,61 +349,48 @@ def hstu_attn_triton_backward(
         grad_out,
         dk,
         dv,
-        dq_accumulator,
-        seq_offsets,
-        num_targets,
-        launch.batch_order,
-        launch.rab,
+        dq if atomic_dq else None,
+        seq_offsets_,
+        num_targets_,
+        batch_order,
+        rab_,
         drab_target,
-        launch.position_weights,
+        position_weights_,
         dpos_target,
-        launch.time_weights,
+        time_weights_,
         dtime_target,
-        launch.timestamps,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        grad_out.stride(0),
-        grad_out.stride(1),
-        dk.stride(0),
-        dk.stride(1),
-        dv.stride(0),
-        dv.stride(1),
-        dq_target.stride(0),
-        dq_target.stride(1),
-        *launch.rab_strides,
+        timestamps_,
+        *launch.table_strides[:4],
         *drab_strides,
-        _table_stride(launch.position_weights),
+        launch.table_strides[4],
         dpos_stride,
-        _table_stride(launch.time_weights),
+        launch.table_strides[5],
         dtime_stride,
     )
-    dkdv_flags = {
-        **common_flags,
+    dkdv_kwargs = {
+        **launch.scalars,
+        **launch.flags,
         "HAS_DRAB": has_rab_grad,
         "DRAB_ATOMIC": drab_atomic,
         "ATOMIC_DQ": atomic_dq,
         "DETERMINISTIC": deterministic,
-        "NUM_BUCKETS_P2": triton.next_power_of_2(max(launch.scalars["num_buckets"], 1)),
+        "NUM_BUCKETS_P2": next_power_of_two(max(launch.scalars["num_buckets"], 1)),
     }
-
-    def key_grid(meta: dict[str, int]) -> tuple[int]:
-        return (programs * triton.cdiv(max_seq_len, meta["BLOCK_N"]),)
-
-    def query_grid(meta: dict[str, int]) -> tuple[int]:
-        return (programs * triton.cdiv(max_seq_len, meta["BLOCK_M"]),)
-
+    key_grid = _key_grid(launch, max_seq_len)
     if fixed is None:
-        configs.backward_dkdv[key_grid](*dkdv_args, **launch.scalars, **dkdv_flags)
+        _backward_dkdv.launch(
+            (*launch.key, has_rab_grad, drab_atomic, atomic_dq),
+            launch.head_dim,
+            key_grid,
+            dkdv_args,
+            dkdv_kwargs,
+            accumulators=(dq if atomic_dq else None, drab_target if drab_atomic else None, dpos_target, dtime_target),
+        )
     else:
-        hstu_attn_backward_dkdv_kernel[key_grid(fixed)](*dkdv_args, **launch.scalars, **dkdv_flags, **fixed)
+        _launch_fixed(hstu_attn_backward_dkdv_kernel, fixed, key_grid, dkdv_args, dkdv_kwargs)
 
     if atomic_dq:
-        assert dq_accumulator is not None
-        dq = dq_accumulator.to(q.dtype)
+        dq = dq.to(q.dtype)
     else:
         dq_args = (
             q,
@@ -416,57 +398,43 @@ def hstu_attn_triton_backward(
             v,
             grad_out,
             dq,
-            seq_offsets,
-            num_targets,
-            launch.batch_order,
-            launch.rab,
-            launch.position_weights,
-            launch.time_weights,
-            launch.timestamps,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            v.stride(0),
-            v.stride(1),
-            grad_out.stride(0),
-            grad_out.stride(1),
-            dq.stride(0),
-            dq.stride(1),
-            *launch.rab_strides,
-            _table_stride(launch.position_weights),
-            _table_stride(launch.time_weights),
+            *launch.tensors,
+            *launch.table_strides,
         )
+        dq_kwargs = {**launch.scalars, **launch.flags}
+        query_grid = _query_grid(launch, max_seq_len)
         if fixed is None:
-            configs.backward_dq[query_grid](*dq_args, **launch.scalars, **common_flags)
+            _backward_dq.launch(launch.key, launch.head_dim, query_grid, dq_args, dq_kwargs)
         else:
-            hstu_attn_backward_dq_kernel[query_grid(fixed)](*dq_args, **launch.scalars, **common_flags, **fixed)
+            _launch_fixed(hstu_attn_backward_dq_kernel, fixed, query_grid, dq_args, dq_kwargs)
 
     if has_rab_grad and drab_target is not drab:
-        assert drab is not None and drab_target is not None and rab is not None
+        assert rab is not None and drab is not None and drab_target is not None
         reduced = drab_target
-        if deterministic:
-            if rab.shape[1] == 1:
-                reduced = reduced.sum(dim=1, keepdim=True)
-            if rab.shape[0] == 1:
-                reduced = reduced.sum(dim=0, keepdim=True)
+        if deterministic and rab.shape[1] == 1:
+            reduced = reduced.sum(dim=1, keepdim=True)
+        if deterministic and rab.shape[0] == 1:
+            reduced = reduced.sum(dim=0, keepdim=True)
         drab.copy_(reduced)
+    dposition = dtime = None
     if position_weights is not None:
-        assert dposition is not None and dpos_target is not None
+        assert dpos_target is not None
         if deterministic:
-            dposition.copy_(
-                _fold_position_partials(dpos_target, num_sequences, num_heads, position_weights.shape, max_seq_len)
+            dpos_target = _fold_position_partials(
+                dpos_target, num_sequences, num_heads, position_weights.shape, max_seq_len
             )
-        else:
-            dposition.copy_(dpos_target)
+        dposition = dpos_target.to(position_weights.dtype)
     if time_weights is not None:
-        assert dtime is not None and dtime_target is not None
+        assert dtime_target is not None
         if deterministic:
             per_head = dtime_target.view(num_sequences, num_heads, -1, time_weights.shape[1]).sum(dim=(0, 2))
-            dtime.copy_(per_head.sum(dim=0, keepdim=True) if time_weights.shape[0] == 1 else per_head)
-        else:
-            dtime.copy_(dtime_target)
+            dtime_target = per_head.sum(dim=0, keepdim=True) if time_weights.shape[0] == 1 else per_head
+        dtime = dtime_target.to(time_weights.dtype)
     return dq, dk, dv, drab, dposition, dtime
+
+
+def _launch_fixed(kernel, config: LaunchConfig, grid, args: tuple, kwargs: dict) -> None:
+    kernel[grid(config)](*args, **kwargs, **config.meta())
 
 
 def _fold_position_partials(

@@ -194,20 +194,6 @@ def hstu_attn_backward_dkdv_kernel(
     time_weights,
     dtime,
     timestamps,
-    stride_qm,
-    stride_qh,
-    stride_km,
-    stride_kh,
-    stride_vm,
-    stride_vh,
-    stride_dom,
-    stride_doh,
-    stride_dkm,
-    stride_dkh,
-    stride_dvm,
-    stride_dvh,
-    stride_dqm,
-    stride_dqh,
     stride_rab_b,
     stride_rab_h,
     stride_rab_m,
@@ -229,7 +215,6 @@ def hstu_attn_backward_dkdv_kernel(
     pos_reach,
     num_buckets,
     inv_divisor,
-    AUTOTUNE_SEQ_LEN,
     DQK: tl.constexpr,
     DV: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -259,6 +244,14 @@ def hstu_attn_backward_dkdv_kernel(
     head = bh % num_heads
     if HAS_ORDER:
         seq = tl.load(batch_order + seq)
+    # q, k, v, grad_out and the gradients are contiguous [L, H, D]
+    stride_qm = num_heads * DQK
+    stride_km = stride_qm
+    stride_dqm = stride_qm
+    stride_dkm = stride_qm
+    stride_vm = num_heads * DV
+    stride_dom = stride_vm
+    stride_dvm = stride_vm
     seq_start = tl.load(seq_offsets + seq).to(tl.int64)
     n = (tl.load(seq_offsets + seq + 1) - seq_start).to(tl.int32)
     if n0 >= n:
@@ -271,15 +264,15 @@ def hstu_attn_backward_dkdv_kernel(
     col_in = offs_n < n
     offs_dqk = tl.arange(0, DQK)
     offs_dv = tl.arange(0, DV)
-    k_ptrs = K + seq_start * stride_km + head * stride_kh + offs_n[:, None].to(tl.int64) * stride_km + offs_dqk[None, :]
-    v_ptrs = V + seq_start * stride_vm + head * stride_vh + offs_n[:, None].to(tl.int64) * stride_vm + offs_dv[None, :]
+    k_ptrs = K + seq_start * stride_km + head * DQK + offs_n[:, None].to(tl.int64) * stride_km + offs_dqk[None, :]
+    v_ptrs = V + seq_start * stride_vm + head * DV + offs_n[:, None].to(tl.int64) * stride_vm + offs_dv[None, :]
     k = tl.load(k_ptrs, mask=col_in[:, None], other=0.0)
     v = tl.load(v_ptrs, mask=col_in[:, None], other=0.0)
-    q_ptr = Q + seq_start * stride_qm + head * stride_qh
-    do_ptr = DO + seq_start * stride_dom + head * stride_doh
+    q_ptr = Q + seq_start * stride_qm + head * DQK
+    do_ptr = DO + seq_start * stride_dom + head * DV
     dq_ptr = DQ
     if ATOMIC_DQ:
-        dq_ptr = DQ + seq_start * stride_dqm + head * stride_dqh
+        dq_ptr = DQ + seq_start * stride_dqm + head * DQK
 
     rab_ptr = rab
     if HAS_RAB:
@@ -375,8 +368,8 @@ def hstu_attn_backward_dkdv_kernel(
                 INPUT_PRECISION,
             )
 
-    dk_ptrs = DK + seq_start * stride_dkm + head * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dkm + offs_dqk[None, :]
-    dv_ptrs = DV_out + seq_start * stride_dvm + head * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvm + offs_dv[None, :]
+    dk_ptrs = DK + seq_start * stride_dkm + head * DQK + offs_n[:, None].to(tl.int64) * stride_dkm + offs_dqk[None, :]
+    dv_ptrs = DV_out + seq_start * stride_dvm + head * DV + offs_n[:, None].to(tl.int64) * stride_dvm + offs_dv[None, :]
     tl.store(dk_ptrs, (dk * (alpha * scale)).to(DK.dtype.element_ty), mask=col_in[:, None])
     tl.store(dv_ptrs, (dv * scale).to(DV_out.dtype.element_ty), mask=col_in[:, None])
     if HAS_TIME:
@@ -501,16 +494,6 @@ def hstu_attn_backward_dq_kernel(
     position_weights,
     time_weights,
     timestamps,
-    stride_qm,
-    stride_qh,
-    stride_km,
-    stride_kh,
-    stride_vm,
-    stride_vh,
-    stride_dom,
-    stride_doh,
-    stride_dqm,
-    stride_dqh,
     stride_rab_b,
     stride_rab_h,
     stride_rab_m,
@@ -526,7 +509,6 @@ def hstu_attn_backward_dq_kernel(
     pos_reach,
     num_buckets,
     inv_divisor,
-    AUTOTUNE_SEQ_LEN,
     DQK: tl.constexpr,
     DV: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -551,6 +533,12 @@ def hstu_attn_backward_dq_kernel(
     head = bh % num_heads
     if HAS_ORDER:
         seq = tl.load(batch_order + seq)
+    # q, k, v, grad_out and dq are contiguous [L, H, D]
+    stride_qm = num_heads * DQK
+    stride_km = stride_qm
+    stride_dqm = stride_qm
+    stride_vm = num_heads * DV
+    stride_dom = stride_vm
     seq_start = tl.load(seq_offsets + seq).to(tl.int64)
     n = (tl.load(seq_offsets + seq + 1) - seq_start).to(tl.int32)
     if m0 >= n:
@@ -563,12 +551,12 @@ def hstu_attn_backward_dq_kernel(
     row_in = offs_m < n
     offs_dqk = tl.arange(0, DQK)
     offs_dv = tl.arange(0, DV)
-    q_ptrs = Q + seq_start * stride_qm + head * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :]
-    do_ptrs = DO + seq_start * stride_dom + head * stride_doh + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :]
+    q_ptrs = Q + seq_start * stride_qm + head * DQK + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :]
+    do_ptrs = DO + seq_start * stride_dom + head * DV + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :]
     q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
     do = tl.load(do_ptrs, mask=row_in[:, None], other=0.0)
-    k_ptr = K + seq_start * stride_km + head * stride_kh
-    v_ptr = V + seq_start * stride_vm + head * stride_vh
+    k_ptr = K + seq_start * stride_km + head * DQK
+    v_ptr = V + seq_start * stride_vm + head * DV
 
     rab_ptr = rab
     if HAS_RAB:
@@ -637,5 +625,5 @@ def hstu_attn_backward_dq_kernel(
                 INPUT_PRECISION,
             )
 
-    dq_ptrs = DQ + seq_start * stride_dqm + head * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqm + offs_dqk[None, :]
+    dq_ptrs = DQ + seq_start * stride_dqm + head * DQK + offs_m[:, None].to(tl.int64) * stride_dqm + offs_dqk[None, :]
     tl.store(dq_ptrs, (dq * (alpha * scale)).to(DQ.dtype.element_ty), mask=row_in[:, None])

@@ -125,14 +125,6 @@ def hstu_attn_forward_kernel(
     position_weights,
     time_weights,
     timestamps,
-    stride_qm,
-    stride_qh,
-    stride_km,
-    stride_kh,
-    stride_vm,
-    stride_vh,
-    stride_om,
-    stride_oh,
     stride_rab_b,
     stride_rab_h,
     stride_rab_m,
@@ -148,7 +140,6 @@ def hstu_attn_forward_kernel(
     pos_reach,
     num_buckets,
     inv_divisor,
-    AUTOTUNE_SEQ_LEN,
     DQK: tl.constexpr,
     DV: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -173,6 +164,11 @@ def hstu_attn_forward_kernel(
     head = bh % num_heads
     if HAS_ORDER:
         seq = tl.load(batch_order + seq)
+    # q, k, v and out are contiguous [L, H, D]
+    stride_qm = num_heads * DQK
+    stride_km = stride_qm
+    stride_vm = num_heads * DV
+    stride_om = stride_vm
     seq_start = tl.load(seq_offsets + seq).to(tl.int64)
     n = (tl.load(seq_offsets + seq + 1) - seq_start).to(tl.int32)
     if m0 >= n:
@@ -184,10 +180,10 @@ def hstu_attn_forward_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_in = offs_m < n
     offs_dqk = tl.arange(0, DQK)
-    q_ptrs = Q + seq_start * stride_qm + head * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :]
+    q_ptrs = Q + seq_start * stride_qm + head * DQK + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :]
     q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
-    k_ptr = K + seq_start * stride_km + head * stride_kh
-    v_ptr = V + seq_start * stride_vm + head * stride_vh
+    k_ptr = K + seq_start * stride_km + head * DQK
+    v_ptr = V + seq_start * stride_vm + head * DV
 
     rab_ptr = rab
     if HAS_RAB:
@@ -256,5 +252,5 @@ def hstu_attn_forward_kernel(
             )
 
     offs_dv = tl.arange(0, DV)
-    out_ptrs = Out + seq_start * stride_om + head * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
+    out_ptrs = Out + seq_start * stride_om + head * DV + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
     tl.store(out_ptrs, (acc * scale).to(Out.dtype.element_ty), mask=row_in[:, None])

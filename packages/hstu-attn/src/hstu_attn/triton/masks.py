@@ -158,7 +158,7 @@ def key_block_row_ranges(
             else:
                 full_lo = 0
             full_end = n
-            if HAS_WINDOW:
+            if HAS_WINDOW:  # noqa: SIM102 (a compile-time test cannot join a run-time one)
                 if u > n0 + max_attn_len:
                     full_end = n0 + max_attn_len + 1
             full_lo = lo + tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK_M) * BLOCK_M
