@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 
 WORLD_SIZE = 3
 TIMEOUT_S = 420
+COLLECTIVE_TIMEOUT_S = 60  # a rank that failed alone frees the others' collectives after this
 
 
 def _free_port() -> int:
@@ -30,20 +32,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, folder: str, names: list[str]) -> None:
+def _worker(rank: int, port: int, folder: str, names: list[str], verbose: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=180))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     import dynamicemb_sharded_scenarios as scenarios
 
     env = scenarios.Env.create(rank, os.path.join(folder, "work"))
     results: dict[str, str] = {}
     out = os.path.join(folder, f"rank{rank}.json")
     for name in names:
+        start = time.monotonic()
         try:
             getattr(scenarios, name)(env)
             mine = "ok"
         except Exception:
             mine = traceback.format_exc()
+        if verbose:
+            print(f"rank {rank} {name}: {time.monotonic() - start:.1f}s {mine}", flush=True)
         everyone: list[Any] = [None] * WORLD_SIZE
         dist.all_gather_object(everyone, mine)
         failed = [r for r, result in enumerate(everyone) if result != "ok"]
@@ -63,8 +68,9 @@ def _run(names: tuple[str, ...]) -> tuple[dict[str, str], ...]:
     processes = [context.Process(target=_worker, args=(rank, port, folder, list(names))) for rank in range(WORLD_SIZE)]
     for p in processes:
         p.start()
+    deadline = time.monotonic() + TIMEOUT_S
     for p in processes:
-        p.join(TIMEOUT_S)
+        p.join(max(0.0, deadline - time.monotonic()))
     for p in processes:
         if p.is_alive():
             p.kill()

@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -85,7 +86,7 @@ def forward_flops(lengths: list[int], heads: int, head_dim: int) -> float:
     return 4.0 * sum(n * (n + 1) / 2 for n in lengths) * heads * head_dim
 
 
-def median_ms(fn) -> float:
+def median_ms(fn: Callable[[], object]) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
@@ -213,7 +214,9 @@ def meta_precompile_worker(rank: int, world: int) -> None:
             meta_rate(shape, "bwd", True)
 
 
-def _child(args: list[str], peers: str | None, timeout: int, env_extra: dict | None = None):
+def _child(
+    args: list[str], peers: str | None, timeout: int, env_extra: dict | None = None
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if peers:
         env["PYTHONPATH"] = os.pathsep.join([peers, env.get("PYTHONPATH", "")])
@@ -436,7 +439,9 @@ def main() -> None:
             full_bwd = meta_rates.get((shape.name, "bwd", True))
             if shape.jagged:
                 bwd = meta_rates.get((shape.name, "bwd", False))
-                extra = {"bwd_status": "ok" if bwd is not None else meta_status.get(shape.name, "missing")}
+                extra: dict[str, Any] = {
+                    "bwd_status": "ok" if bwd is not None else meta_status.get(shape.name, "missing")
+                }
                 extra["bwd_full_length_tflops"] = full_bwd
                 add(shape.name, "meta_triton", fwd, bwd, **extra)
             else:

@@ -8,7 +8,9 @@ microseconds on the GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,12 +158,12 @@ def _prepare(
     )
 
 
-def _query_grid(launch: _Launch, max_seq_len: int) -> callable:
+def _query_grid(launch: _Launch, max_seq_len: int) -> Callable[[LaunchConfig], tuple[int]]:
     programs = launch.num_sequences * launch.num_heads
     return lambda config: (programs * ((max_seq_len + config.block_m - 1) // config.block_m),)
 
 
-def _key_grid(launch: _Launch, max_seq_len: int) -> callable:
+def _key_grid(launch: _Launch, max_seq_len: int) -> Callable[[LaunchConfig], tuple[int]]:
     programs = launch.num_sequences * launch.num_heads
     return lambda config: (programs * ((max_seq_len + config.block_n - 1) // config.block_n),)
 
@@ -273,7 +275,7 @@ def hstu_attn_triton_backward(
             torch.zeros_like(q),
             torch.zeros_like(k),
             torch.zeros_like(v),
-            torch.zeros_like(rab) if has_rab_grad else None,
+            torch.zeros_like(rab) if rab is not None and rab_requires_grad else None,
             None if position_weights is None else torch.zeros_like(position_weights),
             None if time_weights is None else torch.zeros_like(time_weights),
         )
@@ -310,17 +312,18 @@ def hstu_attn_triton_backward(
 
     # Gradient targets of the bias terms: final tensors, fp32 atomic accumulators or per-program partials.
     drab = drab_target = None
-    drab_atomic, drab_strides = False, (0, 0, 0, 0)
+    drab_atomic = False
+    drab_strides: tuple[int, ...] = (0, 0, 0, 0)
     if has_rab_grad:
         assert rab is not None
         drab = torch.zeros_like(rab)
         broadcast = (rab.shape[0] == 1 and num_sequences > 1) or (rab.shape[1] == 1 and num_heads > 1)
         if not broadcast:
             drab_target = drab
-            drab_strides = tuple(drab.stride())
+            drab_strides = drab.stride()
         elif deterministic:
             drab_target = torch.zeros((num_sequences, num_heads, *rab.shape[2:]), dtype=torch.float32, device=device)
-            drab_strides = tuple(drab_target.stride())
+            drab_strides = drab_target.stride()
         else:
             drab_target = torch.zeros(rab.shape, dtype=torch.float32, device=device)
             drab_atomic = True
@@ -433,7 +436,9 @@ def hstu_attn_triton_backward(
     return dq, dk, dv, drab, dposition, dtime
 
 
-def _launch_fixed(kernel, config: LaunchConfig, grid, args: tuple, kwargs: dict) -> None:
+def _launch_fixed(
+    kernel: Any, config: LaunchConfig, grid: Callable[[LaunchConfig], tuple[int]], args: tuple, kwargs: dict
+) -> None:
     kernel[grid(config)](*args, **kwargs, **config.meta())
 
 
