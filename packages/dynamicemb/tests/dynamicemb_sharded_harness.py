@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 WORLD_SIZE = 3
 TIMEOUT_S = 420
-COLLECTIVE_TIMEOUT_S = 60  # a rank that failed alone frees the others' collectives after this
+COLLECTIVE_TIMEOUT_S = 30  # a rank that failed alone frees the others' collectives after this
 
 
 def _free_port() -> int:

@@ -8,11 +8,11 @@ microseconds on the GPU.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,6 +52,11 @@ class _Launch:
     scalars: dict
     flags: dict
     key: tuple
+
+
+def _float32(x: float) -> float:
+    """`x` rounded to the nearest float32."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _contiguous(t: Tensor) -> Tensor:
@@ -109,7 +114,7 @@ def _prepare(
         time_weights, timestamps = _contiguous(time_weights), _contiguous(timestamps)
         num_buckets, time_stride = time_weights.shape[1], _broadcast_stride(time_weights, 0)
         # the reference divides by the divisor the way PyTorch's CUDA kernel does: times its fp32 reciprocal
-        inv_divisor = float(np.float32(1.0) / np.float32(time_bucket_divisor))
+        inv_divisor = _float32(1.0 / _float32(time_bucket_divisor))
     batch_order = None
     if sort_by_length and num_sequences > 1:
         batch_order = torch.argsort(seq_offsets[1:] - seq_offsets[:-1], descending=True).to(torch.int32)
