@@ -136,9 +136,16 @@ def shard(
         debug=False,
     )
     plan = planner.collective_plan(module, sharders, group)
-    return DistributedModelParallel(
-        module, env=ShardingEnv.from_process_group(group), device=CPU, sharders=sharders, plan=plan
-    )
+    return DistributedModelParallel(module, env=subgroup_env(group), device=CPU, sharders=sharders, plan=plan)
+
+
+def subgroup_env(group: dist.ProcessGroup) -> ShardingEnv:
+    """``ShardingEnv.from_process_group`` for a group smaller than the world: TorchRec's
+    constructor builds a device mesh, a collective of every rank of the world, which ranks outside
+    ``group`` do not join; these scenarios need no device mesh."""
+    env = ShardingEnv(dist.get_world_size(group), dist.get_rank(group), pg=None)
+    env.process_group = group
+    return env
 
 
 def shards_of(model: nn.Module) -> dict[str, DynamicEmbeddingTable]:
@@ -422,7 +429,7 @@ def mixed_configs() -> tuple[list[EmbeddingConfig], list[EmbeddingBagConfig]]:
     ]
     ebc = [
         EmbeddingBagConfig(name="bag_dyn", embedding_dim=DIM, num_embeddings=256, feature_names=["x"], pooling=PoolingType.MEAN),
-        EmbeddingBagConfig(name="bag_rw", embedding_dim=DIM, num_embeddings=32, feature_names=["y"], pooling=PoolingType.SUM),
+        EmbeddingBagConfig(name="bag_tw", embedding_dim=DIM, num_embeddings=32, feature_names=["y"], pooling=PoolingType.SUM),
     ]  # fmt: skip
     return ec, ebc
 
@@ -486,7 +493,7 @@ def mixed_model_matches_unsharded_reference(env: Env) -> None:
         "tw": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]),
         "dp": ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value]),
         "bag_dyn": DynamicEmbParameterConstraints(use_dynamicemb=True, key_distribution=MODULO),
-        "bag_rw": ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]),
+        "bag_tw": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]),  # TorchRec: no pooled RW on CPU
     }
     sharded = MixedModel(
         EmbeddingCollection(tables=ec_cfg, device=torch.device("meta")),
@@ -501,7 +508,7 @@ def mixed_model_matches_unsharded_reference(env: Env) -> None:
     assert isinstance(dmp.module.ec, ShardedDynamicEmbeddingCollection)
     assert isinstance(dmp.module.ebc, ShardedDynamicEmbeddingBagCollection)
     state_keys = set(dmp.state_dict())
-    for key in ("ec.embeddings.rw.weight", "ec.embeddings.tw.weight", "ec.embeddings.dp.weight", "ebc.embedding_bags.bag_rw.weight"):
+    for key in ("ec.embeddings.rw.weight", "ec.embeddings.tw.weight", "ec.embeddings.dp.weight", "ebc.embedding_bags.bag_tw.weight"):
         assert key in state_keys, f"{key} missing from the state dict keys {sorted(state_keys)}"
         name = key.split(".")[-2]
         set_static_rows(dmp, key, static_rows_init[name])
@@ -708,7 +715,7 @@ def plan_for_another_world_size_is_refused(env: Env) -> None:
         raise AssertionError("a plan for 2 ranks was made over 3")
     plan = planner.plan(module, [DynamicEmbeddingCollectionSharder()])
     try:
-        DistributedModelParallel(module, env=ShardingEnv.from_process_group(g3), device=CPU, sharders=[DynamicEmbeddingCollectionSharder()], plan=plan)
+        DistributedModelParallel(module, env=subgroup_env(g3), device=CPU, sharders=[DynamicEmbeddingCollectionSharder()], plan=plan)
     except ValueError as error:
         assert "plan shards it over ranks [0, 1]" in str(error), str(error)
     else:

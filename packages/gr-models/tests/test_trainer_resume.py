@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gr_models.trainer import Trainer, load_config
 
@@ -39,18 +40,13 @@ def _config(output_dir: Path, max_steps: int, checkpoint_every: int):
 
 
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every parameter, plus the rows of the dynamic item table (looked up in eval mode, which never inserts)."""
     state = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    item_ids = torch.arange(31)
-    state["dynamic item rows"] = trainer.model.embed_items("item_id", item_ids).detach().clone() if hasattr(
-        trainer.model, "embed_items"
-    ) else trainer.model.embedding.lookup(_item_kjt(item_ids), ["item_id"])["item_id"].values().detach().clone()
+    trainer.model.eval()
+    ids = torch.arange(31)
+    features = KeyedJaggedTensor.from_lengths_sync(keys=["item_id"], values=ids, lengths=torch.tensor([ids.numel()]))
+    state["dynamic item rows"] = trainer.model.embedding.lookup(features, ["item_id"])["item_id"].values().clone()
     return state
-
-
-def _item_kjt(ids: torch.Tensor):
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    return KeyedJaggedTensor.from_lengths_sync(keys=["item_id"], values=ids, lengths=torch.tensor([ids.numel()]))
 
 
 class _Crash(Exception):
