@@ -63,23 +63,26 @@ CPU = torch.device("cpu")
 
 @dataclass
 class Env:
-    """This rank and the groups of the first 1, 2 and 3 ranks (``None`` where it is not a member)."""
+    """This rank, its compute device, and the groups of the first 1, 2, ... ranks of the world
+    (``None`` where this rank is not a member)."""
 
     rank: int
+    device: torch.device
     groups: dict[int, dist.ProcessGroup | None]
     folder: str
 
     @classmethod
-    def create(cls, rank: int, folder: str) -> Env:
+    def create(cls, rank: int, folder: str, device: torch.device = CPU) -> Env:
+        world_size = dist.get_world_size()
         groups: dict[int, dist.ProcessGroup | None] = {}
-        for size in (1, 2):
+        for size in range(1, world_size):
             group = dist.new_group(list(range(size)))
             groups[size] = group if rank < size else None
-        groups[3] = dist.group.WORLD
+        groups[world_size] = dist.group.WORLD
         if rank == 0:
             os.makedirs(folder, exist_ok=True)
         dist.barrier()
-        return cls(rank, groups, folder)
+        return cls(rank, device, groups, folder)
 
 
 # --- building blocks --------------------------------------------------------------------------------
@@ -123,10 +126,11 @@ def shard(
     constraints: dict[str, ParameterConstraints],
     sharders: list[Any],
     group: dist.ProcessGroup,
+    device: torch.device = CPU,
 ) -> DistributedModelParallel:
     """Plan with the dynamicemb planner over ``group`` and wrap ``module`` in DMP, as seed 004 does."""
     world_size = dist.get_world_size(group)
-    topology = Topology(world_size=world_size, local_world_size=world_size, compute_device="cpu")
+    topology = Topology(world_size=world_size, local_world_size=world_size, compute_device=device.type)
     planner = DynamicEmbeddingShardingPlanner(
         topology=topology,
         constraints=constraints,
@@ -136,7 +140,7 @@ def shard(
         debug=False,
     )
     plan = planner.collective_plan(module, sharders, group)
-    return DistributedModelParallel(module, env=subgroup_env(group), device=CPU, sharders=sharders, plan=plan)
+    return DistributedModelParallel(module, env=subgroup_env(group), device=device, sharders=sharders, plan=plan)
 
 
 def subgroup_env(group: dist.ProcessGroup) -> ShardingEnv:
@@ -198,9 +202,9 @@ def assert_shards_match(
             assert key in expected, f"{name}: key {key} is not in the reference"
             assert_close(embedding, expected[key][0], exact, f"{name} key {key} embedding")
             assert_close(state, expected[key][1], exact, f"{name} key {key} optimizer state")
-        total = torch.tensor([len(got)])
-        dist.all_reduce(total, group=group)
-        assert int(total) == len(expected), f"{name}: {int(total)} rows over the shards, {len(expected)} in the reference"
+        sizes: list[Any] = [None] * world_size
+        dist.all_gather_object(sizes, len(got), group=group)
+        assert sum(sizes) == len(expected), f"{name}: {sum(sizes)} rows over the shards, {len(expected)} in the reference"
         steps = [None] * world_size
         dist.all_gather_object(steps, shard_table.optimizer.step, group=group)
         assert set(steps) == {reference[name].optimizer.step}, f"{name}: steps {steps} vs {reference[name].optimizer.step}"
@@ -252,15 +256,15 @@ def run_equivalence(
     exact: bool,
     qcomm_codecs_registry: dict[str, Any] | None = None,
 ) -> None:
-    group = env.groups[world_size]
+    group = env.groups.get(world_size)
     if group is None:
         return
-    rank = dist.get_rank(group)
+    rank, device = dist.get_rank(group), env.device
     options = DynamicEmbTableOptions(
         initializer_args=DynamicEmbInitializerArgs(mode=DynamicEmbInitializerMode.CONSTANT, value=0.25)
     )
     initial = {k: dyadic((DIM,), seed=k + 50) for k in range(-20, 40, 2)}
-    reference = DynamicEmbeddingCollection(ec_configs(), device=CPU, table_options=options, optimizer=fused_params)
+    reference = DynamicEmbeddingCollection(ec_configs(), device=device, table_options=options, optimizer=fused_params)
     for table in reference.dynamic_embedding_tables().values():
         preload(table, initial, 1, 0, distribution)
     models = []
@@ -277,29 +281,30 @@ def run_equivalence(
         sharder = DynamicEmbeddingCollectionSharder(
             qcomm_codecs_registry=qcomm_codecs_registry, fused_params=fused_params, use_index_dedup=dedup
         )
-        model = shard(EmbeddingCollection(tables=ec_configs(), device=torch.device("meta")), constraints, [sharder], group)
+        ec = EmbeddingCollection(tables=ec_configs(), device=torch.device("meta"))
+        model = shard(ec, constraints, [sharder], group, device)
         for table in shards_of(model).values():
             preload(table, initial, world_size, rank, distribution)
         models.append(model)
     for step, per_rank in enumerate(equivalence_batches(world_size, distribution)):
         full = global_bags(per_rank, EC_FEATURES)
         expected = reference(make_kjt(EC_FEATURES, full))
-        loss = torch.zeros(())
+        loss = torch.zeros((), device=device)
         mine: dict[str, slice] = {}
         weights: dict[str, torch.Tensor] = {}
         for i, f in enumerate(EC_FEATURES):
             sizes = [sum(len(bag) for bag in bags[f]) for bags in per_rank]
             start = sum(sizes[:rank])
             mine[f] = slice(start, start + sizes[rank])
-            weights[f] = dyadic((sum(sizes), DIM), seed=1000 * step + i, scale=4)
+            weights[f] = dyadic((sum(sizes), DIM), seed=1000 * step + i, scale=4).to(device)
             loss = loss + (expected[f].values() * weights[f]).sum()
         (loss / world_size).backward()
         for model in models:
             out = model(make_kjt(EC_FEATURES, per_rank[rank]))
-            local_loss = torch.zeros(())
+            local_loss = torch.zeros((), device=device)
             for f in EC_FEATURES:
                 assert_close(out[f].values(), expected[f].values()[mine[f]].detach(), exact, f"step {step} {f}")
-                assert torch.equal(out[f].lengths(), torch.tensor([len(b) for b in per_rank[rank][f]]))
+                assert out[f].lengths().cpu().tolist() == [len(b) for b in per_rank[rank][f]]
                 local_loss = local_loss + (out[f].values() * weights[f][mine[f]]).sum()
             local_loss.backward()
     distributions = {"t": distribution, "u": distribution}
@@ -331,7 +336,7 @@ def equivalence_rowwise_adagrad_one_rank(env: Env) -> None:
 
 def fp16_wire_two_ranks(env: Env) -> None:
     """A FP16 qcomm codec sends embeddings and gradients as float16: results within fp16 precision."""
-    group = env.groups[2]
+    group = env.groups.get(2)
     if group is None:
         return
     registry = get_qcomm_codecs_registry(
@@ -339,7 +344,7 @@ def fp16_wire_two_ranks(env: Env) -> None:
     )
     sharder = DynamicEmbeddingCollectionSharder(qcomm_codecs_registry=registry, fused_params=SGD)
     constraints = {n: DynamicEmbParameterConstraints(use_dynamicemb=True) for n in ("t", "u")}
-    model = shard(EmbeddingCollection(tables=ec_configs(), device=torch.device("meta")), constraints, [sharder], group)
+    model = shard(EmbeddingCollection(tables=ec_configs(), device=torch.device("meta")), constraints, [sharder], group, env.device)
     rank = dist.get_rank(group)
     initial = {k: torch.randn(DIM, generator=torch.Generator().manual_seed(k + 7)) for k in range(30)}
     for table in shards_of(model).values():
@@ -349,10 +354,52 @@ def fp16_wire_two_ranks(env: Env) -> None:
     for f, jt in out.items():
         ids = [k for bag in bags[f] for k in bag]
         expected = torch.stack([initial[k] for k in ids]) if ids else torch.zeros(0, DIM)
-        torch.testing.assert_close(jt.values().detach(), expected, rtol=1e-3, atol=1e-3)
-        assert not torch.equal(jt.values().detach(), expected) or not ids or all(
-            torch.equal(e.half().float(), e) for e in expected
-        ), "the values did not travel as float16"
+        got = jt.values().detach().cpu()
+        assert torch.equal(got, expected.half().float()), f"{f}: not the rows rounded to float16 once"
+    sum(jt.values().sum() for jt in out.values()).backward()
+
+
+def weighted_bags_two_ranks(env: Env) -> None:
+    """A weighted EmbeddingBagCollection of dynamic tables (SUM and MEAN) == the unsharded one."""
+    group = env.groups.get(2)
+    if group is None:
+        return
+    rank, world_size, device = dist.get_rank(group), 2, env.device
+    configs = [
+        EmbeddingBagConfig(name="p", embedding_dim=DIM, num_embeddings=256, feature_names=["a", "b"], pooling=PoolingType.SUM),
+        EmbeddingBagConfig(name="q", embedding_dim=DIM, num_embeddings=256, feature_names=["c"], pooling=PoolingType.MEAN),
+    ]  # fmt: skip
+    features = ["a", "b", "c"]
+    initial = {k: dyadic((DIM,), seed=k + 3) for k in range(-10, 30)}
+    reference = DynamicEmbeddingBagCollection(configs, is_weighted=True, device=device, optimizer=ADAM)
+    for table in reference.dynamic_embedding_tables().values():
+        preload(table, initial, 1, 0, HASH)
+    constraints = {n: DynamicEmbParameterConstraints(use_dynamicemb=True) for n in ("p", "q")}
+    sharder = DynamicEmbeddingBagCollectionSharder(fused_params=ADAM, use_index_dedup=True)
+    ebc = EmbeddingBagCollection(tables=configs, is_weighted=True, device=torch.device("meta"))
+    model = shard(ebc, constraints, [sharder], group, device)
+    for table in shards_of(model).values():
+        preload(table, initial, world_size, rank, HASH)
+
+    def weighted(bags: dict[str, list[list[int]]], seed: int) -> KeyedJaggedTensor:
+        kjt = make_kjt(features, bags)
+        weights = dyadic((kjt.values().numel(),), seed=seed, scale=8) + 1.0
+        return KeyedJaggedTensor(keys=features, values=kjt.values(), lengths=kjt.lengths(), weights=weights)
+
+    for step in range(3):
+        per_rank = [random_bags(features, 3, 60 * step + r, -10, 30) for r in range(world_size)]
+        local = weighted(per_rank[rank], seed=step * 10 + rank)
+        parts = [weighted(per_rank[r], seed=step * 10 + r) for r in range(world_size)]
+        full = make_kjt(features, global_bags(per_rank, features))
+        weights = torch.cat([torch.cat([p.weights()[p.offset_per_key()[i] : p.offset_per_key()[i + 1]] for p in parts]) for i in range(3)])
+        full = KeyedJaggedTensor(keys=features, values=full.values(), lengths=full.lengths(), weights=weights)
+        expected = reference(full).values()
+        head = dyadic(tuple(expected.shape), seed=step, scale=4).to(device)
+        ((expected * head).sum() / world_size).backward()
+        out = model(local).values()
+        torch.testing.assert_close(out, expected[3 * rank : 3 * rank + 3].detach(), rtol=1e-5, atol=1e-6)
+        (out * head[3 * rank : 3 * rank + 3]).sum().backward()
+    assert_shards_match(shards_of(model), reference.dynamic_embedding_tables(), group, {"p": HASH, "q": HASH}, exact=False)
 
 
 # --- equivalence with TorchRec's static row-wise table ----------------------------------------------------
@@ -373,7 +420,7 @@ def set_static_rows(model: nn.Module, key: str, rows: torch.Tensor) -> None:
 def torchrec_static_equivalence(env: Env) -> None:
     """A dynamic table == TorchRec's fused row-wise table (fbgemm CPU TBE) with the same initial
     rows and optimizer, with no eviction: same outputs at every step and same rows after."""
-    group = env.groups[2]
+    group = env.groups.get(2)
     if group is None:
         return
     rank = dist.get_rank(group)
@@ -418,37 +465,41 @@ def torchrec_static_equivalence(env: Env) -> None:
 
 # --- a mixed model: dynamic and ordinary tables in one DMP, dense optimizer for the rest ------------------
 MIXED_FEATURES = ["x", "y", "z", "w"]
+SEQ_FEATURES = ["x", "y", "z"]
+POOLED_FEATURES = ["x", "y", "w"]
 
 
 def mixed_configs() -> tuple[list[EmbeddingConfig], list[EmbeddingBagConfig]]:
+    """TorchRec 1.8 on CPU cannot shard a sequence table data-parallel nor a pooled table row-wise,
+    so the data-parallel table is pooled and the row-wise one sequence."""
     ec = [
         EmbeddingConfig(name="dyn", embedding_dim=DIM, num_embeddings=256, feature_names=["x"]),
         EmbeddingConfig(name="rw", embedding_dim=DIM, num_embeddings=32, feature_names=["y"]),
         EmbeddingConfig(name="tw", embedding_dim=DIM, num_embeddings=32, feature_names=["z"]),
-        EmbeddingConfig(name="dp", embedding_dim=DIM, num_embeddings=32, feature_names=["w"]),
     ]
     ebc = [
         EmbeddingBagConfig(name="bag_dyn", embedding_dim=DIM, num_embeddings=256, feature_names=["x"], pooling=PoolingType.MEAN),
         EmbeddingBagConfig(name="bag_tw", embedding_dim=DIM, num_embeddings=32, feature_names=["y"], pooling=PoolingType.SUM),
+        EmbeddingBagConfig(name="bag_dp", embedding_dim=DIM, num_embeddings=32, feature_names=["w"], pooling=PoolingType.SUM),
     ]  # fmt: skip
     return ec, ebc
 
 
 class MixedModel(nn.Module):
     """Sequence and pooled embeddings into two small dense layers; ``ec`` / ``ebc`` are any
-    modules mapping the KJT to ``Dict[str, JaggedTensor]`` / a ``KeyedTensor`` (or a pair of them)."""
+    modules mapping the KJT to ``Dict[str, JaggedTensor]`` / a ``KeyedTensor``."""
 
     def __init__(self, ec: nn.Module, ebc: nn.Module) -> None:
         super().__init__()
         self.ec = ec
         self.ebc = ebc
         self.seq_head = nn.Linear(DIM, 1)
-        self.pool_head = nn.Linear(2 * DIM, 1)
+        self.pool_head = nn.Linear(len(POOLED_FEATURES) * DIM, 1)
 
     def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         seq = self.ec(kjt)
         pooled = self.ebc(kjt)
-        seq_values = {f: seq[f].values() for f in MIXED_FEATURES}
+        seq_values = {f: seq[f].values() for f in SEQ_FEATURES}
         seq_loss = sum(self.seq_head(v).square().sum() for v in seq_values.values())
         pooled_loss = self.pool_head(pooled.values()).square().sum()
         return seq_loss + pooled_loss, {**seq_values, "pooled": pooled.values()}
@@ -468,14 +519,15 @@ class _Merged(nn.Module):
         from torchrec.sparse.jagged_tensor import KeyedTensor
 
         merged = {**b.to_dict(), **a.to_dict()}
-        return KeyedTensor(keys=["x", "y"], length_per_key=[DIM, DIM], values=torch.cat([merged["x"], merged["y"]], 1))
+        values = torch.cat([merged[f] for f in POOLED_FEATURES], 1)
+        return KeyedTensor(keys=POOLED_FEATURES, length_per_key=[DIM] * len(POOLED_FEATURES), values=values)
 
 
 def mixed_model_matches_unsharded_reference(env: Env) -> None:
     """One DMP holding dynamic tables (EC and EBC) beside static row-wise, table-wise and
     data-parallel tables and two dense layers, trained with a dense SGD: equal to the unsharded
     model trained on the global batch, step after step."""
-    group = env.groups[2]
+    group = env.groups.get(2)
     if group is None:
         return
     rank, world_size = dist.get_rank(group), 2
@@ -491,9 +543,9 @@ def mixed_model_matches_unsharded_reference(env: Env) -> None:
         "dyn": DynamicEmbParameterConstraints(use_dynamicemb=True, key_distribution=HASH),
         "rw": ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]),
         "tw": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]),
-        "dp": ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value]),
         "bag_dyn": DynamicEmbParameterConstraints(use_dynamicemb=True, key_distribution=MODULO),
-        "bag_tw": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]),  # TorchRec: no pooled RW on CPU
+        "bag_tw": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value]),
+        "bag_dp": ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value]),
     }
     sharded = MixedModel(
         EmbeddingCollection(tables=ec_cfg, device=torch.device("meta")),
@@ -508,7 +560,9 @@ def mixed_model_matches_unsharded_reference(env: Env) -> None:
     assert isinstance(dmp.module.ec, ShardedDynamicEmbeddingCollection)
     assert isinstance(dmp.module.ebc, ShardedDynamicEmbeddingBagCollection)
     state_keys = set(dmp.state_dict())
-    for key in ("ec.embeddings.rw.weight", "ec.embeddings.tw.weight", "ec.embeddings.dp.weight", "ebc.embedding_bags.bag_tw.weight"):
+    static_keys = ["ec.embeddings.rw.weight", "ec.embeddings.tw.weight"]
+    static_keys += ["ebc.embedding_bags.bag_tw.weight", "ebc.embedding_bags.bag_dp.weight"]
+    for key in static_keys:
         assert key in state_keys, f"{key} missing from the state dict keys {sorted(state_keys)}"
         name = key.split(".")[-2]
         set_static_rows(dmp, key, static_rows_init[name])
@@ -543,7 +597,7 @@ def mixed_model_matches_unsharded_reference(env: Env) -> None:
         dense_optimizer.zero_grad()
         loss.backward()
         dense_optimizer.step()
-        for f in MIXED_FEATURES:
+        for f in SEQ_FEATURES:
             sizes = [sum(len(b) for b in bags[f]) for bags in per_rank]
             start = sum(sizes[:rank])
             torch.testing.assert_close(out[f], ref_out[f][start : start + sizes[rank]], rtol=1e-5, atol=1e-6)
@@ -728,6 +782,7 @@ SCENARIOS = [
     "equivalence_adam_hash_three_ranks",
     "equivalence_rowwise_adagrad_one_rank",
     "fp16_wire_two_ranks",
+    "weighted_bags_two_ranks",
     "torchrec_static_equivalence",
     "mixed_model_matches_unsharded_reference",
     "dump_and_load_across_world_sizes",

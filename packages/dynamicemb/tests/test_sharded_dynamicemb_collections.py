@@ -29,6 +29,10 @@ def test_fp16_codec_sends_half_precision() -> None:
     outcome("fp16_wire_two_ranks")
 
 
+def test_sharded_weighted_bag_collection_equals_unsharded() -> None:
+    outcome("weighted_bags_two_ranks")
+
+
 def test_dynamic_table_equals_torchrec_row_wise_fused_table() -> None:
     outcome("torchrec_static_equivalence")
 

@@ -75,7 +75,7 @@ def test_retrieval_models_learn_next_item_structure(tmp_path: Path, model: str, 
             "follow_previous: 0.95, num_tasks: 1}",
             "retrieval.num_negatives=32",
             "retrieval.eval_top_k=[10]",
-            "train.max_steps=30",
+            "train.max_steps=40",
         ],
     )
     assert type(trainer.model) is model_class

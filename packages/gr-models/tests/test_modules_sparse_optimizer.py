@@ -67,7 +67,9 @@ def test_adamw_matches_torch_adamw_when_every_row_is_touched() -> None:
 def test_rowwise_adagrad_keeps_one_accumulator_per_row() -> None:
     weight = torch.nn.Parameter(torch.zeros(3, 2))
     optimizer = SparseRowOptimizer([weight], EmbeddingOptimizerParam("rowwise_adagrad", 1.0, eps=0.0))
-    weight.grad = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.tensor([[3.0, 4.0]]), (3, 2), check_invariants=True)
+    weight.grad = torch.sparse_coo_tensor(
+        torch.tensor([[1]]), torch.tensor([[3.0, 4.0]]), (3, 2), check_invariants=True
+    )
     optimizer.step()
     # accumulator = mean(g^2) = 12.5; update = g / sqrt(12.5)
     assert optimizer.state[weight]["sum"].tolist() == [0.0, 12.5, 0.0]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from gr_models.data.batch import FeatureConfig, RankingBatch
+from gr_models.data.schema import DatasetSchema
 from gr_models.trainer import build_model, load_config, lr_multiplier, sequence_tokens
 from gr_models.trainer.builders import build_embedding_configs
 from gr_models.trainer.config import OptimSection
-from gr_models.data.schema import DatasetSchema
 
 
 def test_warmup_then_cosine_and_linear_schedules() -> None:
@@ -28,9 +28,9 @@ def test_overrides_parse_yaml_values_and_validate_types() -> None:
     config = load_config(None, ["hstu.num_layers=3", "optim.learning_rate=1e-3", "train.eval_batches=null"])
     assert config.hstu.num_layers == 3 and config.optim.learning_rate == 1e-3 and config.train.eval_batches is None
     assert str(config.run_dir) == "runs/run"
-    with pytest.raises(ValueError, match="'hstu.num_layers' must be int"):
+    with pytest.raises(ValueError, match=r"'hstu\.num_layers' must be int"):
         load_config(None, ["hstu.num_layers=three"])
-    with pytest.raises(ValueError, match="key.sub=value"):
+    with pytest.raises(ValueError, match=r"key\.sub=value"):
         load_config(None, ["hstu.num_layers"])
     with pytest.raises(ValueError, match="SASRec baseline is a retrieval model"):
         load_config(None, ["model=sasrec"])

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from dynamicemb import DynamicEmbEvictStrategy
 
 import gr_checkpoint
+from dynamicemb import DynamicEmbEvictStrategy
 from gr_models.configs import (
     KERNEL_BACKEND_ENV,
     DynamicShardedEmbeddingConfig,

@@ -1,7 +1,5 @@
 """Configurations of a GR: the HSTU block, embedding tables and the ranking or retrieval task."""
 
-from hstu_attn import KernelBackend
-
 from gr_models.configs.embedding_config import (
     BaseEmbeddingConfig,
     DynamicShardedEmbeddingConfig,
@@ -18,6 +16,7 @@ from gr_models.configs.hstu_config import (
     parse_kernel_backend,
 )
 from gr_models.configs.task_config import RankingConfig, RetrievalConfig
+from hstu_attn import KernelBackend
 
 __all__ = [
     "KERNEL_BACKEND_ENV",

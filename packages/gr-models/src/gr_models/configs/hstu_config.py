@@ -7,9 +7,9 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-from hstu_attn import KernelBackend
 
 from gr_models.utils.tensor_initializer import Initializer, XavierUniformInitializer
+from hstu_attn import KernelBackend
 
 KERNEL_BACKEND_ENV = "GR_MODELS_KERNEL_BACKEND"
 _TIME_BUCKET_FNS = ("sqrt", "log")
@@ -111,7 +111,7 @@ class HSTUConfig:
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """"float32" / "bfloat16" / "float16" (or a torch.dtype) -> torch.dtype, with a clear error otherwise."""
+    """ "float32" / "bfloat16" / "float16" (or a torch.dtype) -> torch.dtype, with a clear error otherwise."""
     if isinstance(name, torch.dtype):
         return name
     try:
@@ -127,7 +127,9 @@ def parse_kernel_backend(name: str | KernelBackend) -> KernelBackend:
     try:
         return KernelBackend[name.upper()]
     except KeyError:
-        raise ValueError(f"unknown kernel backend {name!r}; expected one of {[b.name for b in KernelBackend]}") from None
+        raise ValueError(
+            f"unknown kernel backend {name!r}; expected one of {[b.name for b in KernelBackend]}"
+        ) from None
 
 
 def _backend_with_env_override(requested: KernelBackend) -> KernelBackend:

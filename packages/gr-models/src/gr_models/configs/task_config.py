@@ -47,25 +47,32 @@ class RankingConfig:
 
     def __post_init__(self) -> None:
         _check_unique_tables(self.embedding_configs)
-        arch = self.prediction_head_arch
+        arch: list = list(self.prediction_head_arch)
         if not arch:
             raise ValueError("prediction_head_arch is empty")
         if all(isinstance(a, int) for a in arch):
-            implied = arch[-1]
+            widths = [int(a) for a in arch]
+            implied = widths[-1]
         elif all(isinstance(a, (list, tuple)) and a and all(isinstance(w, int) for w in a) for a in arch):
-            if any(a[-1] != 1 for a in arch):
+            heads = [[int(w) for w in a] for a in arch]
+            if any(head[-1] != 1 for head in heads):
                 raise ValueError(f"each per-task head in prediction_head_arch must end in 1, got {arch}")
-            implied = len(arch)
+            widths = [w for head in heads for w in head]
+            implied = len(heads)
         else:
             raise ValueError(f"prediction_head_arch must be a list of ints or a list of int lists, got {arch!r}")
-        if any(w < 1 for w in (arch if isinstance(arch[0], int) else [w for a in arch for w in a])):
+        if any(w < 1 for w in widths):
             raise ValueError(f"prediction_head_arch widths must be >= 1, got {arch}")
         if self.num_tasks is None:
             self.num_tasks = implied
         elif self.num_tasks != implied:
-            raise ValueError(f"num_tasks={self.num_tasks} disagrees with prediction_head_arch {arch} ({implied} outputs)")
+            raise ValueError(
+                f"num_tasks={self.num_tasks} disagrees with prediction_head_arch {arch} ({implied} outputs)"
+            )
         if self.prediction_head_act_type not in ("relu", "gelu", "silu"):
-            raise ValueError(f"prediction_head_act_type must be relu, gelu or silu, got {self.prediction_head_act_type!r}")
+            raise ValueError(
+                f"prediction_head_act_type must be relu, gelu or silu, got {self.prediction_head_act_type!r}"
+            )
 
 
 @dataclass

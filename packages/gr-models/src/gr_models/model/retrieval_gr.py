@@ -104,7 +104,9 @@ class RetrievalGR(GRModel):
         )
         return losses, (queries.detach(), positive_ids)
 
-    def _eval_pairs(self, batch: RetrievalBatch, sequence: HSTUSequence, item_offsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _eval_pairs(
+        self, batch: RetrievalBatch, sequence: HSTUSequence, item_offsets: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(users [U], query rows into history_event_outputs [U], target item positions [U])."""
         history = sequence.history_lengths
         event_offsets = lengths_to_offsets(history)
@@ -132,7 +134,8 @@ class RetrievalGR(GRModel):
 
         Returns `{"ranks": [U] int64 (0 = ranked first; ties count against the target, see
         `gr_models.metrics.retrieval.target_ranks`), "scores": [U, V], "targets": [U]}`. With
-        `eval_exclude_history`, items of the user's history (other than the target) are left out of the ranking. Pass `item_embeddings` (from `all_item_embeddings`) to reuse them across batches.
+        `eval_exclude_history`, items of the user's history (other than the target) are left out of the ranking.
+        Pass `item_embeddings` (from `all_item_embeddings`) to reuse them across batches.
         """
         batch = self._on_device(batch)
         sequence, item_ids, _, item_offsets = self._encode(batch)

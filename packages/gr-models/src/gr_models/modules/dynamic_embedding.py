@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+
 from dynamicemb import (
     DynamicEmbeddingCollection,
     DynamicEmbInitializerArgs,
@@ -14,9 +17,6 @@ from dynamicemb import (
     DynamicEmbScoreStrategy,
     DynamicEmbTableOptions,
 )
-from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
-
 from gr_models.configs.embedding_config import DynamicShardedEmbeddingConfig, EmbeddingOptimizerParam
 from gr_models.utils.tensor_initializer import Initializer
 

@@ -68,13 +68,17 @@ class ShardedEmbedding(nn.Module):
         self._configs = {c.table_name: c for c in embedding_configs}
         self._feature_to_table = {f: c.table_name for c in embedding_configs for f in c.feature_names}
         model_parallel = [
-            c for c in embedding_configs if isinstance(c, ShardedEmbeddingConfig) and c.sharding_type == "model_parallel"
+            c
+            for c in embedding_configs
+            if isinstance(c, ShardedEmbeddingConfig) and c.sharding_type == "model_parallel"
         ]
         data_parallel = [
             c for c in embedding_configs if isinstance(c, ShardedEmbeddingConfig) and c.sharding_type == "data_parallel"
         ]
         dynamic = [c for c in embedding_configs if isinstance(c, DynamicShardedEmbeddingConfig)]
-        unknown = [c for c in embedding_configs if not isinstance(c, (ShardedEmbeddingConfig, DynamicShardedEmbeddingConfig))]
+        unknown = [
+            c for c in embedding_configs if not isinstance(c, (ShardedEmbeddingConfig, DynamicShardedEmbeddingConfig))
+        ]
         if unknown:
             raise TypeError(f"unsupported embedding config types: {[type(c).__name__ for c in unknown]}")
         self.model_parallel = self._static_collection(model_parallel, device, sparse_grad=True)

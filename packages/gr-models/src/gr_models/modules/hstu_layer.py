@@ -1,10 +1,10 @@
 """One HSTU layer on jagged tokens.
 
-    normed   = LayerNorm(x)
-    u, v, q, k = split(SiLU(normed @ W_uvqk + b_uvqk))          # each [L, H * kv_channels]
-    attn     = hstu_attention(q, k, v)                            # [L, H * kv_channels]
-    y        = Dropout(LayerNorm(attn) * u) @ W_o + b_o
-    out      = x + y
+normed   = LayerNorm(x)
+u, v, q, k = split(SiLU(normed @ W_uvqk + b_uvqk))          # each [L, H * kv_channels]
+attn     = hstu_attention(q, k, v)                            # [L, H * kv_channels]
+y        = Dropout(LayerNorm(attn) * u) @ W_o + b_o
+out      = x + y
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from hstu_attn import RelativeBias, hstu_attn_varlen_func
 from torch import Tensor, nn
 
 from gr_models.configs.hstu_config import HSTUConfig, RelativeBiasConfig
 from gr_models.modules.preprocessing import HSTUSequence
 from gr_models.modules.recompute import recompute_in_backward
+from hstu_attn import RelativeBias, hstu_attn_varlen_func
 
 
 class RelativeAttentionBias(nn.Module):

@@ -16,7 +16,9 @@ def token_coordinates(lengths: Tensor) -> tuple[Tensor, Tensor]:
     """For every token of sequences with `lengths [B]`: (its sequence index `[N]`, its position in it `[N]`)."""
     lengths = lengths.to(torch.int64)
     total = int(lengths.sum())
-    sequence_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
+    sequence_ids = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total
+    )
     starts = lengths_to_offsets(lengths)[:-1]
     positions = torch.arange(total, device=lengths.device) - starts[sequence_ids]
     return sequence_ids, positions

@@ -36,7 +36,9 @@ class MultiTaskHead(nn.Module):
     `arch` is one MLP (list of ints ending in num_tasks) or one MLP per task (list of int lists ending in 1).
     """
 
-    def __init__(self, in_size: int, arch: Sequence[int] | Sequence[Sequence[int]], activation: str, bias: bool) -> None:
+    def __init__(
+        self, in_size: int, arch: Sequence[int] | Sequence[Sequence[int]], activation: str, bias: bool
+    ) -> None:
         super().__init__()
         if all(isinstance(a, int) for a in arch):
             self.heads = nn.ModuleList([MLP(in_size, list(arch), activation, bias)])  # type: ignore[arg-type]

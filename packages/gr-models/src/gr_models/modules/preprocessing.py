@@ -112,8 +112,7 @@ class HSTUPreprocessor(nn.Module):
         is_candidate = tail_mask(item_lengths, num_candidates)
         history_values, candidate_values = item_values[~is_candidate], item_values[is_candidate]
 
-        interleaved = action_name is not None
-        stride = 2 if interleaved else 1
+        stride = 2 if action_name is not None else 1
         contextual = [embeddings[name] for name in batch.contextual_feature_names]
         for name, jagged in zip(batch.contextual_feature_names, contextual):
             self._check_width(name, jagged.values())
@@ -134,7 +133,10 @@ class HSTUPreprocessor(nn.Module):
         history_item_index = starts[history_ids] + contextual_total[history_ids] + stride * event
         candidate_ids, candidate_pos = token_coordinates(num_candidates)
         candidate_index = (
-            starts[candidate_ids] + contextual_total[candidate_ids] + stride * history_lengths[candidate_ids] + candidate_pos
+            starts[candidate_ids]
+            + contextual_total[candidate_ids]
+            + stride * history_lengths[candidate_ids]
+            + candidate_pos
         )
         history_positions = history_lengths[history_ids] - event
         candidate_positions = torch.zeros_like(candidate_pos)
@@ -162,7 +164,7 @@ class HSTUPreprocessor(nn.Module):
 
         sources.append((history_values, history_item_index))
         history_event_end_index = history_item_index
-        if interleaved:
+        if action_name is not None:
             actions = embeddings[action_name]
             _check_aligned(action_name, actions, item_lengths, item_name)
             self._check_width(action_name, actions.values())

@@ -19,9 +19,7 @@ from gr_models.modules.jagged import token_coordinates
 from gr_models.modules.preprocessing import HSTUPreprocessor, HSTUSequence
 
 
-def attention_mask(
-    lengths: Tensor, num_targets: Tensor, max_len: int, *, causal: bool, contextual_len: int
-) -> Tensor:
+def attention_mask(lengths: Tensor, num_targets: Tensor, max_len: int, *, causal: bool, contextual_len: int) -> Tensor:
     """Bool `[B, N, N]`: may query i attend key j. Padded rows attend only themselves (keeps softmax finite)."""
     device = lengths.device
     n = lengths.view(-1, 1, 1)
@@ -61,9 +59,9 @@ class SASRecLayer(nn.Module):
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv(self.attention_norm(x)).chunk(3, dim=-1)
-        heads = [t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)]
+        q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         attn = F.scaled_dot_product_attention(
-            *heads, attn_mask=mask.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask.unsqueeze(1), dropout_p=self.dropout if self.training else 0.0
         )
         attn = attn.transpose(1, 2).reshape(batch, length, -1)
         x = x + F.dropout(self.attention_output(attn), p=self.dropout, training=self.training)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -30,11 +30,20 @@ from gr_models.utils.tensor_initializer import (
     UniformInitializer,
 )
 
-_TABLE_KEYS = {"type", "sharding_type", "optimizer", "learning_rate", "weight_decay", "initializer", "init_std", "capacity"}
+_TABLE_KEYS = {
+    "type",
+    "sharding_type",
+    "optimizer",
+    "learning_rate",
+    "weight_decay",
+    "initializer",
+    "init_std",
+    "capacity",
+}
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; "cuda" without a GPU fails clearly."""
+    """ "auto" -> cuda when available, else cpu; "cuda" without a GPU fails clearly."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -49,7 +58,12 @@ def _feature_column(spec: Any) -> Any:
 
     if isinstance(spec, str):
         return spec
-    ops_by_name = {"hash": HashIds, "check_vocab": CheckVocab, "truncate": Truncate, "bucketize_timestamps": BucketizeTimestamps}
+    ops_by_name = {
+        "hash": HashIds,
+        "check_vocab": CheckVocab,
+        "truncate": Truncate,
+        "bucketize_timestamps": BucketizeTimestamps,
+    }
     ops = []
     for op in spec.get("ops", []):
         op = dict(op)
@@ -62,7 +76,7 @@ def _feature_column(spec: Any) -> Any:
 
 def build_train_dataset(data: DataConfig, task: str) -> SequenceDataset:
     """The training split of the configured dataset (its `with_split("eval")` is the evaluation set)."""
-    window = {
+    window: dict[str, Any] = {
         "kind": task,
         "split": "train",
         "max_sequence_length": data.max_sequence_length,
@@ -70,21 +84,24 @@ def build_train_dataset(data: DataConfig, task: str) -> SequenceDataset:
         "max_train_candidates": data.max_train_candidates,
         "truncate_side": data.truncate_side,
     }
-    options = dict(data.options)
+    options: dict[str, Any] = dict(data.options)
     if data.dataset == "synthetic":
         from gr_models.data.synthetic import SyntheticConfig, SyntheticDataset
 
         return SyntheticDataset(SyntheticConfig(**options), **window)
+    if data.dataset == "kuairand":
+        from gr_models.data.kuairand import KuaiRandDataset
+
+        log_paths = options.pop("log_paths", data.path)
+        if log_paths is None:
+            raise ValueError("dataset 'kuairand' needs data.path (one log file) or data.options.log_paths (a list)")
+        return KuaiRandDataset(log_paths, **options, **window)
     if data.path is None:
         raise ValueError(f"dataset {data.dataset!r} needs data.path")
     if data.dataset == "movielens":
         from gr_models.data.movielens import MovieLensDataset
 
         return MovieLensDataset(data.path, **options, **window)
-    if data.dataset == "kuairand":
-        from gr_models.data.kuairand import KuaiRandDataset
-
-        return KuaiRandDataset(data.path, **options, **window)
     if data.dataset in ("parquet", "orc"):
         from gr_models.data.table import SequenceTableDataset
 
@@ -93,7 +110,8 @@ def build_train_dataset(data: DataConfig, task: str) -> SequenceDataset:
                 options[key] = _feature_column(options[key])
         for key in ("side_features", "contextual"):
             options[key] = [_feature_column(s) for s in options.get(key, [])]
-        return SequenceTableDataset(data.path, file_format=data.dataset, **options, **window)
+        file_format: Literal["parquet", "orc"] = "parquet" if data.dataset == "parquet" else "orc"
+        return SequenceTableDataset(data.path, file_format=file_format, **options, **window)
     raise ValueError(f"unknown dataset {data.dataset!r}; expected synthetic, movielens, kuairand, parquet or orc")
 
 
@@ -111,16 +129,20 @@ def build_embedding_configs(config: RunConfig, schema: DatasetSchema) -> list[Ba
     """One table per id feature of the schema (`<feature>_table`), width = hidden size."""
     unknown = sorted(set(config.embeddings.tables) - set(schema.id_feature_names))
     if unknown:
-        raise ValueError(f"embeddings.tables names {unknown}, which are not id features of the data {list(schema.id_feature_names)}")
+        raise ValueError(
+            f"embeddings.tables names {unknown}, which are not id features of the data {list(schema.id_feature_names)}"
+        )
     tables: list[BaseEmbeddingConfig] = []
     for feature in schema.id_feature_names:
         spec = {**config.embeddings.default, **config.embeddings.tables.get(feature, {})}
         bad = sorted(set(spec) - _TABLE_KEYS)
         if bad:
-            raise ValueError(f"embedding options {bad} for feature {feature!r} are unknown; known: {sorted(_TABLE_KEYS)}")
+            raise ValueError(
+                f"embedding options {bad} for feature {feature!r} are unknown; known: {sorted(_TABLE_KEYS)}"
+            )
         vocab = schema.vocab_sizes[feature]
         kind = spec.get("type", "static")
-        common = {
+        common: dict[str, Any] = {
             "feature_names": [feature],
             "table_name": f"{feature}_table",
             "dim": config.hstu.hidden_size,
@@ -134,7 +156,9 @@ def build_embedding_configs(config: RunConfig, schema: DatasetSchema) -> list[Ba
         if kind == "dynamic":
             capacity = int(spec.get("capacity", vocab if vocab != UNBOUNDED_VOCAB else 0))
             if capacity < 1:
-                raise ValueError(f"dynamic table for hashed feature {feature!r} needs embeddings.tables.{feature}.capacity")
+                raise ValueError(
+                    f"dynamic table for hashed feature {feature!r} needs embeddings.tables.{feature}.capacity"
+                )
             tables.append(DynamicShardedEmbeddingConfig(vocab_size=capacity, **common))
         elif kind == "static":
             if vocab == UNBOUNDED_VOCAB:

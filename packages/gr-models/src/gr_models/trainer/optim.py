@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from typing import Any
+
 import torch
 
 from gr_models.model.base import GRModel
@@ -12,7 +14,7 @@ from gr_models.trainer.config import OptimSection
 def build_dense_optimizer(model: GRModel, section: OptimSection) -> torch.optim.Optimizer:
     """Adam or AdamW over `model.dense_parameters()`."""
     params = list(model.dense_parameters())
-    kwargs = {"lr": section.learning_rate, "betas": tuple(section.betas), "eps": section.eps}
+    kwargs: dict[str, Any] = {"lr": section.learning_rate, "betas": tuple(section.betas), "eps": section.eps}
     if section.optimizer == "adam":
         return torch.optim.Adam(params, weight_decay=section.weight_decay, **kwargs)
     if section.optimizer == "adamw":

@@ -86,7 +86,9 @@ class Trainer:
         self.device = resolve_device(config.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
-        self.train_dataset = train_dataset if train_dataset is not None else build_train_dataset(config.data, config.task)
+        self.train_dataset = (
+            train_dataset if train_dataset is not None else build_train_dataset(config.data, config.task)
+        )
         self.eval_dataset = self.train_dataset.with_split("eval")
         self.model = model if model is not None else build_model(config, self.train_dataset.schema, self.device)
         self.optimizers = OptimizerBundle(self.model, config.optim, config.train.max_steps)
@@ -162,6 +164,8 @@ class Trainer:
             total=settings.max_steps, initial=self.step, disable=not settings.progress_bar, desc=self.config.name,
             dynamic_ncols=True,
         )  # fmt: skip
+        if self.step == 0 and settings.eval_every > 0:
+            self._evaluate_and_record(bar)  # the untrained baseline, so the curves start at chance
         batches = self._batches()
         window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
         window_samples = window_tokens = 0
@@ -244,8 +248,10 @@ class Trainer:
     def _evaluate_ranking(self, loader: torch.utils.data.DataLoader, limit: int | None) -> dict[str, float]:
         task_names = list(self.eval_dataset.schema.task_names)
         metrics = MultiTaskBinaryMetrics(task_names)
+        model = self.model
+        assert isinstance(model, RankingGR)
         for batch in self._limited(loader, limit):
-            result = self.model.evaluate_batch(batch)
+            result = model.evaluate_batch(batch)
             metrics.update(result["logits"].cpu(), result["labels"].cpu())
         return metrics.compute()
 
