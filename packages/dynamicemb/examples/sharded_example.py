@@ -42,7 +42,11 @@ from dynamicemb.distributed import (
     incremental_dump_sharded,
     load_sharded,
 )
-from dynamicemb.planner import DynamicEmbeddingEnumerator, DynamicEmbeddingShardingPlanner, DynamicEmbParameterConstraints
+from dynamicemb.planner import (
+    DynamicEmbeddingEnumerator,
+    DynamicEmbeddingShardingPlanner,
+    DynamicEmbParameterConstraints,
+)
 
 
 class ClickModel(nn.Module):
@@ -57,7 +61,9 @@ class ClickModel(nn.Module):
         return self.head(self.embeddings(features)["user_id"].values()).squeeze(1)
 
 
-def make_batch(args: argparse.Namespace, step: int, rank: int, device: torch.device) -> tuple[KeyedJaggedTensor, torch.Tensor]:
+def make_batch(
+    args: argparse.Namespace, step: int, rank: int, device: torch.device
+) -> tuple[KeyedJaggedTensor, torch.Tensor]:
     """Zipf-distributed user ids (``2 * args.num_embeddings`` possible ids, so the table must grow
     and evict) and a label per id that the model can learn: whether the id is even."""
     generator = torch.Generator().manual_seed(1000 * step + rank)
@@ -144,8 +150,11 @@ def build_model(args: argparse.Namespace, device: torch.device, backend: str) ->
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     if dist.get_rank() == 0:
         memory = planner.dynamic_table_memory["user_id"]
-        print(f"plan: user_id row-wise over {world_size} ranks, {memory.shard_capacity} slots per shard, "
-              f"{memory.device_bytes / 2**20:.1f} MiB device + {memory.host_bytes / 2**20:.1f} MiB host per shard")  # fmt: skip
+        mib = 2**20
+        print(
+            f"plan: user_id row-wise over {world_size} ranks, {memory.shard_capacity} slots per shard, "
+            f"{memory.device_bytes / mib:.1f} MiB device + {memory.host_bytes / mib:.1f} MiB host per shard"
+        )
 
     # 5. DistributedModelParallel shards the collection with the plan; the head is data-parallel.
     return DistributedModelParallel(module=model, device=device, sharders=[sharder], plan=plan)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -60,7 +61,7 @@ def _worker(rank: int, port: int, folder: str, names: list[str], verbose: bool =
     dist.destroy_process_group()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(names: tuple[str, ...]) -> tuple[dict[str, str], ...]:
     folder = tempfile.mkdtemp(prefix="dynamicemb-sharded-")
     context = mp.get_context("spawn")
@@ -78,7 +79,12 @@ def _run(names: tuple[str, ...]) -> tuple[dict[str, str], ...]:
     results = []
     for rank in range(WORLD_SIZE):
         path = os.path.join(folder, f"rank{rank}.json")
-        results.append(json.load(open(path)) if os.path.exists(path) else {})
+        if not os.path.exists(path):
+            results.append({})
+            continue
+        with open(path) as f:
+            results.append(json.load(f))
+    shutil.rmtree(folder, ignore_errors=True)
     return tuple(results)
 
 

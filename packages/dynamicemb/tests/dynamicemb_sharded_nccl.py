@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-import dynamicemb_sharded_scenarios as scenarios  # noqa: E402
+import dynamicemb_sharded_scenarios as scenarios
 
 NCCL_SCENARIOS = [
     "equivalence_sgd_dedup_on_off_two_ranks",

@@ -33,6 +33,7 @@ from dynamicemb import (
     DynamicEmbeddingCollection,
     DynamicEmbInitializerArgs,
     DynamicEmbInitializerMode,
+    DynamicEmbScoreStrategy,
     DynamicEmbTableOptions,
 )
 from dynamicemb.distributed import (
@@ -46,6 +47,7 @@ from dynamicemb.distributed import (
     incremental_dump_sharded,
     load_sharded,
     owner_ranks,
+    set_sharded_score,
 )
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.planner import (
@@ -86,6 +88,12 @@ class Env:
 
 
 # --- building blocks --------------------------------------------------------------------------------
+def bag_config(name: str, rows: int, features: list[str], pooling: PoolingType) -> EmbeddingBagConfig:
+    return EmbeddingBagConfig(
+        name=name, embedding_dim=DIM, num_embeddings=rows, feature_names=features, pooling=pooling
+    )
+
+
 def dyadic(shape: tuple[int, ...], seed: int, scale: int = 16) -> torch.Tensor:
     """Random multiples of 1/scale in [-0.5, 0.5): sums and halvings of them are exact in float32."""
     generator = torch.Generator().manual_seed(seed)
@@ -167,7 +175,11 @@ def rows_of(table: DynamicEmbeddingTable) -> dict[int, tuple[torch.Tensor, torch
 
 
 def preload(
-    table: DynamicEmbeddingTable, rows: dict[int, torch.Tensor], world_size: int, rank: int, distribution: KeyDistribution
+    table: DynamicEmbeddingTable,
+    rows: dict[int, torch.Tensor],
+    world_size: int,
+    rank: int,
+    distribution: KeyDistribution,
 ) -> None:
     """Store the rows of ``rows`` this rank owns (all of them with ``world_size`` 1)."""
     keys = torch.tensor(sorted(rows), dtype=torch.int64)
@@ -197,17 +209,23 @@ def assert_shards_match(
         expected = rows_of(reference[name])
         got = rows_of(shard_table)
         keys = torch.tensor(sorted(got), dtype=torch.int64)
-        assert bool((owner_ranks(keys, world_size, distributions[name]) == rank).all()), f"{name}: a key on the wrong rank"
+        assert bool((owner_ranks(keys, world_size, distributions[name]) == rank).all()), (
+            f"{name}: a key on the wrong rank"
+        )
         for key, (embedding, state) in got.items():
             assert key in expected, f"{name}: key {key} is not in the reference"
             assert_close(embedding, expected[key][0], exact, f"{name} key {key} embedding")
             assert_close(state, expected[key][1], exact, f"{name} key {key} optimizer state")
         sizes: list[Any] = [None] * world_size
         dist.all_gather_object(sizes, len(got), group=group)
-        assert sum(sizes) == len(expected), f"{name}: {sum(sizes)} rows over the shards, {len(expected)} in the reference"
+        assert sum(sizes) == len(expected), (
+            f"{name}: {sum(sizes)} rows over the shards, {len(expected)} in the reference"
+        )
         steps = [None] * world_size
         dist.all_gather_object(steps, shard_table.optimizer.step, group=group)
-        assert set(steps) == {reference[name].optimizer.step}, f"{name}: steps {steps} vs {reference[name].optimizer.step}"
+        assert set(steps) == {reference[name].optimizer.step}, (
+            f"{name}: steps {steps} vs {reference[name].optimizer.step}"
+        )
 
 
 # --- equivalence with the unsharded collection --------------------------------------------------------
@@ -344,7 +362,9 @@ def fp16_wire_two_ranks(env: Env) -> None:
     )
     sharder = DynamicEmbeddingCollectionSharder(qcomm_codecs_registry=registry, fused_params=SGD)
     constraints = {n: DynamicEmbParameterConstraints(use_dynamicemb=True) for n in ("t", "u")}
-    model = shard(EmbeddingCollection(tables=ec_configs(), device=torch.device("meta")), constraints, [sharder], group, env.device)
+    model = shard(
+        EmbeddingCollection(tables=ec_configs(), device=torch.device("meta")), constraints, [sharder], group, env.device
+    )
     rank = dist.get_rank(group)
     initial = {k: torch.randn(DIM, generator=torch.Generator().manual_seed(k + 7)) for k in range(30)}
     for table in shards_of(model).values():
@@ -366,9 +386,9 @@ def weighted_bags_two_ranks(env: Env) -> None:
         return
     rank, world_size, device = dist.get_rank(group), 2, env.device
     configs = [
-        EmbeddingBagConfig(name="p", embedding_dim=DIM, num_embeddings=256, feature_names=["a", "b"], pooling=PoolingType.SUM),
-        EmbeddingBagConfig(name="q", embedding_dim=DIM, num_embeddings=256, feature_names=["c"], pooling=PoolingType.MEAN),
-    ]  # fmt: skip
+        bag_config("p", 256, ["a", "b"], PoolingType.SUM),
+        bag_config("q", 256, ["c"], PoolingType.MEAN),
+    ]
     features = ["a", "b", "c"]
     initial = {k: dyadic((DIM,), seed=k + 3) for k in range(-10, 30)}
     reference = DynamicEmbeddingBagCollection(configs, is_weighted=True, device=device, optimizer=ADAM)
@@ -391,7 +411,12 @@ def weighted_bags_two_ranks(env: Env) -> None:
         local = weighted(per_rank[rank], seed=step * 10 + rank)
         parts = [weighted(per_rank[r], seed=step * 10 + r) for r in range(world_size)]
         full = make_kjt(features, global_bags(per_rank, features))
-        weights = torch.cat([torch.cat([p.weights()[p.offset_per_key()[i] : p.offset_per_key()[i + 1]] for p in parts]) for i in range(3)])
+        weights = torch.cat(
+            [
+                torch.cat([p.weights()[p.offset_per_key()[i] : p.offset_per_key()[i + 1]] for p in parts])
+                for i in range(3)
+            ]
+        )
         full = KeyedJaggedTensor(keys=features, values=full.values(), lengths=full.lengths(), weights=weights)
         expected = reference(full).values()
         head = dyadic(tuple(expected.shape), seed=step, scale=4).to(device)
@@ -399,7 +424,9 @@ def weighted_bags_two_ranks(env: Env) -> None:
         out = model(local).values()
         torch.testing.assert_close(out, expected[3 * rank : 3 * rank + 3].detach(), rtol=1e-5, atol=1e-6)
         (out * head[3 * rank : 3 * rank + 3]).sum().backward()
-    assert_shards_match(shards_of(model), reference.dynamic_embedding_tables(), group, {"p": HASH, "q": HASH}, exact=False)
+    assert_shards_match(
+        shards_of(model), reference.dynamic_embedding_tables(), group, {"p": HASH, "q": HASH}, exact=False
+    )
 
 
 # --- equivalence with TorchRec's static row-wise table ----------------------------------------------------
@@ -460,7 +487,9 @@ def torchrec_static_equivalence(env: Env) -> None:
         dynamic.eval()
         static.eval()
         with torch.no_grad():
-            torch.testing.assert_close(dynamic(every_key)["a"].values(), static(every_key)["a"].values(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                dynamic(every_key)["a"].values(), static(every_key)["a"].values(), rtol=1e-5, atol=1e-6
+            )
 
 
 # --- a mixed model: dynamic and ordinary tables in one DMP, dense optimizer for the rest ------------------
@@ -478,10 +507,10 @@ def mixed_configs() -> tuple[list[EmbeddingConfig], list[EmbeddingBagConfig]]:
         EmbeddingConfig(name="tw", embedding_dim=DIM, num_embeddings=32, feature_names=["z"]),
     ]
     ebc = [
-        EmbeddingBagConfig(name="bag_dyn", embedding_dim=DIM, num_embeddings=256, feature_names=["x"], pooling=PoolingType.MEAN),
-        EmbeddingBagConfig(name="bag_tw", embedding_dim=DIM, num_embeddings=32, feature_names=["y"], pooling=PoolingType.SUM),
-        EmbeddingBagConfig(name="bag_dp", embedding_dim=DIM, num_embeddings=32, feature_names=["w"], pooling=PoolingType.SUM),
-    ]  # fmt: skip
+        bag_config("bag_dyn", 256, ["x"], PoolingType.MEAN),
+        bag_config("bag_tw", 32, ["y"], PoolingType.SUM),
+        bag_config("bag_dp", 32, ["w"], PoolingType.SUM),
+    ]
     return ec, ebc
 
 
@@ -603,7 +632,9 @@ def mixed_model_matches_unsharded_reference(env: Env) -> None:
             torch.testing.assert_close(out[f], ref_out[f][start : start + sizes[rank]], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out["pooled"], ref_out["pooled"][3 * rank : 3 * rank + 3], rtol=1e-5, atol=1e-6)
     for name in ("seq_head", "pool_head"):
-        torch.testing.assert_close(getattr(dmp.module, name).weight, getattr(reference, name).weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            getattr(dmp.module, name).weight, getattr(reference, name).weight, rtol=1e-5, atol=1e-6
+        )
 
 
 # --- dump / load across world sizes and key distributions --------------------------------------------------
@@ -616,7 +647,8 @@ DUMP_ADAM = {"optimizer": EmbOptimType.ADAM, "learning_rate": 0.01}
 
 def dump_model(group: dist.ProcessGroup, distributions: dict[str, KeyDistribution]) -> DistributedModelParallel:
     constraints = {
-        name: DynamicEmbParameterConstraints(use_dynamicemb=True, key_distribution=d) for name, d in distributions.items()
+        name: DynamicEmbParameterConstraints(use_dynamicemb=True, key_distribution=d)
+        for name, d in distributions.items()
     }
     sharder = DynamicEmbeddingCollectionSharder(fused_params=DUMP_ADAM, use_index_dedup=True)
     return shard(EmbeddingCollection(tables=DUMP_CONFIGS, device=torch.device("meta")), constraints, [sharder], group)
@@ -682,7 +714,12 @@ def dump_and_load_across_world_sizes(env: Env) -> None:
         for name, table in standalone.dynamic_embedding_tables().items():
             rows = reference[name]
             keys = torch.tensor(sorted(rows), dtype=torch.int64)
-            table.import_rows(keys, torch.stack([rows[k][0] for k in keys.tolist()]), torch.stack([rows[k][1] for k in keys.tolist()]), torch.zeros_like(keys))
+            table.import_rows(
+                keys,
+                torch.stack([rows[k][0] for k in keys.tolist()]),
+                torch.stack([rows[k][1] for k in keys.tolist()]),
+                torch.zeros_like(keys),
+            )
         DynamicEmbDump(single, standalone, optim=True)
     dist.barrier()
 
@@ -700,7 +737,9 @@ def dump_and_load_across_world_sizes(env: Env) -> None:
 
         if env.rank == 0:
             shutil.copytree(d2, bad)
-            victim = next(n for n in sorted(os.listdir(os.path.join(bad, "_root"))) if n.startswith("h.") and "shard-1" in n)
+            victim = next(
+                n for n in sorted(os.listdir(os.path.join(bad, "_root"))) if n.startswith("h.") and "shard-1" in n
+            )
             with open(os.path.join(bad, "_root", victim), "r+b") as f:
                 f.seek(20)
                 f.write(b"\xff\xfe\xfd")
@@ -712,7 +751,9 @@ def dump_and_load_across_world_sizes(env: Env) -> None:
             assert "checksum" in str(error) and "shard-1" in str(error), str(error)
         else:
             raise AssertionError("a corrupt shard loaded")
-        assert all(t.size() == 0 for t in shards_of(fresh).values()), "a table changed before the corrupt file was found"
+        assert all(t.size() == 0 for t in shards_of(fresh).values()), (
+            "a table changed before the corrupt file was found"
+        )
 
         assert model2 is not None  # a second dump replaces the first: new files, old ones deleted
         old_files = set(os.listdir(os.path.join(d2, "_root")))
@@ -741,7 +782,9 @@ def dump_and_load_across_world_sizes(env: Env) -> None:
             assert embeddings.shape == (len(expected), 4)
 
 
-def gather_rows_in(model: nn.Module, group: dist.ProcessGroup) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+def gather_rows_in(
+    model: nn.Module, group: dist.ProcessGroup
+) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     mine = {name: rows_of(t) for name, t in shards_of(model).items()}
     everyone: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
@@ -758,7 +801,9 @@ def plan_for_another_world_size_is_refused(env: Env) -> None:
     topology = Topology(world_size=2, local_world_size=2, compute_device="cpu")
     constraints = {"h": DynamicEmbParameterConstraints(use_dynamicemb=True)}
     planner = DynamicEmbeddingShardingPlanner(
-        topology=topology, constraints=constraints, enumerator=DynamicEmbeddingEnumerator(topology=topology, constraints=constraints)
+        topology=topology,
+        constraints=constraints,
+        enumerator=DynamicEmbeddingEnumerator(topology=topology, constraints=constraints),
     )
     module = EmbeddingCollection(tables=DUMP_CONFIGS, device=torch.device("meta"))
     try:
@@ -769,11 +814,33 @@ def plan_for_another_world_size_is_refused(env: Env) -> None:
         raise AssertionError("a plan for 2 ranks was made over 3")
     plan = planner.plan(module, [DynamicEmbeddingCollectionSharder()])
     try:
-        DistributedModelParallel(module, env=subgroup_env(g3), device=CPU, sharders=[DynamicEmbeddingCollectionSharder()], plan=plan)
+        DistributedModelParallel(
+            module, env=subgroup_env(g3), device=CPU, sharders=[DynamicEmbeddingCollectionSharder()], plan=plan
+        )
     except ValueError as error:
         assert "plan shards it over ranks [0, 1]" in str(error), str(error)
     else:
         raise AssertionError("a plan for 2 ranks sharded a module over 3")
+
+
+def custom_scores_one_rank(env: Env) -> None:
+    """``set_sharded_score`` / ``get_sharded_score`` on the shards of CUSTOMIZED tables."""
+    group = env.groups.get(1)
+    if group is None:
+        return
+    options = DynamicEmbTableOptions(score_strategy=DynamicEmbScoreStrategy.CUSTOMIZED)
+    constraints = {
+        n: DynamicEmbParameterConstraints(use_dynamicemb=True, dynamicemb_options=options) for n in ("h", "m")
+    }
+    sharder = DynamicEmbeddingCollectionSharder(fused_params=DUMP_ADAM)
+    model = shard(EmbeddingCollection(tables=DUMP_CONFIGS, device=torch.device("meta")), constraints, [sharder], group)
+    set_sharded_score(model, 7)
+    set_sharded_score(model, {"_root": {"m": 9}})
+    assert get_sharded_score(model) == {"_root": {"h": 7, "m": 9}}
+    train(model, seed=1)
+    for name, expected in (("h", 7), ("m", 9)):
+        scores = torch.cat([part[3] for part in shards_of(model)[name].export()])
+        assert scores.numel() > 0 and bool((scores == expected).all()), (name, scores.unique())
 
 
 SCENARIOS = [
@@ -787,4 +854,5 @@ SCENARIOS = [
     "mixed_model_matches_unsharded_reference",
     "dump_and_load_across_world_sizes",
     "plan_for_another_world_size_is_refused",
+    "custom_scores_one_rank",
 ]

@@ -82,7 +82,9 @@ def test_dynamic_constraint_rejects_other_compute_kernels() -> None:
 
 def test_constraints_hash_with_their_options() -> None:
     a = DynamicEmbParameterConstraints(use_dynamicemb=True)
-    b = DynamicEmbParameterConstraints(use_dynamicemb=True, dynamicemb_options=DynamicEmbTableOptions(bucket_capacity=64))
+    b = DynamicEmbParameterConstraints(
+        use_dynamicemb=True, dynamicemb_options=DynamicEmbTableOptions(bucket_capacity=64)
+    )
     assert hash(a) == hash(DynamicEmbParameterConstraints(use_dynamicemb=True))
     assert hash(a) != hash(b)
     assert a.key_distribution is KeyDistribution.HASH
@@ -148,20 +150,23 @@ def _tensor_bytes(obj: object) -> int:
     return total
 
 
+_OPT = DynamicEmbOptimizerType
 OPTION_CASES = {
-    "sgd": (DynamicEmbTableOptions(), DynamicEmbOptimizerType.SGD),
-    "adam": (DynamicEmbTableOptions(), DynamicEmbOptimizerType.ADAM),
-    "rowwise_adagrad_split": (DynamicEmbTableOptions(global_hbm_for_values=20_000), DynamicEmbOptimizerType.ROWWISE_ADAGRAD),
-    "adagrad_caching": (DynamicEmbTableOptions(caching=True, global_hbm_for_values=40_000), DynamicEmbOptimizerType.ADAGRAD),
-    "admission": (DynamicEmbTableOptions(admit_strategy=FrequencyAdmissionStrategy(2)), DynamicEmbOptimizerType.SGD),
-    "inference": (DynamicEmbTableOptions(training=False), DynamicEmbOptimizerType.SGD),
-}  # fmt: skip
+    "sgd": (DynamicEmbTableOptions(), _OPT.SGD),
+    "adam": (DynamicEmbTableOptions(), _OPT.ADAM),
+    "rowwise_adagrad_split": (DynamicEmbTableOptions(global_hbm_for_values=20_000), _OPT.ROWWISE_ADAGRAD),
+    "adagrad_caching": (DynamicEmbTableOptions(caching=True, global_hbm_for_values=40_000), _OPT.ADAGRAD),
+    "admission": (DynamicEmbTableOptions(admit_strategy=FrequencyAdmissionStrategy(2)), _OPT.SGD),
+    "inference": (DynamicEmbTableOptions(training=False), _OPT.SGD),
+}
 
 
 @pytest.mark.parametrize("case", sorted(OPTION_CASES))
 def test_memory_accounting_matches_what_a_shard_allocates(case: str) -> None:
     options, optimizer_type = OPTION_CASES[case]
-    config = EmbeddingConfig(name="t", embedding_dim=12, num_embeddings=3000, feature_names=["f"], data_type=DataType.FP32)
+    config = EmbeddingConfig(
+        name="t", embedding_dim=12, num_embeddings=3000, feature_names=["f"], data_type=DataType.FP32
+    )
     optimizer = DynamicEmbOptimizerArgs(optimizer=optimizer_type)
     world_size = 2
     memory = dynamic_table_memory(config, options, optimizer, world_size, "cpu")
@@ -182,7 +187,9 @@ def test_memory_split_between_hbm_and_host_on_cuda() -> None:
     config = EmbeddingConfig(name="t", embedding_dim=16, num_embeddings=1000, feature_names=["f"])
     adam = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM)
     row_bytes = (16 + 32) * 4
-    split = dynamic_table_memory(config, DynamicEmbTableOptions(global_hbm_for_values=2 * 100 * row_bytes), adam, 2, "cuda")
+    split = dynamic_table_memory(
+        config, DynamicEmbTableOptions(global_hbm_for_values=2 * 100 * row_bytes), adam, 2, "cuda"
+    )
     assert (split.shard_capacity, split.value_dim) == (512, 48)
     assert split.value_device_bytes == 100 * row_bytes and split.value_host_bytes == 412 * row_bytes
     assert split.device_bytes == 512 * INDEX_BYTES_PER_SLOT + 8 + 100 * row_bytes
@@ -235,7 +242,9 @@ def test_enumerator_leaves_dynamic_tables_out() -> None:
 
 
 def test_dynamic_tables_take_their_memory_out_of_the_topology() -> None:
-    need = dynamic_table_memory(_configs()[0], DynamicEmbTableOptions(), DynamicEmbOptimizerArgs.from_fused_params(ADAM), 2, "cpu")
+    need = dynamic_table_memory(
+        _configs()[0], DynamicEmbTableOptions(), DynamicEmbOptimizerArgs.from_fused_params(ADAM), 2, "cpu"
+    )
     sharder = DynamicEmbeddingCollectionSharder(fused_params=ADAM)
 
     def plan_with(ddr_cap: int) -> None:
@@ -286,6 +295,19 @@ def test_dynamic_tables_need_the_dynamicemb_enumerator() -> None:
         DynamicEmbeddingShardingPlanner(
             topology=topology, constraints=constraints, enumerator=DynamicEmbeddingEnumerator(topology=topology)
         )
+
+
+def test_default_sharders_put_dynamicemb_first() -> None:
+    from torchrec import EmbeddingBagCollection
+
+    from dynamicemb.distributed import DynamicEmbeddingBagCollectionSharder
+    from dynamicemb.planner.planner import default_sharders
+
+    sharders = default_sharders()
+    by_type = {s.module_type: s for s in sharders}
+    assert len(by_type) == len(sharders)
+    assert isinstance(by_type[EmbeddingCollection], DynamicEmbeddingCollectionSharder)
+    assert isinstance(by_type[EmbeddingBagCollection], DynamicEmbeddingBagCollectionSharder)
 
 
 def test_default_enumerator_is_dynamic() -> None:

@@ -6,8 +6,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # the harness and its scenarios live beside this file
-from dynamicemb_sharded_harness import outcome  # noqa: E402
+from dynamicemb_sharded_harness import outcome
 
 
 def test_dump_and_load_across_world_sizes_and_distributions() -> None:
     outcome("dump_and_load_across_world_sizes")
+
+
+def test_custom_scores_of_sharded_tables() -> None:
+    outcome("custom_scores_one_rank")

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # the harness and its scenarios live beside this file
-from dynamicemb_sharded_harness import outcome  # noqa: E402
+from dynamicemb_sharded_harness import outcome
 
 
 def test_sharded_equals_unsharded_sgd_bitwise_with_dedup_on_and_off() -> None:

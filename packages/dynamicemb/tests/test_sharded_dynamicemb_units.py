@@ -69,7 +69,9 @@ def test_pool_bags_matches_embedding_bag(pooling: PoolingType, weighted: bool) -
 
 def test_wire_dtypes_from_a_qcomm_registry() -> None:
     assert comm_dtypes(None, SEQ) == (None, None)
-    registry = get_qcomm_codecs_registry(QCommsConfig(forward_precision=CommType.FP16, backward_precision=CommType.BF16))
+    registry = get_qcomm_codecs_registry(
+        QCommsConfig(forward_precision=CommType.FP16, backward_precision=CommType.BF16)
+    )
     assert comm_dtypes(registry, SEQ) == (torch.float16, torch.bfloat16)
     assert comm_dtypes(registry, "SOMETHING_ELSE") == (None, None)
     fp8 = get_qcomm_codecs_registry(QCommsConfig(forward_precision=CommType.FP8, backward_precision=CommType.FP32))

@@ -89,3 +89,19 @@ def test_dense_parameters_exclude_static_tables() -> None:
     tables = [w for _, w in model.embedding.static_parameters()]
     assert tables and all(id(w) not in dense for w in tables)
     assert len(dense) + len(tables) == len(list(model.parameters()))
+
+
+def test_gradient_accumulation_takes_one_optimizer_step_per_group_of_micro_batches(tmp_path) -> None:
+    from gr_models.trainer import Trainer
+
+    overrides = [
+        f"output_dir={tmp_path}", "train.max_steps=2", "train.grad_accumulation=3", "train.eval_every=0",
+        "train.eval_batches=1", "train.progress_bar=false", "data.batch_size=4", "data.max_sequence_length=8",
+        "data.holdout=2", "data.max_train_candidates=2", "hstu.hidden_size=8", "hstu.kv_channels=4",
+        "data.options={num_users: 50, num_items: 20, num_clusters: 2, min_events: 6, max_events: 12}",
+    ]  # fmt: skip
+    trainer = Trainer(load_config(None, overrides))
+    result = trainer.train()
+    assert result.throughput["samples"] == 2 * 3 * 4
+    steps = {int(state["step"]) for state in trainer.optimizers.dense.state_dict()["state"].values()}
+    assert steps == {2}

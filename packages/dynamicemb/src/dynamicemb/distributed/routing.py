@@ -11,7 +11,10 @@ Each rank holds one shard of every dynamic table; a key belongs to the rank its 
 4. looks the received keys up in its shards (:meth:`ShardRouter.lookup`);
 5. all-to-alls the embeddings back, flattened (per destination, table by table, ``count * dim``
    elements each) with a differentiable all-to-all whose backward sends the gradients to the
-   owners, where the fused optimizer applies them;
+   owners (divided by the world size under TorchRec's gradient division, as TorchRec's own
+   embedding all-to-alls do), where the fused optimizer applies them; a shard that got no key of
+   a table the global batch uses still advances that table's optimizer step, so every shard
+   counts steps as the unsharded table does;
 6. puts the embeddings back in the order of the ids (undoing the owner sort and the dedup).
 
 Tables with an admission strategy are never deduplicated before the all-to-all: their owner counts
@@ -43,12 +46,11 @@ __all__ = ["RoutedKeys", "ShardRouter", "TableRequest"]
 class TableRequest:
     """How to put one table's answers back in the order of its ids on the requesting rank.
 
-    restore: ``[S]`` positions, among the keys sent sorted by owner, of the sent keys.
-    inverse: ``[N]`` positions, among the sent keys, of each id (``None``: every id was sent).
+    positions: ``[N]`` for each id, the position of its key among the keys this rank sent,
+    which are ordered by owner (undoing both the owner sort and the dedup in one gather).
     """
 
-    restore: torch.Tensor
-    inverse: torch.Tensor | None
+    positions: torch.Tensor
 
 
 @dataclass
@@ -72,9 +74,7 @@ class RoutedKeys(Multistreamable):
         for tensor in self.keys:
             tensor.record_stream(stream)  # type: ignore[arg-type]
         for request in self.requests:
-            request.restore.record_stream(stream)  # type: ignore[arg-type]
-            if request.inverse is not None:
-                request.inverse.record_stream(stream)  # type: ignore[arg-type]
+            request.positions.record_stream(stream)  # type: ignore[arg-type]
 
 
 class _StepOnEmptyBatch(torch.autograd.Function):
@@ -196,7 +196,7 @@ class ShardRouter:
             order = torch.argsort(owners, stable=True)
             restore = torch.empty_like(order)
             restore[order] = torch.arange(order.numel(), device=order.device)
-            requests.append(TableRequest(restore=restore, inverse=inverse))
+            requests.append(TableRequest(positions=restore if inverse is None else restore[inverse]))
             sorted_keys.append(send[order])
             owner_counts.append(torch.bincount(owners, minlength=world_size))
         counts = torch.stack(owner_counts, dim=1) if owner_counts else torch.zeros(world_size, 0, dtype=torch.int64)
@@ -253,10 +253,4 @@ class ShardRouter:
                 size = count * dims[t]
                 per_table[t].append(received[start : start + size].view(count, dims[t]))
                 start += size
-        result = []
-        for rows, request in zip(per_table, routed.requests):
-            table_rows = torch.cat(rows).index_select(0, request.restore)
-            if request.inverse is not None:
-                table_rows = table_rows.index_select(0, request.inverse)
-            result.append(table_rows)
-        return result
+        return [torch.cat(rows).index_select(0, request.positions) for rows, request in zip(per_table, routed.requests)]

@@ -117,7 +117,9 @@ class _InputAwaitable(Awaitable[Awaitable[DynamicEmbDistInput]]):
         self._dynamic, self._static = dynamic, static
 
     def _wait_impl(self) -> Awaitable[DynamicEmbDistInput]:
-        inner = JoinedAwaitable(self._dynamic.wait(), None if self._static is None else self._static.wait())
+        inner: JoinedAwaitable[RoutedKeys, Any] = JoinedAwaitable(
+            self._dynamic.wait(), None if self._static is None else self._static.wait()
+        )
         return _DistInputAwaitable(inner)
 
 

@@ -106,6 +106,8 @@ class DynamicEmbeddingShardingPlanner(EmbeddingShardingPlanner):
     one shard of each dynamic table.
     """
 
+    _topology: Topology
+
     def __init__(
         self,
         eb_configs: Sequence[BaseEmbeddingConfig] | None = None,
@@ -169,7 +171,7 @@ class DynamicEmbeddingShardingPlanner(EmbeddingShardingPlanner):
         if unknown:
             raise ValueError(
                 f"constraints mark dynamic tables {unknown} that the model does not have "
-                f"(its shardable tables: {sorted(sites)})"
+                f"(the tables of its modules that the sharders shard: {sorted(sites)})"
             )
         plan: dict[str, dict[str, DynamicEmbParameterSharding]] = {}
         memory: dict[str, DynamicTableMemory] = {}

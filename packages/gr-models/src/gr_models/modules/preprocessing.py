@@ -38,7 +38,8 @@ class HSTUSequence:
         num_candidates: `[B]` int64 candidate tokens at the end of each sequence (the attention's targets).
         contextual_len: contextual prefix length given to the attention mask; 0 when there is none or when users
             have different contextual lengths (their contextual tokens are then ordinary causal prefix tokens).
-        timestamps: `[L]` int64 token timestamps, or None when the batch has none.
+        timestamps: `[L]` int64 token timestamps, or None when the batch has none (an action token carries its
+            item's time, a contextual token the user's latest item time).
         history_lengths: `[B]` history events per user.
         history_item_index: `[sum h]` index into `values` of each history item token, user by user, oldest first.
         history_event_end_index: `[sum h]` index of the last token of each history event (its action token when

@@ -102,7 +102,9 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
-    """Loop control. `max_steps` counts optimizer steps; `eval_batches` None evaluates the whole eval set."""
+    """Loop control. `max_steps` counts optimizer steps, each over `grad_accumulation` micro-batches of
+    `data.batch_size` users (the loss is the mean of their mean losses); `eval_batches` None evaluates the whole
+    evaluation split; `checkpoint_every` 0 never checkpoints."""
 
     max_steps: int = 1000
     grad_accumulation: int = 1

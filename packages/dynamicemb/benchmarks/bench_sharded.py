@@ -1,0 +1,193 @@
+"""Sharded dynamic-table training throughput: lookup + backward (fused Adam) on 1 vs 2 GPUs.
+
+One ``EmbeddingCollection`` table (dim 128, fp32, Adam, ``use_index_dedup=True``, HASH key
+distribution) sharded row-wise by ``DistributedModelParallel`` with the dynamicemb planner and
+sharder. Every rank feeds the same per-rank batch size (weak scaling): ``--batch-size`` samples of
+``--ids-per-sample`` ids drawn from a skewed distribution over ``--id-space`` ids. A step is the
+forward (dedup, id all-to-all, shard lookups with insertion, embedding all-to-all) and the
+backward (gradient all-to-all, fused Adam on the owners' rows); ``--warmup`` steps fill the
+tables, then ``--steps`` steps are timed with the device synchronized, the slowest rank counting.
+
+Each world size runs in its own spawned processes (NCCL on ``cuda:<rank>``; gloo on CPU for a
+smoke test). Prints a table and writes JSON rows (``world_size``, ``ms_per_step``,
+``global_mids_per_s``: million ids looked up and trained per second over all ranks, ``device``,
+``date``, ``commit``) to ``--out`` (default ``results/sharded_<device>.json`` on a GPU).
+
+    python packages/dynamicemb/benchmarks/bench_sharded.py --world-sizes 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HERE = Path(__file__).resolve().parent
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _batch(args: argparse.Namespace, step: int, rank: int, device: torch.device) -> Any:
+    from torchrec import KeyedJaggedTensor
+
+    generator = torch.Generator().manual_seed(step * 1009 + rank)
+    n = args.batch_size * args.ids_per_sample
+    ids = (args.id_space * torch.rand(n, generator=generator).pow(args.skew)).long()
+    lengths = torch.full((args.batch_size,), args.ids_per_sample, dtype=torch.int64)
+    return KeyedJaggedTensor(keys=["ids"], values=ids, lengths=lengths).to(device)
+
+
+def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec import EmbeddingCollection, EmbeddingConfig
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.planner import Topology
+
+    from dynamicemb import DynamicEmbTableOptions
+    from dynamicemb.distributed import DynamicEmbeddingCollectionSharder
+    from dynamicemb.planner import (
+        DynamicEmbeddingEnumerator,
+        DynamicEmbeddingShardingPlanner,
+        DynamicEmbParameterConstraints,
+    )
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    configs = [
+        EmbeddingConfig(name="t", embedding_dim=args.dim, num_embeddings=args.num_embeddings, feature_names=["ids"])
+    ]
+    constraints = {
+        "t": DynamicEmbParameterConstraints(use_dynamicemb=True, dynamicemb_options=DynamicEmbTableOptions())
+    }
+    topology = Topology(world_size=world_size, local_world_size=world_size, compute_device=device.type)
+    sharder = DynamicEmbeddingCollectionSharder(
+        fused_params={"optimizer": EmbOptimType.ADAM, "learning_rate": 1e-3}, use_index_dedup=True
+    )
+    planner = DynamicEmbeddingShardingPlanner(
+        eb_configs=configs,
+        topology=topology,
+        constraints=constraints,
+        batch_size=args.batch_size,
+        enumerator=DynamicEmbeddingEnumerator(topology=topology, constraints=constraints),
+        debug=False,
+    )
+    module = EmbeddingCollection(tables=configs, device=torch.device("meta"))
+    plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
+    model = DistributedModelParallel(module, device=device, sharders=[sharder], plan=plan)
+
+    def step(i: int) -> None:
+        out = model(_batch(args, i, rank, device))
+        out["ids"].values().sum().backward()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    start = time.perf_counter()
+    for i in range(args.warmup, args.warmup + args.steps):
+        step(i)
+    sync()
+    elapsed = torch.tensor([time.perf_counter() - start], device=device)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    table = next(iter(model.module.dynamic_embedding_tables().values()))
+    sizes = [None] * world_size
+    dist.all_gather_object(sizes, table.size())
+    if rank == 0:
+        seconds = float(elapsed)
+        ids = world_size * args.batch_size * args.ids_per_sample * args.steps
+        queue.put(
+            {
+                "bench": "sharded_lookup_backward",
+                "world_size": world_size,
+                "dim": args.dim,
+                "optimizer": "adam",
+                "use_index_dedup": True,
+                "ids_per_rank_per_step": args.batch_size * args.ids_per_sample,
+                "id_space": args.id_space,
+                "stored_keys": sum(sizes),
+                "ms_per_step": 1e3 * seconds / args.steps,
+                "global_mids_per_s": ids / seconds / 1e6,
+                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+            }
+        )
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--num-embeddings", type=int, default=1 << 22)
+    parser.add_argument("--id-space", type=int, default=1 << 23)
+    parser.add_argument("--skew", type=float, default=3.0, help="ids = id_space * u**skew (larger: a heavier head)")
+    parser.add_argument("--batch-size", type=int, default=8192)
+    parser.add_argument("--ids-per-sample", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if torch.cuda.is_available() and max(args.world_sizes) > torch.cuda.device_count():
+        raise SystemExit(f"{max(args.world_sizes)} GPUs asked for, {torch.cuda.device_count()} present")
+    context = mp.get_context("spawn")
+    rows = []
+    for world_size in args.world_sizes:
+        queue = context.Queue()
+        mp.start_processes(
+            _worker, args=(world_size, _free_port(), args, queue), nprocs=world_size, start_method="spawn"
+        )
+        rows.append(queue.get())
+    date, commit = datetime.date.today().isoformat(), _commit()
+    baseline = rows[0]
+    for row in rows:
+        speedup = row["global_mids_per_s"] / baseline["global_mids_per_s"]
+        row.update(date=date, commit=commit, baseline_world_size=baseline["world_size"], speedup_vs_baseline=speedup)
+    unit = "GPUs" if torch.cuda.is_available() else "ranks"
+    print(f"{unit:>5} {'ms/step':>9} {'M ids/s':>9} {'speedup':>8} {'keys':>10}")
+    for row in rows:
+        print(f"{row['world_size']:>5} {row['ms_per_step']:>9.2f} {row['global_mids_per_s']:>9.1f} "
+              f"{row['speedup_vs_baseline']:>8.2f} {row['stored_keys']:>10}")  # fmt: skip
+    out = args.out
+    if out is None and torch.cuda.is_available():
+        out = HERE / "results" / f"sharded_{rows[0]['device'].replace(' ', '_')}.json"
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
