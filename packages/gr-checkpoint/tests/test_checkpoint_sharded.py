@@ -8,20 +8,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 import gr_checkpoint
-from dynamicemb.distributed.sharded_collection import ShardedDynamicCollection
 
 WORKER = Path(__file__).with_name("gr_checkpoint_sharded_worker.py")
 
 
-@pytest.mark.xfail(
-    not hasattr(ShardedDynamicCollection, "_fqn_modifiers"),
-    reason="DCP's get_state_dict walks state-dict keys as attributes: the sharded dynamic collection, "
-    "which remaps its TorchRec child's keys to embeddings.*, needs _fqn_modifiers() == {'embeddings': '_static'}",
-    strict=True,
-)
 def test_sharded_model_saved_on_two_ranks_loads_on_one(tmp_path: Path, run_ranks: Callable[..., None]) -> None:
     run_ranks(WORKER, 2, "save", str(tmp_path))
     run_ranks(WORKER, 1, "load", str(tmp_path))

@@ -6,6 +6,19 @@ cache, and train with fused optimizers applied in the backward pass.
 """
 
 from dynamicemb.admission import AdmissionStrategy, Counter, FrequencyAdmissionStrategy, KVCounter
+
+# Imported last: the TorchRec integration builds on everything above.
+from dynamicemb.distributed import (
+    DynamicEmbeddingBagCollectionSharder,
+    DynamicEmbeddingCollectionSharder,
+    ShardedDynamicEmbeddingBagCollection,
+    ShardedDynamicEmbeddingCollection,
+    dump_sharded,
+    get_sharded_score,
+    incremental_dump_sharded,
+    load_sharded,
+    set_sharded_score,
+)
 from dynamicemb.dump import (
     DynamicEmbDump,
     DynamicEmbFileError,
@@ -20,6 +33,13 @@ from dynamicemb.lookup import dynamic_embedding_lookup
 from dynamicemb.modules import DynamicEmbeddingBagCollection, DynamicEmbeddingCollection, DynamicEmbModule
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs, DynamicEmbOptimizerType
 from dynamicemb.options import DynamicEmbInitializerArgs, DynamicEmbTableOptions
+from dynamicemb.planner import (
+    DynamicEmbeddingEnumerator,
+    DynamicEmbeddingShardingPlanner,
+    DynamicEmbParameterConstraints,
+    DynamicEmbParameterSharding,
+    KeyDistribution,
+)
 from dynamicemb.storage import PyDictStorage, Storage
 from dynamicemb.types import (
     DynamicEmbCheckMode,
@@ -43,19 +63,33 @@ __all__ = [
     "DynamicEmbModule",
     "DynamicEmbOptimizerArgs",
     "DynamicEmbOptimizerType",
+    "DynamicEmbParameterConstraints",
+    "DynamicEmbParameterSharding",
     "DynamicEmbScoreStrategy",
     "DynamicEmbTableOptions",
     "DynamicEmbeddingBagCollection",
+    "DynamicEmbeddingBagCollectionSharder",
     "DynamicEmbeddingCollection",
+    "DynamicEmbeddingCollectionSharder",
+    "DynamicEmbeddingEnumerator",
+    "DynamicEmbeddingShardingPlanner",
     "DynamicEmbeddingTable",
     "FrequencyAdmissionStrategy",
     "KVCounter",
+    "KeyDistribution",
     "KeyValueTable",
     "PyDictStorage",
+    "ShardedDynamicEmbeddingBagCollection",
+    "ShardedDynamicEmbeddingCollection",
     "Storage",
     "__version__",
+    "dump_sharded",
     "dynamic_embedding_lookup",
     "get_score",
+    "get_sharded_score",
     "incremental_dump",
+    "incremental_dump_sharded",
+    "load_sharded",
     "set_score",
+    "set_sharded_score",
 ]

@@ -189,6 +189,11 @@ class ShardedDynamicCollection(
         self._static = child
         remap_child_state_dict(self, "_static")
 
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # The state dict names the TorchRec child's tables ``embeddings.*`` while the attribute is
+        # ``_static``: torch.distributed.checkpoint follows this map from keys to attributes.
+        return {"embeddings": "_static"} if self._static is not None else {}
+
     # --- ShardedDynamicEmbModule ------------------------------------------------------------------
     def dynamic_embedding_tables(self) -> dict[str, DynamicEmbeddingTable]:
         return dict(self._tables)

@@ -105,6 +105,21 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    """True when ``model`` holds TorchRec-sharded dynamic modules (handled by the collective
+    functions of :mod:`dynamicemb.distributed.checkpoint`); a model may not mix them with
+    standalone ones."""
+    from dynamicemb.distributed.checkpoint import find_sharded_modules  # the sharded side imports this module
+
+    if not find_sharded_modules(model):
+        return False
+    if find_dynamic_modules(model):
+        raise NotImplementedError(
+            "this model holds both sharded and standalone dynamic embedding modules; dump/load one kind per call"
+        )
+    return True
+
+
 def DynamicEmbDump(
     path: str,
     model: nn.Module,
@@ -119,6 +134,11 @@ def DynamicEmbDump(
     :func:`find_dynamic_modules`). Cached tables are dumped from their cache and their backing
     storage (the cache wins for keys in both).
     """
+    if _is_sharded(model):
+        from dynamicemb.distributed import checkpoint as sharded
+
+        return sharded.dump_sharded(path, model, table_names, optim, pg)
+
     _check_single_process(pg)
     selected = _selected_tables(model, table_names)
     written: list[tuple[str, str]] = []
@@ -153,6 +173,11 @@ def DynamicEmbLoad(
     naming the file and the problem) before any table changes. With ``optim`` the optimizer state
     and step are restored; without, loaded rows start from a fresh optimizer state.
     """
+    if _is_sharded(model):
+        from dynamicemb.distributed import checkpoint as sharded
+
+        return sharded.load_sharded(path, model, table_names, optim, pg)
+
     _check_single_process(pg)
     selected = _selected_tables(model, table_names)
     plans: list[tuple[TableFile, DynamicEmbeddingTable]] = []
@@ -187,6 +212,11 @@ def incremental_dump(
     {module: {table: score}})`` on the host, the scores being :func:`get_score` now (the threshold
     for the next incremental dump) for the tables dumped.
     """
+    if _is_sharded(model):
+        from dynamicemb.distributed import checkpoint as sharded
+
+        return sharded.incremental_dump_sharded(model, score_threshold, pg)
+
     _check_single_process(pg)
     if isinstance(score_threshold, int):
         selected = _selected_tables(model, None)
@@ -211,6 +241,11 @@ def incremental_dump(
 def get_score(model: nn.Module) -> ScoreMap | None:
     """``{module: {table: score}}``: each table's :meth:`~DynamicEmbeddingTable.get_score` (``None``
     for LFU tables); ``None`` if the model has no dynamic tables."""
+    if _is_sharded(model):
+        from dynamicemb.distributed import checkpoint as sharded
+
+        return sharded.get_sharded_score(model)
+
     modules = find_dynamic_modules(model)
     if not modules:
         return None
@@ -223,6 +258,11 @@ def get_score(model: nn.Module) -> ScoreMap | None:
 def set_score(model: nn.Module, table_score: int | Mapping[str, Mapping[str, int]]) -> None:
     """Set the score of the next training lookups of CUSTOMIZED tables: one int for every table of
     the model, or ``{module: {table: score}}``."""
+    if _is_sharded(model):
+        from dynamicemb.distributed import checkpoint as sharded
+
+        return sharded.set_sharded_score(model, table_score)
+
     if isinstance(table_score, int):
         for tables in _selected_tables(model, None).values():
             for table in tables.values():
