@@ -198,7 +198,7 @@ def meta_worker(jobs: list[list]) -> None:
         print(json.dumps({"name": shape_dict["name"], "part": part, "full": full, "tflops": rate}), flush=True)
 
 
-def meta_precompile_worker(rank: int, world: int) -> None:
+def meta_precompile_worker(rank: int, world: int, head_dims: list[int]) -> None:
     """Compile every world-th of Meta's autotuning configurations (from `rank`) into Triton's disk cache.
 
     Tiny inputs with the same specializations as the benchmark shapes (batch 8: not a multiple of 16; 16: one).
@@ -207,7 +207,7 @@ def meta_precompile_worker(rank: int, world: int) -> None:
 
     for tuner in (meta._hstu_attn_fwd, meta._hstu_attn_bwd):
         tuner.configs = tuner.configs[rank::world]
-    for head_dim in (128, 256):
+    for head_dim in head_dims:
         for batch in (8, 16):
             shape = Shape("precompile", batch, 64, 4, head_dim, 64)
             meta_rate(shape, "fwd", True)
@@ -261,7 +261,8 @@ def precompile(shapes: list[Shape], peers: str | None, with_meta: bool, memory_s
                 jobs.append((["--ours-precompile", str(head_dim), "bias"], env))
     if with_meta:
         world = 12
-        jobs += [(["--meta-precompile", str(rank), str(world)], {}) for rank in range(world)]
+        dims = ",".join(str(d) for d in classes)
+        jobs += [(["--meta-precompile", str(rank), str(world), dims], {}) for rank in range(world)]
     workers = min(len(jobs), os.cpu_count() or 4)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(_child, args, peers, 900, env) for args, env in jobs]
@@ -376,7 +377,7 @@ def main() -> None:
     parser.add_argument("--meta-timeout", type=int, default=420)
     parser.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", "unknown"))
     parser.add_argument("--meta-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--meta-precompile", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--meta-precompile", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--ours-precompile", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -384,7 +385,8 @@ def main() -> None:
         meta_worker(json.loads(args.meta_worker))
         return
     if args.meta_precompile:
-        meta_precompile_worker(*args.meta_precompile)
+        rank, world, dims = args.meta_precompile
+        meta_precompile_worker(int(rank), int(world), [int(d) for d in dims.split(",")])
         return
     if args.ours_precompile:
         ours_precompile_worker(int(args.ours_precompile[0]), args.ours_precompile[1])
@@ -413,39 +415,13 @@ def main() -> None:
         precompile(shapes, args.peers, "meta" in args.backends, memory_shape if "ours" in args.backends else None)
         print(f"precompiled in {time.time() - started:.0f}s", flush=True)
 
-    meta_rates: dict = {}
-    meta_status: dict[str, str] = {}
-    if "meta" in args.backends:
-        # one process for everything that should not crash; each jagged backward in its own process
-        safe = [(s, "fwd", False) for s in shapes] + [(s, "bwd", True) for s in shapes]
-        rates, status = run_meta(safe, args.peers, args.meta_timeout)
-        meta_rates.update(rates)
-        meta_status["safe"] = status
-        for shape in shapes:
-            if shape.jagged:
-                rates, status = run_meta([(shape, "bwd", False)], args.peers, 90)
-                meta_rates.update(rates)
-                meta_status[shape.name] = status
-
-    for shape in shapes:
+    for shape in shapes:  # ours and SDPA first: their rows are on disk before Meta's long autotuning starts
         if "ours" in args.backends:
             add(shape.name, "ours_triton", *bench_ours(shape))
             if args.variants:
                 add(shape.name, "ours_triton_sort_by_length", *bench_ours(shape, sort_by_length=True))
                 add(shape.name, "ours_triton_atomic_dq", *bench_ours(shape, atomic_dq=True))
                 add(shape.name, "ours_triton_dq_kernel", *bench_ours(shape, atomic_dq=False))
-        if "meta" in args.backends:
-            fwd = meta_rates.get((shape.name, "fwd", False))
-            full_bwd = meta_rates.get((shape.name, "bwd", True))
-            if shape.jagged:
-                bwd = meta_rates.get((shape.name, "bwd", False))
-                extra: dict[str, Any] = {
-                    "bwd_status": "ok" if bwd is not None else meta_status.get(shape.name, "missing")
-                }
-                extra["bwd_full_length_tflops"] = full_bwd
-                add(shape.name, "meta_triton", fwd, bwd, **extra)
-            else:
-                add(shape.name, "meta_triton", fwd, full_bwd, status=meta_status.get("safe", "ok"))
         if not shape.jagged:
             for name in ("cudnn", "flash"):
                 if f"sdpa_{name}" in args.backends:
@@ -453,6 +429,7 @@ def main() -> None:
                         add(shape.name, f"sdpa_{name}", *bench_sdpa(shape, name))
                     except RuntimeError as error:
                         add(shape.name, f"sdpa_{name}", None, None, status=str(error)[:160])
+
     if memory_shape is not None:
         mem = bench_bias_memory(memory_shape)
         add(
@@ -463,6 +440,32 @@ def main() -> None:
             **mem,
         )
 
+    if "meta" in args.backends:
+        meta_rates: dict = {}
+        meta_status: dict[str, str] = {}
+        # one process for everything that should not crash; each jagged backward in its own process
+        safe = [(s, "fwd", False) for s in shapes] + [(s, "bwd", True) for s in shapes]
+        rates, status = run_meta(safe, args.peers, args.meta_timeout)
+        meta_rates.update(rates)
+        meta_status["safe"] = status
+        for shape in shapes:
+            if shape.jagged:
+                rates, status = run_meta([(shape, "bwd", False)], args.peers, 90)
+                meta_rates.update(rates)
+                meta_status[shape.name] = status
+        for shape in shapes:
+            fwd = meta_rates.get((shape.name, "fwd", False))
+            full_bwd = meta_rates.get((shape.name, "bwd", True))
+            if shape.jagged:
+                bwd = meta_rates.get((shape.name, "bwd", False))
+                extra: dict[str, Any] = {
+                    "bwd_status": "ok" if bwd is not None else meta_status.get(shape.name, "missing"),
+                    "bwd_full_length_tflops": full_bwd,
+                    "status": meta_status["safe"],
+                }
+                add(shape.name, "meta_triton", fwd, bwd, **extra)
+            else:
+                add(shape.name, "meta_triton", fwd, full_bwd, status=meta_status["safe"])
     print(f"wrote {path}")
 
 
