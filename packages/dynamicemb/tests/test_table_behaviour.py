@@ -302,6 +302,35 @@ def test_erase_frees_slots_and_keeps_probe_chains(backend: str) -> None:
     assert_consistent(table)
 
 
+def test_a_full_bucket_with_erased_slots_fills_them_before_evicting(backend: str) -> None:
+    table = make(backend, capacity=64, bucket=16)
+    crowd = keys_in_bucket(table.num_buckets, 1, 20, seed=21)
+    table.find_or_insert(crowd[:16])
+    table.erase(crowd[:2])
+    newcomers = torch.cat([crowd[16:18], crowd[16:18]])  # two keys, each twice
+    result = table.find_or_insert(newcomers)
+    assert result.evicted_keys.numel() == 0, "erased slots are free: nothing is evicted"
+    assert result.slots[0] == result.slots[2] and result.slots[1] == result.slots[3]
+    assert bool(table.find(torch.cat([crowd[2:16], crowd[16:18]]))[1].all())
+    third = table.find_or_insert(crowd[18:19])
+    assert third.evicted_keys.numel() == 1, "the bucket is full again, so the next key evicts"
+    assert_consistent(table)
+
+
+def test_more_newcomers_than_evictable_entries_are_refused(backend: str) -> None:
+    table = make(backend, capacity=64, bucket=16)
+    crowd = keys_in_bucket(table.num_buckets, 2, 30, seed=22)
+    table.find_or_insert(crowd[:16])
+    # 12 resident keys are found by this call, so only 4 entries can be evicted for 14 newcomers
+    result = table.find_or_insert(torch.cat([crowd[:12], crowd[16:30]]))
+    placed = result.slots[12:] >= 0
+    assert int(placed.sum()) == 4 and result.evicted_keys.numel() == 4
+    assert sorted(result.evicted_keys.tolist()) == sorted(crowd[12:16].tolist())
+    assert bool(table.find(crowd[:12])[1].all())
+    assert table.size() == 16
+    assert_consistent(table)
+
+
 def test_export_batch_covers_slots_and_filters_by_score(backend: str) -> None:
     table = make(backend)
     table.find_or_insert(random_keys(20, seed=17))

@@ -94,8 +94,15 @@ class TritonHashTable(BucketedHashTable):
     """:class:`BucketedHashTable` on Triton kernels."""
 
     def _launch_lookup(
-        self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate | None, epoch: int | None
+        self,
+        storage: TableStorage,
+        keys: torch.Tensor,
+        update: ScoreUpdate | None,
+        epoch: int | None,
+        report_full: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slots [N], flags [N] int8)``: flag 1 found, 0 absent, ``ABSENT_FULL`` absent in a full
+        bucket (only with ``report_full``)."""
         n = keys.numel()
         slots = torch.empty(n, dtype=torch.int64, device=keys.device)
         found = torch.empty(n, dtype=torch.int8, device=keys.device)
@@ -116,6 +123,7 @@ class TritonHashTable(BucketedHashTable):
             0 if epoch is None else epoch,
             SCORE_MODE=mode,
             MARK_EPOCH=epoch is not None,
+            REPORT_FULL=report_full,
             BUCKET=storage.bucket_capacity,
             GROUP=storage.group_size,
             NUM_GROUPS=storage.num_groups,
@@ -196,7 +204,6 @@ class TritonHashTable(BucketedHashTable):
             BUCKET=storage.bucket_capacity,
             NUM_GROUPS=storage.num_groups,
             CHUNK=16,
-            RANK_ROWS=min(16, storage.bucket_capacity),
         )
         slots[lanes[order]] = placed[inverse]
         won = evicted.nonzero().squeeze(1)
@@ -226,13 +233,13 @@ class TritonHashTable(BucketedHashTable):
     def _upsert_launches(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
     ) -> InsertResult:
-        slots, found = self._launch_lookup(storage, keys, update, epoch)
-        self._launch_insert(storage, keys, found, slots, update, epoch, defer_full=evict)
+        slots, flags = self._launch_lookup(storage, keys, update, epoch, report_full=True)
+        self._launch_insert(storage, keys, flags, slots, update, epoch, defer_full=evict)
         if evict:
             evicted_keys, evicted_slots, evicted_scores = self._evict_deferred(storage, keys, slots, update, epoch)
         else:
             evicted_keys = evicted_slots = evicted_scores = torch.zeros(0, dtype=torch.int64, device=keys.device)
-        return InsertResult(slots, found.view(torch.bool), evicted_keys, evicted_slots, evicted_scores)
+        return InsertResult(slots, flags == 1, evicted_keys, evicted_slots, evicted_scores)
 
     def _place_unique(self, storage: TableStorage, keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if keys.numel() == 0:

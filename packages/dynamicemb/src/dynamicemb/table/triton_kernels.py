@@ -31,6 +31,8 @@ BUSY: tl.constexpr = tl.constexpr(2)
 FIRST_DIGEST: tl.constexpr = tl.constexpr(3)
 NO_SLOT: tl.constexpr = tl.constexpr(9223372036854775807)
 DEFERRED: tl.constexpr = tl.constexpr(-2)
+# Lookup flag of an absent key whose bucket had no free slot (``REPORT_FULL``); found keys get 1.
+ABSENT_FULL: tl.constexpr = tl.constexpr(2)
 
 # Score modes (how a call sets the score of a key it touches).
 SCORE_NONE: tl.constexpr = tl.constexpr(0)
@@ -80,18 +82,24 @@ def lookup_kernel(
     epoch,
     SCORE_MODE: tl.constexpr,
     MARK_EPOCH: tl.constexpr,
+    REPORT_FULL: tl.constexpr,
     BUCKET: tl.constexpr,
     GROUP: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Slots ``[n]`` (-1 if absent) and found flags of ``n`` keys; updates found keys' scores."""
+    """Slots ``[n]`` (-1 if absent) and found flags of ``n`` keys; updates found keys' scores.
+
+    With ``REPORT_FULL`` an absent key whose whole bucket was probed without a free slot
+    (``EMPTY`` or ``TOMBSTONE``) gets the flag ``ABSENT_FULL`` instead of 0: no insertion of the
+    same call can place it (or a duplicate of it) there, so the insertion skips its probe."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
     bucket, group, digest = _coordinates(key, num_buckets, NUM_GROUPS)
     cols = tl.arange(0, GROUP)
     slot = tl.full([BLOCK], -1, tl.int64)
+    roomy = tl.zeros([BLOCK], tl.int1)
     active = live
     r = 0
     while (r < NUM_GROUPS) & (tl.max(active.to(tl.int32), axis=0) > 0):
@@ -104,6 +112,8 @@ def lookup_kernel(
         hit = tl.min(tl.where(match & (held == key[:, None]), pos, NO_SLOT), axis=1)
         slot = tl.where(hit != NO_SLOT, hit, slot)
         ended = tl.max((dig == EMPTY).to(tl.int32), axis=1) > 0
+        if REPORT_FULL:
+            roomy = roomy | (tl.max((scan & (dig <= TOMBSTONE)).to(tl.int32), axis=1) > 0)
         active = active & (hit == NO_SLOT) & ~ended
         r += 1
     found = slot >= 0
@@ -117,7 +127,10 @@ def lookup_kernel(
     if MARK_EPOCH:
         tl.store(epochs_ptr + at, tl.full([BLOCK], epoch, tl.int32), mask=found)
     tl.store(out_slots_ptr + offs, slot, mask=live)
-    tl.store(out_found_ptr + offs, found.to(tl.int8), mask=live)
+    flag = found.to(tl.int8)
+    if REPORT_FULL:
+        flag = tl.where(found | roomy, flag, ABSENT_FULL)
+    tl.store(out_found_ptr + offs, flag, mask=live)
 
 
 @triton.jit
@@ -150,10 +163,15 @@ def insert_kernel(
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
     bucket, group, digest = _coordinates(key, num_buckets, NUM_GROUPS)
-    found_before = tl.load(found_ptr + offs, mask=live, other=1) != 0
+    flag = tl.load(found_ptr + offs, mask=live, other=1)
     slot = tl.load(slots_ptr + offs, mask=live, other=-1)
+    # A key whose bucket the lookup saw full needs no probe: no free slot appears during a call.
+    if DEFER_FULL:
+        slot = tl.where(live & (flag == ABSENT_FULL), DEFERRED, slot)
+    else:
+        slot = tl.where(live & (flag == ABSENT_FULL), -1, slot)
     score = _call_scores(offs, live, score_ptr, score_value, SCORE_MODE, BLOCK)
-    pending = live & ~found_before
+    pending = live & (flag == 0)
     while tl.max(pending.to(tl.int32), axis=0) > 0:
         hit_slot = tl.full([BLOCK], NO_SLOT, tl.int64)
         free_slot = tl.full([BLOCK], NO_SLOT, tl.int64)
@@ -233,54 +251,50 @@ def evict_kernel(
     BUCKET: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     CHUNK: tl.constexpr,
-    RANK_ROWS: tl.constexpr,
 ):
     """One program per full bucket: its contenders (distinct keys, ordered by descending score)
     take the entries not touched by this call in ascending (score, slot) order; a contender whose
-    score is lower than its entry's is refused. The program owns the bucket, so no atomics."""
+    score is lower than its entry's is refused. The program owns the bucket, so no atomics.
+
+    The ``k``-th contender's entry is found by ``k + 1`` successive minimum searches over the
+    bucket (a call usually brings a few contenders per bucket); contenders beyond the bucket's
+    number of candidate entries are refused together."""
     pid = tl.program_id(0)
     bucket = tl.load(segment_bucket_ptr + pid)
     start = tl.load(segment_start_ptr + pid)
     count = tl.load(segment_count_ptr + pid)
     cols = tl.arange(0, BUCKET)
     slots = bucket * BUCKET + cols
-    held_keys = tl.load(keys_ptr + slots)
     held_scores = tl.load(scores_ptr + slots)
-    candidate = (tl.load(digests_ptr + slots).to(tl.int32) >= FIRST_DIGEST) & (tl.load(epochs_ptr + slots) != epoch)
-    # Rank of each candidate among the candidates by (score, slot), counted over row chunks.
-    rank = tl.zeros([BUCKET], tl.int32)
-    for row in tl.static_range(0, BUCKET, RANK_ROWS):
-        rows = row + tl.arange(0, RANK_ROWS)
-        row_slots = bucket * BUCKET + rows
-        row_scores = tl.load(scores_ptr + row_slots)
-        row_candidate = (tl.load(digests_ptr + row_slots).to(tl.int32) >= FIRST_DIGEST) & (
-            tl.load(epochs_ptr + row_slots) != epoch
-        )
-        lower = (row_scores[:, None] < held_scores[None, :]) | (
-            (row_scores[:, None] == held_scores[None, :]) & (rows[:, None] < cols[None, :])
-        )
-        rank += tl.sum((row_candidate[:, None] & lower).to(tl.int32), axis=0)
-    rank = tl.where(candidate, rank, BUCKET)
-    for chunk in range(0, count, CHUNK):
+    available = (tl.load(digests_ptr + slots).to(tl.int32) >= FIRST_DIGEST) & (tl.load(epochs_ptr + slots) != epoch)
+    num_available = tl.sum(available.to(tl.int32), axis=0)
+    placed_count = tl.minimum(count, num_available)
+    for k in range(0, placed_count):
+        lowest = tl.min(tl.where(available, held_scores, NO_SLOT), axis=0)
+        col = tl.min(tl.where(available & (held_scores == lowest), cols, BUCKET), axis=0)
+        available = available & (cols != col)
+        victim = bucket * BUCKET + col
+        key = tl.load(query_ptr + start + k)
+        score = tl.load(query_scores_ptr + start + k)
+        victim_key = tl.load(keys_ptr + victim)
+        won = score >= lowest
+        if won:
+            _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
+            tl.store(keys_ptr + victim, key)
+            tl.store(scores_ptr + victim, score)
+            tl.store(epochs_ptr + victim, epoch)
+            tl.store(digests_ptr + victim, digest.to(tl.uint8))
+        tl.store(slots_ptr + start + k, tl.where(won, victim, -1))
+        tl.store(evicted_ptr + start + k, won.to(tl.int8))
+        tl.store(evicted_keys_ptr + start + k, victim_key)
+        tl.store(evicted_scores_ptr + start + k, lowest)
+    for chunk in range(placed_count, count, CHUNK):  # no entry left: refused
         k = chunk + tl.arange(0, CHUNK)
         live = k < count
-        key = tl.load(query_ptr + start + k, mask=live, other=0)
-        score = tl.load(query_scores_ptr + start + k, mask=live, other=0)
-        _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
-        pick = (rank[None, :] == k[:, None]) & live[:, None]
-        has = tl.max(pick.to(tl.int32), axis=1) > 0
-        victim = tl.sum(tl.where(pick, slots[None, :], 0), axis=1)
-        victim_key = tl.sum(tl.where(pick, held_keys[None, :], 0), axis=1)
-        victim_score = tl.sum(tl.where(pick, held_scores[None, :], 0), axis=1)
-        won = live & has & (score >= victim_score)
-        tl.store(keys_ptr + victim, key, mask=won)
-        tl.store(scores_ptr + victim, score, mask=won)
-        tl.store(epochs_ptr + victim, tl.full([CHUNK], epoch, tl.int32), mask=won)
-        tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
-        tl.store(slots_ptr + start + k, tl.where(won, victim, -1), mask=live)
-        tl.store(evicted_ptr + start + k, won.to(tl.int8), mask=live)
-        tl.store(evicted_keys_ptr + start + k, victim_key, mask=live)
-        tl.store(evicted_scores_ptr + start + k, victim_score, mask=live)
+        tl.store(slots_ptr + start + k, tl.full([CHUNK], -1, tl.int64), mask=live)
+        tl.store(evicted_ptr + start + k, tl.zeros([CHUNK], tl.int8), mask=live)
+        tl.store(evicted_keys_ptr + start + k, tl.zeros([CHUNK], tl.int64), mask=live)
+        tl.store(evicted_scores_ptr + start + k, tl.zeros([CHUNK], tl.int64), mask=live)
 
 
 @triton.jit
