@@ -289,12 +289,12 @@ def evict_kernel(
         tl.store(evicted_keys_ptr + start + k, victim_key)
         tl.store(evicted_scores_ptr + start + k, lowest)
     for chunk in range(placed_count, count, CHUNK):  # no entry left: refused
-        k = chunk + tl.arange(0, CHUNK)
-        live = k < count
-        tl.store(slots_ptr + start + k, tl.full([CHUNK], -1, tl.int64), mask=live)
-        tl.store(evicted_ptr + start + k, tl.zeros([CHUNK], tl.int8), mask=live)
-        tl.store(evicted_keys_ptr + start + k, tl.zeros([CHUNK], tl.int64), mask=live)
-        tl.store(evicted_scores_ptr + start + k, tl.zeros([CHUNK], tl.int64), mask=live)
+        lane = chunk + tl.arange(0, CHUNK)
+        live = lane < count
+        tl.store(slots_ptr + start + lane, tl.full([CHUNK], -1, tl.int64), mask=live)
+        tl.store(evicted_ptr + start + lane, tl.zeros([CHUNK], tl.int8), mask=live)
+        tl.store(evicted_keys_ptr + start + lane, tl.zeros([CHUNK], tl.int64), mask=live)
+        tl.store(evicted_scores_ptr + start + lane, tl.zeros([CHUNK], tl.int64), mask=live)
 
 
 @triton.jit
