@@ -24,6 +24,7 @@ CASES = {
                       "BLOCK": 128},
     "evict_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
     "gather_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
+    "bucket_major_hash_kernel": {"BITS": 17, "BLOCK": 1024},
 }  # fmt: skip
 
 _CHILD = r"""

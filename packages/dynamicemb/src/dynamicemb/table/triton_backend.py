@@ -25,6 +25,7 @@ from dynamicemb.table.triton_kernels import (
     SCORE_NONE,
     SCORE_PER_KEY,
     SCORE_VALUE,
+    bucket_major_hash_kernel,
     evict_kernel,
     insert_kernel,
     lookup_kernel,
@@ -55,34 +56,44 @@ def _reduce_duplicates(keys: torch.Tensor, update: ScoreUpdate) -> tuple[torch.T
 
 def _group_contenders(
     storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, lanes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distinct deferred keys grouped by bucket, by descending score inside a bucket.
 
-    Returns ``(contenders [U], inverse [M], scores [U], order [M])``: the ``i``-th lane of
-    ``keys[order]`` is contender ``inverse[i]``.
+    Returns ``(contenders [U], buckets [U], inverse [M], scores [U], order [M])``: the ``i``-th lane
+    of ``keys[order]`` is contender ``inverse[i]``, which lives in bucket ``buckets[inverse[i]]``.
     """
-    h = hash_keys(keys)
+    bits = storage.num_buckets.bit_length() - 1
+    mask = storage.num_buckets - 1
     if update.values is None and not update.accumulate:
         # One score for the call; duplicates are possible. Ordering by the hash with the bucket bits
-        # on top groups buckets and puts equal keys side by side (the hash is a bijection).
-        bits = storage.num_buckets.bit_length() - 1
-        rotated = h if bits == 0 else (h << (64 - bits)) | ((h >> bits) & ((1 << (64 - bits)) - 1))
-        order = torch.argsort(rotated)
-        sorted_keys = keys[order]
-        first = torch.ones_like(sorted_keys, dtype=torch.bool)
-        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        contenders = sorted_keys[first]
-        return contenders, torch.cumsum(first, 0) - 1, torch.full_like(contenders, update.value), order
+        # on top groups buckets and puts equal keys side by side.
+        rotated = torch.empty_like(keys)
+        block = 1024
+        grid = (triton.cdiv(keys.numel(), block),)
+        bucket_major_hash_kernel[grid](keys, rotated, keys.numel(), BITS=bits, BLOCK=block)
+        rotated, order = torch.sort(rotated)
+        first = torch.ones_like(rotated, dtype=torch.bool)
+        first[1:] = rotated[1:] != rotated[:-1]
+        heads = first.nonzero().squeeze(1)
+        contenders = keys[order[heads]]
+        buckets = (rotated[heads] >> (64 - bits)) & mask if bits else torch.zeros_like(contenders)
+        inverse = torch.cumsum(first, 0) - 1
+        return contenders, buckets, inverse, torch.full_like(contenders, update.value), order
     # Per-key scores come from distinct keys (see _reduce_duplicates).
     assert update.values is not None
     scores = update.values[lanes]
     by_score = torch.argsort(scores, descending=True, stable=True)
-    order = by_score[torch.argsort((h & (storage.num_buckets - 1))[by_score], stable=True)]
-    return keys[order], torch.arange(keys.numel(), device=keys.device), scores[order], order
+    by_bucket = torch.argsort((hash_keys(keys) & mask)[by_score], stable=True)
+    order = by_score[by_bucket]
+    buckets = hash_keys(keys[order]) & mask
+    return keys[order], buckets, torch.arange(keys.numel(), device=keys.device), scores[order], order
 
 
 # The insertion kernel needs BLOCK >= 32 * num_warps (see triton_kernels).
 _INSERT_WARPS = 4
+# One eviction program per bucket makes successive reductions over the bucket's slots: a single warp
+# reduces with shuffles alone (no shared memory, no barriers) and leaves room for more programs per SM.
+_EVICT_WARPS = 1
 
 
 def _block_size(device: torch.device) -> int:
@@ -177,8 +188,7 @@ class TritonHashTable(BucketedHashTable):
         if lanes.numel() == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=keys.device)
             return empty, empty, empty
-        contenders, inverse, scores, order = _group_contenders(storage, keys[lanes], update, lanes)
-        buckets = hash_keys(contenders) & (storage.num_buckets - 1)
+        contenders, buckets, inverse, scores, order = _group_contenders(storage, keys[lanes], update, lanes)
         segment_bucket, segment_count = torch.unique_consecutive(buckets, return_counts=True)
         segment_start = torch.cumsum(segment_count, 0) - segment_count
         placed = torch.empty_like(contenders)
@@ -204,6 +214,7 @@ class TritonHashTable(BucketedHashTable):
             BUCKET=storage.bucket_capacity,
             NUM_GROUPS=storage.num_groups,
             CHUNK=16,
+            num_warps=_EVICT_WARPS,
         )
         slots[lanes[order]] = placed[inverse]
         won = evicted.nonzero().squeeze(1)

@@ -298,6 +298,23 @@ def evict_kernel(
 
 
 @triton.jit
+def bucket_major_hash_kernel(keys_ptr, out_ptr, n, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[i]`` = the key's hash rotated right by ``BITS`` (the bucket bits on top): sorting by it
+    groups keys by bucket and puts equal keys side by side (the hash is a bijection)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    h = tl.load(keys_ptr + offs, mask=live, other=0).to(tl.uint64, bitcast=True)
+    h ^= h >> 33
+    h *= 0xFF51AFD7ED558CCD
+    h ^= h >> 33
+    h *= 0xC4CEB9FE1A85EC53
+    h ^= h >> 33
+    if BITS > 0:
+        h = (h >> BITS) | (h << (64 - BITS))
+    tl.store(out_ptr + offs, h.to(tl.int64, bitcast=True), mask=live)
+
+
+@triton.jit
 def gather_rows_kernel(
     values_ptr,
     slots_ptr,
