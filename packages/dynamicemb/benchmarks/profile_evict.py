@@ -86,7 +86,8 @@ def main() -> None:
     rows.sort(key=lambda r: -r["device_ms_per_call"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "profile_evict.json"), "w") as f:
-        json.dump({"median_ms": median, "median_ms_by_evict_warps": by_warps, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        record = {"median_ms": median, "median_ms_by_evict_warps": by_warps, "rows": rows}
+        json.dump({**record, "device": torch.cuda.get_device_name()}, f, indent=1)
 
 
 if __name__ == "__main__":
