@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import zlib
+from pathlib import Path
+
+import pytest
 import torch
+from torchrec.modules.embedding_configs import EmbeddingConfig
 
 from dynamicemb import (
+    DynamicEmbDump,
+    DynamicEmbeddingCollection,
     DynamicEmbeddingTable,
+    DynamicEmbFileError,
     DynamicEmbInitializerArgs,
     DynamicEmbInitializerMode,
+    DynamicEmbLoad,
     DynamicEmbOptimizerArgs,
     DynamicEmbTableOptions,
     FrequencyAdmissionStrategy,
     KVCounter,
     dynamic_embedding_lookup,
 )
+from dynamicemb.dump import TableFile, table_file_path
 from dynamicemb.table.base import DynamicEmbScoreStrategy
 
 
@@ -85,3 +96,88 @@ def test_a_user_counter_is_used() -> None:
     table = _table(2, counter=counter)
     _step(table, [7])
     assert table.counter is counter and counter.size() == 1
+
+
+def test_kv_counter_dump_and_load_carry_the_counts() -> None:
+    counter = KVCounter(capacity=64, bucket_capacity=8)
+    counter.add(torch.tensor([3, 8, 40]), torch.tensor([1, 2, 5]))
+    dumped = {k: c for keys, counts in counter.dump(batch_size=16) for k, c in zip(keys.tolist(), counts.tolist())}
+    assert dumped == {3: 1, 8: 2, 40: 5}
+    other = KVCounter(capacity=64, bucket_capacity=8)
+    other.add(torch.tensor([8, 9]), torch.tensor([7, 1]))
+    other.load(torch.tensor(list(dumped)), torch.tensor(list(dumped.values())))
+    assert other.add(torch.tensor([3, 8, 9, 40]), torch.ones(4, dtype=torch.int64)).tolist() == [2, 3, 2, 6]
+
+
+# --- dump and load -----------------------------------------------------------------------------
+def _collection(threshold: int | None) -> DynamicEmbeddingCollection:
+    admission = {} if threshold is None else {"admit_strategy": FrequencyAdmissionStrategy(threshold)}
+    return DynamicEmbeddingCollection(
+        tables=[EmbeddingConfig(name="t", embedding_dim=3, num_embeddings=128, feature_names=["f"])],
+        table_options=DynamicEmbTableOptions(**admission),
+    )
+
+
+def _table_of(module: DynamicEmbeddingCollection) -> DynamicEmbeddingTable:
+    return module.dynamic_embedding_tables()["t"]
+
+
+def _counts(table: DynamicEmbeddingTable) -> dict[int, int]:
+    return {k: c for keys, counts in table.counter.dump() for k, c in zip(keys.tolist(), counts.tolist())}
+
+
+def _counted_and_dumped(path: str) -> DynamicEmbeddingCollection:
+    module = _collection(threshold=3)
+    _step(_table_of(module), [5, 5, 9])
+    _step(_table_of(module), [7, 7, 7])  # 7 is admitted and leaves the counter
+    DynamicEmbDump(path, module)
+    return module
+
+
+def test_counts_of_keys_not_yet_admitted_survive_dump_and_load(tmp_path) -> None:
+    _counted_and_dumped(str(tmp_path))
+    footer = TableFile.open(table_file_path(str(tmp_path), "_root", "t")).footer
+    assert sum(footer["counter_chunk_rows"]) == 2
+    restored = _collection(threshold=3)
+    DynamicEmbLoad(str(tmp_path), restored)
+    table = _table_of(restored)
+    assert _counts(table) == {5: 2, 9: 1}
+    _step(table, [5, 9])  # 5 reaches its third sighting, 9 its second
+    assert table.store.contains(torch.tensor([5, 9, 7])).tolist() == [True, False, True]
+    plain = _collection(threshold=None)  # a table without admission ignores the counts
+    DynamicEmbLoad(str(tmp_path), plain)
+    assert _table_of(plain).store.contains(torch.tensor([5, 9, 7])).tolist() == [False, False, True]
+
+
+def _strip_counters_to_version_1(path: str) -> None:
+    """Rewrite a dump as the version-1 format wrote it: rows only, no counter chunks."""
+    data = Path(path).read_bytes()
+    footer_len = int.from_bytes(data[-16:-8], "little")
+    footer = json.loads(data[-16 - footer_len : -16])
+    rows = data[8 : -16 - footer_len - 16 * sum(footer.pop("counter_chunk_rows"))]
+    del footer["cached_rows"]
+    footer.update(format_version=1, crc32=zlib.crc32(rows))
+    encoded = json.dumps(footer).encode()
+    Path(path).write_bytes(data[:8] + rows + encoded + len(encoded).to_bytes(8, "little") + data[-8:])
+
+
+def test_a_dump_without_counters_loads_and_counting_starts_over(tmp_path) -> None:
+    _counted_and_dumped(str(tmp_path))
+    _strip_counters_to_version_1(table_file_path(str(tmp_path), "_root", "t"))
+    restored = _collection(threshold=3)
+    DynamicEmbLoad(str(tmp_path), restored)
+    table = _table_of(restored)
+    assert table.counter.size() == 0 and table.store.contains(torch.tensor([7])).tolist() == [True]
+    _step(table, [5, 5])
+    assert table.size() == 1  # 5 was counted from zero: two sightings are not enough
+    _step(table, [5])
+    assert table.size() == 2
+
+
+def test_corrupt_counter_chunk_rows_fail_naming_the_file(tmp_path) -> None:
+    _counted_and_dumped(str(tmp_path))
+    path = table_file_path(str(tmp_path), "_root", "t")
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data.replace(b'"counter_chunk_rows": [2]', b'"counter_chunk_rows": [3]'))
+    with pytest.raises(DynamicEmbFileError, match=r"t\.dynamicemb: truncated or corrupt"):
+        DynamicEmbLoad(str(tmp_path), _collection(threshold=3))

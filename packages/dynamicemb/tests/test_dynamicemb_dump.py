@@ -23,6 +23,8 @@ from dynamicemb import (
     DynamicEmbOptimizerType,
     DynamicEmbScoreStrategy,
     DynamicEmbTableOptions,
+    PyDictStorage,
+    dynamic_embedding_lookup,
     get_score,
     incremental_dump,
     set_score,
@@ -257,3 +259,172 @@ def test_a_crash_mid_dump_leaves_the_previous_dump_loadable(tmp_path, monkeypatc
     restored = TwoCollections()
     DynamicEmbLoad(str(tmp_path), restored, optim=True)
     assert _all_rows(restored) == previous
+
+
+# --- storage tiers: a device cache over a host table, a device + host split ----------------------
+TIER_DIM = 4
+TIER_ROW_BYTES = TIER_DIM * 3 * 4  # embedding + Adam's two state columns, float32
+
+
+def _tiered(caching: bool, strategy: DynamicEmbScoreStrategy, **options) -> DynamicEmbeddingCollection:
+    options.setdefault("global_hbm_for_values", 64 * TIER_ROW_BYTES)
+    options.setdefault("bucket_capacity", 16)
+    return DynamicEmbeddingCollection(
+        tables=[EmbeddingConfig(name="t", embedding_dim=TIER_DIM, num_embeddings=2048, feature_names=["f"])],
+        table_options=DynamicEmbTableOptions(caching=caching, score_strategy=strategy, **options),
+        optimizer=ADAM,
+    )
+
+
+def _only_table(module: DynamicEmbeddingCollection):
+    return module.dynamic_embedding_tables()["t"]
+
+
+def _train_tiered(module: DynamicEmbeddingCollection, seeds: range, key_range: int = 1500) -> set[int]:
+    """Adam steps on batches of many distinct keys (the cache evicts); returns the keys seen."""
+    table = _only_table(module)
+    seen: set[int] = set()
+    for seed in seeds:
+        ids = torch.randint(0, key_range, (300,), generator=torch.Generator().manual_seed(seed))
+        dynamic_embedding_lookup(table, ids, training=True).square().sum().backward()
+        seen.update(ids.tolist())
+    return seen
+
+
+def _eval_embeddings(module: DynamicEmbeddingCollection, keys: list[int]) -> torch.Tensor:
+    return dynamic_embedding_lookup(_only_table(module), torch.tensor(keys), training=False)
+
+
+def _cached_keys(module: DynamicEmbeddingCollection) -> set[int]:
+    return {k for keys, _, _ in _only_table(module).store.cache.dump() for k in keys.tolist()}
+
+
+def _assert_same_table(restored: DynamicEmbeddingCollection, source: DynamicEmbeddingCollection) -> None:
+    """Every key's embedding, optimizer state and score; eval lookups; the optimizer step."""
+    rows, source_rows = _rows(_only_table(restored)), _rows(_only_table(source))
+    assert sorted(rows) == sorted(source_rows), f"{len(set(source_rows) - set(rows))} rows lost"
+    assert rows == source_rows
+    keys = sorted(source_rows)
+    assert torch.equal(_eval_embeddings(restored, keys), _eval_embeddings(source, keys))
+    assert _only_table(restored).optimizer.step == _only_table(source).optimizer.step
+
+
+@pytest.mark.parametrize(
+    "strategy", [DynamicEmbScoreStrategy.TIMESTAMP, DynamicEmbScoreStrategy.LFU], ids=lambda s: s.name
+)
+def test_cached_table_round_trip_keeps_every_row_and_the_cache(tmp_path, strategy) -> None:
+    source = _tiered(True, strategy)
+    _train_tiered(source, range(8))
+    store = _only_table(source).store
+    assert store.cache.size() == store.cache.capacity == 64 and store.backing.size() > 1000  # the cache evicted
+    cached_only = _cached_keys(source) - {k for keys, _, _ in store.backing.dump() for k in keys.tolist()}
+    assert cached_only  # dirty rows: in the cache, never written back
+    DynamicEmbDump(str(tmp_path), source, optim=True)
+    restored = _tiered(True, strategy)
+    DynamicEmbLoad(str(tmp_path), restored, optim=True)
+    _assert_same_table(restored, source)
+    assert _cached_keys(restored) == _cached_keys(source)  # hot rows are back in the cache
+    footer = TableFile.open(table_file_path(str(tmp_path), "_root", "t")).footer
+    assert footer["cached_rows"] == 64 and footer["num_rows"] == _only_table(source).size()
+
+
+def _rewrite_footer(path: str, edit) -> None:
+    """Rewrite a dump file's footer as ``edit(footer)`` returns it (the rows stay)."""
+    data = Path(path).read_bytes()
+    footer_len = int.from_bytes(data[-16:-8], "little")
+    footer = json.loads(data[-16 - footer_len : -16])
+    encoded = json.dumps(edit(footer)).encode()
+    Path(path).write_bytes(data[: -16 - footer_len] + encoded + len(encoded).to_bytes(8, "little") + data[-8:])
+
+
+def _as_version_1(footer: dict) -> dict:
+    del footer["cached_rows"], footer["counter_chunk_rows"]
+    return {**footer, "format_version": 1}
+
+
+def test_a_version_1_dump_of_a_cached_table_loads_every_row(tmp_path) -> None:
+    source = _tiered(True, DynamicEmbScoreStrategy.STEP)
+    _train_tiered(source, range(8))
+    DynamicEmbDump(str(tmp_path), source, optim=True)
+    _rewrite_footer(table_file_path(str(tmp_path), "_root", "t"), _as_version_1)
+    restored = _tiered(True, DynamicEmbScoreStrategy.STEP)
+    # No tiers in the file: every row goes to the host table, and those it cannot hold to the cache.
+    DynamicEmbLoad(str(tmp_path), restored, optim=True)
+    _assert_same_table(restored, source)
+
+
+def test_uncached_dump_loads_into_a_cached_table_and_back(tmp_path) -> None:
+    strategy = DynamicEmbScoreStrategy.STEP
+    source = _tiered(False, strategy, global_hbm_for_values=0)
+    _train_tiered(source, range(6), key_range=700)
+    DynamicEmbDump(str(tmp_path / "plain"), source, optim=True)
+    cached = _tiered(True, strategy)
+    DynamicEmbLoad(str(tmp_path / "plain"), cached, optim=True)
+    assert _only_table(cached).store.cache.size() == 0  # the file has no cached rows
+    _assert_same_table(cached, source)
+    _train_tiered(cached, range(10, 12), key_range=700)  # the cache fills and evicts again
+    assert _only_table(cached).store.cache.size() == 64
+    DynamicEmbDump(str(tmp_path / "cached"), cached, optim=True)
+    plain = _tiered(False, strategy, global_hbm_for_values=0)
+    DynamicEmbLoad(str(tmp_path / "cached"), plain, optim=True)
+    _assert_same_table(plain, cached)
+
+
+def test_device_and_host_split_round_trip(tmp_path) -> None:
+    strategy = DynamicEmbScoreStrategy.TIMESTAMP
+    source = _tiered(False, strategy, global_hbm_for_values=100 * TIER_ROW_BYTES, init_capacity=256)
+    _train_tiered(source, range(6))
+    assert _only_table(source).store.values.device_rows == 100 and _only_table(source).capacity == 2048
+    DynamicEmbDump(str(tmp_path), source, optim=True)
+    restored = _tiered(False, strategy, global_hbm_for_values=100 * TIER_ROW_BYTES, init_capacity=256)
+    DynamicEmbLoad(str(tmp_path), restored, optim=True)
+    _assert_same_table(restored, source)
+
+
+def test_incremental_dump_of_a_cached_table_returns_rows_touched_in_either_tier() -> None:
+    module = _tiered(True, DynamicEmbScoreStrategy.STEP)
+    _train_tiered(module, range(4))
+    threshold = get_score(module)["_root"]["t"]
+    touched = _train_tiered(module, range(10, 13))  # 900 lookups: most touched rows leave the cache
+    store = _only_table(module).store
+    assert len(touched - _cached_keys(module)) > 500
+    dumped, scores = incremental_dump(module, threshold)
+    keys, embeddings = dumped["_root"]["t"]
+    assert sorted(keys.tolist()) == sorted(touched)
+    assert torch.equal(embeddings, _eval_embeddings(module, keys.tolist()))
+    assert scores["_root"]["t"] == threshold + 3
+    assert store.size() > len(touched)  # older rows were left out
+
+
+def test_a_load_that_cannot_store_every_row_warns(tmp_path) -> None:
+    source = _tiered(False, DynamicEmbScoreStrategy.STEP, global_hbm_for_values=0)
+    _train_tiered(source, range(4), key_range=700)
+    DynamicEmbDump(str(tmp_path), source)
+    small = _tiered(False, DynamicEmbScoreStrategy.STEP, global_hbm_for_values=0, max_capacity=256)
+    with pytest.warns(RuntimeWarning, match=r"t\.dynamicemb: \d+ of \d+ rows could not be stored in table 't'"):
+        DynamicEmbLoad(str(tmp_path), small)
+    assert _only_table(small).size() <= 256
+
+
+def test_cached_rows_outside_the_file_fail_naming_the_file(tmp_path) -> None:
+    source = _tiered(True, DynamicEmbScoreStrategy.STEP)
+    _train_tiered(source, range(2))
+    DynamicEmbDump(str(tmp_path), source)
+    path = table_file_path(str(tmp_path), "_root", "t")
+    _rewrite_footer(path, lambda footer: {**footer, "cached_rows": footer["num_rows"] + 1})
+    with pytest.raises(DynamicEmbFileError, match=r"t\.dynamicemb: corrupt footer: cached_rows"):
+        DynamicEmbLoad(str(tmp_path), _tiered(True, DynamicEmbScoreStrategy.STEP))
+
+
+def test_external_storage_round_trip_restores_the_cache_and_the_store(tmp_path) -> None:
+    def module() -> DynamicEmbeddingCollection:
+        return _tiered(False, DynamicEmbScoreStrategy.STEP, external_storage=PyDictStorage(value_dim=3 * TIER_DIM))
+
+    source = module()
+    _train_tiered(source, range(3), key_range=400)
+    assert _only_table(source).store.backing.size() > 100
+    DynamicEmbDump(str(tmp_path), source, optim=True)
+    restored = module()
+    DynamicEmbLoad(str(tmp_path), restored, optim=True)
+    _assert_same_table(restored, source)
+    assert _cached_keys(restored) == _cached_keys(source)

@@ -160,3 +160,28 @@ def test_external_storage_rows_must_fit_the_table() -> None:
 def test_caching_needs_a_cache_budget() -> None:
     with pytest.raises(ValueError, match="global_hbm_for_values"):
         _table(caching=True)
+
+
+def test_rows_loaded_past_what_the_host_table_holds_go_to_the_cache() -> None:
+    table = _cached(max_capacity=16)  # a host table of two buckets of 8, a cache of one bucket of 8
+    store = table.store
+    keys = torch.arange(100, 120)
+    rows = torch.randn(20, DIM)
+    store.load(keys, rows, torch.arange(20))
+    assert store.backing.size() == 16 and store.cache.size() == 4
+    values, found = store.find(keys)
+    assert bool(found.all())
+    torch.testing.assert_close(values, rows)
+
+
+def test_a_loaded_row_replaces_the_cached_copy_of_its_key() -> None:
+    table = _cached()
+    _train(table, torch.arange(4))
+    store = table.store
+    rows = torch.full((2, DIM), 9.0)
+    store.load(torch.tensor([1, 2]), rows, torch.tensor([5, 5]))
+    assert store.cache.contains(torch.arange(4)).tolist() == [True, False, False, True]
+    torch.testing.assert_close(_eval_rows(table, torch.tensor([1, 2])), rows)
+    store.load_cached(torch.tensor([2]), torch.full((1, DIM), 3.0), torch.tensor([6]))
+    assert store.cache.contains(torch.tensor([2])).tolist() == [True]
+    torch.testing.assert_close(_eval_rows(table, torch.tensor([2])), torch.full((1, DIM), 3.0))

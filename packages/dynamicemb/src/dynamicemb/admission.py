@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,6 +25,14 @@ class Counter(ABC):
     @abstractmethod
     def erase(self, keys: torch.Tensor) -> None:
         """Forget ``keys`` (called once they are admitted)."""
+
+    @abstractmethod
+    def dump(self, batch_size: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every counted key, in batches of at most ``batch_size``: ``(keys [M] int64, counts [M] int64)``."""
+
+    @abstractmethod
+    def load(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
+        """Set the counts of unique ``keys [M]`` to ``counts [M]`` (rows written by :meth:`dump`)."""
 
 
 class KVCounter(Counter):
@@ -56,6 +65,18 @@ class KVCounter(Counter):
 
     def erase(self, keys: torch.Tensor) -> None:
         self.index.erase(keys.to(self.device))
+
+    def dump(self, batch_size: int = 65536) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.index.capacity, batch_size):
+            keys, slots, _ = self.index.export_batch(start, batch_size)
+            if keys.numel():
+                yield keys, self.counts[slots]
+
+    def load(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
+        keys, counts = keys.to(self.device), counts.to(self.device, torch.int64)
+        result = self.index.insert_or_assign(keys, counts)
+        stored = (result.slots >= 0).nonzero().squeeze(1)
+        self.counts[result.slots[stored]] = counts[stored]
 
     def size(self) -> int:
         return self.index.size()

@@ -110,7 +110,8 @@ class CachedKeyValueTable(Storage):
     def dump(
         self, min_score: int | None = None, batch_size: int = 65536
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Cached rows, then the backing rows of keys not in the cache."""
+        """Cached rows (``cache.size()`` rows when ``min_score`` is ``None``, in batches of their
+        own), then the backing rows of keys not in the cache; dump files rely on this order."""
         yield from self.cache.dump(min_score, batch_size)
         for keys, values, scores in self.backing.dump(min_score, batch_size):
             keep = _positions(~self.cache.contains(keys.to(self.device))).to(keys.device)
@@ -118,10 +119,32 @@ class CachedKeyValueTable(Storage):
                 yield keys[keep], values[keep], scores[keep]
 
     def load(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> None:
-        """Restore rows into ``backing`` (dropping stale cached copies of the same keys)."""
+        """Restore rows that lived in ``backing`` (dropping stale cached copies of the same keys).
+
+        Rows a backing :class:`KeyValueTable` cannot hold (their bucket is full: it evicts or
+        refuses them) go to the cache instead, so the table keeps every row its two tiers can
+        hold together, as it did before the dump.
+        """
         self.cache.erase(keys)
-        self.backing.load(keys, values, scores)
+        if not isinstance(self.backing, KeyValueTable):
+            self.backing.load(keys, values, scores)
+            self.version += 1
+            return
+        evicted, refused = self.backing.insert_and_evict(keys, values, scores)
+        refused_pos = _positions(refused)
+        overflow_keys = torch.cat([evicted.keys, keys[refused_pos]])
+        overflow_values = torch.cat([evicted.values.to(values.dtype), values[refused_pos]])
+        overflow_scores = torch.cat([evicted.scores, scores[refused_pos]])
+        # An evicted backing row whose key is cached was a stale copy: the cached row is the live one.
+        homeless = _positions(~self.cache.contains(overflow_keys))
+        if homeless.numel():
+            self.insert(overflow_keys[homeless], overflow_values[homeless], overflow_scores[homeless])
         self.version += 1
+
+    def load_cached(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor) -> None:
+        """Restore rows that lived in the cache: into the cache, with the rows it evicts or refuses
+        written to ``backing`` (loaded into a fresh table of the same options, they all fit)."""
+        self.insert(keys, values, scores)
 
     def flush(self) -> None:
         """Write every cached row back to ``backing`` (the cache keeps its rows)."""

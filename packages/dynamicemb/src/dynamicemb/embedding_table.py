@@ -331,15 +331,22 @@ class DynamicEmbeddingTable:
         embeddings: torch.Tensor,
         optimizer_state: torch.Tensor | None,
         scores: torch.Tensor,
+        *,
+        cached: bool = False,
     ) -> None:
         """Store rows (unique ``keys [M]``, ``embeddings [M, dim]``, ``optimizer_state [M, state_dim]``
-        or ``None`` for the initial state, ``scores [M]``), replacing rows of the same keys."""
+        or ``None`` for the initial state, ``scores [M]``), replacing rows of the same keys.
+        ``cached``: the rows were in the device cache when dumped (a cached table puts them back there)."""
         n = keys.numel()
         device = self.device
         if optimizer_state is None:
             optimizer_state = self.optimizer.initial_state(n, self.dtype, device)
         values = torch.cat([embeddings.to(device, self.dtype), optimizer_state.to(device, self.dtype)], dim=1)
-        self.store.load(keys.to(device), values, scores.to(device, torch.int64))
+        keys, scores = keys.to(device), scores.to(device, torch.int64)
+        if cached and isinstance(self.store, CachedKeyValueTable):
+            self.store.load_cached(keys, values, scores)
+        else:
+            self.store.load(keys, values, scores)
 
 
 def _resolve_device(device: torch.device | str | None, name: str) -> torch.device:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -171,7 +172,10 @@ def DynamicEmbLoad(
     size, checksum, table name, dim, dtype and, with ``optim``, the optimizer state layout), so a
     bad file raises :class:`~dynamicemb.dump.file_format.DynamicEmbFileError` (a ``ValueError``
     naming the file and the problem) before any table changes. With ``optim`` the optimizer state
-    and step are restored; without, loaded rows start from a fresh optimizer state.
+    and step are restored; without, loaded rows start from a fresh optimizer state. Rows dumped
+    from the device cache of a cached table go back into the cache, the others into its backing
+    storage. The counts of keys not yet admitted are restored into a table with an admission
+    strategy (dumps without them leave its counter as it is).
     """
     if _is_sharded(model):
         from dynamicemb.distributed import checkpoint as sharded
@@ -188,12 +192,32 @@ def DynamicEmbLoad(
             table_file.verify_checksum()
             plans.append((table_file, table))
     for table_file, table in plans:
-        for keys, scores, embeddings, state in table_file.chunks():
-            if keys.numel():
-                table.import_rows(keys, embeddings, state if optim else None, scores)
+        was_empty = table.size() == 0
+        for chunk in table_file.rows():
+            state = chunk.optimizer_state if optim else None
+            table.import_rows(chunk.keys, chunk.embeddings, state, chunk.scores, cached=chunk.cached)
+        if table.counter is not None:
+            for keys, counts in table_file.counters():
+                table.counter.load(keys, counts)
         if optim:
             table.optimizer.step = int(table_file.footer["optimizer_step"])
         table.restore_score_clock(int(table_file.footer["score_clock"]))
+        if was_empty:
+            _warn_if_rows_were_dropped(table_file, table)
+
+
+def _warn_if_rows_were_dropped(table_file: TableFile, table: DynamicEmbeddingTable) -> None:
+    """Warn when a table that was empty holds fewer rows than the file it loaded (its buckets
+    overflowed: a smaller capacity, or the two tiers of a cached table folded into one)."""
+    dropped = table_file.footer["num_rows"] - table.size()
+    if dropped > 0:
+        warnings.warn(
+            f"{table_file.path}: {dropped} of {table_file.footer['num_rows']} rows could not be stored in "
+            f"table {table.name!r} (capacity {table.capacity}, max_capacity {table.max_capacity}); "
+            "raise max_capacity or bucket_capacity",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 ScoreMap = dict[str, dict[str, int | None]]

@@ -3,22 +3,31 @@
 Layout (all integers little-endian, arrays row-major)::
 
     MAGIC                       8 bytes  b"DYNEMB\\x00\\x01"
-    chunk 0 .. chunk C-1        each of n rows:
+    row chunk 0 .. C-1          each of n rows:
         keys                    n * int64
         scores                  n * int64
         embeddings              n * dim * <dtype>
         optimizer state         n * state_dim * <dtype>   (only if has_optimizer_state)
+    counter chunk 0 .. K-1      (format 2; only for tables with an admission counter) each of m keys:
+        keys                    m * int64
+        counts                  m * int64
     footer                      UTF-8 JSON (below)
     footer length               uint64
     MAGIC                       8 bytes
 
-Footer fields: ``format_version`` (1), ``table``, ``dim``, ``dtype`` ("float32", "float16",
-"bfloat16"), ``num_rows``, ``chunk_rows`` (rows of each chunk), ``has_optimizer_state``,
-``optimizer_state_dim``, ``optimizer`` (:class:`DynamicEmbOptimizerArgs` as JSON),
-``optimizer_step``, ``score_strategy``, ``score_clock`` (the table's step / custom score / last
-timestamp), ``options`` (:class:`DynamicEmbTableOptions` as JSON) and ``crc32`` (of every chunk
-byte). A reader checks both magics, the footer, the file size against the chunk sizes and the
-checksum before anything is loaded.
+Footer fields: ``format_version`` (2; files of version 1 still load), ``table``, ``dim``,
+``dtype`` ("float32", "float16", "bfloat16"), ``num_rows``, ``chunk_rows`` (rows of each row
+chunk), ``has_optimizer_state``, ``optimizer_state_dim``, ``optimizer``
+(:class:`DynamicEmbOptimizerArgs` as JSON), ``optimizer_step``, ``score_strategy``,
+``score_clock`` (the table's step / custom score / last timestamp), ``options``
+(:class:`DynamicEmbTableOptions` as JSON) and ``crc32`` (of every chunk byte, row and counter
+chunks in file order). Format 2 adds ``cached_rows``: the leading rows that were in the device
+cache of a ``caching`` / ``external_storage`` table (0 otherwise; a load puts them back into the
+cache and the other rows into the backing storage), and ``counter_chunk_rows``: the keys of each
+counter chunk, the not-yet-admitted keys of a table with an admission strategy and how often each
+was seen (``[]`` without one). A version-1 file reads as ``cached_rows`` 0 and no counters. A
+reader checks both magics, the footer, the file size against the chunk sizes and the checksum
+before anything is loaded.
 """
 
 from __future__ import annotations
@@ -34,13 +43,16 @@ from typing import Any, BinaryIO
 
 import torch
 
+from dynamicemb.cached_table import CachedKeyValueTable
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.options import options_to_json
 
-__all__ = ["FORMAT_VERSION", "DynamicEmbFileError", "TableFile", "write_table_file"]
+__all__ = ["FORMAT_VERSION", "DynamicEmbFileError", "RowChunk", "TableFile", "write_table_file"]
 
 MAGIC = b"DYNEMB\x00\x01"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+_COUNTER_ROW_BYTES = 16
 _U64 = struct.Struct("<Q")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -62,18 +74,35 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1).data
 
 
+def _cached_rows(table: DynamicEmbeddingTable) -> int:
+    """How many leading rows of :meth:`DynamicEmbeddingTable.export` come from the device cache."""
+    store = table.store
+    return store.cache.size() if isinstance(store, CachedKeyValueTable) else 0
+
+
 def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: bool) -> int:
-    """Write ``table`` (with its optimizer state if ``optim``) to the open binary ``file``; returns rows written."""
+    """Write ``table`` (with its optimizer state if ``optim``, and its admission counter) to the
+    open binary ``file``; returns rows written."""
     file.write(MAGIC)
     crc = 0
-    chunk_rows: list[int] = []
-    for keys, embeddings, state, scores in table.export():
-        arrays = [keys, scores, embeddings] + ([state] if optim else [])
+
+    def write_arrays(arrays: list[torch.Tensor]) -> None:
+        nonlocal crc
         for array in arrays:
             data = _tensor_bytes(array)
             file.write(data)
             crc = zlib.crc32(data, crc)
+
+    cached_rows = _cached_rows(table)
+    chunk_rows: list[int] = []
+    for keys, embeddings, state, scores in table.export():
+        write_arrays([keys, scores, embeddings] + ([state] if optim else []))
         chunk_rows.append(keys.numel())
+    counter_chunk_rows: list[int] = []
+    if table.counter is not None:
+        for keys, counts in table.counter.dump():
+            write_arrays([keys.to(torch.int64), counts.to(torch.int64)])
+            counter_chunk_rows.append(keys.numel())
     footer: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "table": table.name,
@@ -81,6 +110,8 @@ def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: boo
         "dtype": _DTYPE_NAMES[table.dtype],
         "num_rows": sum(chunk_rows),
         "chunk_rows": chunk_rows,
+        "cached_rows": cached_rows,
+        "counter_chunk_rows": counter_chunk_rows,
         "has_optimizer_state": optim,
         "optimizer_state_dim": table.optimizer.state_dim,
         "optimizer": table.optimizer.args.to_json(),
@@ -95,6 +126,19 @@ def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: boo
     file.write(_U64.pack(len(encoded)))
     file.write(MAGIC)
     return footer["num_rows"]
+
+
+@dataclass(frozen=True)
+class RowChunk:
+    """Rows of a dump file: ``keys [n]``, ``scores [n]``, ``embeddings [n, dim]``,
+    ``optimizer_state [n, state_dim]`` (``None`` when the file has none); ``cached``: they were in
+    the device cache when dumped."""
+
+    keys: torch.Tensor
+    scores: torch.Tensor
+    embeddings: torch.Tensor
+    optimizer_state: torch.Tensor | None
+    cached: bool
 
 
 @dataclass
@@ -138,15 +182,24 @@ class TableFile:
         missing = [key for key in required if key not in self.footer]
         if missing:
             raise DynamicEmbFileError(self.path, f"footer lacks {missing}")
-        if self.footer["format_version"] != FORMAT_VERSION:
+        if self.footer["format_version"] not in _READABLE_VERSIONS:
             raise DynamicEmbFileError(
-                self.path, f"format_version {self.footer['format_version']}, this reader knows {FORMAT_VERSION}"
+                self.path,
+                f"format_version {self.footer['format_version']}, this reader knows {list(_READABLE_VERSIONS)}",
             )
         if self.footer["dtype"] not in _DTYPES:
             raise DynamicEmbFileError(self.path, f"unknown dtype {self.footer['dtype']!r}")
         if sum(self.footer["chunk_rows"]) != self.footer["num_rows"]:
             raise DynamicEmbFileError(self.path, "corrupt footer: chunk_rows do not add up to num_rows")
-        expected = self.footer["num_rows"] * self.row_bytes
+        counter_rows = self.footer.get("counter_chunk_rows", [])
+        if not isinstance(counter_rows, list) or not all(isinstance(m, int) and m >= 0 for m in counter_rows):
+            raise DynamicEmbFileError(self.path, f"corrupt footer: counter_chunk_rows {counter_rows!r}")
+        cached_rows = self.footer.get("cached_rows", 0)
+        if not isinstance(cached_rows, int) or not 0 <= cached_rows <= self.footer["num_rows"]:
+            raise DynamicEmbFileError(
+                self.path, f"corrupt footer: cached_rows {cached_rows!r} is not in [0, {self.footer['num_rows']}]"
+            )
+        expected = self.data_bytes
         if expected != data_bytes:
             raise DynamicEmbFileError(
                 self.path, f"truncated or corrupt: {data_bytes} data bytes, the footer describes {expected}"
@@ -163,6 +216,21 @@ class TableFile:
     @property
     def row_bytes(self) -> int:
         return 16 + (self.footer["dim"] + self.state_dim) * self.dtype.itemsize
+
+    @property
+    def cached_rows(self) -> int:
+        """Leading rows that were in the device cache (0 in version-1 files)."""
+        return self.footer.get("cached_rows", 0)
+
+    @property
+    def counter_chunk_rows(self) -> list[int]:
+        """Keys of each admission-counter chunk (none in version-1 files)."""
+        return list(self.footer.get("counter_chunk_rows", []))
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes between the leading magic and the footer: row chunks, then counter chunks."""
+        return self.footer["num_rows"] * self.row_bytes + sum(self.counter_chunk_rows) * _COUNTER_ROW_BYTES
 
     def check_matches(self, table: DynamicEmbeddingTable, *, optim: bool) -> None:
         """Raise :class:`DynamicEmbFileError` naming the mismatch if the file cannot load into ``table``."""
@@ -192,7 +260,7 @@ class TableFile:
 
     def verify_checksum(self) -> None:
         crc = 0
-        remaining = self.footer["num_rows"] * self.row_bytes
+        remaining = self.data_bytes
         with open(self.path, "rb") as f:
             f.seek(len(MAGIC))
             while remaining:
@@ -206,9 +274,10 @@ class TableFile:
                 self.path, f"corrupt: checksum {crc:#010x}, the footer says {self.footer['crc32']:#010x}"
             )
 
-    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        """``(keys [n], scores [n], embeddings [n, dim], optimizer_state [n, state_dim] or None)`` per chunk."""
+    def rows(self) -> Iterator[RowChunk]:
+        """The rows, chunk by chunk; a chunk is split where the cached rows end."""
         dim, state_dim, dtype = self.footer["dim"], self.state_dim, self.dtype
+        cached_left = self.cached_rows
         with open(self.path, "rb") as f:
             f.seek(len(MAGIC))
             for n in self.footer["chunk_rows"]:
@@ -218,7 +287,27 @@ class TableFile:
                 state = None
                 if state_dim:
                     state = self._read(f, n * state_dim * dtype.itemsize).view(dtype).view(n, state_dim)
-                yield keys, scores, embeddings, state
+                cut = min(cached_left, n)
+                cached_left -= cut
+                for part, cached in ((slice(0, cut), True), (slice(cut, n), False)):
+                    if part.stop > part.start:
+                        yield RowChunk(
+                            keys[part], scores[part], embeddings[part], None if state is None else state[part], cached
+                        )
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``(keys [n], scores [n], embeddings [n, dim], optimizer_state [n, state_dim] or None)`` per chunk."""
+        for chunk in self.rows():
+            yield chunk.keys, chunk.scores, chunk.embeddings, chunk.optimizer_state
+
+    def counters(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The admission counter, chunk by chunk: ``(keys [m] int64, counts [m] int64)``."""
+        with open(self.path, "rb") as f:
+            f.seek(len(MAGIC) + self.footer["num_rows"] * self.row_bytes)
+            for m in self.counter_chunk_rows:
+                keys = self._read(f, m * 8).view(torch.int64)
+                counts = self._read(f, m * 8).view(torch.int64)
+                yield keys, counts
 
     def _read(self, f: BinaryIO, nbytes: int) -> torch.Tensor:
         data = f.read(nbytes)
