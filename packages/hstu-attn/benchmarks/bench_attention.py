@@ -58,6 +58,10 @@ SHAPES = [
     Shape("training full B32 N4096 H4 D256", 32, 4096, 4, 256, 4096),
 ]
 SEED = 20261123
+# Full-length shapes of 32k tokens each, N from 128 to 4096: how the rate of one kernel depends on the sequence
+# length alone (a jagged batch mixes the rates of its lengths).
+LENGTH_PROFILE = [Shape(f"length profile full B{32768 // n} N{n} H4 D128", 32768 // n, n, 4, 128, n)
+                  for n in (128, 256, 512, 1024, 2048, 4096)]  # fmt: skip
 
 
 def make_inputs(shape: Shape, device: str = "cuda", full: bool = False) -> dict[str, Any]:
@@ -376,6 +380,7 @@ def main() -> None:
     parser.add_argument("--no-precompile", action="store_true", help="compile kernels lazily, one at a time")
     parser.add_argument("--meta-timeout", type=int, default=420)
     parser.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", "unknown"))
+    parser.add_argument("--length-profile", action="store_true", help="run the LENGTH_PROFILE shapes instead")
     parser.add_argument("--meta-worker", help=argparse.SUPPRESS)
     parser.add_argument("--meta-precompile", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--ours-precompile", nargs=2, help=argparse.SUPPRESS)
@@ -394,11 +399,13 @@ def main() -> None:
 
     device = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
-    shapes = [s for s in SHAPES if not args.shapes or any(p in s.name for p in args.shapes)]
+    catalogue = LENGTH_PROFILE if args.length_profile else SHAPES
+    shapes = [s for s in catalogue if not args.shapes or any(p in s.name for p in args.shapes)]
     memory_shape = next((s for s in SHAPES if args.memory_shape in s.name), None) if "ours" in args.backends else None
     rows: list[dict[str, Any]] = []
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{device_slug(device)}.json")
+    suffix = "-length-profile" if args.length_profile else ""
+    path = os.path.join(args.out, f"{device_slug(device)}{suffix}.json")
 
     def add(case: str, backend: str, fwd: float | None, bwd: float | None, **extra: Any) -> None:
         row = {"case": case, "backend": backend, "fwd_tflops": fwd, "bwd_tflops": bwd}

@@ -256,45 +256,46 @@ def evict_kernel(
     take the entries not touched by this call in ascending (score, slot) order; a contender whose
     score is lower than its entry's is refused. The program owns the bucket, so no atomics.
 
-    The ``k``-th contender's entry is found by ``k + 1`` successive minimum searches over the
-    bucket (a call usually brings a few contenders per bucket); contenders beyond the bucket's
-    number of candidate entries are refused together."""
+    Victims are picked ``CHUNK`` contenders at a time by successive minimum searches over the
+    bucket held in registers (a call usually brings a few contenders per bucket); the chunk's
+    loads and stores are then vector operations. Contenders beyond the bucket's number of
+    candidate entries are refused."""
     pid = tl.program_id(0)
     bucket = tl.load(segment_bucket_ptr + pid)
     start = tl.load(segment_start_ptr + pid)
     count = tl.load(segment_count_ptr + pid)
     cols = tl.arange(0, BUCKET)
+    lanes = tl.arange(0, CHUNK)
     slots = bucket * BUCKET + cols
     held_scores = tl.load(scores_ptr + slots)
     available = (tl.load(digests_ptr + slots).to(tl.int32) >= FIRST_DIGEST) & (tl.load(epochs_ptr + slots) != epoch)
-    num_available = tl.sum(available.to(tl.int32), axis=0)
-    placed_count = tl.minimum(count, num_available)
-    for k in range(0, placed_count):
-        lowest = tl.min(tl.where(available, held_scores, NO_SLOT), axis=0)
-        col = tl.min(tl.where(available & (held_scores == lowest), cols, BUCKET), axis=0)
-        available = available & (cols != col)
-        victim = bucket * BUCKET + col
-        key = tl.load(query_ptr + start + k)
-        score = tl.load(query_scores_ptr + start + k)
-        victim_key = tl.load(keys_ptr + victim)
-        won = score >= lowest
-        if won:
-            _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
-            tl.store(keys_ptr + victim, key)
-            tl.store(scores_ptr + victim, score)
-            tl.store(epochs_ptr + victim, epoch)
-            tl.store(digests_ptr + victim, digest.to(tl.uint8))
-        tl.store(slots_ptr + start + k, tl.where(won, victim, -1))
-        tl.store(evicted_ptr + start + k, won.to(tl.int8))
-        tl.store(evicted_keys_ptr + start + k, victim_key)
-        tl.store(evicted_scores_ptr + start + k, lowest)
-    for chunk in range(placed_count, count, CHUNK):  # no entry left: refused
-        lane = chunk + tl.arange(0, CHUNK)
+    placed_count = tl.minimum(count, tl.sum(available.to(tl.int32), axis=0))
+    for chunk in range(0, count, CHUNK):
+        lane = chunk + lanes
         live = lane < count
-        tl.store(slots_ptr + start + lane, tl.full([CHUNK], -1, tl.int64), mask=live)
-        tl.store(evicted_ptr + start + lane, tl.zeros([CHUNK], tl.int8), mask=live)
-        tl.store(evicted_keys_ptr + start + lane, tl.zeros([CHUNK], tl.int64), mask=live)
-        tl.store(evicted_scores_ptr + start + lane, tl.zeros([CHUNK], tl.int64), mask=live)
+        victim_col = tl.zeros([CHUNK], tl.int32)
+        victim_score = tl.zeros([CHUNK], tl.int64)
+        for j in range(0, tl.minimum(CHUNK, placed_count - chunk)):
+            lowest = tl.min(tl.where(available, held_scores, NO_SLOT), axis=0)
+            col = tl.min(tl.where(available & (held_scores == lowest), cols, BUCKET), axis=0)
+            available = available & (cols != col)
+            victim_col = tl.where(lanes == j, col, victim_col)
+            victim_score = tl.where(lanes == j, lowest, victim_score)
+        has = lane < placed_count
+        victim = bucket * BUCKET + victim_col
+        key = tl.load(query_ptr + start + lane, mask=live, other=0)
+        score = tl.load(query_scores_ptr + start + lane, mask=live, other=0)
+        victim_key = tl.load(keys_ptr + victim, mask=has, other=0)
+        won = has & (score >= victim_score)
+        _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
+        tl.store(keys_ptr + victim, key, mask=won)
+        tl.store(scores_ptr + victim, score, mask=won)
+        tl.store(epochs_ptr + victim, tl.full([CHUNK], epoch, tl.int32), mask=won)
+        tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
+        tl.store(slots_ptr + start + lane, tl.where(won, victim, -1), mask=live)
+        tl.store(evicted_ptr + start + lane, won.to(tl.int8), mask=live)
+        tl.store(evicted_keys_ptr + start + lane, victim_key, mask=live)
+        tl.store(evicted_scores_ptr + start + lane, tl.where(has, victim_score, 0), mask=live)
 
 
 @triton.jit
