@@ -82,7 +82,13 @@ def test_collection_on_cuda_matches_torch_optim_at_scale(args: DynamicEmbOptimiz
             torch.nn.utils.clip_grad_value_(reference.parameters(), args.max_gradient)
         torch_optimizer.step()
     ours = table.lookup(torch.arange(rows, device=CUDA), training=False)[0]
-    torch.testing.assert_close(ours, reference.weight.detach(), rtol=1e-4, atol=1e-5)
+    # The two sides sum the gradients of duplicate ids in different orders (ours with atomics, whose
+    # order changes run to run).
+    # AdaGrad's first step is lr * g / (|g| + eps): for a row element whose summed gradient is near
+    # zero that ratio amplifies the last-bit difference (seen on H100: 1 element in 3.2M off by
+    # 5.8e-5, relative 3.5e-4, with either hash backend), so its tolerance is wider.
+    rtol, atol = (1e-3, 1e-4) if args.optimizer == DynamicEmbOptimizerType.ADAGRAD else (1e-4, 1e-5)
+    torch.testing.assert_close(ours, reference.weight.detach(), rtol=rtol, atol=atol)
 
 
 def _table(**options) -> DynamicEmbeddingTable:
