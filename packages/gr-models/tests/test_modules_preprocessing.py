@@ -112,6 +112,21 @@ def test_position_and_time_encodings_follow_recency() -> None:
     assert sequence.timestamps.tolist() == [100, 0, 0, 36, 36, 100, 16, 16, 7, 7, 16]
 
 
+def test_positions_counted_from_the_start_number_candidates_after_the_history() -> None:
+    preprocessor = _preprocessor(position_encoding=PositionEncodingConfig(num_position_buckets=8, count_from="start"))
+    with torch.no_grad():
+        preprocessor.position_encoder.position_table.zero_()[:, 1] = 1000 * torch.arange(8.0)
+    sequence = preprocessor(_embeddings([1, 2], [3, 2]), _batch([1, 2], [3, 2], [1, 1]))
+    # user 0: history events 0, 1 -> positions 0, 1 (item and action share it); candidate -> 2
+    # user 1: history event 0 -> position 0; candidate -> 1; contextual tokens get none
+    assert sequence.values[:, 1].tolist() == [0, 0, 0, 1000, 1000, 2000, 0, 0, 0, 0, 1000]
+
+
+def test_position_count_from_must_be_start_or_end() -> None:
+    with pytest.raises(ValueError, match="count_from"):
+        PositionEncodingConfig(count_from="middle")
+
+
 def test_time_encoding_without_timestamps_fails_clearly() -> None:
     preprocessor = _preprocessor(position_encoding=PositionEncodingConfig(use_time_encoding=True))
     with pytest.raises(ValueError, match="timestamp"):

@@ -105,3 +105,32 @@ def test_gradient_accumulation_takes_one_optimizer_step_per_group_of_micro_batch
     assert result.throughput["samples"] == 2 * 3 * 4
     steps = {int(state["step"]) for state in trainer.optimizers.dense.state_dict()["state"].values()}
     assert steps == {2}
+
+
+def test_retrieval_runs_count_positions_from_the_start_unless_told_otherwise() -> None:
+    from gr_models.trainer.builders import build_hstu_config
+
+    cpu = torch.device("cpu")
+    assert build_hstu_config(load_config(None, []), cpu).position_encoding.count_from == "end"
+    retrieval = load_config(None, ["task=retrieval"])
+    assert build_hstu_config(retrieval, cpu).position_encoding.count_from == "start"
+    explicit = load_config(None, ["task=retrieval", "hstu.position_encoding={count_from: end}"])
+    assert build_hstu_config(explicit, cpu).position_encoding.count_from == "end"
+
+
+def test_retrieval_gr_warns_when_positions_count_from_the_end() -> None:
+    from gr_models.configs import PositionEncodingConfig, get_hstu_config
+    from gr_models.model import RetrievalGR
+
+    config = load_config(None, ["task=retrieval"])
+    schema_model = build_model(config, _synthetic_schema(config), torch.device("cpu"))
+    assert isinstance(schema_model, RetrievalGR)
+    hstu = get_hstu_config(32, 16, 2, 1, position_encoding=PositionEncodingConfig(count_from="end"))
+    with pytest.warns(UserWarning, match="count_from='start'"):
+        RetrievalGR(hstu, schema_model.task_config, torch.device("cpu"))
+
+
+def _synthetic_schema(config) -> DatasetSchema:
+    from gr_models.trainer.builders import build_train_dataset
+
+    return build_train_dataset(config.data, config.task).schema

@@ -20,8 +20,13 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class PositionEncodingConfig:
     """Learned absolute encodings added to the token embeddings before the first layer.
 
-    Positions count back from the last history token (the most recent token is position 0, older tokens get larger
-    positions, clamped at `num_position_buckets - 1`); all candidates share the position of the next event.
+    With `count_from="end"` (the default, for ranking) positions count back from the most recent history event
+    (position 1, older events larger, clamped at `num_position_buckets - 1`; an item and its action share a
+    position) and every candidate gets position 0. With `count_from="start"` the oldest event of the (truncated)
+    history is position 0 and candidates continue after the last event, as in the HSTU paper's sequential
+    retrieval setup. Retrieval needs "start": its training never uses the most recent event as a query (there is
+    no next item to predict), so counting from the end leaves the encoding of the one position every evaluation
+    query has untrained.
     With `use_time_encoding`, a learned vector per time bucket is added too; the bucket of a token is
     `fn((query_time - token_time) / time_bucket_divisor)` with `fn` "sqrt" or "log", where `query_time` is the
     sequence's largest timestamp, clamped to `num_time_buckets - 1`.
@@ -32,8 +37,11 @@ class PositionEncodingConfig:
     num_time_buckets: int = 128
     time_bucket_fn: str = "sqrt"
     time_bucket_divisor: float = 1.0
+    count_from: str = "end"
 
     def __post_init__(self) -> None:
+        if self.count_from not in ("end", "start"):
+            raise ValueError(f"count_from must be 'end' or 'start', got {self.count_from!r}")
         if self.num_position_buckets < 1:
             raise ValueError(f"num_position_buckets must be >= 1, got {self.num_position_buckets}")
         if self.num_time_buckets < 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,6 +43,14 @@ class RetrievalGR(GRModel):
         self, hstu_config: HSTUConfig, task_config: RetrievalConfig, device: torch.device | str | None = None
     ) -> None:
         super().__init__(device)
+        position = hstu_config.position_encoding
+        if position is not None and position.count_from == "end":
+            warnings.warn(
+                "RetrievalGR with position encoding counted from the end (count_from='end'): training never uses "
+                "the most recent event as a query, so the position every evaluation query has stays untrained; "
+                "use PositionEncodingConfig(count_from='start')",
+                stacklevel=2,
+            )
         self.hstu_config = hstu_config
         self.task_config = task_config
         self.embedding = ShardedEmbedding(task_config.embedding_configs, self.device)

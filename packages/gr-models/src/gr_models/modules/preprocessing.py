@@ -7,7 +7,8 @@ Per user b with contextual tokens c_b, history h_b and candidates k_b (the last 
 (without an action feature: `[ctx.., item_0, .., item_{h_b-1}, cand..]`). Candidate actions are labels and are
 never fed. Per-item side features (features that are neither contextual, item nor action) are added to the item
 embedding. Position encoding counts events back from the most recent history event (position 1; an item and its
-action share the position) and gives every candidate position 0; contextual tokens get no position encoding.
+action share the position) and gives every candidate position 0, or with `count_from="start"` counts events from
+the oldest (position 0) and numbers candidates after the last event; contextual tokens get no position encoding.
 """
 
 from __future__ import annotations
@@ -139,8 +140,12 @@ class HSTUPreprocessor(nn.Module):
             + stride * history_lengths[candidate_ids]
             + candidate_pos
         )
-        history_positions = history_lengths[history_ids] - event
-        candidate_positions = torch.zeros_like(candidate_pos)
+        if self.position_encoder is not None and self.position_encoder.config.count_from == "start":
+            history_positions = event
+            candidate_positions = history_lengths[candidate_ids] + candidate_pos
+        else:
+            history_positions = history_lengths[history_ids] - event
+            candidate_positions = torch.zeros_like(candidate_pos)
 
         timestamps = None
         history_ages = candidate_ages = None

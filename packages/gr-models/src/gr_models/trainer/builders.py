@@ -178,7 +178,13 @@ def build_hstu_config(config: RunConfig, device: torch.device) -> HSTUConfig:
     dtype = section.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    position = PositionEncodingConfig(**section.position_encoding) if section.position_encoding is not None else None
+    position = None
+    if section.position_encoding is not None:
+        options = dict(section.position_encoding)
+        if config.task == "retrieval":
+            # retrieval never trains the most recent event as a query: count positions from the oldest event
+            options.setdefault("count_from", "start")
+        position = PositionEncodingConfig(**options)
     return get_hstu_config(
         hidden_size=section.hidden_size,
         kv_channels=section.kv_channels,
