@@ -47,6 +47,17 @@ def test_ml1m_retrieval_leave_last_out_on_small_files(tmp_path):
     assert batch.num_candidates.tolist() == [1, 1] and batch.action_feature_name is None
 
 
+def test_ml1m_without_contextual_features_like_the_paper(tmp_path):
+    root = _write_ml1m(tmp_path / "ml-1m", ML1M_RATINGS)
+    train = MovieLensDataset(root, kind="retrieval", max_sequence_length=10, with_user_id=False, user_features=[])
+    assert train.schema.contextual_feature_names == ()
+    assert "user_id" not in train.schema.vocab_sizes
+    evaluation = train.with_split("eval")
+    batch = collate_samples([evaluation[0], evaluation[1]], evaluation.schema)
+    assert batch.features.keys() == ["item_id", "timestamp"]
+    assert batch.num_candidates.tolist() == [1, 1]
+
+
 def test_ml1m_ranking_multi_threshold_labels(tmp_path):
     root = _write_ml1m(tmp_path / "ml-1m", ML1M_RATINGS)
     dataset = MovieLensDataset(root, kind="ranking", split="full", rating_thresholds=(3, 4), max_sequence_length=10)

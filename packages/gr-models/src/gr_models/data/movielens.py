@@ -59,7 +59,9 @@ class MovieLensDataset(InMemorySequenceDataset):
         with_actions: include the action feature (always on for ranking).
         with_timestamps: include the ``timestamp`` feature.
         user_features: ML-1M ``users.dat`` columns to use as contextual features (default: all four when the file
-            exists); ``user_id`` always comes first.
+            exists); ``user_id`` comes first.
+        with_user_id: include the ``user_id`` contextual feature (the HSTU paper's sequential retrieval runs
+            use none: ``with_user_id=False, user_features=[]``).
 
     Feature names: ``user_id`` (+ user features), ``item_id``, ``action``, ``timestamp``.
     """
@@ -80,6 +82,7 @@ class MovieLensDataset(InMemorySequenceDataset):
         with_actions: bool = False,
         with_timestamps: bool = True,
         user_features: Sequence[str] | None = None,
+        with_user_id: bool = True,
     ):
         if variant not in ("1m", "20m"):
             raise ValueError(f"variant must be '1m' or '20m', got {variant!r}")
@@ -106,8 +109,10 @@ class MovieLensDataset(InMemorySequenceDataset):
         if with_timestamps:
             sequence["timestamp"] = grouped["__timestamps__"]
 
-        contextual = {"user_id": JaggedColumn.from_scalars(user_keys)}
-        vocab_sizes["user_id"] = int(user_keys.max()) + 1 if len(user_keys) else 1
+        contextual = {}
+        if with_user_id:
+            contextual["user_id"] = JaggedColumn.from_scalars(user_keys)
+            vocab_sizes["user_id"] = int(user_keys.max()) + 1 if len(user_keys) else 1
         for name, (ids, vocab) in self._user_features(root, variant, user_features, user_keys).items():
             contextual[name] = JaggedColumn.from_scalars(ids)
             vocab_sizes[name] = vocab
