@@ -81,7 +81,10 @@ class RetrievalConfig:
 
     Training uses sampled softmax over L2-normalized embeddings divided by `temperature`, with negatives from
     `negative_sampling`: "in_batch" (the other positives of the batch), "uniform" (`num_negatives` ids drawn
-    uniformly from [0, item_vocab_size)) or "mixed" (both). Evaluation ranks the full item corpus and reports
+    uniformly from [0, item_vocab_size)) or "mixed" (both). Uniform negatives are drawn for every query, as in the
+    HSTU paper (`num_negatives` per positive), or once per batch and shared by all its queries with
+    `negatives_per_query=False` (cheaper, but each step then contrasts every query with the same few items, which
+    learns far more slowly). Evaluation ranks the full item corpus and reports
     HR@k, NDCG@k for each k in `eval_top_k`, and MRR.
     """
 
@@ -89,6 +92,7 @@ class RetrievalConfig:
     temperature: float = 0.05
     num_negatives: int = 128
     negative_sampling: str = "uniform"
+    negatives_per_query: bool = True
     l2_normalize: bool = True
     eval_top_k: tuple[int, ...] = (10, 50)
     eval_exclude_history: bool = False

@@ -82,12 +82,16 @@ class RetrievalGR(GRModel):
         item_ids = batch.features[batch.item_feature_name].values().to(torch.int64)
         return sequence, item_ids, items.values(), lengths_to_offsets(items.lengths())
 
-    def _negatives(self, item_feature_name: str) -> tuple[Tensor | None, Tensor | None]:
+    def _negatives(self, item_feature_name: str, num_queries: int) -> tuple[Tensor | None, Tensor | None]:
+        """Uniform negatives: ids `[Q, M]` and embeddings `[Q, M, D]` per query, or `[M]` / `[M, D]` shared."""
         if self.task_config.negative_sampling == "in_batch":
             return None, None
         vocab = self._item_table_size(item_feature_name)
-        ids = torch.randint(0, vocab, (self.task_config.num_negatives,), device=self.device)
-        return ids, self._normalize(self.embed_items(item_feature_name, ids))
+        count = self.task_config.num_negatives
+        shape = (num_queries, count) if self.task_config.negatives_per_query else (count,)
+        ids = torch.randint(0, vocab, shape, device=self.device)
+        embeddings = self._normalize(self.embed_items(item_feature_name, ids.reshape(-1)))
+        return ids, embeddings.reshape(*shape, -1)
 
     def forward(self, batch: RetrievalBatch) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Returns `(losses [N], (queries [N, D], positive ids [N]))`: per-query sampled-softmax losses."""
@@ -102,7 +106,7 @@ class RetrievalGR(GRModel):
         queries = self._normalize(history_event_outputs(sequence)[has_next])
         positive_ids = item_ids[target]
         positives = self._normalize(item_embeddings[target])
-        negative_ids, negatives = self._negatives(batch.item_feature_name)
+        negative_ids, negatives = self._negatives(batch.item_feature_name, queries.shape[0])
         losses = sampled_softmax_loss(
             queries,
             positive_ids,

@@ -29,7 +29,8 @@ def sampled_softmax_loss(
     Args:
         queries: `[N, D]` query embeddings (already L2-normalized if wanted).
         positive_ids: `[N]` ids of the target items; positive_embeddings: `[N, D]` their embeddings.
-        negative_ids, negative_embeddings: `[M]`, `[M, D]` shared sampled negatives, or None.
+        negative_ids, negative_embeddings: `[M]`, `[M, D]` sampled negatives shared by every query, or `[N, M]`,
+            `[N, M, D]` negatives per query, or None.
         temperature: logits are dot products divided by it.
         in_batch_negatives: also use every other row's positive as a negative.
 
@@ -43,8 +44,17 @@ def sampled_softmax_loss(
         in_batch = queries @ positive_embeddings.t()
         logits.append(in_batch.masked_fill(positive_ids[None, :] == positive_ids[:, None], float("-inf")))
     if negative_ids is not None and negative_embeddings is not None:
-        sampled = queries @ negative_embeddings.t()
-        logits.append(sampled.masked_fill(negative_ids[None, :] == positive_ids[:, None], float("-inf")))
+        if negative_ids.dim() == 2:
+            if negative_ids.shape[0] != queries.shape[0] or negative_embeddings.shape[:2] != negative_ids.shape:
+                raise ValueError(
+                    f"per-query negatives need ids [N, M] and embeddings [N, M, D] with N = {queries.shape[0]}, got "
+                    f"{tuple(negative_ids.shape)} and {tuple(negative_embeddings.shape)}"
+                )
+            sampled = torch.einsum("nd,nmd->nm", queries, negative_embeddings)
+            logits.append(sampled.masked_fill(negative_ids == positive_ids[:, None], float("-inf")))
+        else:
+            sampled = queries @ negative_embeddings.t()
+            logits.append(sampled.masked_fill(negative_ids[None, :] == positive_ids[:, None], float("-inf")))
     all_logits = torch.cat(logits, dim=1).float() / temperature
     target = torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device)
     return F.cross_entropy(all_logits, target, reduction="none")

@@ -223,6 +223,7 @@ def build_model(config: RunConfig, schema: DatasetSchema, device: torch.device) 
         temperature=retrieval.temperature,
         num_negatives=retrieval.num_negatives,
         negative_sampling=retrieval.negative_sampling,
+        negatives_per_query=retrieval.negatives_per_query,
         eval_top_k=tuple(retrieval.eval_top_k),
         eval_exclude_history=retrieval.eval_exclude_history,
     )

@@ -81,6 +81,7 @@ class RetrievalSection:
     temperature: float = 0.05
     num_negatives: int = 128
     negative_sampling: str = "uniform"
+    negatives_per_query: bool = True
     eval_top_k: list[int] = field(default_factory=lambda: [10, 50])
     eval_exclude_history: bool = False
 
