@@ -91,6 +91,17 @@ def fill(table: ScoredHashTable, load_factor: float, generator: torch.Generator)
     return table.export_batch(0, table.capacity)[0]
 
 
+def benchmark_table(capacity: int, device: torch.device) -> ScoredHashTable:
+    """The benchmarked table: ``capacity`` slots (fixed, no growth), buckets of 128, TIMESTAMP scores."""
+    return create_hash_table(
+        init_capacity=capacity,
+        max_capacity=capacity,
+        bucket_capacity=128,
+        score_strategy=DynamicEmbScoreStrategy.TIMESTAMP,
+        device=device,
+    )
+
+
 def gkeys(n: int, ms: float) -> float:
     return n / (ms * 1e-3) / 1e9
 
@@ -107,13 +118,7 @@ def bench_load_factor(load_factor: float, args: argparse.Namespace) -> list[dict
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(int(load_factor * 10))
     capacity, n = 1 << args.capacity_log2, args.keys
-    table = create_hash_table(
-        init_capacity=capacity,
-        max_capacity=capacity,
-        bucket_capacity=128,
-        score_strategy=DynamicEmbScoreStrategy.TIMESTAMP,
-        device=device,
-    )
+    table = benchmark_table(capacity, device)
     resident = fill(table, load_factor, generator)
     saved = snapshot(table)
     present = resident[torch.randperm(resident.numel(), device=device, generator=generator)[:n]]

@@ -20,9 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_table import cuda_median_ms, fill, random_keys, restore, snapshot
-
-from dynamicemb.table import DynamicEmbScoreStrategy, create_hash_table
+from bench_table import benchmark_table, cuda_median_ms, fill, random_keys, restore, snapshot
 
 
 def main() -> None:
@@ -36,14 +34,7 @@ def main() -> None:
 
     device = torch.device("cuda")
     generator = torch.Generator(device=device).manual_seed(10)
-    capacity = 1 << args.capacity_log2
-    table = create_hash_table(
-        init_capacity=capacity,
-        max_capacity=capacity,
-        bucket_capacity=128,
-        score_strategy=DynamicEmbScoreStrategy.TIMESTAMP,
-        device=device,
-    )
+    table = benchmark_table(1 << args.capacity_log2, device)
     fill(table, 1.0, generator)
     saved = snapshot(table)
     fresh = random_keys(args.keys, generator, device)
