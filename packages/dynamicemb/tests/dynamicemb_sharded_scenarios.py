@@ -843,6 +843,58 @@ def custom_scores_one_rank(env: Env) -> None:
         assert scores.numel() > 0 and bool((scores == expected).all()), (name, scores.unique())
 
 
+def admission_counters_survive_sharded_dump_and_load(env: Env) -> None:
+    """Counts of keys seen but not yet admitted are dumped by every rank and loaded, 2 -> 1, by the rank
+    that owns each key: after the load, one more sighting admits a key seen twice before."""
+    from dynamicemb import FrequencyAdmissionStrategy
+
+    g1, g2 = env.groups[1], env.groups[2]
+    folder = os.path.join(env.folder, "admission")
+
+    def model(group: dist.ProcessGroup) -> DistributedModelParallel:
+        options = DynamicEmbTableOptions(admit_strategy=FrequencyAdmissionStrategy(threshold=3))
+        constraints = {
+            name: DynamicEmbParameterConstraints(use_dynamicemb=True, key_distribution=HASH, dynamicemb_options=options)
+            for name in ("h", "m")
+        }
+        sharder = DynamicEmbeddingCollectionSharder(fused_params=DUMP_ADAM, use_index_dedup=True)
+        collection = EmbeddingCollection(tables=DUMP_CONFIGS, device=torch.device("meta"))
+        return shard(collection, constraints, [sharder], group)
+
+    def counters(m: nn.Module) -> dict[str, dict[int, int]]:
+        out: dict[str, dict[int, int]] = {}
+        for name, table in shards_of(m).items():
+            assert table.counter is not None, f"table {name} has no admission counter"
+            out[name] = {int(k): int(c) for keys, counts in table.counter.dump() for k, c in zip(keys, counts)}
+        return out
+
+    before: dict[str, dict[int, int]] = {}
+    if g2 is not None:
+        source = model(g2)
+        seen_twice = {"fh": [[100 + env.rank, 200 + env.rank]], "fm": [[300 + env.rank]]}
+        for _ in range(2):  # every key twice: counted, below the threshold of 3
+            source(make_kjt(["fh", "fm"], seen_twice))
+        dump_sharded(folder, source, optim=True)
+        mine = counters(source)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine if g2 is not None else None)
+    for part in everyone:
+        for name, counts in (part or {}).items():
+            before.setdefault(name, {}).update(counts)
+    assert before and all(count == 2 for counts in before.values() for count in counts.values()), before
+    assert sorted(before["h"]) == [100, 101, 200, 201] and sorted(before["m"]) == [300, 301], before
+
+    if g1 is not None:  # 2 -> 1
+        target = model(g1)
+        load_sharded(folder, target, optim=True)
+        assert counters(target) == before, f"2 -> 1 counters {counters(target)} != {before}"
+        target(make_kjt(["fh", "fm"], {"fh": [[100]], "fm": [[300]]}))  # the third sighting admits them
+        stored = {name: set(rows_of(table)) for name, table in shards_of(target).items()}
+        assert 100 in stored["h"] and 300 in stored["m"], stored
+        assert 101 not in stored["h"], "a key seen twice is not admitted without a third sighting"
+    dist.barrier()
+
+
 SCENARIOS = [
     "equivalence_sgd_dedup_on_off_two_ranks",
     "equivalence_adam_modulo_two_ranks",
@@ -855,4 +907,5 @@ SCENARIOS = [
     "dump_and_load_across_world_sizes",
     "plan_for_another_world_size_is_refused",
     "custom_scores_one_rank",
+    "admission_counters_survive_sharded_dump_and_load",
 ]

@@ -15,3 +15,7 @@ def test_dump_and_load_across_world_sizes_and_distributions() -> None:
 
 def test_custom_scores_of_sharded_tables() -> None:
     outcome("custom_scores_one_rank")
+
+
+def test_admission_counters_of_sharded_tables_survive_dump_and_load() -> None:
+    outcome("admission_counters_survive_sharded_dump_and_load")

@@ -312,11 +312,20 @@ def load_sharded(
     for plan in plans:
         table, distribution = plan.selected.table, plan.selected.distribution
         for header in plan.to_read:
-            for keys, scores, embeddings, state in header.chunks():
+            for chunk in header.rows():
+                keys = chunk.keys
                 mine = (owner_ranks(keys, world_size, distribution) == rank).nonzero().squeeze(1)
                 if mine.numel():
+                    state = chunk.optimizer_state
                     kept_state = state[mine] if optim and state is not None else None
-                    table.import_rows(keys[mine], embeddings[mine], kept_state, scores[mine])
+                    table.import_rows(
+                        keys[mine], chunk.embeddings[mine], kept_state, chunk.scores[mine], cached=chunk.cached
+                    )
+            if table.counter is not None:  # admission counts of keys not yet admitted, to the keys' owners
+                for keys, counts in header.counters():
+                    mine = (owner_ranks(keys, world_size, distribution) == rank).nonzero().squeeze(1)
+                    if mine.numel():
+                        table.counter.load(keys[mine], counts[mine])
         if optim:
             table.optimizer.step = max(int(h.footer["optimizer_step"]) for h in plan.headers)
         table.restore_score_clock(max(int(h.footer["score_clock"]) for h in plan.headers))
