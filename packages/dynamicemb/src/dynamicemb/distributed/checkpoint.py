@@ -39,7 +39,7 @@ from torchrec.distributed.model_parallel import get_unwrapped_module
 from dynamicemb.distributed.common import ShardedDynamicEmbModule
 from dynamicemb.distributed.key_distribution import owner_ranks
 from dynamicemb.dump import DynamicEmbFileError, TableFile, table_file_path
-from dynamicemb.dump.file_format import write_table_file
+from dynamicemb.dump.api import export_rows, fsync_folder, module_scores, write_temporary_table_file
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.planner.parameter_sharding import KeyDistribution
 
@@ -123,14 +123,6 @@ def _agree(ok: bool, error: str, group: dist.ProcessGroup) -> None:
         raise RuntimeError("sharded dynamic-table checkpoint failed: " + "; ".join(failures))
 
 
-def _fsync_folder(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _shard_file_name(table: str, dump_id: str, rank: int, world_size: int) -> str:
     return f"{table}.{dump_id}.shard-{rank}-of-{world_size}{_SUFFIX}"
 
@@ -163,17 +155,12 @@ def _write_manifest(folder: str, manifest: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, final)
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 def _write_shard(final_path: str, table: DynamicEmbeddingTable, optim: bool) -> None:
-    folder, name = os.path.split(final_path)
-    temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
+    temporary = write_temporary_table_file(final_path, table, optim)
     try:
-        with open(temporary, "wb") as f:
-            write_table_file(f, table, optim=optim)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(temporary, final_path)
     finally:
         if os.path.exists(temporary):
@@ -353,10 +340,7 @@ def incremental_dump_sharded(
     dumped: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     scores: ScoreMap = {}
     for s in selected:
-        parts = list(s.table.export(min_score=thresholds[(s.module, s.table.name)]))
-        keys = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-        embeddings = torch.cat([p[1] for p in parts]) if parts else torch.zeros((0, s.table.dim), dtype=s.table.dtype)
-        dumped.setdefault(s.module, {})[s.table.name] = (keys, embeddings)
+        dumped.setdefault(s.module, {})[s.table.name] = export_rows(s.table, thresholds[(s.module, s.table.name)])
         scores.setdefault(s.module, {})[s.table.name] = s.table.get_score()
     return dumped, scores
 
@@ -364,13 +348,7 @@ def incremental_dump_sharded(
 def get_sharded_score(model: nn.Module) -> ScoreMap | None:
     """``{module: {table: score}}`` of this rank's shards (``None`` for LFU tables; ``None`` if the
     model has no sharded dynamic module)."""
-    modules = find_sharded_modules(model)
-    if not modules:
-        return None
-    return {
-        name: {t: table.get_score() for t, table in module.dynamic_embedding_tables().items()}
-        for name, module in modules.items()
-    }
+    return module_scores(find_sharded_modules(model))
 
 
 def set_sharded_score(model: nn.Module, table_score: int | Mapping[str, Mapping[str, int]]) -> None:

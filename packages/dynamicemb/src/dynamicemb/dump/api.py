@@ -14,6 +14,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -83,7 +84,8 @@ def table_file_path(path: str, module_name: str, table_name: str) -> str:
     return os.path.join(path, _check_file_name(module_name), _check_file_name(table_name) + FILE_SUFFIX)
 
 
-def _write_temporary(final_path: str, table: DynamicEmbeddingTable, optim: bool) -> str:
+def write_temporary_table_file(final_path: str, table: DynamicEmbeddingTable, optim: bool) -> str:
+    """Write ``table`` to a new temporary file beside ``final_path`` (synced to disk); returns its path."""
     folder, name = os.path.split(final_path)
     temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
@@ -98,7 +100,7 @@ def _write_temporary(final_path: str, table: DynamicEmbeddingTable, optim: bool)
     return temporary
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_folder(folder: str) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -148,7 +150,7 @@ def DynamicEmbDump(
             for table_name, table in tables.items():
                 final_path = table_file_path(path, module_name, table_name)
                 os.makedirs(os.path.dirname(final_path), exist_ok=True)
-                written.append((_write_temporary(final_path, table, optim), final_path))
+                written.append((write_temporary_table_file(final_path, table, optim), final_path))
     except BaseException:
         for temporary, _ in written:
             os.remove(temporary)
@@ -156,7 +158,7 @@ def DynamicEmbDump(
     for temporary, final_path in written:
         os.replace(temporary, final_path)
     for folder in {os.path.dirname(final_path) for _, final_path in written}:
-        _fsync_folder(folder)
+        fsync_folder(folder)
 
 
 def DynamicEmbLoad(
@@ -253,13 +255,31 @@ def incremental_dump(
     for module_name, tables in selected.items():
         dumped[module_name], scores[module_name] = {}, {}
         for table_name, table in tables.items():
-            parts = list(table.export(min_score=thresholds[module_name][table_name]))
-            keys = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-            empty = torch.zeros((0, table.dim), dtype=table.dtype)
-            embeddings = torch.cat([p[1] for p in parts]) if parts else empty
-            dumped[module_name][table_name] = (keys, embeddings)
+            dumped[module_name][table_name] = export_rows(table, thresholds[module_name][table_name])
             scores[module_name][table_name] = table.get_score()
     return dumped, scores
+
+
+def export_rows(table: DynamicEmbeddingTable, min_score: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``table`` whose score is ``>= min_score``: ``(keys [M] int64, embeddings [M, dim])`` on the host."""
+    parts = list(table.export(min_score=min_score))
+    keys = torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+    embeddings = torch.cat([p[1] for p in parts]) if parts else torch.zeros((0, table.dim), dtype=table.dtype)
+    return keys, embeddings
+
+
+class _WithDynamicTables(Protocol):
+    def dynamic_embedding_tables(self) -> Mapping[str, DynamicEmbeddingTable]: ...
+
+
+def module_scores(modules: Mapping[str, _WithDynamicTables]) -> ScoreMap | None:
+    """``{module: {table: score}}`` of the dynamic tables of ``modules`` (``None`` if there are none)."""
+    if not modules:
+        return None
+    return {
+        name: {t: table.get_score() for t, table in module.dynamic_embedding_tables().items()}
+        for name, module in modules.items()
+    }
 
 
 def get_score(model: nn.Module) -> ScoreMap | None:
@@ -270,13 +290,7 @@ def get_score(model: nn.Module) -> ScoreMap | None:
 
         return sharded.get_sharded_score(model)
 
-    modules = find_dynamic_modules(model)
-    if not modules:
-        return None
-    return {
-        name: {t: table.get_score() for t, table in module.dynamic_embedding_tables().items()}
-        for name, module in modules.items()
-    }
+    return module_scores(find_dynamic_modules(model))
 
 
 def set_score(model: nn.Module, table_score: int | Mapping[str, Mapping[str, int]]) -> None:
