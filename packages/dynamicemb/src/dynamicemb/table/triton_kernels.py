@@ -42,14 +42,21 @@ SCORE_PER_KEY: tl.constexpr = tl.constexpr(3)  # assign ``score_ptr[i]``
 
 
 @triton.jit
-def _coordinates(keys, num_buckets, NUM_GROUPS: tl.constexpr):
-    """murmur3 fmix64 of the keys -> (bucket, first probed group, digest), as in layout.py."""
+def _fmix64(keys):
+    """murmur3 fmix64 of int64 keys, as uint64 (layout.hash_keys)."""
     h = keys.to(tl.uint64, bitcast=True)
     h ^= h >> 33
     h *= 0xFF51AFD7ED558CCD
     h ^= h >> 33
     h *= 0xC4CEB9FE1A85EC53
     h ^= h >> 33
+    return h
+
+
+@triton.jit
+def _coordinates(keys, num_buckets, NUM_GROUPS: tl.constexpr):
+    """murmur3 fmix64 of the keys -> (bucket, first probed group, digest), as in layout.py."""
+    h = _fmix64(keys)
     bucket = h.to(tl.int64, bitcast=True) & (num_buckets - 1)
     group = (h >> 32).to(tl.int64, bitcast=True) & (NUM_GROUPS - 1)
     top = (h >> 56).to(tl.int32)
@@ -304,12 +311,7 @@ def bucket_major_hash_kernel(keys_ptr, out_ptr, n, BITS: tl.constexpr, BLOCK: tl
     groups keys by bucket and puts equal keys side by side (the hash is a bijection)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
-    h = tl.load(keys_ptr + offs, mask=live, other=0).to(tl.uint64, bitcast=True)
-    h ^= h >> 33
-    h *= 0xFF51AFD7ED558CCD
-    h ^= h >> 33
-    h *= 0xC4CEB9FE1A85EC53
-    h ^= h >> 33
+    h = _fmix64(tl.load(keys_ptr + offs, mask=live, other=0))
     if BITS > 0:
         h = (h >> BITS) | (h << (64 - BITS))
     tl.store(out_ptr + offs, h.to(tl.int64, bitcast=True), mask=live)
