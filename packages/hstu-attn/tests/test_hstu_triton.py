@@ -286,42 +286,34 @@ def test_deterministic_backward_matches_reference_and_repeats_bitwise(dtype: tor
         assert torch.equal(a, b)
 
 
+# Keyword arguments of a plain causal call without any bias or mask option.
+_PLAIN_CAUSAL: dict = dict(
+    alpha=1.0,
+    scale=1.0,
+    causal=True,
+    num_targets=None,
+    contextual_seq_len=0,
+    max_attn_len=0,
+    rab=None,
+    position_weights=None,
+    time_weights=None,
+    timestamps=None,
+    time_bucket_divisor=1.0,
+)
+
+
 def test_empty_batch_and_all_empty_sequences() -> None:
     check_case(Case(lengths=(0, 0), max_seq_len=4))
     q = torch.empty(0, 2, 32, device=DEVICE)
     offsets = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    kwargs = dict(
-        alpha=1.0,
-        scale=1.0,
-        causal=True,
-        num_targets=None,
-        contextual_seq_len=0,
-        max_attn_len=0,
-        rab=None,
-        position_weights=None,
-        time_weights=None,
-        timestamps=None,
-        time_bucket_divisor=1.0,
-    )
+    kwargs = _PLAIN_CAUSAL
     assert hstu_attn_triton_forward(q, q, q, offsets, 0, **kwargs).shape == (0, 2, 32)
     grads = hstu_attn_triton_backward(q, q, q, q, offsets, 0, deterministic=False, **kwargs)
     assert [g.shape for g in grads[:3]] == [(0, 2, 32)] * 3 and grads[3:] == (None, None, None)
 
 
 def test_unsupported_head_dim_and_dtype_raise() -> None:
-    kwargs = dict(
-        alpha=1.0,
-        scale=1.0,
-        causal=True,
-        num_targets=None,
-        contextual_seq_len=0,
-        max_attn_len=0,
-        rab=None,
-        position_weights=None,
-        time_weights=None,
-        timestamps=None,
-        time_bucket_divisor=1.0,
-    )
+    kwargs = _PLAIN_CAUSAL
     offsets = torch.tensor([0, 3], device=DEVICE)
     odd = torch.randn(3, 1, 48, device=DEVICE)
     with pytest.raises(NotImplementedError, match="head dims"):
