@@ -17,7 +17,7 @@ for part in $parts; do
       python3 packages/dynamicemb/benchmarks/profile_evict.py --out "$out" 2>&1 | grep -v -E "fbgemm|cannot determine|WARNING:root|\x1b|^\s*$" \
         | tee "$out/profile.log" || rc=1 ;;
     tests)
-      python3 -m pytest -q -p no:cacheprovider --maxfail=8 packages/dynamicemb/tests/test_table_behaviour.py packages/dynamicemb/tests/test_table_differential.py packages/dynamicemb/tests/test_table_gather.py packages/dynamicemb/tests/test_dynamicemb_gpu.py 2>&1 \
+      python3 -m pytest -q -p no:cacheprovider --maxfail=8 packages/dynamicemb/tests/test_table_behaviour.py packages/dynamicemb/tests/test_table_differential.py packages/dynamicemb/tests/test_table_row_moves.py packages/dynamicemb/tests/test_table_kernels_compile.py packages/dynamicemb/tests/test_dynamicemb_gpu.py 2>&1 \
         | tail -30 | tee "$out/tests.log" || rc=1 ;;
     bench)
       python3 packages/dynamicemb/benchmarks/bench_table.py --commit "${COMMIT:-unknown}" --out "$out" ${BENCH_ARGS:-} \

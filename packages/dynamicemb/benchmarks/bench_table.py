@@ -7,12 +7,14 @@ GPU (default): a 16M-slot table (bucket 128, TIMESTAMP) at load factor 0.5 and 1
 - ``find_or_insert``: 1M distinct keys, half present and half new (at load factor 1.0 each new key
   evicts), then the value rows gathered; the table is restored before every timed repetition;
 - ``insert_and_evict`` (load factor 1.0): 1M new keys, each evicting one entry; the evicted rows are
-  read out and the new rows written in; restored before every repetition;
+  read out (``gather_rows``) and the new rows written in (``scatter_rows``, skipping refused keys), as
+  ``KeyValueTable.insert_and_evict`` does on the device; restored before every repetition;
 - ``baseline``: ``values.index_select(0, slots)`` of the same 1M rows, in the same run.
 
-Each row reports the whole operation with the Triton row gather (``gkeys_per_s``), with
-``index_select`` as the gather (``gkeys_per_s_index_select``) and the index operation alone
-(``index_gkeys_per_s``). Medians of CUDA-event timings.
+Each row reports the whole operation with the Triton row kernels (``gkeys_per_s``), with torch ops
+moving the rows (``gkeys_per_s_index_select``: ``index_select``, and for insert_and_evict a boolean
+mask then ``index_copy_``) and the index operation alone (``index_gkeys_per_s``). Medians of
+CUDA-event timings.
 
 CPU (``--device cpu``): the torch backend on one thread, 32k keys per call into a 1M-slot table at
 load factor 0.5.
@@ -146,7 +148,7 @@ def bench_dim(
     slots: torch.Tensor,
     evict: bool,
 ) -> list[dict]:
-    from dynamicemb.table.gather import gather_rows
+    from dynamicemb.table.gather import gather_rows, scatter_rows
 
     n = present.numel()
     values = torch.randn(table.capacity, dim, device=table.device)
@@ -193,19 +195,20 @@ def bench_dim(
     if evict:
         new_rows = torch.randn(n, dim, device=table.device)
 
-        def evict_and_move(gather) -> torch.Tensor:
+        def evict_and_move() -> torch.Tensor:
             result = table.insert_and_evict(fresh)
-            evicted_rows = gather(values, result.evicted_slots)
+            evicted_rows = gather_rows(values, result.evicted_slots)
+            scatter_rows(values, result.slots, new_rows)
+            return evicted_rows
+
+        def evict_and_move_torch() -> torch.Tensor:
+            result = table.insert_and_evict(fresh)
+            evicted_rows = values.index_select(0, result.evicted_slots)
             placed = result.slots >= 0
             values.index_copy_(0, result.slots[placed], new_rows[placed])
             return evicted_rows
 
-        timed(
-            "insert_and_evict",
-            lambda: table.insert_and_evict(fresh),
-            lambda: evict_and_move(gather_rows),
-            lambda: evict_and_move(lambda v, s: v.index_select(0, s)),
-        )
+        timed("insert_and_evict", lambda: table.insert_and_evict(fresh), evict_and_move, evict_and_move_torch)
     return rows
 
 
@@ -295,7 +298,8 @@ def write_readme() -> None:
         "Written by `bench_table.py --readme` from `results/*.json`; see the docstring of",
         "`bench_table.py` for what each operation includes. Billion keys per second (Gkeys/s), 1M keys",
         "per call on the GPU; `baseline` is `index_select` of the same rows on a plain tensor in the same",
-        "run; `w/ index_select` is the same operation with `index_select` as the row gather;",
+        "run; `w/ index_select` is the same operation with torch ops moving the rows (`index_select`;",
+        "for insert_and_evict also a boolean mask and `index_copy_` for the new rows);",
         "`index only` leaves out the values. The `cpu` file is the torch backend on one thread, 32k keys",
         "per call into a 1M-slot table, measured on a shared 2-core machine (its load average is in the",
         "JSON; the CPU time of the process is given beside the wall-clock time).",

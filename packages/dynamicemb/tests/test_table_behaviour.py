@@ -145,6 +145,27 @@ def test_heavy_collisions_in_one_bucket_leave_a_valid_table(backend: str) -> Non
     assert_consistent(table)
 
 
+@pytest.mark.parametrize("newcomers", [10, 20])
+def test_repeated_newcomers_to_a_full_bucket_take_one_entry_per_key(backend: str, newcomers: int) -> None:
+    table = make(backend, capacity=64, bucket=16)
+    crowd = keys_in_bucket(table.num_buckets, 1, 16 + newcomers, seed=12)
+    residents, fresh = crowd[:16], crowd[16:]
+    table.find_or_insert(residents)
+    order = torch.randperm(3 * newcomers, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    keys = fresh.repeat(3)[order]  # each newcomer three times, spread over several chunks of lanes
+    result = table.find_or_insert(keys)
+    placed_keys = keys[result.slots >= 0].unique()
+    assert placed_keys.numel() == min(newcomers, 16)
+    for key in fresh.tolist():
+        key_slots = result.slots[keys == key]
+        assert key_slots.unique().numel() == 1, "the lanes of one key share its slot (or its refusal)"
+    assert result.evicted_keys.numel() == placed_keys.numel()
+    assert set(result.evicted_keys.tolist()) <= set(residents.tolist())
+    assert sorted(result.evicted_slots.tolist()) == sorted(result.slots[result.slots >= 0].unique().tolist())
+    assert table.size() == 16
+    assert_consistent(table)
+
+
 def test_timestamp_evicts_the_least_recent_entries(backend: str) -> None:
     table = make(backend, capacity=64, bucket=16)
     crowd = keys_in_bucket(table.num_buckets, 2, 24, seed=5)

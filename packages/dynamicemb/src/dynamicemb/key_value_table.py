@@ -195,8 +195,7 @@ class KeyValueTable(Storage):
         """
         result, evicted = self.insert_slots(keys, scores, assign=True, read_evicted=True)
         assert evicted is not None
-        stored_pos = _positions(result.slots >= 0)
-        self.values.write(result.slots[stored_pos], values[stored_pos])
+        self.values.write_placed(result.slots, values)
         return evicted, result.refused
 
     def insert(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None = None) -> None:

@@ -37,6 +37,11 @@ class ValueStore(ABC):
     def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """``rows [N, row_dim]`` into distinct ``slots [N]``."""
 
+    def write_placed(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        """``rows [N, row_dim]`` into the distinct ``slots [N]`` that are ``>= 0`` (``-1``: skipped)."""
+        placed = (slots >= 0).nonzero().squeeze(1)
+        self.write(slots[placed], rows[placed])
+
     def memory_bytes(self) -> tuple[int, int]:
         """``(device bytes, host bytes)`` held by the rows."""
         row_bytes = self.row_dim * self.dtype.itemsize
@@ -64,6 +69,11 @@ class DeviceValueStore(ValueStore):
 
     def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         self.rows.index_copy_(0, slots, rows.to(self.dtype))
+
+    def write_placed(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        from dynamicemb.table.gather import scatter_rows  # one Triton kernel on CUDA, no compaction
+
+        scatter_rows(self.rows, slots, rows)
 
 
 class SplitValueStore(ValueStore):

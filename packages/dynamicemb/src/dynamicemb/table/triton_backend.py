@@ -2,11 +2,14 @@
 
 ``find_or_insert`` is a lookup that also refreshes the scores of present keys and marks their slots
 with the call's epoch, then a lock-free insertion of the rest into free slots (see
-:mod:`dynamicemb.table.triton_kernels`); keys whose bucket is full are then deduplicated and grouped
-by bucket with torch sorts and placed by one eviction launch (one program per bucket). With one
-score for the whole call (TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front:
-duplicate keys meet in the table itself. Per-key scores (LFU counts, caller scores) are first
-reduced over duplicates with ``torch.unique``.
+:mod:`dynamicemb.table.triton_kernels`); keys whose bucket is full are then placed over low-score
+entries by one eviction launch (one program per bucket). With one score for the whole call
+(TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front: duplicate keys meet in the
+table itself or in the eviction program of their bucket, and the deferred keys are grouped by bucket
+on the device without a sort or a host synchronization
+(:mod:`dynamicemb.table.triton_grouped_eviction`); the call synchronizes once, for the number of
+evicted entries. Per-key scores (LFU counts, caller scores) are first reduced over duplicates with
+``torch.unique`` and the deferred keys grouped by bucket and descending score with torch sorts.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ import triton
 from dynamicemb.table.base import InsertResult
 from dynamicemb.table.bucketed import BucketedHashTable, ScoreUpdate
 from dynamicemb.table.layout import TableStorage, hash_keys
+from dynamicemb.table.triton_grouped_eviction import (
+    count_deferred_kernel,
+    evict_grouped_kernel,
+    place_deferred_kernel,
+)
 from dynamicemb.table.triton_kernels import (
     DEFERRED,
     SCORE_ADD,
     SCORE_NONE,
     SCORE_PER_KEY,
     SCORE_VALUE,
-    bucket_major_hash_kernel,
     evict_kernel,
     insert_kernel,
     lookup_kernel,
@@ -54,39 +61,17 @@ def _reduce_duplicates(keys: torch.Tensor, update: ScoreUpdate) -> tuple[torch.T
     return unique, inverse, ScoreUpdate(values=largest)
 
 
-def _group_contenders(
-    storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, lanes: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct deferred keys grouped by bucket, by descending score inside a bucket.
-
-    Returns ``(contenders [U], buckets [U], inverse [M], scores [U], order [M])``: the ``i``-th lane
-    of ``keys[order]`` is contender ``inverse[i]``, which lives in bucket ``buckets[inverse[i]]``.
-    """
-    bits = storage.num_buckets.bit_length() - 1
+def _group_by_bucket_and_score(
+    storage: TableStorage, keys: torch.Tensor, scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct deferred ``keys [M]`` with per-key ``scores [M]``, grouped by bucket and by
+    descending score inside a bucket: ``(keys [M], buckets [M], scores [M], order [M])``, the
+    first three being ``keys[order]`` etc."""
     mask = storage.num_buckets - 1
-    if update.values is None and not update.accumulate:
-        # One score for the call; duplicates are possible. Ordering by the hash with the bucket bits
-        # on top groups buckets and puts equal keys side by side.
-        rotated = torch.empty_like(keys)
-        block = 1024
-        grid = (triton.cdiv(keys.numel(), block),)
-        bucket_major_hash_kernel[grid](keys, rotated, keys.numel(), BITS=bits, BLOCK=block)
-        rotated, order = torch.sort(rotated)
-        first = torch.ones_like(rotated, dtype=torch.bool)
-        first[1:] = rotated[1:] != rotated[:-1]
-        heads = first.nonzero().squeeze(1)
-        contenders = keys[order[heads]]
-        buckets = (rotated[heads] >> (64 - bits)) & mask if bits else torch.zeros_like(contenders)
-        inverse = torch.cumsum(first, 0) - 1
-        return contenders, buckets, inverse, torch.full_like(contenders, update.value), order
-    # Per-key scores come from distinct keys (see _reduce_duplicates).
-    assert update.values is not None
-    scores = update.values[lanes]
     by_score = torch.argsort(scores, descending=True, stable=True)
     by_bucket = torch.argsort((hash_keys(keys) & mask)[by_score], stable=True)
     order = by_score[by_bucket]
-    buckets = hash_keys(keys[order]) & mask
-    return keys[order], buckets, torch.arange(keys.numel(), device=keys.device), scores[order], order
+    return keys[order], hash_keys(keys[order]) & mask, scores[order], order
 
 
 # The insertion kernel needs BLOCK >= 32 * num_warps (see triton_kernels).
@@ -94,6 +79,8 @@ _INSERT_WARPS = 4
 # One eviction program per bucket makes successive reductions over the bucket's slots: a single warp
 # reduces with shuffles alone (no shared memory, no barriers) and leaves room for more programs per SM.
 _EVICT_WARPS = 1
+# Lanes per program of the counting-sort kernels (per-lane atomics need BLOCK >= the program's threads).
+_GROUPING_BLOCK = 1024
 
 
 def _block_size(device: torch.device) -> int:
@@ -184,11 +171,80 @@ class TritonHashTable(BucketedHashTable):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Place the deferred lanes of ``slots`` over low-score entries (in place); returns the
         evicted ``(keys, slots, scores)``."""
+        if update.values is None and not update.accumulate:
+            return self._evict_grouped(storage, keys, slots, update.value, epoch)
+        return self._evict_by_score(storage, keys, slots, update, epoch)
+
+    def _evict_grouped(
+        self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, score: int, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One score for the call (keys may repeat): grouped on the device by a counting sort, with
+        a single synchronization at the end (the number of evicted entries); see
+        :mod:`dynamicemb.table.triton_grouped_eviction`."""
+        n, device = keys.numel(), keys.device
+        if n >= 2**31:
+            raise ValueError(f"at most 2**31 - 1 keys per call, got {n}")
+        counts = torch.zeros(storage.num_buckets, dtype=torch.int32, device=device)
+        tallies = torch.zeros(2, dtype=torch.int64, device=device)  # [segments, evicted entries]
+        max_segments = min(n, storage.num_buckets)
+        segment_buckets = torch.empty(max_segments, dtype=torch.int32, device=device)
+        grid = (triton.cdiv(n, _GROUPING_BLOCK),)
+        count_deferred_kernel[grid](
+            keys,
+            slots,
+            n,
+            counts,
+            segment_buckets,
+            tallies,
+            storage.num_buckets,
+            NUM_GROUPS=storage.num_groups,
+            BLOCK=_GROUPING_BLOCK,
+        )
+        starts = torch.cumsum(counts, 0, dtype=torch.int32)  # ends; place_deferred_kernel turns them into starts
+        grouped = torch.empty(n, dtype=torch.int32, device=device)
+        place_deferred_kernel[grid](
+            keys, slots, n, starts, grouped, storage.num_buckets, NUM_GROUPS=storage.num_groups, BLOCK=_GROUPING_BLOCK
+        )
+        evicted_keys = torch.empty(n, dtype=torch.int64, device=device)
+        evicted_slots = torch.empty_like(evicted_keys)
+        evicted_scores = torch.empty_like(evicted_keys)
+        evict_grouped_kernel[(max_segments,)](
+            segment_buckets,
+            tallies,
+            counts,
+            starts,
+            grouped,
+            keys,
+            slots,
+            tallies[1:],
+            evicted_keys,
+            evicted_slots,
+            evicted_scores,
+            storage.keys,
+            storage.digests,
+            storage.scores,
+            storage.epochs,
+            storage.num_buckets,
+            score,
+            epoch,
+            BUCKET=storage.bucket_capacity,
+            NUM_GROUPS=storage.num_groups,
+            CHUNK=16,
+            num_warps=_EVICT_WARPS,
+        )
+        evicted = int(tallies[1].item())
+        return evicted_keys[:evicted], evicted_slots[:evicted], evicted_scores[:evicted]
+
+    def _evict_by_score(
+        self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, update: ScoreUpdate, epoch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-key scores (distinct keys): grouped by bucket and descending score with torch sorts."""
         lanes = (slots == DEFERRED.value).nonzero().squeeze(1)
         if lanes.numel() == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=keys.device)
             return empty, empty, empty
-        contenders, buckets, inverse, scores, order = _group_contenders(storage, keys[lanes], update, lanes)
+        assert update.values is not None
+        contenders, buckets, scores, order = _group_by_bucket_and_score(storage, keys[lanes], update.values[lanes])
         segment_bucket, segment_count = torch.unique_consecutive(buckets, return_counts=True)
         segment_start = torch.cumsum(segment_count, 0) - segment_count
         placed = torch.empty_like(contenders)
@@ -216,7 +272,7 @@ class TritonHashTable(BucketedHashTable):
             CHUNK=16,
             num_warps=_EVICT_WARPS,
         )
-        slots[lanes[order]] = placed[inverse]
+        slots[lanes[order]] = placed
         won = evicted.nonzero().squeeze(1)
         return evicted_keys[won], placed[won], evicted_scores[won]
 

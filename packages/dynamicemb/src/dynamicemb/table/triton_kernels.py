@@ -306,18 +306,6 @@ def evict_kernel(
 
 
 @triton.jit
-def bucket_major_hash_kernel(keys_ptr, out_ptr, n, BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """``out[i]`` = the key's hash rotated right by ``BITS`` (the bucket bits on top): sorting by it
-    groups keys by bucket and puts equal keys side by side (the hash is a bijection)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < n
-    h = _fmix64(tl.load(keys_ptr + offs, mask=live, other=0))
-    if BITS > 0:
-        h = (h >> BITS) | (h << (64 - BITS))
-    tl.store(out_ptr + offs, h.to(tl.int64, bitcast=True), mask=live)
-
-
-@triton.jit
 def gather_rows_kernel(
     values_ptr,
     slots_ptr,
@@ -339,3 +327,27 @@ def gather_rows_kernel(
         in_row = (cols < dim)[None, :]
         row = tl.load(values_ptr + slot[:, None] * values_stride + cols[None, :], mask=hit[:, None] & in_row, other=0)
         tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], row, mask=live[:, None] & in_row)
+
+
+@triton.jit
+def scatter_rows_kernel(
+    rows_ptr,
+    slots_ptr,
+    values_ptr,
+    n,
+    dim,
+    rows_stride,
+    values_stride,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``values[slots[i]] = rows[i]`` for ``n`` rows of ``dim`` elements; rows of slot -1 are skipped."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = rows < n
+    slot = tl.load(slots_ptr + rows, mask=live, other=-1)
+    hit = slot >= 0
+    for start in range(0, dim, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        move = hit[:, None] & (cols < dim)[None, :]
+        row = tl.load(rows_ptr + rows[:, None] * rows_stride + cols[None, :], mask=move, other=0)
+        tl.store(values_ptr + slot[:, None] * values_stride + cols[None, :], row, mask=move)

@@ -1,0 +1,173 @@
+"""Eviction of deferred keys without host synchronization (calls with one score for all keys).
+
+After the insertion kernel, the lanes whose bucket was full hold ``DEFERRED``. Three kernels place
+them, all on the device and with no sort:
+
+1. ``count_deferred_kernel`` counts the deferred lanes of each bucket (``counts [num_buckets]``) and
+   lists every bucket that has some (``segment_buckets``, ``num_segments``).
+2. After an inclusive ``cumsum`` of the counts (``ends``), ``place_deferred_kernel`` writes each
+   deferred lane into its bucket's range of ``grouped`` (a counting sort; lanes of one bucket land
+   in any order). It leaves ``ends[b]`` at the start of bucket ``b``'s range.
+3. ``evict_grouped_kernel``, one program per listed bucket, deduplicates the bucket's lanes (equal
+   keys share a slot), gives the distinct keys the entries the call has not touched, lowest score
+   first, writes each lane's slot, and appends the evicted entries to ``evicted_*`` at positions
+   reserved with one atomic per chunk of lanes.
+
+The order of the evicted entries and which of several contenders wins when a bucket has fewer
+evictable entries than contenders depend on thread scheduling.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from dynamicemb.table.triton_kernels import _coordinates
+
+# Mirrors of dynamicemb.table.layout / triton_kernels (Triton kernels cannot read module globals).
+FIRST_DIGEST: tl.constexpr = tl.constexpr(3)
+NO_SLOT: tl.constexpr = tl.constexpr(9223372036854775807)
+DEFERRED: tl.constexpr = tl.constexpr(-2)
+
+
+@triton.jit
+def count_deferred_kernel(
+    query_ptr,
+    slots_ptr,
+    n,
+    counts_ptr,
+    segment_buckets_ptr,
+    num_segments_ptr,
+    num_buckets,
+    NUM_GROUPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``counts[b]`` += deferred lanes of bucket ``b``; the lane that brings a bucket's first count
+    appends ``b`` to ``segment_buckets`` (``num_segments`` counts them)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    deferred = live & (tl.load(slots_ptr + offs, mask=live, other=0) == DEFERRED)
+    key = tl.load(query_ptr + offs, mask=deferred, other=0)
+    bucket, _, _ = _coordinates(key, num_buckets, NUM_GROUPS)
+    before = tl.atomic_add(counts_ptr + bucket, tl.full([BLOCK], 1, tl.int32), mask=deferred)
+    opens = deferred & (before == 0)
+    opened = tl.sum(opens.to(tl.int32), axis=0)
+    if opened > 0:
+        base = tl.atomic_add(num_segments_ptr, opened.to(tl.int64))
+        rank = tl.cumsum(opens.to(tl.int32), axis=0) - 1
+        tl.store(segment_buckets_ptr + base + rank, bucket.to(tl.int32), mask=opens)
+
+
+@triton.jit
+def place_deferred_kernel(
+    query_ptr,
+    slots_ptr,
+    n,
+    ends_ptr,
+    grouped_ptr,
+    num_buckets,
+    NUM_GROUPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Writes each deferred lane's index into ``grouped`` inside its bucket's range, decrementing
+    ``ends[b]`` (the inclusive prefix sum of the counts) down to the range's start."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = offs < n
+    deferred = live & (tl.load(slots_ptr + offs, mask=live, other=0) == DEFERRED)
+    key = tl.load(query_ptr + offs, mask=deferred, other=0)
+    bucket, _, _ = _coordinates(key, num_buckets, NUM_GROUPS)
+    end = tl.atomic_add(ends_ptr + bucket, tl.full([BLOCK], -1, tl.int32), mask=deferred)
+    tl.store(grouped_ptr + (end - 1), offs.to(tl.int32), mask=deferred)
+
+
+@triton.jit
+def evict_grouped_kernel(
+    segment_buckets_ptr,
+    num_segments_ptr,
+    counts_ptr,
+    starts_ptr,
+    grouped_ptr,
+    query_ptr,
+    slots_ptr,
+    evicted_total_ptr,
+    evicted_keys_ptr,
+    evicted_slots_ptr,
+    evicted_scores_ptr,
+    keys_ptr,
+    digests_ptr,
+    scores_ptr,
+    epochs_ptr,
+    num_buckets,
+    score,
+    epoch,
+    BUCKET: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One program per listed bucket; the program owns the bucket, so no atomics on it.
+
+    The bucket's lanes are taken ``CHUNK`` at a time. A lane whose key an earlier chunk placed, or
+    an earlier lane of the same chunk holds, gets that key's slot. The other lanes (one per distinct
+    key) take the entries not touched by this call in ascending (score, column) order, picked by
+    successive minimum searches over the bucket held in registers; a key whose call score is lower
+    than its entry's, or that finds no entry left, is refused (slot -1)."""
+    pid = tl.program_id(0)
+    if pid < tl.load(num_segments_ptr):
+        bucket = tl.load(segment_buckets_ptr + pid).to(tl.int64)
+        count = tl.load(counts_ptr + bucket)
+        start = tl.load(starts_ptr + bucket)
+        cols = tl.arange(0, BUCKET)
+        lanes = tl.arange(0, CHUNK)
+        first_slot = bucket * BUCKET
+        held_scores = tl.load(scores_ptr + first_slot + cols)
+        digests = tl.load(digests_ptr + first_slot + cols).to(tl.int32)
+        available = (digests >= FIRST_DIGEST) & (tl.load(epochs_ptr + first_slot + cols) != epoch)
+        # Keys this program has placed, by column (``placed`` marks the columns that hold one).
+        placed = tl.zeros([BUCKET], tl.int1)
+        placed_keys = tl.zeros([BUCKET], tl.int64)
+        for chunk in range(0, count, CHUNK):
+            idx = chunk + lanes
+            live = idx < count
+            lane = tl.load(grouped_ptr + start + idx, mask=live, other=0).to(tl.int64)
+            key = tl.load(query_ptr + lane, mask=live, other=0)
+            earlier = live[:, None] & placed[None, :] & (key[:, None] == placed_keys[None, :])
+            earlier_col = tl.min(tl.where(earlier, cols[None, :], BUCKET), axis=1)
+            twin = live[:, None] & live[None, :] & (key[:, None] == key[None, :])
+            first_twin = tl.min(tl.where(twin, lanes[None, :], CHUNK), axis=1)
+            head = live & (earlier_col == BUCKET) & (first_twin == lanes)
+            rank = tl.cumsum(head.to(tl.int32), axis=0) - 1
+            picks = tl.minimum(tl.sum(head.to(tl.int32), axis=0), tl.sum(available.to(tl.int32), axis=0))
+            victim_col = tl.full([CHUNK], BUCKET, tl.int32)
+            victim_score = tl.zeros([CHUNK], tl.int64)
+            for j in range(0, picks):
+                lowest = tl.min(tl.where(available, held_scores, NO_SLOT), axis=0)
+                col = tl.min(tl.where(available & (held_scores == lowest), cols, BUCKET), axis=0)
+                available = available & (cols != col)
+                victim_col = tl.where(head & (rank == j), col, victim_col)
+                victim_score = tl.where(head & (rank == j), lowest, victim_score)
+            won = head & (victim_col < BUCKET) & (score >= victim_score)
+            victim = first_slot + victim_col
+            victim_key = tl.load(keys_ptr + victim, mask=won, other=0)
+            _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
+            tl.store(keys_ptr + victim, key, mask=won)
+            tl.store(scores_ptr + victim, tl.full([CHUNK], score, tl.int64), mask=won)
+            tl.store(epochs_ptr + victim, tl.full([CHUNK], epoch, tl.int32), mask=won)
+            tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
+            # Each lane's slot: its own victim, an earlier chunk's column, or its first twin's slot.
+            head_slot = tl.where(won, victim, -1)
+            twin_slot = tl.sum(tl.where(lanes[None, :] == first_twin[:, None], head_slot[None, :], 0), axis=1)
+            slot = tl.where(earlier_col < BUCKET, first_slot + earlier_col, twin_slot)
+            tl.store(slots_ptr + lane, slot, mask=live)
+            # Remember the placed keys for later chunks.
+            taken = won[:, None] & (victim_col[:, None] == cols[None, :])
+            placed_keys = tl.where(
+                tl.max(taken.to(tl.int32), axis=0) > 0, tl.sum(tl.where(taken, key[:, None], 0), axis=0), placed_keys
+            )
+            placed = placed | (tl.max(taken.to(tl.int32), axis=0) > 0)
+            wins = tl.sum(won.to(tl.int32), axis=0)
+            if wins > 0:
+                base = tl.atomic_add(evicted_total_ptr, wins.to(tl.int64))
+                out = base + tl.cumsum(won.to(tl.int64), axis=0) - 1
+                tl.store(evicted_keys_ptr + out, victim_key, mask=won)
+                tl.store(evicted_slots_ptr + out, victim, mask=won)
+                tl.store(evicted_scores_ptr + out, victim_score, mask=won)
