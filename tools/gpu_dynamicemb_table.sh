@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 rc=0
 python3 -m pytest -q -p no:cacheprovider --maxfail=8 packages/dynamicemb/tests/test_table_behaviour.py \
-  packages/dynamicemb/tests/test_table_differential.py packages/dynamicemb/tests/test_table_gather.py \
+  packages/dynamicemb/tests/test_table_differential.py packages/dynamicemb/tests/test_table_row_moves.py \
   2>&1 | tee "$out/tests.log" || rc=$?
 python3 packages/dynamicemb/benchmarks/bench_table.py --commit "${COMMIT:-unknown}" --out "$out" ${BENCH_ARGS:-} \
   2>&1 | tee "$out/bench.log" || rc=$?
