@@ -98,12 +98,14 @@ class TritonHashTable(BucketedHashTable):
         update: ScoreUpdate | None,
         epoch: int | None,
         report_full: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(slots [N], flags [N] int8)``: flag 1 found, 0 absent, ``ABSENT_FULL`` absent in a full
-        bucket (only with ``report_full``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(slots [N], flags [N] int8, hints)``: flag 1 found, 0 absent, ``ABSENT_FULL`` absent in a
+        full bucket; with ``report_full`` also ``hints [N]``, the first free slot of each absent key's
+        probe sequence (else ``None``)."""
         n = keys.numel()
         slots = torch.empty(n, dtype=torch.int64, device=keys.device)
         found = torch.empty(n, dtype=torch.int8, device=keys.device)
+        hints = torch.empty(n, dtype=torch.int64, device=keys.device) if report_full else None
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
         lookup_kernel[(triton.cdiv(n, block),)](
@@ -115,6 +117,7 @@ class TritonHashTable(BucketedHashTable):
             storage.epochs,
             slots,
             found,
+            slots if hints is None else hints,
             storage.num_buckets,
             per_key,
             value,
@@ -127,7 +130,7 @@ class TritonHashTable(BucketedHashTable):
             NUM_GROUPS=storage.num_groups,
             BLOCK=block,
         )
-        return slots, found
+        return slots, found, hints
 
     def _launch_insert(
         self,
@@ -138,8 +141,10 @@ class TritonHashTable(BucketedHashTable):
         update: ScoreUpdate,
         epoch: int,
         defer_full: bool,
+        hints: torch.Tensor | None = None,
     ) -> None:
-        """Inserts in place into ``slots``: free slots only; full buckets give ``DEFERRED`` or -1."""
+        """Inserts in place into ``slots``: free slots only (trying ``hints`` first); full buckets give
+        ``DEFERRED`` or -1."""
         n = keys.numel()
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
@@ -147,6 +152,7 @@ class TritonHashTable(BucketedHashTable):
             keys,
             n,
             found,
+            slots if hints is None else hints,
             slots,
             storage.keys,
             storage.digests.view(torch.int32),
@@ -159,6 +165,7 @@ class TritonHashTable(BucketedHashTable):
             epoch,
             SCORE_MODE=mode,
             DEFER_FULL=defer_full,
+            USE_HINTS=hints is not None,
             BUCKET=storage.bucket_capacity,
             GROUP=storage.group_size,
             NUM_GROUPS=storage.num_groups,
@@ -178,9 +185,9 @@ class TritonHashTable(BucketedHashTable):
     def _evict_grouped(
         self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, score: int, epoch: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One score for the call (keys may repeat): grouped on the device by a counting sort, with
-        a single synchronization at the end (the number of evicted entries); see
-        :mod:`dynamicemb.table.triton_grouped_eviction`."""
+        """One score for the call (keys may repeat): grouped on the device by a counting sort (see
+        :mod:`dynamicemb.table.triton_grouped_eviction`). Two synchronizations: the number of
+        buckets with deferred keys (none: nothing more to launch) and the number of evicted entries."""
         n, device = keys.numel(), keys.device
         if n >= 2**31:
             raise ValueError(f"at most 2**31 - 1 keys per call, got {n}")
@@ -200,21 +207,34 @@ class TritonHashTable(BucketedHashTable):
             NUM_GROUPS=storage.num_groups,
             BLOCK=_GROUPING_BLOCK,
         )
+        segments = int(tallies[0].item())
+        if segments == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return empty, empty, empty
         starts = torch.cumsum(counts, 0, dtype=torch.int32)  # ends; place_deferred_kernel turns them into starts
-        grouped = torch.empty(n, dtype=torch.int32, device=device)
+        grouped_lanes = torch.empty(n, dtype=torch.int32, device=device)
+        grouped_keys = torch.empty_like(keys)
         place_deferred_kernel[grid](
-            keys, slots, n, starts, grouped, storage.num_buckets, NUM_GROUPS=storage.num_groups, BLOCK=_GROUPING_BLOCK
+            keys,
+            slots,
+            n,
+            starts,
+            grouped_lanes,
+            grouped_keys,
+            storage.num_buckets,
+            NUM_GROUPS=storage.num_groups,
+            BLOCK=_GROUPING_BLOCK,
         )
         evicted_keys = torch.empty(n, dtype=torch.int64, device=device)
         evicted_slots = torch.empty_like(evicted_keys)
         evicted_scores = torch.empty_like(evicted_keys)
-        evict_grouped_kernel[(max_segments,)](
+        evict_grouped_kernel[(segments,)](
             segment_buckets,
             tallies,
             counts,
             starts,
-            grouped,
-            keys,
+            grouped_lanes,
+            grouped_keys,
             slots,
             tallies[1:],
             evicted_keys,
@@ -230,6 +250,7 @@ class TritonHashTable(BucketedHashTable):
             BUCKET=storage.bucket_capacity,
             NUM_GROUPS=storage.num_groups,
             CHUNK=16,
+            COLUMNS=min(16, storage.bucket_capacity),
             num_warps=_EVICT_WARPS,
         )
         evicted = int(tallies[1].item())
@@ -279,7 +300,7 @@ class TritonHashTable(BucketedHashTable):
     def _lookup(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        slots, found = self._launch_lookup(storage, keys, update, None)
+        slots, found, _ = self._launch_lookup(storage, keys, update, None)
         return slots, found.view(torch.bool)
 
     def _upsert(
@@ -300,8 +321,8 @@ class TritonHashTable(BucketedHashTable):
     def _upsert_launches(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
     ) -> InsertResult:
-        slots, flags = self._launch_lookup(storage, keys, update, epoch, report_full=True)
-        self._launch_insert(storage, keys, flags, slots, update, epoch, defer_full=evict)
+        slots, flags, hints = self._launch_lookup(storage, keys, update, epoch, report_full=True)
+        self._launch_insert(storage, keys, flags, slots, update, epoch, defer_full=evict, hints=hints)
         if evict:
             evicted_keys, evicted_slots, evicted_scores = self._evict_deferred(storage, keys, slots, update, epoch)
         else:

@@ -64,20 +64,23 @@ def place_deferred_kernel(
     slots_ptr,
     n,
     ends_ptr,
-    grouped_ptr,
+    grouped_lanes_ptr,
+    grouped_keys_ptr,
     num_buckets,
     NUM_GROUPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Writes each deferred lane's index into ``grouped`` inside its bucket's range, decrementing
-    ``ends[b]`` (the inclusive prefix sum of the counts) down to the range's start."""
+    """Writes each deferred lane's index and key into ``grouped_lanes`` / ``grouped_keys`` inside
+    its bucket's range, decrementing ``ends[b]`` (the inclusive prefix sum of the counts) down to
+    the range's start."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     deferred = live & (tl.load(slots_ptr + offs, mask=live, other=0) == DEFERRED)
     key = tl.load(query_ptr + offs, mask=deferred, other=0)
     bucket, _, _ = _coordinates(key, num_buckets, NUM_GROUPS)
     end = tl.atomic_add(ends_ptr + bucket, tl.full([BLOCK], -1, tl.int32), mask=deferred)
-    tl.store(grouped_ptr + (end - 1), offs.to(tl.int32), mask=deferred)
+    tl.store(grouped_lanes_ptr + (end - 1), offs.to(tl.int32), mask=deferred)
+    tl.store(grouped_keys_ptr + (end - 1), key, mask=deferred)
 
 
 @triton.jit
@@ -86,8 +89,8 @@ def evict_grouped_kernel(
     num_segments_ptr,
     counts_ptr,
     starts_ptr,
-    grouped_ptr,
-    query_ptr,
+    grouped_lanes_ptr,
+    grouped_keys_ptr,
     slots_ptr,
     evicted_total_ptr,
     evicted_keys_ptr,
@@ -103,14 +106,16 @@ def evict_grouped_kernel(
     BUCKET: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     CHUNK: tl.constexpr,
+    COLUMNS: tl.constexpr,
 ):
     """One program per listed bucket; the program owns the bucket, so no atomics on it.
 
-    The bucket's lanes are taken ``CHUNK`` at a time. A lane whose key an earlier chunk placed, or
-    an earlier lane of the same chunk holds, gets that key's slot. The other lanes (one per distinct
-    key) take the entries not touched by this call in ascending (score, column) order, picked by
-    successive minimum searches over the bucket held in registers; a key whose call score is lower
-    than its entry's, or that finds no entry left, is refused (slot -1)."""
+    The bucket's lanes are taken ``CHUNK`` at a time. A lane whose key an earlier chunk placed
+    (found by reading the bucket back, ``COLUMNS`` slots at a time; a bucket rarely gets more than
+    one chunk), or an earlier lane of the same chunk holds, gets that key's slot. The other lanes
+    (one per distinct key) take the entries not touched by this call in ascending (score, column)
+    order, picked by successive minimum searches over the bucket held in registers; a key whose
+    call score is lower than its entry's, or that finds no entry left, is refused (slot -1)."""
     pid = tl.program_id(0)
     if pid < tl.load(num_segments_ptr):
         bucket = tl.load(segment_buckets_ptr + pid).to(tl.int64)
@@ -120,21 +125,27 @@ def evict_grouped_kernel(
         lanes = tl.arange(0, CHUNK)
         first_slot = bucket * BUCKET
         held_scores = tl.load(scores_ptr + first_slot + cols)
-        digests = tl.load(digests_ptr + first_slot + cols).to(tl.int32)
-        available = (digests >= FIRST_DIGEST) & (tl.load(epochs_ptr + first_slot + cols) != epoch)
-        # Keys this program has placed, by column (``placed`` marks the columns that hold one).
-        placed = tl.zeros([BUCKET], tl.int1)
-        placed_keys = tl.zeros([BUCKET], tl.int64)
+        available = (tl.load(digests_ptr + first_slot + cols).to(tl.int32) >= FIRST_DIGEST) & (
+            tl.load(epochs_ptr + first_slot + cols) != epoch
+        )
         for chunk in range(0, count, CHUNK):
             idx = chunk + lanes
             live = idx < count
-            lane = tl.load(grouped_ptr + start + idx, mask=live, other=0).to(tl.int64)
-            key = tl.load(query_ptr + lane, mask=live, other=0)
-            earlier = live[:, None] & placed[None, :] & (key[:, None] == placed_keys[None, :])
-            earlier_col = tl.min(tl.where(earlier, cols[None, :], BUCKET), axis=1)
+            lane = tl.load(grouped_lanes_ptr + start + idx, mask=live, other=0).to(tl.int64)
+            key = tl.load(grouped_keys_ptr + start + idx, mask=live, other=0)
+            _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
+            earlier_slot = tl.full([CHUNK], -1, tl.int64)
+            if chunk > 0:
+                tl.debug_barrier()  # the previous chunk's stores to the bucket are visible below
+                for c in tl.static_range(0, BUCKET, COLUMNS):
+                    at = first_slot + c + tl.arange(0, COLUMNS)
+                    same = (tl.load(digests_ptr + at).to(tl.int32)[None, :] == digest[:, None]) & (
+                        tl.load(keys_ptr + at)[None, :] == key[:, None]
+                    )
+                    earlier_slot = tl.maximum(earlier_slot, tl.max(tl.where(same, at[None, :], -1), axis=1))
             twin = live[:, None] & live[None, :] & (key[:, None] == key[None, :])
             first_twin = tl.min(tl.where(twin, lanes[None, :], CHUNK), axis=1)
-            head = live & (earlier_col == BUCKET) & (first_twin == lanes)
+            head = live & (earlier_slot < 0) & (first_twin == lanes)
             rank = tl.cumsum(head.to(tl.int32), axis=0) - 1
             picks = tl.minimum(tl.sum(head.to(tl.int32), axis=0), tl.sum(available.to(tl.int32), axis=0))
             victim_col = tl.full([CHUNK], BUCKET, tl.int32)
@@ -148,22 +159,15 @@ def evict_grouped_kernel(
             won = head & (victim_col < BUCKET) & (score >= victim_score)
             victim = first_slot + victim_col
             victim_key = tl.load(keys_ptr + victim, mask=won, other=0)
-            _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
             tl.store(keys_ptr + victim, key, mask=won)
             tl.store(scores_ptr + victim, tl.full([CHUNK], score, tl.int64), mask=won)
             tl.store(epochs_ptr + victim, tl.full([CHUNK], epoch, tl.int32), mask=won)
             tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
-            # Each lane's slot: its own victim, an earlier chunk's column, or its first twin's slot.
+            # Each lane's slot: its own victim, an earlier chunk's placement, or its first twin's slot.
             head_slot = tl.where(won, victim, -1)
             twin_slot = tl.sum(tl.where(lanes[None, :] == first_twin[:, None], head_slot[None, :], 0), axis=1)
-            slot = tl.where(earlier_col < BUCKET, first_slot + earlier_col, twin_slot)
+            slot = tl.where(earlier_slot >= 0, earlier_slot, twin_slot)
             tl.store(slots_ptr + lane, slot, mask=live)
-            # Remember the placed keys for later chunks.
-            taken = won[:, None] & (victim_col[:, None] == cols[None, :])
-            placed_keys = tl.where(
-                tl.max(taken.to(tl.int32), axis=0) > 0, tl.sum(tl.where(taken, key[:, None], 0), axis=0), placed_keys
-            )
-            placed = placed | (tl.max(taken.to(tl.int32), axis=0) > 0)
             wins = tl.sum(won.to(tl.int32), axis=0)
             if wins > 0:
                 base = tl.atomic_add(evicted_total_ptr, wins.to(tl.int64))
