@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 CASES = {
     "triton_kernels:lookup_kernel": {"SCORE_MODE": 1, "MARK_EPOCH": True, "REPORT_FULL": True, "BUCKET": 128,
                                      "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
-    "triton_kernels:insert_kernel": {"SCORE_MODE": 1, "DEFER_FULL": True, "USE_HINTS": True, "BUCKET": 128,
+    "triton_kernels:insert_kernel": {"SCORE_MODE": 1, "DEFER_FULL": True, "BUCKET": 128,
                                      "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
     "triton_kernels:evict_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
     "triton_kernels:gather_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
@@ -41,7 +41,7 @@ import importlib
 
 types = {"digests_ptr": "*u8", "evicted_ptr": "*i8", "out_found_ptr": "*i8", "found_ptr": "*i8",
          "epochs_ptr": "*i32", "words_ptr": "*i32", "values_ptr": "*fp32", "out_ptr": "*fp32", "rows_ptr": "*fp32",
-         "epoch": "i32", "hints_ptr": "*i64", "counts_ptr": "*i32", "ends_ptr": "*i32", "starts_ptr": "*i32",
+         "epoch": "i32", "counts_ptr": "*i32", "ends_ptr": "*i32", "starts_ptr": "*i32",
          "grouped_lanes_ptr": "*i32",
          "segment_buckets_ptr": "*i32"}
 results = {}

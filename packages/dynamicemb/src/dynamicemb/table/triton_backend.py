@@ -98,14 +98,12 @@ class TritonHashTable(BucketedHashTable):
         update: ScoreUpdate | None,
         epoch: int | None,
         report_full: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(slots [N], flags [N] int8, hints)``: flag 1 found, 0 absent, ``ABSENT_FULL`` absent in a
-        full bucket; with ``report_full`` also ``hints [N]``, the first free slot of each absent key's
-        probe sequence (else ``None``)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slots [N], flags [N] int8)``: flag 1 found, 0 absent, ``ABSENT_FULL`` absent in a full
+        bucket (only with ``report_full``)."""
         n = keys.numel()
         slots = torch.empty(n, dtype=torch.int64, device=keys.device)
         found = torch.empty(n, dtype=torch.int8, device=keys.device)
-        hints = torch.empty(n, dtype=torch.int64, device=keys.device) if report_full else None
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
         lookup_kernel[(triton.cdiv(n, block),)](
@@ -117,7 +115,6 @@ class TritonHashTable(BucketedHashTable):
             storage.epochs,
             slots,
             found,
-            slots if hints is None else hints,
             storage.num_buckets,
             per_key,
             value,
@@ -130,7 +127,7 @@ class TritonHashTable(BucketedHashTable):
             NUM_GROUPS=storage.num_groups,
             BLOCK=block,
         )
-        return slots, found, hints
+        return slots, found
 
     def _launch_insert(
         self,
@@ -141,10 +138,8 @@ class TritonHashTable(BucketedHashTable):
         update: ScoreUpdate,
         epoch: int,
         defer_full: bool,
-        hints: torch.Tensor | None = None,
     ) -> None:
-        """Inserts in place into ``slots``: free slots only (trying ``hints`` first); full buckets give
-        ``DEFERRED`` or -1."""
+        """Inserts in place into ``slots``: free slots only; full buckets give ``DEFERRED`` or -1."""
         n = keys.numel()
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
@@ -152,7 +147,6 @@ class TritonHashTable(BucketedHashTable):
             keys,
             n,
             found,
-            slots if hints is None else hints,
             slots,
             storage.keys,
             storage.digests.view(torch.int32),
@@ -165,7 +159,6 @@ class TritonHashTable(BucketedHashTable):
             epoch,
             SCORE_MODE=mode,
             DEFER_FULL=defer_full,
-            USE_HINTS=hints is not None,
             BUCKET=storage.bucket_capacity,
             GROUP=storage.group_size,
             NUM_GROUPS=storage.num_groups,
@@ -300,7 +293,7 @@ class TritonHashTable(BucketedHashTable):
     def _lookup(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        slots, found, _ = self._launch_lookup(storage, keys, update, None)
+        slots, found = self._launch_lookup(storage, keys, update, None)
         return slots, found.view(torch.bool)
 
     def _upsert(
@@ -321,8 +314,8 @@ class TritonHashTable(BucketedHashTable):
     def _upsert_launches(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
     ) -> InsertResult:
-        slots, flags, hints = self._launch_lookup(storage, keys, update, epoch, report_full=True)
-        self._launch_insert(storage, keys, flags, slots, update, epoch, defer_full=evict, hints=hints)
+        slots, flags = self._launch_lookup(storage, keys, update, epoch, report_full=True)
+        self._launch_insert(storage, keys, flags, slots, update, epoch, defer_full=evict)
         if evict:
             evicted_keys, evicted_slots, evicted_scores = self._evict_deferred(storage, keys, slots, update, epoch)
         else:

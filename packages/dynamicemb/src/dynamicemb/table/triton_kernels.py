@@ -83,7 +83,6 @@ def lookup_kernel(
     epochs_ptr,
     out_slots_ptr,
     out_found_ptr,
-    out_hints_ptr,
     num_buckets,
     score_ptr,
     score_value,
@@ -100,10 +99,7 @@ def lookup_kernel(
 
     With ``REPORT_FULL`` an absent key whose whole bucket was probed without a free slot
     (``EMPTY`` or ``TOMBSTONE``) gets the flag ``ABSENT_FULL`` instead of 0: no insertion of the
-    same call can place it (or a duplicate of it) there, so the insertion skips its probe. Other
-    absent keys get in ``out_hints`` the first free slot of their probe sequence, where the
-    insertion first tries to claim (no slot becomes free during a call, so while that slot stays
-    free it is still the first free one)."""
+    same call can place it (or a duplicate of it) there, so the insertion skips its probe."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
@@ -111,7 +107,6 @@ def lookup_kernel(
     cols = tl.arange(0, GROUP)
     slot = tl.full([BLOCK], -1, tl.int64)
     roomy = tl.zeros([BLOCK], tl.int1)
-    hint = tl.full([BLOCK], NO_SLOT, tl.int64)
     active = live
     r = 0
     while (r < NUM_GROUPS) & (tl.max(active.to(tl.int32), axis=0) > 0):
@@ -125,9 +120,7 @@ def lookup_kernel(
         slot = tl.where(hit != NO_SLOT, hit, slot)
         ended = tl.max((dig == EMPTY).to(tl.int32), axis=1) > 0
         if REPORT_FULL:
-            free = scan & (dig <= TOMBSTONE)
-            roomy = roomy | (tl.max(free.to(tl.int32), axis=1) > 0)
-            hint = tl.where(hint == NO_SLOT, tl.min(tl.where(free, pos, NO_SLOT), axis=1), hint)
+            roomy = roomy | (tl.max((scan & (dig <= TOMBSTONE)).to(tl.int32), axis=1) > 0)
         active = active & (hit == NO_SLOT) & ~ended
         r += 1
     found = slot >= 0
@@ -144,33 +137,7 @@ def lookup_kernel(
     flag = found.to(tl.int8)
     if REPORT_FULL:
         flag = tl.where(found | roomy, flag, ABSENT_FULL)
-        tl.store(out_hints_ptr + offs, hint, mask=live)
     tl.store(out_found_ptr + offs, flag, mask=live)
-
-
-@triton.jit
-def _claim(
-    attempt, free_slot, bucket, key, digest, score, epoch, words_ptr, keys_ptr, scores_ptr, epochs_ptr, size_ptr, BUCKET
-):
-    """Lanes in ``attempt`` claim ``free_slot``: CAS its state byte from free to ``BUSY``, write key,
-    score and epoch, then publish the digest. Returns ``(won, target)``."""
-    target = tl.where(attempt, free_slot, bucket * BUCKET)
-    word_ptr = words_ptr + (target >> 2)
-    shift = ((target & 3) * 8).to(tl.int32)
-    word = tl.load(word_ptr, volatile=True)
-    valid = attempt & (((word >> shift) & 0xFF) <= TOMBSTONE)
-    claimed_word = (word & ~(0xFF << shift)) | (BUSY << shift)
-    # Lanes without a valid claim swap a word for itself: no effect on memory.
-    seen = tl.atomic_cas(word_ptr, tl.where(valid, word, 0), tl.where(valid, claimed_word, 0))
-    won = valid & (seen == word)
-    tl.store(keys_ptr + target, key, mask=won)
-    tl.store(scores_ptr + target, score, mask=won)
-    tl.store(epochs_ptr + target, (tl.zeros_like(shift) + epoch).to(tl.int32), mask=won)
-    tl.atomic_xor(word_ptr, (digest ^ BUSY) << shift, mask=won)
-    grown = tl.sum(won.to(tl.int64), axis=0)
-    if grown > 0:
-        tl.atomic_add(size_ptr, grown)
-    return won, target
 
 
 @triton.jit
@@ -178,7 +145,6 @@ def insert_kernel(
     query_ptr,
     n,
     found_ptr,
-    hints_ptr,
     slots_ptr,
     keys_ptr,
     words_ptr,
@@ -191,16 +157,15 @@ def insert_kernel(
     epoch,
     SCORE_MODE: tl.constexpr,
     DEFER_FULL: tl.constexpr,
-    USE_HINTS: tl.constexpr,
     BUCKET: tl.constexpr,
     GROUP: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Insert the keys with ``found == 0`` (a lookup with ``MARK_EPOCH`` ran before) at the first
-    free slot of their probe sequence, first trying the lookup's hint (``USE_HINTS``). A key whose
-    bucket has no free slot gets slot ``DEFERRED`` (``DEFER_FULL``, for the eviction) or ``-1``
-    (refused). Per-key score modes need distinct keys."""
+    free slot of their probe sequence. A key whose bucket has no free slot gets slot ``DEFERRED``
+    (``DEFER_FULL``, for :func:`evict_kernel`) or ``-1`` (refused). Per-key score modes need
+    distinct keys."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
@@ -214,15 +179,6 @@ def insert_kernel(
         slot = tl.where(live & (flag == ABSENT_FULL), -1, slot)
     score = _call_scores(offs, live, score_ptr, score_value, SCORE_MODE, BLOCK)
     pending = live & (flag == 0)
-    if USE_HINTS:
-        # Most keys get the slot the lookup saw first free; the others (a lost race) probe below.
-        hint = tl.load(hints_ptr + offs, mask=pending, other=NO_SLOT)
-        won, target = _claim(
-            pending & (hint != NO_SLOT), hint, bucket, key, digest, score, epoch, words_ptr, keys_ptr, scores_ptr,
-            epochs_ptr, size_ptr, BUCKET,
-        )  # fmt: skip
-        slot = tl.where(won, target, slot)
-        pending = pending & ~won
     while tl.max(pending.to(tl.int32), axis=0) > 0:
         hit_slot = tl.full([BLOCK], NO_SLOT, tl.int64)
         free_slot = tl.full([BLOCK], NO_SLOT, tl.int64)
@@ -260,10 +216,23 @@ def insert_kernel(
         pending = pending & ~full
         attempt = trying & ~full
 
-        won, target = _claim(
-            attempt, free_slot, bucket, key, digest, score, epoch, words_ptr, keys_ptr, scores_ptr, epochs_ptr,
-            size_ptr, BUCKET,
-        )  # fmt: skip
+        # Claim: CAS the target's state byte from free to BUSY, then publish the digest.
+        target = tl.where(attempt, free_slot, bucket * BUCKET)
+        word_ptr = words_ptr + (target >> 2)
+        shift = ((target & 3) * 8).to(tl.int32)
+        word = tl.load(word_ptr, volatile=True)
+        valid = attempt & (((word >> shift) & 0xFF) <= TOMBSTONE)
+        claimed_word = (word & ~(0xFF << shift)) | (BUSY << shift)
+        # Lanes without a valid claim swap a word for itself: no effect on memory.
+        seen = tl.atomic_cas(word_ptr, tl.where(valid, word, 0), tl.where(valid, claimed_word, 0))
+        won = valid & (seen == word)
+        tl.store(keys_ptr + target, key, mask=won)
+        tl.store(scores_ptr + target, score, mask=won)
+        tl.store(epochs_ptr + target, tl.full([BLOCK], epoch, tl.int32), mask=won)
+        tl.atomic_xor(word_ptr, (digest ^ BUSY) << shift, mask=won)
+        grown = tl.sum(won.to(tl.int64), axis=0)
+        if grown > 0:
+            tl.atomic_add(size_ptr, grown)
         slot = tl.where(won, target, slot)
         pending = pending & ~won
     tl.store(slots_ptr + offs, slot, mask=live)
