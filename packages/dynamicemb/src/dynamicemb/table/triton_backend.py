@@ -180,12 +180,13 @@ class TritonHashTable(BucketedHashTable):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One score for the call (keys may repeat): grouped on the device by a counting sort (see
         :mod:`dynamicemb.table.triton_grouped_eviction`). Two synchronizations: the number of
-        buckets with deferred keys (none: nothing more to launch) and the number of evicted entries."""
+        buckets with deferred keys (none: nothing more to launch) and the compaction of the evicted
+        entries."""
         n, device = keys.numel(), keys.device
         if n >= 2**31:
             raise ValueError(f"at most 2**31 - 1 keys per call, got {n}")
         counts = torch.zeros(storage.num_buckets, dtype=torch.int32, device=device)
-        tallies = torch.zeros(2, dtype=torch.int64, device=device)  # [segments, evicted entries]
+        tallies = torch.zeros(1, dtype=torch.int64, device=device)  # buckets with deferred keys
         max_segments = min(n, storage.num_buckets)
         segment_buckets = torch.empty(max_segments, dtype=torch.int32, device=device)
         grid = (triton.cdiv(n, _GROUPING_BLOCK),)
@@ -218,6 +219,7 @@ class TritonHashTable(BucketedHashTable):
             NUM_GROUPS=storage.num_groups,
             BLOCK=_GROUPING_BLOCK,
         )
+        evicted = torch.zeros(n, dtype=torch.int8, device=device)
         evicted_keys = torch.empty(n, dtype=torch.int64, device=device)
         evicted_slots = torch.empty_like(evicted_keys)
         evicted_scores = torch.empty_like(evicted_keys)
@@ -229,7 +231,7 @@ class TritonHashTable(BucketedHashTable):
             grouped_lanes,
             grouped_keys,
             slots,
-            tallies[1:],
+            evicted,
             evicted_keys,
             evicted_slots,
             evicted_scores,
@@ -246,8 +248,8 @@ class TritonHashTable(BucketedHashTable):
             COLUMNS=min(16, storage.bucket_capacity),
             num_warps=_EVICT_WARPS,
         )
-        evicted = int(tallies[1].item())
-        return evicted_keys[:evicted], evicted_slots[:evicted], evicted_scores[:evicted]
+        won = evicted.nonzero().squeeze(1)
+        return evicted_keys[won], evicted_slots[won], evicted_scores[won]
 
     def _evict_by_score(
         self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, update: ScoreUpdate, epoch: int

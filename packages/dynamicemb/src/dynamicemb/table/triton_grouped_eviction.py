@@ -10,11 +10,12 @@ them, all on the device and with no sort:
    in any order). It leaves ``ends[b]`` at the start of bucket ``b``'s range.
 3. ``evict_grouped_kernel``, one program per listed bucket, deduplicates the bucket's lanes (equal
    keys share a slot), gives the distinct keys the entries the call has not touched, lowest score
-   first, writes each lane's slot, and appends the evicted entries to ``evicted_*`` at positions
-   reserved with one atomic per chunk of lanes.
+   first, writes each lane's slot, and writes each evicted entry at its lane's position in
+   ``grouped`` with a flag in ``evicted`` (the host compacts them).
 
-The order of the evicted entries and which of several contenders wins when a bucket has fewer
-evictable entries than contenders depend on thread scheduling.
+The order of a bucket's lanes, hence the order of the evicted entries and which of several
+contenders wins when a bucket has fewer evictable entries than contenders, depends on thread
+scheduling.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def evict_grouped_kernel(
     grouped_lanes_ptr,
     grouped_keys_ptr,
     slots_ptr,
-    evicted_total_ptr,
+    evicted_ptr,
     evicted_keys_ptr,
     evicted_slots_ptr,
     evicted_scores_ptr,
@@ -168,10 +169,10 @@ def evict_grouped_kernel(
             twin_slot = tl.sum(tl.where(lanes[None, :] == first_twin[:, None], head_slot[None, :], 0), axis=1)
             slot = tl.where(earlier_slot >= 0, earlier_slot, twin_slot)
             tl.store(slots_ptr + lane, slot, mask=live)
-            wins = tl.sum(won.to(tl.int32), axis=0)
-            if wins > 0:
-                base = tl.atomic_add(evicted_total_ptr, wins.to(tl.int64))
-                out = base + tl.cumsum(won.to(tl.int64), axis=0) - 1
-                tl.store(evicted_keys_ptr + out, victim_key, mask=won)
-                tl.store(evicted_slots_ptr + out, victim, mask=won)
-                tl.store(evicted_scores_ptr + out, victim_score, mask=won)
+            # The evicted entry goes where the lane sits in ``grouped`` (one global counter would
+            # serialize every program on one address).
+            out = start + idx
+            tl.store(evicted_ptr + out, won.to(tl.int8), mask=live)
+            tl.store(evicted_keys_ptr + out, victim_key, mask=won)
+            tl.store(evicted_slots_ptr + out, victim, mask=won)
+            tl.store(evicted_scores_ptr + out, victim_score, mask=won)
