@@ -307,6 +307,9 @@ def write_readme() -> None:
         "Targets (H100, dim 128): find >= 1.5 and find_or_insert >= 1.0 Gkeys/s at load factor 0.5,",
         "insert_and_evict >= 0.5 at load factor 1.0.",
         "",
+        "Each section is the newest run on that device; earlier runs (other commits) are kept in",
+        "`results/runs/`, profiles of `insert_and_evict` in `results/profiles/`.",
+        "",
     ]
     for path in sorted(RESULTS.glob("*.json")):
         rows = json.loads(path.read_text())
