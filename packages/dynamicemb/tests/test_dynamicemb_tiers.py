@@ -89,6 +89,25 @@ def test_cache_writes_back_evicted_rows_and_reads_them_back() -> None:
     assert table.size() == 32
 
 
+def test_lfu_keys_returning_from_the_host_table_keep_their_counts() -> None:
+    table = _cached(score_strategy=DynamicEmbScoreStrategy.LFU)
+    store = table.store
+    residents = torch.arange(8)
+    for _ in range(3):
+        _train(table, residents)  # the cache's 8 slots hold keys counted 3 times
+    hot = torch.tensor([100])
+    for _ in range(4):
+        _train(table, hot)  # refused by the full cache (count 1 < 3): counted in the host table
+    assert not bool(store.cache.contains(hot).any())
+    host_count, found = store.backing.find_scores(hot)
+    assert bool(found.all()) and int(host_count) >= 2
+    store.cache.erase(residents[:1])  # room in the cache
+    _train(table, hot)
+    assert bool(store.cache.contains(hot).all())
+    cache_count, _ = store.cache.find_scores(hot)
+    assert int(cache_count) == int(host_count) + 1, "the count goes on from the host table's, not from 1"
+
+
 def test_flush_writes_cached_rows_to_the_host_table() -> None:
     table = _cached()
     ids = torch.arange(6)

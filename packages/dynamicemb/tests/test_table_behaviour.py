@@ -166,6 +166,19 @@ def test_repeated_newcomers_to_a_full_bucket_take_one_entry_per_key(backend: str
     assert_consistent(table)
 
 
+def test_scores_at_reads_the_scores_of_found_slots(backend: str) -> None:
+    table = make(backend, score_strategy=DynamicEmbScoreStrategy.CUSTOMIZED)
+    keys = random_keys(20, seed=21)
+    table.find_or_insert(keys, scores=torch.arange(100, 120, device=DEVICE))
+    slots, found = table.find(keys)
+    assert bool(found.all())
+    assert table.scores_at(slots).tolist() == list(range(100, 120))
+    with pytest.raises(ValueError, match="missing keys have slot -1"):
+        table.scores_at(torch.tensor([-1], device=DEVICE))
+    with pytest.raises(ValueError, match="1-D int64"):
+        table.scores_at(slots.to(torch.int32))
+
+
 def test_timestamp_evicts_the_least_recent_entries(backend: str) -> None:
     table = make(backend, capacity=64, bucket=16)
     crowd = keys_in_bucket(table.num_buckets, 2, 24, seed=5)

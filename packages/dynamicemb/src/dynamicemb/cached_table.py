@@ -9,6 +9,7 @@ import torch
 from dynamicemb.key_value_table import EvictedRows, KeyValueTable, TrainingLookup, update_rows_
 from dynamicemb.optimizer import FusedOptimizer
 from dynamicemb.storage.base import Storage
+from dynamicemb.table.base import DynamicEmbScoreStrategy
 
 __all__ = ["CachedKeyValueTable"]
 
@@ -22,9 +23,10 @@ class CachedKeyValueTable(Storage):
 
     A training lookup inserts its keys into the cache; rows the cache evicts are written back to
     ``backing`` with their scores; a key new to the cache takes its row from ``backing`` if there,
-    else fresh initializer values. A key the cache refuses (its bucket is full of higher scores)
-    is served and updated in ``backing``. ``backing`` may keep stale copies of cached keys; the
-    cache is authoritative until :meth:`flush` or an eviction writes its rows back.
+    else fresh initializer values (with LFU scores and a backing table, it also takes its count).
+    A key the cache refuses (its bucket is full of higher scores) is served and updated in
+    ``backing``. ``backing`` may keep stale copies of cached keys; the cache is authoritative until
+    :meth:`flush` or an eviction writes its rows back.
     """
 
     def __init__(self, cache: KeyValueTable, backing: Storage) -> None:
@@ -73,6 +75,20 @@ class CachedKeyValueTable(Storage):
 
     def _write_back(self, evicted: EvictedRows) -> None:
         self._backing_insert(evicted.keys, evicted.values, evicted.scores)
+
+    def _carry_counts(self, keys: torch.Tensor, slots: torch.Tensor, in_backing: torch.Tensor) -> None:
+        """LFU: keys just cached (at ``slots``) that come from a backing table add the count they had
+        there, so a key moving between the tiers keeps its frequency instead of restarting at 1."""
+        if self.cache.index.score_strategy != DynamicEmbScoreStrategy.LFU or not isinstance(
+            self.backing, KeyValueTable
+        ):
+            return
+        back_pos = _positions(in_backing)
+        if back_pos.numel() == 0:
+            return
+        backing_counts, _ = self.backing.find_scores(keys[back_pos].to(self.backing.device))
+        counts = self.cache.index.scores_at(slots[back_pos]) + backing_counts.to(self.device)
+        self.cache.index.insert_or_assign(keys[back_pos], counts)
 
     def _rows_from_backing(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of ``keys`` from ``backing``, fresh initializer rows where absent; and ``found``."""
@@ -159,8 +175,9 @@ class CachedKeyValueTable(Storage):
         slots = result.slots
         new_pos = _positions(~result.existed & (slots >= 0))
         if new_pos.numel():
-            rows, _ = self._rows_from_backing(keys[new_pos])
+            rows, in_backing = self._rows_from_backing(keys[new_pos])
             self.cache.values.write(slots[new_pos], rows)
+            self._carry_counts(keys[new_pos], slots[new_pos], in_backing)
         table_pos = _positions(slots >= 0)
         elsewhere_pos = _positions(slots < 0)
         embeddings = torch.zeros((keys.numel(), self.dim), dtype=self.dtype, device=self.device)

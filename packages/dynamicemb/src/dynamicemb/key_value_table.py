@@ -172,6 +172,12 @@ class KeyValueTable(Storage):
     def contains(self, keys: torch.Tensor) -> torch.Tensor:
         return self.index.find(keys)[1]
 
+    def find_scores(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys [N]`` -> ``(scores [N] int64, found [N])``; missing keys read as 0. Scores are not touched."""
+        slots, found = self.index.find(keys)
+        scores = self.index.scores_at(slots.clamp(min=0))
+        return torch.where(found, scores, torch.zeros_like(scores)), found
+
     def find_or_insert(self, keys: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Unique ``keys [N]`` -> ``values [N, value_dim]``; keys not present are inserted with
         ``new_rows``. A key the table refuses gets fresh ``new_rows`` values that are not stored."""

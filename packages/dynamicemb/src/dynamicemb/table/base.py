@@ -108,6 +108,10 @@ class ScoredHashTable(ABC):
         return self.insert_or_assign(keys, scores)
 
     @abstractmethod
+    def scores_at(self, slots: torch.Tensor) -> torch.Tensor:
+        """``slots [N]`` int64 of occupied slots (e.g. from :meth:`find`) -> their scores ``[N]`` int64."""
+
+    @abstractmethod
     def erase(self, keys: torch.Tensor) -> torch.Tensor:
         """Remove keys; returns ``[N]`` bool, True where a key was present and removed."""
 

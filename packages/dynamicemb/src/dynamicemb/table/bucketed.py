@@ -155,6 +155,13 @@ class BucketedHashTable(ScoredHashTable):
         and present keys get their score set; the caller assigns values at the returned slots."""
         return self.find_or_insert(keys, scores)
 
+    def scores_at(self, slots: torch.Tensor) -> torch.Tensor:
+        if slots.dtype != torch.int64 or slots.dim() != 1:
+            raise ValueError(f"slots must be a 1-D int64 tensor, got {slots.dtype} of shape {tuple(slots.shape)}")
+        if bool(((slots < 0) | (slots >= self.capacity)).any()):
+            raise ValueError(f"slots must be in [0, {self.capacity}) (missing keys have slot -1)")
+        return self._storage.scores[slots.to(self.device)]
+
     def erase(self, keys: torch.Tensor) -> torch.Tensor:
         self._check_keys(keys)
         if keys.numel() == 0:
