@@ -122,6 +122,29 @@ def test_positions_counted_from_the_start_number_candidates_after_the_history() 
     assert sequence.values[:, 1].tolist() == [0, 0, 0, 1000, 1000, 2000, 0, 0, 0, 0, 1000]
 
 
+def test_time_from_the_previous_event_uses_only_earlier_timestamps() -> None:
+    config = PositionEncodingConfig(
+        num_position_buckets=8, use_time_encoding=True, num_time_buckets=16, count_from="start", time_from="previous"
+    )
+    preprocessor = _preprocessor(position_encoding=config)
+    with torch.no_grad():
+        preprocessor.position_encoder.position_table.zero_()
+        preprocessor.position_encoder.time_table.zero_()[:, 2] = torch.arange(16.0)
+    times = [0, 36, 100, 7, 16]
+    sequence = preprocessor(_embeddings([1, 2], [3, 2]), _batch([1, 2], [3, 2], [1, 1], timestamps=times))
+    # user 0: history gaps 0 (first), 36 -> sqrt buckets 0, 6; candidate 100 - 36 = 64 -> 8
+    # user 1: history gap 0 -> 0; candidate 16 - 7 = 9 -> 3
+    assert sequence.values[:, 2].tolist() == [0, 0, 0, 6, 6, 8, 0, 0, 0, 0, 3]
+    # a later event does not change the encodings of the earlier tokens
+    later = preprocessor(_embeddings([1, 2], [3, 2]), _batch([1, 2], [3, 2], [1, 1], timestamps=[0, 36, 900, 7, 16]))
+    assert later.values[:5, 2].tolist() == sequence.values[:5, 2].tolist()
+
+
+def test_time_from_must_be_query_or_previous() -> None:
+    with pytest.raises(ValueError, match="time_from"):
+        PositionEncodingConfig(time_from="start")
+
+
 def test_position_count_from_must_be_start_or_end() -> None:
     with pytest.raises(ValueError, match="count_from"):
         PositionEncodingConfig(count_from="middle")

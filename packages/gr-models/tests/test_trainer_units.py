@@ -114,6 +114,8 @@ def test_retrieval_runs_count_positions_from_the_start_unless_told_otherwise() -
     assert build_hstu_config(load_config(None, []), cpu).position_encoding.count_from == "end"
     retrieval = load_config(None, ["task=retrieval"])
     assert build_hstu_config(retrieval, cpu).position_encoding.count_from == "start"
+    assert build_hstu_config(retrieval, cpu).position_encoding.time_from == "previous"
+    assert build_hstu_config(load_config(None, []), cpu).position_encoding.time_from == "query"
     explicit = load_config(None, ["task=retrieval", "hstu.position_encoding={count_from: end}"])
     assert build_hstu_config(explicit, cpu).position_encoding.count_from == "end"
 
@@ -128,6 +130,9 @@ def test_retrieval_gr_warns_when_positions_count_from_the_end() -> None:
     hstu = get_hstu_config(32, 16, 2, 1, position_encoding=PositionEncodingConfig(count_from="end"))
     with pytest.warns(UserWarning, match="count_from='start'"):
         RetrievalGR(hstu, schema_model.task_config, torch.device("cpu"))
+    timed = PositionEncodingConfig(count_from="start", use_time_encoding=True, time_from="query")
+    with pytest.warns(UserWarning, match="time_from='previous'"):
+        RetrievalGR(get_hstu_config(32, 16, 2, 1, position_encoding=timed), schema_model.task_config, "cpu")
 
 
 def _synthetic_schema(config) -> DatasetSchema:

@@ -28,8 +28,12 @@ class PositionEncodingConfig:
     no next item to predict), so counting from the end leaves the encoding of the one position every evaluation
     query has untrained.
     With `use_time_encoding`, a learned vector per time bucket is added too; the bucket of a token is
-    `fn((query_time - token_time) / time_bucket_divisor)` with `fn` "sqrt" or "log", where `query_time` is the
-    sequence's largest timestamp, clamped to `num_time_buckets - 1`.
+    `fn(age / time_bucket_divisor)` with `fn` "sqrt" or "log", clamped to `num_time_buckets - 1`. With
+    `time_from="query"` (the default, for ranking) the age is `query_time - token_time`, `query_time` being the
+    sequence's largest timestamp. With `time_from="previous"` it is the time since the previous history event
+    (0 for the first; a candidate's is its time minus the last history event's): every token then depends only
+    on its own and earlier timestamps, so a training query at any position sees what an evaluation query sees.
+    Retrieval needs "previous", for the reason it needs positions counted from the start.
     """
 
     num_position_buckets: int = 512
@@ -38,10 +42,13 @@ class PositionEncodingConfig:
     time_bucket_fn: str = "sqrt"
     time_bucket_divisor: float = 1.0
     count_from: str = "end"
+    time_from: str = "query"
 
     def __post_init__(self) -> None:
         if self.count_from not in ("end", "start"):
             raise ValueError(f"count_from must be 'end' or 'start', got {self.count_from!r}")
+        if self.time_from not in ("query", "previous"):
+            raise ValueError(f"time_from must be 'query' or 'previous', got {self.time_from!r}")
         if self.num_position_buckets < 1:
             raise ValueError(f"num_position_buckets must be >= 1, got {self.num_position_buckets}")
         if self.num_time_buckets < 1:

@@ -51,6 +51,13 @@ class RetrievalGR(GRModel):
                 "use PositionEncodingConfig(count_from='start')",
                 stacklevel=2,
             )
+        if position is not None and position.use_time_encoding and position.time_from == "query":
+            warnings.warn(
+                "RetrievalGR with time encoding measured from the query time (time_from='query'): a training "
+                "query's tokens then encode how long before the sequence's last event they happened, which an "
+                "evaluation query never sees; use PositionEncodingConfig(time_from='previous')",
+                stacklevel=2,
+            )
         self.hstu_config = hstu_config
         self.task_config = task_config
         self.embedding = ShardedEmbedding(task_config.embedding_configs, self.device)

@@ -161,8 +161,13 @@ class HSTUPreprocessor(nn.Module):
                 0, item_ids, item_times, reduce="amax", include_self=False
             )
             history_times, candidate_times = item_times[~is_candidate], item_times[is_candidate]
-            history_ages = query_time[history_ids] - history_times
-            candidate_ages = query_time[candidate_ids] - candidate_times
+            if self.position_encoder is not None and self.position_encoder.config.time_from == "previous":
+                history_ages, candidate_ages = _times_since_previous_event(
+                    history_times, event, history_ids, history_lengths, candidate_times, candidate_ids
+                )
+            else:
+                history_ages = query_time[history_ids] - history_times
+                candidate_ages = query_time[candidate_ids] - candidate_times
 
         if self.position_encoder is not None:
             history_values = self.position_encoder(history_values, history_positions, history_ages)
@@ -212,3 +217,22 @@ class HSTUPreprocessor(nn.Module):
     def _static_bound(batch: Batch, stride: int) -> int:
         bounds = batch.feature_to_max_seqlen
         return max(1, sum(bounds[n] for n in batch.contextual_feature_names) + stride * bounds[batch.item_feature_name])
+
+
+def _times_since_previous_event(
+    history_times: Tensor,
+    event: Tensor,
+    history_ids: Tensor,
+    history_lengths: Tensor,
+    candidate_times: Tensor,
+    candidate_ids: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Ages for `time_from="previous"`: `[H]` time since the previous history event of the same sequence (0 for
+    the first event) and `[C]` candidate time minus the sequence's last history event time (0 without history).
+    History tokens are sequence-major with `event [H]` their index in the sequence."""
+    previous = torch.where(event == 0, history_times, history_times.roll(1))
+    last = torch.zeros_like(history_lengths).scatter_reduce(0, history_ids, history_times, "amax", include_self=False)
+    candidate_ages = torch.where(
+        history_lengths[candidate_ids] > 0, candidate_times - last[candidate_ids], torch.zeros_like(candidate_times)
+    )
+    return history_times - previous, candidate_ages

@@ -183,7 +183,9 @@ def build_hstu_config(config: RunConfig, device: torch.device) -> HSTUConfig:
         options = dict(section.position_encoding)
         if config.task == "retrieval":
             # retrieval never trains the most recent event as a query: count positions from the oldest event
+            # and measure times from the previous event, not from the sequence's end
             options.setdefault("count_from", "start")
+            options.setdefault("time_from", "previous")
         position = PositionEncodingConfig(**options)
     return get_hstu_config(
         hidden_size=section.hidden_size,
