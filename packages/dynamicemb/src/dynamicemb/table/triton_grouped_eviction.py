@@ -23,12 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dynamicemb.table.triton_kernels import _coordinates
-
-# Mirrors of dynamicemb.table.layout / triton_kernels (Triton kernels cannot read module globals).
-FIRST_DIGEST: tl.constexpr = tl.constexpr(3)
-NO_SLOT: tl.constexpr = tl.constexpr(9223372036854775807)
-DEFERRED: tl.constexpr = tl.constexpr(-2)
+from dynamicemb.table.triton_kernels import DEFERRED, FIRST_DIGEST, _coordinates, _take_lowest
 
 
 @triton.jit
@@ -152,9 +147,7 @@ def evict_grouped_kernel(
             victim_col = tl.full([CHUNK], BUCKET, tl.int32)
             victim_score = tl.zeros([CHUNK], tl.int64)
             for j in range(0, picks):
-                lowest = tl.min(tl.where(available, held_scores, NO_SLOT), axis=0)
-                col = tl.min(tl.where(available & (held_scores == lowest), cols, BUCKET), axis=0)
-                available = available & (cols != col)
+                lowest, col, available = _take_lowest(available, held_scores, cols, BUCKET)
                 victim_col = tl.where(head & (rank == j), col, victim_col)
                 victim_score = tl.where(head & (rank == j), lowest, victim_score)
             won = head & (victim_col < BUCKET) & (score >= victim_score)

@@ -239,6 +239,14 @@ def insert_kernel(
 
 
 @triton.jit
+def _take_lowest(available, held_scores, cols, BUCKET: tl.constexpr):
+    """The lowest-score available column (lowest column on ties): ``(score, column, available without it)``."""
+    lowest = tl.min(tl.where(available, held_scores, NO_SLOT), axis=0)
+    col = tl.min(tl.where(available & (held_scores == lowest), cols, BUCKET), axis=0)
+    return lowest, col, available & (cols != col)
+
+
+@triton.jit
 def evict_kernel(
     segment_bucket_ptr,
     segment_start_ptr,
@@ -283,9 +291,7 @@ def evict_kernel(
         victim_col = tl.zeros([CHUNK], tl.int32)
         victim_score = tl.zeros([CHUNK], tl.int64)
         for j in range(0, tl.minimum(CHUNK, placed_count - chunk)):
-            lowest = tl.min(tl.where(available, held_scores, NO_SLOT), axis=0)
-            col = tl.min(tl.where(available & (held_scores == lowest), cols, BUCKET), axis=0)
-            available = available & (cols != col)
+            lowest, col, available = _take_lowest(available, held_scores, cols, BUCKET)
             victim_col = tl.where(lanes == j, col, victim_col)
             victim_score = tl.where(lanes == j, lowest, victim_score)
         has = lane < placed_count
