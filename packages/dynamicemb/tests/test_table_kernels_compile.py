@@ -28,8 +28,7 @@ CASES = {
     "triton_kernels:scatter_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
     "triton_grouped_eviction:count_deferred_kernel": {"NUM_GROUPS": 8, "BLOCK": 1024},
     "triton_grouped_eviction:place_deferred_kernel": {"NUM_GROUPS": 8, "BLOCK": 1024},
-    "triton_grouped_eviction:evict_grouped_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16,
-                                                     "COLUMNS": 16},
+    "triton_grouped_eviction:evict_grouped_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
 }  # fmt: skip
 
 _CHILD = r"""

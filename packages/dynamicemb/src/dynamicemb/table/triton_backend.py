@@ -245,7 +245,6 @@ class TritonHashTable(BucketedHashTable):
             BUCKET=storage.bucket_capacity,
             NUM_GROUPS=storage.num_groups,
             CHUNK=16,
-            COLUMNS=min(16, storage.bucket_capacity),
             num_warps=_EVICT_WARPS,
         )
         won = evicted.nonzero().squeeze(1)

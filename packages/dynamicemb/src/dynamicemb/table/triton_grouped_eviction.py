@@ -102,13 +102,12 @@ def evict_grouped_kernel(
     BUCKET: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     CHUNK: tl.constexpr,
-    COLUMNS: tl.constexpr,
 ):
     """One program per listed bucket; the program owns the bucket, so no atomics on it.
 
     The bucket's lanes are taken ``CHUNK`` at a time. A lane whose key an earlier chunk placed
-    (found by reading the bucket back, ``COLUMNS`` slots at a time; a bucket rarely gets more than
-    one chunk), or an earlier lane of the same chunk holds, gets that key's slot. The other lanes
+    (found by reading the bucket back; a bucket rarely gets more than one chunk), or an earlier lane
+    of the same chunk holds, gets that key's slot. The other lanes
     (one per distinct key) take the entries not touched by this call in ascending (score, column)
     order, picked by successive minimum searches over the bucket held in registers; a key whose
     call score is lower than its entry's, or that finds no entry left, is refused (slot -1)."""
@@ -133,16 +132,16 @@ def evict_grouped_kernel(
             earlier_slot = tl.full([CHUNK], -1, tl.int64)
             if chunk > 0:
                 tl.debug_barrier()  # the previous chunk's stores to the bucket are visible below
-                for c in tl.static_range(0, BUCKET, COLUMNS):
-                    at = first_slot + c + tl.arange(0, COLUMNS)
-                    same = (tl.load(digests_ptr + at).to(tl.int32)[None, :] == digest[:, None]) & (
-                        tl.load(keys_ptr + at)[None, :] == key[:, None]
-                    )
-                    earlier_slot = tl.maximum(earlier_slot, tl.max(tl.where(same, at[None, :], -1), axis=1))
+                for c in range(0, BUCKET):  # one slot at a time: few registers for a rare path
+                    at = first_slot + c
+                    same = (tl.load(digests_ptr + at).to(tl.int32) == digest) & (tl.load(keys_ptr + at) == key)
+                    earlier_slot = tl.where(same, at, earlier_slot)
             twin = live[:, None] & live[None, :] & (key[:, None] == key[None, :])
             first_twin = tl.min(tl.where(twin, lanes[None, :], CHUNK), axis=1)
             head = live & (earlier_slot < 0) & (first_twin == lanes)
-            rank = tl.cumsum(head.to(tl.int32), axis=0) - 1
+            # Rank among the chunk's heads (a masked row sum: no scan through shared memory).
+            before = head[None, :] & (lanes[None, :] < lanes[:, None])
+            rank = tl.sum(before.to(tl.int32), axis=1)
             picks = tl.minimum(tl.sum(head.to(tl.int32), axis=0), tl.sum(available.to(tl.int32), axis=0))
             victim_col = tl.full([CHUNK], BUCKET, tl.int32)
             victim_score = tl.zeros([CHUNK], tl.int64)
@@ -157,15 +156,14 @@ def evict_grouped_kernel(
             tl.store(scores_ptr + victim, tl.full([CHUNK], score, tl.int64), mask=won)
             tl.store(epochs_ptr + victim, tl.full([CHUNK], epoch, tl.int32), mask=won)
             tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
-            # Each lane's slot: its own victim, an earlier chunk's placement, or its first twin's slot.
-            head_slot = tl.where(won, victim, -1)
-            twin_slot = tl.sum(tl.where(lanes[None, :] == first_twin[:, None], head_slot[None, :], 0), axis=1)
+            # Each head's slot (or -1) goes to ``evicted_slots`` at its grouped position (only flagged
+            # positions are read back as evicted), where its twins read it after the barrier.
+            out = start + idx
+            tl.store(evicted_slots_ptr + out, tl.where(won, victim, -1), mask=head)
+            tl.debug_barrier()
+            twin_slot = tl.load(evicted_slots_ptr + start + chunk + first_twin, mask=live, other=-1)
             slot = tl.where(earlier_slot >= 0, earlier_slot, twin_slot)
             tl.store(slots_ptr + lane, slot, mask=live)
-            # The evicted entry goes where the lane sits in ``grouped`` (one global counter would
-            # serialize every program on one address).
-            out = start + idx
             tl.store(evicted_ptr + out, won.to(tl.int8), mask=live)
             tl.store(evicted_keys_ptr + out, victim_key, mask=won)
-            tl.store(evicted_slots_ptr + out, victim, mask=won)
             tl.store(evicted_scores_ptr + out, victim_score, mask=won)
