@@ -5,8 +5,8 @@ with the call's epoch, then a lock-free insertion of the rest into free slots (s
 :mod:`dynamicemb.table.triton_kernels`); keys whose bucket is full are then placed over low-score
 entries by one eviction launch (one program per bucket). With one score for the whole call
 (TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front: duplicate keys meet in the
-table itself or in the eviction program of their bucket, and the deferred keys are grouped by bucket
-on the device without a sort or a host synchronization
+table itself or in the eviction program of their bucket, and the deferred keys (counted per bucket by
+the insertion kernel) are grouped by bucket on the device without a sort or a host synchronization
 (:mod:`dynamicemb.table.triton_grouped_eviction`); the call synchronizes once, for the number of
 evicted entries. Per-key scores (LFU counts, caller scores) are first reduced over duplicates with
 ``torch.unique`` and the deferred keys grouped by bucket and descending score with torch sorts.
@@ -15,6 +15,7 @@ evicted entries. Per-key scores (LFU counts, caller scores) are first reduced ov
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -22,11 +23,7 @@ import triton
 from dynamicemb.table.base import InsertResult
 from dynamicemb.table.bucketed import BucketedHashTable, ScoreUpdate
 from dynamicemb.table.layout import TableStorage, hash_keys
-from dynamicemb.table.triton_grouped_eviction import (
-    count_deferred_kernel,
-    evict_grouped_kernel,
-    place_deferred_kernel,
-)
+from dynamicemb.table.triton_grouped_eviction import evict_grouped_kernel, place_deferred_kernel
 from dynamicemb.table.triton_kernels import (
     DEFERRED,
     SCORE_ADD,
@@ -81,6 +78,33 @@ _INSERT_WARPS = 4
 _EVICT_WARPS = 1
 # Lanes per program of the counting-sort kernels (per-lane atomics need BLOCK >= the program's threads).
 _GROUPING_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class _DeferredBuckets:
+    """What the insertion kernel lists for the grouped eviction: ``counts [num_buckets] int32``
+    (deferred lanes per bucket), ``segment_buckets [min(N, num_buckets)] int32`` (the buckets with
+    some, in any order; the first ``num_segments`` are set) and ``num_segments [1] int64``."""
+
+    counts: torch.Tensor
+    segment_buckets: torch.Tensor
+    num_segments: torch.Tensor
+
+    @staticmethod
+    def allocate(storage: TableStorage, keys: torch.Tensor) -> _DeferredBuckets:
+        n, device = keys.numel(), keys.device
+        if n >= 2**31:
+            raise ValueError(f"at most 2**31 - 1 keys per call, got {n}")
+        return _DeferredBuckets(
+            torch.zeros(storage.num_buckets, dtype=torch.int32, device=device),
+            torch.empty(min(n, storage.num_buckets), dtype=torch.int32, device=device),
+            torch.zeros(1, dtype=torch.int64, device=device),
+        )
+
+    @staticmethod
+    def placeholder(keys: torch.Tensor) -> _DeferredBuckets:
+        """Stand-ins for the kernel's unused pointers (never read or written)."""
+        return _DeferredBuckets(keys, keys, keys)
 
 
 def _block_size(device: torch.device) -> int:
@@ -138,9 +162,12 @@ class TritonHashTable(BucketedHashTable):
         update: ScoreUpdate,
         epoch: int,
         defer_full: bool,
+        deferred: _DeferredBuckets | None = None,
     ) -> None:
-        """Inserts in place into ``slots``: free slots only; full buckets give ``DEFERRED`` or -1."""
+        """Inserts in place into ``slots``: free slots only; full buckets give ``DEFERRED`` or -1.
+        With ``deferred`` (and ``defer_full``) the deferred lanes are also counted per bucket."""
         n = keys.numel()
+        lists = deferred if deferred is not None else _DeferredBuckets.placeholder(keys)
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
         insert_kernel[(triton.cdiv(n, block),)](
@@ -157,8 +184,12 @@ class TritonHashTable(BucketedHashTable):
             per_key,
             value,
             epoch,
+            lists.counts,
+            lists.segment_buckets,
+            lists.num_segments,
             SCORE_MODE=mode,
             DEFER_FULL=defer_full,
+            LIST_DEFERRED=deferred is not None,
             BUCKET=storage.bucket_capacity,
             GROUP=storage.group_size,
             NUM_GROUPS=storage.num_groups,
@@ -166,49 +197,24 @@ class TritonHashTable(BucketedHashTable):
             num_warps=_INSERT_WARPS,
         )
 
-    def _evict_deferred(
-        self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, update: ScoreUpdate, epoch: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Place the deferred lanes of ``slots`` over low-score entries (in place); returns the
-        evicted ``(keys, slots, scores)``."""
-        if update.values is None and not update.accumulate:
-            return self._evict_grouped(storage, keys, slots, update.value, epoch)
-        return self._evict_by_score(storage, keys, slots, update, epoch)
-
     def _evict_grouped(
-        self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, score: int, epoch: int
+        self,
+        storage: TableStorage,
+        keys: torch.Tensor,
+        slots: torch.Tensor,
+        deferred: _DeferredBuckets,
+        score: int,
+        epoch: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One score for the call (keys may repeat): grouped on the device by a counting sort (see
-        :mod:`dynamicemb.table.triton_grouped_eviction`). Two synchronizations: the number of
-        buckets with deferred keys (none: nothing more to launch) and the compaction of the evicted
-        entries."""
+        """One score for the call (keys may repeat): places the lanes the insertion deferred and
+        listed in ``deferred``, grouped on the device by a counting sort (see
+        :mod:`dynamicemb.table.triton_grouped_eviction`); returns the evicted ``(keys, slots,
+        scores)``. The host synchronizes once, for the number of evicted entries."""
         n, device = keys.numel(), keys.device
-        if n >= 2**31:
-            raise ValueError(f"at most 2**31 - 1 keys per call, got {n}")
-        counts = torch.zeros(storage.num_buckets, dtype=torch.int32, device=device)
-        tallies = torch.zeros(1, dtype=torch.int64, device=device)  # buckets with deferred keys
-        max_segments = min(n, storage.num_buckets)
-        segment_buckets = torch.empty(max_segments, dtype=torch.int32, device=device)
-        grid = (triton.cdiv(n, _GROUPING_BLOCK),)
-        count_deferred_kernel[grid](
-            keys,
-            slots,
-            n,
-            counts,
-            segment_buckets,
-            tallies,
-            storage.num_buckets,
-            NUM_GROUPS=storage.num_groups,
-            BLOCK=_GROUPING_BLOCK,
-        )
-        segments = int(tallies[0].item())
-        if segments == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return empty, empty, empty
-        starts = torch.cumsum(counts, 0, dtype=torch.int32)  # ends; place_deferred_kernel turns them into starts
+        starts = torch.cumsum(deferred.counts, 0, dtype=torch.int32)  # ends; place_deferred_kernel makes them starts
         grouped_lanes = torch.empty(n, dtype=torch.int32, device=device)
         grouped_keys = torch.empty_like(keys)
-        place_deferred_kernel[grid](
+        place_deferred_kernel[(triton.cdiv(n, _GROUPING_BLOCK),)](
             keys,
             slots,
             n,
@@ -219,22 +225,20 @@ class TritonHashTable(BucketedHashTable):
             NUM_GROUPS=storage.num_groups,
             BLOCK=_GROUPING_BLOCK,
         )
-        evicted = torch.zeros(n, dtype=torch.int8, device=device)
-        evicted_keys = torch.empty(n, dtype=torch.int64, device=device)
-        evicted_slots = torch.empty_like(evicted_keys)
-        evicted_scores = torch.empty_like(evicted_keys)
-        evict_grouped_kernel[(segments,)](
-            segment_buckets,
-            tallies,
-            counts,
+        num_evicted = torch.zeros(1, dtype=torch.int64, device=device)
+        evicted = torch.empty(3, n, dtype=torch.int64, device=device)  # keys, slots, scores
+        evict_grouped_kernel[(deferred.segment_buckets.numel(),)](
+            deferred.segment_buckets,
+            deferred.num_segments,
+            deferred.counts,
             starts,
             grouped_lanes,
             grouped_keys,
             slots,
-            evicted,
-            evicted_keys,
-            evicted_slots,
-            evicted_scores,
+            num_evicted,
+            evicted[0],
+            evicted[1],
+            evicted[2],
             storage.keys,
             storage.digests,
             storage.scores,
@@ -247,8 +251,8 @@ class TritonHashTable(BucketedHashTable):
             CHUNK=16,
             num_warps=_EVICT_WARPS,
         )
-        won = evicted.nonzero().squeeze(1)
-        return evicted_keys[won], evicted_slots[won], evicted_scores[won]
+        evicted = evicted[:, : int(num_evicted.item())]
+        return evicted[0], evicted[1], evicted[2]
 
     def _evict_by_score(
         self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, update: ScoreUpdate, epoch: int
@@ -316,9 +320,15 @@ class TritonHashTable(BucketedHashTable):
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
     ) -> InsertResult:
         slots, flags = self._launch_lookup(storage, keys, update, epoch, report_full=True)
-        self._launch_insert(storage, keys, flags, slots, update, epoch, defer_full=evict)
-        if evict:
-            evicted_keys, evicted_slots, evicted_scores = self._evict_deferred(storage, keys, slots, update, epoch)
+        one_score = update.values is None and not update.accumulate
+        deferred = _DeferredBuckets.allocate(storage, keys) if evict and one_score else None
+        self._launch_insert(storage, keys, flags, slots, update, epoch, defer_full=evict, deferred=deferred)
+        if deferred is not None:
+            evicted_keys, evicted_slots, evicted_scores = self._evict_grouped(
+                storage, keys, slots, deferred, update.value, epoch
+            )
+        elif evict:
+            evicted_keys, evicted_slots, evicted_scores = self._evict_by_score(storage, keys, slots, update, epoch)
         else:
             evicted_keys = evicted_slots = evicted_scores = torch.zeros(0, dtype=torch.int64, device=keys.device)
         return InsertResult(slots, flags == 1, evicted_keys, evicted_slots, evicted_scores)

@@ -1,20 +1,20 @@
-"""Eviction of deferred keys without host synchronization (calls with one score for all keys).
+"""Eviction of deferred keys with no sort and no host synchronization (calls with one score for all keys).
 
-After the insertion kernel, the lanes whose bucket was full hold ``DEFERRED``. Three kernels place
-them, all on the device and with no sort:
+The insertion kernel (``LIST_DEFERRED``) leaves ``DEFERRED`` in the slots of lanes whose bucket was
+full, counts them per bucket (``counts [num_buckets]``) and lists every bucket that has some
+(``segment_buckets``, ``num_segments``). Then, all on the device:
 
-1. ``count_deferred_kernel`` counts the deferred lanes of each bucket (``counts [num_buckets]``) and
-   lists every bucket that has some (``segment_buckets``, ``num_segments``).
-2. After an inclusive ``cumsum`` of the counts (``ends``), ``place_deferred_kernel`` writes each
+1. After an inclusive ``cumsum`` of the counts (``ends``), ``place_deferred_kernel`` writes each
    deferred lane into its bucket's range of ``grouped`` (a counting sort; lanes of one bucket land
    in any order). It leaves ``ends[b]`` at the start of bucket ``b``'s range.
-3. ``evict_grouped_kernel``, one program per listed bucket, deduplicates the bucket's lanes (equal
-   keys share a slot), gives the distinct keys the entries the call has not touched, lowest score
-   first, writes each lane's slot, and writes each evicted entry at its lane's position in
-   ``grouped`` with a flag in ``evicted`` (the host compacts them).
+2. ``evict_grouped_kernel`` runs one program per listed bucket (the grid has one program per
+   possible segment; the programs past ``num_segments`` return at once). Each deduplicates its
+   bucket's lanes (equal keys share a slot), gives the distinct keys the entries the call has not
+   touched, lowest score first, writes each lane's slot, and appends the evicted entries to the
+   output through one counter (``num_evicted``), one atomic per group of lanes.
 
-The order of a bucket's lanes, hence the order of the evicted entries and which of several
-contenders wins when a bucket has fewer evictable entries than contenders, depends on thread
+The host reads ``num_evicted`` once, at the end. The order of the evicted entries, and which of
+several contenders wins when a bucket has fewer evictable entries than contenders, depend on thread
 scheduling.
 """
 
@@ -24,34 +24,6 @@ import triton
 import triton.language as tl
 
 from dynamicemb.table.triton_kernels import DEFERRED, FIRST_DIGEST, _coordinates, _take_lowest
-
-
-@triton.jit
-def count_deferred_kernel(
-    query_ptr,
-    slots_ptr,
-    n,
-    counts_ptr,
-    segment_buckets_ptr,
-    num_segments_ptr,
-    num_buckets,
-    NUM_GROUPS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """``counts[b]`` += deferred lanes of bucket ``b``; the lane that brings a bucket's first count
-    appends ``b`` to ``segment_buckets`` (``num_segments`` counts them)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = offs < n
-    deferred = live & (tl.load(slots_ptr + offs, mask=live, other=0) == DEFERRED)
-    key = tl.load(query_ptr + offs, mask=deferred, other=0)
-    bucket, _, _ = _coordinates(key, num_buckets, NUM_GROUPS)
-    before = tl.atomic_add(counts_ptr + bucket, tl.full([BLOCK], 1, tl.int32), mask=deferred)
-    opens = deferred & (before == 0)
-    opened = tl.sum(opens.to(tl.int32), axis=0)
-    if opened > 0:
-        base = tl.atomic_add(num_segments_ptr, opened.to(tl.int64))
-        rank = tl.cumsum(opens.to(tl.int32), axis=0) - 1
-        tl.store(segment_buckets_ptr + base + rank, bucket.to(tl.int32), mask=opens)
 
 
 @triton.jit
@@ -80,6 +52,14 @@ def place_deferred_kernel(
 
 
 @triton.jit
+def _rank_among(selected, lanes):
+    """For each lane, how many ``selected`` lanes come before it (a masked row sum of a
+    ``[CHUNK, CHUNK]`` tile: no scan through shared memory)."""
+    before = selected[None, :] & (lanes[None, :] < lanes[:, None])
+    return tl.sum(before.to(tl.int32), axis=1)
+
+
+@triton.jit
 def evict_grouped_kernel(
     segment_buckets_ptr,
     num_segments_ptr,
@@ -88,7 +68,7 @@ def evict_grouped_kernel(
     grouped_lanes_ptr,
     grouped_keys_ptr,
     slots_ptr,
-    evicted_ptr,
+    num_evicted_ptr,
     evicted_keys_ptr,
     evicted_slots_ptr,
     evicted_scores_ptr,
@@ -139,9 +119,7 @@ def evict_grouped_kernel(
             twin = live[:, None] & live[None, :] & (key[:, None] == key[None, :])
             first_twin = tl.min(tl.where(twin, lanes[None, :], CHUNK), axis=1)
             head = live & (earlier_slot < 0) & (first_twin == lanes)
-            # Rank among the chunk's heads (a masked row sum: no scan through shared memory).
-            before = head[None, :] & (lanes[None, :] < lanes[:, None])
-            rank = tl.sum(before.to(tl.int32), axis=1)
+            rank = _rank_among(head, lanes)
             picks = tl.minimum(tl.sum(head.to(tl.int32), axis=0), tl.sum(available.to(tl.int32), axis=0))
             victim_col = tl.full([CHUNK], BUCKET, tl.int32)
             victim_score = tl.zeros([CHUNK], tl.int64)
@@ -156,14 +134,19 @@ def evict_grouped_kernel(
             tl.store(scores_ptr + victim, tl.full([CHUNK], score, tl.int64), mask=won)
             tl.store(epochs_ptr + victim, tl.full([CHUNK], epoch, tl.int32), mask=won)
             tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
-            # Each head's slot (or -1) goes to ``evicted_slots`` at its grouped position (only flagged
-            # positions are read back as evicted), where its twins read it after the barrier.
-            out = start + idx
-            tl.store(evicted_slots_ptr + out, tl.where(won, victim, -1), mask=head)
+            # Heads publish their slot (or -1) in ``slots``; after the barrier their twins copy it.
+            tl.store(slots_ptr + lane, tl.where(won, victim, -1), mask=head)
             tl.debug_barrier()
-            twin_slot = tl.load(evicted_slots_ptr + start + chunk + first_twin, mask=live, other=-1)
-            slot = tl.where(earlier_slot >= 0, earlier_slot, twin_slot)
-            tl.store(slots_ptr + lane, slot, mask=live)
-            tl.store(evicted_ptr + out, won.to(tl.int8), mask=live)
-            tl.store(evicted_keys_ptr + out, victim_key, mask=won)
-            tl.store(evicted_scores_ptr + out, victim_score, mask=won)
+            follower = live & ~head
+            copier = follower & (earlier_slot < 0)
+            twin_lane = tl.load(grouped_lanes_ptr + start + chunk + first_twin, mask=copier, other=0).to(tl.int64)
+            twin_slot = tl.load(slots_ptr + twin_lane, mask=copier, other=-1)
+            tl.store(slots_ptr + lane, tl.where(copier, twin_slot, earlier_slot), mask=follower)
+            # The evicted entries go to the output through one counter, one atomic per chunk.
+            won_count = tl.sum(won.to(tl.int32), axis=0)
+            if won_count > 0:
+                base = tl.atomic_add(num_evicted_ptr, won_count.to(tl.int64))
+                out = base + _rank_among(won, lanes)
+                tl.store(evicted_keys_ptr + out, victim_key, mask=won)
+                tl.store(evicted_slots_ptr + out, victim, mask=won)
+                tl.store(evicted_scores_ptr + out, victim_score, mask=won)

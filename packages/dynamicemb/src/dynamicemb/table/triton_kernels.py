@@ -155,8 +155,12 @@ def insert_kernel(
     score_ptr,
     score_value,
     epoch,
+    counts_ptr,
+    segment_buckets_ptr,
+    num_segments_ptr,
     SCORE_MODE: tl.constexpr,
     DEFER_FULL: tl.constexpr,
+    LIST_DEFERRED: tl.constexpr,
     BUCKET: tl.constexpr,
     GROUP: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
@@ -164,8 +168,9 @@ def insert_kernel(
 ):
     """Insert the keys with ``found == 0`` (a lookup with ``MARK_EPOCH`` ran before) at the first
     free slot of their probe sequence. A key whose bucket has no free slot gets slot ``DEFERRED``
-    (``DEFER_FULL``, for :func:`evict_kernel`) or ``-1`` (refused). Per-key score modes need
-    distinct keys."""
+    (``DEFER_FULL``, for the eviction kernels) or ``-1`` (refused). Per-key score modes need
+    distinct keys. With ``LIST_DEFERRED`` the deferred lanes are also counted per bucket for the
+    grouped eviction (see :func:`list_deferred_buckets`); the three pointers are unused otherwise."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
@@ -236,6 +241,25 @@ def insert_kernel(
         slot = tl.where(won, target, slot)
         pending = pending & ~won
     tl.store(slots_ptr + offs, slot, mask=live)
+    if LIST_DEFERRED:
+        list_deferred_buckets(
+            bucket, live & (slot == DEFERRED), counts_ptr, segment_buckets_ptr, num_segments_ptr, BLOCK
+        )
+
+
+@triton.jit
+def list_deferred_buckets(bucket, deferred, counts_ptr, segment_buckets_ptr, num_segments_ptr, BLOCK: tl.constexpr):
+    """``counts[b]`` += the ``deferred`` lanes of bucket ``b``; the lane that brings a bucket's first
+    count appends ``b`` to ``segment_buckets`` (``num_segments`` counts them). ``bucket`` and
+    ``deferred`` are ``[BLOCK]``, one lane per thread or more (an atomic's result is read only by
+    the thread that issued it)."""
+    before = tl.atomic_add(counts_ptr + bucket, tl.full([BLOCK], 1, tl.int32), mask=deferred)
+    opens = deferred & (before == 0)
+    opened = tl.sum(opens.to(tl.int32), axis=0)
+    if opened > 0:
+        base = tl.atomic_add(num_segments_ptr, opened.to(tl.int64))
+        rank = tl.cumsum(opens.to(tl.int32), axis=0) - 1
+        tl.store(segment_buckets_ptr + base + rank, bucket.to(tl.int32), mask=opens)
 
 
 @triton.jit
