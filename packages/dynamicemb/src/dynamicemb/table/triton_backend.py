@@ -7,7 +7,7 @@ entries by one eviction launch (one program per bucket). With one score for the 
 (TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front: duplicate keys meet in the
 table itself or in the eviction program of their bucket, and the deferred keys (counted per bucket by
 the insertion kernel) are grouped by bucket on the device without a sort or a host synchronization
-(:mod:`dynamicemb.table.triton_grouped_eviction`); the call synchronizes once, for the number of
+(:mod:`dynamicemb.table.triton_grouped_eviction`); the call synchronizes once, to compact the
 evicted entries. Per-key scores (LFU counts, caller scores) are first reduced over duplicates with
 ``torch.unique`` and the deferred keys grouped by bucket and descending score with torch sorts.
 """
@@ -209,7 +209,7 @@ class TritonHashTable(BucketedHashTable):
         """One score for the call (keys may repeat): places the lanes the insertion deferred and
         listed in ``deferred``, grouped on the device by a counting sort (see
         :mod:`dynamicemb.table.triton_grouped_eviction`); returns the evicted ``(keys, slots,
-        scores)``. The host synchronizes once, for the number of evicted entries."""
+        scores)``. The host synchronizes once, to compact the evicted entries."""
         n, device = keys.numel(), keys.device
         starts = torch.cumsum(deferred.counts, 0, dtype=torch.int32)  # ends; place_deferred_kernel makes them starts
         grouped_lanes = torch.empty(n, dtype=torch.int32, device=device)
@@ -225,7 +225,7 @@ class TritonHashTable(BucketedHashTable):
             NUM_GROUPS=storage.num_groups,
             BLOCK=_GROUPING_BLOCK,
         )
-        num_evicted = torch.zeros(1, dtype=torch.int64, device=device)
+        flags = torch.zeros(n, dtype=torch.int8, device=device)
         evicted = torch.empty(3, n, dtype=torch.int64, device=device)  # keys, slots, scores
         evict_grouped_kernel[(deferred.segment_buckets.numel(),)](
             deferred.segment_buckets,
@@ -235,7 +235,7 @@ class TritonHashTable(BucketedHashTable):
             grouped_lanes,
             grouped_keys,
             slots,
-            num_evicted,
+            flags,
             evicted[0],
             evicted[1],
             evicted[2],
@@ -251,7 +251,7 @@ class TritonHashTable(BucketedHashTable):
             CHUNK=16,
             num_warps=_EVICT_WARPS,
         )
-        evicted = evicted[:, : int(num_evicted.item())]
+        evicted = evicted[:, flags.nonzero().squeeze(1)]  # the synchronization
         return evicted[0], evicted[1], evicted[2]
 
     def _evict_by_score(
