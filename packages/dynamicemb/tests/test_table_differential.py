@@ -45,6 +45,19 @@ def _check_result(keys: torch.Tensor, result, table: ScoredHashTable) -> None:
         assert not bool(torch.isin(result.evicted_keys, keys).any()), "a call evicted one of its own keys"
 
 
+def _check_evicted_were_held(result, held_keys, held_slots, held_scores, capacity: int) -> None:
+    """Each evicted entry is one the table held before the call: its key, at that slot, with that score."""
+    occupied = torch.zeros(capacity, dtype=torch.bool, device=held_slots.device)
+    key_at = torch.zeros(capacity, dtype=torch.int64, device=held_slots.device)
+    score_at = torch.zeros(capacity, dtype=torch.int64, device=held_slots.device)
+    occupied[held_slots], key_at[held_slots], score_at[held_slots] = True, held_keys, held_scores
+    slots = result.evicted_slots
+    assert slots.unique().numel() == slots.numel(), "an entry was evicted twice"
+    assert bool(occupied[slots].all()), "an evicted slot held no entry"
+    assert torch.equal(key_at[slots], result.evicted_keys), "an evicted key is not the one its slot held"
+    assert torch.equal(score_at[slots], result.evicted_scores), "an evicted score is not the one its slot held"
+
+
 def _pair(device: torch.device, **kwargs) -> tuple[ScoredHashTable, ScoredHashTable]:
     return (
         create_hash_table(device=device, backend="torch", **kwargs),
@@ -106,8 +119,10 @@ def run_pressure(device: torch.device, capacity: int, bucket: int, batch: int, r
             if strategy == DynamicEmbScoreStrategy.CUSTOMIZED:
                 scores = torch.randint(0, 1000, keys.shape, generator=generator).to(device)
             before = table.size()
+            held_keys, held_slots, held_scores = table.export_batch(0, table.capacity)
             result = table.find_or_insert(keys, scores)
             _check_result(keys, result, table)
+            _check_evicted_were_held(result, held_keys, held_slots, held_scores, table.capacity)
             new_keys = keys[(result.slots >= 0) & ~result.existed].unique().numel()
             assert table.size() == before + new_keys - result.evicted_keys.numel()
         assert table.load_factor() > 0.9
