@@ -6,10 +6,11 @@ with the call's epoch, then a lock-free insertion of the rest into free slots (s
 entries by one eviction launch (one program per bucket). With one score for the whole call
 (TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front: duplicate keys meet in the
 table itself or in the eviction program of their bucket, and the deferred keys (counted per bucket by
-the insertion kernel) are grouped by bucket on the device without a sort or a host synchronization
-(:mod:`dynamicemb.table.triton_grouped_eviction`); the call synchronizes once, to compact the
-evicted entries. Per-key scores (LFU counts, caller scores) are first reduced over duplicates with
-``torch.unique`` and the deferred keys grouped by bucket and descending score with torch sorts.
+the insertion kernel) are grouped by bucket on the device without a sort
+(:mod:`dynamicemb.table.triton_grouped_eviction`); the call synchronizes once to learn whether any
+key was deferred and, if so, once more to compact the evicted entries. Per-key scores (LFU counts,
+caller scores) are first reduced over duplicates with ``torch.unique`` and the deferred keys grouped
+by bucket and descending score with torch sorts.
 """
 
 from __future__ import annotations
@@ -209,11 +210,19 @@ class TritonHashTable(BucketedHashTable):
         """One score for the call (keys may repeat): places the lanes the insertion deferred and
         listed in ``deferred``, grouped on the device by a counting sort (see
         :mod:`dynamicemb.table.triton_grouped_eviction`); returns the evicted ``(keys, slots,
-        scores)``. The host synchronizes once, to compact the evicted entries."""
+        scores)``. Two synchronizations: whether anything was deferred (if not, nothing more is
+        launched: the common case below load factor 1) and the compaction of the evicted entries.
+        What does not depend on the first is queued before it, so the device idles little there."""
         n, device = keys.numel(), keys.device
         starts = torch.cumsum(deferred.counts, 0, dtype=torch.int32)  # ends; place_deferred_kernel makes them starts
         grouped_lanes = torch.empty(n, dtype=torch.int32, device=device)
         grouped_keys = torch.empty_like(keys)
+        flags = torch.zeros(n, dtype=torch.int8, device=device)
+        evicted = torch.empty(3, n, dtype=torch.int64, device=device)  # keys, slots, scores
+        segments = int(deferred.num_segments.item())
+        if segments == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return empty, empty, empty
         place_deferred_kernel[(triton.cdiv(n, _GROUPING_BLOCK),)](
             keys,
             slots,
@@ -225,9 +234,7 @@ class TritonHashTable(BucketedHashTable):
             NUM_GROUPS=storage.num_groups,
             BLOCK=_GROUPING_BLOCK,
         )
-        flags = torch.zeros(n, dtype=torch.int8, device=device)
-        evicted = torch.empty(3, n, dtype=torch.int64, device=device)  # keys, slots, scores
-        evict_grouped_kernel[(deferred.segment_buckets.numel(),)](
+        evict_grouped_kernel[(segments,)](
             deferred.segment_buckets,
             deferred.num_segments,
             deferred.counts,
@@ -251,7 +258,7 @@ class TritonHashTable(BucketedHashTable):
             CHUNK=16,
             num_warps=_EVICT_WARPS,
         )
-        evicted = evicted[:, flags.nonzero().squeeze(1)]  # the synchronization
+        evicted = evicted[:, flags.nonzero().squeeze(1)]
         return evicted[0], evicted[1], evicted[2]
 
     def _evict_by_score(

@@ -1,4 +1,4 @@
-"""Eviction of deferred keys with no sort and no host synchronization (calls with one score for all keys).
+"""Eviction of deferred keys without a sort (calls with one score for all keys).
 
 The insertion kernel (``LIST_DEFERRED``) leaves ``DEFERRED`` in the slots of lanes whose bucket was
 full, counts them per bucket (``counts [num_buckets]``) and lists every bucket that has some
@@ -7,13 +7,13 @@ full, counts them per bucket (``counts [num_buckets]``) and lists every bucket t
 1. After an inclusive ``cumsum`` of the counts (``ends``), ``place_deferred_kernel`` writes each
    deferred lane into its bucket's range of ``grouped`` (a counting sort; lanes of one bucket land
    in any order). It leaves ``ends[b]`` at the start of bucket ``b``'s range.
-2. ``evict_grouped_kernel`` runs one program per listed bucket (the grid has one program per
-   possible segment; the programs past ``num_segments`` return at once). Each deduplicates its
+2. ``evict_grouped_kernel`` runs one program per listed bucket (programs past ``num_segments``
+   return at once, so a grid of ``min(N, num_buckets)`` needs no host count). Each deduplicates its
    bucket's lanes (equal keys share a slot), gives the distinct keys the entries the call has not
    touched, lowest score first, writes each lane's slot, and writes each evicted entry at its lane's
    position in ``grouped``, flagged in ``evicted``.
 
-The host synchronizes once, at the end, to compact the flagged entries. The order of the evicted entries, and which of
+The host compacts the flagged entries. The order of the evicted entries, and which of
 several contenders wins when a bucket has fewer evictable entries than contenders, depend on thread
 scheduling.
 """
