@@ -108,6 +108,26 @@ class _DeferredBuckets:
         return _DeferredBuckets(keys, keys, keys)
 
 
+class _HostCopy:
+    """A one-element device tensor copied to the host without blocking: on CUDA the copy goes to
+    pinned memory behind an event, so the host can queue more work before :meth:`wait`."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self._event: torch.cuda.Event | None = None
+        if value.device.type == "cuda":
+            self._host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self._host.copy_(value, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = value.clone()
+
+    def wait(self) -> int:
+        if self._event is not None:
+            self._event.synchronize()
+        return int(self._host[0])
+
+
 def _block_size(device: torch.device) -> int:
     # The interpreter pays per program instance, so it gets few large programs.
     return 256 if device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1" else 32 * _INSERT_WARPS
@@ -212,17 +232,13 @@ class TritonHashTable(BucketedHashTable):
         :mod:`dynamicemb.table.triton_grouped_eviction`); returns the evicted ``(keys, slots,
         scores)``. Two synchronizations: whether anything was deferred (if not, nothing more is
         launched: the common case below load factor 1) and the compaction of the evicted entries.
-        What does not depend on the first is queued before it, so the device idles little there."""
+        The first waits on a copy queued right after the insertion, while the ``cumsum`` and the
+        placing kernel (cheap when nothing was deferred) run, so the device does not idle there."""
         n, device = keys.numel(), keys.device
+        pending_count = _HostCopy(deferred.num_segments)
         starts = torch.cumsum(deferred.counts, 0, dtype=torch.int32)  # ends; place_deferred_kernel makes them starts
         grouped_lanes = torch.empty(n, dtype=torch.int32, device=device)
         grouped_keys = torch.empty_like(keys)
-        flags = torch.zeros(n, dtype=torch.int8, device=device)
-        evicted = torch.empty(3, n, dtype=torch.int64, device=device)  # keys, slots, scores
-        segments = int(deferred.num_segments.item())
-        if segments == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return empty, empty, empty
         place_deferred_kernel[(triton.cdiv(n, _GROUPING_BLOCK),)](
             keys,
             slots,
@@ -234,6 +250,12 @@ class TritonHashTable(BucketedHashTable):
             NUM_GROUPS=storage.num_groups,
             BLOCK=_GROUPING_BLOCK,
         )
+        segments = pending_count.wait()
+        if segments == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return empty, empty, empty
+        flags = torch.zeros(n, dtype=torch.int8, device=device)
+        evicted = torch.empty(3, n, dtype=torch.int64, device=device)  # keys, slots, scores
         evict_grouped_kernel[(segments,)](
             deferred.segment_buckets,
             deferred.num_segments,
