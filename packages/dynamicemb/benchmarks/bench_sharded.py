@@ -1,17 +1,17 @@
 """Sharded dynamic-table training throughput: lookup + backward (fused Adam) on 1 vs 2 GPUs.
 
 One ``EmbeddingCollection`` table (dim 128, fp32, Adam, ``use_index_dedup=True``, HASH key
-distribution) sharded row-wise by ``DistributedModelParallel`` with the dynamicemb planner and
-sharder. Every rank feeds the same per-rank batch size (weak scaling): ``--batch-size`` samples of
-``--ids-per-sample`` ids drawn from a skewed distribution over ``--id-space`` ids. A step is the
-forward (dedup, id all-to-all, shard lookups with insertion, embedding all-to-all) and the
-backward (gradient all-to-all, fused Adam on the owners' rows); ``--warmup`` steps fill the
-tables, then ``--steps`` steps are timed with the device synchronized, the slowest rank counting.
-
-Each world size runs in its own spawned processes (NCCL on ``cuda:<rank>``; gloo on CPU for a
-smoke test). Prints a table and writes JSON rows (``world_size``, ``ms_per_step``,
-``global_mids_per_s``: million ids looked up and trained per second over all ranks, ``device``,
-``date``, ``commit``) to ``--out`` (default ``results/sharded_<device>.json`` on a GPU).
+distribution; value rows in device memory, or in host memory with ``--value-memory host``) sharded
+row-wise by ``DistributedModelParallel`` with the dynamicemb planner and sharder. Every rank feeds
+the same per-rank batch size (weak scaling): ``--batch-size`` samples of ``--ids-per-sample`` ids
+drawn from a skewed distribution over ``--id-space`` ids. A step is the forward (dedup, id
+all-to-all, shard lookups with insertion, embedding all-to-all) and the backward (gradient
+all-to-all, fused Adam on the owners' rows); ``--warmup`` steps fill the tables, then ``--steps``
+steps are timed with the device synchronized, the slowest rank counting. Each world size runs in its
+own spawned processes (NCCL on ``cuda:<rank>``; gloo on CPU for a smoke test). Prints a table and
+writes JSON rows (``world_size``, ``ms_per_step``, ``global_mids_per_s``: million ids looked up and
+trained per second over all ranks, ``value_memory``, ``device``, ``date``, ``commit``) to ``--out``
+(default ``results/sharded_<device>.json`` on a GPU).
 
     python packages/dynamicemb/benchmarks/bench_sharded.py --world-sizes 1 2
 """
@@ -80,9 +80,11 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, que
     configs = [
         EmbeddingConfig(name="t", embedding_dim=args.dim, num_embeddings=args.num_embeddings, feature_names=["ids"])
     ]
-    constraints = {
-        "t": DynamicEmbParameterConstraints(use_dynamicemb=True, dynamicemb_options=DynamicEmbTableOptions())
-    }
+    # Value rows: embedding + Adam's two moments, fp32; "device" gives the whole table's rows HBM.
+    row_bytes = 3 * args.dim * 4
+    hbm = args.num_embeddings * row_bytes if args.value_memory == "device" else 0
+    options = DynamicEmbTableOptions(global_hbm_for_values=hbm)
+    constraints = {"t": DynamicEmbParameterConstraints(use_dynamicemb=True, dynamicemb_options=options)}
     topology = Topology(world_size=world_size, local_world_size=world_size, compute_device=device.type)
     sharder = DynamicEmbeddingCollectionSharder(
         fused_params={"optimizer": EmbOptimType.ADAM, "learning_rate": 1e-3}, use_index_dedup=True
@@ -130,6 +132,7 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, que
                 "dim": args.dim,
                 "optimizer": "adam",
                 "use_index_dedup": True,
+                "value_memory": args.value_memory,
                 "ids_per_rank_per_step": args.batch_size * args.ids_per_sample,
                 "id_space": args.id_space,
                 "stored_keys": sum(sizes),
@@ -158,6 +161,14 @@ def main() -> None:
     parser.add_argument("--ids-per-sample", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument(
+        "--value-memory",
+        choices=["device", "host"],
+        default="device",
+        help="where the value rows live: device memory (global_hbm_for_values = the whole table) or host memory "
+        "(global_hbm_for_values = 0, the options' default)",
+    )
+    parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse of this checkout)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if torch.cuda.is_available() and max(args.world_sizes) > torch.cuda.device_count():
@@ -170,7 +181,7 @@ def main() -> None:
             _worker, args=(world_size, _free_port(), args, queue), nprocs=world_size, start_method="spawn"
         )
         rows.append(queue.get())
-    date, commit = datetime.date.today().isoformat(), _commit()
+    date, commit = datetime.date.today().isoformat(), args.commit or _commit()
     baseline = rows[0]
     for row in rows:
         speedup = row["global_mids_per_s"] / baseline["global_mids_per_s"]

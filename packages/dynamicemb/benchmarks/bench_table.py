@@ -291,6 +291,27 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def _sharded_section(rows: list[dict]) -> list[str]:
+    """``bench_sharded.py`` rows: lookup + backward of one row-wise sharded table, per world size."""
+    first = rows[0]
+    lines = [
+        f"## Sharded lookup + backward, {first['device']} ({first['date']}, commit {first['commit']})",
+        "",
+        f"`bench_sharded.py`: dim {first['dim']}, {first['optimizer']}, {first['ids_per_rank_per_step']} ids per "
+        f"rank per step, value rows in {first.get('value_memory', '?')} memory.",
+        "",
+        "| GPUs | ms/step | million ids/s | speedup |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['world_size']} | {row['ms_per_step']:.1f} | {row['global_mids_per_s']:.2f} "
+            f"| {row['speedup_vs_baseline']:.2f} |"
+        )
+    notes = sorted({row["note"] for row in rows if row.get("note")})
+    return lines + [""] + [f"Note: {note}" for note in notes] + ([""] if notes else [])
+
+
 def write_readme() -> None:
     lines = [
         "# dynamicemb benchmarks",
@@ -316,6 +337,9 @@ def write_readme() -> None:
         if not rows:
             continue
         first = rows[0]
+        if path.name.startswith("sharded_"):
+            lines += _sharded_section(rows)
+            continue
         lines += [f"## {first['device']} ({first['date']}, commit {first['commit']})", ""]
         lines += [
             "| op | dim | load factor | ms | Gkeys/s | w/ index_select | index only | baseline |",
