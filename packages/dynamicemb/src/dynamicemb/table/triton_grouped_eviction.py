@@ -7,8 +7,8 @@ full, counts them per bucket (``counts [num_buckets]``) and lists every bucket t
 1. After an inclusive ``cumsum`` of the counts (``ends``), ``place_deferred_kernel`` writes each
    deferred lane into its bucket's range of ``grouped`` (a counting sort; lanes of one bucket land
    in any order). It leaves ``ends[b]`` at the start of bucket ``b``'s range.
-2. ``evict_grouped_kernel`` runs one program per listed bucket (programs past ``num_segments``
-   return at once, so a grid of ``min(N, num_buckets)`` needs no host count). Each deduplicates its
+2. ``evict_grouped_kernel`` runs one program per listed bucket (the host launches ``num_segments``
+   programs; any beyond that return at once). Each deduplicates its
    bucket's lanes (equal keys share a slot), gives the distinct keys the entries the call has not
    touched, lowest score first, writes each lane's slot, and writes each evicted entry at its lane's
    position in ``grouped``, flagged in ``evicted``.
@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dynamicemb.table.triton_kernels import DEFERRED, FIRST_DIGEST, _coordinates, _take_lowest
+from dynamicemb.table.triton_kernels import DEFERRED, FIRST_DIGEST, _claim_victims, _coordinates, _take_lowest
 
 
 @triton.jit
@@ -129,11 +129,10 @@ def evict_grouped_kernel(
                 victim_score = tl.where(head & (rank == j), lowest, victim_score)
             won = head & (victim_col < BUCKET) & (score >= victim_score)
             victim = first_slot + victim_col
-            # An exchange at L2: a load then a store of the same key slot cost ~2x more on an H100.
-            victim_key = tl.atomic_xchg(keys_ptr + victim, key, mask=won, sem="relaxed")
-            tl.store(scores_ptr + victim, tl.full([CHUNK], score, tl.int64), mask=won)
-            tl.store(epochs_ptr + victim, tl.full([CHUNK], epoch, tl.int32), mask=won)
-            tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
+            call_score = tl.full([CHUNK], score, tl.int64)
+            victim_key = _claim_victims(
+                victim, won, key, call_score, digest, epoch, keys_ptr, scores_ptr, epochs_ptr, digests_ptr
+            )
             # Heads publish their slot (or -1) in ``slots``; after the barrier their twins copy it.
             tl.store(slots_ptr + lane, tl.where(won, victim, -1), mask=head)
             tl.debug_barrier()

@@ -271,6 +271,18 @@ def _take_lowest(available, held_scores, cols, BUCKET: tl.constexpr):
 
 
 @triton.jit
+def _claim_victims(victim, won, key, score, digest, epoch, keys_ptr, scores_ptr, epochs_ptr, digests_ptr):
+    """Where ``won``, slot ``victim`` takes ``key`` with its score, the call's epoch and its digest;
+    returns the keys the slots held (undefined where not ``won``). The key is swapped by one
+    exchange at L2: a load then a store of the same slot cost about 2x more on an H100."""
+    victim_key = tl.atomic_xchg(keys_ptr + victim, key, mask=won, sem="relaxed")
+    tl.store(scores_ptr + victim, score, mask=won)
+    tl.store(epochs_ptr + victim, tl.full(victim.shape, epoch, tl.int32), mask=won)
+    tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
+    return victim_key
+
+
+@triton.jit
 def evict_kernel(
     segment_bucket_ptr,
     segment_start_ptr,
@@ -323,12 +335,10 @@ def evict_kernel(
         key = tl.load(query_ptr + start + lane, mask=live, other=0)
         score = tl.load(query_scores_ptr + start + lane, mask=live, other=0)
         won = has & (score >= victim_score)
-        # An exchange at L2: a load then a store of the same key slot cost ~2x more on an H100.
-        victim_key = tl.atomic_xchg(keys_ptr + victim, key, mask=won, sem="relaxed")
         _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
-        tl.store(scores_ptr + victim, score, mask=won)
-        tl.store(epochs_ptr + victim, tl.full([CHUNK], epoch, tl.int32), mask=won)
-        tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
+        victim_key = _claim_victims(
+            victim, won, key, score, digest, epoch, keys_ptr, scores_ptr, epochs_ptr, digests_ptr
+        )
         tl.store(slots_ptr + start + lane, tl.where(won, victim, -1), mask=live)
         tl.store(evicted_ptr + start + lane, won.to(tl.int8), mask=live)
         tl.store(evicted_keys_ptr + start + lane, victim_key, mask=won)
