@@ -6,9 +6,10 @@ GPU (default): a 16M-slot table (bucket 128, TIMESTAMP) at load factor 0.5 and 1
 - ``find``: 1M present keys -> slots, then the value rows gathered by slot;
 - ``find_or_insert``: 1M distinct keys, half present and half new (at load factor 1.0 each new key
   evicts), then the value rows gathered; the table is restored before every timed repetition;
-- ``insert_and_evict`` (load factor 1.0): 1M new keys, each evicting one entry; the evicted rows are
-  read out (``gather_rows``) and the new rows written in (``scatter_rows``, skipping refused keys), as
-  ``KeyValueTable.insert_and_evict`` does on the device; restored before every repetition;
+- ``insert_and_evict``: 1M new keys (at load factor 0.5 they take free slots, at 1.0 each evicts one
+  entry); the evicted rows are read out (``gather_rows``) and the new rows written in (``scatter_rows``,
+  skipping refused keys), as ``KeyValueTable.insert_and_evict`` does on the device; restored before
+  every repetition;
 - ``baseline``: ``values.index_select(0, slots)`` of the same 1M rows, in the same run.
 
 Each row reports the whole operation with the Triton row kernels (``gkeys_per_s``), with torch ops
@@ -133,7 +134,7 @@ def bench_load_factor(load_factor: float, args: argparse.Namespace) -> list[dict
     common = {"load_factor": round(table.load_factor(), 4), "keys": n, "capacity": capacity}
     rows: list[dict] = []
     for dim in args.dims:
-        rows += bench_dim(table, saved, dim, common, present, mixed, fresh, slots, evict=load_factor == 1.0)
+        rows += bench_dim(table, saved, dim, common, present, mixed, fresh, slots)
     return rows
 
 
@@ -146,7 +147,6 @@ def bench_dim(
     mixed: torch.Tensor,
     fresh: torch.Tensor,
     slots: torch.Tensor,
-    evict: bool,
 ) -> list[dict]:
     from dynamicemb.table.gather import gather_rows, scatter_rows
 
@@ -192,23 +192,22 @@ def bench_dim(
         lambda: gather_rows(values, table.find_or_insert(mixed).slots),
         lambda: values.index_select(0, table.find_or_insert(mixed).slots.clamp_min(0)),
     )
-    if evict:
-        new_rows = torch.randn(n, dim, device=table.device)
+    new_rows = torch.randn(n, dim, device=table.device)
 
-        def evict_and_move() -> torch.Tensor:
-            result = table.insert_and_evict(fresh)
-            evicted_rows = gather_rows(values, result.evicted_slots)
-            scatter_rows(values, result.slots, new_rows)
-            return evicted_rows
+    def evict_and_move() -> torch.Tensor:
+        result = table.insert_and_evict(fresh)
+        evicted_rows = gather_rows(values, result.evicted_slots)
+        scatter_rows(values, result.slots, new_rows)
+        return evicted_rows
 
-        def evict_and_move_torch() -> torch.Tensor:
-            result = table.insert_and_evict(fresh)
-            evicted_rows = values.index_select(0, result.evicted_slots)
-            placed = result.slots >= 0
-            values.index_copy_(0, result.slots[placed], new_rows[placed])
-            return evicted_rows
+    def evict_and_move_torch() -> torch.Tensor:
+        result = table.insert_and_evict(fresh)
+        evicted_rows = values.index_select(0, result.evicted_slots)
+        placed = result.slots >= 0
+        values.index_copy_(0, result.slots[placed], new_rows[placed])
+        return evicted_rows
 
-        timed("insert_and_evict", lambda: table.insert_and_evict(fresh), evict_and_move, evict_and_move_torch)
+    timed("insert_and_evict", lambda: table.insert_and_evict(fresh), evict_and_move, evict_and_move_torch)
     return rows
 
 
