@@ -6,12 +6,16 @@ row-wise by ``DistributedModelParallel`` with the dynamicemb planner and sharder
 the same per-rank batch size (weak scaling): ``--batch-size`` samples of ``--ids-per-sample`` ids
 drawn from a skewed distribution over ``--id-space`` ids. A step is the forward (dedup, id
 all-to-all, shard lookups with insertion, embedding all-to-all) and the backward (gradient
-all-to-all, fused Adam on the owners' rows); ``--warmup`` steps fill the tables, then ``--steps``
-steps are timed with the device synchronized, the slowest rank counting. Each world size runs in its
-own spawned processes (NCCL on ``cuda:<rank>``; gloo on CPU for a smoke test). Prints a table and
-writes JSON rows (``world_size``, ``ms_per_step``, ``global_mids_per_s``: million ids looked up and
-trained per second over all ranks, ``value_memory``, ``device``, ``date``, ``commit``) to ``--out``
-(default ``results/sharded_<device>.json`` on a GPU).
+all-to-all, fused Adam on the owners' rows); ``--warmup`` steps fill the tables, then each of
+``--steps`` steps is timed (CUDA events between steps, no host wait inside the loop), the slowest
+rank counting for each step. ``ms_per_step`` is the median step: one-off costs such as the first
+Triton compilation of the eviction kernels (when a table first fills) show in ``max_ms_per_step``
+and ``mean_ms_per_step``, not in the median. Each world size runs in its own spawned processes
+(NCCL on ``cuda:<rank>``; gloo on CPU for a smoke test). Prints a table and writes JSON rows
+(``world_size``, ``ms_per_step``, ``global_mids_per_s``: million ids looked up and trained per
+second over all ranks at the median step, ``value_memory``, ``device``, ``date``, ``commit``) to
+``--out`` (default ``results/sharded_<device>.json`` on a GPU). ``--profile DIR`` writes each rank's
+``torch.profiler`` operator table of a few extra steps.
 
     python packages/dynamicemb/benchmarks/bench_sharded.py --world-sizes 1 2
 """
@@ -23,6 +27,7 @@ import datetime
 import json
 import os
 import socket
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -113,18 +118,19 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, que
     for i in range(args.warmup):
         step(i)
     sync()
-    start = time.perf_counter()
-    for i in range(args.warmup, args.warmup + args.steps):
-        step(i)
-    sync()
-    elapsed = torch.tensor([time.perf_counter() - start], device=device)
-    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    if args.profile is not None:
+        _profile_steps(step, sync, args, rank, world_size, device)
+    step_ms = _timed_steps(step, sync, args, device)
+    # The slowest rank counts: per-step times are reduced with MAX before taking their median.
+    per_step = torch.tensor(step_ms, dtype=torch.float64, device=device)
+    dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
+    step_ms = per_step.tolist()
     table = next(iter(model.module.dynamic_embedding_tables().values()))
     sizes = [None] * world_size
     dist.all_gather_object(sizes, table.size())
     if rank == 0:
-        seconds = float(elapsed)
-        ids = world_size * args.batch_size * args.ids_per_sample * args.steps
+        median_ms = statistics.median(step_ms)
+        ids_per_step = world_size * args.batch_size * args.ids_per_sample
         queue.put(
             {
                 "bench": "sharded_lookup_backward",
@@ -136,12 +142,59 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, que
                 "ids_per_rank_per_step": args.batch_size * args.ids_per_sample,
                 "id_space": args.id_space,
                 "stored_keys": sum(sizes),
-                "ms_per_step": 1e3 * seconds / args.steps,
-                "global_mids_per_s": ids / seconds / 1e6,
+                "steps": args.steps,
+                "ms_per_step": median_ms,
+                "mean_ms_per_step": statistics.fmean(step_ms),
+                "max_ms_per_step": max(step_ms),
+                "global_mids_per_s": ids_per_step / median_ms / 1e3,
                 "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             }
         )
     dist.destroy_process_group()
+
+
+def _timed_steps(step: Any, sync: Any, args: argparse.Namespace, device: torch.device) -> list[float]:
+    """Milliseconds of each of ``--steps`` steps. On CUDA, events recorded between steps on the current
+    stream (no host wait inside the loop, so the host may run ahead as in training); on CPU, the
+    wall clock."""
+    sync()
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+        events[0].record()
+        for i in range(args.steps):
+            step(args.warmup + i)
+            events[i + 1].record()
+        sync()
+        return [events[i].elapsed_time(events[i + 1]) for i in range(args.steps)]
+    times = [time.perf_counter()]
+    for i in range(args.steps):
+        step(args.warmup + i)
+        times.append(time.perf_counter())
+    return [1e3 * (times[i + 1] - times[i]) for i in range(args.steps)]
+
+
+def _profile_steps(
+    step: Any, sync: Any, args: argparse.Namespace, rank: int, world_size: int, device: torch.device
+) -> None:
+    """Run ``--profile-steps`` extra steps under ``torch.profiler`` (before the timed ones) and write, per
+    rank, the operator table sorted by self device time and by self CPU time to ``--profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        for i in range(args.profile_steps):
+            step(10_000 + i)
+        sync()
+    averages = prof.key_averages()
+    tables = [f"world size {world_size}, rank {rank}, {args.profile_steps} steps, value memory {args.value_memory}"]
+    if device.type == "cuda":
+        tables += ["", "by self device time:", averages.table(sort_by="self_device_time_total", row_limit=30)]
+    tables += ["", "by self CPU time:", averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+    args.profile.mkdir(parents=True, exist_ok=True)
+    path = args.profile / f"sharded-{args.value_memory}-ws{world_size}-rank{rank}.txt"
+    path.write_text("\n".join(tables) + "\n")
+    if rank == 0:
+        print(f"wrote {path}")
 
 
 def _free_port() -> int:
@@ -170,6 +223,8 @@ def main() -> None:
     )
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse of this checkout)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", type=Path, default=None, help="folder for torch.profiler operator tables")
+    parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args()
     if torch.cuda.is_available() and max(args.world_sizes) > torch.cuda.device_count():
         raise SystemExit(f"{max(args.world_sizes)} GPUs asked for, {torch.cuda.device_count()} present")
@@ -187,9 +242,10 @@ def main() -> None:
         speedup = row["global_mids_per_s"] / baseline["global_mids_per_s"]
         row.update(date=date, commit=commit, baseline_world_size=baseline["world_size"], speedup_vs_baseline=speedup)
     unit = "GPUs" if torch.cuda.is_available() else "ranks"
-    print(f"{unit:>5} {'ms/step':>9} {'M ids/s':>9} {'speedup':>8} {'keys':>10}")
+    print(f"{unit:>5} {'ms/step':>9} {'mean':>9} {'max':>9} {'M ids/s':>9} {'speedup':>8} {'keys':>10}")
     for row in rows:
-        print(f"{row['world_size']:>5} {row['ms_per_step']:>9.2f} {row['global_mids_per_s']:>9.1f} "
+        print(f"{row['world_size']:>5} {row['ms_per_step']:>9.2f} {row['mean_ms_per_step']:>9.2f} "
+              f"{row['max_ms_per_step']:>9.2f} {row['global_mids_per_s']:>9.2f} "
               f"{row['speedup_vs_baseline']:>8.2f} {row['stored_keys']:>10}")  # fmt: skip
     out = args.out
     if out is None and torch.cuda.is_available():

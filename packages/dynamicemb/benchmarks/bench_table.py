@@ -291,24 +291,28 @@ def print_table(rows: list[dict]) -> None:
 
 
 def _sharded_section(rows: list[dict]) -> list[str]:
-    """``bench_sharded.py`` rows: lookup + backward of one row-wise sharded table, per world size."""
+    """``bench_sharded.py`` rows: lookup + backward of one row-wise sharded table, per world size and
+    value memory (speedup against 1 GPU with the same value memory)."""
     first = rows[0]
     lines = [
         f"## Sharded lookup + backward, {first['device']} ({first['date']}, commit {first['commit']})",
         "",
         f"`bench_sharded.py`: dim {first['dim']}, {first['optimizer']}, {first['ids_per_rank_per_step']} ids per "
-        f"rank per step, value rows in {first.get('value_memory', '?')} memory.",
+        "rank per step; ms/step is the median step where mean and max are given (older runs: the mean).",
         "",
-        "| GPUs | ms/step | million ids/s | speedup |",
-        "|---|---|---|---|",
+        "| value rows in | GPUs | ms/step | mean | max | million ids/s | speedup |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        mean, worst = (f"{row[key]:.1f}" if key in row else "-" for key in ("mean_ms_per_step", "max_ms_per_step"))
         lines.append(
-            f"| {row['world_size']} | {row['ms_per_step']:.1f} | {row['global_mids_per_s']:.2f} "
-            f"| {row['speedup_vs_baseline']:.2f} |"
+            f"| {row.get('value_memory', '?')} memory | {row['world_size']} | {row['ms_per_step']:.1f} | {mean} "
+            f"| {worst} | {row['global_mids_per_s']:.2f} | {row['speedup_vs_baseline']:.2f} |"
         )
     notes = sorted({row["note"] for row in rows if row.get("note")})
-    return lines + [""] + [f"Note: {note}" for note in notes] + ([""] if notes else [])
+    commands = sorted({row["command"] for row in rows if row.get("command")})
+    extra = [f"Note: {note}" for note in notes] + [f"Command: `{command}`" for command in commands]
+    return lines + [""] + extra + ([""] if extra else [])
 
 
 def write_readme() -> None:
