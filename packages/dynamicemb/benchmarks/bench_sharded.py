@@ -4,7 +4,8 @@ One ``EmbeddingCollection`` table (dim 128, fp32, Adam, ``use_index_dedup=True``
 distribution; value rows in device memory, or in host memory with ``--value-memory host``) sharded
 row-wise by ``DistributedModelParallel`` with the dynamicemb planner and sharder. Every rank feeds
 the same per-rank batch size (weak scaling): ``--batch-size`` samples of ``--ids-per-sample`` ids
-drawn from a skewed distribution over ``--id-space`` ids. A step is the forward (dedup, id
+drawn from a skewed distribution over ``--id-space`` ids, all drawn and moved to the device before
+the first step (each rank uses its share of the host's cores). A step is the forward (dedup, id
 all-to-all, shard lookups with insertion, embedding all-to-all) and the backward (gradient
 all-to-all, fused Adam on the owners' rows); ``--warmup`` steps fill the tables, then each of
 ``--steps`` steps is timed (CUDA events between steps, no host wait inside the loop), the slowest
@@ -75,6 +76,7 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, que
     )
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # ranks share the host's cores
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
@@ -106,8 +108,16 @@ def _worker(rank: int, world_size: int, port: int, args: argparse.Namespace, que
     plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
     model = DistributedModelParallel(module, device=device, sharders=[sharder], plan=plan)
 
+    # Every batch is drawn and moved to the device before the first step, as a training pipeline
+    # would prefetch it, so the steps time the model and not the input generator.
+    indices = [
+        *range(args.warmup + args.steps),
+        *(10_000 + i for i in range(args.profile_steps if args.profile else 0)),
+    ]
+    inputs = {i: _batch(args, i, rank, device) for i in indices}
+
     def step(i: int) -> None:
-        out = model(_batch(args, i, rank, device))
+        out = model(inputs[i])
         out["ids"].values().sum().backward()
 
     def sync() -> None:

@@ -315,6 +315,26 @@ def _sharded_section(rows: list[dict]) -> list[str]:
     return lines + [""] + extra + ([""] if extra else [])
 
 
+def _value_store_section(rows: list[dict]) -> list[str]:
+    """``bench_value_store.py`` rows: value rows read and written in device and pinned host memory."""
+    first = rows[0]
+    lines = [
+        f"## Value rows by tier, {first['device']} ({first['date']}, commit {first['commit']})",
+        "",
+        f"`bench_value_store.py`: {first['rows']} distinct random slots of a {first['capacity']}-row store, rows of "
+        f"{first['row_dim']} fp32 columns; `host, kernel` reaches pinned host memory from one Triton kernel, "
+        "`host, copy` selects the rows on the host and copies them.",
+        "",
+        "| store | op | columns | ms | GB/s |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['store']} | {row['op']} | {row['columns']} | {row['ms']:.3f} | {row['gbytes_per_s']:.1f} |"
+        )
+    return [*lines, ""]
+
+
 def write_readme() -> None:
     lines = [
         "# dynamicemb benchmarks",
@@ -342,6 +362,9 @@ def write_readme() -> None:
         first = rows[0]
         if path.name.startswith("sharded_"):
             lines += _sharded_section(rows)
+            continue
+        if path.name.startswith("value_store_"):
+            lines += _value_store_section(rows)
             continue
         lines += [f"## {first['device']} ({first['date']}, commit {first['commit']})", ""]
         lines += [

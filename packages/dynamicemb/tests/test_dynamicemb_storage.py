@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from dynamicemb import KeyValueTable, PyDictStorage
-from dynamicemb.storage import DeviceValueStore, SplitValueStore, create_value_store, resize_value_store
+from dynamicemb.storage import (
+    DeviceValueStore,
+    SplitValueStore,
+    create_value_store,
+    kernels_reach_pinned_memory,
+    resize_value_store,
+)
 from dynamicemb.table.base import SlotRemap
 from dynamicemb.types import DynamicEmbScoreStrategy
 
@@ -63,6 +69,46 @@ def test_split_store_puts_rows_past_the_budget_in_the_host_part() -> None:
     store.write(torch.tensor([2, 3]), torch.tensor([[1.0, 1.0], [2.0, 2.0]]))
     assert store.device_part[2].tolist() == [1.0, 1.0]
     assert store.host_part[0].tolist() == [2.0, 2.0]
+
+
+def test_split_store_copy_path_skips_missing_slots() -> None:
+    store = SplitValueStore(8, 2, torch.float32, CPU, device_rows=3)
+    store.write_placed(torch.tensor([-1, 1, 6]), torch.tensor([[9.0, 9.0], [1.0, 1.0], [6.0, 6.0]]))
+    assert store.read(torch.tensor([1, 6, -1])).tolist() == [[1.0, 1.0], [6.0, 6.0], [0.0, 0.0]]
+    assert store.host_access == "copy"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(device_rows=8), "device_rows"),
+        (dict(device_rows=2, host_access="dma"), "host_access"),
+        (dict(device_rows=2, host_access="kernel"), "needs a CUDA device"),
+    ],
+)
+def test_split_store_rejects_bad_arguments(kwargs, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SplitValueStore(8, 2, torch.float32, CPU, **kwargs)
+
+
+@pytest.mark.gpu
+def test_split_store_kernel_and_copy_paths_agree_gpu() -> None:
+    cuda = torch.device("cuda")
+    assert kernels_reach_pinned_memory(cuda), "Triton kernels cannot reach pinned host memory on this device"
+    stores = [SplitValueStore(4096, 24, torch.float32, cuda, 1000, host_access=a) for a in ("kernel", "copy")]
+    assert SplitValueStore(16, 2, torch.float32, cuda, 4).host_access == "kernel"
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        slots = torch.randperm(4096, generator=g)[:700].cuda()
+        slots[::7] = -1
+        rows = torch.randn(700, 24, generator=g).cuda()
+        for store in stores:
+            store.write_placed(slots, rows)
+        read = torch.randint(-1, 4096, (900,), generator=g).cuda()
+        torch.testing.assert_close(stores[0].read(read, columns=16), stores[1].read(read, columns=16), rtol=0, atol=0)
+    torch.cuda.synchronize()
+    assert torch.equal(stores[0].host_part, stores[1].host_part)
+    assert torch.equal(stores[0].device_part, stores[1].device_part)
 
 
 @pytest.mark.parametrize("budget", [None, 3 * 8])

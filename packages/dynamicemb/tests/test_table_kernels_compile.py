@@ -28,6 +28,8 @@ CASES = {
     "triton_kernels:evict_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
     "triton_kernels:gather_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
     "triton_kernels:scatter_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
+    "triton_kernels:gather_split_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
+    "triton_kernels:scatter_split_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
     "triton_grouped_eviction:place_deferred_kernel": {"NUM_GROUPS": 8, "BLOCK": 1024},
     "triton_grouped_eviction:evict_grouped_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
 }  # fmt: skip
@@ -41,6 +43,7 @@ import importlib
 
 types = {"digests_ptr": "*u8", "evicted_ptr": "*i8", "out_found_ptr": "*i8", "found_ptr": "*i8",
          "epochs_ptr": "*i32", "words_ptr": "*i32", "values_ptr": "*fp32", "out_ptr": "*fp32", "rows_ptr": "*fp32",
+         "device_ptr": "*fp32", "host_ptr": "*fp32",
          "epoch": "i32", "counts_ptr": "*i32", "ends_ptr": "*i32", "starts_ptr": "*i32",
          "grouped_lanes_ptr": "*i32",
          "segment_buckets_ptr": "*i32"}

@@ -7,6 +7,7 @@ from dynamicemb.storage.value_store import (
     SplitValueStore,
     ValueStore,
     create_value_store,
+    kernels_reach_pinned_memory,
     resize_value_store,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "Storage",
     "ValueStore",
     "create_value_store",
+    "kernels_reach_pinned_memory",
     "resize_value_store",
 ]

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 
 import torch
 
 from dynamicemb.table.base import SlotRemap
 
-__all__ = ["DeviceValueStore", "SplitValueStore", "ValueStore", "create_value_store", "resize_value_store"]
+__all__ = [
+    "DeviceValueStore",
+    "SplitValueStore",
+    "ValueStore",
+    "create_value_store",
+    "kernels_reach_pinned_memory",
+    "resize_value_store",
+]
 
 _COPY_CHUNK_ROWS = 1 << 20
 
@@ -79,29 +87,51 @@ class DeviceValueStore(ValueStore):
 class SplitValueStore(ValueStore):
     """Slots ``[0, device_rows)`` in device memory, the rest in host memory (pinned on CUDA).
 
-    Reading or writing host rows from a CUDA device moves the selected slots to the host (a
-    synchronization) and the rows across PCIe.
+    ``host_access`` says how a CUDA device reaches the host rows: ``"kernel"`` (default on CUDA when
+    the device can map pinned host memory) reads and writes both parts with one Triton kernel each,
+    the host rows crossing the bus inside the kernel, without a host synchronization; ``"copy"``
+    selects the host rows on the host and copies them (a synchronization per call). On the CPU both
+    parts are host memory and the rows move with torch indexing.
     """
 
-    def __init__(self, capacity: int, row_dim: int, dtype: torch.dtype, device: torch.device, device_rows: int) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        row_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        device_rows: int,
+        host_access: str | None = None,
+    ) -> None:
         if not 0 <= device_rows < capacity:
             raise ValueError(f"SplitValueStore: device_rows {device_rows} must be in [0, {capacity})")
+        if host_access not in (None, "kernel", "copy"):
+            raise ValueError(f"SplitValueStore: host_access must be 'kernel', 'copy' or None, got {host_access!r}")
+        if host_access == "kernel" and device.type != "cuda":
+            raise ValueError(f"SplitValueStore: host_access='kernel' needs a CUDA device, got {device}")
         self.capacity, self.row_dim, self.dtype, self.device = capacity, row_dim, dtype, device
         self._device_rows = device_rows
         self.device_part = torch.zeros((device_rows, row_dim), dtype=dtype, device=device)
         self.host_part = torch.zeros((capacity - device_rows, row_dim), dtype=dtype, pin_memory=device.type == "cuda")
+        if host_access is None:
+            host_access = "kernel" if device.type == "cuda" and kernels_reach_pinned_memory(device) else "copy"
+        self.host_access = host_access
 
     @property
     def device_rows(self) -> int:
         return self._device_rows
 
     def _split(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        on_device = slots < self._device_rows
-        return on_device.nonzero().squeeze(1), (~on_device).nonzero().squeeze(1)
+        on_device = (slots >= 0) & (slots < self._device_rows)
+        return on_device.nonzero().squeeze(1), (slots >= self._device_rows).nonzero().squeeze(1)
 
     def read(self, slots: torch.Tensor, columns: int | None = None) -> torch.Tensor:
         cols = self.row_dim if columns is None else columns
-        out = torch.empty((slots.numel(), cols), dtype=self.dtype, device=self.device)
+        if self.host_access == "kernel":
+            from dynamicemb.table.gather import gather_split_rows
+
+            return gather_split_rows(self.device_part[:, :cols], self.host_part[:, :cols], slots)
+        out = torch.zeros((slots.numel(), cols), dtype=self.dtype, device=self.device)
         device_pos, host_pos = self._split(slots)
         if device_pos.numel():
             out.index_copy_(0, device_pos, self.device_part[:, :cols].index_select(0, slots[device_pos]))
@@ -112,6 +142,11 @@ class SplitValueStore(ValueStore):
         return out
 
     def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.host_access == "kernel":
+            from dynamicemb.table.gather import scatter_split_rows
+
+            scatter_split_rows(self.device_part, self.host_part, slots, rows)
+            return
         rows = rows.to(self.dtype)
         device_pos, host_pos = self._split(slots)
         if device_pos.numel():
@@ -119,6 +154,31 @@ class SplitValueStore(ValueStore):
         if host_pos.numel():
             host_slots = (slots[host_pos] - self._device_rows).cpu()
             self.host_part.index_copy_(0, host_slots, rows[host_pos].cpu())
+
+    def write_placed(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.host_access == "kernel":
+            self.write(slots, rows)  # the kernel skips slot -1
+        else:
+            super().write_placed(slots, rows)
+
+
+@functools.cache
+def kernels_reach_pinned_memory(device: torch.device) -> bool:
+    """Whether a Triton kernel on CUDA ``device`` reads and writes pinned host memory correctly (mapped
+    into the device's address space): checked once per device on a few rows. ``False`` without Triton."""
+    try:
+        from dynamicemb.table.gather import gather_split_rows, scatter_split_rows
+
+        host = torch.arange(12, dtype=torch.float32).reshape(4, 3).pin_memory()
+        near = torch.full((1, 3), -1.0, device=device)
+        slots = torch.tensor([2, 0, -1, 4], device=device)
+        got = gather_split_rows(near, host, slots)
+        scatter_split_rows(near, host, torch.tensor([3], device=device), torch.full((1, 3), 7.0, device=device))
+        torch.cuda.synchronize(device)
+    except (ImportError, RuntimeError, ValueError):
+        return False
+    expected = torch.tensor([[3.0, 4.0, 5.0], [-1.0, -1.0, -1.0], [0.0, 0.0, 0.0], [9.0, 10.0, 11.0]])
+    return torch.equal(got.cpu(), expected) and torch.equal(host[2], torch.full((3,), 7.0))
 
 
 def create_value_store(

@@ -16,7 +16,9 @@ returned value is only reliable in the thread that issued it, and reductions pro
 replicate a lane across threads (triton-lang/triton#7402). ``BLOCK`` must be at least the number
 of threads of a program.
 
-``gather_rows_kernel`` copies value rows by slot (see :mod:`dynamicemb.table.gather`).
+``gather_rows_kernel`` and ``scatter_rows_kernel`` copy value rows by slot; their ``split``
+variants do the same for rows split between device memory and pinned host memory (see
+:mod:`dynamicemb.table.gather`).
 """
 
 from __future__ import annotations
@@ -391,3 +393,79 @@ def scatter_rows_kernel(
         move = hit[:, None] & (cols < dim)[None, :]
         row = tl.load(rows_ptr + rows[:, None] * rows_stride + cols[None, :], mask=move, other=0)
         tl.store(values_ptr + slot[:, None] * values_stride + cols[None, :], row, mask=move)
+
+
+@triton.jit
+def gather_split_rows_kernel(
+    device_ptr,
+    host_ptr,
+    slots_ptr,
+    out_ptr,
+    n,
+    dim,
+    device_rows,
+    device_stride,
+    host_stride,
+    out_stride,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``out[i]`` = row ``slots[i]`` of a store split in two: slots below ``device_rows`` in the device
+    part, the others at ``slot - device_rows`` in the host part (pinned host memory, read over the bus
+    on a GPU); rows of slot -1 are zeros."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = rows < n
+    slot = tl.load(slots_ptr + rows, mask=live, other=-1)
+    on_device = (slot >= 0) & (slot < device_rows)
+    on_host = slot >= device_rows
+    host_slot = tl.where(on_host, slot - device_rows, 0)
+    device_slot = tl.where(on_device, slot, 0)
+    for start in range(0, dim, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        in_row = (cols < dim)[None, :]
+        near = tl.load(
+            device_ptr + device_slot[:, None] * device_stride + cols[None, :], mask=on_device[:, None] & in_row, other=0
+        )
+        far = tl.load(
+            host_ptr + host_slot[:, None] * host_stride + cols[None, :], mask=on_host[:, None] & in_row, other=0
+        )
+        row = tl.where(on_device[:, None], near, far)
+        tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], row, mask=live[:, None] & in_row)
+
+
+@triton.jit
+def scatter_split_rows_kernel(
+    rows_ptr,
+    slots_ptr,
+    device_ptr,
+    host_ptr,
+    n,
+    dim,
+    device_rows,
+    rows_stride,
+    device_stride,
+    host_stride,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Row ``slots[i]`` of a split store (as in :func:`gather_split_rows_kernel`) ``= rows[i]``;
+    rows of slot -1 are skipped."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = rows < n
+    slot = tl.load(slots_ptr + rows, mask=live, other=-1)
+    on_device = (slot >= 0) & (slot < device_rows)
+    on_host = slot >= device_rows
+    host_slot = tl.where(on_host, slot - device_rows, 0)
+    device_slot = tl.where(on_device, slot, 0)
+    for start in range(0, dim, BLOCK_D):
+        cols = start + tl.arange(0, BLOCK_D)
+        in_row = (cols < dim)[None, :]
+        row = tl.load(
+            rows_ptr + rows[:, None] * rows_stride + cols[None, :],
+            mask=(on_device | on_host)[:, None] & in_row,
+            other=0,
+        )
+        tl.store(
+            device_ptr + device_slot[:, None] * device_stride + cols[None, :], row, mask=on_device[:, None] & in_row
+        )
+        tl.store(host_ptr + host_slot[:, None] * host_stride + cols[None, :], row, mask=on_host[:, None] & in_row)
