@@ -29,7 +29,10 @@ CASES = {
     "triton_kernels:gather_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
     "triton_kernels:scatter_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
     "triton_kernels:gather_split_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
+    "triton_kernels:gather_split_rows_kernel#dim384": {"ROWS": 32, "BLOCK_D": 128},
+    "triton_kernels:gather_split_rows_kernel#dim64": {"ROWS": 64, "BLOCK_D": 64},
     "triton_kernels:scatter_split_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
+    "triton_kernels:scatter_split_rows_kernel#dim384": {"ROWS": 32, "BLOCK_D": 128},
     "triton_grouped_eviction:place_deferred_kernel": {"NUM_GROUPS": 8, "BLOCK": 1024},
     "triton_grouped_eviction:evict_grouped_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
 }  # fmt: skip
@@ -44,6 +47,9 @@ import importlib
 types = {"digests_ptr": "*u8", "evicted_ptr": "*i8", "out_found_ptr": "*i8", "found_ptr": "*i8",
          "epochs_ptr": "*i32", "words_ptr": "*i32", "values_ptr": "*fp32", "out_ptr": "*fp32", "rows_ptr": "*fp32",
          "device_ptr": "*fp32", "host_ptr": "*fp32",
+         # row-kernel sizes and strides: Python ints below 2**31, which the launcher passes as i32
+         "dim": "i32", "device_rows": "i32", "device_stride": "i32", "host_stride": "i32",
+         "out_stride": "i32", "rows_stride": "i32", "values_stride": "i32",
          "epoch": "i32", "counts_ptr": "*i32", "ends_ptr": "*i32", "starts_ptr": "*i32",
          "grouped_lanes_ptr": "*i32",
          "segment_buckets_ptr": "*i32"}
@@ -53,8 +59,13 @@ for name, constexprs in json.loads(sys.argv[1]).items():
     kernel = getattr(importlib.import_module("dynamicemb.table." + module), kernel_name)
     signature = {a: types.get(a, "*i64" if a.endswith("_ptr") else "i64") for a in kernel.arg_names}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
+    # Pointers 16-byte aligned and row sizes multiples of 16 (dims 128, 384), as the launcher
+    # specializes them on a GPU.
+    aligned = {"dim", "device_rows", "device_stride", "host_stride", "out_stride", "rows_stride", "values_stride", "n"}
+    attrs = {(i,): [["tt.divisibility", 16]]
+             for i, a in enumerate(kernel.arg_names) if a.endswith("_ptr") or a in aligned}
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", 90, 32))
         results[name] = "ok" if compiled.asm.get("cubin") else "no cubin"
     except Exception:

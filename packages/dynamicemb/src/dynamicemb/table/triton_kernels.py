@@ -418,8 +418,10 @@ def gather_split_rows_kernel(
     slot = tl.load(slots_ptr + rows, mask=live, other=-1)
     on_device = (slot >= 0) & (slot < device_rows)
     on_host = slot >= device_rows
-    host_slot = tl.where(on_host, slot - device_rows, 0)
-    device_slot = tl.where(on_device, slot, 0)
+    # Masked-off lanes never dereference their address, so neither row index needs clamping (a
+    # tl.where here fails Triton 3.6's layout pass at some tile shapes).
+    host_slot = slot - device_rows
+    device_slot = slot
     for start in range(0, dim, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         in_row = (cols < dim)[None, :]
@@ -429,7 +431,7 @@ def gather_split_rows_kernel(
         far = tl.load(
             host_ptr + host_slot[:, None] * host_stride + cols[None, :], mask=on_host[:, None] & in_row, other=0
         )
-        row = tl.where(on_device[:, None], near, far)
+        row = tl.where(on_device[:, None] & in_row, near, far)
         tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], row, mask=live[:, None] & in_row)
 
 
@@ -455,8 +457,10 @@ def scatter_split_rows_kernel(
     slot = tl.load(slots_ptr + rows, mask=live, other=-1)
     on_device = (slot >= 0) & (slot < device_rows)
     on_host = slot >= device_rows
-    host_slot = tl.where(on_host, slot - device_rows, 0)
-    device_slot = tl.where(on_device, slot, 0)
+    # Masked-off lanes never dereference their address, so neither row index needs clamping (a
+    # tl.where here fails Triton 3.6's layout pass at some tile shapes).
+    host_slot = slot - device_rows
+    device_slot = slot
     for start in range(0, dim, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         in_row = (cols < dim)[None, :]
