@@ -29,7 +29,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -37,18 +36,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from benchmark_support import git_commit
 
 HERE = Path(__file__).resolve().parent
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _batch(args: argparse.Namespace, step: int, rank: int, device: torch.device) -> Any:
@@ -246,7 +236,7 @@ def main() -> None:
             _worker, args=(world_size, _free_port(), args, queue), nprocs=world_size, start_method="spawn"
         )
         rows.append(queue.get())
-    date, commit = datetime.date.today().isoformat(), args.commit or _commit()
+    date, commit = datetime.date.today().isoformat(), args.commit or git_commit()
     baseline = rows[0]
     for row in rows:
         speedup = row["global_mids_per_s"] / baseline["global_mids_per_s"]

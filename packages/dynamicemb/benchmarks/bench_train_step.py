@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+from benchmark_support import median_ms
 
 from dynamicemb import (
     DynamicEmbeddingTable,
@@ -29,26 +28,6 @@ from dynamicemb import (
 )
 
 LEARNING_RATE = 1e-3
-
-
-def _median_ms(device: torch.device, fn: Callable[[], None], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(stop))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
 
 
 def _dynamic_table(
@@ -101,8 +80,8 @@ def run_train_step_benchmark(
             with torch.no_grad():
                 dynamic_embedding_lookup(table, ids, training=True)
 
-        dynamic_ms = _median_ms(device, dynamic_step, warmup, repeats)
-        forward_ms = _median_ms(device, dynamic_forward, warmup, repeats)
+        dynamic_ms = median_ms(device, dynamic_step, warmup, repeats)
+        forward_ms = median_ms(device, dynamic_forward, warmup, repeats)
         load_factor = table.load_factor()
         unique = torch.unique(ids).numel()
         del table
@@ -115,7 +94,7 @@ def run_train_step_benchmark(
             adam.step()
             adam.zero_grad(set_to_none=True)
 
-        static_ms = _median_ms(device, static_step, warmup, repeats)
+        static_ms = median_ms(device, static_step, warmup, repeats)
         del embedding, adam
         rows.append(
             {

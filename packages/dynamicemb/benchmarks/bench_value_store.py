@@ -22,46 +22,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from benchmark_support import git_commit, median_ms
 
 from dynamicemb.storage import DeviceValueStore, SplitValueStore, ValueStore
 
 HERE = Path(__file__).resolve().parent
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(stop))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - begin))
-    return statistics.median(times)
 
 
 def _stores(args: argparse.Namespace, device: torch.device) -> dict[str, ValueStore]:
@@ -90,7 +59,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             ("write", args.row_dim, lambda s=store: s.write(slots, rows)),
         ]
         for op, columns, fn in ops:
-            ms = _median_ms(fn, device, args.repeats)
+            ms = median_ms(device, fn, warmup=1, repeats=args.repeats)
             results.append(
                 {
                     "bench": "value_store",
@@ -126,7 +95,7 @@ def main() -> None:
     if args.rows > args.capacity:
         raise SystemExit(f"--rows {args.rows} exceeds --capacity {args.capacity}")
     rows = run(args)
-    date, commit = datetime.date.today().isoformat(), args.commit or _commit()
+    date, commit = datetime.date.today().isoformat(), args.commit or git_commit()
     for row in rows:
         row.update(date=date, commit=commit)
     print(f"{'store':>14} {'op':>6} {'columns':>8} {'ms':>9} {'GB/s':>8}")

@@ -396,6 +396,18 @@ def scatter_rows_kernel(
 
 
 @triton.jit
+def _split_tile(slots_ptr, n, device_rows, ROWS: tl.constexpr):
+    """This program's ``ROWS`` row indexes, which are live (``< n``), their slots (-1 past ``n``), and
+    whether each slot's row is in the device part (``0 <= slot < device_rows``) or the host part.
+    Masked-off lanes never dereference their address, so the callers do not clamp the row indexes
+    (a ``tl.where`` there fails Triton 3.6's layout pass at some tile shapes)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = rows < n
+    slot = tl.load(slots_ptr + rows, mask=live, other=-1)
+    return rows, live, slot, (slot >= 0) & (slot < device_rows), slot >= device_rows
+
+
+@triton.jit
 def gather_split_rows_kernel(
     device_ptr,
     host_ptr,
@@ -413,20 +425,13 @@ def gather_split_rows_kernel(
     """``out[i]`` = row ``slots[i]`` of a store split in two: slots below ``device_rows`` in the device
     part, the others at ``slot - device_rows`` in the host part (pinned host memory, read over the bus
     on a GPU); rows of slot -1 are zeros."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = rows < n
-    slot = tl.load(slots_ptr + rows, mask=live, other=-1)
-    on_device = (slot >= 0) & (slot < device_rows)
-    on_host = slot >= device_rows
-    # Masked-off lanes never dereference their address, so neither row index needs clamping (a
-    # tl.where here fails Triton 3.6's layout pass at some tile shapes).
+    rows, live, slot, on_device, on_host = _split_tile(slots_ptr, n, device_rows, ROWS)
     host_slot = slot - device_rows
-    device_slot = slot
     for start in range(0, dim, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         in_row = (cols < dim)[None, :]
         near = tl.load(
-            device_ptr + device_slot[:, None] * device_stride + cols[None, :], mask=on_device[:, None] & in_row, other=0
+            device_ptr + slot[:, None] * device_stride + cols[None, :], mask=on_device[:, None] & in_row, other=0
         )
         far = tl.load(
             host_ptr + host_slot[:, None] * host_stride + cols[None, :], mask=on_host[:, None] & in_row, other=0
@@ -452,15 +457,8 @@ def scatter_split_rows_kernel(
 ):
     """Row ``slots[i]`` of a split store (as in :func:`gather_split_rows_kernel`) ``= rows[i]``;
     rows of slot -1 are skipped."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = rows < n
-    slot = tl.load(slots_ptr + rows, mask=live, other=-1)
-    on_device = (slot >= 0) & (slot < device_rows)
-    on_host = slot >= device_rows
-    # Masked-off lanes never dereference their address, so neither row index needs clamping (a
-    # tl.where here fails Triton 3.6's layout pass at some tile shapes).
+    rows, _, slot, on_device, on_host = _split_tile(slots_ptr, n, device_rows, ROWS)
     host_slot = slot - device_rows
-    device_slot = slot
     for start in range(0, dim, BLOCK_D):
         cols = start + tl.arange(0, BLOCK_D)
         in_row = (cols < dim)[None, :]
@@ -469,7 +467,5 @@ def scatter_split_rows_kernel(
             mask=(on_device | on_host)[:, None] & in_row,
             other=0,
         )
-        tl.store(
-            device_ptr + device_slot[:, None] * device_stride + cols[None, :], row, mask=on_device[:, None] & in_row
-        )
+        tl.store(device_ptr + slot[:, None] * device_stride + cols[None, :], row, mask=on_device[:, None] & in_row)
         tl.store(host_ptr + host_slot[:, None] * host_stride + cols[None, :], row, mask=on_host[:, None] & in_row)
