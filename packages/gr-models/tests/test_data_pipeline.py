@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gr_models.data.pipeline import UserShardSampler, build_dataloader, resolve_rank_and_world_size
+from gr_models.data.pipeline import UserShardSampler, build_dataloader, data_parallel_position
 from gr_models.data.synthetic import SyntheticConfig, SyntheticDataset
 
 CONFIG = SyntheticConfig(num_users=103, num_items=500, num_clusters=10, max_events=30, seed=1)
@@ -55,13 +55,10 @@ def test_epochs_reshuffle_and_unshuffled_order_is_stable():
     assert list(UserShardSampler(5, rank=1, world_size=2, shuffle=False)) == [1, 3, 0]
 
 
-def test_rank_resolution(monkeypatch):
-    monkeypatch.setenv("RANK", "2")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert resolve_rank_and_world_size() == (2, 4)
-    assert resolve_rank_and_world_size(0, 1) == (0, 1)
+def test_rank_resolution():
+    assert data_parallel_position() == (0, 1)  # no process group: the only rank
     with pytest.raises(ValueError, match="rank"):
-        resolve_rank_and_world_size(4, 4)
+        UserShardSampler(10, rank=4, world_size=4)
     dataset = SyntheticDataset(CONFIG, kind="retrieval", max_sequence_length=24)
     with pytest.raises(ValueError, match="batch_size"):
         build_dataloader(dataset, 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+import gr_parallel
 from gr_models.trainer import Trainer, load_config
 
 
@@ -28,23 +29,40 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     config = load_config(args.config, args.overrides)
     trainer = Trainer(config)
+    try:
+        _train(trainer)
+    finally:
+        if trainer.world.owns_process_group:
+            gr_parallel.destroy_global_state()
+    return 0
+
+
+def _train(trainer: Trainer) -> None:
+    """Train, printing the run's header and results on rank 0 only."""
+    config, world = trainer.config, trainer.world
+    say = print if world.is_main else _silent
     parameters = sum(p.numel() for p in trainer.model.parameters())
-    print(
+    layout = f"{world.world_size} processes (tensor parallel {world.world_size // world.dp_size}) | "
+    say(
         f"gr-train: {config.name} | task={config.task} model={config.model} device={trainer.device} | "
+        f"{layout if world.world_size > 1 else ''}"
         f"{len(trainer.train_dataset)} training users, {len(trainer.eval_dataset)} evaluation users | "
-        f"{parameters:,} parameters | output {trainer.run_dir}",
+        f"{parameters:,} parameters on rank 0 | output {trainer.run_dir}",
         flush=True,
     )
     result = trainer.train()
     throughput = result.throughput
-    print(f"\nfinal metrics after {result.step} steps:\n{_format_metrics(result.metrics)}")
-    print(
+    say(f"\nfinal metrics after {result.step} steps:\n{_format_metrics(result.metrics)}")
+    say(
         f"throughput: {throughput['samples_per_s']:.1f} samples/s, {throughput['tokens_per_s']:.0f} tokens/s "
         f"({throughput['train_seconds']:.1f} s of training)"
     )
     for kind, path in result.files.items():
-        print(f"{kind}: {path}")
-    return 0
+        say(f"{kind}: {path}")
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    """`print` on ranks other than 0."""
 
 
 if __name__ == "__main__":

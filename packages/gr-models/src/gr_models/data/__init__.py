@@ -12,7 +12,7 @@ from gr_models.data.hashing import hash_int64, hash_strings, murmur3_x64_128, to
 from gr_models.data.jagged import JaggedColumn
 from gr_models.data.kuairand import KuaiRandDataset
 from gr_models.data.movielens import MovieLensDataset
-from gr_models.data.pipeline import UserShardSampler, build_dataloader, resolve_rank_and_world_size
+from gr_models.data.pipeline import UserShardSampler, build_dataloader, data_parallel_position
 from gr_models.data.sample import SequenceSample, Window, WindowPolicy
 from gr_models.data.schema import UNBOUNDED_VOCAB, DatasetSchema
 from gr_models.data.synthetic import SyntheticConfig, SyntheticDataset
@@ -48,9 +48,9 @@ __all__ = [
     "WindowPolicy",
     "build_dataloader",
     "collate_samples",
+    "data_parallel_position",
     "hash_int64",
     "hash_strings",
     "murmur3_x64_128",
-    "resolve_rank_and_world_size",
     "to_key_space",
 ]

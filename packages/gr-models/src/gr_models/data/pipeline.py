@@ -3,32 +3,31 @@ prefetch and pinned memory, and collation into `RankingBatch` / `RetrievalBatch`
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.utils.data
 
+import gr_parallel
 from gr_models.data.collate import BatchCollator
 from gr_models.data.dataset import SequenceDataset
 
-__all__ = ["UserShardSampler", "build_dataloader", "resolve_rank_and_world_size"]
+__all__ = ["UserShardSampler", "build_dataloader", "data_parallel_position"]
 
 
-def resolve_rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """Explicit values win; else the initialized default process group; else ``RANK``/``WORLD_SIZE``; else 0/1."""
-    if rank is None or world_size is None:
-        if dist.is_available() and dist.is_initialized():
-            found = dist.get_rank(), dist.get_world_size()
-        else:
-            found = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        rank = found[0] if rank is None else rank
-        world_size = found[1] if world_size is None else world_size
+def data_parallel_position() -> tuple[int, int]:
+    """``(rank, size)`` of this process among the data-parallel ranks, from gr_parallel: its data-parallel group
+    once the model-parallel state is initialized (tensor-parallel peers share a position), else the global rank
+    and world size (0 and 1 without a process group)."""
+    if gr_parallel.model_parallel_is_initialized():
+        return gr_parallel.get_data_parallel_rank(), gr_parallel.get_data_parallel_world_size()
+    return gr_parallel.get_rank(), gr_parallel.get_world_size()
+
+
+def _check_position(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-    return rank, world_size
 
 
 class UserShardSampler(torch.utils.data.Sampler[int]):
@@ -54,7 +53,8 @@ class UserShardSampler(torch.utils.data.Sampler[int]):
         if num_users < 0:
             raise ValueError(f"num_users must be >= 0, got {num_users}")
         self.num_users = num_users
-        self.rank, self.world_size = resolve_rank_and_world_size(rank, world_size)
+        _check_position(rank, world_size)
+        self.rank, self.world_size = rank, world_size
         self.shuffle = shuffle
         self.seed = seed
         self.even_shards = even_shards
@@ -103,7 +103,7 @@ def build_dataloader(
         dataset: any `SequenceDataset` (synthetic, MovieLens, KuaiRand, Parquet/ORC).
         batch_size: users per batch (per rank).
         shuffle, seed: per-epoch user order (call ``loader.sampler.set_epoch(epoch)`` each epoch).
-        rank, world_size: data-parallel position (default: the process group, else the environment).
+        rank, world_size: data-parallel position (default: `data_parallel_position()`).
         even_shards: pad so every rank gets the same number of users (see `UserShardSampler`).
         drop_last: drop a final partial batch.
         num_workers, prefetch_factor: worker processes and batches each prefetches (ignored with 0 workers).
@@ -115,7 +115,10 @@ def build_dataloader(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rank, world_size = resolve_rank_and_world_size(rank, world_size)
+    if rank is None or world_size is None:
+        found = data_parallel_position()
+        rank = found[0] if rank is None else rank
+        world_size = found[1] if world_size is None else world_size
     sampler = UserShardSampler(
         len(dataset), rank=rank, world_size=world_size, shuffle=shuffle, seed=seed, even_shards=even_shards
     )

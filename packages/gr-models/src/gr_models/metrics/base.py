@@ -15,25 +15,34 @@ def should_sync(sync_dist: bool, process_group: dist.ProcessGroup | None = None)
     return sync_dist and dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
+def _collective_device(process_group: dist.ProcessGroup | None) -> torch.device:
+    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(process_group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor, process_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Sum of ``tensor`` over the ranks (a copy; the input is left unchanged)."""
-    total = tensor.clone()
+    """Sum of ``tensor`` over the ranks (a copy on ``tensor``'s device; the input is left unchanged)."""
+    total = tensor.to(_collective_device(process_group), copy=True)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=process_group)
-    return total
+    return total.to(tensor.device)
 
 
 def all_gather_concat(tensor: torch.Tensor, process_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Concatenation along dim 0 of every rank's ``tensor`` (rank order); dim 0 may differ between ranks."""
+    """Concatenation along dim 0 of every rank's ``tensor`` (rank order, on ``tensor``'s device); dim 0 may differ
+    between ranks."""
     world = dist.get_world_size(process_group)
-    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    device = _collective_device(process_group)
+    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=process_group)
     longest = int(max(int(s) for s in sizes))
-    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=device)
     padded[: tensor.shape[0]] = tensor
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=process_group)
-    return torch.cat([g[: int(s)] for g, s in zip(gathered, sizes)])
+    return torch.cat([g[: int(s)] for g, s in zip(gathered, sizes)]).to(tensor.device)
 
 
 class IncrementalMetric(ABC):

@@ -7,15 +7,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+import gr_parallel
 from gr_models.data.batch import Batch
 from gr_models.modules.embedding import ShardedEmbedding
-
-
-def default_device() -> torch.device:
-    """The current CUDA device when CUDA is available (as set by gr_parallel's initialization), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class GRModel(nn.Module):
@@ -25,7 +19,7 @@ class GRModel(nn.Module):
 
     def __init__(self, device: torch.device | str | None) -> None:
         super().__init__()
-        self._device = torch.device(device) if device is not None else default_device()
+        self._device = torch.device(device) if device is not None else gr_parallel.get_device()
 
     @property
     def device(self) -> torch.device:

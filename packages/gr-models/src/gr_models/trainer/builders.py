@@ -1,4 +1,4 @@
-"""Build the pieces of a run from its `RunConfig`: device, datasets, embedding tables and the model."""
+"""Build the pieces of a run from its `RunConfig`: datasets, embedding tables and the model."""
 
 from __future__ import annotations
 
@@ -40,16 +40,6 @@ _TABLE_KEYS = {
     "init_std",
     "capacity",
 }
-
-
-def resolve_device(name: str) -> torch.device:
-    """ "auto" -> cuda when available, else cpu; "cuda" without a GPU fails clearly."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} was requested but CUDA is not available")
-    return device
 
 
 def _feature_column(spec: Any) -> Any:

@@ -118,8 +118,32 @@ class TrainSection:
 
 
 @dataclass
+class ParallelSection:
+    """How the run spreads over the processes `torchrun` starts (one process: nothing to set).
+
+    The world of N processes is split into tensor-parallel groups of `tensor_model_parallel_size` ranks (the HSTU
+    layers' heads split across them) and N / that size data-parallel ranks; every data-parallel rank reads its own
+    users (`data.batch_size` and `data.eval_batch_size` are per data-parallel rank), the ranks of one
+    tensor-parallel group read the same ones. `pipeline` "overlap" prefetches the next batch while the current one
+    trains; `balance_sequences` re-partitions each global batch across data-parallel ranks so attention cost is
+    even.
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline: str = "none"
+    balance_sequences: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tensor_model_parallel_size < 1:
+            raise ValueError(f"parallel.tensor_model_parallel_size must be >= 1, got {self.tensor_model_parallel_size}")
+        if self.pipeline not in ("none", "overlap"):
+            raise ValueError(f"parallel.pipeline must be 'none' or 'overlap', got {self.pipeline!r}")
+
+
+@dataclass
 class RunConfig:
-    """A whole `gr-train` run. `output_dir` defaults to `runs/<name>`; `device` is "auto", "cpu" or "cuda"."""
+    """A whole `gr-train` run. `output_dir` defaults to `runs/<name>`; `device` is "auto", "cpu" or "cuda"
+    ("auto": the GPU `gr_parallel` assigned to this rank when CUDA is available, else the CPU)."""
 
     name: str = "run"
     task: str = "ranking"
@@ -134,6 +158,7 @@ class RunConfig:
     retrieval: RetrievalSection = field(default_factory=RetrievalSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def __post_init__(self) -> None:
         if self.task not in ("ranking", "retrieval"):

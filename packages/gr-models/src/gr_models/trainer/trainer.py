@@ -15,25 +15,20 @@ import torch.utils.data
 from tqdm.auto import tqdm
 
 from gr_models.data.batch import Batch
-from gr_models.data.collate import BatchCollator
+from gr_models.data.collate import BatchCollator, collate_samples
 from gr_models.data.dataset import SequenceDataset
 from gr_models.data.pipeline import UserShardSampler
 from gr_models.metrics.classification import MultiTaskBinaryMetrics
 from gr_models.metrics.retrieval import RetrievalMetrics
 from gr_models.model import RankingGR, RetrievalGR
 from gr_models.model.base import GRModel
-from gr_models.trainer.builders import build_model, build_train_dataset, resolve_device
+from gr_models.trainer.builders import build_model, build_train_dataset
 from gr_models.trainer.config import RunConfig
 from gr_models.trainer.optim import OptimizerBundle
 from gr_models.trainer.reporting import RunRecorder, write_json
+from gr_models.trainer.world import initialize_run_world
 
 CHECKPOINT_DIR = "checkpoints"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def sequence_tokens(batch: Batch) -> int:
@@ -72,6 +67,10 @@ class TrainResult:
 class Trainer:
     """Trains a GR as described by a `RunConfig` (see `gr_models.trainer.config`).
 
+    In a run of N processes (`torchrun --nproc_per_node N`) every data-parallel rank reads its own users,
+    evaluation metrics cover the whole evaluation split across ranks, and rank 0 alone writes the logs, the
+    progress bar, TensorBoard and the metrics file (checkpoints are written collectively by every rank).
+
     Args:
         config: the run.
         train_dataset: overrides the dataset built from `config.data` (its `with_split("eval")` is evaluated).
@@ -82,10 +81,8 @@ class Trainer:
         self, config: RunConfig, *, train_dataset: SequenceDataset | None = None, model: GRModel | None = None
     ) -> None:
         self.config = config
-        seed_everything(config.seed)
-        self.device = resolve_device(config.device)
-        if self.device.type == "cuda" and self.device.index is not None:
-            torch.cuda.set_device(self.device)
+        self.world = initialize_run_world(config)
+        self.device = self.world.device
         self.train_dataset = (
             train_dataset if train_dataset is not None else build_train_dataset(config.data, config.task)
         )
@@ -94,8 +91,9 @@ class Trainer:
         self.optimizers = OptimizerBundle(self.model, config.optim, config.train.max_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self._dtype() == torch.float16)
         self.run_dir = config.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.recorder = RunRecorder(self.run_dir)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.recorder = RunRecorder(self.run_dir, tensorboard=self.world.is_main)
         self.step = 0
         self.epoch = 0
         self.batches_into_epoch = 0
@@ -110,7 +108,14 @@ class Trainer:
     def _loader(self, dataset: SequenceDataset, *, train: bool, skip_batches: int = 0) -> torch.utils.data.DataLoader:
         data = self.config.data
         batch_size = data.batch_size if train else data.eval_batch_size
-        sampler = UserShardSampler(len(dataset), shuffle=train, seed=self.config.seed)
+        sampler = UserShardSampler(
+            len(dataset),
+            rank=self.world.dp_rank,
+            world_size=self.world.dp_size,
+            shuffle=train,
+            seed=self.config.seed,
+            even_shards=train,  # evaluation covers every user once; `_evaluation_batches` evens the pass count
+        )
         sampler.set_epoch(self.epoch)
         workers = data.num_workers
         return torch.utils.data.DataLoader(
@@ -161,8 +166,8 @@ class Trainer:
         if accumulation < 1:
             raise ValueError(f"train.grad_accumulation must be >= 1, got {accumulation}")
         bar = tqdm(
-            total=settings.max_steps, initial=self.step, disable=not settings.progress_bar, desc=self.config.name,
-            dynamic_ncols=True,
+            total=settings.max_steps, initial=self.step, desc=self.config.name, dynamic_ncols=True,
+            disable=not (settings.progress_bar and self.world.is_main),
         )  # fmt: skip
         if self.step == 0 and settings.eval_every > 0:
             self._evaluate_and_record(bar)  # the untrained baseline, so the curves start at chance
@@ -188,6 +193,9 @@ class Trainer:
             bar.update(1)
             if self.step % settings.log_every == 0 or self.step == settings.max_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
+                window_loss, window_count, window_samples, window_tokens = self.world.sum_over_data_parallel(
+                    [window_loss, window_count, window_samples, window_tokens]
+                )
                 stats = {
                     "loss": window_loss / window_count,
                     "lr": self.optimizers.learning_rate,
@@ -202,8 +210,8 @@ class Trainer:
                     samples_s=f"{stats['samples_per_s']:.0f}",
                     tokens_s=f"{stats['tokens_per_s']:.0f}",
                 )
-                self.samples_seen += window_samples
-                self.tokens_seen += window_tokens
+                self.samples_seen += int(window_samples)
+                self.tokens_seen += int(window_tokens)
                 window_loss, window_count, window_samples, window_tokens = 0.0, 0, 0, 0
                 window_start = time.perf_counter()
             if settings.eval_every > 0 and self.step % settings.eval_every == 0 and self.step < settings.max_steps:
@@ -212,8 +220,6 @@ class Trainer:
             if settings.checkpoint_every > 0 and self.step % settings.checkpoint_every == 0:
                 self.save_checkpoint()
                 window_start = time.perf_counter()
-        self.samples_seen += window_samples
-        self.tokens_seen += window_tokens
         final = self._evaluate_and_record(bar)
         bar.close()
         return self._finish(final)
@@ -223,46 +229,71 @@ class Trainer:
     def _evaluate_and_record(self, bar: tqdm) -> dict[str, float]:
         metrics = self.evaluate()
         self.recorder.scalars("eval", metrics, self.step)
-        bar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        if self.world.is_main:
+            bar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         self.model.train()
         return metrics
 
     @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
-        """Metrics over the evaluation split (the first `max_batches`, default `train.eval_batches`, or all)."""
+        """Metrics over the evaluation split (the first `max_batches`, default `train.eval_batches`, or all).
+
+        With several data-parallel ranks each evaluates its share of the users (and `max_batches` counts batches
+        per rank); the metrics combine every rank's predictions, so they are those of the whole split.
+        """
         limit = max_batches if max_batches is not None else self.config.train.eval_batches
         self.model.eval()
-        loader = self._loader(self.eval_dataset, train=False)
         if isinstance(self.model, RankingGR):
-            return self._evaluate_ranking(loader, limit)
+            return self._evaluate_ranking(limit)
         if isinstance(self.model, RetrievalGR):
-            return self._evaluate_retrieval(loader, limit)
+            return self._evaluate_retrieval(limit)
         raise TypeError(f"cannot evaluate a {type(self.model).__name__}")
 
-    def _limited(self, loader: torch.utils.data.DataLoader, limit: int | None) -> Iterator[Batch]:
-        for index, batch in enumerate(loader):
-            if limit is not None and index >= limit:
-                return
-            yield batch
+    def _evaluation_batches(self, limit: int | None) -> Iterator[tuple[Batch, bool]]:
+        """`(batch, counts)` pairs: this rank's evaluation batches (`counts` True), then as many repeats of one
+        batch (`counts` False, their results are dropped) as it takes to make every rank run the same number of
+        forward passes, which sharded embedding tables need (their lookups are collective)."""
+        dataset = self.eval_dataset
+        users_per_rank = -(-len(dataset) // self.world.dp_size)
+        passes = -(-users_per_rank // self.config.data.eval_batch_size)
+        if limit is not None:
+            passes = min(passes, limit)
+        batches = iter(self._loader(dataset, train=False))
+        filler: Batch | None = None
+        for _ in range(passes):
+            batch = next(batches, None)
+            if batch is not None:
+                filler = batch
+                yield batch, True
+            else:
+                if filler is None:
+                    filler = collate_samples([dataset[0]], dataset.schema)
+                yield filler, False
 
-    def _evaluate_ranking(self, loader: torch.utils.data.DataLoader, limit: int | None) -> dict[str, float]:
+    def _metric_group(self) -> dict[str, Any]:
+        return {"process_group": self.world.dp_group, "sync_dist": self.world.dp_group is not None}
+
+    def _evaluate_ranking(self, limit: int | None) -> dict[str, float]:
         task_names = list(self.eval_dataset.schema.task_names)
-        metrics = MultiTaskBinaryMetrics(task_names)
+        metrics = MultiTaskBinaryMetrics(task_names, **self._metric_group())
         model = self.model
         assert isinstance(model, RankingGR)
-        for batch in self._limited(loader, limit):
+        for batch, counts in self._evaluation_batches(limit):
             result = model.evaluate_batch(batch)
-            metrics.update(result["logits"].cpu(), result["labels"].cpu())
+            if counts:
+                metrics.update(result["logits"], result["labels"])
         return metrics.compute()
 
-    def _evaluate_retrieval(self, loader: torch.utils.data.DataLoader, limit: int | None) -> dict[str, float]:
+    def _evaluate_retrieval(self, limit: int | None) -> dict[str, float]:
         model = self.model
         assert isinstance(model, RetrievalGR)
         item_name = self.eval_dataset.schema.item_feature_name
         corpus = model.all_item_embeddings(item_name)
-        metrics = RetrievalMetrics(list(model.task_config.eval_top_k))
-        for batch in self._limited(loader, limit):
-            metrics.update_from_ranks(model.evaluate_batch(batch, corpus)["ranks"].cpu())
+        metrics = RetrievalMetrics(list(model.task_config.eval_top_k), **self._metric_group())
+        for batch, counts in self._evaluation_batches(limit):
+            ranks = model.evaluate_batch(batch, corpus)["ranks"]
+            if counts:
+                metrics.update_from_ranks(ranks)
         return metrics.compute()
 
     # --------------------------------------------------------------------------------------------- checkpoints
@@ -342,18 +373,30 @@ class Trainer:
             "samples": float(self.samples_seen),
             "tokens": float(self.tokens_seen),
         }
-        plot = self.recorder.plot(self.run_dir / "curves.png", title=f"{self.config.name} ({self.device.type})")
+        files = {
+            "metrics": str(self.run_dir / "metrics.json"),
+            "curves": str(self.run_dir / "curves.png"),
+            "tensorboard": str(self.run_dir / "tensorboard"),
+        }
+        result = TrainResult(step=self.step, metrics=metrics, throughput=throughput, files=files)
+        if self.world.is_main:
+            self._write_records(result)
+        self.recorder.close()
+        return result
+
+    def _write_records(self, result: TrainResult) -> None:
+        """metrics.json (final metrics, throughput, history, config) and curves.png (rank 0 only)."""
+        self.recorder.plot(Path(result.files["curves"]), title=f"{self.config.name} ({self.device.type})")
         payload: dict[str, Any] = {
             "name": self.config.name,
             "step": self.step,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "metrics": metrics,
-            "throughput": throughput,
+            "world_size": self.world.world_size,
+            "tensor_model_parallel_size": self.world.world_size // self.world.dp_size,
+            "metrics": result.metrics,
+            "throughput": result.throughput,
             "history": dict(self.recorder.history),
             "config": self.config.to_dict(),
         }
-        metrics_path = write_json(self.run_dir / "metrics.json", payload)
-        self.recorder.close()
-        files = {"metrics": str(metrics_path), "curves": str(plot), "tensorboard": str(self.run_dir / "tensorboard")}
-        return TrainResult(step=self.step, metrics=metrics, throughput=throughput, files=files)
+        write_json(Path(result.files["metrics"]), payload)

@@ -1,0 +1,101 @@
+"""The processes of a run: gr_parallel's initialization, this rank's device and data-parallel position, and the
+sums across data-parallel ranks that the loop needs for its records."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import gr_parallel
+from gr_models.trainer.config import RunConfig
+
+__all__ = ["RunWorld", "initialize_run_world"]
+
+
+@dataclass(frozen=True)
+class RunWorld:
+    """Where this process stands in the run.
+
+    `rank` / `world_size` are global; `dp_rank` / `dp_size` its data-parallel position (ranks of one
+    tensor-parallel group share it and read the same users); `dp_group` is None in a single-process run.
+    `owns_process_group` is True when `initialize_run_world` created the process group (the CLI then tears it down).
+    """
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: dist.ProcessGroup | None = None
+    owns_process_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0, the one process that writes logs, records and the progress bar."""
+        return self.rank == 0
+
+    def sum_over_data_parallel(self, values: Sequence[float]) -> list[float]:
+        """Each of `values` summed over the data-parallel ranks (collective over them; a copy in one process)."""
+        if self.dp_group is None or self.dp_size == 1:
+            return [float(v) for v in values]
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, group=self.dp_group)
+        return tensor.tolist()
+
+
+def _launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ
+
+
+def _device(name: str, world_size: int) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} was requested but CUDA is not available")
+    if name.startswith("cuda:"):
+        if world_size > 1:
+            raise ValueError(
+                f"device={name} in a run of {world_size} processes: each rank uses the GPU of its LOCAL_RANK; "
+                "set device=cuda (or auto)"
+            )
+        torch.cuda.set_device(torch.device(name))
+    return gr_parallel.get_device()
+
+
+def initialize_run_world(config: RunConfig) -> RunWorld:
+    """Initialize gr_parallel for `config` and return this rank's `RunWorld`.
+
+    Under torchrun (or inside an already initialized process group) this creates the default process group
+    (gloo for `device: cpu`, else gr_parallel's default), Megatron's tensor/data-parallel groups of
+    `parallel.tensor_model_parallel_size`, and seeds every RNG with `seed`. A plain single process only seeds.
+    """
+    tensor_parallel = config.parallel.tensor_model_parallel_size
+    distributed = _launched_by_torchrun() or dist.is_initialized()
+    if not distributed and tensor_parallel > 1:
+        raise ValueError(
+            f"parallel.tensor_model_parallel_size={tensor_parallel} needs that many processes: launch with "
+            f"torchrun --nproc_per_node {tensor_parallel} (or a multiple of it)"
+        )
+    owns_process_group = False
+    if distributed:
+        owns_process_group = not dist.is_initialized()
+        gr_parallel.initialize_distributed(backend="gloo" if config.device == "cpu" else None)
+        gr_parallel.initialize_model_parallel(tensor_parallel)
+    gr_parallel.set_random_seed(config.seed)
+    world_size = gr_parallel.get_world_size()
+    device = _device(config.device, world_size)
+    if not distributed:
+        return RunWorld(device=device)
+    return RunWorld(
+        device=device,
+        rank=gr_parallel.get_rank(),
+        world_size=world_size,
+        dp_rank=gr_parallel.get_data_parallel_rank(),
+        dp_size=gr_parallel.get_data_parallel_world_size(),
+        dp_group=gr_parallel.get_data_parallel_group(),
+        owns_process_group=owns_process_group,
+    )
