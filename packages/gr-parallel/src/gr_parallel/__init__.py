@@ -8,6 +8,7 @@ Process-group setup (:func:`initialize_distributed`), Megatron-core tensor/data-
 from gr_parallel.initialize import (
     DEFAULT_TIMEOUT,
     destroy_global_state,
+    hold_process_groups_for,
     initialize_distributed,
     initialize_model_parallel,
     set_random_seed,
@@ -42,6 +43,7 @@ __all__ = [
     "get_tensor_model_parallel_rank",
     "get_tensor_model_parallel_world_size",
     "get_world_size",
+    "hold_process_groups_for",
     "initialize_distributed",
     "initialize_model_parallel",
     "model_parallel_is_initialized",

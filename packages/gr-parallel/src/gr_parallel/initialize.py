@@ -21,8 +21,10 @@ when CUDA is available) and the tensor-parallel gather/scatter mappings, which c
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import weakref
 from datetime import timedelta
 
 import numpy as np
@@ -34,6 +36,7 @@ from gr_parallel._megatron import parallel_state, tensor_parallel
 __all__ = [
     "DEFAULT_TIMEOUT",
     "destroy_global_state",
+    "hold_process_groups_for",
     "initialize_distributed",
     "initialize_model_parallel",
     "set_random_seed",
@@ -44,6 +47,8 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 _TORCHRUN_REQUIRED_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _timeout: timedelta = DEFAULT_TIMEOUT
 _initialization_count = 0
+_group_holders: weakref.WeakSet[object] = weakref.WeakSet()
+_teardown_at_exit_registered = False
 
 
 def _default_backend() -> str:
@@ -180,12 +185,35 @@ def set_random_seed(seed: int) -> None:
             tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=0, ep_rank=0, etp_rank=0)
 
 
+def hold_process_groups_for(model: object) -> None:
+    """Keep the process groups up while ``model`` is alive (its sharded parts communicate over them).
+
+    A model distributed over the world registers itself here, so that :func:`destroy_global_state`
+    called while it is alive (as a script does before saving the model) defers the teardown.
+    Only a weak reference is kept.
+    """
+    _group_holders.add(model)
+
+
 def destroy_global_state() -> None:
     """Tear down Megatron's parallel state and the default process group (each only if present).
 
     Afterwards :func:`initialize_distributed` and :func:`initialize_model_parallel` may run again,
-    e.g. with another tensor-parallel size.
+    e.g. with another tensor-parallel size. While a model registered with
+    :func:`hold_process_groups_for` is alive, the teardown is deferred to the exit of the process
+    instead, so that collective work on that model (e.g. ``gr_checkpoint.save``) still runs over
+    the groups it was distributed on; delete such models first to tear down now.
     """
+    global _teardown_at_exit_registered
+    if dist.is_initialized() and len(_group_holders) > 0:
+        if not _teardown_at_exit_registered:
+            atexit.register(_teardown)
+            _teardown_at_exit_registered = True
+        return
+    _teardown()
+
+
+def _teardown() -> None:
     global _timeout
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
