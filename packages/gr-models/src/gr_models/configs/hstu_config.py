@@ -34,6 +34,12 @@ class PositionEncodingConfig:
     (0 for the first; a candidate's is its time minus the last history event's): every token then depends only
     on its own and earlier timestamps, so a training query at any position sees what an evaluation query sees.
     Retrieval needs "previous", for the reason it needs positions counted from the start.
+
+    With `scale_embeddings`, every token embedding is multiplied by `sqrt(hidden_size)` before the encodings are
+    added (the Transformer convention, as in the HSTU paper's public code): embedding tables initialized small
+    (std 0.02) otherwise reach the first layer about 4x weaker than the position encoding, and their rows move
+    `sqrt(hidden_size)` times less per optimizer step relative to it. `init_std` None draws the encoding tables
+    uniformly from `+-1/sqrt(hidden_size)`; a value draws them from a normal truncated at 2 std.
     """
 
     num_position_buckets: int = 512
@@ -43,8 +49,12 @@ class PositionEncodingConfig:
     time_bucket_divisor: float = 1.0
     count_from: str = "end"
     time_from: str = "query"
+    scale_embeddings: bool = False
+    init_std: float | None = None
 
     def __post_init__(self) -> None:
+        if self.init_std is not None and self.init_std <= 0:
+            raise ValueError(f"init_std must be > 0 or None, got {self.init_std}")
         if self.count_from not in ("end", "start"):
             raise ValueError(f"count_from must be 'end' or 'start', got {self.count_from!r}")
         if self.time_from not in ("query", "previous"):

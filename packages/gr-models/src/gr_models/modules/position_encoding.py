@@ -33,13 +33,18 @@ class PositionTimeEncoder(nn.Module):
     def __init__(self, config: PositionEncodingConfig, dim: int) -> None:
         super().__init__()
         self.config = config
-        bound = 1.0 / math.sqrt(dim)
-        self.position_table = nn.Parameter(torch.empty(config.num_position_buckets, dim).uniform_(-bound, bound))
+        self.position_table = nn.Parameter(self._initial_table(config.num_position_buckets, dim))
         self.time_table = (
-            nn.Parameter(torch.empty(config.num_time_buckets, dim).uniform_(-bound, bound))
-            if config.use_time_encoding
-            else None
+            nn.Parameter(self._initial_table(config.num_time_buckets, dim)) if config.use_time_encoding else None
         )
+
+    def _initial_table(self, rows: int, dim: int) -> Tensor:
+        """`[rows, dim]`: uniform in +-1/sqrt(dim), or truncated normal (at 2 std) of `config.init_std`."""
+        if self.config.init_std is None:
+            bound = 1.0 / math.sqrt(dim)
+            return torch.empty(rows, dim).uniform_(-bound, bound)
+        std = self.config.init_std
+        return nn.init.trunc_normal_(torch.empty(rows, dim), std=std, a=-2 * std, b=2 * std)
 
     def forward(self, values: Tensor, positions: Tensor, ages: Tensor | None) -> Tensor:
         """`values [N, D]` + encodings of `positions [N]` (clamped to the table) and `ages [N]` (time encoding).

@@ -6,13 +6,15 @@ Per user b with contextual tokens c_b, history h_b and candidates k_b (the last 
 
 (without an action feature: `[ctx.., item_0, .., item_{h_b-1}, cand..]`). Candidate actions are labels and are
 never fed. Per-item side features (features that are neither contextual, item nor action) are added to the item
-embedding. Position encoding counts events back from the most recent history event (position 1; an item and its
+embedding. With `PositionEncodingConfig.scale_embeddings`, token embeddings are multiplied by sqrt(hidden_size)
+first. Position encoding counts events back from the most recent history event (position 1; an item and its
 action share the position) and gives every candidate position 0, or with `count_from="start"` counts events from
 the oldest (position 0) and numbers candidates after the last event; contextual tokens get no position encoding.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +81,11 @@ class HSTUPreprocessor(nn.Module):
             if config.position_encoding is not None
             else None
         )
+        scale = config.position_encoding is not None and config.position_encoding.scale_embeddings
+        self.embedding_scale = math.sqrt(config.hidden_size) if scale else 1.0
+
+    def _scaled(self, values: Tensor) -> Tensor:
+        return values * self.embedding_scale if self.embedding_scale != 1.0 else values
 
     def _check_width(self, name: str, values: Tensor) -> None:
         if values.shape[-1] != self.hidden_size:
@@ -102,6 +109,7 @@ class HSTUPreprocessor(nn.Module):
             if name not in excluded:
                 _check_aligned(name, jagged, item_lengths, item_name)
                 item_values = item_values + jagged.values()
+        item_values = self._scaled(item_values)
 
         batch_size = batch.batch_size
         if batch.num_candidates is None:
@@ -128,7 +136,7 @@ class HSTUPreprocessor(nn.Module):
         consumed = torch.zeros_like(item_lengths)
         for jagged, ctx_lengths in zip(contextual, contextual_lengths):
             ids, pos = token_coordinates(ctx_lengths)
-            sources.append((jagged.values(), starts[ids] + consumed[ids] + pos))
+            sources.append((self._scaled(jagged.values()), starts[ids] + consumed[ids] + pos))
             consumed = consumed + ctx_lengths
 
         history_ids, event = token_coordinates(history_lengths)
@@ -179,7 +187,7 @@ class HSTUPreprocessor(nn.Module):
             actions = embeddings[action_name]
             _check_aligned(action_name, actions, item_lengths, item_name)
             self._check_width(action_name, actions.values())
-            action_values = actions.values()[~is_candidate]
+            action_values = self._scaled(actions.values()[~is_candidate])
             if self.position_encoder is not None:
                 action_values = self.position_encoder(action_values, history_positions, history_ages)
             history_event_end_index = history_item_index + 1

@@ -39,6 +39,7 @@ _TABLE_KEYS = {
     "initializer",
     "init_std",
     "capacity",
+    "betas",
 }
 
 
@@ -115,6 +116,14 @@ def _initializer(name: str, std: float | None) -> Initializer:
     raise ValueError(f"unknown initializer {name!r}; expected uniform, normal or truncated_normal")
 
 
+def _adam_betas(spec: dict[str, Any]) -> dict[str, float]:
+    """`adam_beta1/2` of `EmbeddingOptimizerParam` from a table's optional `betas: [b1, b2]`."""
+    if "betas" not in spec:
+        return {}
+    beta1, beta2 = (float(b) for b in spec["betas"])
+    return {"adam_beta1": beta1, "adam_beta2": beta2}
+
+
 def build_embedding_configs(config: RunConfig, schema: DatasetSchema) -> list[BaseEmbeddingConfig]:
     """One table per id feature of the schema (`<feature>_table`), width = hidden size."""
     unknown = sorted(set(config.embeddings.tables) - set(schema.id_feature_names))
@@ -141,6 +150,7 @@ def build_embedding_configs(config: RunConfig, schema: DatasetSchema) -> list[Ba
                 optimizer_str=spec.get("optimizer", "adam"),
                 learning_rate=float(spec.get("learning_rate", config.optim.learning_rate)),
                 weight_decay=float(spec.get("weight_decay", 0.0)),
+                **_adam_betas(spec),
             ),
         }
         if kind == "dynamic":
@@ -188,6 +198,7 @@ def build_hstu_config(config: RunConfig, device: torch.device) -> HSTUConfig:
         dropout=section.dropout,
         max_attn_len=section.max_attn_len,
         scaling_seqlen=section.scaling_seqlen,
+        alpha=section.alpha,
         position_encoding=position,
         use_position_encoding=position is not None,
         relative_bias=RelativeBiasConfig(**section.relative_bias) if section.relative_bias is not None else None,

@@ -47,6 +47,7 @@ class HSTUSection:
     is_causal: bool = True
     max_attn_len: int = 0
     scaling_seqlen: int | None = None
+    alpha: float | None = None
     position_encoding: dict[str, Any] | None = field(default_factory=dict)
     relative_bias: dict[str, Any] | None = None
     recompute_cheap_activations: bool = False
@@ -57,7 +58,8 @@ class EmbeddingSection:
     """Embedding tables: one per id feature of the dataset, width = hidden size.
 
     `default` sets every table's `type` ("static" or "dynamic"), `sharding_type`, `optimizer`, `learning_rate`,
-    `weight_decay` and `initializer` ("uniform" / "normal" / "truncated_normal", with optional `init_std`);
+    `weight_decay`, `initializer` ("uniform" / "normal" / "truncated_normal", with optional `init_std`) and Adam
+    `betas` ([beta1, beta2], default [0.9, 0.999]);
     `tables` overrides any of them per feature name. A dynamic table's capacity is `capacity` (default: the
     feature's vocabulary size); an unbounded (hashed) feature needs a dynamic table.
     """

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 26 ablation on the GPU machine: per-epoch ML-1M (users 1-2999) HR@10 of the retrieval configs with one
+# difference from the HSTU paper's public code changed at a time, each variant in its own process (the models
+# are tiny; the GPU and 16 cores are shared). Carry .gpu-wheels and .data (a copy of ../shared/data/ml-1m).
+#   bash tools/gpu/retrieval_ablation.sh EPOCHS    # JSON per variant under $OUT (or /tmp/ablation)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+epochs=${1:-10}
+out=${OUT:-/tmp/ablation}
+mkdir -p "$out"
+GR_SKIP_TESTS=1 source tools/gpu/setup.sh >"$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
+common=(device=cuda data.path=.data/ml-1m data.options.ratings_path=.data/ml-1m/partial/ratings_users0001-2999.dat.gz
+        hstu.dtype=float32 hstu.kernel_backend=pytorch retrieval.eval_exclude_history=true)
+scale='hstu.position_encoding.scale_embeddings=true;hstu.position_encoding.init_std=0.1414'
+betas='embeddings.default.betas=[0.9,0.98]'
+hstu_all="hstu.alpha=1.0;$scale;hstu.kv_channels=50;hstu.relative_bias={};$betas"
+run() {  # name config seeds overrides
+  OMP_NUM_THREADS=1 python3 tools/quality.py curves --config "packages/gr-models/configs/ml1m_retrieval_$2.yaml" \
+    --epochs "$epochs" --seeds $3 --variant "$1=$4" --out "$out/$1.json" -- "${common[@]}" >"$out/$1.log" 2>&1 &
+}
+run hstu_base hstu "1 2" ""
+run hstu_alpha1 hstu 1 "hstu.alpha=1.0"
+run hstu_scale hstu 1 "$scale"
+run hstu_kv50 hstu 1 "hstu.kv_channels=50"
+run hstu_relbias hstu 1 "hstu.relative_bias={}"
+run hstu_betas hstu 1 "$betas"
+run hstu_all hstu "1 2" "$hstu_all"
+run hstu_all_norelbias hstu 1 "hstu.alpha=1.0;$scale;hstu.kv_channels=50;$betas"
+run sasrec_base sasrec "1 2" ""
+run sasrec_scale sasrec 1 "$scale"
+run sasrec_betas sasrec 1 "$betas"
+run sasrec_all sasrec "1 2" "$scale;$betas"
+wait
+grep -h "hr@10 by epoch\|Error\|error" "$out"/*.log
