@@ -15,7 +15,7 @@ scale='hstu.position_encoding.scale_embeddings=true;hstu.position_encoding.init_
 betas='embeddings.default.betas=[0.9,0.98]'
 hstu_all="hstu.alpha=1.0;$scale;hstu.kv_channels=50;hstu.relative_bias={};$betas"
 run() {  # name config seeds overrides
-  OMP_NUM_THREADS=1 python3 tools/quality.py curves --config "packages/gr-models/configs/ml1m_retrieval_$2.yaml" \
+  OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 timeout "${DEADLINE_S:-460}" python3 tools/quality.py curves --config "packages/gr-models/configs/ml1m_retrieval_$2.yaml" \
     --epochs "$epochs" --seeds $3 --variant "$1=$4" --out "$out/$1.json" -- "${common[@]}" >"$out/$1.log" 2>&1 &
 }
 run hstu_base hstu "1 2" ""
