@@ -282,7 +282,9 @@ def run_equivalence(
         initializer_args=DynamicEmbInitializerArgs(mode=DynamicEmbInitializerMode.CONSTANT, value=0.25)
     )
     initial = {k: dyadic((DIM,), seed=k + 50) for k in range(-20, 40, 2)}
-    reference = DynamicEmbeddingCollection(ec_configs(), device=device, table_options=options, optimizer=fused_params)
+    reference = DynamicEmbeddingCollection(
+        ec_configs(), device=device, table_options=options, optimizer=fused_params, process_local=True
+    )
     for table in reference.dynamic_embedding_tables().values():
         preload(table, initial, 1, 0, distribution)
     models = []
@@ -391,7 +393,9 @@ def weighted_bags_two_ranks(env: Env) -> None:
     ]
     features = ["a", "b", "c"]
     initial = {k: dyadic((DIM,), seed=k + 3) for k in range(-10, 30)}
-    reference = DynamicEmbeddingBagCollection(configs, is_weighted=True, device=device, optimizer=ADAM)
+    reference = DynamicEmbeddingBagCollection(
+        configs, is_weighted=True, device=device, optimizer=ADAM, process_local=True
+    )
     for table in reference.dynamic_embedding_tables().values():
         preload(table, initial, 1, 0, HASH)
     constraints = {n: DynamicEmbParameterConstraints(use_dynamicemb=True) for n in ("p", "q")}
@@ -604,8 +608,8 @@ def mixed_model_matches_unsharded_reference(env: Env) -> None:
     with torch.no_grad():
         for name, module in list(static_ec.embeddings.items()) + list(static_ebc.embedding_bags.items()):
             module.weight.copy_(static_rows_init[name])
-    dyn_ec = DynamicEmbeddingCollection([ec_cfg[0]], device=CPU, optimizer=fused)
-    dyn_ebc = DynamicEmbeddingBagCollection([ebc_cfg[0]], device=CPU, optimizer=fused)
+    dyn_ec = DynamicEmbeddingCollection([ec_cfg[0]], device=CPU, optimizer=fused, process_local=True)
+    dyn_ebc = DynamicEmbeddingBagCollection([ebc_cfg[0]], device=CPU, optimizer=fused, process_local=True)
     preload(dyn_ec.dynamic_embedding_tables()["dyn"], dyn_init, 1, 0, HASH)
     preload(dyn_ebc.dynamic_embedding_tables()["bag_dyn"], dyn_init, 1, 0, HASH)
     reference = MixedModel(_Merged(static_ec, dyn_ec, pooled=False), _Merged(static_ebc, dyn_ebc, pooled=True))
@@ -710,7 +714,7 @@ def dump_and_load_across_world_sizes(env: Env) -> None:
         assert_holds(model1, reference, g1, "2 -> 1")
         assert {n: t.optimizer.step for n, t in shards_of(model1).items()} == steps[0]
         dump_sharded(d1, model1, optim=True)
-        standalone = DynamicEmbeddingCollection(DUMP_CONFIGS, device=CPU, optimizer=DUMP_ADAM)
+        standalone = DynamicEmbeddingCollection(DUMP_CONFIGS, device=CPU, optimizer=DUMP_ADAM, process_local=True)
         for name, table in standalone.dynamic_embedding_tables().items():
             rows = reference[name]
             keys = torch.tensor(sorted(rows), dtype=torch.int64)

@@ -20,6 +20,8 @@ from torchrec.distributed.types import (
 )
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Multistreamable
 
@@ -31,6 +33,7 @@ from dynamicemb.distributed.common import (
     select_features,
     split_parameter_shardings,
 )
+from dynamicemb.distributed.fused_optimizer import DynamicEmbFusedOptimizer
 from dynamicemb.distributed.routing import RoutedKeys
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.modules.common import FeatureIds
@@ -139,10 +142,15 @@ class _OutputAwaitable(LazyGetItemMixin[str, Any], LazyAwaitable[Out]):
 class ShardedDynamicCollection(
     ShardedModule[DynamicEmbDistInput, DynamicEmbComputeOutput, Out, DynamicEmbCollectionContext],
     ShardedDynamicEmbModule,
+    FusedOptimizerModule,
     Generic[Out],
 ):
     """A TorchRec collection whose dynamic tables are sharded row-wise by dynamicemb and whose
     other tables (if any) are sharded by TorchRec, in a child module ``_static``.
+
+    :attr:`fused_optimizer` (what ``DistributedModelParallel.fused_optimizer`` collects) holds the
+    dynamic tables' learning rates (:class:`DynamicEmbFusedOptimizer`) and the ordinary tables'
+    fused optimizer.
 
     Subclasses name the configs, build the TorchRec child and assemble the output.
     """
@@ -184,6 +192,7 @@ class ShardedDynamicCollection(
         self._distributions = {name: sharding.key_distribution for name, sharding in dynamic.items()}
         self._static_features = [f for c in self._static_configs for f in c.feature_names]
         self._static: ShardedModule | None = None
+        self._dynamic_optimizer = DynamicEmbFusedOptimizer(self._tables)
 
     def _set_static(self, child: ShardedModule) -> None:
         self._static = child
@@ -205,6 +214,15 @@ class ShardedDynamicCollection(
     def process_group(self) -> dist.ProcessGroup:
         assert self._env.process_group is not None
         return self._env.process_group
+
+    # --- FusedOptimizerModule ---------------------------------------------------------------------
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        """The dynamic tables' optimizer, combined with the ordinary tables' fused optimizer (its
+        keys are those of this module's state dict, ``embeddings.<table>.weight``)."""
+        if isinstance(self._static, FusedOptimizerModule):
+            return CombinedOptimizer([self._dynamic_optimizer, self._static.fused_optimizer])
+        return self._dynamic_optimizer
 
     # --- what subclasses provide -------------------------------------------------------------------
     @abstractmethod

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -14,7 +15,14 @@ from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs
 from dynamicemb.options import DynamicEmbTableOptions
 
-__all__ = ["DynamicEmbModule", "FeatureIds", "OptimizerArg", "TableOptionsArg", "build_tables"]
+__all__ = [
+    "DynamicEmbModule",
+    "FeatureIds",
+    "OptimizerArg",
+    "TableOptionsArg",
+    "build_tables",
+    "check_not_a_silent_replica",
+]
 
 TableOptionsArg = DynamicEmbTableOptions | Mapping[str, DynamicEmbTableOptions] | None
 OptimizerArg = DynamicEmbOptimizerArgs | Mapping[str, Any] | None
@@ -33,6 +41,29 @@ class DynamicEmbModule(ABC):
         """Write the rows of every cached table back to its backing storage."""
         for table in self.dynamic_embedding_tables().values():
             table.flush()
+
+
+def check_not_a_silent_replica(module: torch.nn.Module, process_local: bool) -> None:
+    """Raise if an unsharded dynamic collection trains inside a world of several processes.
+
+    Its tables are not ``nn.Parameter``s, so neither DDP nor ``DistributedModelParallel`` (without
+    dynamicemb's sharders) synchronizes them: every rank would train its own diverging copy.
+    ``process_local=True`` (a constructor argument) says that is intended.
+    """
+    if process_local or not module.training or not dist.is_available() or not dist.is_initialized():
+        return
+    world_size = dist.get_world_size()
+    if world_size > 1:
+        raise RuntimeError(
+            f"{type(module).__name__} is unsharded but trains in a world of {world_size} processes: each rank "
+            "would train its own unsynchronized copy of the tables (DDP and DistributedModelParallel without "
+            "dynamicemb's sharders do not sync them). Shard the tables instead: a TorchRec EmbeddingCollection / "
+            "EmbeddingBagCollection with DynamicEmbParameterConstraints(use_dynamicemb=True), planned by "
+            "DynamicEmbeddingShardingPlanner and wrapped by DistributedModelParallel with "
+            "DynamicEmbeddingCollectionSharder / DynamicEmbeddingBagCollectionSharder (see "
+            "examples/sharded_example.py), or gr_parallel.distribute(model), which shards this module as it is. "
+            "Pass process_local=True to keep a per-rank table on purpose."
+        )
 
 
 def _options_for(name: str, table_options: TableOptionsArg) -> DynamicEmbTableOptions:

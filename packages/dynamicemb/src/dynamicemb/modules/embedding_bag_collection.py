@@ -9,7 +9,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.lookup import dynamic_embedding_lookup
-from dynamicemb.modules.common import DynamicEmbModule, FeatureIds, OptimizerArg, TableOptionsArg, build_tables
+from dynamicemb.modules.common import (
+    DynamicEmbModule,
+    FeatureIds,
+    OptimizerArg,
+    TableOptionsArg,
+    build_tables,
+    check_not_a_silent_replica,
+)
 
 __all__ = ["DynamicEmbeddingBagCollection"]
 
@@ -21,7 +28,8 @@ class DynamicEmbeddingBagCollection(EmbeddingBagCollectionInterface, DynamicEmbM
     (batch size ``B``) to a ``KeyedTensor`` of values ``[B, sum of D]`` (float32, like TorchRec),
     one key per feature in table order. With ``is_weighted`` each id's embedding is scaled by its
     KJT weight before pooling; MEAN divides by the bag length (empty bags give zeros).
-    ``table_options`` and ``optimizer`` as in :class:`DynamicEmbeddingCollection`.
+    ``table_options``, ``optimizer`` and ``process_local`` as in
+    :class:`DynamicEmbeddingCollection`.
     """
 
     def __init__(
@@ -32,8 +40,10 @@ class DynamicEmbeddingBagCollection(EmbeddingBagCollectionInterface, DynamicEmbM
         *,
         table_options: TableOptionsArg = None,
         optimizer: OptimizerArg = None,
+        process_local: bool = False,
     ) -> None:
         super().__init__()
+        self.process_local = process_local
         for config in tables:
             if config.pooling not in (PoolingType.SUM, PoolingType.MEAN):
                 raise ValueError(f"table {config.name!r}: pooling must be SUM or MEAN, got {config.pooling}")
@@ -61,6 +71,7 @@ class DynamicEmbeddingBagCollection(EmbeddingBagCollectionInterface, DynamicEmbM
         return pooled.view(len(features), ids.batch_size, config.embedding_dim)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        check_not_a_silent_replica(self, self.process_local)
         ids = FeatureIds(features)
         pooled: list[torch.Tensor] = []
         for config in self._embedding_bag_configs:

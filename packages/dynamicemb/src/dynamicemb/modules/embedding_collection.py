@@ -9,7 +9,14 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.lookup import dynamic_embedding_lookup
-from dynamicemb.modules.common import DynamicEmbModule, FeatureIds, OptimizerArg, TableOptionsArg, build_tables
+from dynamicemb.modules.common import (
+    DynamicEmbModule,
+    FeatureIds,
+    OptimizerArg,
+    TableOptionsArg,
+    build_tables,
+    check_not_a_silent_replica,
+)
 
 __all__ = ["DynamicEmbeddingCollection"]
 
@@ -30,6 +37,9 @@ class DynamicEmbeddingCollection(EmbeddingCollectionInterface, DynamicEmbModule)
     :class:`DynamicEmbTableOptions` for every table or a dict by table name. In ``train()`` mode
     new ids are inserted; in ``eval()`` mode nothing is inserted and unknown ids get the eval
     initializer's values (zeros). Dump/load with :func:`DynamicEmbDump` / :func:`DynamicEmbLoad`.
+
+    Training it in a world of several processes raises ``RuntimeError`` (its tables would be silent,
+    unsynchronized per-rank copies): shard it, or pass ``process_local=True`` to keep per-rank tables.
     """
 
     def __init__(
@@ -40,8 +50,10 @@ class DynamicEmbeddingCollection(EmbeddingCollectionInterface, DynamicEmbModule)
         *,
         table_options: TableOptionsArg = None,
         optimizer: OptimizerArg = None,
+        process_local: bool = False,
     ) -> None:
         super().__init__()
+        self.process_local = process_local
         self._embedding_configs = list(tables)
         self._device = torch.device("cpu") if device is None else torch.device(device)
         self._need_indices = need_indices
@@ -49,6 +61,7 @@ class DynamicEmbeddingCollection(EmbeddingCollectionInterface, DynamicEmbModule)
         self._embedding_names_by_table = get_embedding_names_by_table(self._embedding_configs)
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        check_not_a_silent_replica(self, self.process_local)
         ids = FeatureIds(features)
         out: dict[str, JaggedTensor] = {}
         for config, names in zip(self._embedding_configs, self._embedding_names_by_table):

@@ -29,7 +29,7 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs
 from dynamicemb.planner.constraints import DynamicEmbParameterConstraints
-from dynamicemb.planner.enumerator import DynamicEmbeddingEnumerator, dynamic_table_names
+from dynamicemb.planner.enumerator import DynamicEmbeddingEnumerator, _without_tables, dynamic_table_names
 from dynamicemb.planner.memory import DynamicTableMemory, dynamic_table_memory
 from dynamicemb.planner.parameter_sharding import DynamicEmbParameterSharding
 
@@ -232,14 +232,19 @@ class DynamicEmbeddingShardingPlanner(EmbeddingShardingPlanner):
     def _plan_static(
         self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]], dynamic_storage: Storage
     ) -> ShardingPlan:
-        """TorchRec's plan of the other tables, in the topology less the dynamic tables' storage."""
+        """TorchRec's plan of the other tables, in the topology less the dynamic tables' storage.
+
+        TorchRec sees the sharders without the dynamic tables, so a module holding only dynamic
+        tables is not one that TorchRec's plan validation expects in its plan."""
+        hidden = set(self._dynamic_constraints)
+        views = [_without_tables(s, hidden) for s in sharders] if hidden else sharders
         full = self._topology
         reduced = copy.deepcopy(full)
         for device in reduced.devices:
             device.storage = device.storage - dynamic_storage
         self._topology = reduced
         try:
-            return super().plan(module, sharders)
+            return super().plan(module, views)
         finally:
             self._topology = full
 
