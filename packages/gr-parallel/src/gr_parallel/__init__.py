@@ -3,8 +3,22 @@
 Process-group setup (:func:`initialize_distributed`), Megatron-core tensor/data-parallel groups
 (:func:`initialize_model_parallel`), seeding (:func:`set_random_seed`), teardown
 (:func:`destroy_global_state`) and typed queries of ranks, sizes and groups.
+
+Distributing a model: :func:`distribute` (one call), built from :func:`shard_embedding_modules`
+(embedding tables through TorchRec's ``DistributedModelParallel`` with dynamicemb's planner and
+sharders), :func:`data_parallel_dense` (DDP over the data-parallel group, in place) and
+:func:`build_optimizer` (dense + fused sparse optimizers in one TorchRec ``CombinedOptimizer``).
 """
 
+from gr_parallel.consistency import check_same_across_ranks, stable_hash
+from gr_parallel.constraints import (
+    constraints_by_child_name,
+    data_parallel_constraint,
+    model_parallel_constraint,
+    sharded_embedding_constraints,
+)
+from gr_parallel.dense_parallel import data_parallel_dense, dense_parameters, is_data_parallel_dense
+from gr_parallel.distribute import DistributedModel, distribute
 from gr_parallel.initialize import (
     DEFAULT_TIMEOUT,
     destroy_global_state,
@@ -13,6 +27,8 @@ from gr_parallel.initialize import (
     initialize_model_parallel,
     set_random_seed,
 )
+from gr_parallel.optimizers import DenseOptimizerFactory, build_optimizer, fused_optimizers
+from gr_parallel.sharding import EmbeddingSharding, ShardingOptions, find_sharded_modules, shard_embedding_modules
 from gr_parallel.state import (
     get_data_parallel_group,
     get_data_parallel_rank,
@@ -31,8 +47,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "DenseOptimizerFactory",
+    "DistributedModel",
+    "EmbeddingSharding",
+    "ShardingOptions",
     "__version__",
+    "build_optimizer",
+    "check_same_across_ranks",
+    "constraints_by_child_name",
+    "data_parallel_constraint",
+    "data_parallel_dense",
+    "dense_parameters",
     "destroy_global_state",
+    "distribute",
+    "find_sharded_modules",
+    "fused_optimizers",
     "get_data_parallel_group",
     "get_data_parallel_rank",
     "get_data_parallel_world_size",
@@ -46,6 +75,11 @@ __all__ = [
     "hold_process_groups_for",
     "initialize_distributed",
     "initialize_model_parallel",
+    "is_data_parallel_dense",
+    "model_parallel_constraint",
     "model_parallel_is_initialized",
     "set_random_seed",
+    "shard_embedding_modules",
+    "sharded_embedding_constraints",
+    "stable_hash",
 ]
