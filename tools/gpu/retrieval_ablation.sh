@@ -10,7 +10,7 @@ out=${OUT:-/tmp/ablation}
 mkdir -p "$out"
 GR_SKIP_TESTS=1 source tools/gpu/setup.sh >"$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
 common=(device=cuda data.path=.data/ml-1m data.options.ratings_path=.data/ml-1m/partial/ratings_users0001-2999.dat.gz
-        hstu.dtype=float32 hstu.kernel_backend=pytorch retrieval.eval_exclude_history=true)
+        hstu.dtype=float32 hstu.kernel_backend=pytorch retrieval.eval_exclude_history=true data.eval_batch_size=128)
 scale='hstu.position_encoding.scale_embeddings=true;hstu.position_encoding.init_std=0.1414'
 betas='embeddings.default.betas=[0.9,0.98]'
 hstu_all="hstu.alpha=1.0;$scale;hstu.kv_channels=50;hstu.relative_bias={};$betas"
@@ -18,6 +18,8 @@ run() {  # name config seeds overrides
   OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 timeout "${DEADLINE_S:-460}" python3 tools/quality.py curves --config "packages/gr-models/configs/ml1m_retrieval_$2.yaml" \
     --epochs "$epochs" --seeds $3 --variant "$1=$4" --out "$out/$1.json" -- "${common[@]}" >"$out/$1.log" 2>&1 &
 }
+case "${ROUND:-1}" in
+1)  # one difference at a time from the shipped configs
 run hstu_base hstu "1 2" ""
 run hstu_alpha1 hstu 1 "hstu.alpha=1.0"
 run hstu_scale hstu 1 "$scale"
@@ -30,5 +32,20 @@ run sasrec_base sasrec "1 2" ""
 run sasrec_scale sasrec 1 "$scale"
 run sasrec_betas sasrec 1 "$betas"
 run sasrec_all sasrec "1 2" "$scale;$betas"
+;;
+2)  # one difference at a time on top of the embedding scaling (round 1's one large effect)
+run hstu_scale hstu "1 2" "$scale"
+run hstu_scale_relbias hstu "1 2" "$scale;hstu.relative_bias={}"
+run hstu_scale_alpha1 hstu 1 "$scale;hstu.alpha=1.0"
+run hstu_scale_kv50 hstu 1 "$scale;hstu.kv_channels=50"
+run hstu_scale_betas hstu 1 "$scale;$betas"
+run hstu_all hstu "1 2" "$hstu_all"
+run sasrec_scale_betas sasrec "1 2" "$scale;$betas"
+;;
+esac
 wait
 grep -h "hr@10 by epoch\|Error\|error" "$out"/*.log
+# few files come back from the device: one JSON of every row, one archive of the logs
+python3 -c 'import json,sys; print(json.dumps([r for f in sys.argv[1:] for r in json.load(open(f))], indent=1))' \
+  "$out"/*.json >"$out/rows.all" && rm -f "$out"/*.json && mv "$out/rows.all" "$out/rows.json"
+tar -czf "$out/logs.tgz" -C "$out" $(cd "$out" && ls *.log) && rm -f "$out"/*.log
