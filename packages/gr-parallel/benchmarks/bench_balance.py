@@ -103,7 +103,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
