@@ -8,6 +8,6 @@ import warnings
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed.*")
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 
-__all__ = ["parallel_state", "tensor_parallel"]
+__all__ = ["ModelParallelConfig", "parallel_state", "tensor_parallel"]

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from gr_parallel._megatron import parallel_state, tensor_parallel
+from gr_parallel.tensor_parallel.random import seed_tensor_parallel_cpu_rng
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -171,13 +172,15 @@ def set_random_seed(seed: int) -> None:
 
     Every rank gets the same seed, so replicated (data-parallel) parameters initialize identically.
     With CUDA, Megatron's model-parallel RNG tracker is also seeded: its tensor-parallel state
-    differs per tensor-parallel rank (``seed + 2718 + tp_rank``), for dropout inside split layers.
+    differs per tensor-parallel rank (``seed + 2718 + tp_rank``), for dropout inside split layers; the CPU
+    stream of :func:`gr_parallel.tensor_parallel.fork_tensor_parallel_rng` is seeded the same way.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    seed_tensor_parallel_cpu_rng(seed)
     if torch.cuda.is_available():
         if parallel_state.model_parallel_is_initialized():
             tensor_parallel.model_parallel_cuda_manual_seed(seed)
