@@ -58,7 +58,8 @@ def _pytest(session: nox.Session, *paths: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Unit tests of every package on CPU, in one environment with every package editable."""
-    _install(session, list(PACKAGES), editable=True)
+    # dynamicemb's optional storage tiers (RocksDB, Redis) are tested here too.
+    _install(session, list(PACKAGES), editable=True, extras=["rocksdb", "redis"])
     _pytest(session, *[f"packages/{p}/tests" for p in PACKAGES])
 
 

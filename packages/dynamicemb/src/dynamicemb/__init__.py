@@ -40,7 +40,7 @@ from dynamicemb.planner import (
     DynamicEmbParameterSharding,
     KeyDistribution,
 )
-from dynamicemb.storage import PyDictStorage, Storage
+from dynamicemb.storage import PyDictStorage, RedisStorage, RocksDBStorage, Storage, StorageError
 from dynamicemb.types import (
     DynamicEmbCheckMode,
     DynamicEmbEvictStrategy,
@@ -79,9 +79,12 @@ __all__ = [
     "KeyDistribution",
     "KeyValueTable",
     "PyDictStorage",
+    "RedisStorage",
+    "RocksDBStorage",
     "ShardedDynamicEmbeddingBagCollection",
     "ShardedDynamicEmbeddingCollection",
     "Storage",
+    "StorageError",
     "__version__",
     "dump_sharded",
     "dynamic_embedding_lookup",

@@ -163,9 +163,10 @@ class CachedKeyValueTable(Storage):
         self.insert(keys, values, scores)
 
     def flush(self) -> None:
-        """Write every cached row back to ``backing`` (the cache keeps its rows)."""
+        """Write every cached row back to ``backing`` (the cache keeps its rows), then flush ``backing``."""
         for keys, values, scores in self.cache.dump():
             self.backing.insert(keys, values, scores)
+        self.backing.flush()
 
     # --- the training path ----------------------------------------------------------------------
     def lookup_for_training(self, keys: torch.Tensor, scores: torch.Tensor | None) -> TrainingLookup:

@@ -163,13 +163,18 @@ class DynamicEmbeddingTable:
             score_strategy=DynamicEmbScoreStrategy.TIMESTAMP if no_eviction else strategy,
             device_budget_bytes=None,
         )
-        backing = options.external_storage or self._key_value_table(
+        if not options.caching:
+            return CachedKeyValueTable(cache, options.external_storage)
+        host_table = self._key_value_table(
             capacity=capacity,
             max_load_factor=options.max_load_factor,
             score_strategy=strategy,
             device_budget_bytes=host_only,
         )
-        return CachedKeyValueTable(cache, backing)
+        if options.external_storage is None:
+            return CachedKeyValueTable(cache, host_table)
+        # Three tiers: device cache -> host table -> external storage (e.g. RocksDB on local disk).
+        return CachedKeyValueTable(cache, CachedKeyValueTable(host_table, options.external_storage))
 
     # --- scores -----------------------------------------------------------------------------
     def _scores(self, n: int) -> torch.Tensor | None:

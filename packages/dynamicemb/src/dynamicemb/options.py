@@ -79,7 +79,8 @@ class DynamicEmbTableOptions:
         ``caching=True``: the size of the device cache.
     external_storage: a :class:`~dynamicemb.storage.Storage` holding the rows behind a device
         cache (sized by ``global_hbm_for_values``; the whole table if that is 0) instead of the
-        built-in host table.
+        built-in host table; with ``caching=True``, behind the host table (device cache -> host
+        table -> storage, e.g. :class:`~dynamicemb.storage.RocksDBStorage` on local disk).
     index_type: dtype the ids must have (``torch.int64`` or ``torch.int32``); ``None`` accepts
         either. Keys are stored as int64.
     admit_strategy: decides which new keys enter the table (e.g. ``FrequencyAdmissionStrategy``);

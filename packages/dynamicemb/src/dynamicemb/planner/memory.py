@@ -14,7 +14,8 @@ One shard of a table with ``C`` slots (``shard_capacity``) and value rows of ``V
     bucket_capacity), C)`` slots (index + rows on the device) in front of a table of ``C`` slots
     whose index is on the device and whose rows are in host memory;
   * ``external_storage``: the same device cache (``K = C`` when ``hbm = 0``) in front of the
-    user's store, whose memory is not counted here;
+    user's store, whose memory is not counted here; with ``caching=True`` too, the host table of
+    ``C`` slots sits between the cache and the store;
 
 - with an admission strategy and no user counter, a counter table of ``C`` slots on the device
   (index + one int64 count per slot).
@@ -147,7 +148,7 @@ def dynamic_table_memory(
             )
         cache_bytes = _index_bytes(cache_slots) + cache_slots * row_bytes
         value_device = 0
-        if options.external_storage is None:
+        if options.caching:
             index, value_host = _index_bytes(capacity), capacity * row_bytes
         else:
             index, value_host = 0, 0

@@ -56,3 +56,11 @@ class Storage(ABC):
     def contains(self, keys: torch.Tensor) -> torch.Tensor:
         """``[N]`` bool: which keys are stored."""
         return self.find(keys)[1]
+
+    def erase(self, keys: torch.Tensor) -> torch.Tensor:
+        """Remove ``keys [N]``; ``[N]`` bool, True where a key was stored."""
+        raise NotImplementedError(f"{type(self).__name__} does not erase keys")
+
+    def flush(self) -> None:  # noqa: B027 (optional: rows in memory have nothing to flush)
+        """Make every row inserted so far durable, for stores that keep rows on disk or on a
+        server (nothing to do for rows in memory)."""

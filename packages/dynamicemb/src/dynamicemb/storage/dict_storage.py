@@ -12,12 +12,15 @@ __all__ = ["PyDictStorage"]
 
 
 class PyDictStorage(Storage):
-    """Maps each key to a row of a growing host tensor. Unbounded: nothing is ever evicted."""
+    """Maps each key to a row of a growing host tensor (rows of erased keys are reused).
+    Unbounded: nothing is ever evicted."""
 
     def __init__(self, value_dim: int, dtype: torch.dtype = torch.float32) -> None:
         self._value_dim = value_dim
         self._dtype = dtype
         self._row_of: dict[int, int] = {}
+        self._free_rows: list[int] = []
+        self._used_rows = 0
         self._rows = torch.empty((0, value_dim), dtype=dtype)
         self._scores = torch.empty((0,), dtype=torch.int64)
 
@@ -52,9 +55,7 @@ class PyDictStorage(Storage):
         new = rows < 0
         num_new = int(new.sum())
         if num_new:
-            start = len(self._row_of)
-            self._ensure_rows(start + num_new)
-            rows[new] = torch.arange(start, start + num_new)
+            rows[new] = self._claim_rows(num_new)
             for key, row in zip(keys[new].tolist(), rows[new].tolist()):
                 self._row_of[key] = row
         self._rows[rows] = values.detach().to("cpu", self._dtype)
@@ -62,6 +63,20 @@ class PyDictStorage(Storage):
             self._scores[rows] = scores.cpu().to(torch.int64)
         else:
             self._scores[rows[new]] = 0
+
+    def _claim_rows(self, n: int) -> torch.Tensor:
+        reused = self._free_rows[len(self._free_rows) - n :] if n <= len(self._free_rows) else self._free_rows
+        del self._free_rows[len(self._free_rows) - len(reused) :]
+        start, fresh = self._used_rows, n - len(reused)
+        self._ensure_rows(start + fresh)
+        self._used_rows += fresh
+        return torch.tensor(reused + list(range(start, start + fresh)), dtype=torch.int64)
+
+    def erase(self, keys: torch.Tensor) -> torch.Tensor:
+        """Forget ``keys``; their rows are reused by later insertions."""
+        rows = [self._row_of.pop(k, -1) for k in keys.cpu().tolist()]
+        self._free_rows += [row for row in rows if row >= 0]
+        return torch.tensor([row >= 0 for row in rows], dtype=torch.bool, device=keys.device)
 
     def _ensure_rows(self, n: int) -> None:
         if n <= self._rows.shape[0]:
