@@ -50,6 +50,14 @@ def _train(trainer: Trainer) -> None:
         f"{parameters:,} parameters on rank 0 | output {trainer.run_dir}",
         flush=True,
     )
+    if world.world_size > 1:
+        placement = trainer.model.embedding.table_placement()
+        say(
+            "embedding tables: "
+            + "; ".join(
+                f"{kind} {sorted(n for n, k in placement.items() if k == kind)}" for kind in ("sharded", "replicated")
+            )
+        )
     result = trainer.train()
     throughput = result.throughput
     say(f"\nfinal metrics after {result.step} steps:\n{_format_metrics(result.metrics)}")

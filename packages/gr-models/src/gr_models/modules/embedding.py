@@ -1,10 +1,13 @@
 """The embedding tables of a GR: static TorchRec tables (model- or data-parallel) and dynamic hash tables.
 
 `ShardedEmbedding` takes the batch's `KeyedJaggedTensor` and returns one `JaggedTensor` of embeddings per
-feature served by a table (features without a table, e.g. timestamps, are ignored). In one process the static
-tables are unsharded TorchRec `EmbeddingCollection`s; gr-parallel shards the same children with
-`DistributedModelParallel`. Static tables are trained by `SparseRowOptimizer`s built by `sparse_optimizers()`;
-dynamic tables (dynamicemb) apply their fused optimizer inside backward.
+feature served by a table (features without a table, e.g. timestamps, are ignored). It is built unsharded: static
+tables are TorchRec `EmbeddingCollection`s, dynamic tables standalone dynamicemb collections, each whole in this
+process. `shard()` (which a GR model calls when it is built in a world of several processes) shards them in place
+through `gr_parallel.shard_embedding_modules` (TorchRec's `DistributedModelParallel` with dynamicemb's planner and
+sharders): model-parallel static tables and dynamic tables are split over the ranks, data-parallel tables stay
+whole on every rank. Unsharded static tables are trained by `SparseRowOptimizer`s built by `sparse_optimizers()`;
+sharded static tables and dynamic tables apply their fused optimizer inside backward.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
+import gr_parallel
 from gr_models.configs.embedding_config import (
     BaseEmbeddingConfig,
     DynamicShardedEmbeddingConfig,
@@ -54,7 +58,8 @@ class ShardedEmbedding(nn.Module):
 
     Children (each present only when it has tables): `model_parallel` and `data_parallel` (TorchRec
     `EmbeddingCollection`s) and `dynamic` (a `ModuleDict` of one `dynamicemb.DynamicEmbeddingCollection` per
-    dynamic table, each with its own fused optimizer).
+    dynamic table, each with its own fused optimizer). After `shard()`, `model_parallel` and the entries of
+    `dynamic` are sharded collections (each rank holds its rows; lookups are collective over the ranks).
 
     Args:
         embedding_configs: `ShardedEmbeddingConfig` / `DynamicShardedEmbeddingConfig` entries, unique table and
@@ -84,13 +89,14 @@ class ShardedEmbedding(nn.Module):
         self.model_parallel = self._static_collection(model_parallel, device, sparse_grad=True)
         self.data_parallel = self._static_collection(data_parallel, device, sparse_grad=False)
         self.dynamic = self._dynamic_collections(dynamic, device) if dynamic else None
-        self._groups: list[tuple[nn.Module, list[str]]] = []
-        for module, configs in ((self.model_parallel, model_parallel), (self.data_parallel, data_parallel)):
-            if module is not None:
-                self._groups.append((module, [f for c in configs for f in c.feature_names]))
-        if self.dynamic is not None:
-            for config in dynamic:
-                self._groups.append((self.dynamic[config.table_name], list(config.feature_names)))
+        # (path of the child collection, features it serves); paths, not modules: shard() replaces the children
+        self._groups: list[tuple[str, list[str]]] = []
+        for name, configs in (("model_parallel", model_parallel), ("data_parallel", data_parallel)):
+            if configs:
+                self._groups.append((name, [f for c in configs for f in c.feature_names]))
+        for config in dynamic:
+            self._groups.append((f"dynamic.{config.table_name}", list(config.feature_names)))
+        self.is_sharded = False
 
     @staticmethod
     def _static_collection(
@@ -159,9 +165,9 @@ class ShardedEmbedding(nn.Module):
         self._check_static_ids(jagged, names)
         wanted = set(names)
         embeddings: dict[str, JaggedTensor] = {}
-        for module, served in self._groups:
+        for path, served in self._groups:
             if any(f in wanted for f in served):
-                looked_up = module(_select(jagged, served, wanted, features.stride()))
+                looked_up = self.get_submodule(path)(_select(jagged, served, wanted, features.stride()))
                 embeddings.update({f: looked_up[f] for f in served if f in wanted})
         return embeddings
 
@@ -173,9 +179,9 @@ class ShardedEmbedding(nn.Module):
         return self.lookup(features, self.feature_names)
 
     def static_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(table name, weight) of every static table (the parameters `sparse_optimizers` trains)."""
+        """(table name, weight) of every unsharded static table (the parameters `sparse_optimizers` trains)."""
         for collection in (self.model_parallel, self.data_parallel):
-            if collection is not None:
+            if isinstance(collection, EmbeddingCollection):
                 yield from ((name, table.weight) for name, table in collection.embeddings.items())
 
     def sparse_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -184,3 +190,30 @@ class ShardedEmbedding(nn.Module):
             name: SparseRowOptimizer([weight], self._configs[name].optimizer_param)
             for name, weight in self.static_parameters()
         }
+
+    def table_placement(self) -> dict[str, str]:
+        """Where each table lives, by name: "sharded" (split over the ranks), "replicated" (whole on every rank
+        of a sharded model) or "local" (unsharded model, one process)."""
+        if not self.is_sharded:
+            return dict.fromkeys(self._configs, "local")
+        sharded_paths = set(gr_parallel.find_sharded_modules(self))
+        sharded = {self._feature_to_table[f] for path, served in self._groups if path in sharded_paths for f in served}
+        return {name: "sharded" if name in sharded else "replicated" for name in self._configs}
+
+    def shard(self, device: torch.device) -> gr_parallel.EmbeddingSharding:
+        """Shard the tables over the initialized world, in place (collective: every rank calls it alike).
+
+        See `gr_models.modules.embedding_sharding` for what is sharded how.
+        """
+        from gr_models.modules.embedding_sharding import shard_tables
+
+        if self.is_sharded:
+            raise RuntimeError("these embedding tables are sharded already")
+        model_parallel = [
+            c
+            for c in self._configs.values()
+            if isinstance(c, ShardedEmbeddingConfig) and c.sharding_type == "model_parallel"
+        ]
+        sharding = shard_tables(self, model_parallel, device)
+        self.is_sharded = True
+        return sharding

@@ -24,6 +24,7 @@ from gr_models.model import RankingGR, RetrievalGR, SASRec
 from gr_models.model.base import GRModel
 from gr_models.trainer.config import DataConfig, RunConfig
 from gr_models.utils.tensor_initializer import (
+    ConstantInitializer,
     Initializer,
     NormalInitializer,
     TruncatedNormalInitializer,
@@ -38,6 +39,7 @@ _TABLE_KEYS = {
     "weight_decay",
     "initializer",
     "init_std",
+    "init_value",
     "capacity",
     "betas",
 }
@@ -106,14 +108,16 @@ def build_train_dataset(data: DataConfig, task: str) -> SequenceDataset:
     raise ValueError(f"unknown dataset {data.dataset!r}; expected synthetic, movielens, kuairand, parquet or orc")
 
 
-def _initializer(name: str, std: float | None) -> Initializer:
+def _initializer(name: str, std: float | None, value: float | None) -> Initializer:
+    if name == "constant":
+        return ConstantInitializer(value=0.0 if value is None else float(value))
     if name == "uniform":
         return UniformInitializer()
     if name == "normal":
         return NormalInitializer(std=std)
     if name == "truncated_normal":
         return TruncatedNormalInitializer(std=std)
-    raise ValueError(f"unknown initializer {name!r}; expected uniform, normal or truncated_normal")
+    raise ValueError(f"unknown initializer {name!r}; expected uniform, normal, truncated_normal or constant")
 
 
 def _adam_betas(spec: dict[str, Any]) -> dict[str, float]:
@@ -145,7 +149,9 @@ def build_embedding_configs(config: RunConfig, schema: DatasetSchema) -> list[Ba
             "feature_names": [feature],
             "table_name": f"{feature}_table",
             "dim": config.hstu.hidden_size,
-            "initializer": _initializer(spec.get("initializer", "uniform"), spec.get("init_std")),
+            "initializer": _initializer(
+                spec.get("initializer", "uniform"), spec.get("init_std"), spec.get("init_value")
+            ),
             "optimizer_param": EmbeddingOptimizerParam(
                 optimizer_str=spec.get("optimizer", "adam"),
                 learning_rate=float(spec.get("learning_rate", config.optim.learning_rate)),

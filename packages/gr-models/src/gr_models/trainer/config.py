@@ -58,7 +58,8 @@ class EmbeddingSection:
     """Embedding tables: one per id feature of the dataset, width = hidden size.
 
     `default` sets every table's `type` ("static" or "dynamic"), `sharding_type`, `optimizer`, `learning_rate`,
-    `weight_decay`, `initializer` ("uniform" / "normal" / "truncated_normal", with optional `init_std`) and Adam
+    `weight_decay`, `initializer` ("uniform" / "normal" / "truncated_normal", with optional `init_std`;
+    "constant" with `init_value`) and Adam
     `betas` ([beta1, beta2], default [0.9, 0.999]);
     `tables` overrides any of them per feature name. A dynamic table's capacity is `capacity` (default: the
     feature's vocabulary size); an unbounded (hashed) feature needs a dynamic table.
