@@ -39,6 +39,7 @@ class LocalRedisServer:
             raise FileNotFoundError("redis-server not found (Debian: apt-get install -y redis-server)")
         self.executable = executable
         self.directory = directory or tempfile.mkdtemp(prefix="dynamicemb-redis-")
+        os.makedirs(self.directory, exist_ok=True)
         self.start_timeout_s = start_timeout_s
         self.port = _free_port()
         self.process: subprocess.Popen[bytes] | None = None

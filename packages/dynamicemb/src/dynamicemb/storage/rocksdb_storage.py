@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,15 +20,16 @@ _FORMAT = 1
 
 
 def _hint(message: str) -> str:
+    """What RocksDB's status text means for the user."""
     lowered = message.lower()
-    if "lock" in lowered:
+    if "corrupt" in lowered or "checksum" in lowered or "does not end with newline" in lowered:
+        return "the database is corrupted"
+    if re.search(r"\block\b", lowered):  # the LOCK file, not a "block"
         return "it is locked: another process or another storage of this process has it open"
     if "permission denied" in lowered or "read-only file system" in lowered or "read only mode" in lowered:
         return "it cannot be written (read-only directory, file system or open mode)"
     if "no space left" in lowered or "file too large" in lowered:
-        return "the disk is full"
-    if "corrupt" in lowered or "checksum" in lowered or "does not end with newline" in lowered:
-        return "the database is corrupted"
+        return "the disk is full (or a file size limit was reached)"
     return "RocksDB failed"
 
 
