@@ -12,7 +12,8 @@ from gr_models.modules.dynamic_embedding import build_dynamic_collection  # noqa
 from gr_models.trainer import Trainer, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-ML1M_RATINGS = Path("/work/shared/data/ml-1m/partial/ratings_users0001-2999.dat.gz")
+ML1M = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "ml-1m"  # ../shared beside the repository
+ML1M_RATINGS = ML1M / "partial" / "ratings_users0001-2999.dat.gz"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
@@ -31,7 +32,12 @@ def test_ml1m_configs_follow_the_anchor_setup() -> None:
         assert config.hstu.hidden_size == 50 and config.hstu.dropout == 0.2
         assert config.optim.learning_rate == 1e-3 and config.optim.betas == [0.9, 0.98]
         assert config.retrieval.num_negatives == 128 and config.retrieval.temperature == 0.05
-    assert (hstu.hstu.num_layers, hstu.hstu.num_attention_heads, hstu.hstu.kv_channels) == (2, 1, 25)
+    assert (hstu.hstu.num_layers, hstu.hstu.num_attention_heads, hstu.hstu.kv_channels) == (2, 1, 50)
+    for config in (hstu, large, sasrec):  # the fixes of issue 26 (README, "ML-1M retrieval: learning speed")
+        assert config.hstu.position_encoding["scale_embeddings"] is True
+        assert config.embeddings.default["betas"] == [0.9, 0.98]
+    for config in (hstu, large):
+        assert config.hstu.alpha == 1.0 and config.hstu.relative_bias is not None
     assert (large.hstu.num_layers, large.hstu.num_attention_heads, large.hstu.kv_channels) == (8, 2, 25)
     assert (sasrec.model, sasrec.hstu.num_layers, sasrec.hstu.num_attention_heads) == ("sasrec", 2, 1)
 
@@ -48,7 +54,8 @@ def test_synthetic_demo_config_builds_a_ranking_gr(tmp_path: Path) -> None:
 )
 def test_ml1m_retrieval_configs_train_a_step(tmp_path: Path, name: str, model_class: type) -> None:
     overrides = [f"output_dir={tmp_path}", "device=cpu", "train.max_steps=1", "train.eval_every=0",
-                 "train.eval_batches=1", "train.progress_bar=false", "data.batch_size=16"]  # fmt: skip
+                 "train.eval_batches=1", "train.progress_bar=false", "data.batch_size=16",
+                 f"data.path={ML1M}"]  # fmt: skip
     trainer = Trainer(load_config(CONFIGS / f"{name}.yaml", overrides))
     assert type(trainer.model) is model_class
     result = trainer.train()

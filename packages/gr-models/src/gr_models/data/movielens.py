@@ -42,7 +42,7 @@ def _find_ratings(root: Path, variant: Variant) -> Path:
         if (root / name).is_file():
             return root / name
     partial = sorted(str(p) for p in root.glob("partial/*")) if root.is_dir() else []
-    hint = f"; files under partial/: {partial} (pass one as ratings_path)" if partial else ""
+    hint = f"; files under partial/: {partial} (pass one as ratings_path, relative to the folder)" if partial else ""
     raise FileNotFoundError(f"no {' or '.join(names)} in {root}{hint}")
 
 
@@ -54,7 +54,8 @@ class MovieLensDataset(InMemorySequenceDataset):
         variant: "1m" or "20m" (file formats).
         kind: "retrieval" or "ranking".
         split, holdout, max_train_candidates, truncate_side, max_sequence_length: see `WindowPolicy`.
-        ratings_path: ratings file to use instead of the one in ``root``.
+        ratings_path: ratings file to use instead of the one in ``root`` (a relative path is taken relative to
+            ``root``).
         rating_thresholds: task ``t`` is ``rating >= rating_thresholds[t]``.
         with_actions: include the action feature (always on for ranking).
         with_timestamps: include the ``timestamp`` feature.
@@ -87,7 +88,7 @@ class MovieLensDataset(InMemorySequenceDataset):
         if variant not in ("1m", "20m"):
             raise ValueError(f"variant must be '1m' or '20m', got {variant!r}")
         root = Path(root)
-        ratings_file = Path(ratings_path) if ratings_path is not None else _find_ratings(root, variant)
+        ratings_file = root / ratings_path if ratings_path is not None else _find_ratings(root, variant)
         self.ratings_path = ratings_file
         with_actions = with_actions or kind == "ranking"
         users, items, ratings, timestamps = self._read_ratings(ratings_file, variant)
