@@ -14,6 +14,7 @@ from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+import gr_parallel
 from gr_parallel.pipeline import OverlapTrainPipeline, TrainPipeline, make_train_pipeline
 
 VOCAB, DIM, BATCH, STEPS = 50, 4, 6, 5
@@ -35,6 +36,9 @@ class ToyBatch(Pipelineable):
     def record_stream(self, stream: torch.Stream) -> None:
         self.features.record_stream(stream)
         self.labels.record_stream(stream)
+
+    def pin_memory(self) -> ToyBatch:
+        return ToyBatch(self.features.pin_memory(), self.labels.pin_memory())
 
 
 def toy_batches(count: int, seed: int = 0) -> list[ToyBatch]:
@@ -126,3 +130,54 @@ def test_errors_name_the_problem() -> None:
     not_sharded = OverlapTrainPipeline(model, "cpu", sparse_inputs=lambda b: {model.embedding: b.features})
     with pytest.raises(TypeError, match="not a TorchRec ShardedModule"):
         next(not_sharded.batches(toy_batches(1)))
+
+
+class DynamicToyModel(nn.Module):
+    """ToyModel with the item table a dynamicemb table (sharded over the world by the test: on the GPU
+    machine only dynamic tables can be sharded, there are no CUDA fbgemm kernels)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        from dynamicemb import DynamicEmbeddingCollection, DynamicEmbOptimizerArgs, DynamicEmbOptimizerType
+
+        table = EmbeddingConfig(name="item_table", embedding_dim=DIM, num_embeddings=VOCAB, feature_names=["item"])
+        adam = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=0.05)
+        self.tables = nn.ModuleDict({"dyn": DynamicEmbeddingCollection([table], optimizer=adam, device=device)})
+        self.head = nn.Linear(DIM, 1, device=device)
+
+    def forward(self, batch: ToyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        items = self.tables["dyn"](batch.features)["item"]
+        pooled = torch.segment_reduce(items.values(), "mean", lengths=items.lengths())
+        logits = self.head(pooled).squeeze(1)
+        losses = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        return losses, logits.detach()
+
+
+def _trained_on_cuda(kind: str, device: torch.device) -> tuple[list[float], torch.Tensor, int]:
+    torch.manual_seed(0)
+    model = DynamicToyModel(device)
+    gr_parallel.shard_embedding_modules(model.tables, device=device)
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=0.05)
+    sharded = model.tables["dyn"]
+    pipeline = make_train_pipeline(kind, model, device, [optimizer], sparse_inputs=lambda b: {sharded: b.features})  # type: ignore[arg-type]
+    iterator = iter([batch.pin_memory() if device.type == "cuda" else batch for batch in toy_batches(12)])
+    losses = [pipeline.progress(iterator)[0].item() for _ in range(12)]
+    pipelined = getattr(pipeline, "pipelined_calls", 0)
+    pipeline.close()
+    return losses, model.head.weight.detach().cpu(), pipelined
+
+
+@pytest.mark.gpu
+def test_overlap_on_cuda_matches_the_plain_loop_with_a_sharded_dynamic_table() -> None:
+    """Side streams for the copy and the input distribution, pinned host batches, record_stream."""
+    gr_parallel.initialize_distributed()  # a one-process NCCL world
+    try:
+        device = gr_parallel.get_device()
+        plain_losses, plain_head, _ = _trained_on_cuda("none", device)
+        overlap_losses, overlap_head, pipelined = _trained_on_cuda("overlap", device)
+    finally:
+        gr_parallel.destroy_global_state()
+    assert pipelined == 12
+    # the dynamic table's backward accumulates with atomics on CUDA: equal up to float rounding
+    torch.testing.assert_close(torch.tensor(overlap_losses), torch.tensor(plain_losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(overlap_head, plain_head, rtol=1e-5, atol=1e-6)
