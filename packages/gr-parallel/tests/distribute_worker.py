@@ -8,6 +8,7 @@ the test compares a 2-process run with a 1-process run and makes the assertions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
 
 import gr_parallel
@@ -28,45 +29,81 @@ from dynamicemb import (
     DynamicEmbInitializerMode,
     DynamicEmbOptimizerArgs,
     DynamicEmbOptimizerType,
+    DynamicEmbParameterConstraints,
     DynamicEmbTableOptions,
 )
+from dynamicemb.distributed import ShardedDynamicEmbModule
 
 GLOBAL_BATCH = 8
 IDS_PER_SAMPLE = 2
 DIM = 4
 STEPS = 3
-FEATURES = {"f_mp": 24, "f_dp": 6, "f_dyn": 1000}  # feature -> id range
+FEATURES = {"f_mp": 24, "f_mix": 1000, "f_dp": 6, "f_dyn": 1000}  # feature -> id range
 STATIC_LR, DYNAMIC_LR, DENSE_LR, GAMMA = 0.05, 0.02, 0.1, 0.5
+FUSED = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": STATIC_LR}
 
 
-class TinyModel(nn.Module):
-    """Sum-pooled embeddings of three features (fixed ``IDS_PER_SAMPLE`` ids each) -> MLP -> logit."""
+def constant_rows() -> DynamicEmbTableOptions:
+    return DynamicEmbTableOptions(
+        initializer_args=DynamicEmbInitializerArgs(mode=DynamicEmbInitializerMode.CONSTANT, value=0.1)
+    )
+
+
+class Embeddings(nn.Module):
+    """The layout of gr-models' ``ShardedEmbedding``: ``model_parallel`` (a static table and a
+    dynamic table declared by constraint), ``data_parallel``, and ``dynamic`` (a standalone
+    dynamicemb collection with its own Adam)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.model_parallel = EmbeddingCollection(
-            tables=[EmbeddingConfig(name="mp", embedding_dim=DIM, num_embeddings=24, feature_names=["f_mp"])]
+            tables=[
+                EmbeddingConfig(name="mp", embedding_dim=DIM, num_embeddings=24, feature_names=["f_mp"]),
+                EmbeddingConfig(name="mix", embedding_dim=DIM, num_embeddings=256, feature_names=["f_mix"]),
+            ]
         )
         self.data_parallel = EmbeddingCollection(
             tables=[EmbeddingConfig(name="dp", embedding_dim=DIM, num_embeddings=6, feature_names=["f_dp"])]
         )
-        options = DynamicEmbTableOptions(
-            initializer_args=DynamicEmbInitializerArgs(mode=DynamicEmbInitializerMode.CONSTANT, value=0.1),
-            max_capacity=256,
-        )
         adam = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=DYNAMIC_LR)
         dyn = EmbeddingConfig(name="dyn", embedding_dim=DIM, num_embeddings=256, feature_names=["f_dyn"])
-        self.dynamic = nn.ModuleDict(
-            {"dyn": DynamicEmbeddingCollection(tables=[dyn], table_options=options, optimizer=adam)}
+        standalone = DynamicEmbeddingCollection(
+            tables=[dyn], table_options=dataclasses.replace(constant_rows(), max_capacity=256), optimizer=adam
         )
-        self.mlp = nn.Sequential(nn.Linear(3 * DIM, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.dynamic = nn.ModuleDict({"dyn": standalone})
 
-    def forward(self, features: dict[str, KeyedJaggedTensor], labels: torch.Tensor) -> torch.Tensor:
-        looked_up = {
-            **self.model_parallel(features["f_mp"]),
+    def sharding_options(self) -> gr_parallel.ShardingOptions:
+        constraints = gr_parallel.sharded_embedding_constraints(self)
+        constraints["mix"] = DynamicEmbParameterConstraints(use_dynamicemb=True, dynamicemb_options=constant_rows())
+        return gr_parallel.ShardingOptions(constraints=constraints, fused_params=FUSED)
+
+    def forward(self, features: dict[str, KeyedJaggedTensor]) -> dict[str, JaggedTensor]:
+        mp_features = KeyedJaggedTensor.concat([features["f_mp"], features["f_mix"]])
+        return {
+            **self.model_parallel(mp_features),
             **self.data_parallel(features["f_dp"]),
             **self.dynamic["dyn"](features["f_dyn"]),
         }
+
+
+class TinyModel(nn.Module):
+    """Sum-pooled embeddings of four features (``IDS_PER_SAMPLE`` ids each) -> MLP -> BCE loss.
+
+    ``shard_in_init``: built as a model that distributes itself when built in a world of several
+    processes (shards its embedding child, makes itself data-parallel), instead of being passed to
+    ``gr_parallel.distribute``.
+    """
+
+    def __init__(self, shard_in_init: bool = False) -> None:
+        super().__init__()
+        self.embedding = Embeddings()
+        self.mlp = nn.Sequential(nn.Linear(len(FEATURES) * DIM, 8), nn.Tanh(), nn.Linear(8, 1))
+        if shard_in_init:
+            self.sharding = gr_parallel.shard_embedding_modules(self.embedding, self.embedding.sharding_options())
+            gr_parallel.data_parallel_dense(self)
+
+    def forward(self, features: dict[str, KeyedJaggedTensor], labels: torch.Tensor) -> torch.Tensor:
+        looked_up = self.embedding(features)
         pooled = [looked_up[f].values().view(-1, IDS_PER_SAMPLE, DIM).sum(1) for f in FEATURES]
         logits = self.mlp(torch.cat(pooled, dim=1)).squeeze(1)
         return nn.functional.binary_cross_entropy_with_logits(logits, labels)
@@ -112,62 +149,69 @@ def set_table(tensor: torch.Tensor | ShardedTensor, full: torch.Tensor) -> None:
             shard.tensor.copy_(full[row : row + rows, col : col + cols])
 
 
-def dynamic_rows(model: gr_parallel.DistributedModel) -> dict[str, list[float]]:
-    """Every rank's shard of the dynamic table: key -> embedding + Adam state."""
-    (module,) = [m for path, m in model.sharding.sharded_modules.items() if path.startswith("dynamic")]
-    table = module.dynamic_embedding_tables()["dyn"]
-    local = {
-        str(key): [*emb, *state]
-        for keys, embs, states, _ in table.export()
-        for key, emb, state in zip(keys.tolist(), embs.tolist(), states.tolist())
-    }
+def dynamic_rows(model: nn.Module) -> dict[str, dict[str, list[float]]]:
+    """Every rank's shard of each dynamic table: table -> key -> embedding + optimizer state."""
+    local: dict[str, dict[str, list[float]]] = {}
+    for table in dynamic_tables(model).values():
+        local[table.name] = {
+            str(key): [*emb, *state]
+            for keys, embs, states, _ in table.export()
+            for key, emb, state in zip(keys.tolist(), embs.tolist(), states.tolist())
+        }
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
-    return {key: row for shard in gathered for key, row in shard.items()}
+    return {name: {k: v for shard in gathered for k, v in shard[name].items()} for name in local}
 
 
-def train(observed: dict[str, Any]) -> None:
+def dynamic_tables(model: nn.Module) -> dict[str, Any]:
+    return {
+        name: table
+        for module in gr_parallel.find_sharded_modules(model).values()
+        if isinstance(module, ShardedDynamicEmbModule)
+        for name, table in module.dynamic_embedding_tables().items()
+    }
+
+
+def train(shard_in_init: bool) -> dict[str, Any]:
+    """A few steps of the model distributed by ``gr_parallel.distribute`` or by itself."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = TinyModel()
-    static_init = torch.arange(24 * DIM, dtype=torch.float32).view(24, DIM) / 100.0
-    fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": STATIC_LR}
-    distributed = gr_parallel.distribute(
-        model,
-        sharding=gr_parallel.ShardingOptions(
-            constraints=gr_parallel.sharded_embedding_constraints(model), fused_params=fused
-        ),
-        dense_optimizer=lambda params: torch.optim.SGD(params, lr=DENSE_LR),
-    )
-    set_table(distributed.state_dict()["model_parallel.embeddings.mp.weight"], static_init)
-    scheduler = torch.optim.lr_scheduler.StepLR(distributed.optimizer, step_size=1, gamma=GAMMA)
+    dense_optimizer = lambda params: torch.optim.SGD(params, lr=DENSE_LR)
+    model: nn.Module = TinyModel(shard_in_init)
+    if shard_in_init:
+        optimizer = gr_parallel.build_optimizer(model, dense_optimizer)
+        sharding = model.sharding
+    else:
+        model = gr_parallel.distribute(
+            model, sharding=model.embedding.sharding_options(), dense_optimizer=dense_optimizer
+        )
+        optimizer, sharding = model.optimizer, model.sharding
+    static_key = "embedding.model_parallel.embeddings.mp.weight"
+    set_table(model.state_dict()[static_key], torch.arange(24 * DIM, dtype=torch.float32).view(24, DIM) / 100.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=GAMMA)
     losses = []
     for step in range(STEPS):
         features, labels = local_batch(step, rank, world_size)
-        distributed.optimizer.zero_grad()
-        loss = distributed(features, labels)
+        optimizer.zero_grad()
+        loss = model(features, labels)
         loss.backward()
-        distributed.optimizer.step()
+        optimizer.step()
         scheduler.step()
         total = loss.detach().clone()
         dist.all_reduce(total)
         losses.append(total.item() / world_size)
-    distributed.optimizer.zero_grad()  # as the next step would: hands the last scheduled lr to the tables
-    state = distributed.state_dict()
-    observed["losses"] = losses
-    observed["dense"] = {k: v.tolist() for k, v in state.items() if k.startswith(("mlp.", "data_parallel."))}
-    observed["static"] = full_table(state["model_parallel.embeddings.mp.weight"], (24, DIM))
-    observed["dynamic"] = dynamic_rows(distributed)
-    observed["sharded_paths"] = sorted(distributed.sharding.sharded_modules)
-    observed["data_parallel_paths"] = sorted(distributed.sharding.data_parallel_modules)
-    table = dynamic_table(distributed)
-    observed["dynamic_lr_applied"] = table.optimizer.args.learning_rate
-    observed["group_lrs"] = sorted(float(group["lr"]) for group in distributed.optimizer.param_groups)
-
-
-def dynamic_table(model: gr_parallel.DistributedModel) -> Any:
-    (module,) = [m for path, m in model.sharding.sharded_modules.items() if path.startswith("dynamic")]
-    return module.dynamic_embedding_tables()["dyn"]
+    optimizer.zero_grad()  # as the next step would: hands the last scheduled lr to the tables
+    state = model.state_dict()
+    return {
+        "losses": losses,
+        "dense": {k: v.tolist() for k, v in state.items() if k.startswith(("mlp.", "embedding.data_parallel."))},
+        "static": full_table(state[static_key], (24, DIM)),
+        "dynamic": dynamic_rows(model),
+        "sharded_paths": sorted(sharding.sharded_modules),
+        "data_parallel_paths": sorted(sharding.data_parallel_modules),
+        "dynamic_lrs_applied": {n: t.optimizer.args.learning_rate for n, t in dynamic_tables(model).items()},
+        "group_lrs": sorted(float(group["lr"]) for group in optimizer.param_groups),
+    }
 
 
 def error_of(call: Any) -> str | None:
@@ -187,20 +231,19 @@ def errors(observed: dict[str, Any]) -> None:
     local = DynamicEmbeddingCollection(tables=[config], process_local=True)
     observed["process_local_ok"] = error_of(lambda: local(kjt)) is None
 
-    model = TinyModel()
     fused = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1 if rank == 0 else 0.2}
     options = gr_parallel.ShardingOptions(fused_params=fused)
-    observed["config_error"] = error_of(lambda: gr_parallel.shard_embedding_modules(model, options))
+    observed["config_error"] = error_of(lambda: gr_parallel.shard_embedding_modules(Embeddings(), options))
     tiny_budget = gr_parallel.ShardingOptions(ddr_cap=1024, hbm_cap=0)
-    observed["budget_error"] = error_of(lambda: gr_parallel.shard_embedding_modules(TinyModel(), tiny_budget))
+    observed["budget_error"] = error_of(lambda: gr_parallel.shard_embedding_modules(Embeddings(), tiny_budget))
 
 
 def main(out_dir: Path) -> None:
     gr_parallel.initialize_distributed()
     gr_parallel.initialize_model_parallel(tensor_model_parallel_size=1)
-    observed: dict[str, Any] = {}
-    train(observed)
+    observed: dict[str, Any] = {"distribute": train(shard_in_init=False)}
     if dist.get_world_size() > 1:
+        observed["in_model"] = train(shard_in_init=True)
         errors(observed)
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(observed))
     gr_parallel.destroy_global_state()

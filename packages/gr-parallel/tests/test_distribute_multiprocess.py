@@ -2,8 +2,10 @@
 
 Both runs launch ``distribute_worker.py`` with torchrun's environment (at once, to save time); the
 2-process run must reproduce the 1-process run's losses and updated parameters: dense and
-data-parallel weights, the model-parallel static table, and the dynamic table's rows with their
-Adam state. The 2-process run also records the errors it provoked.
+data-parallel weights, the model-parallel static table, and both dynamic tables' rows with their
+optimizer state, whether the model is passed to ``distribute`` or shards itself when built. The
+2-process run also records the errors it provoked. ``rank_failure_worker.py`` checks that a rank
+that dies or hangs ends the other's collectives within the timeout.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("distribute_worker.py")
-DYNAMIC_LR, GAMMA, STEPS = 0.02, 0.5, 3
+FAILURE_WORKER = Path(__file__).with_name("rank_failure_worker.py")
+DENSE_LR, STATIC_LR, DYNAMIC_LR, GAMMA, STEPS = 0.1, 0.05, 0.02, 0.5, 3
 
 
 def _free_port() -> int:
@@ -28,7 +31,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(out_dir: Path, world_size: int) -> list[subprocess.Popen]:
+def _launch(out_dir: Path, world_size: int, worker: Path = WORKER, *args: str) -> list[subprocess.Popen]:
     out_dir.mkdir()
     port = _free_port()
     processes = []
@@ -36,19 +39,14 @@ def _launch(out_dir: Path, world_size: int) -> list[subprocess.Popen]:
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                    LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # fmt: skip
+        command = [sys.executable, str(worker), str(out_dir), *args]
         processes.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), str(out_dir)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
     return processes
 
 
-def _finish(processes: list[subprocess.Popen], out_dir: Path, timeout_s: float = 240.0) -> list[dict]:
+def _outputs(processes: list[subprocess.Popen], timeout_s: float) -> list[str]:
     outputs = []
     for process in processes:
         try:
@@ -57,6 +55,11 @@ def _finish(processes: list[subprocess.Popen], out_dir: Path, timeout_s: float =
             for straggler in processes:
                 straggler.kill()
             outputs.append(process.communicate()[0])
+    return outputs
+
+
+def _finish(processes: list[subprocess.Popen], out_dir: Path, timeout_s: float = 240.0) -> list[dict]:
+    outputs = _outputs(processes, timeout_s)
     for rank, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"rank {rank} exited with {process.returncode}:\n{output[-6000:]}"
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(len(processes))]
@@ -73,36 +76,54 @@ def _close(got: object, expected: object) -> None:
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
-def test_two_processes_match_one_process_on_the_global_batch(runs: dict[int, list[dict]]) -> None:
-    (single,) = runs[1]
+def _assert_same_training(seen: dict, single: dict) -> None:
+    _close(seen["losses"], single["losses"])
+    assert seen["dense"].keys() == single["dense"].keys()
+    for name, value in single["dense"].items():
+        _close(seen["dense"][name], value)
+    _close(seen["static"], single["static"])
+    assert seen["dynamic"].keys() == single["dynamic"].keys() == {"dyn", "mix"}
+    for table, rows in single["dynamic"].items():
+        assert seen["dynamic"][table].keys() == rows.keys()
+        for key, row in rows.items():
+            _close(seen["dynamic"][table][key], row)
+
+
+def test_distribute_on_two_processes_matches_one_process_on_the_global_batch(runs: dict[int, list[dict]]) -> None:
+    single = runs[1][0]["distribute"]
+    assert single["sharded_paths"] == ["embedding.dynamic.dyn", "embedding.model_parallel"]
+    assert single["data_parallel_paths"] == ["embedding.data_parallel"]
     for seen in runs[2]:
-        assert seen["sharded_paths"] == ["dynamic.dyn", "model_parallel"]
-        assert seen["data_parallel_paths"] == ["data_parallel"]
-        _close(seen["losses"], single["losses"])
-        assert seen["dense"].keys() == single["dense"].keys()
-        for name, value in single["dense"].items():
-            _close(seen["dense"][name], value)
-        _close(seen["static"], single["static"])
-        assert seen["dynamic"].keys() == single["dynamic"].keys()
-        for key, row in single["dynamic"].items():
-            _close(seen["dynamic"][key], row)
+        assert seen["distribute"]["sharded_paths"] == single["sharded_paths"]
+        _assert_same_training(seen["distribute"], single)
+
+
+def test_a_model_sharding_itself_matches_distribute(runs: dict[int, list[dict]]) -> None:
+    single = runs[1][0]["distribute"]
+    for seen in runs[2]:
+        assert seen["in_model"]["sharded_paths"] == ["dynamic.dyn", "model_parallel"]
+        assert seen["in_model"]["data_parallel_paths"] == ["data_parallel"]
+        _assert_same_training(seen["in_model"], single)
 
 
 def test_training_moved_every_part(runs: dict[int, list[dict]]) -> None:
-    (single,) = runs[1]
-    static_init = (torch.arange(24 * 4, dtype=torch.float32).view(24, 4) / 100.0).tolist()
-    assert torch.tensor(single["static"]).ne(torch.tensor(static_init)).any()
-    rows = torch.tensor(list(single["dynamic"].values()))
-    assert rows.shape[1] == 12  # embedding + Adam's two moments
-    assert rows[:, :4].ne(0.1).any() and rows[:, 4:].ne(0).any()
+    single = runs[1][0]["distribute"]
+    static_init = torch.arange(24 * 4, dtype=torch.float32).view(24, 4) / 100.0
+    assert torch.tensor(single["static"]).ne(static_init).any()
+    for table, width in (("dyn", 4 + 8), ("mix", 4 + 1)):  # embedding + Adam moments / row-wise AdaGrad sum
+        rows = torch.tensor(list(single["dynamic"][table].values()))
+        assert rows.shape[1] == width
+        assert rows[:, :4].ne(0.1).any() and rows[:, 4:].ne(0).any()
 
 
 def test_lr_scheduler_reaches_every_optimizer(runs: dict[int, list[dict]]) -> None:
-    expected = DYNAMIC_LR * GAMMA**STEPS
-    for seen in runs[1] + runs[2]:
-        assert seen["dynamic_lr_applied"] == pytest.approx(expected)
-        # dense SGD, the static table's fused optimizer and the dynamic table, all decayed alike
-        assert seen["group_lrs"] == pytest.approx(sorted([0.1 * GAMMA**STEPS, 0.05 * GAMMA**STEPS, expected]))
+    decay = GAMMA**STEPS
+    for seen in [runs[1][0]["distribute"]] + [r[style] for r in runs[2] for style in ("distribute", "in_model")]:
+        assert seen["dynamic_lrs_applied"] == pytest.approx({"dyn": DYNAMIC_LR * decay, "mix": STATIC_LR * decay})
+        # dense SGD, the static table's TBE, the standalone dynamic table's Adam, the declared dynamic table
+        assert seen["group_lrs"] == pytest.approx(
+            sorted(lr * decay for lr in (DENSE_LR, STATIC_LR, DYNAMIC_LR, STATIC_LR))
+        )
 
 
 def test_errors_name_the_problem(runs: dict[int, list[dict]]) -> None:
@@ -112,3 +133,19 @@ def test_errors_name_the_problem(runs: dict[int, list[dict]]) -> None:
         assert seen["process_local_ok"]
         assert "differs across ranks: ranks [1] do not match rank 0" in seen["config_error"]
         assert "do not fit" in seen["budget_error"]
+
+
+def test_a_failed_rank_ends_the_others_collectives_within_the_timeout(tmp_path: Path) -> None:
+    """Rank 1 exits abruptly (``dies``) or stops taking part (``hangs``); rank 0's all-reduce must
+    raise (gloo: the peer's connection closed, or the collective timed out), not wait forever."""
+    timeout_s = 3.0
+    launched = {
+        failure: _launch(tmp_path / failure, 2, FAILURE_WORKER, failure, str(timeout_s))
+        for failure in ("dies", "hangs")
+    }
+    for failure, processes in launched.items():
+        outputs = _outputs(processes, 120.0)
+        assert processes[0].returncode == 0, outputs[0][-4000:]
+        seen = json.loads((tmp_path / failure / "rank0.json").read_text())
+        assert seen["error"] is not None, failure
+        assert seen["seconds"] < timeout_s + 5.0, (failure, seen)
