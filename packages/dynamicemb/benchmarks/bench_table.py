@@ -366,6 +366,11 @@ def write_readme() -> None:
         if path.name.startswith("value_store_"):
             lines += _value_store_section(rows)
             continue
+        if path.name.startswith("storage_"):
+            from bench_storage import storage_section  # beside this file
+
+            lines += storage_section(rows)
+            continue
         lines += [f"## {first['device']} ({first['date']}, commit {first['commit']})", ""]
         lines += [
             "| op | dim | load factor | ms | Gkeys/s | w/ index_select | index only | baseline |",

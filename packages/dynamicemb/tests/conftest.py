@@ -29,6 +29,7 @@ def new_storage(request: pytest.FixtureRequest, tmp_path) -> Iterator[NewStorage
     """``new_storage(kind, value_dim, dtype=torch.float32, **kwargs)``: an empty storage of ``kind``
     (``"dict"``, ``"rocksdb"`` in a fresh directory, ``"redis"`` under a fresh prefix); closed after the test."""
     opened: list[Storage] = []
+    servers: list[LocalRedisServer] = []
 
     def make(kind: str, value_dim: int, dtype: torch.dtype = torch.float32, **kwargs) -> Storage:
         if kind == "dict":
@@ -40,6 +41,7 @@ def new_storage(request: pytest.FixtureRequest, tmp_path) -> Iterator[NewStorage
             storage = RocksDBStorage(tmp_path / f"rocksdb-{uuid.uuid4().hex[:8]}", value_dim, dtype, **kwargs)
         elif kind == "redis":
             server = request.getfixturevalue("redis_server")
+            servers.append(server)
             from dynamicemb.storage import RedisStorage
 
             storage = RedisStorage(value_dim, dtype, port=server.port, prefix=f"test-{uuid.uuid4().hex}", **kwargs)
@@ -50,7 +52,9 @@ def new_storage(request: pytest.FixtureRequest, tmp_path) -> Iterator[NewStorage
 
     yield make
     for storage in opened:
-        if hasattr(storage, "clear"):
-            storage.clear()  # the session's redis-server keeps no rows of finished tests
         if hasattr(storage, "close"):
             storage.close()
+    if servers:
+        import redis
+
+        redis.Redis(port=servers[0].port).flushdb()  # no rows outlive their test

@@ -307,3 +307,17 @@ def test_rocksdb_killed_while_flushing_reopens_consistent(rocksdb_storage, tmp_p
     count = int(batches.max()) + 1
     assert count > durable  # every flushed batch is there
     assert torch.equal(torch.bincount(batches), torch.full((count,), 500))  # whole batches, none missing
+
+
+@pytest.mark.parametrize(
+    ("module", "make"),
+    [
+        ("rocksdict", lambda tmp_path: __import__("dynamicemb").RocksDBStorage(tmp_path / "db", 4)),
+        ("redis", lambda tmp_path: __import__("dynamicemb").RedisStorage(4)),
+    ],
+)
+def test_a_missing_extra_says_how_to_install_it(module: str, make, tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if the package were not installed
+    extra = {"rocksdict": "rocksdb", "redis": "redis"}[module]
+    with pytest.raises(ImportError, match=re.escape(f"pip install 'dynamicemb[{extra}]'")):
+        make(tmp_path)
