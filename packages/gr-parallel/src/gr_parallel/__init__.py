@@ -8,8 +8,14 @@ Distributing a model: :func:`distribute` (one call), built from :func:`shard_emb
 (embedding tables through TorchRec's ``DistributedModelParallel`` with dynamicemb's planner and
 sharders), :func:`data_parallel_dense` (DDP over the data-parallel group, in place) and
 :func:`build_optimizer` (dense + fused sparse optimizers in one TorchRec ``CombinedOptimizer``).
+
+Training: :func:`make_train_pipeline` (``none`` or ``overlap``: device copy and sparse input
+all-to-all of the next batches overlapped with the current compute, see :mod:`gr_parallel.pipeline`)
+and :class:`BalancedBatchSampler` (global batches split across data-parallel ranks by attention cost,
+see :mod:`gr_parallel.balance`).
 """
 
+from gr_parallel.balance import BalancedBatchSampler, partition_by_cost, sequence_cost
 from gr_parallel.consistency import check_same_across_ranks, stable_hash
 from gr_parallel.constraints import (
     constraints_by_child_name,
@@ -28,6 +34,12 @@ from gr_parallel.initialize import (
     set_random_seed,
 )
 from gr_parallel.optimizers import DenseOptimizerFactory, build_optimizer, fused_optimizers
+from gr_parallel.pipeline import (
+    OverlapTrainPipeline,
+    TrainPipeline,
+    make_train_pipeline,
+    sparse_inputs_from_attribute,
+)
 from gr_parallel.sharding import EmbeddingSharding, ShardingOptions, find_sharded_modules, shard_embedding_modules
 from gr_parallel.state import (
     get_data_parallel_group,
@@ -47,10 +59,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "BalancedBatchSampler",
     "DenseOptimizerFactory",
     "DistributedModel",
     "EmbeddingSharding",
+    "OverlapTrainPipeline",
     "ShardingOptions",
+    "TrainPipeline",
     "__version__",
     "build_optimizer",
     "check_same_across_ranks",
@@ -76,10 +91,14 @@ __all__ = [
     "initialize_distributed",
     "initialize_model_parallel",
     "is_data_parallel_dense",
+    "make_train_pipeline",
     "model_parallel_constraint",
     "model_parallel_is_initialized",
+    "partition_by_cost",
+    "sequence_cost",
     "set_random_seed",
     "shard_embedding_modules",
     "sharded_embedding_constraints",
+    "sparse_inputs_from_attribute",
     "stable_hash",
 ]
