@@ -21,7 +21,7 @@ from torchrec.distributed.planner.types import ParameterConstraints, PlannerErro
 from torchrec.distributed.types import ModuleSharder, ShardedModule, ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import KeyedOptimizer
 
-from dynamicemb.planner import DynamicEmbeddingShardingPlanner
+from dynamicemb.planner import DynamicEmbeddingShardingPlanner, DynamicEmbParameterSharding
 from gr_parallel.consistency import check_same_across_ranks
 from gr_parallel.constraints import is_data_parallel, model_parallel_constraint, table_configs
 from gr_parallel.dynamic_conversion import convert_dynamic_modules
@@ -157,6 +157,29 @@ def _plan_summary(plan: ShardingPlan) -> list[Any]:
     return summary
 
 
+def _fbgemm_has_cuda_kernels() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fbgemm::permute_2D_sparse_data", "CUDA")
+
+
+def _check_static_tables_can_run(plan: ShardingPlan, device: torch.device) -> None:
+    """Sharded static tables run fbgemm's kernels; a CPU-only fbgemm build has none for CUDA."""
+    if device.type != "cuda" or _fbgemm_has_cuda_kernels():
+        return
+    static = sorted(
+        table
+        for module_plan in plan.plan.values()
+        for table, sharding in module_plan.items()  # type: ignore[attr-defined]
+        if not isinstance(sharding, DynamicEmbParameterSharding)
+    )
+    if static:
+        raise NotImplementedError(
+            f"static tables {static} would be sharded on CUDA with fbgemm's kernels, but the installed fbgemm has "
+            "no CUDA kernels (fbgemm-gpu-cpu): make them dynamic (DynamicEmbParameterConstraints(use_dynamicemb=True)) "
+            "or data-parallel (gr_parallel.data_parallel_constraint()), or install the CUDA fbgemm-gpu build that "
+            "matches torchrec"
+        )
+
+
 def _plan(
     module: nn.Module,
     constraints: dict[str, ParameterConstraints],
@@ -223,6 +246,7 @@ def shard_embedding_modules(
     plan = _plan(module, constraints, sharders, options, env, device)
     for path in data_parallel:
         plan.plan.pop(path, None)
+    _check_static_tables_can_run(plan, device)
     check_same_across_ranks(_plan_summary(plan), "the embedding sharding plan", process_group)
     dmp = DistributedModelParallel(
         module, env=env, device=device, plan=plan, sharders=sharders, init_data_parallel=False
