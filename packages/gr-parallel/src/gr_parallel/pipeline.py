@@ -193,8 +193,8 @@ class OverlapTrainPipeline(TrainPipeline[B]):
         on_cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device=self.device) if on_cuda else None
         self._dist_stream = torch.cuda.Stream(device=self.device) if on_cuda else None
-        self._copied: deque[B] = deque()
-        self._ready: tuple[B, dict[nn.Module, _PendingDist]] | None = None
+        self._copied: deque[tuple[B, torch.cuda.Event | None]] = deque()  # batch, its copy's end
+        self._ready: tuple[B, torch.cuda.Event | None, dict[nn.Module, _PendingDist]] | None = None
         self._armed: dict[nn.Module, _PendingDist] = {}
         self._originals: dict[nn.Module, Any] = {}
         self._model_modules: set[int] | None = None
@@ -218,7 +218,9 @@ class OverlapTrainPipeline(TrainPipeline[B]):
             self._exhausted = True
             return
         with self._stream(self._copy_stream):
-            self._copied.append(_to_device(host_batch, self.device, non_blocking=True))
+            batch = _to_device(host_batch, self.device, non_blocking=True)
+            copied = self._copy_stream.record_event() if self._copy_stream is not None else None
+        self._copied.append((batch, copied))
 
     def _check_module(self, module: nn.Module) -> None:
         if not isinstance(module, ShardedModule):
@@ -228,14 +230,17 @@ class OverlapTrainPipeline(TrainPipeline[B]):
         if id(module) not in self._model_modules:
             raise ValueError(f"sparse_inputs names a {type(module).__name__} that is not inside the model")
 
-    def _start_dist(self, batch: B) -> tuple[B, dict[nn.Module, _PendingDist]]:
-        """Start (on the dist stream) the input distribution of ``batch`` for every named module."""
+    def _start_dist(
+        self, batch: B, copied: torch.cuda.Event | None
+    ) -> tuple[B, torch.cuda.Event | None, dict[nn.Module, _PendingDist]]:
+        """Start (on the dist stream, after ``batch``'s copy) the input distribution of ``batch`` for
+        every named module."""
         pending: dict[nn.Module, _PendingDist] = {}
         if self.sparse_inputs is None:
-            return batch, pending
+            return batch, copied, pending
         with self._stream(self._dist_stream):
             if self._dist_stream is not None:
-                self._dist_stream.wait_stream(self._copy_stream)  # type: ignore[arg-type]
+                self._dist_stream.wait_event(copied)
                 _record_stream(batch, self._dist_stream)
             for module, features in self.sparse_inputs(batch).items():
                 if module not in self._originals:
@@ -244,7 +249,7 @@ class OverlapTrainPipeline(TrainPipeline[B]):
                 context = module.create_context()  # type: ignore[operator]
                 splits = module.input_dist(context, features)  # type: ignore[operator]
                 pending[module] = _PendingDist(context, splits.wait(), _signature(features))
-        return batch, pending
+        return batch, copied, pending
 
     def _patch(self, module: nn.Module) -> None:
         self._originals[module] = module.__dict__.get("forward")
@@ -279,8 +284,8 @@ class OverlapTrainPipeline(TrainPipeline[B]):
                 self._enqueue_copy()
             if not self._copied:
                 raise StopIteration
-            self._ready = self._start_dist(self._copied.popleft())
-        batch, pending = self._ready
+            self._ready = self._start_dist(*self._copied.popleft())
+        batch, copied, pending = self._ready
         self._ready = None
         unused = [type(m).__name__ for m in self._armed]
         if unused:
@@ -288,15 +293,15 @@ class OverlapTrainPipeline(TrainPipeline[B]):
                 f"the forward of the previous batch did not call {unused}, whose input distribution "
                 "sparse_inputs had started: name only modules that every forward calls"
             )
-        if self._copy_stream is not None:
+        if copied is not None:
             current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self._copy_stream)
+            current.wait_event(copied)
             _record_stream(batch, current)
         self._armed = pending
         if not self._copied:
             self._enqueue_copy()
         if self._copied:
-            self._ready = self._start_dist(self._copied.popleft())
+            self._ready = self._start_dist(*self._copied.popleft())
         self._enqueue_copy()
         return batch
 
