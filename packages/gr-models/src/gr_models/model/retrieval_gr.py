@@ -150,13 +150,19 @@ class RetrievalGR(GRModel):
         return self._normalize(torch.cat([self.embed_items(item_feature_name, part) for part in ids.split(chunk)]))
 
     @torch.no_grad()
-    def evaluate_batch(self, batch: RetrievalBatch, item_embeddings: Tensor | None = None) -> dict[str, Tensor]:
+    def evaluate_batch(
+        self,
+        batch: RetrievalBatch,
+        item_embeddings: Tensor | None = None,
+        excluded_items: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Full-corpus ranking of each user's held-out item.
 
         Returns `{"ranks": [U] int64 (0 = ranked first; ties count against the target, see
         `gr_models.metrics.retrieval.target_ranks`), "scores": [U, V], "targets": [U]}`. With
         `eval_exclude_history`, items of the user's history (other than the target) are left out of the ranking.
-        Pass `item_embeddings` (from `all_item_embeddings`) to reuse them across batches.
+        Pass `item_embeddings` (from `all_item_embeddings`) to reuse them across batches, and `excluded_items`
+        (bool `[V]`, True for ids that are no item of the catalogue) to rank only the catalogue.
         """
         batch = self._on_device(batch)
         sequence, item_ids, _, item_offsets = self._encode(batch)
@@ -168,6 +174,11 @@ class RetrievalGR(GRModel):
         exclude = None
         if self.task_config.eval_exclude_history:
             exclude = self._history_mask(scores.shape, users, item_ids, item_offsets, sequence.history_lengths)
+        if excluded_items is not None:
+            if excluded_items.shape != (scores.shape[1],):
+                raise ValueError(f"excluded_items must be bool [{scores.shape[1]}], got {tuple(excluded_items.shape)}")
+            absent = excluded_items.to(device=scores.device, dtype=torch.bool).expand_as(scores)
+            exclude = absent if exclude is None else exclude | absent
         ranks = target_ranks(scores, target_ids, exclude)
         return {"ranks": ranks, "scores": scores, "targets": target_ids}
 
