@@ -153,6 +153,8 @@ def test_sampler_epochs_callable_lengths_and_data_loader() -> None:
     assert calls == [16, 16, 8]
     sampler.set_epoch(1)
     assert list(sampler) != epoch0
+    sampler.set_epoch(0, skip_batches=2)  # resuming after two steps of epoch 0
+    assert len(sampler) == 1 and list(sampler) == epoch0[2:]
     loader = torch.utils.data.DataLoader(list(range(40)), batch_sampler=by_array, collate_fn=list)
     assert list(loader) == epoch0
 

@@ -287,7 +287,8 @@ class BalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         rank, world_size: this process's data-parallel rank and the data-parallel size.
         linear_coefficient: ``a`` of the cost ``len**2 + a * len``.
         equal_size: every rank gets the same number of samples (+-1 on a short last batch).
-        shuffle, seed: per-epoch order (call :meth:`set_epoch` each epoch).
+        shuffle, seed: per-epoch order (call :meth:`set_epoch` each epoch; it can also skip the epoch's
+            first global batches, to resume mid-epoch).
         drop_last: drop the last global batch if it is short; else it is split too, padded with the
             epoch's first indices up to ``world_size`` samples if it has fewer.
     """
@@ -325,15 +326,23 @@ class BalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.equal_size = equal_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.epoch = 0
+        self.skip_batches = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the order of the next iteration (as with `DistributedSampler`)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Choose the order of the next iteration (as with `DistributedSampler`) and how many of its
+        first global batches to leave out (a run resumed after ``skip_batches`` steps of the epoch)."""
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        self.epoch, self.skip_batches = epoch, skip_batches
 
-    def __len__(self) -> int:
+    def _epoch_batches(self) -> int:
         if self.drop_last:
             return self.num_samples // self.global_batch_size
         return -(-self.num_samples // self.global_batch_size)
+
+    def __len__(self) -> int:
+        """Global batches (this rank's batches) left in the epoch."""
+        return max(0, self._epoch_batches() - self.skip_batches)
 
     def _lengths_of(self, indices: np.ndarray) -> np.ndarray:
         found = self.lengths(indices) if callable(self.lengths) else np.asarray(self.lengths)[indices]
@@ -343,12 +352,13 @@ class BalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         return found
 
     def global_batches(self) -> Iterator[np.ndarray]:
-        """The epoch's global batches of indices ``[<= global_batch_size]`` (identical on every rank)."""
+        """The epoch's global batches of indices ``[<= global_batch_size]`` (identical on every rank),
+        from the ``skip_batches``-th on."""
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
         else:
             order = np.arange(self.num_samples)
-        for batch_index in range(len(self)):
+        for batch_index in range(self.skip_batches, self._epoch_batches()):
             batch = order[batch_index * self.global_batch_size : (batch_index + 1) * self.global_batch_size]
             if len(batch) < self.world_size:
                 batch = np.concatenate([batch, np.resize(order, self.world_size - len(batch))])
