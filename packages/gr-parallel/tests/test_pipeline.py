@@ -15,7 +15,12 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 import gr_parallel
-from gr_parallel.pipeline import OverlapTrainPipeline, TrainPipeline, make_train_pipeline
+from gr_parallel.pipeline import (
+    OverlapTrainPipeline,
+    TrainPipeline,
+    make_train_pipeline,
+    sparse_inputs_from_attribute,
+)
 
 VOCAB, DIM, BATCH, STEPS = 50, 4, 6, 5
 
@@ -130,6 +135,8 @@ def test_errors_name_the_problem() -> None:
     not_sharded = OverlapTrainPipeline(model, "cpu", sparse_inputs=lambda b: {model.embedding: b.features})
     with pytest.raises(TypeError, match="not a TorchRec ShardedModule"):
         next(not_sharded.batches(toy_batches(1)))
+    with pytest.raises(ValueError, match="holds no TorchRec ShardedModule"):
+        sparse_inputs_from_attribute(model)
 
 
 class DynamicToyModel(nn.Module):
