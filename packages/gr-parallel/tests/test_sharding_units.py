@@ -17,6 +17,7 @@ from dynamicemb import (
     DynamicEmbOptimizerType,
     DynamicEmbParameterConstraints,
     DynamicEmbTableOptions,
+    PyDictStorage,
 )
 from dynamicemb.planner import DynamicEmbParameterSharding
 from gr_parallel import sharding as sharding_module
@@ -101,6 +102,16 @@ def test_stable_hash_depends_on_content_only() -> None:
     assert gr_parallel.stable_hash({"b": [1, 2], "a": "x"}) == gr_parallel.stable_hash({"a": "x", "b": [1, 2]})
     assert gr_parallel.stable_hash({"a": 1}) != gr_parallel.stable_hash({"a": 2})
     gr_parallel.check_same_across_ranks({"a": 1}, "anything")  # no process group: nothing to compare
+
+
+def test_stable_hash_reads_dataclasses_by_field_and_ignores_memory_addresses() -> None:
+    def dynamic(**options: object) -> DynamicEmbParameterConstraints:
+        return DynamicEmbParameterConstraints(use_dynamicemb=True, dynamicemb_options=DynamicEmbTableOptions(**options))
+
+    # a user's storage object prints its address, which differs between processes
+    with_storage = [gr_parallel.stable_hash(dynamic(external_storage=PyDictStorage(8))) for _ in range(2)]
+    assert with_storage[0] == with_storage[1]
+    assert gr_parallel.stable_hash(dynamic(bucket_capacity=64)) != gr_parallel.stable_hash(dynamic())
 
 
 def test_sharding_needs_a_process_group() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import hashlib
 import json
 from typing import Any
@@ -12,13 +14,27 @@ import torch.distributed as dist
 __all__ = ["check_same_across_ranks", "stable_hash"]
 
 
+def _portable(value: Any) -> Any:
+    """A JSON-encodable stand-in for ``value``: dataclasses by field, enums by name, other objects
+    by ``repr`` unless it holds a memory address (then by type name, e.g. a user's storage object)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__name__}.{value.name}"
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=repr)
+    text = repr(value)
+    return type(value).__qualname__ if " at 0x" in text else text
+
+
 def stable_hash(obj: Any) -> int:
     """A 63-bit hash of ``obj`` that is the same in every process (unlike ``hash()``).
 
-    ``obj`` is serialized as sorted-key JSON; values JSON cannot encode (dataclasses, enums,
-    dtypes, ...) are written as their ``repr``, so pass plain data or objects with stable reprs.
+    ``obj`` is serialized as sorted-key JSON; dataclasses are written field by field, enums by
+    name, other values JSON cannot encode by ``repr`` (by type name where the ``repr`` holds a
+    memory address, which differs between processes).
     """
-    text = json.dumps(obj, sort_keys=True, default=repr)
+    text = json.dumps(obj, sort_keys=True, default=_portable)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 

@@ -233,7 +233,7 @@ def shard_embedding_modules(
     env = ShardingEnv.from_process_group(process_group or dist.GroupMember.WORLD)
     given = dict(options.constraints or {})
     check_same_across_ranks(
-        [sorted((k, repr(v)) for k, v in given.items()), repr(options.fused_params), str(module)],
+        [sorted(given.items()), dict(options.fused_params or {}), str(module)],
         "the model and its sharding options",
         process_group,
     )
