@@ -164,6 +164,7 @@ class DynamicEmbeddingTable:
             device_budget_bytes=None,
         )
         if not options.caching:
+            assert options.external_storage is not None  # caching or external storage brought us here
             return CachedKeyValueTable(cache, options.external_storage)
         host_table = self._key_value_table(
             capacity=capacity,
