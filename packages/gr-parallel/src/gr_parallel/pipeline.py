@@ -239,7 +239,7 @@ class OverlapTrainPipeline(TrainPipeline[B]):
         if self.sparse_inputs is None:
             return batch, copied, pending
         with self._stream(self._dist_stream):
-            if self._dist_stream is not None:
+            if self._dist_stream is not None and copied is not None:
                 self._dist_stream.wait_event(copied)
                 _record_stream(batch, self._dist_stream)
             for module, features in self.sparse_inputs(batch).items():
