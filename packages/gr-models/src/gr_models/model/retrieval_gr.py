@@ -97,8 +97,11 @@ class RetrievalGR(GRModel):
         count = self.task_config.num_negatives
         shape = (num_queries, count) if self.task_config.negatives_per_query else (count,)
         ids = torch.randint(0, vocab, shape, device=self.device)
-        embeddings = self._normalize(self.embed_items(item_feature_name, ids.reshape(-1)))
-        return ids, embeddings.reshape(*shape, -1)
+        # each distinct id is looked up once: Q * M lookups (millions per batch) would make the table's backward
+        # scatter that many rows; the gather below sums their gradients densely instead
+        distinct, inverse = torch.unique(ids, return_inverse=True)
+        embeddings = self._normalize(self.embed_items(item_feature_name, distinct))
+        return ids, embeddings[inverse]
 
     def forward(self, batch: RetrievalBatch) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Returns `(losses [N], (queries [N, D], positive ids [N]))`: per-query sampled-softmax losses."""
