@@ -10,7 +10,8 @@ random stored keys are
 - ``gather``: read (``find``; the rows are checked against what was written),
 - ``scatter``: overwritten with new rows and scores (``insert``),
 
-median of ``--repeats`` calls. ``train_step``: a table of ``--dim`` with SGD whose device cache (here
+median of ``--repeats`` calls (the tiers take turns, so load from other processes of a shared
+machine falls on all of them alike). ``train_step``: a table of ``--dim`` with SGD whose device cache (here
 host memory: this is the CPU) holds 10% of ``--store-rows`` and the tier the rest, one training
 lookup + update of ``--batch`` distinct keys drawn uniformly from ``--store-rows`` ids, after
 warm-up steps that fill the tier (about 90% of the keys of a step miss the cache).
@@ -25,14 +26,16 @@ import datetime
 import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from benchmark_support import git_commit, median_ms
+from benchmark_support import git_commit
 
 from dynamicemb import (
     DynamicEmbeddingTable,
@@ -100,7 +103,8 @@ def _fill(storage: Storage, keys: torch.Tensor, value_dim: int, chunk: int = 655
         storage.insert(part, part.float().unsqueeze(1).expand(-1, value_dim).contiguous(), torch.zeros_like(part))
 
 
-def _gather_scatter(storage: Storage, args: argparse.Namespace, value_dim: int) -> list[dict]:
+def _gather_scatter(storage: Storage, args: argparse.Namespace, value_dim: int) -> dict[str, Callable[[], object]]:
+    """Fill ``storage``, check a gather, and return the timed calls by op."""
     generator = torch.Generator().manual_seed(0)
     keys = torch.randperm(args.store_rows * 4, generator=generator)[: args.store_rows] * 7919
     _fill(storage, keys, value_dim)
@@ -110,19 +114,15 @@ def _gather_scatter(storage: Storage, args: argparse.Namespace, value_dim: int) 
         raise RuntimeError(f"{type(storage).__name__}: rows read back differ from the rows written")
     rows = torch.randn(args.batch, value_dim, generator=generator)
     scores = torch.ones(args.batch, dtype=torch.int64)
-    results = []
-    for op, fn in (("gather", lambda: storage.find(batch)), ("scatter", lambda: storage.insert(batch, rows, scores))):
-        ms = median_ms(CPU, fn, warmup=1, repeats=args.repeats)
-        results.append({"op": op, "ms": ms, "rows_per_s": args.batch / ms * 1e3})
-    return results
+    return {"gather": lambda: storage.find(batch), "scatter": lambda: storage.insert(batch, rows, scores)}
 
 
-def _train_step(make: Callable[[], Storage], tier: str, args: argparse.Namespace) -> dict:
+def _train_step(make: Callable[[], Storage], tier: str, args: argparse.Namespace) -> Callable[[], object]:
+    """A table over the tier, warmed up until its keys fill the tier; returns one training step."""
     sgd = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.SGD, learning_rate=0.01)
-    cache_rows = max(args.store_rows // 10, 128)
     options = DynamicEmbTableOptions(
         max_capacity=1 << max(args.store_rows * 2 - 1, 1).bit_length(),
-        global_hbm_for_values=cache_rows * args.dim * 4,
+        global_hbm_for_values=_cache_rows(args) * args.dim * 4,
         caching=tier == "host table",
         external_storage=None if tier == "host table" else make(),
     )
@@ -136,23 +136,46 @@ def _train_step(make: Callable[[], Storage], tier: str, args: argparse.Namespace
         embeddings, handle = table.lookup(keys, training=True)
         table.apply_gradients(handle, torch.ones_like(embeddings))
 
-    warmup = max(2 * args.store_rows // args.batch, 1)
-    ms = median_ms(CPU, step, warmup=warmup, repeats=args.repeats)
-    return {"op": "train_step", "ms": ms, "rows_per_s": args.batch / ms * 1e3, "cache_rows": cache_rows}
+    for _ in range(max(2 * args.store_rows // args.batch, 1)):
+        step()
+    return step
+
+
+def _cache_rows(args: argparse.Namespace) -> int:
+    return max(args.store_rows // 10, 128)
+
+
+def _interleaved_medians(calls: dict[tuple[str, str], Callable[[], object]], repeats: int) -> dict:
+    """Median milliseconds of each call, the calls taking turns (load from other processes of a
+    shared machine then falls on every tier alike); one untimed round first."""
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+    for round_ in range(repeats + 1):
+        for key, call in calls.items():
+            begin = time.perf_counter()
+            call()
+            if round_:
+                times[key].append((time.perf_counter() - begin) * 1e3)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     value_dim = args.dim + args.state_dim
-    results = []
     with ExitStack() as stack:
+        calls: dict[tuple[str, str], Callable[[], object]] = {}
         for tier, make in _tiers(args, value_dim, stack):
-            rows = _gather_scatter(make(), args, value_dim)
+            for op, call in _gather_scatter(make(), args, value_dim).items():
+                calls[tier, op] = call
             if args.dim == value_dim:
-                rows.append(_train_step(make, tier, args))
-            for row in rows:
-                row.update(tier=tier, dim=args.dim, value_dim=value_dim, batch=args.batch, store_rows=args.store_rows)
-                print(f"{tier:>10} {row['op']:>10} {row['ms']:>10.2f} ms {row['rows_per_s'] / 1e3:>10.1f} krows/s")
-            results += rows
+                calls[tier, "train_step"] = _train_step(make, tier, args)
+        medians = _interleaved_medians(calls, args.repeats)
+    results = []
+    for (tier, op), ms in medians.items():
+        row = {"tier": tier, "op": op, "ms": ms, "rows_per_s": args.batch / ms * 1e3}
+        row.update(dim=args.dim, value_dim=value_dim, batch=args.batch, store_rows=args.store_rows)
+        if op == "train_step":
+            row["cache_rows"] = _cache_rows(args)
+        print(f"{tier:>10} {op:>10} {ms:>10.2f} ms {row['rows_per_s'] / 1e3:>10.1f} krows/s")
+        results.append(row)
     return results
 
 
@@ -194,12 +217,13 @@ def main() -> None:
     if args.batch > args.store_rows:
         raise SystemExit(f"--batch {args.batch} exceeds --store-rows {args.store_rows}")
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     rows = run(args)
     meta = {
         "device": "cpu",
         "date": datetime.date.today().isoformat(),
         "commit": args.commit or git_commit(),
-        "machine_load_average": os.getloadavg()[0],
+        "machine_load_average": (load_before + os.getloadavg()[0]) / 2,
         "command": " ".join(["python packages/dynamicemb/benchmarks/bench_storage.py", *sys.argv[1:]]),
     }
     for row in rows:
