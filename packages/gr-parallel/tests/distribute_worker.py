@@ -207,6 +207,7 @@ def train(shard_in_init: bool) -> dict[str, Any]:
         "dense": {k: v.tolist() for k, v in state.items() if k.startswith(("mlp.", "embedding.data_parallel."))},
         "static": full_table(state[static_key], (24, DIM)),
         "dynamic": dynamic_rows(model),
+        "sharding_types": {t: p.sharding_type for entries in sharding.plan.plan.values() for t, p in entries.items()},
         "sharded_paths": sorted(sharding.sharded_modules),
         "data_parallel_paths": sorted(sharding.data_parallel_modules),
         "dynamic_lrs_applied": {n: t.optimizer.args.learning_rate for n, t in dynamic_tables(model).items()},

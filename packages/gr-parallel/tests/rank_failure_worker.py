@@ -1,8 +1,8 @@
-"""Two gloo ranks where rank 1 fails; rank 0 records how its next collectives end.
+"""Two gloo ranks where rank 1 dies; rank 0 records how its next collectives end.
 
-Usage: ``python rank_failure_worker.py OUT_DIR dies|hangs TIMEOUT_S`` with torchrun's environment.
-``dies``: rank 1 exits abruptly; ``hangs``: rank 1 stops taking part (sleeps). Rank 0 keeps
-all-reducing and writes ``OUT_DIR/rank0.json``: the error it got and after how many seconds.
+Usage: ``python rank_failure_worker.py OUT_DIR TIMEOUT_S`` with torchrun's environment. Rank 1
+exits abruptly after a barrier; rank 0 keeps all-reducing on a group with timeout ``TIMEOUT_S``
+and writes ``OUT_DIR/rank0.json``: the error it got and after how many seconds.
 """
 
 from __future__ import annotations
@@ -20,17 +20,14 @@ import torch.distributed as dist
 import gr_parallel
 
 
-def main(out_dir: Path, failure: str, timeout_s: float) -> None:
+def main(out_dir: Path, timeout_s: float) -> None:
     gr_parallel.initialize_distributed(backend="gloo")
     # The world's timeout also bounds start-up (ranks may import at different speeds), so the
-    # collectives under test run on a group with the short timeout.
+    # collectives under test run on a group of their own.
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     dist.barrier(group=group)
     if dist.get_rank() == 1:
-        if failure == "dies":
-            os._exit(3)
-        time.sleep(timeout_s + 2)
-        os._exit(0)
+        os._exit(3)
     start = time.monotonic()
     error = None
     try:
@@ -45,4 +42,4 @@ def main(out_dir: Path, failure: str, timeout_s: float) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]))
+    main(Path(sys.argv[1]), float(sys.argv[2]))

@@ -5,7 +5,7 @@ Both runs launch ``distribute_worker.py`` with torchrun's environment (at once, 
 data-parallel weights, the model-parallel static table, and both dynamic tables' rows with their
 optimizer state, whether the model is passed to ``distribute`` or shards itself when built. The
 2-process run also records the errors it provoked. ``rank_failure_worker.py`` checks that a rank
-that dies or hangs ends the other's collectives within the timeout.
+that dies ends the other's collectives at once.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 
 def _launch(out_dir: Path, world_size: int, worker: Path = WORKER, *args: str) -> list[subprocess.Popen]:
-    out_dir.mkdir()
+    out_dir.mkdir(exist_ok=True)
     port = _free_port()
     processes = []
     for rank in range(world_size):
@@ -93,6 +93,7 @@ def test_distribute_on_two_processes_matches_one_process_on_the_global_batch(run
     single = runs[1][0]["distribute"]
     assert single["sharded_paths"] == ["embedding.dynamic.dyn", "embedding.model_parallel"]
     assert single["data_parallel_paths"] == ["embedding.data_parallel"]
+    assert single["sharding_types"] == dict.fromkeys(("mp", "mix", "dyn"), "row_wise")  # as constrained
     for seen in runs[2]:
         assert seen["distribute"]["sharded_paths"] == single["sharded_paths"]
         _assert_same_training(seen["distribute"], single)
@@ -135,17 +136,13 @@ def test_errors_name_the_problem(runs: dict[int, list[dict]]) -> None:
         assert "do not fit" in seen["budget_error"]
 
 
-def test_a_failed_rank_ends_the_others_collectives_within_the_timeout(tmp_path: Path) -> None:
-    """Rank 1 exits abruptly (``dies``) or stops taking part (``hangs``); rank 0's all-reduce must
-    raise (gloo: the peer's connection closed, or the collective timed out), not wait forever."""
-    timeout_s = 3.0
-    launched = {
-        failure: _launch(tmp_path / failure, 2, FAILURE_WORKER, failure, str(timeout_s))
-        for failure in ("dies", "hangs")
-    }
-    for failure, processes in launched.items():
-        outputs = _outputs(processes, 120.0)
-        assert processes[0].returncode == 0, outputs[0][-4000:]
-        seen = json.loads((tmp_path / failure / "rank0.json").read_text())
-        assert seen["error"] is not None, failure
-        assert seen["seconds"] < timeout_s + 5.0, (failure, seen)
+def test_a_rank_that_dies_ends_the_others_collectives(tmp_path: Path) -> None:
+    """Rank 1 exits abruptly; rank 0's next all-reduce must raise (gloo: the peer's connection
+    closed), well within the group's timeout, instead of waiting for it."""
+    timeout_s = 30.0
+    processes = _launch(tmp_path, 2, FAILURE_WORKER, str(timeout_s))
+    outputs = _outputs(processes, 120.0)
+    assert processes[0].returncode == 0, outputs[0][-4000:]
+    seen = json.loads((tmp_path / "rank0.json").read_text())
+    assert seen["error"] is not None
+    assert seen["seconds"] < 10.0, seen
