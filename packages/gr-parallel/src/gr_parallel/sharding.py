@@ -17,7 +17,12 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import Topology
-from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, StorageReservation
+from torchrec.distributed.planner.types import (
+    ParameterConstraints,
+    PlannerError,
+    PlannerErrorType,
+    StorageReservation,
+)
 from torchrec.distributed.types import ModuleSharder, ShardedModule, ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import KeyedOptimizer
 
@@ -68,6 +73,7 @@ class EmbeddingSharding:
 
     plan: the TorchRec plan applied (data-parallel collections are not in it).
     sharders: the sharders it used (pass them on to ``DistributedModelParallel``).
+    env / device: the TorchRec sharding environment (process group) and compute device.
     sharded_modules: path -> sharded collection (TorchRec's or dynamicemb's).
     data_parallel_modules: path -> collection left replicated.
     fused_optimizer: the in-backward optimizers of every sharded table, dynamic ones included
@@ -78,9 +84,9 @@ class EmbeddingSharding:
     sharders: list[ModuleSharder[nn.Module]]
     env: ShardingEnv
     device: torch.device
+    fused_optimizer: KeyedOptimizer
     sharded_modules: dict[str, nn.Module] = field(default_factory=dict)
     data_parallel_modules: dict[str, nn.Module] = field(default_factory=dict)
-    fused_optimizer: KeyedOptimizer | None = None
 
 
 def find_sharded_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -197,12 +203,13 @@ def _plan(
         debug=False,
     )
     try:
-        plan = planner.plan(module, sharders)
+        return planner.plan(module, sharders)
     except PlannerError as error:
+        if error.error_type is not PlannerErrorType.INSUFFICIENT_STORAGE:
+            raise
         raise ValueError(
             f"the embedding tables do not fit the memory budget (ShardingOptions hbm_cap/ddr_cap): {error}"
         ) from error
-    return plan
 
 
 def shard_embedding_modules(
