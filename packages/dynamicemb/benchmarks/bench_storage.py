@@ -14,7 +14,9 @@ median of ``--repeats`` calls (the tiers take turns, so load from other processe
 machine falls on all of them alike). ``train_step``: a table of ``--dim`` with SGD whose device cache (here
 host memory: this is the CPU) holds 10% of ``--store-rows`` and the tier the rest, one training
 lookup + update of ``--batch`` distinct keys drawn uniformly from ``--store-rows`` ids, after
-warm-up steps that fill the tier (about 90% of the keys of a step miss the cache).
+warm-up steps that fill the tier (about 90% of the keys of a step miss the cache); for RocksDB and
+Redis also with the tier behind a :class:`WriteBehindStorage` (evicted rows written by a
+background thread, at most one step's rows queued).
 
     python packages/dynamicemb/benchmarks/bench_storage.py            # writes results/storage_cpu.json
 """
@@ -45,7 +47,7 @@ from dynamicemb import (
     DynamicEmbTableOptions,
 )
 from dynamicemb.key_value_table import KeyValueTable
-from dynamicemb.storage import PyDictStorage, RedisStorage, RocksDBStorage, Storage
+from dynamicemb.storage import PyDictStorage, RedisStorage, RocksDBStorage, Storage, WriteBehindStorage
 from dynamicemb.storage.redis_server import LocalRedisServer
 
 HERE = Path(__file__).resolve().parent
@@ -167,6 +169,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                 calls[tier, op] = call
             if args.dim == value_dim:
                 calls[tier, "train_step"] = _train_step(make, tier, args)
+            if args.dim == value_dim and tier in ("rocksdb", "redis"):
+                behind = f"{tier}, write-behind"
+                # At most one step of evictions waits, so the timed steps also pay for the writes.
+                calls[behind, "train_step"] = _train_step(
+                    lambda m=make: WriteBehindStorage(m(), max_pending_rows=args.batch), behind, args
+                )
         medians = _interleaved_medians(calls, args.repeats)
     results = []
     for (tier, op), ms in medians.items():

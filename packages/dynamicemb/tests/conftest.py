@@ -27,7 +27,8 @@ def redis_server() -> Iterator[LocalRedisServer]:
 @pytest.fixture
 def new_storage(request: pytest.FixtureRequest, tmp_path) -> Iterator[NewStorage]:
     """``new_storage(kind, value_dim, dtype=torch.float32, **kwargs)``: an empty storage of ``kind``
-    (``"dict"``, ``"rocksdb"`` in a fresh directory, ``"redis"`` under a fresh prefix); closed after the test."""
+    (``"dict"``, ``"rocksdb"`` in a fresh directory, ``"rocksdb-write-behind"`` (the same behind a
+    WriteBehindStorage), ``"redis"`` under a fresh prefix); closed after the test."""
     opened: list[Storage] = []
     servers: list[LocalRedisServer] = []
 
@@ -39,6 +40,10 @@ def new_storage(request: pytest.FixtureRequest, tmp_path) -> Iterator[NewStorage
             from dynamicemb.storage import RocksDBStorage
 
             storage = RocksDBStorage(tmp_path / f"rocksdb-{uuid.uuid4().hex[:8]}", value_dim, dtype, **kwargs)
+        elif kind == "rocksdb-write-behind":
+            from dynamicemb.storage import WriteBehindStorage
+
+            storage = WriteBehindStorage(make("rocksdb", value_dim, dtype, **kwargs), max_pending_rows=1 << 16)
         elif kind == "redis":
             server = request.getfixturevalue("redis_server")
             servers.append(server)
@@ -51,7 +56,7 @@ def new_storage(request: pytest.FixtureRequest, tmp_path) -> Iterator[NewStorage
         return storage
 
     yield make
-    for storage in opened:
+    for storage in reversed(opened):  # wrappers before the stores they wrap
         if hasattr(storage, "close"):
             storage.close()
     if servers:

@@ -28,7 +28,7 @@ from dynamicemb.cached_table import CachedKeyValueTable
 from dynamicemb.storage import Storage
 
 INT64_MIN, INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
-STORAGE_KINDS = ["dict", "rocksdb", "redis"]
+STORAGE_KINDS = ["dict", "rocksdb", "rocksdb-write-behind", "redis"]
 NewStorage = Callable[..., Storage]  # the new_storage fixture (conftest.py)
 LARGE_BATCH_ROWS = int(os.environ.get("DYNAMICEMB_STORAGE_LARGE_ROWS", 1_000_000))
 

@@ -40,7 +40,14 @@ from dynamicemb.planner import (
     DynamicEmbParameterSharding,
     KeyDistribution,
 )
-from dynamicemb.storage import PyDictStorage, RedisStorage, RocksDBStorage, Storage, StorageError
+from dynamicemb.storage import (
+    PyDictStorage,
+    RedisStorage,
+    RocksDBStorage,
+    Storage,
+    StorageError,
+    WriteBehindStorage,
+)
 from dynamicemb.types import (
     DynamicEmbCheckMode,
     DynamicEmbEvictStrategy,
@@ -85,6 +92,7 @@ __all__ = [
     "ShardedDynamicEmbeddingCollection",
     "Storage",
     "StorageError",
+    "WriteBehindStorage",
     "__version__",
     "dump_sharded",
     "dynamic_embedding_lookup",

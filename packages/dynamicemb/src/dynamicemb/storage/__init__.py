@@ -14,6 +14,7 @@ from dynamicemb.storage.value_store import (
     kernels_reach_pinned_memory,
     resize_value_store,
 )
+from dynamicemb.storage.write_behind import WriteBehindStorage
 
 __all__ = [
     "DeviceValueStore",
@@ -24,6 +25,7 @@ __all__ = [
     "Storage",
     "StorageError",
     "ValueStore",
+    "WriteBehindStorage",
     "create_value_store",
     "kernels_reach_pinned_memory",
     "resize_value_store",
