@@ -161,6 +161,18 @@ def gpu_setup(session: nox.Session) -> None:
 
 
 @nox.session(venv_backend="none")
+def quality(session: nox.Session) -> None:
+    """(GPU machine, after gpu_setup) ML-1M retrieval quality: SASRec, HSTU and HSTU-large, 3 seeds, early stopping
+    on validation NDCG@10, test metrics at the best epoch (tools/quality.py run); posargs are config overrides."""
+    results = ROOT / "packages" / "gr-models" / "benchmarks" / "results"
+    session.run(
+        sys.executable, "tools/quality.py", "run", "--out", str(results / "quality-ml1m.json"),
+        "--curves", str(results / "quality-ml1m-curves.json"), "--", *(session.posargs or ["device=cuda"]),
+        external=True,
+    )  # fmt: skip
+
+
+@nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
     """(GPU machine, after gpu_setup) Run the benchmark scripts named in posargs, or all of them."""
     scripts = session.posargs or sorted(str(p) for p in ROOT.glob("packages/*/benchmarks/bench_*.py"))
