@@ -1,6 +1,6 @@
 """``gr_parallel.distribute`` on gloo: 2 processes vs 1 process on the same global batches, and errors.
 
-Both runs launch ``distribute_worker.py`` with torchrun's environment (at once, to save time); the
+Both runs launch ``distribute_worker.py`` with torchrun's environment (``gr_parallel_launch``); the
 2-process run must reproduce the 1-process run's losses and updated parameters: dense and
 data-parallel weights, the model-parallel static table, and both dynamic tables' rows with their
 optimizer state, whether the model is passed to ``distribute`` or shards itself when built. The
@@ -10,66 +10,28 @@ that dies ends the other's collectives at once.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # the launcher lives beside this file
+from gr_parallel_launch import run_ranks
+
 WORKER = Path(__file__).with_name("distribute_worker.py")
 FAILURE_WORKER = Path(__file__).with_name("rank_failure_worker.py")
 DENSE_LR, STATIC_LR, DYNAMIC_LR, GAMMA, STEPS = 0.1, 0.05, 0.02, 0.5, 3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(out_dir: Path, world_size: int, worker: Path = WORKER, *args: str) -> list[subprocess.Popen]:
-    out_dir.mkdir(exist_ok=True)
-    port = _free_port()
-    processes = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                   LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")  # fmt: skip
-        command = [sys.executable, str(worker), str(out_dir), *args]
-        processes.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    return processes
-
-
-def _outputs(processes: list[subprocess.Popen], timeout_s: float) -> list[str]:
-    outputs = []
-    for process in processes:
-        try:
-            outputs.append(process.communicate(timeout=timeout_s)[0])
-        except subprocess.TimeoutExpired:
-            for straggler in processes:
-                straggler.kill()
-            outputs.append(process.communicate()[0])
-    return outputs
-
-
-def _finish(processes: list[subprocess.Popen], out_dir: Path, timeout_s: float = 240.0) -> list[dict]:
-    outputs = _outputs(processes, timeout_s)
-    for rank, (process, output) in enumerate(zip(processes, outputs)):
-        assert process.returncode == 0, f"rank {rank} exited with {process.returncode}:\n{output[-6000:]}"
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(len(processes))]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict]]:
     root = tmp_path_factory.mktemp("distribute")
-    launched = {size: _launch(root / f"world{size}", size) for size in (1, 2)}
-    return {size: _finish(processes, root / f"world{size}") for size, processes in launched.items()}
+    runs = {}
+    for size in (1, 2):
+        (root / f"world{size}").mkdir()
+        runs[size] = run_ranks(WORKER, size, root / f"world{size}")
+    return runs
 
 
 def _close(got: object, expected: object) -> None:
@@ -139,10 +101,7 @@ def test_errors_name_the_problem(runs: dict[int, list[dict]]) -> None:
 def test_a_rank_that_dies_ends_the_others_collectives(tmp_path: Path) -> None:
     """Rank 1 exits abruptly; rank 0's next all-reduce must raise (gloo: the peer's connection
     closed), well within the group's timeout, instead of waiting for it."""
-    timeout_s = 30.0
-    processes = _launch(tmp_path, 2, FAILURE_WORKER, str(timeout_s))
-    outputs = _outputs(processes, 120.0)
-    assert processes[0].returncode == 0, outputs[0][-4000:]
-    seen = json.loads((tmp_path / "rank0.json").read_text())
+    seen, died = run_ranks(FAILURE_WORKER, 2, tmp_path, "30")
+    assert died == {"died": True}
     assert seen["error"] is not None
     assert seen["seconds"] < 10.0, seen
