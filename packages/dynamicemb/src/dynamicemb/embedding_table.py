@@ -31,6 +31,26 @@ def _floor_power_of_two(n: int) -> int:
     return 1 << (n.bit_length() - 1) if n > 0 else 0
 
 
+_warned_rows_in_host_memory = False
+
+
+def warn_if_rows_in_host_memory(name: str, device: torch.device, options: DynamicEmbTableOptions) -> None:
+    """Once per process: a table on a GPU whose value rows all live in host memory because
+    ``global_hbm_for_values`` was left at 0 (every lookup then reads its rows over the bus)."""
+    global _warned_rows_in_host_memory
+    plain = not options.caching and options.external_storage is None
+    if _warned_rows_in_host_memory or device.type != "cuda" or options.global_hbm_for_values or not plain:
+        return
+    _warned_rows_in_host_memory = True
+    warnings.warn(
+        f"dynamic table {name!r} is on {device} but keeps every value row in host memory: "
+        "global_hbm_for_values is 0; set it to the bytes of device memory for rows (embedding + optimizer "
+        "state) to keep them on the GPU (this warning is given once)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 @dataclass
 class LookupHandle:
     """A training lookup, kept for the backward: ``positions`` of the stored keys among the unique
@@ -139,6 +159,7 @@ class DynamicEmbeddingTable:
         strategy = options.score_strategy
         capacity = (self.init_capacity, self.max_capacity)
         host_only = None if self.device.type == "cpu" else 0
+        warn_if_rows_in_host_memory(self.name, self.device, options)
         if not options.caching and options.external_storage is None:
             return self._key_value_table(
                 capacity=capacity,
