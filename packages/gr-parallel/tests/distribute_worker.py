@@ -215,6 +215,20 @@ def train(shard_in_init: bool) -> dict[str, Any]:
     }
 
 
+def distribute_again() -> dict[str, Any]:
+    """``distribute`` on a model that already sharded itself keeps its sharding and replicas."""
+    torch.manual_seed(0)
+    model = TinyModel(shard_in_init=True)
+    again = gr_parallel.distribute(model)
+    features, labels = local_batch(0, dist.get_rank(), dist.get_world_size())
+    again(features, labels).backward()
+    return {
+        "sharded_paths": sorted(again.sharding.sharded_modules),
+        "data_parallel_paths": sorted(again.sharding.data_parallel_modules),
+        "planned": sorted(again.plan.plan),
+    }
+
+
 def error_of(call: Any) -> str | None:
     try:
         call()
@@ -245,6 +259,7 @@ def main(out_dir: Path) -> None:
     observed: dict[str, Any] = {"distribute": train(shard_in_init=False)}
     if dist.get_world_size() > 1:
         observed["in_model"] = train(shard_in_init=True)
+        observed["distributed_again"] = distribute_again()
         errors(observed)
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(observed))
     gr_parallel.destroy_global_state()

@@ -69,6 +69,14 @@ def test_a_model_sharding_itself_matches_distribute(runs: dict[int, list[dict]])
         _assert_same_training(seen["in_model"], single)
 
 
+def test_distribute_keeps_what_a_model_sharded_itself(runs: dict[int, list[dict]]) -> None:
+    for seen in runs[2]:
+        again = seen["distributed_again"]
+        assert again["sharded_paths"] == ["embedding.dynamic.dyn", "embedding.model_parallel"]
+        assert again["data_parallel_paths"] == ["embedding.data_parallel"]
+        assert again["planned"] == []  # nothing left to shard
+
+
 def test_training_moved_every_part(runs: dict[int, list[dict]]) -> None:
     single = runs[1][0]["distribute"]
     static_init = torch.arange(24 * 4, dtype=torch.float32).view(24, 4) / 100.0

@@ -28,12 +28,16 @@ from torchrec.optim.keyed import KeyedOptimizer
 
 from dynamicemb.planner import DynamicEmbeddingShardingPlanner, DynamicEmbParameterSharding
 from gr_parallel.consistency import check_same_across_ranks
-from gr_parallel.constraints import is_data_parallel, model_parallel_constraint, table_configs
+from gr_parallel.constraints import data_parallel_constraint, is_data_parallel, model_parallel_constraint, table_configs
 from gr_parallel.dynamic_conversion import convert_dynamic_modules
 from gr_parallel.sharders import build_sharders
 from gr_parallel.state import get_device
 
 __all__ = ["EmbeddingSharding", "ShardingOptions", "find_sharded_modules", "shard_embedding_modules"]
+
+# Set on a collection left data-parallel, so that sharding the model again (e.g. ``distribute`` on
+# a model that sharded its own embeddings) keeps it data-parallel without repeating the constraints.
+_DATA_PARALLEL_MARK = "_gr_parallel_data_parallel"
 
 
 @dataclass
@@ -124,6 +128,9 @@ def _resolve_constraints(
     data_parallel: dict[str, nn.Module] = {}
     for path, module in collections.items():
         names = [config.name for config in table_configs(module)]
+        if getattr(module, _DATA_PARALLEL_MARK, False):  # declared data-parallel by an earlier call
+            for name in names:
+                constraints.setdefault(name, data_parallel_constraint())
         flags = {name: is_data_parallel(constraints.get(name)) for name in names}
         if all(flags.values()):
             data_parallel[path] = module
@@ -135,6 +142,8 @@ def _resolve_constraints(
             )
         for name in names:
             constraints.setdefault(name, model_parallel_constraint())
+    for module in data_parallel.values():
+        setattr(module, _DATA_PARALLEL_MARK, True)
     return constraints, data_parallel
 
 
