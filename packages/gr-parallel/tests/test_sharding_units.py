@@ -6,12 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from torchrec import (
+    EmbeddingBagCollection,
+    EmbeddingBagConfig,
+    EmbeddingCollection,
+    EmbeddingConfig,
+    KeyedJaggedTensor,
+)
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ParameterSharding, ShardingPlan
 
 import gr_parallel
 from dynamicemb import (
+    DynamicEmbeddingBagCollection,
     DynamicEmbeddingCollection,
     DynamicEmbOptimizerArgs,
     DynamicEmbOptimizerType,
@@ -63,6 +70,16 @@ def test_standalone_dynamic_collection_becomes_a_torchrec_twin_with_its_options_
     fused = converted.fused_params_by_module["dynamic.d"]
     assert DynamicEmbOptimizerArgs.from_fused_params(fused).optimizer is DynamicEmbOptimizerType.ADAMW
     assert fused["learning_rate"] == 0.3
+
+
+def test_standalone_dynamic_bag_collection_becomes_an_embedding_bag_collection() -> None:
+    bag = EmbeddingBagConfig(name="bag", embedding_dim=4, num_embeddings=64, feature_names=["f_bag"])
+    model = nn.ModuleDict({"bags": DynamicEmbeddingBagCollection(tables=[bag], is_weighted=True)})
+    converted = convert_dynamic_modules(model, world_size=2, user_constraints={})
+    twin = model["bags"]
+    assert type(twin) is EmbeddingBagCollection and twin.is_weighted()
+    assert twin.embedding_bag_configs()[0].name == "bag" and "bag" in converted.constraints
+    assert converted.fused_params_by_module["bags"]["optimizer"] == "SGD"
 
 
 def test_a_user_constraint_on_a_standalone_table_must_be_dynamic() -> None:
