@@ -97,7 +97,10 @@ class HSTUConfig:
     """Everything that shapes the HSTU block. Build it with `get_hstu_config`.
 
     `kv_channels` is the per-head width of q, k and v; the UVQK projection maps `hidden_size` to
-    `4 * num_attention_heads * kv_channels`. `dtype` is the compute precision of the block (float32, or bfloat16 /
+    `4 * num_attention_heads * kv_channels`. Its weight is drawn by `init_method`, or from N(0, `uvqk_init_std`^2)
+    when set (0.02 in the HSTU paper's public code: u, v, q and k start small, so every layer starts close to the
+    identity; on ML-1M retrieval this learns several times faster per epoch than Xavier, README "ML-1M retrieval:
+    learning speed"). `dtype` is the compute precision of the block (float32, or bfloat16 /
     float16 through autocast with float32 master weights).
     """
 
@@ -117,6 +120,7 @@ class HSTUConfig:
     position_encoding: PositionEncodingConfig | None = field(default_factory=PositionEncodingConfig)
     relative_bias: RelativeBiasConfig | None = None
     recompute_cheap_activations: bool = False
+    uvqk_init_std: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "kv_channels", "num_attention_heads", "num_layers"):
@@ -129,6 +133,8 @@ class HSTUConfig:
             raise ValueError(f"HSTU dropout must be in [0, 1), got {self.dropout}")
         if self.max_attn_len < 0:
             raise ValueError(f"max_attn_len must be >= 0 (0 = unlimited), got {self.max_attn_len}")
+        if self.uvqk_init_std is not None and self.uvqk_init_std <= 0:
+            raise ValueError(f"uvqk_init_std must be > 0 or None, got {self.uvqk_init_std}")
         if self.scaling_seqlen is not None and self.scaling_seqlen < 1:
             raise ValueError(f"scaling_seqlen must be >= 1 or None, got {self.scaling_seqlen}")
         if not isinstance(self.kernel_backend, KernelBackend):
@@ -190,6 +196,7 @@ def get_hstu_config(
     use_position_encoding: bool = True,
     relative_bias: RelativeBiasConfig | None = None,
     recompute_cheap_activations: bool = False,
+    uvqk_init_std: float | None = None,
 ) -> HSTUConfig:
     """Build an `HSTUConfig`.
 
@@ -217,4 +224,5 @@ def get_hstu_config(
         position_encoding=position_encoding,
         relative_bias=relative_bias,
         recompute_cheap_activations=recompute_cheap_activations,
+        uvqk_init_std=uvqk_init_std,
     )

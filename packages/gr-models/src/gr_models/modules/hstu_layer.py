@@ -68,6 +68,8 @@ class HSTULayer(nn.Module):
         for linear in (self.uvqk, self.output):
             config.init_method(linear.weight)
             nn.init.zeros_(linear.bias)
+        if config.uvqk_init_std is not None:
+            nn.init.normal_(self.uvqk.weight, std=config.uvqk_init_std)
 
     def _normalize(self, norm: nn.LayerNorm, x: Tensor, dtype: torch.dtype) -> Tensor:
         return norm(x).to(dtype)

@@ -205,6 +205,7 @@ def build_hstu_config(config: RunConfig, device: torch.device) -> HSTUConfig:
         max_attn_len=section.max_attn_len,
         scaling_seqlen=section.scaling_seqlen,
         alpha=section.alpha,
+        uvqk_init_std=section.uvqk_init_std,
         position_encoding=position,
         use_position_encoding=position is not None,
         relative_bias=RelativeBiasConfig(**section.relative_bias) if section.relative_bias is not None else None,

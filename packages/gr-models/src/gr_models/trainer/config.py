@@ -48,6 +48,7 @@ class HSTUSection:
     max_attn_len: int = 0
     scaling_seqlen: int | None = None
     alpha: float | None = None
+    uvqk_init_std: float | None = None
     position_encoding: dict[str, Any] | None = field(default_factory=dict)
     relative_bias: dict[str, Any] | None = None
     recompute_cheap_activations: bool = False
