@@ -81,3 +81,20 @@ def test_an_unsharded_collection_refuses_to_train_in_a_world_of_several_processe
         DynamicEmbeddingCollection(tables=[CONFIG])(ids)
     DynamicEmbeddingCollection(tables=[CONFIG], process_local=True)(ids)  # a per-rank table on purpose
     DynamicEmbeddingCollection(tables=[CONFIG]).eval()(ids)  # evaluation inserts nothing
+
+
+@pytest.mark.parametrize(("module_fused_params", "value_dim"), [({}, 2), ({"ec": {"optimizer": "ADAM"}}, 2 + 4)])
+def test_a_module_s_own_fused_params_size_its_dynamic_tables(
+    module_fused_params: dict[str, dict[str, str]], value_dim: int
+) -> None:
+    constraints = {"t": DynamicEmbParameterConstraints(use_dynamicemb=True)}
+    sharder = DynamicEmbeddingCollectionSharder(
+        fused_params={"optimizer": "SGD"}, module_fused_params=module_fused_params
+    )
+    module = torch.nn.ModuleDict({"ec": EmbeddingCollection(tables=[CONFIG], device=torch.device("meta"))})
+    planner = DynamicEmbeddingShardingPlanner(
+        topology=Topology(world_size=1, compute_device="cpu"), constraints=constraints, debug=False
+    )
+    planner.plan(module, [sharder])
+    assert planner.dynamic_table_memory["t"].value_dim == value_dim  # embedding + Adam's two moments
+    assert (sharder.fused_params_for("ec") or {}).get("optimizer") == ("ADAM" if module_fused_params else "SGD")

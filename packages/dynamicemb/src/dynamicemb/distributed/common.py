@@ -26,6 +26,7 @@ __all__ = [
     "JoinedAwaitable",
     "ShardedDynamicEmbModule",
     "build_router",
+    "module_fused_params",
     "output_dtype",
     "remap_child_state_dict",
     "select_features",
@@ -76,6 +77,18 @@ def split_parameter_shardings(
         else:
             static[name] = sharding
     return dynamic, static
+
+
+def module_fused_params(
+    fused_params: Mapping[str, Any] | None,
+    by_module: Mapping[str, Mapping[str, Any]],
+    module_fqn: str | None,
+) -> dict[str, Any] | None:
+    """``fused_params`` updated with ``by_module[module_fqn]`` when the module has its own entry."""
+    own = by_module.get(module_fqn or "")
+    if own is None:
+        return dict(fused_params) if fused_params is not None else None
+    return {**(fused_params or {}), **own}
 
 
 def output_dtype(fused_params: Mapping[str, Any] | None) -> torch.dtype:

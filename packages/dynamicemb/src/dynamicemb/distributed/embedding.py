@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from dynamicemb.distributed.common import split_parameter_shardings
+from dynamicemb.distributed.common import module_fused_params, split_parameter_shardings
 from dynamicemb.distributed.sharded_collection import (
     DynamicEmbCollectionContext,
     FeatureBatch,
@@ -126,6 +127,9 @@ class DynamicEmbeddingCollectionSharder(EmbeddingCollectionSharder):
         ``output_dtype`` their embeddings' dtype. Everything goes on to TorchRec for the other tables.
     use_index_dedup: deduplicate each rank's ids of a dynamic table before the all-to-all and
         restore them after (same results, less traffic when ids repeat).
+    module_fused_params: fused parameters by module path (as the plan names modules) that
+        override ``fused_params`` for that module's dynamic tables (and its ordinary tables when it
+        has dynamic ones), e.g. a per-module optimizer; the planner sizes those tables with them.
 
     A collection whose plan has no dynamic table gets TorchRec's ``ShardedEmbeddingCollection``.
     """
@@ -137,10 +141,17 @@ class DynamicEmbeddingCollectionSharder(EmbeddingCollectionSharder):
         qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None,
         fused_params: dict[str, Any] | None = None,
         use_index_dedup: bool = False,
+        module_fused_params: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(
             fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry, use_index_dedup=use_index_dedup
         )
+        self._module_fused_params = {path: dict(params) for path, params in (module_fused_params or {}).items()}
+
+    def fused_params_for(self, module_fqn: str | None) -> dict[str, Any] | None:
+        """The fused parameters of the dynamic tables of module ``module_fqn``: ``fused_params``
+        updated with its ``module_fused_params`` entry, if any."""
+        return module_fused_params(self.fused_params, self._module_fused_params, module_fqn)
 
     def shard(  # type: ignore[override]
         self,
@@ -158,7 +169,7 @@ class DynamicEmbeddingCollectionSharder(EmbeddingCollectionSharder):
             module,
             params,
             env,
-            fused_params=self.fused_params,
+            fused_params=self.fused_params_for(module_fqn),
             device=device,
             qcomm_codecs_registry=self.qcomm_codecs_registry,
             use_index_dedup=self._use_index_dedup,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig, EmbeddingBag
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
-from dynamicemb.distributed.common import split_parameter_shardings
+from dynamicemb.distributed.common import module_fused_params, split_parameter_shardings
 from dynamicemb.distributed.sharded_collection import (
     DynamicEmbCollectionContext,
     FeatureBatch,
@@ -131,9 +132,16 @@ class DynamicEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None,
         fused_params: dict[str, Any] | None = None,
         use_index_dedup: bool = False,
+        module_fused_params: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
         self._use_index_dedup = use_index_dedup
+        self._module_fused_params = {path: dict(params) for path, params in (module_fused_params or {}).items()}
+
+    def fused_params_for(self, module_fqn: str | None) -> dict[str, Any] | None:
+        """The fused parameters of the dynamic tables of module ``module_fqn``: ``fused_params``
+        updated with its ``module_fused_params`` entry, if any."""
+        return module_fused_params(self.fused_params, self._module_fused_params, module_fqn)
 
     def shard(  # type: ignore[override]
         self,
@@ -150,7 +158,7 @@ class DynamicEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
             module,
             params,
             env,
-            fused_params=self.fused_params,
+            fused_params=self.fused_params_for(module_fqn),
             device=device,
             qcomm_codecs_registry=self.qcomm_codecs_registry,
             use_index_dedup=self._use_index_dedup,

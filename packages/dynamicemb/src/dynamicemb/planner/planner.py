@@ -183,7 +183,10 @@ class DynamicEmbeddingShardingPlanner(EmbeddingShardingPlanner):
                     f"is sharded by {type(site.sharder).__name__}; use DynamicEmbeddingCollectionSharder / "
                     "DynamicEmbeddingBagCollectionSharder"
                 )
-            fused_params = getattr(site.sharder, "fused_params", None) or {}
+            fused_params_for = getattr(site.sharder, "fused_params_for", None)
+            fused_params = (
+                fused_params_for(site.module_path) if fused_params_for else getattr(site.sharder, "fused_params", None)
+            ) or {}
             optimizer = DynamicEmbOptimizerArgs.from_fused_params(fused_params)
             options = constraint.dynamicemb_options
             memory[name] = usage = dynamic_table_memory(site.config, options, optimizer, world_size, compute_device)
