@@ -26,11 +26,11 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.types import ModuleSharder, ShardedModule, ShardingEnv, ShardingPlan
 from torchrec.optim.keyed import KeyedOptimizer
 
+from dynamicemb.distributed import DynamicEmbeddingBagCollectionSharder, DynamicEmbeddingCollectionSharder
 from dynamicemb.planner import DynamicEmbeddingShardingPlanner, DynamicEmbParameterSharding
 from gr_parallel.consistency import check_same_across_ranks
 from gr_parallel.constraints import data_parallel_constraint, is_data_parallel, model_parallel_constraint, table_configs
 from gr_parallel.dynamic_conversion import convert_dynamic_modules
-from gr_parallel.sharders import build_sharders
 from gr_parallel.state import get_device
 
 __all__ = ["EmbeddingSharding", "ShardingOptions", "find_sharded_modules", "shard_embedding_modules"]
@@ -172,6 +172,20 @@ def _plan_summary(plan: ShardingPlan) -> list[Any]:
     return summary
 
 
+def _sharders(
+    options: ShardingOptions, fused_params_by_module: Mapping[str, Mapping[str, Any]]
+) -> list[ModuleSharder[nn.Module]]:
+    """dynamicemb's sharders of ``EmbeddingCollection`` / ``EmbeddingBagCollection`` (ordinary tables
+    go on to TorchRec's); converted standalone collections keep their own optimizer by module path."""
+    common: dict[str, Any] = {
+        "fused_params": dict(options.fused_params) if options.fused_params is not None else None,
+        "use_index_dedup": options.use_index_dedup,
+        "qcomm_codecs_registry": dict(options.qcomm_codecs_registry) if options.qcomm_codecs_registry else None,
+        "module_fused_params": fused_params_by_module,
+    }
+    return [DynamicEmbeddingCollectionSharder(**common), DynamicEmbeddingBagCollectionSharder(**common)]  # type: ignore[list-item]
+
+
 def _fbgemm_has_cuda_kernels() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("fbgemm::permute_2D_sparse_data", "CUDA")
 
@@ -256,9 +270,7 @@ def shard_embedding_modules(
     converted = convert_dynamic_modules(module, env.world_size, given)
     given.update(converted.constraints)
     constraints, data_parallel = _resolve_constraints(_collections(module), given)
-    sharders = build_sharders(
-        options.fused_params, converted.fused_params_by_module, options.use_index_dedup, options.qcomm_codecs_registry
-    )
+    sharders = _sharders(options, converted.fused_params_by_module)
     plan = _plan(module, constraints, sharders, options, env, device)
     for path in data_parallel:
         plan.plan.pop(path, None)
