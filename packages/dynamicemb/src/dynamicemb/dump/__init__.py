@@ -3,19 +3,22 @@
 from dynamicemb.dump.api import (
     DynamicEmbDump,
     DynamicEmbLoad,
+    PendingDump,
     find_dynamic_modules,
     get_score,
     incremental_dump,
     set_score,
     table_file_path,
 )
-from dynamicemb.dump.file_format import DynamicEmbFileError, TableFile
+from dynamicemb.dump.file_format import DynamicEmbFileError, TableFile, TableSnapshot
 
 __all__ = [
     "DynamicEmbDump",
     "DynamicEmbFileError",
     "DynamicEmbLoad",
+    "PendingDump",
     "TableFile",
+    "TableSnapshot",
     "find_dynamic_modules",
     "get_score",
     "incremental_dump",

@@ -11,6 +11,7 @@ are they renamed over the previous ones, so a crash while dumping leaves the pre
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
@@ -20,13 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dynamicemb.dump.file_format import TableFile, write_table_file
+from dynamicemb.dump.file_format import TableFile, TableSnapshot, write_table_file
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.modules.common import DynamicEmbModule
 
 __all__ = [
     "DynamicEmbDump",
     "DynamicEmbLoad",
+    "PendingDump",
     "find_dynamic_modules",
     "get_score",
     "incremental_dump",
@@ -84,13 +86,17 @@ def table_file_path(path: str, module_name: str, table_name: str) -> str:
     return os.path.join(path, _check_file_name(module_name), _check_file_name(table_name) + FILE_SUFFIX)
 
 
-def write_temporary_table_file(final_path: str, table: DynamicEmbeddingTable, optim: bool) -> str:
-    """Write ``table`` to a new temporary file beside ``final_path`` (synced to disk); returns its path."""
+def write_temporary_table_file(final_path: str, table: DynamicEmbeddingTable | TableSnapshot, optim: bool) -> str:
+    """Write ``table`` (or a snapshot of one) to a new temporary file beside ``final_path`` (synced
+    to disk); returns its path."""
     folder, name = os.path.split(final_path)
     temporary = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
         with open(temporary, "wb") as f:
-            write_table_file(f, table, optim=optim)
+            if isinstance(table, TableSnapshot):
+                table.write(f, optim=optim)
+            else:
+                write_table_file(f, table, optim=optim)
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
@@ -129,28 +135,49 @@ def DynamicEmbDump(
     table_names: TableNames = None,
     optim: bool = False,
     pg: dist.ProcessGroup | None = None,
-) -> None:
+    *,
+    blocking: bool = True,
+) -> PendingDump | None:
     """Write the dynamic tables of ``model`` (keys, embeddings, scores; optimizer state and step if
     ``optim``; options) under ``path``.
 
     ``table_names``: ``{module name: [table names]}`` to dump only those (module names as in
     :func:`find_dynamic_modules`). Cached tables are dumped from their cache and their backing
     storage (the cache wins for keys in both).
+
+    ``blocking=False`` (standalone modules): copy every table to host memory now (a snapshot: the
+    dump holds the tables as they are at this call, at the cost of that much host memory), write
+    the files from a background thread while training goes on, and return a :class:`PendingDump`
+    whose ``wait()`` returns when the files are in place (or raises what the writer raised).
     """
     if _is_sharded(model):
+        if not blocking:
+            raise NotImplementedError("a non-blocking dump of sharded dynamic modules is not implemented")
         from dynamicemb.distributed import checkpoint as sharded
 
-        return sharded.dump_sharded(path, model, table_names, optim, pg)
+        sharded.dump_sharded(path, model, table_names, optim, pg)
+        return None
 
     _check_single_process(pg)
     selected = _selected_tables(model, table_names)
+    plans: list[tuple[str, DynamicEmbeddingTable | TableSnapshot]] = []
+    for module_name, tables in selected.items():
+        for table_name, table in tables.items():
+            final_path = table_file_path(path, module_name, table_name)
+            os.makedirs(os.path.dirname(final_path), exist_ok=True)
+            plans.append((final_path, table if blocking else TableSnapshot.take(table)))
+    if blocking:
+        _write_and_replace(plans, optim)
+        return None
+    return PendingDump(plans, optim)
+
+
+def _write_and_replace(plans: list[tuple[str, DynamicEmbeddingTable | TableSnapshot]], optim: bool) -> None:
+    """Write every table to a temporary file, then rename them all over the previous dump."""
     written: list[tuple[str, str]] = []
     try:
-        for module_name, tables in selected.items():
-            for table_name, table in tables.items():
-                final_path = table_file_path(path, module_name, table_name)
-                os.makedirs(os.path.dirname(final_path), exist_ok=True)
-                written.append((write_temporary_table_file(final_path, table, optim), final_path))
+        for final_path, table in plans:
+            written.append((write_temporary_table_file(final_path, table, optim), final_path))
     except BaseException:
         for temporary, _ in written:
             os.remove(temporary)
@@ -159,6 +186,33 @@ def DynamicEmbDump(
         os.replace(temporary, final_path)
     for folder in {os.path.dirname(final_path) for _, final_path in written}:
         fsync_folder(folder)
+
+
+class PendingDump:
+    """A :func:`DynamicEmbDump` with ``blocking=False`` being written by a background thread."""
+
+    def __init__(self, plans: list[tuple[str, DynamicEmbeddingTable | TableSnapshot]], optim: bool) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(plans, optim), name="dynamicemb-dump", daemon=True)
+        self._thread.start()
+
+    def _run(self, plans: list[tuple[str, DynamicEmbeddingTable | TableSnapshot]], optim: bool) -> None:
+        try:
+            _write_and_replace(plans, optim)
+        except BaseException as exc:  # handed to wait()
+            self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until every file is in place (``TimeoutError`` after ``timeout`` seconds); raises
+        what the writer raised (the previous dump then stays whole)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the dump is still being written after {timeout} s")
+        if self._error is not None:
+            raise self._error
 
 
 def DynamicEmbLoad(

@@ -37,7 +37,7 @@ import os
 import struct
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -47,7 +47,7 @@ from dynamicemb.cached_table import CachedKeyValueTable
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.options import options_to_json
 
-__all__ = ["FORMAT_VERSION", "DynamicEmbFileError", "RowChunk", "TableFile", "write_table_file"]
+__all__ = ["FORMAT_VERSION", "DynamicEmbFileError", "RowChunk", "TableFile", "TableSnapshot", "write_table_file"]
 
 MAGIC = b"DYNEMB\x00\x01"
 FORMAT_VERSION = 2
@@ -80,9 +80,33 @@ def _cached_rows(table: DynamicEmbeddingTable) -> int:
     return store.cache.size() if isinstance(store, CachedKeyValueTable) else 0
 
 
-def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: bool) -> int:
-    """Write ``table`` (with its optimizer state if ``optim``, and its admission counter) to the
-    open binary ``file``; returns rows written."""
+def _footer_fields(table: DynamicEmbeddingTable) -> dict[str, Any]:
+    """The footer fields that describe the table (not its rows)."""
+    return {
+        "table": table.name,
+        "dim": table.dim,
+        "dtype": _DTYPE_NAMES[table.dtype],
+        "optimizer_state_dim": table.optimizer.state_dim,
+        "optimizer": table.optimizer.args.to_json(),
+        "optimizer_step": table.optimizer.step,
+        "score_strategy": table.options.score_strategy.name,
+        "score_clock": table.score_clock(),
+        "options": options_to_json(table.options),
+    }
+
+
+RowBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # keys, embeddings, state, scores
+CounterBatch = tuple[torch.Tensor, torch.Tensor]  # keys, counts
+
+
+def _write_chunks(
+    file: BinaryIO,
+    rows: Iterable[RowBatch],
+    counters: Iterable[CounterBatch],
+    fields: dict[str, Any],
+    cached_rows: int,
+    optim: bool,
+) -> int:
     file.write(MAGIC)
     crc = 0
 
@@ -93,32 +117,22 @@ def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: boo
             file.write(data)
             crc = zlib.crc32(data, crc)
 
-    cached_rows = _cached_rows(table)
     chunk_rows: list[int] = []
-    for keys, embeddings, state, scores in table.export():
+    for keys, embeddings, state, scores in rows:
         write_arrays([keys, scores, embeddings] + ([state] if optim else []))
         chunk_rows.append(keys.numel())
     counter_chunk_rows: list[int] = []
-    if table.counter is not None:
-        for keys, counts in table.counter.dump():
-            write_arrays([keys.to(torch.int64), counts.to(torch.int64)])
-            counter_chunk_rows.append(keys.numel())
+    for keys, counts in counters:
+        write_arrays([keys.to(torch.int64), counts.to(torch.int64)])
+        counter_chunk_rows.append(keys.numel())
     footer: dict[str, Any] = {
+        **fields,
         "format_version": FORMAT_VERSION,
-        "table": table.name,
-        "dim": table.dim,
-        "dtype": _DTYPE_NAMES[table.dtype],
         "num_rows": sum(chunk_rows),
         "chunk_rows": chunk_rows,
         "cached_rows": cached_rows,
         "counter_chunk_rows": counter_chunk_rows,
         "has_optimizer_state": optim,
-        "optimizer_state_dim": table.optimizer.state_dim,
-        "optimizer": table.optimizer.args.to_json(),
-        "optimizer_step": table.optimizer.step,
-        "score_strategy": table.options.score_strategy.name,
-        "score_clock": table.score_clock(),
-        "options": options_to_json(table.options),
         "crc32": crc,
     }
     encoded = json.dumps(footer, sort_keys=True).encode()
@@ -126,6 +140,38 @@ def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: boo
     file.write(_U64.pack(len(encoded)))
     file.write(MAGIC)
     return footer["num_rows"]
+
+
+def write_table_file(file: BinaryIO, table: DynamicEmbeddingTable, *, optim: bool) -> int:
+    """Write ``table`` (with its optimizer state if ``optim``, and its admission counter) to the
+    open binary ``file``, reading its rows batch by batch; returns rows written."""
+    cached_rows = _cached_rows(table)
+    counters = table.counter.dump() if table.counter is not None else ()
+    return _write_chunks(file, table.export(), counters, _footer_fields(table), cached_rows, optim)
+
+
+@dataclass(frozen=True)
+class TableSnapshot:
+    """A copy in host memory of everything :func:`write_table_file` reads from a table, taken at
+    one moment, so the file can be written later (by another thread) while the table trains on."""
+
+    rows: list[RowBatch]
+    counters: list[CounterBatch]
+    fields: dict[str, Any]
+    cached_rows: int
+
+    @classmethod
+    def take(cls, table: DynamicEmbeddingTable) -> TableSnapshot:
+        cached_rows = _cached_rows(table)
+        rows = [tuple(t.detach().cpu().clone() for t in batch) for batch in table.export()]
+        counters = []
+        if table.counter is not None:
+            counters = [(k.detach().cpu().clone(), c.detach().cpu().clone()) for k, c in table.counter.dump()]
+        return cls(rows, counters, _footer_fields(table), cached_rows)  # type: ignore[arg-type]
+
+    def write(self, file: BinaryIO, *, optim: bool) -> int:
+        """Write the snapshot as :func:`write_table_file` writes the table; returns rows written."""
+        return _write_chunks(file, self.rows, self.counters, self.fields, self.cached_rows, optim)
 
 
 @dataclass(frozen=True)
