@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv
-from torchrec.optim.keyed import CombinedOptimizer
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from gr_parallel.dense_parallel import data_parallel_dense, is_data_parallel_dense
 from gr_parallel.optimizers import DenseOptimizerFactory, build_optimizer
@@ -61,8 +61,7 @@ class DistributedModel(DistributedModelParallel):
         )
         self.sharding = sharding
         self.optimizer: CombinedOptimizer = build_optimizer(self.module, dense_optimizer, self.fused_optimizer)
-        dense = dict(self.optimizer.optimizers).get("dense")
-        self.dense_optimizer = dense
+        self.dense_optimizer: KeyedOptimizer | None = dict(self.optimizer.optimizers).get("dense")
 
 
 def distribute(
