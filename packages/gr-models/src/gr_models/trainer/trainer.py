@@ -27,6 +27,7 @@ from gr_models.trainer.config import RunConfig
 from gr_models.trainer.optim import OptimizerBundle
 from gr_models.trainer.reporting import RunRecorder, write_json
 from gr_models.trainer.world import initialize_run_world
+from gr_parallel.grads import clip_grad_norm_
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -148,7 +149,8 @@ class Trainer:
             self.scaler.unscale_(optimizer)
         grad_norm = None
         if grad_clip is not None and grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.model.dense_parameters()), grad_clip))
+            # the norm of the whole model's dense gradient (tensor-parallel shards included), as in one process
+            grad_norm = float(clip_grad_norm_(list(self.model.dense_parameters()), grad_clip))
         for optimizer in self.optimizers.optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
@@ -179,9 +181,9 @@ class Trainer:
             for _ in range(accumulation):
                 batch = next(batches)
                 losses, _ = self.model(batch)
-                loss = losses.mean()
+                loss = self.world.mean_over_global_batch(losses)
                 self.scaler.scale(loss / accumulation).backward()
-                window_loss += float(loss.detach())
+                window_loss += float(loss.detach()) / self.world.dp_size  # summed over the ranks when logged
                 window_count += 1
                 window_samples += batch.batch_size
                 window_tokens += sequence_tokens(batch)
@@ -193,8 +195,8 @@ class Trainer:
             bar.update(1)
             if self.step % settings.log_every == 0 or self.step == settings.max_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                window_loss, window_count, window_samples, window_tokens = self.world.sum_over_data_parallel(
-                    [window_loss, window_count, window_samples, window_tokens]
+                window_loss, window_samples, window_tokens = self.world.sum_over_data_parallel(
+                    [window_loss, window_samples, window_tokens]
                 )
                 stats = {
                     "loss": window_loss / window_count,

@@ -38,6 +38,17 @@ class RunWorld:
         """True on global rank 0, the one process that writes logs, records and the progress bar."""
         return self.rank == 0
 
+    def mean_over_global_batch(self, losses: torch.Tensor) -> torch.Tensor:
+        """The training loss of this rank's `losses` (any shape): their sum over the element count of every
+        data-parallel rank's losses, times the data-parallel size. Data-parallel gradients are averaged over the
+        ranks (and sharded tables' gradients divided alike), so the gradients are those of the mean over the whole
+        global batch, whatever each rank's share of it. `losses.mean()` in one process (one collective else)."""
+        if self.dp_group is None or self.dp_size == 1:
+            return losses.mean()
+        count = torch.tensor([losses.numel()], dtype=torch.float32, device=losses.device)
+        dist.all_reduce(count, group=self.dp_group)
+        return losses.sum() * (self.dp_size / count[0])
+
     def sum_over_data_parallel(self, values: Sequence[float]) -> list[float]:
         """Each of `values` summed over the data-parallel ranks (collective over them; a copy in one process)."""
         if self.dp_group is None or self.dp_size == 1:
