@@ -116,6 +116,20 @@ def test_redis_refuses_a_server_that_would_evict_rows(own_redis_server) -> None:
     assert RedisStorage(4, port=own_redis_server.port, prefix="evicting", allow_evicting_server=True).size() == 0
 
 
+def test_a_full_redis_server_fails_writes_with_an_error(own_redis_server) -> None:
+    import redis
+
+    from dynamicemb.storage import RedisStorage
+
+    storage = RedisStorage(256, port=own_redis_server.port, prefix="full")
+    redis.Redis(port=own_redis_server.port).config_set("maxmemory", 4 << 20)  # noeviction: the default policy
+    with pytest.raises(StorageError, match=rf"127\.0\.0\.1:{own_redis_server.port}/0 .*cannot write: OutOfMemoryError"):
+        for start in range(0, 40000, 4000):  # 40 MB of rows
+            storage.insert(
+                torch.arange(start, start + 4000), torch.ones(4000, 256), torch.zeros(4000, dtype=torch.int64)
+            )
+
+
 def test_redis_unreachable_names_the_address_within_the_bound() -> None:
     pytest.importorskip("redis", reason="the redis client is the optional extra dynamicemb[redis]")
     from dynamicemb.storage import RedisStorage

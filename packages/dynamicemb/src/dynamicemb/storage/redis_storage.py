@@ -268,13 +268,6 @@ class RedisStorage(Storage):
         if self.save_on_flush:
             self._call("save a snapshot", "save")
 
-    def clear(self) -> int:
-        """Delete every row under the prefix; returns how many were deleted."""
-        deleted = 0
-        for stored_keys in self._stored_keys():
-            deleted += self._batch("delete", b"DEL", self._key_matrix_of(stored_keys))
-        return deleted
-
     def close(self) -> None:
         self._client.close()
 
