@@ -39,8 +39,10 @@ class RocksDBStorage(Storage):
 
     Reads and writes go by batches of at most ``batch_rows`` keys (one multi-get, or one atomic
     write batch, each); RocksDB keeps at most about ``memory_budget_bytes`` in memory (half block
-    cache, half write buffers), the rest on disk. Writes reach RocksDB's write-ahead log; with
-    ``sync_writes`` each batch is synced to disk, otherwise :meth:`flush` makes them durable.
+    cache, half write buffers), the rest on disk (its files are read through mmap, so the
+    operating system's page cache may hold more of them, outside this budget and reclaimable).
+    Writes reach RocksDB's write-ahead log; with ``sync_writes`` each batch is synced to disk,
+    otherwise :meth:`flush` makes them durable.
     ``read_only`` opens the database for reading only (several processes may do so at once).
     The directory remembers ``value_dim`` and ``dtype``; reopening it with other ones fails.
     Errors raise :class:`StorageError` naming the directory.
