@@ -38,6 +38,7 @@ def test_ml1m_configs_follow_the_anchor_setup() -> None:
         assert config.embeddings.default["betas"] == [0.9, 0.98]
     for config in (hstu, large):
         assert config.hstu.alpha == 1.0 and config.hstu.relative_bias is not None
+        assert config.hstu.uvqk_init_std == 0.02
     assert (large.hstu.num_layers, large.hstu.num_attention_heads, large.hstu.kv_channels) == (8, 2, 25)
     assert (sasrec.model, sasrec.hstu.num_layers, sasrec.hstu.num_attention_heads) == ("sasrec", 2, 1)
 
