@@ -10,7 +10,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from gr_models.configs.hstu_config import HSTUConfig
 from gr_models.data.batch import Batch
-from gr_models.modules.hstu_layer import HSTULayer
+from gr_models.modules.hstu_layer import build_hstu_layer
 from gr_models.modules.preprocessing import HSTUPreprocessor, HSTUSequence
 
 
@@ -25,7 +25,7 @@ class HSTUBlock(nn.Module):
         super().__init__()
         self.config = config
         self.preprocessor = HSTUPreprocessor(config)
-        self.layers = nn.ModuleList(HSTULayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(build_hstu_layer(config) for _ in range(config.num_layers))
 
     def forward(self, embeddings: dict[str, JaggedTensor], batch: Batch) -> HSTUSequence:
         sequence = self.preprocessor(embeddings, batch)

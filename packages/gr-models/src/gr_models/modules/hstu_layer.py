@@ -5,10 +5,14 @@ u, v, q, k = split(SiLU(normed @ W_uvqk + b_uvqk))          # each [L, H * kv_ch
 attn     = hstu_attention(q, k, v)                            # [L, H * kv_channels]
 y        = Dropout(LayerNorm(attn) * u) @ W_o + b_o
 out      = x + y
+
+`TensorParallelHSTULayer` splits the heads across the tensor-parallel group (`build_hstu_layer` picks it when
+that group has more than one rank).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -18,6 +22,18 @@ from torch import Tensor, nn
 from gr_models.configs.hstu_config import HSTUConfig, RelativeBiasConfig
 from gr_models.modules.preprocessing import HSTUSequence
 from gr_models.modules.recompute import recompute_in_backward
+from gr_parallel import (
+    get_tensor_model_parallel_group,
+    get_tensor_model_parallel_world_size,
+    model_parallel_is_initialized,
+)
+from gr_parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallelLayerNorm,
+    copy_to_tensor_parallel_region,
+    fork_tensor_parallel_rng,
+)
 from hstu_attn import RelativeBias, hstu_attn_varlen_func
 
 
@@ -99,7 +115,7 @@ class HSTULayer(nn.Module):
             contextual_seq_len=sequence.contextual_len,
             max_attn_len=self.config.max_attn_len,
             scaling_seqlen=sequence.scaling_seqlen,
-            relative_bias=self.relative_bias(sequence.timestamps) if self.relative_bias is not None else None,
+            relative_bias=self._relative_bias(sequence.timestamps),
             backend=self.config.kernel_backend,
         ).reshape(-1, width)
         normed_attn = self._normalize(self.attention_norm, attn, dtype)
@@ -108,5 +124,69 @@ class HSTULayer(nn.Module):
                 gated = normed_attn * u
         else:
             gated = normed_attn * u
-        gated = F.dropout(gated, p=self.config.dropout, training=self.training)
+        gated = self._dropout(gated)
         return x + self.output(gated).to(x.dtype)
+
+    def _relative_bias(self, timestamps: Tensor | None) -> RelativeBias | None:
+        return self.relative_bias(timestamps) if self.relative_bias is not None else None
+
+    def _dropout(self, gated: Tensor) -> Tensor:
+        return F.dropout(gated, p=self.config.dropout, training=self.training)
+
+
+class TensorParallelHSTULayer(HSTULayer):
+    """`HSTULayer` with its heads split over the tensor-parallel group of gr-parallel's model-parallel state.
+
+    Each rank holds `num_attention_heads / size` heads: the UVQK projection is column-parallel by heads (the rank's
+    u, v, q and k rows, Megatron stride 4), attention runs on the rank's heads only, the attention LayerNorm spans
+    all heads (statistics all-reduced; weight and bias split by heads), and the output projection is row-parallel
+    (all-reduced output, replicated bias). The input LayerNorm and the relative-bias tables are replicated; the
+    tables' gradients, partial per rank, are all-reduced in backward. Dropout draws from the rank's own stream
+    (`gr_parallel.tensor_parallel.fork_tensor_parallel_rng`).
+
+    The full one-rank layer is built first and each rank keeps its slices, so for the same seed the layer equals
+    `HSTULayer(config)`. Parameter names are `HSTULayer`'s; sharded parameters carry Megatron's
+    `tensor_model_parallel`, `partition_dim` and `partition_stride` attributes.
+    """
+
+    def __init__(self, config: HSTUConfig) -> None:
+        group = get_tensor_model_parallel_group()
+        size = group.size()
+        if config.num_attention_heads % size:
+            raise ValueError(
+                f"num_attention_heads={config.num_attention_heads} is not divisible by the tensor-parallel size "
+                f"{size}: every rank must hold the same number of whole heads"
+            )
+        super().__init__(config)
+        self.num_heads = config.num_attention_heads // size
+        self.uvqk = ColumnParallelLinear.from_linear(self.uvqk, stride=4, group=group)
+        self.attention_norm = TensorParallelLayerNorm.from_layer_norm(self.attention_norm, group=group)
+        self.output = RowParallelLinear.from_linear(self.output, group=group)
+        self.group = group
+
+    def _relative_bias(self, timestamps: Tensor | None) -> RelativeBias | None:
+        bias = super()._relative_bias(timestamps)
+        if bias is None:
+            return None
+        return dataclasses.replace(
+            bias,
+            position_weights=self._full_gradient(bias.position_weights),
+            time_weights=self._full_gradient(bias.time_weights),
+        )
+
+    def _full_gradient(self, table: Tensor | None) -> Tensor | None:
+        """A replicated table used by this rank's heads only: identity forward, gradient summed over the group."""
+        return copy_to_tensor_parallel_region(table, self.group) if table is not None else None
+
+    def _dropout(self, gated: Tensor) -> Tensor:
+        if not self.training or self.config.dropout == 0.0:
+            return gated
+        with fork_tensor_parallel_rng(gated.device):
+            return super()._dropout(gated)
+
+
+def build_hstu_layer(config: HSTUConfig) -> HSTULayer:
+    """`TensorParallelHSTULayer` when gr-parallel's tensor-parallel group has more than one rank, else `HSTULayer`."""
+    if model_parallel_is_initialized() and get_tensor_model_parallel_world_size() > 1:
+        return TensorParallelHSTULayer(config)
+    return HSTULayer(config)

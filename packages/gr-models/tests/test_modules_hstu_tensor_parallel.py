@@ -1,0 +1,70 @@
+"""HSTU layers split over 2 tensor-parallel gloo ranks equal the one-rank layers built from the same seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("hstu_tensor_parallel_worker.py")
+WORLD_SIZE = 2
+
+FP32 = 2e-5
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("hstu_tp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
+    run = subprocess.run(
+        [*command, str(WORKER), str(out_dir)],
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+
+
+def test_layers_are_split_by_heads_with_the_one_rank_parameter_names(reports: list[dict]) -> None:
+    for report in reports:
+        assert report["layer_type"] == report["block_layer_type"] == "TensorParallelHSTULayer"
+        assert report["is_hstu_layer"] and report["same_state_keys"]
+        assert report["local_uvqk_rows"] == 4 * 2 * 4  # u, v, q, k of 2 of 4 heads, head_dim 4
+        assert report["local_output_columns"] == 2 * 4
+
+
+@pytest.mark.parametrize("variant", ["fp32", "recompute"])
+def test_forward_gradients_clipping_and_updates_equal_one_rank(reports: list[dict], variant: str) -> None:
+    for report in reports:
+        result = report[variant]
+        assert result["init"] == 0.0  # each rank keeps slices of the one-rank initialization
+        for name in ("output", "input_grad", "param_grads", "updated_params"):
+            assert result[name] < FP32, (name, result[name])
+        for step in range(3):
+            assert result[f"clip_norm_value_step{step}"] > 0.5  # clipping is active
+            assert result[f"clip_norm_step{step}"] < 1e-6 * result[f"clip_norm_value_step{step}"]
+
+
+def test_bf16_autocast_matches_within_bf16_rounding(reports: list[dict]) -> None:
+    for report in reports:
+        result = report["bf16"]
+        assert result["output"] < 0.02
+        assert result["input_grad"] < 0.02 * result["input_grad_scale"]
+        assert result["param_grads"] < 0.02 * result["param_grad_scale"]
+
+
+def test_dropout_in_split_layers_keeps_ranks_consistent(reports: list[dict]) -> None:
+    for report in reports:
+        assert report["dropout_train_vs_eval"] > 0.0  # dropout was applied in training
+        assert report["dropout_ranks_agree"] == 0.0  # the row-parallel output is the same on both ranks
+
+
+def test_head_count_not_divisible_by_tp_size_is_a_clear_error(reports: list[dict]) -> None:
+    for report in reports:
+        assert "num_attention_heads=3 is not divisible by the tensor-parallel size 2" in report["bad_heads_error"]
