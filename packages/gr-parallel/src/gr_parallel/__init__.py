@@ -13,6 +13,10 @@ Training: :func:`make_train_pipeline` (``none`` or ``overlap``: device copy and 
 all-to-all of the next batches overlapped with the current compute, see :mod:`gr_parallel.pipeline`)
 and :class:`BalancedBatchSampler` (global batches split across data-parallel ranks by attention cost,
 see :mod:`gr_parallel.balance`).
+
+Tensor parallelism (:mod:`gr_parallel.tensor_parallel`): Megatron-core column/row-parallel layers, mappings,
+a LayerNorm over split features and :func:`lookup_split_over_tensor_parallel` (embeddings looked up once per
+tensor-parallel group); :func:`clip_grad_norm_` clips by the norm of the whole tensor-parallel model.
 """
 
 from gr_parallel.balance import BalancedBatchSampler, partition_by_cost, sequence_cost
@@ -25,6 +29,7 @@ from gr_parallel.constraints import (
 )
 from gr_parallel.dense_parallel import data_parallel_dense, dense_parameters, is_data_parallel_dense
 from gr_parallel.distribute import DistributedModel, distribute
+from gr_parallel.grads import clip_grad_norm_, grad_norm
 from gr_parallel.initialize import (
     DEFAULT_TIMEOUT,
     destroy_global_state,
@@ -54,6 +59,7 @@ from gr_parallel.state import (
     get_world_size,
     model_parallel_is_initialized,
 )
+from gr_parallel.tensor_parallel import lookup_split_over_tensor_parallel
 
 __version__ = "0.1.0"
 
@@ -69,6 +75,7 @@ __all__ = [
     "__version__",
     "build_optimizer",
     "check_same_across_ranks",
+    "clip_grad_norm_",
     "constraints_by_child_name",
     "data_parallel_constraint",
     "data_parallel_dense",
@@ -87,10 +94,12 @@ __all__ = [
     "get_tensor_model_parallel_rank",
     "get_tensor_model_parallel_world_size",
     "get_world_size",
+    "grad_norm",
     "hold_process_groups_for",
     "initialize_distributed",
     "initialize_model_parallel",
     "is_data_parallel_dense",
+    "lookup_split_over_tensor_parallel",
     "make_train_pipeline",
     "model_parallel_constraint",
     "model_parallel_is_initialized",
