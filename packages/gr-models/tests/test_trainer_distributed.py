@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gr_checkpoint import read_manifest
 from gr_models.cli import main
 
 CONFIG = """
@@ -66,9 +67,8 @@ def test_gr_train_on_two_ranks_matches_one_process(tmp_path: Path, capsys: pytes
     assert main(["--config", str(config), f"output_dir={one_dir}", f"data.batch_size={2 * PER_RANK_BATCH}"]) == 0
     capsys.readouterr()
 
-    run = _torchrun(
-        2, ["--config", str(config), f"output_dir={two_dir}", f"data.batch_size={PER_RANK_BATCH}"], tmp_path
-    )
+    args = [f"output_dir={two_dir}", f"data.batch_size={PER_RANK_BATCH}", "train.checkpoint_every=3"]
+    run = _torchrun(2, ["--config", str(config), *args], tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     assert run.stdout.count("final metrics after 3 steps") == 1  # printed by rank 0 only
     assert "2 processes (tensor parallel 1)" in run.stdout
@@ -86,3 +86,7 @@ def test_gr_train_on_two_ranks_matches_one_process(tmp_path: Path, capsys: pytes
     # the same global samples went through each run
     assert two["throughput"]["samples"] == one["throughput"]["samples"] == 3 * 2 * PER_RANK_BATCH
     assert len(list((two_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    # one checkpoint written by both ranks together: sharded tables, their fused optimizer state, dynamic rows
+    manifest = read_manifest(two_dir / "checkpoints" / "step_3")
+    assert manifest.world_size == 2 and manifest.step == 3
+    assert manifest.sparse_optimizer_tensors and set(manifest.dynamic_tables) == {"embedding.dynamic.item_id_table"}

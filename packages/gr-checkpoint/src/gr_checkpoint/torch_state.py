@@ -21,7 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
-from torchrec.optim.keyed import KeyedOptimizer
+from torchrec.optim.fused import FusedOptimizerModule
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from gr_checkpoint.errors import CheckpointMismatchError
 from gr_checkpoint.manifest import TensorSpec
@@ -64,8 +65,16 @@ def collect_torch_state(
 
 
 def fused_optimizer(model: nn.Module) -> KeyedOptimizer | None:
-    """The in-backward optimizer of TorchRec's sharded tables, if ``model`` is a ``DistributedModelParallel``."""
-    return model.fused_optimizer if isinstance(model, DistributedModelParallel) else None
+    """The in-backward optimizer of TorchRec's sharded tables: a ``DistributedModelParallel``'s, else those of the
+    sharded collections inside ``model`` (sharded in place, e.g. by a model built in a multi-process world)
+    combined by path; ``None`` when there are none."""
+    if isinstance(model, DistributedModelParallel):
+        return model.fused_optimizer
+    found: list[tuple[str, KeyedOptimizer]] = []
+    for path, module in model.named_modules():
+        if isinstance(module, FusedOptimizerModule) and not any(path.startswith(f"{p}.") for p, _ in found):
+            found.append((path, module.fused_optimizer))
+    return CombinedOptimizer(found) if found else None
 
 
 def restore_torch_state(
