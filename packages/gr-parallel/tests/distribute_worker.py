@@ -3,14 +3,19 @@
 Usage: ``python distribute_worker.py OUT_DIR``. Trains a tiny model (a model-parallel static table,
 a data-parallel table, a standalone dynamicemb collection and an MLP) for a few steps on this
 rank's share of fixed global batches, then writes what it observed to ``OUT_DIR/rank<RANK>.json``;
-the test compares a 2-process run with a 1-process run and makes the assertions.
+the test compares a 2-process run with a 1-process run and makes the assertions. In a world of
+several ranks it then provokes errors and, last, rank 1 exits abruptly while rank 0 keeps
+all-reducing (rank 0 records how that ends).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -253,16 +258,39 @@ def errors(observed: dict[str, Any]) -> None:
     observed["budget_error"] = error_of(lambda: gr_parallel.shard_embedding_modules(Embeddings(), tiny_budget))
 
 
+def after_rank_1_dies(observed: dict[str, Any]) -> None:
+    """Last: rank 1 exits abruptly; rank 0 records how its next all-reduces end (error, seconds)."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=30))
+    dist.barrier(group=group)
+    if dist.get_rank() == 1:
+        return
+    start = time.monotonic()
+    try:
+        for _ in range(10_000):
+            dist.all_reduce(torch.ones(4), group=group)
+            time.sleep(0.01)
+        observed["peer_death"] = {"error": None}
+    except RuntimeError as error:
+        observed["peer_death"] = {"error": str(error), "seconds": time.monotonic() - start}
+
+
 def main(out_dir: Path) -> None:
     gr_parallel.initialize_distributed()
     gr_parallel.initialize_model_parallel(tensor_model_parallel_size=1)
     observed: dict[str, Any] = {"distribute": train(shard_in_init=False)}
-    if dist.get_world_size() > 1:
-        observed["in_model"] = train(shard_in_init=True)
-        observed["distributed_again"] = distribute_again()
-        errors(observed)
-    (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(observed))
-    gr_parallel.destroy_global_state()
+    if dist.get_world_size() == 1:
+        (out_dir / "rank0.json").write_text(json.dumps(observed))
+        gr_parallel.destroy_global_state()
+        return
+    observed["in_model"] = train(shard_in_init=True)
+    observed["distributed_again"] = distribute_again()
+    errors(observed)
+    if dist.get_rank() == 1:
+        (out_dir / "rank1.json").write_text(json.dumps(observed))
+    after_rank_1_dies(observed)
+    if dist.get_rank() == 0:
+        (out_dir / "rank0.json").write_text(json.dumps(observed))
+    os._exit(0)  # abruptly (rank 1 dies here; rank 0 skips the teardown of a world missing a rank)
 
 
 if __name__ == "__main__":
