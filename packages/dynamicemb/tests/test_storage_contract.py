@@ -266,3 +266,26 @@ def test_dump_and_load_include_the_rows_in_the_storage(
     restored_cache = restored.dynamic_embedding_tables()["t"].store.cache
     assert restored_cache.size() == table.store.cache.size() > 0
     assert target_storage.size() == len(source_rows) - restored_cache.size()
+
+
+@pytest.mark.parametrize("caching", [False, True], ids=["cache-store", "cache-host-store"])
+def test_an_lfu_key_coming_back_from_the_storage_keeps_its_count(
+    kind: str, caching: bool, new_storage: NewStorage
+) -> None:
+    storage = new_storage(kind, DIM)
+    storage.insert(torch.tensor([7, 8]), torch.ones(2, DIM), torch.tensor([10, 4]))  # counts from earlier training
+    scores, found = storage.find_scores(torch.tensor([8, 7, 9]))
+    assert scores.tolist()[:2] == [4, 10] and found.tolist() == [True, True, False]
+    options = DynamicEmbTableOptions(
+        bucket_capacity=8,
+        max_capacity=64,
+        caching=caching,
+        global_hbm_for_values=16 * DIM * 4,
+        external_storage=storage,
+        score_strategy=DynamicEmbScoreStrategy.LFU,
+    )
+    table = DynamicEmbeddingTable(name="t", dim=DIM, num_embeddings=64, options=options, optimizer=SGD)
+    out = dynamic_embedding_lookup(table, torch.tensor([7, 7, 9]), training=True)
+    torch.testing.assert_close(out[0], torch.ones(DIM))  # the stored row, not a fresh one
+    cached_counts, _ = table.store.cache.find_scores(torch.tensor([7, 9]))
+    assert cached_counts.tolist() == [11, 1]  # 10 before + this lookup; a new key starts at 1

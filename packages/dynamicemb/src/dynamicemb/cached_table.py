@@ -79,14 +79,15 @@ class CachedKeyValueTable(Storage):
     def _carry_counts(self, keys: torch.Tensor, slots: torch.Tensor, in_backing: torch.Tensor) -> None:
         """LFU: keys just cached (at ``slots``) that come from a backing table add the count they had
         there, so a key moving between the tiers keeps its frequency instead of restarting at 1."""
-        if self.cache.index.score_strategy != DynamicEmbScoreStrategy.LFU or not isinstance(
-            self.backing, KeyValueTable
-        ):
+        if self.cache.index.score_strategy != DynamicEmbScoreStrategy.LFU:
             return
         back_pos = _positions(in_backing)
         if back_pos.numel() == 0:
             return
-        backing_counts, _ = self.backing.find_scores(keys[back_pos].to(self.backing.device))
+        try:
+            backing_counts, _ = self.backing.find_scores(keys[back_pos])
+        except NotImplementedError:  # a user's storage that keeps no scores: counts restart
+            return
         counts = self.cache.index.scores_at(slots[back_pos]) + backing_counts.to(self.device)
         self.cache.index.insert_or_assign(keys[back_pos], counts)
 
@@ -107,6 +108,16 @@ class CachedKeyValueTable(Storage):
             values[miss_pos] = rows[:, : values.shape[1]]
             found[miss_pos] = in_backing
         return values, found
+
+    def find_scores(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores in the cache, else in ``backing`` (``(scores [N], found [N])``)."""
+        scores, found = self.cache.find_scores(keys)
+        miss_pos = _positions(~found)
+        if miss_pos.numel():
+            backing_scores, in_backing = self.backing.find_scores(keys[miss_pos])
+            scores[miss_pos] = backing_scores.to(scores.device)
+            found[miss_pos] = in_backing.to(found.device)
+        return scores, found
 
     def contains(self, keys: torch.Tensor) -> torch.Tensor:
         found = self.cache.contains(keys)

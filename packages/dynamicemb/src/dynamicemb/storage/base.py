@@ -57,6 +57,11 @@ class Storage(ABC):
         """``[N]`` bool: which keys are stored."""
         return self.find(keys)[1]
 
+    def find_scores(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keys [N]`` -> ``(scores [N] int64, found [N] bool)``; missing keys read as 0. With it, an
+        LFU table over this storage keeps the counts of keys coming back into its cache."""
+        raise NotImplementedError(f"{type(self).__name__} does not read scores")
+
     def erase(self, keys: torch.Tensor) -> torch.Tensor:
         """Remove ``keys [N]``; ``[N]`` bool, True where a key was stored."""
         raise NotImplementedError(f"{type(self).__name__} does not erase keys")

@@ -45,6 +45,12 @@ class PyDictStorage(Storage):
         values[found] = self._rows[rows[found]]
         return values.to(keys.device), found.to(keys.device)
 
+    def find_scores(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._rows_of(keys.cpu())
+        found = rows >= 0
+        scores = torch.where(found, self._scores[rows.clamp(min=0)], 0) if rows.numel() else rows
+        return scores.to(keys.device), found.to(keys.device)
+
     def insert(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None = None) -> None:
         keys = keys.cpu()
         if values.shape != (keys.numel(), self._value_dim):

@@ -153,6 +153,10 @@ class RocksDBStorage(Storage):
         values, _, found = self._find_with_scores(keys)
         return values.to(keys.device), found.to(keys.device)
 
+    def find_scores(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, scores, found = self._find_with_scores(keys)
+        return scores.to(keys.device), found.to(keys.device)
+
     def insert(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None = None) -> None:
         """Insert or overwrite; ``scores`` ``None`` keeps the scores of stored keys (0 for new ones)."""
         if values.shape != (keys.numel(), self.value_dim):

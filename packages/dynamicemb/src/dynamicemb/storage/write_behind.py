@@ -105,12 +105,16 @@ class WriteBehindStorage(Storage):
             self._raise_error()
 
     # --- Storage --------------------------------------------------------------------------------
+    def _queued(self) -> list[_Batch]:
+        """The queue now; taken before reading ``inner``, so a batch written meanwhile is in both."""
+        with self._changed:
+            self._raise_error()
+            return list(self._pending)
+
     def find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What ``inner`` holds, with the queued rows (oldest first) laid over it."""
         host_keys = keys.cpu()
-        with self._changed:
-            self._raise_error()
-            queued = list(self._pending)  # before reading inner: a batch written meanwhile is in both
+        queued = self._queued()
         values, found = self.inner.find(host_keys)
         values, found = values.cpu(), found.cpu().clone()
         for batch in queued:
@@ -118,6 +122,17 @@ class WriteBehindStorage(Storage):
             values[where] = batch.values[rows]
             found[where] = True
         return values.to(keys.device), found.to(keys.device)
+
+    def find_scores(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        host_keys = keys.cpu()
+        queued = self._queued()
+        scores, found = self.inner.find_scores(host_keys)
+        scores, found = scores.cpu().clone(), found.cpu().clone()
+        for batch in queued:
+            where, rows = _positions_in(batch, host_keys)
+            scores[where] = batch.scores[rows]
+            found[where] = True
+        return scores.to(keys.device), found.to(keys.device)
 
     def insert(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None = None) -> None:
         """Queue the rows (copied); ``scores`` ``None`` keeps the scores of stored keys (0 for new ones)."""
