@@ -178,3 +178,9 @@ def bench(session: nox.Session) -> None:
     scripts = session.posargs or sorted(str(p) for p in ROOT.glob("packages/*/benchmarks/bench_*.py"))
     for script in scripts:
         session.run(sys.executable, script, external=True)
+
+
+@nox.session(venv_backend="none")
+def bench_e2e(session: nox.Session) -> None:
+    """(GPU machine, after gpu_setup) End-to-end training throughput of the ranking GR: tools/bench_e2e.py."""
+    session.run(sys.executable, "tools/bench_e2e.py", *session.posargs, external=True)

@@ -1,5 +1,6 @@
 """HSTU attention kernels: PyTorch reference, Triton and CUTLASS backends."""
 
+from hstu_attn._validation import set_value_checks
 from hstu_attn.backend import KernelBackend
 from hstu_attn.interface import hstu_attn_varlen_func
 from hstu_attn.reference import hstu_attn_reference
@@ -7,4 +8,11 @@ from hstu_attn.relative_bias import RelativeBias
 
 __version__ = "0.1.0"
 
-__all__ = ["KernelBackend", "RelativeBias", "__version__", "hstu_attn_reference", "hstu_attn_varlen_func"]
+__all__ = [
+    "KernelBackend",
+    "RelativeBias",
+    "__version__",
+    "hstu_attn_reference",
+    "hstu_attn_varlen_func",
+    "set_value_checks",
+]

@@ -1,10 +1,16 @@
 """Input checks of `hstu_attn_varlen_func`, with errors that name the problem.
 
 `check_arguments` looks only at shapes, dtypes, devices and Python scalars, so `torch.compile` traces it without a
-graph break. `check_offsets_and_targets` reads tensor values (one host sync) and runs inside the custom op.
+graph break. `check_offsets_and_targets` reads tensor values (one host sync on CUDA) and runs inside the custom op;
+by default it checks each offsets tensor once (see `set_value_checks`), so the layers of a model that share one
+offsets tensor pay one sync per batch, and repeated calls on the same batch none.
 """
 
 from __future__ import annotations
+
+import os
+import weakref
+from collections import deque
 
 import torch
 from torch import Tensor
@@ -126,10 +132,82 @@ def check_arguments(
             )
 
 
+VALUE_CHECK_MODES = ("new", "always", "off")
+_CHECKED_CAPACITY = 8
+
+
+class _ValueChecks:
+    """Which value checks have passed: one record per recently checked (offsets, targets, L, N) combination.
+
+    A record holds weak references and the tensors' version counters, so an in-place change of a checked tensor, or
+    a new tensor at a reused address, is checked again.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self._records: deque[tuple] = deque(maxlen=_CHECKED_CAPACITY)
+
+    @staticmethod
+    def _matches(record: tuple, offsets: Tensor, targets: Tensor | None, num_tokens: int, max_seq_len: int) -> bool:
+        offsets_ref, offsets_version, targets_ref, targets_version, tokens, longest_allowed = record
+        if offsets_ref() is not offsets or offsets_version != offsets._version:
+            return False
+        if tokens != num_tokens or longest_allowed > max_seq_len:
+            return False
+        if targets is None:
+            return targets_ref is None
+        return targets_ref is not None and targets_ref() is targets and targets_version == targets._version
+
+    def needed(self, offsets: Tensor, targets: Tensor | None, num_tokens: int, max_seq_len: int) -> bool:
+        if self.mode == "off":
+            return False
+        if self.mode == "always":
+            return True
+        return not any(self._matches(r, offsets, targets, num_tokens, max_seq_len) for r in self._records)
+
+    def passed(self, offsets: Tensor, targets: Tensor | None, num_tokens: int, max_seq_len: int) -> None:
+        targets_ref = None if targets is None else weakref.ref(targets)
+        targets_version = None if targets is None else targets._version
+        self._records.append(
+            (weakref.ref(offsets), offsets._version, targets_ref, targets_version, num_tokens, max_seq_len)
+        )
+
+
+def _mode_from_environment() -> str:
+    mode = os.environ.get("HSTU_ATTN_VALUE_CHECKS", "new")
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"HSTU_ATTN_VALUE_CHECKS must be one of {VALUE_CHECK_MODES}; got {mode!r}")
+    return mode
+
+
+_value_checks = _ValueChecks(_mode_from_environment())
+
+
+def set_value_checks(mode: str) -> str:
+    """Choose when `hstu_attn_varlen_func` checks the values of `seq_offsets` and `num_targets`; returns the old mode.
+
+    "new" (default; environment `HSTU_ATTN_VALUE_CHECKS`): once per offsets/targets tensor (a tensor changed in
+    place counts as new), one device-to-host read each time. "always": on every call (debugging). "off": never.
+    The checks on shapes, dtypes and devices always run; they read no values.
+    """
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"value-check mode must be one of {VALUE_CHECK_MODES}; got {mode!r}")
+    previous, _value_checks.mode = _value_checks.mode, mode
+    return previous
+
+
 def check_offsets_and_targets(
     seq_offsets: Tensor, num_tokens: int, max_seq_len: int, num_targets: Tensor | None
 ) -> None:
-    """Check the values of `seq_offsets` (and `num_targets`) against the inputs, with one host sync."""
+    """Check the values of `seq_offsets` (and `num_targets`) against the inputs (one host sync), unless the same
+    tensors already passed for these sizes (see `set_value_checks`)."""
+    if not _value_checks.needed(seq_offsets, num_targets, num_tokens, max_seq_len):
+        return
+    _check_values(seq_offsets, num_tokens, max_seq_len, num_targets)
+    _value_checks.passed(seq_offsets, num_targets, num_tokens, max_seq_len)
+
+
+def _check_values(seq_offsets: Tensor, num_tokens: int, max_seq_len: int, num_targets: Tensor | None) -> None:
     offsets = seq_offsets.to(torch.int64)
     lengths = offsets[1:] - offsets[:-1]
     longest = lengths.max() if lengths.numel() else offsets.new_zeros(())

@@ -2,7 +2,9 @@
 
 Layering: public function (static checks) -> `torch.library` custom ops `hstu_attn::forward` /
 `hstu_attn::backward` (value checks, backend dispatch; opaque to `torch.compile`, with fake implementations and
-autograd registered) -> the reference or the Triton kernels.
+autograd registered) -> the reference or the Triton kernels. In eager mode the public function calls the same
+forward and backward bodies through a `torch.autograd.Function` instead of the custom op: the op's Python dispatch
+(argument binding, default filling, redispatch) costs tens of microseconds per call, as much as a short kernel.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def hstu_attn_varlen_func(
         contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, scaling_seqlen=scaling_seqlen,
         rab=rab, relative_bias=relative_bias, backend=backend,
     )  # fmt: skip
-    return _hstu_attn_forward(
+    inputs = (
         q,
         k,
         v,
@@ -91,6 +93,9 @@ def hstu_attn_varlen_func(
         backend.value,
         deterministic,
     )
+    if torch.compiler.is_compiling():
+        return _hstu_attn_forward(*inputs)
+    return _EagerAttention.apply(*inputs)
 
 
 def _relative_bias(
@@ -152,8 +157,7 @@ def _triton_options(
     }
 
 
-@torch.library.custom_op("hstu_attn::forward", mutates_args=())
-def _hstu_attn_forward(
+def _forward_values(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -192,13 +196,15 @@ def _hstu_attn_forward(
     return out.contiguous()
 
 
+_hstu_attn_forward = torch.library.custom_op("hstu_attn::forward", _forward_values, mutates_args=())
+
+
 @_hstu_attn_forward.register_fake
 def _hstu_attn_forward_fake(q: Tensor, k: Tensor, v: Tensor, *args: object) -> Tensor:
     return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
-@torch.library.custom_op("hstu_attn::backward", mutates_args=())
-def _hstu_attn_backward(
+def _backward_values(
     grad_out: Tensor,
     q: Tensor,
     k: Tensor,
@@ -254,6 +260,9 @@ def _hstu_attn_backward(
     return [grad.contiguous() for grad in grads]
 
 
+_hstu_attn_backward = torch.library.custom_op("hstu_attn::backward", _backward_values, mutates_args=())
+
+
 @_hstu_attn_backward.register_fake
 def _hstu_attn_backward_fake(
     grad_out: Tensor,
@@ -282,10 +291,10 @@ def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.scalars = inputs[_TENSOR_INPUTS:]
 
 
-def _backward(ctx: Any, grad_out: Tensor) -> tuple:
+def _gradients(ctx: Any, grad_out: Tensor, backward: Any) -> tuple:
     q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, timestamps = ctx.saved_tensors
     rab_needs_grad = rab is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, *optional_grads = _hstu_attn_backward(
+    dq, dk, dv, *optional_grads = backward(
         grad_out, q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, timestamps, *ctx.scalars,
         rab_needs_grad,
     )  # fmt: skip
@@ -297,4 +306,22 @@ def _backward(ctx: Any, grad_out: Tensor) -> tuple:
     return (dq, dk, dv, None, None, drab, dposition, dtime, None) + (None,) * _SCALAR_INPUTS
 
 
+def _backward(ctx: Any, grad_out: Tensor) -> tuple:
+    return _gradients(ctx, grad_out, _hstu_attn_backward)
+
+
 _hstu_attn_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom op's forward and backward bodies without the op's dispatch (eager mode only)."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> Tensor:
+        output = _forward_values(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple:
+        return _gradients(ctx, grad_out.contiguous(), _backward_values)

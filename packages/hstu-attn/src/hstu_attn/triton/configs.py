@@ -5,7 +5,8 @@ rounded likewise, the head dims, dtype and the compile-time options, so a new ma
 crosses a power of two (a second or two per key) and every later call is a dictionary lookup: the per-call
 host cost matters, since short jagged batches run in tens of microseconds. Under `TRITON_INTERPRET=1` (CPU
 tests) one tiny configuration is used: every program instance costs tens of milliseconds there.
-`HSTU_ATTN_TRITON_AUTOTUNE=0` skips timing and takes the first candidate (quick GPU test runs);
+`HSTU_ATTN_TRITON_AUTOTUNE=0` skips timing and takes the first candidate that fits the GPU's shared memory (quick
+GPU test runs);
 `HSTU_ATTN_TRITON_CANDIDATE=i` takes candidate i (to compile candidates in parallel processes).
 """
 
@@ -116,25 +117,28 @@ class TunedKernel:
         candidates = [LaunchConfig(*c) for c in self.candidates[_head_dim_class(head_dim)]]
         if ONLY_CANDIDATE is not None:
             return candidates[int(ONLY_CANDIDATE) % len(candidates)]
-        if not AUTOTUNE:
-            return candidates[0]
         timings: dict[LaunchConfig, float] = {}
         for config in candidates:
 
             def run(config: LaunchConfig = config) -> None:
-                for tensor in accumulators:
-                    if tensor is not None:
-                        tensor.zero_()
+                _zero(accumulators)
                 self.kernel[grid(config)](*args, **kwargs, **config.meta())
 
             try:
-                run()
+                run()  # compiles; raises OutOfResources when the config needs more shared memory than the GPU has
             except OutOfResources:
                 continue
+            if not AUTOTUNE:
+                timings = {config: 0.0}
+                break
             timings[config] = float(triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median"))
-        for tensor in accumulators:
-            if tensor is not None:
-                tensor.zero_()
+        _zero(accumulators)
         if not timings:
             raise RuntimeError(f"no launch configuration of {self.kernel.__name__} fits this GPU")
         return min(timings, key=timings.__getitem__)
+
+
+def _zero(accumulators: Sequence[torch.Tensor | None]) -> None:
+    for tensor in accumulators:
+        if tensor is not None:
+            tensor.zero_()
