@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchrec.distributed.comm_ops import set_gradient_division
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
@@ -176,7 +177,10 @@ class _TwoWidthLookup(nn.Module):
         return collection.embeddings[table].weight
 
 
-def _embedding_checks() -> dict[str, float]:
+def _embedding_checks(gradient_division: bool) -> dict[str, float]:
+    """Plain (unsharded) collections: summed over ranks, their gradients equal the one-process ones when the
+    sharded-table gradient scaling is off (TorchRec's gradient division off)."""
+    set_gradient_division(gradient_division)
     torch.manual_seed(3)
     reference, split = _TwoWidthLookup(), _TwoWidthLookup()
     split.load_state_dict(reference.state_dict())
@@ -201,6 +205,7 @@ def _embedding_checks() -> dict[str, float]:
         dist.all_reduce(summed)
         out[f"lookup_{table}_grad_summed"] = _diff(summed, reference.weight(table).grad)
         out[f"lookup_{table}_grad_own_norm"] = own.norm().item()
+    set_gradient_division(True)
     return out
 
 
@@ -219,7 +224,8 @@ def main(out_dir: Path) -> None:
     report.update({f"mlp_bf16_{k}": v for k, v in bf16.items()})
     report.update(_layer_norm_checks(rank, size))
     report.update(_rng_checks())
-    report.update(_embedding_checks())
+    report.update(_embedding_checks(gradient_division=False))
+    report.update({f"divided_{k}": v for k, v in _embedding_checks(gradient_division=True).items()})
     gr_parallel.destroy_global_state()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
 

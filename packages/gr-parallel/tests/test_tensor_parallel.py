@@ -70,6 +70,12 @@ def test_embedding_lookup_split_matches_and_counts_each_gradient_once(reports: l
         assert report["lookup_t0_grad_summed"] < FP32 and report["lookup_t1_grad_summed"] < FP32
     # Each rank's tables got gradient from its own samples only, and both ranks had some.
     assert all(report["lookup_t0_grad_own_norm"] > 0 for report in reports)
+    # Under TorchRec's gradient division (for tables sharded over the world) the gradient is scaled by TP.
+    for report in reports:
+        assert report["divided_lookup_values"] == 0.0
+        for table in ("t0", "t1"):
+            doubled = report[f"divided_lookup_{table}_grad_own_norm"]
+            assert abs(doubled - 2 * report[f"lookup_{table}_grad_own_norm"]) < 1e-5 * doubled
 
 
 def test_shard_of_strided_layout() -> None:

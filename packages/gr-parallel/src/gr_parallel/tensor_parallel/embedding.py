@@ -6,6 +6,14 @@ contiguous `1/size` of the samples and the embeddings are all-gathered inside th
 hands its tables only the gradient rows of its own samples (the gradient of the gathered embeddings is the same
 on every rank, since everything downstream is either replicated or tensor-parallel with reduced input
 gradients), so each sample's gradient reaches the tables exactly once.
+
+This is for tables sharded over the world (TorchRec or dynamicemb sharded modules). Their all-to-alls divide
+the gradient by the world size when TorchRec's gradient division is on (its default), which is `dp * tp` ranks
+for `dp` distinct batches; the gradient handed to the lookup is therefore multiplied by the tensor-parallel
+size, so the tables get the gradient of the loss averaged over the data-parallel ranks, as with one
+tensor-parallel rank. Replicated (data-parallel) tables do not belong here: look the whole batch up on every
+rank; their gradients are then complete on every tensor-parallel rank, and DDP averages them over the
+data-parallel group.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torchrec.distributed.comm_ops import get_gradient_division
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gr_parallel.state import get_tensor_model_parallel_group, model_parallel_is_initialized
@@ -57,6 +66,17 @@ def _select_samples(features: KeyedJaggedTensor, start: int, stop: int) -> Keyed
     )
 
 
+class _ScaleGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
 def lookup_split_over_tensor_parallel(
     lookup: Lookup, features: KeyedJaggedTensor, group: dist.ProcessGroup | None = None
 ) -> dict[str, JaggedTensor]:
@@ -73,7 +93,8 @@ def lookup_split_over_tensor_parallel(
 
     Returns:
         `{feature: JaggedTensor(values [N_f, dim_f], lengths [B])}` for the whole batch on every rank, equal to
-        looking the whole batch up; gradients reach `lookup` only for this rank's samples.
+        looking the whole batch up; gradients reach `lookup` only for this rank's samples, multiplied by the
+        group size when TorchRec's gradient division is on (see the module docstring).
     """
     if group is None:
         if not model_parallel_is_initialized():
@@ -87,11 +108,16 @@ def lookup_split_over_tensor_parallel(
     bounds = sample_split(features.stride(), size)
     rank = group.rank()
     local = lookup(_select_samples(features, bounds[rank], bounds[rank + 1]))
-    return _gather_features(local, features, bounds, group)
+    scale = float(size) if get_gradient_division() else 1.0
+    return _gather_features(local, features, bounds, group, scale)
 
 
 def _gather_features(
-    local: Mapping[str, JaggedTensor], features: KeyedJaggedTensor, bounds: list[int], group: dist.ProcessGroup
+    local: Mapping[str, JaggedTensor],
+    features: KeyedJaggedTensor,
+    bounds: list[int],
+    group: dist.ProcessGroup,
+    grad_scale: float,
 ) -> dict[str, JaggedTensor]:
     names = list(local)
     lengths = {name: features[name].lengths() for name in names}
@@ -104,7 +130,7 @@ def _gather_features(
     for dtype in dict.fromkeys(local[n].values().dtype for n in names):
         group_names = [n for n in names if local[n].values().dtype == dtype]
         widths = {n: local[n].values().shape[1] for n in group_names}
-        flat = torch.cat([local[n].values().reshape(-1) for n in group_names])
+        flat = _ScaleGradient.apply(torch.cat([local[n].values().reshape(-1) for n in group_names]), grad_scale)
         counts = [sum(rows[n][r] * widths[n] for n in group_names) for r in range(group.size())]
         full = gather_rows_from_tensor_parallel_region(flat, counts, group)
         blocks = full.split([rows[n][r] * widths[n] for r in range(group.size()) for n in group_names])
