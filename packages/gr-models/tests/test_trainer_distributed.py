@@ -67,7 +67,12 @@ def test_gr_train_on_two_ranks_matches_one_process(tmp_path: Path, capsys: pytes
     assert main(["--config", str(config), f"output_dir={one_dir}", f"data.batch_size={2 * PER_RANK_BATCH}"]) == 0
     capsys.readouterr()
 
-    args = [f"output_dir={two_dir}", f"data.batch_size={PER_RANK_BATCH}", "train.checkpoint_every=3"]
+    args = [
+        f"output_dir={two_dir}",
+        f"data.batch_size={PER_RANK_BATCH}",
+        "train.checkpoint_every=3",
+        "parallel.pipeline=overlap",
+    ]
     run = _torchrun(2, ["--config", str(config), *args], tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     assert run.stdout.count("final metrics after 3 steps") == 1  # printed by rank 0 only
@@ -79,6 +84,8 @@ def test_gr_train_on_two_ranks_matches_one_process(tmp_path: Path, capsys: pytes
     one = json.loads((one_dir / "metrics.json").read_text())
     two = json.loads((two_dir / "metrics.json").read_text())
     assert two["world_size"] == 2
+    # the overlap pipeline started the id all-to-alls of the 3 sharded tables ahead for the 2 batches after the first
+    assert two["pipeline"] == {"kind": "overlap", "lookups_distributed_ahead": 3 * 2}
     assert _history(two, "train/loss") == pytest.approx(_history(one, "train/loss"), rel=1e-5, abs=1e-6)
     assert set(two["metrics"]) == set(one["metrics"])
     for name, value in one["metrics"].items():

@@ -191,6 +191,17 @@ class ShardedEmbedding(nn.Module):
             for name, weight in self.static_parameters()
         }
 
+    def sparse_inputs(self, features: KeyedJaggedTensor) -> dict[nn.Module, KeyedJaggedTensor]:
+        """`{sharded collection: the KeyedJaggedTensor forward(features) passes it}`, for a train pipeline that
+        starts their input all-to-alls ahead (`gr_parallel.make_train_pipeline(..., sparse_inputs=...)`)."""
+        sharded = gr_parallel.find_sharded_modules(self)
+        jagged = features.to_dict()
+        return {
+            sharded[path]: _select(jagged, served, set(served), features.stride())
+            for path, served in self._groups
+            if path in sharded
+        }
+
     def table_placement(self) -> dict[str, str]:
         """Where each table lives, by name: "sharded" (split over the ranks), "replicated" (whole on every rank
         of a sharded model) or "local" (unsharded model, one process)."""

@@ -14,6 +14,7 @@ import torch
 import torch.utils.data
 from tqdm.auto import tqdm
 
+import gr_parallel
 from gr_models.data.batch import Batch
 from gr_models.data.collate import BatchCollator, collate_samples
 from gr_models.data.dataset import SequenceDataset
@@ -95,12 +96,22 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.recorder = RunRecorder(self.run_dir, tensorboard=self.world.is_main)
+        self.pipeline = gr_parallel.make_train_pipeline(
+            config.parallel.pipeline, self.model, self.device, sparse_inputs=self._sparse_inputs()
+        )
         self.step = 0
         self.epoch = 0
         self.batches_into_epoch = 0
         self.train_seconds = 0.0
         self.samples_seen = 0
         self.tokens_seen = 0
+
+    def _sparse_inputs(self) -> gr_parallel.SparseInputs | None:
+        """What the overlap pipeline distributes ahead: the batch's ids for every sharded table (None unsharded)."""
+        embedding = self.model.embedding
+        if self.config.parallel.pipeline != "overlap" or not gr_parallel.find_sharded_modules(embedding):
+            return None
+        return lambda batch: embedding.sparse_inputs(batch.features)
 
     def _dtype(self) -> torch.dtype:
         hstu_config = getattr(self.model, "hstu_config", None)
@@ -135,7 +146,7 @@ class Trainer:
         """Training batches forever, epoch after epoch, starting where a resumed run stopped."""
         while True:
             loader = self._loader(self.train_dataset, train=True, skip_batches=self.batches_into_epoch)
-            for batch in loader:
+            for batch in self.pipeline.batches(loader):
                 self.batches_into_epoch += 1
                 yield batch
             self.epoch += 1
@@ -222,6 +233,7 @@ class Trainer:
             if settings.checkpoint_every > 0 and self.step % settings.checkpoint_every == 0:
                 self.save_checkpoint()
                 window_start = time.perf_counter()
+        self.pipeline.close()
         final = self._evaluate_and_record(bar)
         bar.close()
         return self._finish(final)
@@ -396,6 +408,10 @@ class Trainer:
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "world_size": self.world.world_size,
             "tensor_model_parallel_size": self.world.world_size // self.world.dp_size,
+            "pipeline": {
+                "kind": self.config.parallel.pipeline,
+                "lookups_distributed_ahead": getattr(self.pipeline, "pipelined_calls", 0),
+            },
             "metrics": result.metrics,
             "throughput": result.throughput,
             "history": dict(self.recorder.history),
