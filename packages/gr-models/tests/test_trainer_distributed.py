@@ -1,9 +1,10 @@
 """`gr-train` under `torchrun --nproc_per_node 2` (gloo, CPU) against one process on the same global batches.
 
-Each of the 2 data-parallel ranks reads `data.batch_size` users per step; the one-process run reads twice as many,
-which are the same users (rank r takes positions r, r + 2, ... of the shuffled order). Every training user
-contributes the same number of candidates, so the mean of the ranks' mean losses is the one-process mean, and
-the logged losses and the final metrics over the whole evaluation split must agree.
+The 2 data-parallel ranks read `data.batch_size` users each per step; the one-process run reads twice as many, the
+same users (each global batch is the next 2 x `data.batch_size` users of the shuffled order, split across the
+ranks by attention cost with `parallel.balance_sequences`). The loss is the mean over the global batch, so the
+logged losses, the updates and the final metrics over the whole evaluation split must agree, with the overlap
+pipeline on.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def test_gr_train_on_two_ranks_matches_one_process(tmp_path: Path, capsys: pytes
         f"data.batch_size={PER_RANK_BATCH}",
         "train.checkpoint_every=3",
         "parallel.pipeline=overlap",
+        "parallel.balance_sequences=true",
     ]
     run = _torchrun(2, ["--config", str(config), *args], tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]

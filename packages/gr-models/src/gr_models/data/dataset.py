@@ -71,6 +71,15 @@ class SequenceDataset(torch.utils.data.Dataset, ABC):
             num_candidates=window.num_candidates,
         )
 
+    def sample_lengths(self, indices: np.ndarray) -> np.ndarray:
+        """int64 ``[len(indices)]``: events (history + candidates) in the samples at ``indices``, without reading
+        them (e.g. to balance sequence lengths across ranks)."""
+        lengths = []
+        for events in self._num_events[self._users[np.asarray(indices, dtype=np.int64)]]:
+            window = self.policy.window(int(events))
+            lengths.append(window.history_end - window.history_start + window.num_candidates)
+        return np.asarray(lengths, dtype=np.int64)
+
     @abstractmethod
     def user_events(self, user: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The full history of stored user ``user``: (contextual ids by name, event-aligned arrays by name)."""

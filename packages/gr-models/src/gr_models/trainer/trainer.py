@@ -119,21 +119,26 @@ class Trainer:
 
     def _loader(self, dataset: SequenceDataset, *, train: bool, skip_batches: int = 0) -> torch.utils.data.DataLoader:
         data = self.config.data
-        batch_size = data.batch_size if train else data.eval_batch_size
-        sampler = UserShardSampler(
-            len(dataset),
-            rank=self.world.dp_rank,
-            world_size=self.world.dp_size,
-            shuffle=train,
-            seed=self.config.seed,
-            even_shards=train,  # evaluation covers every user once; `_evaluation_batches` evens the pass count
-        )
-        sampler.set_epoch(self.epoch)
+        batching: dict[str, Any]
+        if train and self.config.parallel.balance_sequences and self.world.dp_size > 1:
+            batching = {"batch_sampler": self._balanced_batches(dataset, skip_batches)}
+        else:
+            batch_size = data.batch_size if train else data.eval_batch_size
+            sampler = UserShardSampler(
+                len(dataset),
+                rank=self.world.dp_rank,
+                world_size=self.world.dp_size,
+                shuffle=train,
+                seed=self.config.seed,
+                even_shards=train,  # evaluation covers every user once; `_evaluation_batches` evens the pass count
+            )
+            sampler.set_epoch(self.epoch)
+            skipped = _SkippingSampler(sampler, skip_batches * batch_size) if skip_batches else sampler
+            batching = {"batch_size": batch_size, "sampler": skipped}
         workers = data.num_workers
         return torch.utils.data.DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=_SkippingSampler(sampler, skip_batches * batch_size) if skip_batches else sampler,
+            **batching,
             collate_fn=BatchCollator(dataset.schema),
             num_workers=workers,
             prefetch_factor=data.prefetch_factor if workers > 0 else None,
@@ -141,6 +146,22 @@ class Trainer:
             # its own generator: creating an iterator must not consume the global RNG (resumed runs match)
             generator=torch.Generator().manual_seed(self.config.seed + self.epoch),
         )
+
+    def _balanced_batches(self, dataset: SequenceDataset, skip_batches: int) -> gr_parallel.BalancedBatchSampler:
+        """This rank's part of each global batch (`data.batch_size` x data-parallel size users, the users a
+        one-process run with that batch size reads), split across the ranks by attention cost."""
+        tokens_per_event = 2 if dataset.schema.action_feature_name is not None else 1
+        sampler = gr_parallel.BalancedBatchSampler(
+            len(dataset),
+            lambda indices: tokens_per_event * dataset.sample_lengths(indices),
+            self.config.data.batch_size * self.world.dp_size,
+            rank=self.world.dp_rank,
+            world_size=self.world.dp_size,
+            linear_coefficient=2.5 * self.config.hstu.hidden_size,
+            seed=self.config.seed,
+        )
+        sampler.set_epoch(self.epoch, skip_batches)
+        return sampler
 
     def _batches(self) -> Iterator[Batch]:
         """Training batches forever, epoch after epoch, starting where a resumed run stopped."""
