@@ -61,13 +61,30 @@ def _history(record: dict, tag: str) -> list[float]:
     return [value for _, value in record["history"][tag]]
 
 
-def test_gr_train_on_two_ranks_matches_one_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "dp.yaml"
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The config file and the record of a one-process run with batch 2 x PER_RANK_BATCH."""
+    folder = tmp_path_factory.mktemp("gr_train")
+    config = folder / "dp.yaml"
     config.write_text(CONFIG)
-    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    assert main(["--config", str(config), f"output_dir={one_dir}", f"data.batch_size={2 * PER_RANK_BATCH}"]) == 0
-    capsys.readouterr()
+    args = ["--config", str(config), f"output_dir={folder / 'one'}", f"data.batch_size={2 * PER_RANK_BATCH}"]
+    assert main(args) == 0
+    return config, json.loads((folder / "one" / "metrics.json").read_text())
 
+
+def _assert_same_training(one: dict, other: dict) -> None:
+    assert _history(other, "train/loss") == pytest.approx(_history(one, "train/loss"), rel=1e-5, abs=1e-6)
+    assert set(other["metrics"]) == set(one["metrics"])
+    for name, value in one["metrics"].items():
+        assert other["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
+    assert other["throughput"]["samples"] == one["throughput"]["samples"] == 3 * 2 * PER_RANK_BATCH
+
+
+def test_gr_train_on_two_data_parallel_ranks_matches_one_process(
+    one_process: tuple[Path, dict], tmp_path: Path
+) -> None:
+    config, one = one_process
+    two_dir = tmp_path / "two"
     args = [
         f"output_dir={two_dir}",
         f"data.batch_size={PER_RANK_BATCH}",
@@ -83,19 +100,31 @@ def test_gr_train_on_two_ranks_matches_one_process(tmp_path: Path, capsys: pytes
     assert "embedding tables: sharded ['item_id_table', 'user_id_table', 'user_segment_table']; " in run.stdout
     assert "replicated ['action_table']" in run.stdout
 
-    one = json.loads((one_dir / "metrics.json").read_text())
     two = json.loads((two_dir / "metrics.json").read_text())
     assert two["world_size"] == 2
     # the overlap pipeline started the id all-to-alls of the 3 sharded tables ahead for the 2 batches after the first
     assert two["pipeline"] == {"kind": "overlap", "lookups_distributed_ahead": 3 * 2}
-    assert _history(two, "train/loss") == pytest.approx(_history(one, "train/loss"), rel=1e-5, abs=1e-6)
-    assert set(two["metrics"]) == set(one["metrics"])
-    for name, value in one["metrics"].items():
-        assert two["metrics"][name] == pytest.approx(value, rel=1e-4, abs=1e-5), name
-    # the same global samples went through each run
-    assert two["throughput"]["samples"] == one["throughput"]["samples"] == 3 * 2 * PER_RANK_BATCH
+    _assert_same_training(one, two)
     assert len(list((two_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
     # one checkpoint written by both ranks together: sharded tables, their fused optimizer state, dynamic rows
     manifest = read_manifest(two_dir / "checkpoints" / "step_3")
     assert manifest.world_size == 2 and manifest.step == 3
     assert manifest.sparse_optimizer_tensors and set(manifest.dynamic_tables) == {"embedding.dynamic.item_id_table"}
+
+
+def test_gr_train_with_two_tensor_parallel_ranks_matches_one_process(
+    one_process: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """One data-parallel rank of 2 tensor-parallel ranks (one HSTU head each) reads the one-process batch."""
+    config, one = one_process
+    args = [
+        f"output_dir={tmp_path / 'tp'}",
+        f"data.batch_size={2 * PER_RANK_BATCH}",
+        "parallel.tensor_model_parallel_size=2",
+    ]
+    run = _torchrun(2, ["--config", str(config), *args], tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "2 processes (tensor parallel 2)" in run.stdout
+    tp = json.loads((tmp_path / "tp" / "metrics.json").read_text())
+    assert tp["tensor_model_parallel_size"] == 2
+    _assert_same_training(one, tp)

@@ -82,7 +82,9 @@ def initialize_run_world(config: RunConfig) -> RunWorld:
 
     Under torchrun (or inside an already initialized process group) this creates the default process group
     (gloo for `device: cpu`, else gr_parallel's default), Megatron's tensor/data-parallel groups of
-    `parallel.tensor_model_parallel_size`, and seeds every RNG with `seed`. A plain single process only seeds.
+    `parallel.tensor_model_parallel_size`, checks that every rank has the same config (one all-gather of its
+    hash; RuntimeError naming the differing ranks), and seeds every RNG with `seed`. A plain single process only
+    seeds.
     """
     tensor_parallel = config.parallel.tensor_model_parallel_size
     distributed = _launched_by_torchrun() or dist.is_initialized()
@@ -96,6 +98,7 @@ def initialize_run_world(config: RunConfig) -> RunWorld:
         owns_process_group = not dist.is_initialized()
         gr_parallel.initialize_distributed(backend="gloo" if config.device == "cpu" else None)
         gr_parallel.initialize_model_parallel(tensor_parallel)
+        gr_parallel.check_same_across_ranks(config.to_dict(), "the run configuration (config file and overrides)")
     gr_parallel.set_random_seed(config.seed)
     world_size = gr_parallel.get_world_size()
     device = _device(config.device, world_size)
