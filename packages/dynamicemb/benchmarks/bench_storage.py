@@ -28,6 +28,7 @@ import datetime
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -80,8 +81,10 @@ def _tiers(args: argparse.Namespace, value_dim: int, stack: ExitStack) -> Iterat
     prefixes = itertools.count()
 
     def rocksdb() -> Storage:
-        storage = RocksDBStorage(tempfile.mkdtemp(prefix="bench-rocksdb-", dir=args.dir), value_dim)
-        stack.callback(storage.close)
+        directory = tempfile.mkdtemp(prefix="bench-rocksdb-", dir=args.dir)
+        stack.callback(shutil.rmtree, directory, ignore_errors=True)
+        storage = RocksDBStorage(directory, value_dim)
+        stack.callback(storage.close)  # callbacks run last first: closed, then removed
         return storage
 
     def redis() -> Storage:
@@ -97,6 +100,12 @@ def _tiers(args: argparse.Namespace, value_dim: int, stack: ExitStack) -> Iterat
     }
     for tier in args.tiers:
         yield tier, makers[tier]
+
+
+def _closed_with(stack: ExitStack, storage: WriteBehindStorage) -> Storage:
+    """``storage``, closed (its queue written) when ``stack`` closes, before the store it wraps."""
+    stack.callback(storage.close)
+    return storage
 
 
 def _fill(storage: Storage, keys: torch.Tensor, value_dim: int, chunk: int = 65536) -> None:
@@ -173,7 +182,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 behind = f"{tier}, write-behind"
                 # At most one step of evictions waits, so the timed steps also pay for the writes.
                 calls[behind, "train_step"] = _train_step(
-                    lambda m=make: WriteBehindStorage(m(), max_pending_rows=args.batch), behind, args
+                    lambda m=make: _closed_with(stack, WriteBehindStorage(m(), max_pending_rows=args.batch)),
+                    behind,
+                    args,
                 )
         medians = _interleaved_medians(calls, args.repeats)
     results = []

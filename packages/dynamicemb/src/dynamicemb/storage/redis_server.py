@@ -30,14 +30,16 @@ def _free_port() -> int:
 
 class LocalRedisServer:
     """``redis-server`` bound to 127.0.0.1 with no persistence of its own (snapshots, if asked for
-    with ``SAVE``, go to ``directory``). :meth:`start` waits until it answers; :meth:`kill`
-    stops it at once (SIGKILL); starting again reuses the port."""
+    with ``SAVE``, go to ``directory``; a temporary one, removed by :meth:`stop`, if not given).
+    :meth:`start` waits until it answers; :meth:`kill` stops it at once (SIGKILL); starting again
+    reuses the port."""
 
     def __init__(self, directory: str | None = None, executable: str | None = None, start_timeout_s: float = 10.0):
         executable = executable or find_redis_server()
         if executable is None:
             raise FileNotFoundError("redis-server not found (Debian: apt-get install -y redis-server)")
         self.executable = executable
+        self._owns_directory = directory is None
         self.directory = directory or tempfile.mkdtemp(prefix="dynamicemb-redis-")
         os.makedirs(self.directory, exist_ok=True)
         self.start_timeout_s = start_timeout_s
@@ -92,6 +94,8 @@ class LocalRedisServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        if self._owns_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> LocalRedisServer:
         return self.start()
