@@ -210,7 +210,7 @@ def attention_host_path(kind: str) -> Iterator[None]:
         yield
         return
     eager = attention_interface._EagerAttention.apply
-    attention_interface._EagerAttention.apply = lambda *a: attention_interface._hstu_attn_forward(*a)  # type: ignore
+    attention_interface._EagerAttention.apply = lambda *a: attention_interface._hstu_attn_forward(*a[:-1], *a[-1])  # type: ignore
     previous = set_value_checks("always")
     try:
         yield
@@ -480,6 +480,16 @@ def profile_steps(trainer: Trainer, batches: list[RankingBatch], variant: Varian
     }
 
 
+def attention_launch_configs() -> dict:
+    """The Triton attention launch configurations chosen so far, per kernel and tuning key."""
+    try:
+        from hstu_attn.triton import api
+    except ImportError:
+        return {}
+    kernels = {"forward": api._forward, "backward_dkdv": api._backward_dkdv, "backward_dq": api._backward_dq}
+    return {name: {str(key[:2]): dataclasses.asdict(c) for key, c in k.chosen.items()} for name, k in kernels.items()}
+
+
 def git_state() -> dict:
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], capture_output=True, text=True).stdout.strip()
@@ -526,7 +536,8 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, resu
     batches = [make_batch(config, args.lengths, generator) for _ in range(args.pool)]
     entry["mean_tokens_per_sequence"] = float(torch.cat([sequence_lengths(b) for b in batches]).float().mean())
     trainer = Trainer(model, device)
-    variants = [v for v in VARIANTS if args.variants is None or v.name in args.variants]
+    chosen = args.variants
+    variants = [v for i, v in enumerate(VARIANTS) if chosen is None or v.name in chosen or str(i) in chosen]
     for variant in variants:
         measure_variant(entry, name, trainer, batches, variant, args, config, params, result.get("matmul_tflops"))
         save()
@@ -542,6 +553,8 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, resu
     if args.compile:  # last: compiling changes the layers in place
         measure_variant(entry, name, trainer, batches, COMPILED, args, config, params, result.get("matmul_tflops"))
         save()
+    entry["attention_launch_configs"] = attention_launch_configs()
+    save()
     del trainer, model, batches
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -554,13 +567,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--pool", type=int, default=6, help="distinct batches, cycled")
-    parser.add_argument("--variants", nargs="*", default=None, help="names of the variants to run (default all)")
+    parser.add_argument(
+        "--variants", nargs="*", default=None, help="names or indexes of the variants to run (default all)"
+    )
     parser.add_argument("--compile", action="store_true", help="also run the torch.compile variant last")
     parser.add_argument("--profile", type=int, default=3, help="profiled steps of the last variant (0: none)")
     parser.add_argument("--item-rows", type=int, default=None)
     parser.add_argument("--user-rows", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON written after every variant")
+    parser.add_argument("--commit", default=None, help="the commit measured (when the checkout has no history)")
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be >= 1")
@@ -568,6 +584,7 @@ def main() -> None:
     result: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         **git_state(),
+        **({"commit": args.commit} if args.commit else {}),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "command": "python tools/bench_e2e.py " + " ".join(sys.argv[1:]),

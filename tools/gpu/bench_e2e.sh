@@ -2,7 +2,7 @@
 # One call on the lent GPU machine (issue 16): install, the hstu-attn host-overhead benchmark, the no-autotune
 # head-dim-256 launch check, then tools/bench_e2e.py at the small and NVIDIA configurations. Everything lands in $OUT.
 #   run(command="bash tools/gpu/bench_e2e.sh", carry=[".gpu-wheels"], kind="nvidia-h200")
-# E2E_ARGS adds arguments to bench_e2e.py (e.g. "--compile --lengths fixed").
+# E2E_ARGS adds arguments to bench_e2e.py (e.g. "--compile --lengths fixed"); COMMIT names the commit measured.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/bench-e2e}
@@ -24,8 +24,8 @@ print("forward configs:", api._forward.chosen.values(), "backward:", api._backwa
 PY
 
 echo "== hstu-attn host overhead"
-timeout 180 python3 packages/hstu-attn/benchmarks/bench_host_overhead.py --out "$out/host-overhead.json" 2>&1 | tail -8
+timeout 180 python3 packages/hstu-attn/benchmarks/bench_host_overhead.py --out "$out/host-overhead.json" ${COMMIT:+--commit $COMMIT} 2>&1 | tail -8
 
 echo "== end to end"
-timeout ${E2E_TIMEOUT:-420} python3 tools/bench_e2e.py --configs small nvidia --out "$out/e2e.json" ${E2E_ARGS:-} \
+timeout ${E2E_TIMEOUT:-420} python3 tools/bench_e2e.py --configs small nvidia --out "$out/e2e.json" ${COMMIT:+--commit $COMMIT} ${E2E_ARGS:-} \
   2>&1 | grep -v fx_tracing | tee "$out/e2e.log" | grep -vE "^\s*$" | tail -80

@@ -6,7 +6,7 @@ For each shape (jagged, lengths U[N/8, N]) it times with `triton.testing.do_benc
   public_checks the same with set_value_checks("always"): one device-to-host read per call (the old behaviour)
   public_op     the same through the torch.library custom op (the old eager dispatch)
 and the host time of one public forward+backward with the GPU held busy (`torch.cuda._sleep`), so that only the
-Python and launch work is counted.
+Python and launch work is counted (an empty autograd node's host time is the floor of any autograd call).
 
     python packages/hstu-attn/benchmarks/bench_host_overhead.py [--out results.json]
 """
@@ -67,7 +67,7 @@ def _kernel_options(inputs: dict) -> dict:
 @contextlib.contextmanager
 def _through_custom_op() -> Iterator[None]:
     eager = interface._EagerAttention.apply
-    interface._EagerAttention.apply = lambda *args: interface._hstu_attn_forward(*args)  # type: ignore[method-assign]
+    interface._EagerAttention.apply = lambda *args: interface._hstu_attn_forward(*args[:-1], *args[-1])  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -89,6 +89,18 @@ def _host_us(fn: Callable[[], None], calls: int = 50) -> float:
     host = time.perf_counter() - started
     torch.cuda.synchronize()
     return host / calls * 1e6
+
+
+class _Empty(torch.autograd.Function):
+    """No work: what one autograd node with these inputs costs the host (the floor of any autograd op)."""
+
+    @staticmethod
+    def forward(ctx: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(v)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple:
+        return grad, grad, grad
 
 
 def measure(shape: tuple[int, int, int, int, int]) -> dict:
@@ -120,6 +132,7 @@ def measure(shape: tuple[int, int, int, int, int]) -> dict:
     row["public_forward_ms"] = _median_ms(public_forward, grads)
     row["public_host_us"] = _host_us(public)
     row["kernels_host_us"] = _host_us(kernels)
+    row["autograd_floor_host_us"] = _host_us(lambda: _Empty.apply(q, k, v).backward(grad))
     previous = set_value_checks("always")
     try:
         row["public_checks_ms"] = _median_ms(public, grads)
@@ -135,8 +148,12 @@ def measure(shape: tuple[int, int, int, int, int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--commit", default=None, help="the commit measured (when the checkout has no history)")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = (
+        args.commit
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
     result = {
         "device": torch.cuda.get_device_name(),
         "date": time.strftime("%Y-%m-%d"),

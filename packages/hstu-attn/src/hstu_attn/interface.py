@@ -95,7 +95,7 @@ def hstu_attn_varlen_func(
     )
     if torch.compiler.is_compiling():
         return _hstu_attn_forward(*inputs)
-    return _EagerAttention.apply(*inputs)
+    return _EagerAttention.apply(*inputs[:_TENSOR_INPUTS], inputs[_TENSOR_INPUTS:])
 
 
 def _relative_bias(
@@ -314,14 +314,16 @@ _hstu_attn_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The custom op's forward and backward bodies without the op's dispatch (eager mode only)."""
+    """The custom op's forward and backward bodies without the op's dispatch (eager mode only). Takes the custom
+    op's tensor inputs, then its scalar inputs as one tuple (fewer arguments for autograd to inspect per call)."""
 
     @staticmethod
-    def forward(ctx: Any, *inputs: Any) -> Tensor:
+    def forward(ctx: Any, *tensors_then_scalars: Any) -> Tensor:
+        inputs = (*tensors_then_scalars[:_TENSOR_INPUTS], *tensors_then_scalars[_TENSOR_INPUTS])
         output = _forward_values(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple:
-        return _gradients(ctx, grad_out.contiguous(), _backward_values)
+        return _gradients(ctx, grad_out.contiguous(), _backward_values)[: _TENSOR_INPUTS + 1]
