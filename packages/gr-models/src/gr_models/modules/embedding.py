@@ -6,8 +6,11 @@ tables are TorchRec `EmbeddingCollection`s, dynamic tables standalone dynamicemb
 process. `shard()` (which a GR model calls when it is built in a world of several processes) shards them in place
 through `gr_parallel.shard_embedding_modules` (TorchRec's `DistributedModelParallel` with dynamicemb's planner and
 sharders): model-parallel static tables and dynamic tables are split over the ranks, data-parallel tables stay
-whole on every rank. Unsharded static tables are trained by `SparseRowOptimizer`s built by `sparse_optimizers()`;
-sharded static tables and dynamic tables apply their fused optimizer inside backward.
+whole on every rank. With tensor parallelism, the ranks of a tensor-parallel group (which read the same samples)
+each look up a part of the samples in the sharded tables and all-gather the embeddings
+(`gr_parallel.lookup_split_over_tensor_parallel`); replicated tables are looked up whole on every rank.
+Unsharded static tables are trained by `SparseRowOptimizer`s built by `sparse_optimizers()`; sharded static tables
+and dynamic tables apply their fused optimizer inside backward.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ def _select(jagged: dict[str, JaggedTensor], names: Sequence[str], wanted: set[s
         lengths=torch.zeros(stride, dtype=torch.int64, device=device),
     )
     return KeyedJaggedTensor.from_jt_dict({name: jagged[name] if name in wanted else empty for name in names})
+
+
+def _tensor_parallel_size() -> int:
+    if not gr_parallel.model_parallel_is_initialized():
+        return 1
+    return gr_parallel.get_tensor_model_parallel_world_size()
 
 
 class ShardedEmbedding(nn.Module):
@@ -165,9 +174,16 @@ class ShardedEmbedding(nn.Module):
         self._check_static_ids(jagged, names)
         wanted = set(names)
         embeddings: dict[str, JaggedTensor] = {}
+        sharded = set(gr_parallel.find_sharded_modules(self)) if self.is_sharded else set()
         for path, served in self._groups:
             if any(f in wanted for f in served):
-                looked_up = self.get_submodule(path)(_select(jagged, served, wanted, features.stride()))
+                selected = _select(jagged, served, wanted, features.stride())
+                module = self.get_submodule(path)
+                if path in sharded and selected.stride() >= _tensor_parallel_size():
+                    # a tensor-parallel group reads the same samples: each rank looks up its part of them only
+                    looked_up = gr_parallel.lookup_split_over_tensor_parallel(module, selected)
+                else:
+                    looked_up = module(selected)
                 embeddings.update({f: looked_up[f] for f in served if f in wanted})
         return embeddings
 

@@ -107,10 +107,13 @@ class Trainer:
         self.tokens_seen = 0
 
     def _sparse_inputs(self) -> gr_parallel.SparseInputs | None:
-        """What the overlap pipeline distributes ahead: the batch's ids for every sharded table (None unsharded)."""
+        """What the overlap pipeline distributes ahead: the batch's ids for every sharded table (None unsharded, or
+        with tensor parallelism, where only the device copy runs ahead)."""
         embedding = self.model.embedding
         if self.config.parallel.pipeline != "overlap" or not gr_parallel.find_sharded_modules(embedding):
             return None
+        if self.world.world_size > self.world.dp_size:
+            return None  # tensor-parallel ranks look up parts of the batch, not the batch `sparse_inputs` names
         return lambda batch: embedding.sparse_inputs(batch.features)
 
     def _dtype(self) -> torch.dtype:
