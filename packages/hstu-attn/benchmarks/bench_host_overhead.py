@@ -21,6 +21,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import triton.testing
@@ -95,12 +96,13 @@ class _Empty(torch.autograd.Function):
     """No work: what one autograd node with these inputs costs the host (the floor of any autograd op)."""
 
     @staticmethod
-    def forward(ctx: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx.qk_shape = q.shape
         return torch.empty_like(v)
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> tuple:
-        return grad, grad, grad
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad.new_empty(ctx.qk_shape), grad.new_empty(ctx.qk_shape), grad
 
 
 def measure(shape: tuple[int, int, int, int, int]) -> dict:
