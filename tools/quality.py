@@ -26,6 +26,7 @@ import datetime
 import functools
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -43,10 +44,12 @@ from gr_models.trainer.builders import build_model, build_train_dataset
 from gr_models.trainer.config import RunConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "packages" / "gr-models" / "configs"
-DATASET = "ML-1M (users 1-2999)"
 
 
 def _commit() -> str:
+    """The checkout's short commit (+dirty), or $GR_COMMIT where there is no git (the GPU machine's copy)."""
+    if os.environ.get("GR_COMMIT"):
+        return os.environ["GR_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
@@ -115,6 +118,14 @@ def curves(args: argparse.Namespace) -> None:
                 print(f"{name} seed {seed} ({facts['seconds']:.0f}s): hr@10 by epoch {summary}", flush=True)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _dataset_name(ratings_path: str | None) -> str:
+    if ratings_path is None:
+        return "ML-1M"
+    if "ratings_users0001-2999" in str(ratings_path):
+        return "ML-1M (users 1-2999)"
+    return f"ML-1M ({Path(ratings_path).name})"
 
 
 def _device(config: RunConfig) -> torch.device:
@@ -193,7 +204,8 @@ def run(args: argparse.Namespace) -> None:
             test, best_epoch, curve, protocol = train_with_early_stopping(config, args.max_epochs, args.patience)
             device = _device(config)
             facts = {
-                "model": name, "dataset": DATASET, "tie_order": protocol.tie_order, "filter_seen": protocol.filter_seen,
+                "model": name, "dataset": _dataset_name(config.data.options.get("ratings_path")),
+                "tie_order": protocol.tie_order, "filter_seen": protocol.filter_seen,
                 **{k: round(v, 5) for k, v in test.items()}, "epochs": best_epoch, "seed": seed,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": date,
                 "commit": commit, "seconds": round(time.perf_counter() - started, 1), "protocol": protocol.describe(),
