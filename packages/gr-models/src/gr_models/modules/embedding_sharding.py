@@ -20,6 +20,7 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingCollection
 
 import gr_parallel
 from gr_models.configs.embedding_config import EmbeddingOptimizerParam, ShardedEmbeddingConfig
@@ -63,7 +64,7 @@ def fused_tables_unsupported_reason(device: torch.device, optimizer_str: str) ->
     return None
 
 
-def _keep_data_parallel(collection: nn.Module) -> None:
+def _keep_data_parallel(collection: EmbeddingCollection) -> None:
     for table in collection.embeddings.values():
         table.sparse = False  # dense gradients: averaged over the ranks with the dense part
 
@@ -94,7 +95,9 @@ def shard_tables(
                 stacklevel=4,
             )
             constraints["model_parallel"] = gr_parallel.data_parallel_constraint()
-            _keep_data_parallel(embedding.model_parallel)
+            model_parallel_tables = embedding.get_submodule("model_parallel")
+            assert isinstance(model_parallel_tables, EmbeddingCollection)
+            _keep_data_parallel(model_parallel_tables)
     options = gr_parallel.ShardingOptions(
         constraints=gr_parallel.constraints_by_child_name(embedding, constraints), fused_params=fused_params
     )

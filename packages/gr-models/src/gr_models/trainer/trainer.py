@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from gr_models.trainer.optim import OptimizerBundle
 from gr_models.trainer.reporting import RunRecorder, write_json
 from gr_models.trainer.world import initialize_run_world
 from gr_parallel.grads import clip_grad_norm_
+from gr_parallel.pipeline import PipelineKind, SparseInputs
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -97,7 +98,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.recorder = RunRecorder(self.run_dir, tensorboard=self.world.is_main)
         self.pipeline = gr_parallel.make_train_pipeline(
-            config.parallel.pipeline, self.model, self.device, sparse_inputs=self._sparse_inputs()
+            cast(PipelineKind, config.parallel.pipeline), self.model, self.device, sparse_inputs=self._sparse_inputs()
         )
         self.step = 0
         self.epoch = 0
@@ -106,7 +107,7 @@ class Trainer:
         self.samples_seen = 0
         self.tokens_seen = 0
 
-    def _sparse_inputs(self) -> gr_parallel.SparseInputs | None:
+    def _sparse_inputs(self) -> SparseInputs | None:
         """What the overlap pipeline distributes ahead: the batch's ids for every sharded table (None unsharded, or
         with tensor parallelism, where only the device copy runs ahead)."""
         embedding = self.model.embedding
@@ -230,14 +231,14 @@ class Trainer:
             bar.update(1)
             if self.step % settings.log_every == 0 or self.step == settings.max_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                window_loss, window_samples, window_tokens = self.world.sum_over_data_parallel(
+                loss_sum, samples, tokens = self.world.sum_over_data_parallel(
                     [window_loss, window_samples, window_tokens]
                 )
                 stats = {
-                    "loss": window_loss / window_count,
+                    "loss": loss_sum / window_count,
                     "lr": self.optimizers.learning_rate,
-                    "samples_per_s": window_samples / elapsed,
-                    "tokens_per_s": window_tokens / elapsed,
+                    "samples_per_s": samples / elapsed,
+                    "tokens_per_s": tokens / elapsed,
                 }
                 if grad_norm is not None:
                     stats["grad_norm"] = grad_norm
@@ -247,8 +248,8 @@ class Trainer:
                     samples_s=f"{stats['samples_per_s']:.0f}",
                     tokens_s=f"{stats['tokens_per_s']:.0f}",
                 )
-                self.samples_seen += int(window_samples)
-                self.tokens_seen += int(window_tokens)
+                self.samples_seen += int(samples)
+                self.tokens_seen += int(tokens)
                 window_loss, window_count, window_samples, window_tokens = 0.0, 0, 0, 0
                 window_start = time.perf_counter()
             if settings.eval_every > 0 and self.step % settings.eval_every == 0 and self.step < settings.max_steps:
