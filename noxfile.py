@@ -32,6 +32,8 @@ PACKAGES = {
     "gr-models": "gr_models",
 }
 TEST_TOOLS = ["pytest", "scikit-learn"]
+# Packages with integration tests of their use without the rest of the workspace (integration_tests/alone/).
+ALONE = ["dynamicemb", "hstu-attn"]
 CPU_ENV = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}
 
 
@@ -39,15 +41,38 @@ def _python(session: nox.Session) -> str:
     return str(Path(session.virtualenv.location) / "bin" / "python")
 
 
-def _install(session: nox.Session, packages: list[str], *, editable: bool, extras: list[str] | None = None) -> None:
+def _install(
+    session: nox.Session,
+    packages: list[str],
+    *,
+    editable: bool,
+    extras: list[str] | None = None,
+    wheel_dir: Path | None = None,
+    tools: list[str] = TEST_TOOLS,
+) -> None:
     install_stack.install(
         _python(session),
         [ROOT / "packages" / p for p in packages],
         CONSTRAINTS,
         editable=editable,
         extras=extras or [],
-        additional=TEST_TOOLS,
+        additional=tools,
+        wheel_dir=wheel_dir,
     )
+
+
+def _build_dists(session: nox.Session, packages: list[str], dist: Path) -> None:
+    """sdist and wheel (built from the sdist) of each package into ``dist``, with the session's ``build``."""
+    for package in packages:
+        session.run(
+            "python",
+            "-m",
+            "build",
+            "--outdir",
+            str(dist),
+            f"packages/{package}",
+            env={"HSTU_ATTN_BUILD_CUDA": os.environ.get("HSTU_ATTN_BUILD_CUDA", "0")},
+        )
 
 
 def _pytest(session: nox.Session, *paths: str) -> None:
@@ -64,10 +89,31 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
-def integration(session: nox.Session) -> None:
-    """End-to-end tests that combine packages (CPU, multi-process with gloo)."""
-    _install(session, list(PACKAGES), editable=True)
-    _pytest(session, "integration_tests")
+@nox.parametrize("stack", ["all", *ALONE])
+def integration(session: nox.Session, stack: str) -> None:
+    """End-to-end tests (CPU, multi-process with gloo) against the wheels that `nox -s build` makes, installed
+    (not editable) in a fresh environment. stack='all': every package, integration_tests/ but alone/;
+    stack=<package>: that package alone with its declared dependencies, integration_tests/alone/<package>/."""
+    packages = list(PACKAGES) if stack == "all" else [stack]
+    dist = Path(session.create_tmp()) / "dist"
+    for old in dist.glob("*"):
+        old.unlink()
+    session.install("-c", str(CONSTRAINTS), "build")
+    _build_dists(session, packages, dist)
+    if stack == "all":
+        _install(session, packages, editable=False, wheel_dir=dist)
+    else:  # the package's own test extra only (hstu-attn's: numpy, which Triton's interpreter needs)
+        _install(session, packages, editable=False, wheel_dir=dist, extras=["test"], tools=[])
+    if stack == "all":
+        paths = ["integration_tests", "--ignore=integration_tests/alone"]
+    else:
+        others = [m for p, m in PACKAGES.items() if p != stack]
+        check = (
+            f"import importlib.util as u; found = [m for m in {others!r} if u.find_spec(m)]; assert not found, found"
+        )
+        session.run("python", "-c", check)  # no other workspace package is installed
+        paths = [f"integration_tests/alone/{PACKAGES[stack]}"]
+    session.run("python", "-m", "pytest", *paths, *session.posargs, env={**CPU_ENV, "INTEGRATION_FROM_WHEELS": "1"})
 
 
 @nox.session(python=PYTHON)
@@ -131,16 +177,7 @@ def build(session: nox.Session) -> None:
     """sdist and wheel of every package into dist/."""
     session.install("build")
     dist = ROOT / "dist"
-    for package in PACKAGES:
-        session.run(
-            "python",
-            "-m",
-            "build",
-            "--outdir",
-            str(dist),
-            f"packages/{package}",
-            env={"HSTU_ATTN_BUILD_CUDA": os.environ.get("HSTU_ATTN_BUILD_CUDA", "0")},
-        )
+    _build_dists(session, list(PACKAGES), dist)
     wheels = sorted(p.name for p in dist.glob("*.whl"))
     session.log("wheels: " + ", ".join(wheels))
     missing = [p for p in PACKAGES if not any(w.startswith(p.replace("-", "_") + "-") for w in wheels)]

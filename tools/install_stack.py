@@ -10,6 +10,9 @@ Usage (nox calls it with the session's interpreter)::
     python tools/install_stack.py --python .nox/tests/bin/python \
         --constraints constraints/cpu.txt [--editable] [--extra test] [--with pytest ...] \
         packages/dynamicemb packages/gr-models
+
+``--wheels DIR`` installs the workspace packages from the wheels in DIR (as ``nox -s build`` makes them)
+instead of from their directories.
 """
 
 from __future__ import annotations
@@ -92,6 +95,15 @@ def _installed_requirements(python: str, dist: str) -> list[str]:
     return [r for r in json.loads(out) if "extra ==" not in r]
 
 
+def wheel_of(package_dir: Path, wheel_dir: Path) -> Path:
+    """The one wheel of the workspace package in ``package_dir`` found in ``wheel_dir``."""
+    name = tomllib.loads((package_dir / "pyproject.toml").read_text())["project"]["name"]
+    found = sorted(wheel_dir.glob(f"{_normalize(name).replace('-', '_')}-*.whl"))
+    if len(found) != 1:
+        raise SystemExit(f"expected one wheel of {name} in {wheel_dir}, found {[p.name for p in found]}")
+    return found[0]
+
+
 def install(
     python: str,
     package_dirs: list[Path],
@@ -99,6 +111,7 @@ def install(
     editable: bool,
     extras: list[str],
     additional: list[str],
+    wheel_dir: Path | None = None,
 ) -> None:
     ordered, external = resolve(package_dirs, extras)
     constraint_args = ["-c", str(constraints)]
@@ -117,7 +130,10 @@ def install(
     if plain or additional:
         _pip(python, [*constraint_args, *plain, *additional])
     for package_dir in ordered:
-        target = ["-e", str(package_dir)] if editable else [str(package_dir)]
+        if wheel_dir is not None:
+            target = [str(wheel_of(package_dir, wheel_dir))]
+        else:
+            target = ["-e", str(package_dir)] if editable else [str(package_dir)]
         _pip(python, ["--no-deps", *target])
 
 
@@ -129,11 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--editable", action="store_true", help="install workspace packages editable")
     parser.add_argument("--extra", action="append", default=[], help="optional-dependency group to add")
     parser.add_argument("--with", dest="additional", action="append", default=[], help="extra requirement")
+    parser.add_argument("--wheels", type=Path, default=None, help="install workspace packages from wheels in DIR")
     args = parser.parse_args(argv)
     for package_dir in args.packages:
         if not (package_dir / "pyproject.toml").is_file():
             parser.error(f"{package_dir} is not a package directory (no pyproject.toml)")
-    install(args.python, args.packages, args.constraints, args.editable, args.extra, args.additional)
+    if args.wheels is not None and args.editable:
+        parser.error("--wheels and --editable exclude each other")
+    install(args.python, args.packages, args.constraints, args.editable, args.extra, args.additional, args.wheels)
 
 
 if __name__ == "__main__":
