@@ -102,6 +102,7 @@ class Trainer:
         )
         self.step = 0
         self.epoch = 0
+        self._seed_data_parallel_rank()
         self.batches_into_epoch = 0
         self.train_seconds = 0.0
         self.samples_seen = 0
@@ -399,7 +400,15 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
+        self._seed_data_parallel_rank()
         return True
+
+    def _seed_data_parallel_rank(self) -> None:
+        """With several data-parallel ranks, give each its own torch RNG stream from here on (by seed, data-parallel
+        rank and step), so sampled negatives and dropout masks differ between ranks; the model was built from the
+        shared seed, and tensor-parallel peers keep one stream. Nothing changes in a one-rank run."""
+        if self.world.dp_size > 1:
+            torch.manual_seed(self.config.seed + 1_000_003 * (self.world.dp_rank + 1) + self.step)
 
     # ------------------------------------------------------------------------------------------------- results
 
