@@ -64,8 +64,11 @@ class BaseEmbeddingConfig:
 class ShardedEmbeddingConfig(BaseEmbeddingConfig):
     """A static TorchRec table of `vocab_size` rows.
 
-    `sharding_type` "model_parallel" shards rows across ranks (TorchRec row-wise); "data_parallel" replicates the
-    table on every rank and all-reduces its gradient with the dense part. In one process both are plain tables.
+    In a model built in a world of several processes, `sharding_type` "model_parallel" shards rows across ranks
+    (TorchRec row-wise, optimizer fused into the backward) where this device's fbgemm TBE can train the table's
+    optimizer, else keeps it replicated with a warning (see `gr_models.modules.embedding_sharding`); "data_parallel"
+    replicates the table on every rank and averages its gradient with the dense part. In one process both are plain
+    tables.
     """
 
     sharding_type: Literal["model_parallel", "data_parallel"] = "model_parallel"
