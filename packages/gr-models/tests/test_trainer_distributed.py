@@ -4,7 +4,7 @@ The 2 data-parallel ranks read `data.batch_size` users each per step; the one-pr
 same users (each global batch is the next 2 x `data.batch_size` users of the shuffled order, split across the
 ranks by attention cost with `parallel.balance_sequences`). The loss is the mean over the global batch, so the
 logged losses, the updates and the final metrics over the whole evaluation split must agree, with the overlap
-pipeline on.
+pipeline on, and also with 2 tensor-parallel ranks per data-parallel rank (4 processes).
 """
 
 from __future__ import annotations
@@ -112,19 +112,22 @@ def test_gr_train_on_two_data_parallel_ranks_matches_one_process(
     assert manifest.sparse_optimizer_tensors and set(manifest.dynamic_tables) == {"embedding.dynamic.item_id_table"}
 
 
-def test_gr_train_with_two_tensor_parallel_ranks_matches_one_process(
+def test_gr_train_on_two_data_parallel_by_two_tensor_parallel_ranks_matches_one_process(
     one_process: tuple[Path, dict], tmp_path: Path
 ) -> None:
-    """One data-parallel rank of 2 tensor-parallel ranks (one HSTU head each) reads the one-process batch."""
+    """4 processes: 2 data-parallel ranks of 2 tensor-parallel ranks each (one HSTU head per rank; each tensor-parallel
+    rank looks up half of its group's samples in the sharded tables)."""
     config, one = one_process
     args = [
-        f"output_dir={tmp_path / 'tp'}",
-        f"data.batch_size={2 * PER_RANK_BATCH}",
+        f"output_dir={tmp_path / 'dptp'}",
+        f"data.batch_size={PER_RANK_BATCH}",
         "parallel.tensor_model_parallel_size=2",
+        "parallel.pipeline=overlap",
+        "parallel.balance_sequences=true",
     ]
-    run = _torchrun(2, ["--config", str(config), *args], tmp_path)
+    run = _torchrun(4, ["--config", str(config), *args], tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    assert "2 processes (tensor parallel 2)" in run.stdout
-    tp = json.loads((tmp_path / "tp" / "metrics.json").read_text())
-    assert tp["tensor_model_parallel_size"] == 2
-    _assert_same_training(one, tp)
+    assert "4 processes (tensor parallel 2)" in run.stdout
+    record = json.loads((tmp_path / "dptp" / "metrics.json").read_text())
+    assert record["tensor_model_parallel_size"] == 2
+    _assert_same_training(one, record)
