@@ -1,4 +1,5 @@
-"""HSTU layers split over 2 tensor-parallel gloo ranks equal the one-rank layers built from the same seed."""
+"""HSTU layers split over tensor-parallel gloo ranks equal the one-rank layers: 2 TP ranks against one, and a
+whole distributed model on 2 DP x 2 TP ranks against one process."""
 
 from __future__ import annotations
 
@@ -9,26 +10,29 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-WORKER = Path(__file__).with_name("hstu_tensor_parallel_worker.py")
-WORLD_SIZE = 2
-
+TESTS = Path(__file__).parent
 FP32 = 2e-5
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("hstu_tp")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
+def _torchrun(worker: str, nproc: int, *args: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     run = subprocess.run(
-        [*command, str(WORKER), str(out_dir)],
+        [*command, str(TESTS / worker), *args],
         env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("hstu_tp")
+    _torchrun("hstu_tensor_parallel_worker.py", 2, str(out_dir))
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
 def test_layers_are_split_by_heads_with_the_one_rank_parameter_names(reports: list[dict]) -> None:
@@ -68,3 +72,26 @@ def test_dropout_in_split_layers_keeps_ranks_consistent(reports: list[dict]) -> 
 def test_head_count_not_divisible_by_tp_size_is_a_clear_error(reports: list[dict]) -> None:
     for report in reports:
         assert "num_attention_heads=3 is not divisible by the tensor-parallel size 2" in report["bad_heads_error"]
+
+
+def test_data_and_tensor_parallel_model_matches_one_process(tmp_path: Path) -> None:
+    """distribute() + lookup_split_over_tensor_parallel + TP HSTU layers + clip_grad_norm_ on 2 DP x 2 TP ranks:
+    losses, clipped norms, dense parameters (TP shards reassembled) and the row-sharded item table after 3 steps
+    equal one process on the same global batches."""
+    results = {}
+    for nproc, tp_size in ((1, 1), (4, 2)):
+        out_dir = tmp_path / f"world{nproc}"
+        out_dir.mkdir()
+        _torchrun("hybrid_parallel_worker.py", nproc, str(out_dir), str(tp_size))
+        results[nproc] = json.loads((out_dir / "result.json").read_text())
+    one, hybrid = results[1], results[4]
+    assert (hybrid["dp_size"], hybrid["tp_size"]) == (2, 2)
+    assert torch.allclose(torch.tensor(hybrid["losses"]), torch.tensor(one["losses"]), atol=FP32)
+    assert torch.allclose(torch.tensor(hybrid["norms"]), torch.tensor(one["norms"]), rtol=1e-5)
+    assert sum(norm > 0.3 for norm in one["norms"]) >= 2  # clipping was active
+    assert hybrid["dense"].keys() == one["dense"].keys()
+    for name, values in one["dense"].items():
+        assert torch.allclose(torch.tensor(hybrid["dense"][name]), torch.tensor(values), atol=FP32), name
+    initial = torch.arange(32 * 8, dtype=torch.float32).view(32, 8) / 300
+    assert not torch.allclose(torch.tensor(one["items"]), initial)  # the table trained
+    assert torch.allclose(torch.tensor(hybrid["items"]), torch.tensor(one["items"]), atol=FP32)

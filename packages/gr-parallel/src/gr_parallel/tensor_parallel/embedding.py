@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torchrec.distributed.comm_ops import get_gradient_division
+from torchrec.distributed.types import Awaitable
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gr_parallel.state import get_tensor_model_parallel_group, model_parallel_is_initialized
@@ -108,6 +109,8 @@ def lookup_split_over_tensor_parallel(
     bounds = sample_split(features.stride(), size)
     rank = group.rank()
     local = lookup(_select_samples(features, bounds[rank], bounds[rank + 1]))
+    if isinstance(local, Awaitable):  # a sharded TorchRec module's lazy result
+        local = local.wait()
     scale = float(size) if get_gradient_division() else 1.0
     return _gather_features(local, features, bounds, group, scale)
 
