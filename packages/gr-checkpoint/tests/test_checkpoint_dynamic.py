@@ -103,7 +103,7 @@ def test_round_trip_of_dynamic_tables_dense_part_and_both_optimizers(tmp_path: P
     rng_at_save = torch.get_rng_state()  # new rows draw their initial values from the global RNG
     path = gr_checkpoint.save(tmp_path / "ckpt", model, optimizer, extra_state={"step": 4, "rng": rng_at_save})
 
-    assert sorted(os.listdir(path)) == ["dynamicemb_module", "manifest.json", "torch_module"]
+    assert sorted(os.listdir(path)) == ["dynamicemb_module", "extra_state.pt", "manifest.json", "torch_module"]
     assert sorted(os.listdir(path / "dynamicemb_module" / "embeddings")) == ["items.dynamicemb", "users.dynamicemb"]
     manifest = gr_checkpoint.read_manifest(path)
     assert manifest.dynamic_tables == {

@@ -60,7 +60,7 @@ def test_round_trip_is_exact_for_model_optimizer_and_extra_state(tmp_path: Path)
     extra = {"step": 3, "rng": rng, "note": "epoch 0"}
     path = gr_checkpoint.save(tmp_path / "ckpt", model, optimizer, extra_state=extra)
 
-    assert sorted(os.listdir(path)) == ["manifest.json", "torch_module"]
+    assert sorted(os.listdir(path)) == ["extra_state.pt", "manifest.json", "torch_module"]
     restored, restored_optimizer = _fresh()
     loaded_extra = gr_checkpoint.load(path, restored, restored_optimizer)
 

@@ -110,7 +110,7 @@ def resolve_checkpoint_dir(path: Path) -> Path:
     if (path / MANIFEST_NAME).is_file():
         return path
     previous = _previous_dir(path)
-    if (previous / MANIFEST_NAME).is_file():
+    if (previous / MANIFEST_NAME).is_file() and not previous.is_symlink():
         warnings.warn(
             f"{path} is missing or incomplete; loading {previous}, the checkpoint an interrupted save was replacing",
             stacklevel=3,

@@ -4,14 +4,17 @@ On-disk layout of a checkpoint directory::
 
     manifest.json        what is inside (see gr_checkpoint.manifest); written last
     torch_module/        torch.distributed.checkpoint files: model state (without dynamic tables),
-                         optimizer state, extra state
+                         optimizer state
+    extra_state.pt       the extra state as data (see gr_checkpoint.extra_state), if any
     dynamicemb_module/   dynamicemb dump of the dynamic tables (only if the model has any)
+
+Loading never unpickles anything that could run code (see gr_checkpoint.safe_dcp and
+gr_checkpoint.extra_state) and never reads outside the checkpoint folder (gr_checkpoint.safe_paths).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,8 +44,11 @@ from gr_checkpoint.dynamic_tables import (
     dynamic_table_specs,
     load_dynamic_tables,
 )
-from gr_checkpoint.errors import CheckpointCorruptError, CheckpointMismatchError
-from gr_checkpoint.manifest import Manifest, read_manifest
+from gr_checkpoint.errors import CheckpointCorruptError, CheckpointMismatchError, LegacyCheckpointError
+from gr_checkpoint.extra_state import encode_extra_state, read_extra_state, write_extra_state
+from gr_checkpoint.manifest import MANIFEST_NAME, Manifest, read_manifest
+from gr_checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
+from gr_checkpoint.safe_paths import check_no_escaping_links, resolved_inside
 from gr_checkpoint.torch_state import (
     SPARSE_OPTIMIZER,
     check_tensor_specs,
@@ -55,7 +61,6 @@ from gr_checkpoint.torch_state import (
 __all__ = ["TORCH_FOLDER", "load", "save"]
 
 TORCH_FOLDER = "torch_module"
-_EXTRA_STATE_KEY = "extra_state"
 
 
 def _package_version(name: str) -> str:
@@ -88,14 +93,9 @@ def _dcp_failures_as(error: Callable[[str], Exception]) -> Iterator[None]:
         yield
     except CheckpointException as failure:
         rank, (first, _) = next(iter(sorted(failure.failures.items())))
+        if isinstance(first, CheckpointCorruptError):
+            raise first from failure
         raise error(f"rank {rank}: {type(first).__name__}: {first}") from failure
-
-
-def _serialized(extra_state: Any) -> io.BytesIO:
-    buffer = io.BytesIO()
-    torch.save(extra_state, buffer)
-    buffer.seek(0)
-    return buffer
 
 
 def save(
@@ -114,11 +114,16 @@ def save(
     dynamic table rows), the optimizer and ``extra_state`` to ``torch_module/``
     (``torch.distributed.checkpoint``, so it loads at another world size).
 
-    ``extra_state``: any picklable object (step counters, RNG states, data-loader position);
-    rank 0's value is kept. ``step`` is recorded in the manifest. The save is atomic: an existing
+    ``extra_state``: data (``None``, numbers, strings, lists, tuples, dicts, torch tensors, numeric
+    NumPy values: step counters, RNG states, data-loader position, optimizer and scheduler state
+    dicts), stored without pickling objects (see :mod:`gr_checkpoint.extra_state`); any other value
+    raises :class:`~gr_checkpoint.UnsafeExtraStateError` naming its key and type before anything
+    is written. Rank 0's value is kept. ``step`` is recorded in the manifest. The save is atomic: an existing
     checkpoint at ``path`` is replaced only once the new one is complete. Returns ``Path(path)``.
     """
     target = Path(path)
+    if extra_state is not None:
+        encode_extra_state(extra_state)  # refuses what cannot be stored as data, before any file is touched
     run_on_rank_zero(lambda: prepare_staging(target))
     staging = staging_dir(target)
     try:
@@ -140,12 +145,12 @@ def save(
             has_extra_state=extra_state is not None,
             step=step,
         )
-        if extra_state is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-            state[_EXTRA_STATE_KEY] = _serialized(extra_state)
         with _quiet_single_process(), _dcp_failures_as(lambda problem: RuntimeError(f"saving {target}: {problem}")):
             dcp.save(state, storage_writer=dcp.FileSystemWriter(staging / TORCH_FOLDER))
 
         def finish() -> None:
+            if extra_state is not None:
+                write_extra_state(staging, extra_state)
             manifest.write(staging)
             publish(target)
 
@@ -176,6 +181,23 @@ def _sparse_optimizer_to_load(directory: Path, manifest: Manifest, model: nn.Mod
     return sparse_optimizer
 
 
+def _legacy_refusal(directory: Path) -> LegacyCheckpointError:
+    return LegacyCheckpointError(
+        directory / MANIFEST_NAME,
+        "format 1 checkpoint with a pickled extra state, which could run code when loaded; refused. "
+        f"If you trust it, convert it once with: gr-checkpoint convert --trust {directory}",
+    )
+
+
+def _read_checked(directory: Path) -> Manifest:
+    """The manifest of ``directory``, after checking that nothing in it links outside it."""
+    check_no_escaping_links(directory)
+    manifest = read_manifest(directory)
+    if manifest.format_version == 1 and manifest.has_extra_state:
+        raise _legacy_refusal(directory)
+    return manifest
+
+
 def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Any:
     """Load a checkpoint written by :func:`save` into ``model`` (and ``optimizer``); return its extra state.
 
@@ -187,9 +209,15 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
     ``torch_module/`` (found while reading, so the model may then be partly loaded). Without
     ``optimizer`` only the model is loaded. Returns the ``extra_state`` given to :func:`save`
     (``None`` if there was none).
+
+    Loading runs no code from the files: anything that would (a pickled callable or class outside
+    the weights-only allowlist) or that names a file outside the checkpoint folder (``..``, a path
+    separator, an absolute path, a symbolic link leading out) raises
+    :class:`~gr_checkpoint.UnsafeCheckpointError` naming the file. A format-1 checkpoint with a
+    pickled extra state raises :class:`~gr_checkpoint.LegacyCheckpointError` saying how to convert it.
     """
     directory = resolve_checkpoint_dir(Path(path))
-    manifest = read_manifest(directory)
+    manifest = _read_checked(directory)
     if optimizer is not None and manifest.optimizer_class is None:
         raise CheckpointMismatchError(f"{directory} holds no optimizer state, but an optimizer was given to load()")
     if optimizer is not None and manifest.optimizer_class != type(optimizer).__name__:
@@ -206,16 +234,11 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
     if sparse_optimizer is not None and manifest.sparse_optimizer_tensors is not None:
         sparse_specs = tensor_specs(state[SPARSE_OPTIMIZER]["state"])
         check_tensor_specs("sparse optimizer", manifest.sparse_optimizer_tensors, sparse_specs)
-    if manifest.has_extra_state:
-        state[_EXTRA_STATE_KEY] = io.BytesIO()
-    torch_folder = directory / TORCH_FOLDER
+    extra_state = read_extra_state(directory) if manifest.has_extra_state else None
+    torch_folder = resolved_inside(directory, directory / TORCH_FOLDER, directory, TORCH_FOLDER)
     with _quiet_single_process(), _dcp_failures_as(lambda problem: CheckpointCorruptError(torch_folder, problem)):
-        dcp.load(state, storage_reader=dcp.FileSystemReader(torch_folder))
+        dcp.load(state, storage_reader=SafeFileSystemReader(torch_folder), planner=SafeLoadPlanner())
     restore_torch_state(model, optimizer, sparse_optimizer, state)
     if manifest.dynamic_tables:
         load_dynamic_tables(directory, model)
-    if not manifest.has_extra_state:
-        return None
-    serialized = state[_EXTRA_STATE_KEY]
-    serialized.seek(0)
-    return torch.load(serialized, weights_only=False)
+    return extra_state

@@ -1,6 +1,12 @@
-"""Errors raised when a checkpoint cannot be read or does not fit the model it is loaded into."""
+"""Errors raised when a checkpoint cannot be read, is unsafe to read, or does not fit its model."""
 
-__all__ = ["CheckpointCorruptError", "CheckpointMismatchError"]
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointMismatchError",
+    "LegacyCheckpointError",
+    "UnsafeCheckpointError",
+    "UnsafeExtraStateError",
+]
 
 
 class CheckpointCorruptError(ValueError):
@@ -9,6 +15,19 @@ class CheckpointCorruptError(ValueError):
     def __init__(self, path: object, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
+
+
+class UnsafeCheckpointError(CheckpointCorruptError):
+    """A checkpoint file asks for something loading never does: running code (a pickled callable or
+    class outside the allowlist) or reading outside the checkpoint folder. Nothing was executed."""
+
+
+class LegacyCheckpointError(CheckpointCorruptError):
+    """A format-1 checkpoint whose extra state is a pickle: refused unless converted by a user who trusts it."""
+
+
+class UnsafeExtraStateError(TypeError):
+    """An ``extra_state`` value that cannot be stored as data; the message names its key and type."""
 
 
 class CheckpointMismatchError(ValueError):

@@ -6,6 +6,11 @@ dynamicemb), ``world_size`` at save time, ``step`` (or null), ``model_tensors`` 
 tensors), ``optimizer_class`` (or null), ``sparse_optimizer_tensors`` (the fused optimizer state of
 a ``DistributedModelParallel``'s TorchRec tables, or null), ``dynamic_tables`` (``{module: {table: {"dim", "dtype"}}}``)
 and ``has_extra_state``.
+
+Format versions: 2 stores the extra state as data (``extra_state.pt``, see
+:mod:`gr_checkpoint.extra_state`); 1 stored it pickled inside ``torch_module/`` and is read only
+to refuse it (or to convert it, see :mod:`gr_checkpoint.convert`). Module and table names are
+plain file names (they name folders and files of ``dynamicemb_module/``).
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from gr_checkpoint.errors import CheckpointCorruptError
+from gr_checkpoint.safe_paths import check_plain_name
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "READABLE_FORMAT_VERSIONS",
     "DynamicTableSpec",
     "Manifest",
     "TensorSpec",
@@ -29,7 +36,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "gr-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -65,9 +73,10 @@ class Manifest:
     dynamic_tables: dict[str, dict[str, DynamicTableSpec]] = field(default_factory=dict)
     has_extra_state: bool = False
     step: int | None = None
+    format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
-        body = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(self)}
+        body = {"format": FORMAT_NAME, **asdict(self)}
         return json.dumps(body, sort_keys=True)
 
     def write(self, directory: Path) -> None:
@@ -86,9 +95,12 @@ def _tensor_specs(raw: Any) -> dict[str, TensorSpec]:
     return {key: TensorSpec(tuple(int(d) for d in spec["shape"]), str(spec["dtype"])) for key, spec in raw.items()}
 
 
-def _dynamic_specs(raw: Any) -> dict[str, dict[str, DynamicTableSpec]]:
+def _dynamic_specs(raw: Any, source: Path) -> dict[str, dict[str, DynamicTableSpec]]:
     return {
-        module: {table: DynamicTableSpec(int(spec["dim"]), str(spec["dtype"])) for table, spec in tables.items()}
+        check_plain_name(module, source): {
+            check_plain_name(table, source): DynamicTableSpec(int(spec["dim"]), str(spec["dtype"]))
+            for table, spec in tables.items()
+        }
         for module, tables in raw.items()
     }
 
@@ -113,9 +125,10 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise CheckpointCorruptError(path, f"missing fields {missing}")
     if raw["format"] != FORMAT_NAME:
         raise CheckpointCorruptError(path, f"format is {raw['format']!r}, expected {FORMAT_NAME!r}")
-    if raw["format_version"] != FORMAT_VERSION:
+    if raw["format_version"] not in READABLE_FORMAT_VERSIONS:
         raise CheckpointCorruptError(
-            path, f"format_version {raw['format_version']!r}; this gr-checkpoint reads version {FORMAT_VERSION}"
+            path,
+            f"format_version {raw['format_version']!r}; this gr-checkpoint reads versions {READABLE_FORMAT_VERSIONS}",
         )
     try:
         return Manifest(
@@ -127,9 +140,10 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
             sparse_optimizer_tensors=(
                 None if raw.get("sparse_optimizer_tensors") is None else _tensor_specs(raw["sparse_optimizer_tensors"])
             ),
-            dynamic_tables=_dynamic_specs(raw.get("dynamic_tables", {})),
+            dynamic_tables=_dynamic_specs(raw.get("dynamic_tables", {}), path),
             has_extra_state=bool(raw.get("has_extra_state", False)),
             step=None if raw.get("step") is None else int(raw["step"]),
+            format_version=int(raw["format_version"]),
         )
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointCorruptError(path, f"malformed field value ({type(error).__name__}: {error})") from None

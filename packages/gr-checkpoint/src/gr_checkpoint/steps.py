@@ -38,6 +38,9 @@ def _complete_steps(root: Path) -> list[tuple[int, Path]]:
         match = _STEP_DIR.fullmatch(entry.name)
         if match is None or not entry.is_dir():
             continue
+        if entry.is_symlink():
+            warnings.warn(f"skipping {entry}: a symbolic link (load it by passing its path)", stacklevel=3)
+            continue
         try:
             read_manifest(entry)
         except FileNotFoundError:
