@@ -3,11 +3,20 @@
 ``save(path, model, optimizer)`` writes dynamic tables to ``path/dynamicemb_module/`` and the rest
 (model, optimizer, extra state) to ``path/torch_module/`` through ``torch.distributed.checkpoint``,
 with ``path/manifest.json`` describing it; ``load(path, model, optimizer)`` checks the manifest
-against the model and restores everything.
+against the model and restores everything. Loading never runs code from the files (see the README's
+"Loading untrusted checkpoints"); ``gr-checkpoint convert --trust PATH`` converts a trusted format-1
+checkpoint.
 """
 
 from gr_checkpoint.checkpoint import load, save
-from gr_checkpoint.errors import CheckpointCorruptError, CheckpointMismatchError
+from gr_checkpoint.convert import convert_trusted_checkpoint
+from gr_checkpoint.errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    LegacyCheckpointError,
+    UnsafeCheckpointError,
+    UnsafeExtraStateError,
+)
 from gr_checkpoint.manifest import DynamicTableSpec, Manifest, TensorSpec, read_manifest
 from gr_checkpoint.steps import checkpoint_path, latest_checkpoint, save_step
 
@@ -17,10 +26,14 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointMismatchError",
     "DynamicTableSpec",
+    "LegacyCheckpointError",
     "Manifest",
     "TensorSpec",
+    "UnsafeCheckpointError",
+    "UnsafeExtraStateError",
     "__version__",
     "checkpoint_path",
+    "convert_trusted_checkpoint",
     "latest_checkpoint",
     "load",
     "read_manifest",

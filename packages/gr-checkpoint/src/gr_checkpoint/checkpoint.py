@@ -236,8 +236,11 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
         check_tensor_specs("sparse optimizer", manifest.sparse_optimizer_tensors, sparse_specs)
     extra_state = read_extra_state(directory) if manifest.has_extra_state else None
     torch_folder = resolved_inside(directory, directory / TORCH_FOLDER, directory, TORCH_FOLDER)
+    reader = SafeFileSystemReader(torch_folder)
+    if (torch_folder / ".metadata").is_file():
+        reader.read_metadata()  # refuses unsafe metadata with its own error (inside DCP it becomes an assertion)
     with _quiet_single_process(), _dcp_failures_as(lambda problem: CheckpointCorruptError(torch_folder, problem)):
-        dcp.load(state, storage_reader=SafeFileSystemReader(torch_folder), planner=SafeLoadPlanner())
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(torch_folder))
     restore_torch_state(model, optimizer, sparse_optimizer, state)
     if manifest.dynamic_tables:
         load_dynamic_tables(directory, model)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gr_checkpoint.errors import CheckpointCorruptError
+from gr_checkpoint.errors import CheckpointCorruptError, UnsafeCheckpointError
 from gr_checkpoint.safe_paths import check_plain_name
 
 __all__ = [
@@ -145,5 +145,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
             step=None if raw.get("step") is None else int(raw["step"]),
             format_version=int(raw["format_version"]),
         )
+    except UnsafeCheckpointError:
+        raise
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointCorruptError(path, f"malformed field value ({type(error).__name__}: {error})") from None

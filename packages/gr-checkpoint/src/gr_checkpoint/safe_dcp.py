@@ -112,18 +112,22 @@ class SafeFileSystemReader(FileSystemReader):
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, reading non-tensor values with ``weights_only=True``."""
+    """DCP's default load planner, reading non-tensor values with ``weights_only=True``; a refused value
+    raises :class:`UnsafeCheckpointError` naming ``source`` (the DCP folder) and the value's key."""
+
+    def __init__(self, source: object) -> None:
+        super().__init__()
+        self.source = source
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        loaded = _torch_load_weights_only(value, read_item.dest_index.fqn)
+        key = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as error:
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            reason = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+            raise UnsafeCheckpointError(self.source, f"value {key!r}: refused to unpickle ({reason})") from None
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            set_element(self.original_state_dict, self.mappings[key], loaded)
         else:
-            self.state_dict[read_item.dest_index.fqn] = loaded
-
-
-def _torch_load_weights_only(value: io.BytesIO, key: str) -> Any:
-    try:
-        return torch.load(value, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UnsafeCheckpointError(f"value {key!r}", f"refused to unpickle ({error})") from None
+            self.state_dict[key] = loaded
