@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,7 @@ from dynamicemb import (
     set_score,
 )
 from dynamicemb.dump import TableFile, table_file_path
+from dynamicemb.dump.file_format import path_inside
 
 ADAM = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=0.05)
 STEP = DynamicEmbTableOptions(score_strategy=DynamicEmbScoreStrategy.STEP)
@@ -428,3 +431,41 @@ def test_external_storage_round_trip_restores_the_cache_and_the_store(tmp_path) 
     DynamicEmbLoad(str(tmp_path), restored, optim=True)
     _assert_same_table(restored, source)
     assert _cached_keys(restored) == _cached_keys(source)
+
+
+# --- dumps from an untrusted folder: nothing unpickled, no name reaches outside the dump -------------
+def test_load_unpickles_nothing(tmp_path: Path, trained: TwoCollections, monkeypatch: pytest.MonkeyPatch) -> None:
+    DynamicEmbDump(str(tmp_path), trained, optim=True)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("dump loading unpickled something")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    restored = TwoCollections()
+    DynamicEmbLoad(str(tmp_path), restored, optim=True)
+    assert _all_rows(restored) == _all_rows(trained)
+
+
+def test_a_table_file_linked_outside_the_dump_is_refused(tmp_path: Path, trained: TwoCollections) -> None:
+    dump, elsewhere = tmp_path / "dump", tmp_path / "elsewhere"
+    DynamicEmbDump(str(dump), trained, optim=True)
+    elsewhere.mkdir()
+    table_file = dump / "sequence" / "users.dynamicemb"
+    shutil.move(table_file, elsewhere / "users.dynamicemb")
+    table_file.symlink_to(elsewhere / "users.dynamicemb")
+    restored = TwoCollections()
+    before = _all_rows(restored)
+    with pytest.raises(DynamicEmbFileError, match=r"'users.dynamicemb' resolves to .*elsewhere.*, outside"):
+        DynamicEmbLoad(str(dump), restored, optim=True)
+    assert _all_rows(restored) == before
+
+
+@pytest.mark.parametrize("name", ["../users.dynamicemb", "/etc/passwd", "..", "a/b", ""])
+def test_names_read_from_a_manifest_must_be_plain(tmp_path: Path, name: str) -> None:
+    with pytest.raises(DynamicEmbFileError, match=r"sharded_manifest.json: names .* not a plain file name"):
+        path_inside(str(tmp_path), name, "sharded_manifest.json")
+    assert path_inside(str(tmp_path), "items.shard-0-of-2.dynamicemb", "m") == str(
+        tmp_path / "items.shard-0-of-2.dynamicemb"
+    )

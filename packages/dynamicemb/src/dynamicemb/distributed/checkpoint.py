@@ -40,6 +40,7 @@ from dynamicemb.distributed.common import ShardedDynamicEmbModule
 from dynamicemb.distributed.key_distribution import owner_ranks
 from dynamicemb.dump import DynamicEmbFileError, TableFile, table_file_path
 from dynamicemb.dump.api import export_rows, fsync_folder, module_scores, write_temporary_table_file
+from dynamicemb.dump.file_format import path_inside
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.planner.parameter_sharding import KeyDistribution
 
@@ -248,10 +249,10 @@ class _LoadPlan:
 
 
 def _plan_load(path: str, s: _Selected, optim: bool, rank: int, world_size: int) -> _LoadPlan:
-    folder = os.path.join(path, _check_name(s.module))
+    folder = path_inside(path, _check_name(s.module), path)
     entry = _read_manifest(folder)["tables"].get(s.table.name)
     if entry is None:
-        single = table_file_path(path, s.module, s.table.name)
+        single = path_inside(folder, os.path.basename(table_file_path(path, s.module, s.table.name)), folder)
         if not os.path.exists(single):
             raise FileNotFoundError(
                 f"{folder}: no dump of table {s.table.name!r} "
@@ -260,7 +261,8 @@ def _plan_load(path: str, s: _Selected, optim: bool, rank: int, world_size: int)
         headers = [TableFile.open(single)]
         same_layout = False
     else:
-        headers = [TableFile.open(os.path.join(folder, name)) for name in entry["files"]]
+        manifest_path = os.path.join(folder, MANIFEST_NAME)
+        headers = [TableFile.open(path_inside(folder, name, manifest_path)) for name in entry["files"]]
         same_layout = entry["world_size"] == world_size and entry["key_distribution"] == s.distribution.value
     for header in headers:
         header.check_matches(s.table, optim=optim)

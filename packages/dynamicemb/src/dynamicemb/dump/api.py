@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dynamicemb.dump.file_format import TableFile, TableSnapshot, write_table_file
+from dynamicemb.dump.file_format import TableFile, TableSnapshot, path_inside, write_table_file
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.modules.common import DynamicEmbModule
 
@@ -243,7 +243,9 @@ def DynamicEmbLoad(
     plans: list[tuple[TableFile, DynamicEmbeddingTable]] = []
     for module_name, tables in selected.items():
         for table_name, table in tables.items():
-            table_file = TableFile.open(table_file_path(path, module_name, table_name))
+            module_folder = path_inside(path, _check_file_name(module_name), path)
+            file_name = _check_file_name(table_name) + FILE_SUFFIX
+            table_file = TableFile.open(path_inside(module_folder, file_name, module_folder))
             table_file.check_matches(table, optim=optim)
             table_file.verify_checksum()
             plans.append((table_file, table))

@@ -47,7 +47,15 @@ from dynamicemb.cached_table import CachedKeyValueTable
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.options import options_to_json
 
-__all__ = ["FORMAT_VERSION", "DynamicEmbFileError", "RowChunk", "TableFile", "TableSnapshot", "write_table_file"]
+__all__ = [
+    "FORMAT_VERSION",
+    "DynamicEmbFileError",
+    "RowChunk",
+    "TableFile",
+    "TableSnapshot",
+    "path_inside",
+    "write_table_file",
+]
 
 MAGIC = b"DYNEMB\x00\x01"
 FORMAT_VERSION = 2
@@ -68,6 +76,20 @@ class DynamicEmbFileError(ValueError):
     def __init__(self, path: str, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
+
+
+def path_inside(folder: str, name: str, source: str) -> str:
+    """``folder/name`` for a plain ``name`` that resolves (symbolic links followed) inside ``folder``; else
+    :class:`DynamicEmbFileError` naming ``source`` (the file the name was read from, or the folder) and
+    ``name``. Names read from dump files never reach outside the dump."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    if not plain or os.path.isabs(name):
+        raise DynamicEmbFileError(source, f"names {name!r}, which is not a plain file name inside {folder}")
+    path = os.path.join(folder, name)
+    real_folder, real = os.path.realpath(folder), os.path.realpath(path)
+    if not real.startswith(real_folder.rstrip(os.sep) + os.sep):
+        raise DynamicEmbFileError(source, f"{name!r} resolves to {real}, outside {real_folder}")
+    return path
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
