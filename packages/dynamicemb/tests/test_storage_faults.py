@@ -185,36 +185,50 @@ def test_rocksdb_other_rows_in_the_directory_name_the_path(rocksdb_storage, tmp_
         rocksdb_storage(tmp_path / "db", 6)
 
 
-def _in_child(action: Callable[[], str], *, as_nobody: bool = False, file_size_limit: int | None = None) -> str:
-    """Run ``action`` in a forked child (optionally as user nobody, or with a file size limit) and
-    return what it returned, or the traceback it raised. The child never flushes RocksDB: after a
-    fork its background threads are gone."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        os.close(read_end)
+def _in_child(statements: str, *, as_nobody: bool = False, file_size_limit: int | None = None) -> str:
+    """Run ``statements`` (Python, with ``RocksDBStorage``, ``torch`` and ``Path`` in scope; the last one
+    assigns ``result``) in a fresh interpreter, optionally as user nobody or with a file size limit, and
+    return ``result`` or the exception it raised as ``Type: message``. A fresh interpreter, not a fork:
+    a forked child of a process that has had a RocksDB open crashes (RocksDB's threads are not
+    fork-safe). The child leaves with ``os._exit`` so that RocksDB is never closed (closing flushes)."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        from pathlib import Path
+        import torch
+        from dynamicemb.storage import RocksDBStorage
+        if {as_nobody}:  # after the imports, which user nobody may not be able to read
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
         try:
-            if file_size_limit is not None:
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
-                resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-            if as_nobody:
-                os.setgid(65534)
-                os.setuid(65534)
-            message = action()
+        {body}
         except BaseException as exc:
-            message = f"{type(exc).__name__}: {exc}"
-        os.write(write_end, message.encode())
+            result = f"{{type(exc).__name__}}: {{exc}}"
+        sys.stdout.write(result)
+        sys.stdout.flush()
         os._exit(0)
-    os.close(write_end)
-    deadline = time.monotonic() + 30
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail("the child process hung")
-        time.sleep(0.01)
-    with os.fdopen(read_end, "rb") as pipe:
-        return pipe.read().decode()
+        """
+    ).format(as_nobody=as_nobody, body=textwrap.indent(textwrap.dedent(statements).strip(), "    "))
+
+    def limit_file_size() -> None:  # pragma: no cover (runs in the child before exec)
+        if file_size_limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=limit_file_size,
+            cwd=tempfile.gettempdir(),
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the child process hung")
+    assert done.returncode == 0, f"the child process failed ({done.returncode}): {done.stderr[-2000:]}"
+    return done.stdout
 
 
 def test_rocksdb_read_only_directory_names_the_path(rocksdb_storage) -> None:
@@ -227,11 +241,8 @@ def test_rocksdb_read_only_directory_names_the_path(rocksdb_storage) -> None:
         for item in [path, *path.iterdir()]:
             item.chmod(item.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
-        def open_for_writing() -> str:
-            rocksdb_storage(path, 4)
-            return "opened"
-
-        message = _in_child(open_for_writing, as_nobody=os.geteuid() == 0)  # root writes anywhere
+        opening = f"RocksDBStorage(Path({str(path)!r}), 4)\nresult = 'opened'"
+        message = _in_child(opening, as_nobody=os.geteuid() == 0)  # root writes anywhere
         assert re.search(rf"StorageError: RocksDB at {_names(path)}: cannot open: it cannot be written", message), (
             message
         )
@@ -248,12 +259,12 @@ def test_rocksdb_read_only_directory_names_the_path(rocksdb_storage) -> None:
 def test_rocksdb_full_disk_names_the_path(rocksdb_storage, tmp_path) -> None:
     path = tmp_path / "db"
 
-    def write_past_the_limit() -> str:
-        storage = rocksdb_storage(path, 64, sync_writes=True)  # not closed: closing flushes, see _in_child
+    writing = f"""
+        storage = RocksDBStorage(Path({str(path)!r}), 64, sync_writes=True)
         storage.insert(torch.arange(4000), torch.randn(4000, 64), torch.zeros(4000, dtype=torch.int64))
-        return "written"
-
-    message = _in_child(write_past_the_limit, file_size_limit=256 << 10)  # 256 KiB per file, 1 MiB of rows
+        result = "written"
+    """
+    message = _in_child(writing, file_size_limit=256 << 10)  # 256 KiB per file, 1 MiB of rows
     assert re.search(rf"StorageError: RocksDB at {_names(path)}: cannot write: the disk is full", message), message
 
 
