@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from gr_models.configs.embedding_config import BaseEmbeddingConfig
 
 _NEGATIVE_SAMPLING = ("in_batch", "uniform", "mixed")
+_RETRIEVAL_LOSSES = ("sampled_softmax", "full_softmax")
 
 
 def _check_unique_tables(configs: Sequence[BaseEmbeddingConfig]) -> None:
@@ -84,8 +85,10 @@ class RetrievalConfig:
     uniformly from [0, item_vocab_size)) or "mixed" (both). Uniform negatives are drawn for every query, as in the
     HSTU paper (`num_negatives` per positive), or once per batch and shared by all its queries with
     `negatives_per_query=False` (cheaper, but each step then contrasts every query with the same few items, which
-    learns far more slowly). Evaluation ranks the full item corpus and reports
-    HR@k, NDCG@k for each k in `eval_top_k`, and MRR.
+    learns far more slowly). With `loss="full_softmax"` the loss is instead the cross-entropy over every id of the
+    item table (logits: each query against all item embeddings, divided by `temperature`; the negative settings
+    are then unused): exact, and cheap for catalogues of a few thousand items such as MovieLens. Evaluation ranks
+    the full item corpus and reports HR@k, NDCG@k for each k in `eval_top_k`, and MRR.
     """
 
     embedding_configs: list[BaseEmbeddingConfig]
@@ -97,9 +100,12 @@ class RetrievalConfig:
     eval_top_k: tuple[int, ...] = (10, 50)
     eval_exclude_history: bool = False
     eval_metrics: tuple[str, ...] = field(default=("hr", "ndcg", "mrr"))
+    loss: str = "sampled_softmax"
 
     def __post_init__(self) -> None:
         _check_unique_tables(self.embedding_configs)
+        if self.loss not in _RETRIEVAL_LOSSES:
+            raise ValueError(f"loss must be one of {_RETRIEVAL_LOSSES}, got {self.loss!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.negative_sampling not in _NEGATIVE_SAMPLING:

@@ -1,4 +1,4 @@
-"""RetrievalGR: next-item prediction with sampled softmax, evaluated by ranking the full item corpus."""
+"""RetrievalGR: next-item prediction with sampled or full softmax, evaluated by ranking the full item corpus."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from gr_models.model.base import GRModel
 from gr_models.modules.embedding import ShardedEmbedding
 from gr_models.modules.hstu_block import HSTUBlock, history_event_outputs
 from gr_models.modules.jagged import lengths_to_offsets, token_coordinates
-from gr_models.modules.losses import sampled_softmax_loss
+from gr_models.modules.losses import full_softmax_loss, sampled_softmax_loss
 from gr_models.modules.preprocessing import HSTUSequence
 
 
@@ -26,7 +26,8 @@ class RetrievalGR(GRModel):
 
     Training: for every history event e of a user with a next item (item e+1 exists in the item sequence), the
     output at the event's last token is the query and item e+1 the positive; sampled softmax against in-batch
-    and/or uniformly sampled negatives (see `RetrievalConfig`). Item embeddings (the input table) are the output
+    and/or uniformly sampled negatives, or (`loss="full_softmax"`) cross-entropy over every item id of the table
+    (see `RetrievalConfig`). Item embeddings (the input table) are the output
     vocabulary; queries and items are L2-normalized when `l2_normalize`.
 
     Evaluation (`evaluate_batch`): the query after the last history event predicts the first candidate
@@ -104,7 +105,7 @@ class RetrievalGR(GRModel):
         return ids, embeddings[inverse]
 
     def forward(self, batch: RetrievalBatch) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Returns `(losses [N], (queries [N, D], positive ids [N]))`: per-query sampled-softmax losses."""
+        """Returns `(losses [N], (queries [N, D], positive ids [N]))`: per-query sampled- or full-softmax losses."""
         batch = self._on_device(batch)
         sequence, item_ids, item_embeddings, item_offsets = self._encode(batch)
         users, event = token_coordinates(sequence.history_lengths)
@@ -115,6 +116,10 @@ class RetrievalGR(GRModel):
         target = (item_offsets[users] + event + 1)[has_next]
         queries = self._normalize(history_event_outputs(sequence)[has_next])
         positive_ids = item_ids[target]
+        if self.task_config.loss == "full_softmax":
+            corpus = self.all_item_embeddings(batch.item_feature_name)
+            losses = full_softmax_loss(queries, positive_ids, corpus, temperature=self.task_config.temperature)
+            return losses, (queries.detach(), positive_ids)
         positives = self._normalize(item_embeddings[target])
         negative_ids, negatives = self._negatives(batch.item_feature_name, queries.shape[0])
         losses = sampled_softmax_loss(

@@ -1,4 +1,4 @@
-"""Training losses: multi-task binary cross-entropy (ranking) and sampled softmax (retrieval)."""
+"""Training losses: multi-task binary cross-entropy (ranking); sampled and full softmax (retrieval)."""
 
 from __future__ import annotations
 
@@ -58,3 +58,24 @@ def sampled_softmax_loss(
     all_logits = torch.cat(logits, dim=1).float() / temperature
     target = torch.zeros(queries.shape[0], dtype=torch.int64, device=queries.device)
     return F.cross_entropy(all_logits, target, reduction="none")
+
+
+def full_softmax_loss(queries: Tensor, positive_ids: Tensor, item_embeddings: Tensor, *, temperature: float) -> Tensor:
+    """Per-query cross-entropy `[N]` of predicting each positive among every item of the table.
+
+    Args:
+        queries: `[N, D]` query embeddings (already L2-normalized if wanted).
+        positive_ids: `[N]` int64 ids of the target items, each in `[0, V)`.
+        item_embeddings: `[V, D]` embeddings of every item id (row `i` is id `i`).
+        temperature: logits are dot products divided by it.
+    """
+    if item_embeddings.dim() != 2 or item_embeddings.shape[1] != queries.shape[1]:
+        raise ValueError(
+            f"item_embeddings must be [V, {queries.shape[1]}] (one row per item id), got {tuple(item_embeddings.shape)}"
+        )
+    if positive_ids.numel() and int(positive_ids.max()) >= item_embeddings.shape[0]:
+        raise ValueError(
+            f"positive id {int(positive_ids.max())} is outside the {item_embeddings.shape[0]} item embeddings"
+        )
+    logits = (queries @ item_embeddings.t()).float() / temperature
+    return F.cross_entropy(logits, positive_ids.to(torch.int64), reduction="none")
