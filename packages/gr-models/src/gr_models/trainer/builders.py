@@ -236,6 +236,7 @@ def build_model(config: RunConfig, schema: DatasetSchema, device: torch.device) 
         negatives_per_query=retrieval.negatives_per_query,
         eval_top_k=tuple(retrieval.eval_top_k),
         eval_exclude_history=retrieval.eval_exclude_history,
+        loss=retrieval.loss,
     )
     model_class = SASRec if config.model == "sasrec" else RetrievalGR
     return model_class(hstu, task_config, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -10,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from gr_models.trainer.config_checks import ConfigError, check_config
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,7 +85,8 @@ class RankingSection:
 
 @dataclass
 class RetrievalSection:
-    """Loss and evaluation of the retrieval GR (see `RetrievalConfig`)."""
+    """Loss and evaluation of the retrieval GR (see `RetrievalConfig`); `loss` is "sampled_softmax" or
+    "full_softmax" (cross-entropy over every item id)."""
 
     temperature: float = 0.05
     num_negatives: int = 128
@@ -88,6 +94,7 @@ class RetrievalSection:
     negatives_per_query: bool = True
     eval_top_k: list[int] = field(default_factory=lambda: [10, 50])
     eval_exclude_history: bool = False
+    loss: str = "sampled_softmax"
 
 
 @dataclass
@@ -190,7 +197,7 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
     """Validate (and lightly coerce) `value` against the annotation `tp`; errors name the key."""
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"config key {path!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
         return _build(tp, value, path)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -205,17 +212,17 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
                 return _check_value(path, value, option)
             except ValueError as error:
                 errors.append(str(error))
-        raise ValueError(errors[0] if errors else f"config key {path!r}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"config key {path!r}: bad value {value!r}")
     if tp is Any:
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"config key {path!r} must be a list, got {value!r}")
+            raise ConfigError(f"config key {path!r} must be a list, got {value!r}")
         (item,) = typing.get_args(tp) or (Any,)
         return [_check_value(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"config key {path!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
         _, item = typing.get_args(tp) or (str, Any)
         return {k: _check_value(f"{path}.{k}", v, item) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -227,9 +234,9 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
             pass
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise ValueError(f"config key {path!r} must be {tp.__name__}, got {value!r}")
+            raise ConfigError(f"config key {path!r} must be {tp.__name__}, got {value!r}")
         return value
-    raise ValueError(f"config key {path!r}: unsupported annotation {tp!r}")
+    raise ConfigError(f"config key {path!r}: unsupported annotation {tp!r}")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -238,39 +245,74 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         where = f" in {prefix!r}" if prefix else ""
-        raise ValueError(f"unknown config key(s) {unknown}{where}; known: {sorted(names)}")
+        raise ConfigError(f"unknown config key(s) {unknown}{where}; known: {sorted(names)}")
     kwargs = {k: _check_value(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in values.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a section's own cross-key check (RunConfig, ParallelSection)
+        raise ConfigError(str(error)) from error
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:
     """Apply one `dotted.key=value` override to a nested dict (the value is parsed as YAML)."""
     if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key.sub=value")
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ValueError(f"override {override!r} has an empty key part")
+        raise ConfigError(f"override {override!r} has an empty key part")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ValueError(f"override {override!r}: {part!r} is not a section")
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = yaml.safe_load(raw)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or start from defaults), apply overrides, validate every key."""
+    """Read a YAML run config (or start from defaults), apply overrides, validate every key.
+
+    Types come from the dataclass annotations, ranges and choices from `config_checks.RULES`; `data.options` must
+    be options of the dataset. An override that changes `data.dataset` drops the file's `data.options` and
+    `data.path` (they belong to the old dataset) unless the overrides set them too. Errors are `ConfigError`s
+    naming the key, the value and what is allowed.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text())
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping at the top level")
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
         tree = loaded or {}
+    file_data = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    file_dataset = file_data.get("dataset", DataConfig.dataset)
+    overridden = set()
     for override in overrides or []:
         apply_override(tree, override)
-    return _build(RunConfig, tree)
+        overridden.add(override.split("=", 1)[0].strip())
+    data = tree.get("data")
+    if isinstance(data, dict) and "data.dataset" in overridden and data.get("dataset") != file_dataset:
+        dropped = [k for k in ("options", "path") if k in data and f"data.{k}" not in overridden]
+        for key in dropped:
+            del data[key]
+        if dropped:
+            _log.warning(
+                "data.dataset=%s replaces %r: dropped the file's %s", data["dataset"], file_dataset,
+                " and ".join(f"data.{k}" for k in dropped),
+            )  # fmt: skip
+    config = _build(RunConfig, tree)
+    check_config(config)
+    return config
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    """The whole config (every key, defaults included) as YAML that `load_config` reads back to an equal config."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
