@@ -116,7 +116,8 @@ class OptimSection:
 class TrainSection:
     """Loop control. `max_steps` counts optimizer steps, each over `grad_accumulation` micro-batches of
     `data.batch_size` users (the loss is the mean of their mean losses); `eval_batches` None evaluates the whole
-    evaluation split; `checkpoint_every` 0 never checkpoints."""
+    evaluation split; `checkpoint_every` 0 never checkpoints; `keep_last` checkpoints are kept, older ones deleted
+    (None keeps every one); `resume` continues from the newest checkpoint of `output_dir` when there is one."""
 
     max_steps: int = 1000
     grad_accumulation: int = 1
@@ -124,6 +125,7 @@ class TrainSection:
     eval_batches: int | None = None
     log_every: int = 10
     checkpoint_every: int = 0
+    keep_last: int | None = 3
     resume: bool = True
     progress_bar: bool = True
 
