@@ -12,7 +12,9 @@ user's ``n`` most recent ratings before the split (a leave-last-out split of wha
 split). The item is the movie id, the action is the bitmask of ``rating >= threshold`` over ``rating_thresholds``
 (task ``t`` = threshold ``t``), the timestamp is the rating time. Contextual features: ``user_id`` and, for ML-1M
 with ``users.dat``, ``gender``, ``age``, ``occupation``, ``zip_code`` (ids from sorted distinct values; 0 marks a
-user missing from ``users.dat``).
+user missing from ``users.dat``). Item side feature (``item_features=["genres"]``, ML-1M with ``movies.dat``):
+``genres``, the movie's genre set (its ``Genres`` field, e.g. ``Animation|Children's|Comedy``) as one id per event
+(ids from sorted distinct sets; 0 marks a movie missing from ``movies.dat``).
 Splits follow `WindowPolicy`: leave-last-out by default (train on all but the last rating, evaluate the last).
 """
 
@@ -39,6 +41,7 @@ __all__ = ["MovieLensDataset"]
 Variant = Literal["1m", "20m"]
 TieOrder = Literal["file", "item"]
 _ML1M_USER_FEATURES = ("gender", "age", "occupation", "zip_code")
+_ML1M_ITEM_FEATURES = ("genres",)
 
 
 def _find_ratings(root: Path, variant: Variant) -> Path:
@@ -83,8 +86,10 @@ class MovieLensDataset(InMemorySequenceDataset):
             use none: ``with_user_id=False, user_features=[]``).
         tie_order: order of one user's ratings with the same timestamp: "file" or "item" (by movie id).
         exclude_last_events: drop each user's last ``n`` ratings (in that order) before splitting.
+        item_features: ML-1M ``movies.dat`` fields to use as per-event item side features: ``["genres"]`` or none.
 
-    Feature names: ``user_id`` (+ user features), ``item_id``, ``action``, ``timestamp``. ``catalogue_ids``: the
+    Feature names: ``user_id`` (+ user features), ``item_id``, ``action``, ``genres`` (with item_features),
+    ``timestamp``. ``catalogue_ids``: the
     sorted movie ids of the movies file and the ratings (the items a full-corpus ranking ranks).
     """
 
@@ -107,6 +112,7 @@ class MovieLensDataset(InMemorySequenceDataset):
         with_user_id: bool = True,
         tie_order: TieOrder = "file",
         exclude_last_events: int = 0,
+        item_features: Sequence[str] = (),
     ):
         if variant not in ("1m", "20m"):
             raise ValueError(f"variant must be '1m' or '20m', got {variant!r}")
@@ -141,6 +147,9 @@ class MovieLensDataset(InMemorySequenceDataset):
             sequence["action"] = action
             vocab_sizes["action"] = 2 ** len(thresholds)
             task_names = tuple(f"rating>={threshold:g}" for threshold in thresholds)
+        for name, (ids, vocab) in self._item_features(root, variant, item_features, grouped["item_id"]).items():
+            sequence[name] = ids
+            vocab_sizes[name] = vocab
         if with_timestamps:
             sequence["timestamp"] = grouped["__timestamps__"]
 
@@ -157,6 +166,7 @@ class MovieLensDataset(InMemorySequenceDataset):
             contextual_feature_names=tuple(contextual),
             contextual_max_lengths=dict.fromkeys(contextual, 1),
             action_feature_name="action" if with_actions else None,
+            side_feature_names=tuple(item_features),
             timestamp_feature_name="timestamp" if with_timestamps else None,
             vocab_sizes=vocab_sizes,
             max_sequence_length=max_sequence_length,
@@ -207,6 +217,28 @@ class MovieLensDataset(InMemorySequenceDataset):
                 table = read_delimited(movies, ["movieId"], header=True, column_types={"movieId": pa.int64()})
                 ids = column_as_numpy(table, "movieId", source=str(movies))
         return np.union1d(ids.astype(np.int64), items.astype(np.int64))
+
+    @staticmethod
+    def _item_features(
+        root: Path, variant: Variant, requested: Sequence[str], items: np.ndarray
+    ) -> dict[str, tuple[np.ndarray, int]]:
+        """Per-event ids of the requested ``movies.dat`` features (see the module docstring)."""
+        unknown = [n for n in requested if n not in _ML1M_ITEM_FEATURES]
+        if unknown:
+            raise ValueError(f"unknown item features {unknown}; ML-1M has {list(_ML1M_ITEM_FEATURES)}")
+        if not requested:
+            return {}
+        movies = root / "movies.dat"
+        if variant != "1m" or not movies.is_file():
+            raise FileNotFoundError(f"item features {list(requested)} need {movies} (ML-1M only)")
+        table = read_delimited(
+            movies, ["item", "title", "genres"], separator="::",
+            column_types={"item": pa.int64(), "title": pa.string(), "genres": pa.string()},
+        )  # fmt: skip
+        source = str(movies)
+        keys = column_as_numpy(table, "item", source=source)
+        ids, vocab = categorical_ids(column_as_numpy(table, "genres", source=source).astype(str))
+        return {"genres": (lookup_by_key(items, keys, ids), vocab)}
 
     @staticmethod
     def _user_features(
