@@ -286,7 +286,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise FileNotFoundError(f"config file {path} does not exist")
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
