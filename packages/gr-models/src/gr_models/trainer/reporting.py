@@ -1,28 +1,39 @@
-"""Run records: scalar history, TensorBoard event files, the metrics JSON and a PNG of the curves."""
+"""Run records: scalar history, TensorBoard event files, the metrics JSON, a PNG of the curves, and the progress
+lines a person reads (a tqdm bar on a terminal, else one log line per logged step and per evaluation)."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import math
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from tqdm.auto import tqdm
+
+_log = logging.getLogger("gr_models.trainer")
 
 
 class RunRecorder:
-    """Keeps every logged scalar `(step, value)` by tag and mirrors it to TensorBoard under `run_dir/tensorboard`."""
+    """Keeps every logged scalar `(step, value)` by tag and mirrors it to TensorBoard under `run_dir/tensorboard`
+    (the event file is created with the first scalar, so a recorder that records nothing writes nothing)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
         self.run_dir = run_dir
         self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        self._writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self._tensorboard = tensorboard
+        self._writer: Any = None
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.history[tag].append((step, float(value)))
+        if self._tensorboard and self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
         if self._writer is not None:
             self._writer.add_scalar(tag, value, step)
 
@@ -68,3 +79,76 @@ def write_json(path: Path, payload: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     tmp.replace(path)
     return path
+
+
+class ProgressLog:
+    """Training progress on the main rank.
+
+    A tqdm bar (written to `stream`, default stdout) when `progress_bar` is on and `stream` is a terminal; otherwise
+    (a file, a pipe, or `progress_bar` off) one `logging` INFO line on the `gr_models.trainer` logger per logged
+    step: step, loss, learning rate, samples/s, tokens/s and the estimated time left. Every evaluation is one line
+    (through the bar when there is one). Nothing is shown where `enabled` is False (ranks other than 0).
+    """
+
+    def __init__(
+        self,
+        total: int,
+        initial: int,
+        desc: str,
+        *,
+        enabled: bool = True,
+        progress_bar: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.total, self.initial, self.enabled = total, initial, enabled
+        stream = stream if stream is not None else sys.stdout
+        self._bar: Any = None
+        if enabled and progress_bar and stream.isatty():
+            self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=stream)
+        self._started = time.perf_counter()
+
+    @property
+    def shows_bar(self) -> bool:
+        return self._bar is not None
+
+    def update(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def eta_seconds(self, step: int) -> float | None:
+        """Seconds left at this run's pace (evaluations included), or None before its first step."""
+        done = step - self.initial
+        if done <= 0:
+            return None
+        return (self.total - step) * (time.perf_counter() - self._started) / done
+
+    def log_step(self, step: int, stats: dict[str, float]) -> None:
+        """`stats`: loss, lr, samples_per_s, tokens_per_s (as the trainer records them)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix(
+                loss=f"{stats['loss']:.4f}",
+                samples_s=f"{stats['samples_per_s']:.0f}",
+                tokens_s=f"{stats['tokens_per_s']:.0f}",
+            )
+            return
+        eta = self.eta_seconds(step)
+        _log.info(
+            "step %d/%d | loss %.4f | lr %.3g | %.1f samples/s | %.0f tokens/s | ETA %s",
+            step, self.total, stats["loss"], stats["lr"], stats["samples_per_s"], stats["tokens_per_s"],
+            "?" if eta is None else str(datetime.timedelta(seconds=round(eta))),
+        )  # fmt: skip
+
+    def log_evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        line = f"eval at step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            _log.info("%s", line)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

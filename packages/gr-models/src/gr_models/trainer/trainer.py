@@ -12,7 +12,6 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.utils.data
-from tqdm.auto import tqdm
 
 import gr_parallel
 from gr_models.data.batch import Batch
@@ -26,7 +25,7 @@ from gr_models.model.base import GRModel
 from gr_models.trainer.builders import build_model, build_train_dataset
 from gr_models.trainer.config import RunConfig
 from gr_models.trainer.optim import OptimizerBundle
-from gr_models.trainer.reporting import RunRecorder, write_json
+from gr_models.trainer.reporting import ProgressLog, RunRecorder, write_json
 from gr_models.trainer.world import initialize_run_world
 from gr_parallel.grads import clip_grad_norm_
 from gr_parallel.pipeline import PipelineKind, SparseInputs
@@ -204,9 +203,9 @@ class Trainer:
         accumulation = settings.grad_accumulation
         if accumulation < 1:
             raise ValueError(f"train.grad_accumulation must be >= 1, got {accumulation}")
-        bar = tqdm(
-            total=settings.max_steps, initial=self.step, desc=self.config.name, dynamic_ncols=True,
-            disable=not (settings.progress_bar and self.world.is_main),
+        bar = ProgressLog(
+            settings.max_steps, self.step, self.config.name, enabled=self.world.is_main,
+            progress_bar=settings.progress_bar,
         )  # fmt: skip
         if self.step == 0 and settings.eval_every > 0:
             self._evaluate_and_record(bar)  # the untrained baseline, so the curves start at chance
@@ -244,11 +243,7 @@ class Trainer:
                 if grad_norm is not None:
                     stats["grad_norm"] = grad_norm
                 self.recorder.scalars("train", stats, self.step)
-                bar.set_postfix(
-                    loss=f"{stats['loss']:.4f}",
-                    samples_s=f"{stats['samples_per_s']:.0f}",
-                    tokens_s=f"{stats['tokens_per_s']:.0f}",
-                )
+                bar.log_step(self.step, stats)
                 self.samples_seen += int(samples)
                 self.tokens_seen += int(tokens)
                 window_loss, window_count, window_samples, window_tokens = 0.0, 0, 0, 0
@@ -266,11 +261,10 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- evaluation
 
-    def _evaluate_and_record(self, bar: tqdm) -> dict[str, float]:
+    def _evaluate_and_record(self, bar: ProgressLog) -> dict[str, float]:
         metrics = self.evaluate()
         self.recorder.scalars("eval", metrics, self.step)
-        if self.world.is_main:
-            bar.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        bar.log_evaluation(self.step, metrics)
         self.model.train()
         return metrics
 
@@ -354,6 +348,7 @@ class Trainer:
             "sparse_optimizers": {name: opt.state_dict() for name, opt in self.optimizers.sparse.items()},
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "config": self.config.to_dict(),  # what gr-eval / gr-export rebuild the model from
         }
 
     def save_checkpoint(self) -> Path:
