@@ -53,7 +53,7 @@ def test_corrupt_manifest_names_the_file(saved: tuple[Path, nn.Module]) -> None:
     [
         (lambda m: m.pop("model_tensors"), "missing fields \\['model_tensors'\\]"),
         (lambda m: m.update(format="other"), "format is 'other'"),
-        (lambda m: m.update(format_version=99), "format_version 99; this gr-checkpoint reads versions \\(1, 2\\)"),
+        (lambda m: m.update(format_version=99), "format_version 99; this gr-checkpoint reads versions \\(1, 2, 3\\)"),
         (lambda m: m["model_tensors"]["0.weight"].update(shape="wide"), "malformed field value"),
     ],
 )
@@ -77,15 +77,16 @@ def test_missing_manifest_names_the_file(saved: tuple[Path, nn.Module]) -> None:
 
 
 @pytest.mark.parametrize("damage", ["truncate_data", "delete_metadata"])
-def test_damaged_torch_module_names_the_folder(saved: tuple[Path, nn.Module], damage: str) -> None:
+def test_damaged_torch_module_names_the_file(saved: tuple[Path, nn.Module], damage: str) -> None:
     path, _ = saved
     torch_folder = path / "torch_module"
     if damage == "delete_metadata":
-        (torch_folder / ".metadata").unlink()
+        damaged, problem = torch_folder / ".metadata", "missing; the manifest lists it"
+        damaged.unlink()
     else:
-        data = next(torch_folder.glob("*.distcp"))
-        data.write_bytes(data.read_bytes()[:100])
-    with pytest.raises(CheckpointCorruptError, match=re.escape(str(torch_folder)) + ": rank 0: "):
+        damaged, problem = torch_folder / "__0_0.distcp", "truncated: 100 bytes"
+        damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(CheckpointCorruptError, match=re.escape(str(damaged)) + ": " + problem):
         gr_checkpoint.load(path, _model(seed=1))
 
 

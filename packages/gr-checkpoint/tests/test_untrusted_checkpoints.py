@@ -3,6 +3,7 @@ error and its payload (creating a marker directory) never runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -17,6 +18,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 import gr_checkpoint
+from gr_checkpoint.integrity import list_checkpoint_files, record_files
+from gr_checkpoint.manifest import manifest_checksum
 from gr_checkpoint.torch_state import collect_torch_state
 
 WORKER = Path(__file__).with_name("untrusted_load_worker.py")
@@ -46,9 +49,18 @@ def _save(path: Path, extra_state: object = None) -> Path:
     return gr_checkpoint.save(path, model, optimizer, extra_state=extra_state)
 
 
+def _reseal(path: Path) -> None:
+    """The attacker's side: make the manifest's checksums match the crafted files, so that what is
+    tested is the refusal to run or reach anything, not the checksums."""
+    _edit_manifest(
+        path, files={n: dataclasses.asdict(r) for n, r in record_files(path, list_checkpoint_files(path)).items()}
+    )
+
+
 def _edit_manifest(path: Path, **changes: object) -> None:
     manifest = json.loads((path / "manifest.json").read_text())
     manifest.update(changes)
+    manifest["checksum"] = manifest_checksum(manifest)
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -57,6 +69,7 @@ def _rewrite_dcp_metadata(path: Path, edit) -> None:
     metadata = pickle.loads(metadata_file.read_bytes())  # the attacker's side: trusted here
     edit(metadata)
     metadata_file.write_bytes(pickle.dumps(metadata))
+    _reseal(path)
 
 
 def _legacy(path: Path, extra_state: object) -> Path:
@@ -92,10 +105,12 @@ def test_crafted_checkpoints_fail_clearly_without_running_anything(tmp_path: Pat
     torch.save(
         {"format": "gr-checkpoint-extra-state-1", "tree": "0", "tensors": [Payload(marker)]}, path / "extra_state.pt"
     )
+    _reseal(path)
     cases["extra state"] = (path, "UnsafeCheckpointError", "extra_state.pt: refused or unreadable")
 
     path = _save(tmp_path / "dcp_metadata_pickle")
     (path / "torch_module" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    _reseal(path)
     cases["DCP metadata"] = (path, "UnsafeCheckpointError", ".metadata: refused to unpickle")
 
     path = _save(tmp_path / "dcp_value_pickle")
@@ -103,6 +118,7 @@ def test_crafted_checkpoints_fail_clearly_without_running_anything(tmp_path: Pat
     state = collect_torch_state(model, optimizer, None)
     state["optimizer"]["param_groups"][0]["lr"] = Payload(marker)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(path / "torch_module"), no_dist=True)
+    _reseal(path)
     cases["DCP value"] = (path, "UnsafeCheckpointError", "refused to unpickle")
 
     path = _save(tmp_path / "dcp_parent_path")
@@ -187,10 +203,10 @@ def test_trusted_format_1_checkpoint_converts_and_loads(tmp_path: Path) -> None:
         [sys.executable, "-m", "gr_checkpoint", "convert", "--trust", str(path)], capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr
-    assert "converted to format 2" in run.stdout
+    assert "converted to format 3" in run.stdout
 
     model, optimizer = _trained()
     loaded = gr_checkpoint.load(path, model, optimizer)
     assert loaded["step"] == 3 and torch.equal(loaded["rng"], rng)
-    assert gr_checkpoint.read_manifest(path).format_version == 2
+    assert gr_checkpoint.read_manifest(path).format_version == 3
     assert not gr_checkpoint.convert_trusted_checkpoint(path, trust=True)

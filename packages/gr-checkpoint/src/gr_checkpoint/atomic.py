@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from gr_checkpoint.collective import broadcast_from_zero, rank_and_world
 from gr_checkpoint.manifest import MANIFEST_NAME
 
 __all__ = [
@@ -30,27 +31,19 @@ __all__ = [
 ]
 
 
-def _is_distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def run_on_rank_zero(action: Callable[[], None]) -> None:
-    """Run ``action`` on rank 0; every rank returns after it, or raises if it failed (collective)."""
+def run_on_rank_zero(action: Callable[[], None], group: dist.ProcessGroup | None = None) -> None:
+    """Run ``action`` on rank 0 of ``group``; every rank returns after it, or raises if it failed (collective)."""
+    rank, world = rank_and_world(group)
     failure: BaseException | None = None
-    if _rank() == 0:
+    if rank == 0:
         try:
             action()
         except Exception as error:
             failure = error
-    if _is_distributed():
-        message = [None if failure is None else f"{type(failure).__name__}: {failure}"]
-        dist.broadcast_object_list(message, src=0)
-        if failure is None and message[0] is not None:
-            raise RuntimeError(f"rank 0 failed while writing the checkpoint: {message[0]}")
+    if world > 1:
+        message = broadcast_from_zero(None if failure is None else f"{type(failure).__name__}: {failure}", group)
+        if failure is None and message is not None:
+            raise RuntimeError(f"rank 0 failed while writing the checkpoint: {message}")
     if failure is not None:
         raise failure
 

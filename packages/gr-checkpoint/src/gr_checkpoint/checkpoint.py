@@ -15,6 +15,7 @@ gr_checkpoint.extra_state) and never reads outside the checkpoint folder (gr_che
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed._state_dict_utils import _create_cpu_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import KeyedOptimizer
 
@@ -46,6 +48,7 @@ from gr_checkpoint.dynamic_tables import (
 )
 from gr_checkpoint.errors import CheckpointCorruptError, CheckpointMismatchError, LegacyCheckpointError
 from gr_checkpoint.extra_state import encode_extra_state, read_extra_state, write_extra_state
+from gr_checkpoint.integrity import record_checkpoint_files, verify_checkpoint_files
 from gr_checkpoint.manifest import MANIFEST_NAME, Manifest, read_manifest
 from gr_checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 from gr_checkpoint.safe_paths import check_no_escaping_links, resolved_inside
@@ -147,19 +150,30 @@ def save(
         )
         with _quiet_single_process(), _dcp_failures_as(lambda problem: RuntimeError(f"saving {target}: {problem}")):
             dcp.save(state, storage_writer=dcp.FileSystemWriter(staging / TORCH_FOLDER))
-
-        def finish() -> None:
-            if extra_state is not None:
-                write_extra_state(staging, extra_state)
-            manifest.write(staging)
-            publish(target)
-
-        run_on_rank_zero(finish)
+        _seal_and_publish(target, manifest, extra_state)
     except BaseException:
         if not dist.is_initialized() or dist.get_rank() == 0:
             discard_staging(target)
         raise
     return target
+
+
+def _seal_and_publish(
+    target: Path, manifest: Manifest, extra_state: Any, group: dist.ProcessGroup | None = None
+) -> None:
+    """Collective, once every rank's files are in the staging folder: write the extra state, checksum
+    every file, write the manifest (with the checksums) and move the folder into place."""
+    staging = staging_dir(target)
+    if extra_state is not None:
+        run_on_rank_zero(lambda: write_extra_state(staging, extra_state), group)
+    files = record_checkpoint_files(staging, group)
+    sealed = dataclasses.replace(manifest, files=files)
+
+    def finish() -> None:
+        sealed.write(staging)
+        publish(target)
+
+    run_on_rank_zero(finish, group)
 
 
 def _sparse_optimizer_to_load(directory: Path, manifest: Manifest, model: nn.Module) -> KeyedOptimizer | None:
@@ -201,14 +215,17 @@ def _read_checked(directory: Path) -> Manifest:
 def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Any:
     """Load a checkpoint written by :func:`save` into ``model`` (and ``optimizer``); return its extra state.
 
-    Collective like :func:`save`; the world size may differ from the one that saved. Before
-    the model is changed, the manifest is checked against it: a missing or unexpected key,
-    or a different shape or dtype, raises :class:`CheckpointMismatchError` naming the key and
-    both shapes; a missing manifest raises ``FileNotFoundError`` and a malformed one
-    :class:`CheckpointCorruptError`, each naming the file; so does unreadable data in
-    ``torch_module/`` (found while reading, so the model may then be partly loaded). Without
-    ``optimizer`` only the model is loaded. Returns the ``extra_state`` given to :func:`save`
-    (``None`` if there was none).
+    Collective like :func:`save`; the world size may differ from the one that saved. All or
+    nothing: first every file's size and CRC32 are checked against the manifest (each rank
+    checks a share), then the manifest against the model (a missing or unexpected key, or a
+    different shape or dtype, raises :class:`CheckpointMismatchError` naming the key and both
+    shapes); the dense state is read into copies, the dynamic tables are loaded (dynamicemb
+    checks every table file before a table changes) and only then are the copies put into the
+    model and optimizers, so any failure leaves model, optimizers and tables as they were. A
+    missing manifest raises ``FileNotFoundError``; a malformed manifest, a missing, truncated
+    or corrupt file :class:`CheckpointCorruptError`, each naming the file. Without ``optimizer``
+    only the model is loaded. Returns the ``extra_state`` given to :func:`save` (``None`` if
+    there was none). Format-2 checkpoints (no checksums) load unverified, with a warning.
 
     Loading runs no code from the files: anything that would (a pickled callable or class outside
     the weights-only allowlist) or that names a file outside the checkpoint folder (``..``, a path
@@ -218,6 +235,7 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
     """
     directory = resolve_checkpoint_dir(Path(path))
     manifest = _read_checked(directory)
+    _verify_files(directory, manifest)
     if optimizer is not None and manifest.optimizer_class is None:
         raise CheckpointMismatchError(f"{directory} holds no optimizer state, but an optimizer was given to load()")
     if optimizer is not None and manifest.optimizer_class != type(optimizer).__name__:
@@ -228,6 +246,37 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
     sparse_optimizer = _sparse_optimizer_to_load(directory, manifest, model)
     model_only = collect_torch_state(model, None, None)
     check_tensor_specs("model", manifest.model_tensors, tensor_specs(model_only["model"]))
+    fresh_optimizer = optimizer is not None and not optimizer.state
+    try:
+        return _load_checked(directory, manifest, model, optimizer, sparse_optimizer)
+    except BaseException:
+        if fresh_optimizer and optimizer is not None:
+            optimizer.state.clear()  # collect_torch_state filled it with zeros (lr 0 step); back to empty
+        raise
+
+
+def _verify_files(directory: Path, manifest: Manifest) -> None:
+    """Every file's size and checksum (format 3), before anything is read; format 2 only warns."""
+    if manifest.files is None:
+        warnings.warn(
+            f"{directory} is a format-{manifest.format_version} checkpoint without checksums: its files are not "
+            f"verified; save it again (or run: gr-checkpoint convert --trust {directory}) to add them",
+            stacklevel=3,
+        )
+        return
+    verify_checkpoint_files(directory, manifest.files)
+
+
+def _load_checked(
+    directory: Path,
+    manifest: Manifest,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    sparse_optimizer: KeyedOptimizer | None,
+) -> Any:
+    """Read everything into copies, load the dynamic tables (dynamicemb checks every file before a
+    table changes), then copy the dense state into the model and optimizers: a failure before that
+    last step leaves them as they were."""
     state: dict[str, Any] = collect_torch_state(model, optimizer, sparse_optimizer)
     if optimizer is not None:
         check_tensor_specs("optimizer", manifest.optimizer_tensors, tensor_specs(state["optimizer"]["state"]))
@@ -239,9 +288,10 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
     reader = SafeFileSystemReader(torch_folder)
     if (torch_folder / ".metadata").is_file():
         reader.read_metadata()  # refuses unsafe metadata with its own error (inside DCP it becomes an assertion)
+    loaded = _create_cpu_state_dict(state)  # read into copies: the model is untouched if reading fails
     with _quiet_single_process(), _dcp_failures_as(lambda problem: CheckpointCorruptError(torch_folder, problem)):
-        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(torch_folder))
-    restore_torch_state(model, optimizer, sparse_optimizer, state)
+        dcp.load(loaded, storage_reader=reader, planner=SafeLoadPlanner(torch_folder))
     if manifest.dynamic_tables:
         load_dynamic_tables(directory, model)
+    restore_torch_state(model, optimizer, sparse_optimizer, loaded)
     return extra_state

@@ -8,7 +8,9 @@ run code, so :func:`gr_checkpoint.load` refuses them. A user who trusts one conv
 
 This unpickles the old extra state (the one step that can run code, hence ``--trust``), checks
 that it is data (else :class:`~gr_checkpoint.UnsafeExtraStateError` names the key and type),
-writes ``extra_state.pt`` and a format-2 manifest into a copy and swaps it in atomically.
+writes ``extra_state.pt`` and a current manifest (with the checksums of every file) into a copy
+and swaps it in atomically. A format-2 checkpoint (no checksums) gets its checksums the same way;
+nothing is unpickled for it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from gr_checkpoint.atomic import publish, staging_dir
 from gr_checkpoint.checkpoint import TORCH_FOLDER
 from gr_checkpoint.extra_state import write_extra_state
+from gr_checkpoint.integrity import list_checkpoint_files, record_files
 from gr_checkpoint.manifest import FORMAT_VERSION, read_manifest
 
 __all__ = ["convert_trusted_checkpoint", "main"]
@@ -46,9 +49,9 @@ def _unpickle_legacy_extra_state(torch_folder: Path) -> Any:
 
 
 def convert_trusted_checkpoint(path: str | os.PathLike[str], *, trust: bool = False) -> bool:
-    """Rewrite the format-1 checkpoint at ``path`` as format 2; ``True`` if converted, ``False`` if it
-    needed nothing (already format 2, or no extra state). ``trust=True`` is required: converting
-    unpickles the old extra state, which runs any code it holds. Single process."""
+    """Rewrite the format-1 or format-2 checkpoint at ``path`` in the current format (with checksums);
+    ``True`` if converted, ``False`` if it already was current. ``trust=True`` is required: converting
+    a format-1 checkpoint unpickles the old extra state, which runs any code it holds. Single process."""
     if not trust:
         raise PermissionError(
             "converting unpickles the checkpoint's extra state, which runs any code it holds; "
@@ -63,9 +66,10 @@ def convert_trusted_checkpoint(path: str | os.PathLike[str], *, trust: bool = Fa
         shutil.rmtree(staging)
     shutil.copytree(target, staging, symlinks=True)
     try:
-        if manifest.has_extra_state:
+        if manifest.format_version == 1 and manifest.has_extra_state:
             write_extra_state(staging, _unpickle_legacy_extra_state(staging / TORCH_FOLDER))
-        dataclasses.replace(manifest, format_version=FORMAT_VERSION).write(staging)
+        files = record_files(staging, list_checkpoint_files(staging))
+        dataclasses.replace(manifest, format_version=FORMAT_VERSION, files=files).write(staging)
         publish(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -77,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     """``gr-checkpoint convert --trust PATH``."""
     parser = argparse.ArgumentParser(prog="gr-checkpoint", description="gr-checkpoint maintenance commands")
     commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("convert", help="convert a trusted format-1 checkpoint to format 2")
+    convert = commands.add_parser(
+        "convert", help=f"convert a trusted format-1 or format-2 checkpoint to format {FORMAT_VERSION}"
+    )
     convert.add_argument("path", help="checkpoint directory (the one holding manifest.json)")
     convert.add_argument(
         "--trust", action="store_true", help="required: converting unpickles the old extra state, running its code"

@@ -15,6 +15,7 @@ class CheckpointCorruptError(ValueError):
     def __init__(self, path: object, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
+        self.problem = problem
 
 
 class UnsafeCheckpointError(CheckpointCorruptError):

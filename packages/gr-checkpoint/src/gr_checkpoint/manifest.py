@@ -4,19 +4,25 @@ Fields: ``format`` ("gr-checkpoint"), ``format_version``, ``versions`` (gr-check
 dynamicemb), ``world_size`` at save time, ``step`` (or null), ``model_tensors`` and
 ``optimizer_tensors`` (``{key: {"shape": [...], "dtype": "float32"}}``, global shapes of sharded
 tensors), ``optimizer_class`` (or null), ``sparse_optimizer_tensors`` (the fused optimizer state of
-a ``DistributedModelParallel``'s TorchRec tables, or null), ``dynamic_tables`` (``{module: {table: {"dim", "dtype"}}}``)
-and ``has_extra_state``.
+a ``DistributedModelParallel``'s TorchRec tables, or null), ``dynamic_tables``
+(``{module: {table: {"dim", "dtype"}}}``), ``has_extra_state``, ``files`` (``{relative path:
+{"size", "crc32"}}`` of every other file of the checkpoint, see :mod:`gr_checkpoint.integrity`) and
+``checksum`` (CRC32 of the manifest's own canonical JSON without this field, so a damaged manifest
+that still parses is caught too).
 
-Format versions: 2 stores the extra state as data (``extra_state.pt``, see
-:mod:`gr_checkpoint.extra_state`); 1 stored it pickled inside ``torch_module/`` and is read only
+Format versions: 3 adds ``files`` and ``checksum``; 2 stores the extra state as data
+(``extra_state.pt``, see :mod:`gr_checkpoint.extra_state`) and loads without verification (with a
+warning saying how to add checksums); 1 stored it pickled inside ``torch_module/`` and is read only
 to refuse it (or to convert it, see :mod:`gr_checkpoint.convert`). Module and table names are
-plain file names (they name folders and files of ``dynamicemb_module/``).
+plain file names (they name folders and files of ``dynamicemb_module/``); file paths are
+``/``-separated plain names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +36,17 @@ __all__ = [
     "MANIFEST_NAME",
     "READABLE_FORMAT_VERSIONS",
     "DynamicTableSpec",
+    "FileRecord",
     "Manifest",
     "TensorSpec",
+    "manifest_checksum",
     "read_manifest",
 ]
 
 FORMAT_NAME = "gr-checkpoint"
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
+CHECKSUMMED_FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 
 
@@ -61,6 +70,14 @@ class DynamicTableSpec:
 
 
 @dataclass(frozen=True)
+class FileRecord:
+    """Size in bytes and zlib CRC32 of one checkpoint file."""
+
+    size: int
+    crc32: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Contents of ``manifest.json`` (see the module docstring)."""
 
@@ -73,10 +90,13 @@ class Manifest:
     dynamic_tables: dict[str, dict[str, DynamicTableSpec]] = field(default_factory=dict)
     has_extra_state: bool = False
     step: int | None = None
+    files: dict[str, FileRecord] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
         body = {"format": FORMAT_NAME, **asdict(self)}
+        if self.format_version >= CHECKSUMMED_FORMAT_VERSION:
+            body["checksum"] = manifest_checksum(body)
         return json.dumps(body, sort_keys=True)
 
     def write(self, directory: Path) -> None:
@@ -89,6 +109,30 @@ class Manifest:
 
 
 _REQUIRED_FIELDS = ("format", "format_version", "world_size", "versions", "model_tensors")
+_CHECKSUMMED_FIELDS = ("files", "checksum")
+
+
+def manifest_checksum(body: dict[str, Any]) -> int:
+    """CRC32 of ``body`` (the manifest's JSON object) without its ``checksum`` field, as canonical JSON."""
+    rest = {key: value for key, value in body.items() if key != "checksum"}
+    return zlib.crc32(json.dumps(rest, sort_keys=True).encode())
+
+
+def _file_path(name: Any, source: Path) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"file name {name!r} is not a string")
+    for part in name.split("/"):
+        check_plain_name(part, source)
+    return name
+
+
+def _file_records(raw: Any, source: Path) -> dict[str, FileRecord] | None:
+    if raw is None:
+        return None
+    return {
+        _file_path(name, source): FileRecord(size=int(record["size"]), crc32=int(record["crc32"]))
+        for name, record in raw.items()
+    }
 
 
 def _tensor_specs(raw: Any) -> dict[str, TensorSpec]:
@@ -120,7 +164,10 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise CheckpointCorruptError(path, f"not valid JSON ({error})") from None
     if not isinstance(raw, dict):
         raise CheckpointCorruptError(path, "the manifest is not a JSON object")
-    missing = [name for name in _REQUIRED_FIELDS if name not in raw]
+    required = _REQUIRED_FIELDS
+    if raw.get("format_version") == CHECKSUMMED_FORMAT_VERSION:
+        required += _CHECKSUMMED_FIELDS
+    missing = [name for name in required if name not in raw]
     if missing:
         raise CheckpointCorruptError(path, f"missing fields {missing}")
     if raw["format"] != FORMAT_NAME:
@@ -131,7 +178,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
             f"format_version {raw['format_version']!r}; this gr-checkpoint reads versions {READABLE_FORMAT_VERSIONS}",
         )
     try:
-        return Manifest(
+        manifest = Manifest(
             world_size=int(raw["world_size"]),
             versions={str(k): str(v) for k, v in raw["versions"].items()},
             model_tensors=_tensor_specs(raw["model_tensors"]),
@@ -143,9 +190,15 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
             dynamic_tables=_dynamic_specs(raw.get("dynamic_tables", {}), path),
             has_extra_state=bool(raw.get("has_extra_state", False)),
             step=None if raw.get("step") is None else int(raw["step"]),
+            files=_file_records(raw["files"], path) if raw["format_version"] >= CHECKSUMMED_FORMAT_VERSION else None,
             format_version=int(raw["format_version"]),
         )
     except UnsafeCheckpointError:
         raise
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointCorruptError(path, f"malformed field value ({type(error).__name__}: {error})") from None
+    if manifest.format_version >= CHECKSUMMED_FORMAT_VERSION and raw["checksum"] != manifest_checksum(raw):
+        raise CheckpointCorruptError(
+            path, f"corrupt: its checksum field says {raw['checksum']!r}, its content has {manifest_checksum(raw)}"
+        )
+    return manifest

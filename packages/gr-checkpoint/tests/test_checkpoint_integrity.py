@@ -1,0 +1,287 @@
+"""Checksums of every checkpoint file (flipped bytes, truncation, missing files are named) and
+all-or-nothing loads (a failed load leaves model, optimizer and dynamic tables bit-identical)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+import gr_checkpoint
+from dynamicemb import DynamicEmbeddingCollection, DynamicEmbOptimizerArgs, DynamicEmbOptimizerType
+from gr_checkpoint import CheckpointCorruptError, CheckpointMismatchError
+from gr_checkpoint.integrity import list_checkpoint_files, record_files
+from gr_checkpoint.manifest import manifest_checksum
+
+ADAM = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=0.05)
+
+
+class Recommender(nn.Module):
+    """Dynamic item and user tables (fused Adam), a buffer and a dense head (Adam)."""
+
+    def __init__(self, hidden: int = 6) -> None:
+        super().__init__()
+        self.embeddings = DynamicEmbeddingCollection(
+            tables=[
+                EmbeddingConfig(name="items", embedding_dim=4, num_embeddings=64, feature_names=["item"]),
+                EmbeddingConfig(name="users", embedding_dim=4, num_embeddings=64, feature_names=["user"]),
+            ],
+            optimizer=ADAM,
+        )
+        self.hidden = nn.Linear(8, hidden)
+        self.head = nn.Linear(hidden, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        out = self.embeddings(features)
+        self.calls += 1
+        joined = torch.cat([out["item"].values(), out["user"].values()], dim=1)
+        return self.head(torch.tanh(self.hidden(joined))).squeeze(1)
+
+
+def _batch(seed: int) -> KeyedJaggedTensor:
+    ids = torch.randint(0, 1 << 40, (8,), generator=torch.Generator().manual_seed(seed))
+    return KeyedJaggedTensor.from_lengths_sync(keys=["item", "user"], values=ids, lengths=torch.tensor([2, 2, 2, 2]))
+
+
+def _trained(seed: int, steps: int = 3, hidden: int = 6) -> tuple[Recommender, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = Recommender(hidden)
+    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("embeddings")], lr=0.01)
+    for step in range(steps):
+        optimizer.zero_grad()
+        model(_batch(100 * seed + step)).sigmoid().sum().backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def _snapshot(model: Recommender, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Everything a load may change, as exact copies."""
+    rows = {
+        name: sorted(
+            (key, embedding.tolist(), state.tolist(), score)
+            for keys, embeddings, states, scores in table.export()
+            for key, embedding, state, score in zip(keys.tolist(), embeddings, states, scores.tolist())
+        )
+        for name, table in model.embeddings.dynamic_embedding_tables().items()
+    }
+    steps = {name: table.optimizer.step for name, table in model.embeddings.dynamic_embedding_tables().items()}
+    return {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optimizer": _clone(optimizer.state_dict()),
+        "rows": rows,
+        "table_steps": steps,
+    }
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value
+
+
+def _identical(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, optimizer = _trained(seed=0)
+    path = tmp_path_factory.mktemp("integrity") / "ckpt"
+    return gr_checkpoint.save(path, model, optimizer, extra_state={"step": 3, "rng": torch.get_rng_state()})
+
+
+@pytest.fixture
+def checkpoint(pristine: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / "ckpt"))
+
+
+def test_manifest_records_every_file(checkpoint: Path) -> None:
+    manifest = gr_checkpoint.read_manifest(checkpoint)
+    assert manifest.format_version == 3
+    assert manifest.files is not None
+    assert sorted(manifest.files) == list_checkpoint_files(checkpoint)
+    assert {".metadata", "__0_0.distcp"} <= {name.rsplit("/", 1)[-1] for name in manifest.files}
+    assert {"extra_state.pt", "dynamicemb_module/embeddings/items.dynamicemb"} <= set(manifest.files)
+    assert manifest.files == record_files(checkpoint, manifest.files)
+
+
+def _positions(size: int) -> list[int]:
+    return sorted({0, size - 1, *range(0, size, max(1, size // 16))})
+
+
+def test_every_flipped_byte_of_every_file_is_named(checkpoint: Path) -> None:
+    files = list_checkpoint_files(checkpoint)
+    assert len(files) >= 5
+    tried = 0
+    for name in files:
+        path = checkpoint / name
+        original = path.read_bytes()
+        for position in _positions(len(original)):
+            damaged = bytearray(original)
+            damaged[position] ^= 0x01
+            path.write_bytes(bytes(damaged))
+            with pytest.raises(CheckpointCorruptError, match=re.escape(str(path)) + ": corrupt: CRC32"):
+                gr_checkpoint.load(checkpoint, *_trained(seed=1, steps=0))
+            tried += 1
+        path.write_bytes(original)
+    assert tried > 5 * 16
+    gr_checkpoint.load(checkpoint, *_trained(seed=1, steps=0))  # the restored files load
+
+
+@pytest.mark.parametrize("keep", [0, 0.5, -1])
+def test_truncated_files_are_named(checkpoint: Path, keep: float) -> None:
+    for name in list_checkpoint_files(checkpoint):
+        path = checkpoint / name
+        original = path.read_bytes()
+        path.write_bytes(original[: int(len(original) * keep) if keep >= 0 else len(original) - 1])
+        with pytest.raises(CheckpointCorruptError, match=re.escape(str(path)) + ": truncated: "):
+            gr_checkpoint.load(checkpoint, *_trained(seed=1, steps=0))
+        path.write_bytes(original)
+
+
+def test_a_damaged_manifest_that_still_parses_is_caught(checkpoint: Path) -> None:
+    manifest = checkpoint / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"shape": [6, 8]', '"shape": [6, 9]', 1))
+    assert manifest.read_text() != text
+    with pytest.raises(CheckpointCorruptError, match=re.escape(str(manifest)) + ": corrupt: its checksum field"):
+        gr_checkpoint.load(checkpoint, *_trained(seed=1, steps=0))
+
+
+def test_a_missing_file_is_named(checkpoint: Path) -> None:
+    (checkpoint / "dynamicemb_module" / "embeddings" / "users.dynamicemb").unlink()
+    with pytest.raises(
+        CheckpointCorruptError, match=r"users\.dynamicemb: missing; the manifest lists it \(\d+ bytes\)"
+    ):
+        gr_checkpoint.load(checkpoint, *_trained(seed=1, steps=0))
+
+
+def test_format_2_checkpoint_loads_with_a_warning_and_converts(checkpoint: Path) -> None:
+    raw = json.loads((checkpoint / "manifest.json").read_text())
+    for field in ("files", "checksum"):
+        raw.pop(field)
+    raw["format_version"] = 2
+    (checkpoint / "manifest.json").write_text(json.dumps(raw))
+    with pytest.warns(UserWarning, match="format-2 checkpoint without checksums.*convert --trust"):
+        assert gr_checkpoint.load(checkpoint, *_trained(seed=1, steps=0))["step"] == 3
+    assert gr_checkpoint.convert_trusted_checkpoint(checkpoint, trust=True)
+    assert gr_checkpoint.read_manifest(checkpoint).files == record_files(checkpoint, list_checkpoint_files(checkpoint))
+
+
+# All-or-nothing: every failure below leaves a trained model, its optimizer and its tables as they were.
+
+
+def _reseal(path: Path) -> None:
+    """Record the damaged files' checksums, so that the failure comes from reading, not from the checksums."""
+    raw = json.loads((path / "manifest.json").read_text())
+    records = record_files(path, list_checkpoint_files(path))
+    raw["files"] = {name: dataclasses.asdict(record) for name, record in records.items()}
+    raw["checksum"] = manifest_checksum(raw)
+    (path / "manifest.json").write_text(json.dumps(raw))
+
+
+def _flip_table_byte(path: Path) -> None:
+    table = path / "dynamicemb_module" / "embeddings" / "users.dynamicemb"
+    data = bytearray(table.read_bytes())
+    data[20] ^= 0xFF
+    table.write_bytes(bytes(data))
+
+
+def _truncate_distcp(path: Path) -> None:
+    data = path / "torch_module" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[:-200])
+
+
+def _swap_tables_resealed(path: Path) -> None:
+    folder = path / "dynamicemb_module" / "embeddings"
+    (folder / "items.dynamicemb").rename(folder / "tmp")
+    (folder / "users.dynamicemb").rename(folder / "items.dynamicemb")
+    (folder / "tmp").rename(folder / "users.dynamicemb")
+    _reseal(path)
+
+
+def _truncate_distcp_resealed(path: Path) -> None:
+    _truncate_distcp(path)
+    _reseal(path)
+
+
+FAILURES = {
+    "flipped byte in a dynamic table": (_flip_table_byte, CheckpointCorruptError, r"users\.dynamicemb: corrupt"),
+    "truncated .distcp": (_truncate_distcp, CheckpointCorruptError, r"__0_0\.distcp: truncated"),
+    "dynamic table refused by dynamicemb after the dense part was read": (
+        _swap_tables_resealed,
+        ValueError,
+        r"items\.dynamicemb: holds table 'users', not 'items'",
+    ),
+    "truncated .distcp with matching checksums (DCP fails mid-read)": (
+        _truncate_distcp_resealed,
+        CheckpointCorruptError,
+        r"torch_module: rank 0: ",
+    ),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_failed_load_changes_nothing(checkpoint: Path, failure: str) -> None:
+    damage, error, message = FAILURES[failure]
+    damage(checkpoint)
+    model, optimizer = _trained(seed=5, steps=2)
+    before = _snapshot(model, optimizer)
+    with pytest.raises(error, match=message):
+        gr_checkpoint.load(checkpoint, model, optimizer)
+    assert _identical(_snapshot(model, optimizer), before)
+    assert before["rows"]["items"] and before["optimizer"]["state"]
+
+
+def test_wrong_shape_changes_nothing_and_names_both_shapes(checkpoint: Path) -> None:
+    model, optimizer = _trained(seed=5, steps=2, hidden=7)
+    before = _snapshot(model, optimizer)
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=re.escape(
+            "model key 'hidden.weight': checkpoint has shape [6, 8] float32, model has shape [7, 8] float32"
+        ),
+    ):
+        gr_checkpoint.load(checkpoint, model, optimizer)
+    assert _identical(_snapshot(model, optimizer), before)
+
+
+def test_failed_load_leaves_a_fresh_optimizer_empty(checkpoint: Path) -> None:
+    _truncate_distcp_resealed(checkpoint)
+    model, optimizer = _trained(seed=5, steps=0)
+    before = _snapshot(model, optimizer)
+    with pytest.raises(CheckpointCorruptError):
+        gr_checkpoint.load(checkpoint, model, optimizer)
+    assert not optimizer.state
+    assert _identical(_snapshot(model, optimizer), before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_missing_rank_is_named(checkpoint: Path) -> None:
+    # A two-rank checkpoint whose rank-1 file is gone: the manifest lists it, the error says whose it was.
+    data = checkpoint / "torch_module" / "__0_0.distcp"
+    shutil.copy(data, data.with_name("__1_0.distcp"))
+    _reseal(checkpoint)
+    data.with_name("__1_0.distcp").unlink()
+    with pytest.raises(CheckpointCorruptError, match=r"__1_0\.distcp: missing; .* \(written by rank 1\)"):
+        gr_checkpoint.load(checkpoint, *_trained(seed=1, steps=0))
