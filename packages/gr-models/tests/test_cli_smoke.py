@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gr_models.cli import main
+from gr_models.logs import remove_logging
+
+
+@pytest.fixture(autouse=True)
+def _drop_cli_logging() -> Iterator[None]:
+    """main() installs a log handler on the stdout of its test; remove it so later tests do not write there."""
+    yield
+    remove_logging()
+
 
 CONFIG = """
 name: smoke
@@ -48,10 +58,12 @@ def test_gr_train_runs_twenty_steps_and_writes_records(tmp_path: Path, capsys: p
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_10", "step_20"]
 
 
-def test_gr_train_rejects_unknown_keys(tmp_path: Path) -> None:
+def test_gr_train_rejects_unknown_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("train: {max_step: 3}\n")
+    assert main(["--config", str(config)]) == 2
+    assert "unknown config key(s) ['max_step'] in 'train'" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['max_step'\] in 'train'"):
-        main(["--config", str(config)])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["--config", str(tmp_path / "missing.yaml")])
+        main(["--config", str(config), "--debug"])

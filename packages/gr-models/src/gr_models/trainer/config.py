@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import types
@@ -310,6 +311,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 "data.dataset=%s replaces %r: dropped the file's %s", data["dataset"], file_dataset,
                 " and ".join(f"data.{k}" for k in dropped),
             )  # fmt: skip
+    config = _build(RunConfig, tree)
+    check_config(config)
+    return config
+
+
+def config_from_tree(tree: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """A checked `RunConfig` from a nested dict (such as `RunConfig.to_dict()` stored in a checkpoint), with
+    `overrides` applied first."""
+    tree = copy.deepcopy(tree)
+    for override in overrides or []:
+        apply_override(tree, override)
     config = _build(RunConfig, tree)
     check_config(config)
     return config
