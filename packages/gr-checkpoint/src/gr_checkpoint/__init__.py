@@ -10,6 +10,7 @@ checkpoint.
 
 from gr_checkpoint.checkpoint import load, save
 from gr_checkpoint.convert import convert_trusted_checkpoint
+from gr_checkpoint.dynamic_tables import StandaloneDynamicTablesError
 from gr_checkpoint.errors import (
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -28,6 +29,7 @@ __all__ = [
     "DynamicTableSpec",
     "LegacyCheckpointError",
     "Manifest",
+    "StandaloneDynamicTablesError",
     "TensorSpec",
     "UnsafeCheckpointError",
     "UnsafeExtraStateError",

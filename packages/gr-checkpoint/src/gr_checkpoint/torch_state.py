@@ -2,7 +2,9 @@
 
 State dicts come from ``torch.distributed.checkpoint.state_dict`` (keys are parameter FQNs, with
 wrappers such as DDP's ``module.`` removed, and optimizer state keyed by FQN), so a checkpoint
-saved by a DDP model on N ranks loads into the bare model on M ranks. Dynamic tables are not
+saved by a DDP model on N ranks loads into the bare model on M ranks. Parameters split over a tensor-parallel
+group are stored whole (see :mod:`gr_checkpoint.tensor_parallel`), so the tensor-parallel size may change too.
+Dynamic tables are not
 parameters and never appear here (see :mod:`gr_checkpoint.dynamic_tables`); the ordinary state
 of modules that hold them (e.g. the TorchRec tables a mixed sharded collection keeps) does.
 """
@@ -26,6 +28,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from gr_checkpoint.errors import CheckpointMismatchError
 from gr_checkpoint.manifest import TensorSpec
+from gr_checkpoint.tensor_parallel import tensor_parallel_layouts, to_global, to_local
 
 __all__ = [
     "SPARSE_OPTIMIZER",
@@ -59,6 +62,7 @@ def collect_torch_state(
     else:
         model_state, optimizer_state = get_state_dict(module, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
+    to_global(state, tensor_parallel_layouts(module))
     if sparse_optimizer is not None:
         state[SPARSE_OPTIMIZER] = sparse_optimizer.state_dict()
     return state
@@ -83,8 +87,10 @@ def restore_torch_state(
     sparse_optimizer: KeyedOptimizer | None,
     state: TorchState,
 ) -> None:
-    """Put a loaded :data:`TorchState` back into ``model``, ``optimizer`` and ``sparse_optimizer``."""
+    """Put a loaded :data:`TorchState` back into ``model``, ``optimizer`` and ``sparse_optimizer`` (each
+    tensor-parallel rank keeps its part of the global tensors)."""
     module = get_unwrapped_module(model)
+    to_local(state, tensor_parallel_layouts(module))
     if optimizer is None:
         set_model_state_dict(module, state["model"])
     else:
