@@ -3,7 +3,8 @@
 # gr-models, then gr-train on the all-dynamic synthetic ranking config with the train pipeline off and on,
 # alternating (none, overlap, none, overlap) so drift of the machine falls on both. Everything lands in $OUT.
 #   run(command="bash tools/gpu/gr_train_pipeline.sh", carry=[".gpu-wheels"])
-# STEPS sets train.max_steps (default 300); COMMIT names the commit measured.
+# STEPS sets train.max_steps (default 300), ROUNDS the rounds (default 2), TEST_TIMEOUT_S the tests' limit
+# (default 150); COMMIT names the commit measured.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gr-train-pipeline}
@@ -12,18 +13,11 @@ GR_SKIP_TESTS=1 source tools/gpu/setup.sh > "$out/setup.log" 2>&1 || { tail -20 
 grep -E "^device|^torch|^triton|^megatron|^torchrec" "$out/setup.log"
 
 echo "== pytest -m gpu (gr-parallel, gr-models)"
-timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider packages/gr-parallel packages/gr-models 2>&1 \
+timeout "${TEST_TIMEOUT_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider packages/gr-parallel packages/gr-models 2>&1 \
   | tee "$out/pytest-gpu.log" | tail -15
 
 config=packages/gr-models/configs/synthetic_ranking_dynamic.yaml
-for round in 1 2; do
-  for mode in none overlap; do
-    echo "== gr-train pipeline=$mode (round $round)"
-    timeout 150 python3 -m gr_models.cli --config "$config" device=cuda parallel.pipeline="$mode" \
-      train.max_steps="${STEPS:-300}" train.eval_every=100000 train.log_every=50 \
-      output_dir="$out/run-$mode-$round" > "$out/train-$mode-$round.log" 2>&1 || tail -20 "$out/train-$mode-$round.log"
-  done
-done
+summarize() {  # the JSON is rewritten after every run, so a call cut short still returns what finished
 python3 - "$out" "${COMMIT:-unknown}" <<'PY'
 import datetime, json, pathlib, sys
 import torch
@@ -40,5 +34,15 @@ for metrics in sorted(out.glob("run-*/metrics.json")):
 result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": commit,
           "config": "packages/gr-models/configs/synthetic_ranking_dynamic.yaml", "rows": rows}
 (out / "gr-train-pipeline.json").write_text(json.dumps(result, indent=2))
-print(json.dumps(result, indent=2))
+print(json.dumps(rows))
 PY
+}
+for round in $(seq 1 "${ROUNDS:-2}"); do
+  for mode in none overlap; do
+    echo "== gr-train pipeline=$mode (round $round)"
+    timeout 150 python3 -m gr_models.cli --config "$config" device=cuda parallel.pipeline="$mode" \
+      train.max_steps="${STEPS:-300}" train.eval_every=100000 train.log_every=50 \
+      output_dir="$out/run-$mode-$round" > "$out/train-$mode-$round.log" 2>&1 || tail -20 "$out/train-$mode-$round.log"
+    summarize
+  done
+done
