@@ -1,0 +1,161 @@
+"""A DLRM-style ranking baseline over the same batches as `RankingGR`: pooled embeddings, dot interaction, MLP.
+
+Each candidate is one sample with these pooled features (TorchRec `EmbeddingBagCollection`, mean pooling):
+
+- the user's contextual ids (one bag per contextual feature, e.g. user id, gender, age, occupation, zip code);
+- the candidate's item id and each of its side features (e.g. the movie's genre set);
+- bags of the user's history: the history item ids (``history_<item>``, sharing the item table), each history side
+  feature (``history_<side>``, sharing that feature's table) and the history actions (``history_<action>``).
+
+Candidate actions are the labels and never enter a feature; timestamps are not used. Interaction (DLRM's "dot"
+interaction without dense features): the F pooled embeddings `[N, F, D]`, flattened, concatenated with the
+F (F - 1) / 2 dot products of every pair, into an MLP that ends in one logit per task. Loss: per-task binary
+cross-entropy, as `RankingGR`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from gr_models.configs.embedding_config import EmbeddingOptimizerParam
+from gr_models.data.batch import RankingBatch
+from gr_models.data.schema import UNBOUNDED_VOCAB, DatasetSchema
+from gr_models.modules.jagged import lengths_to_offsets, token_coordinates
+from gr_models.modules.losses import multi_task_bce
+from gr_models.modules.mlp import MLP
+from gr_models.modules.sparse_optimizer import SparseRowOptimizer
+
+__all__ = ["DLRMBaseline"]
+
+
+def _gather_bags(values: Tensor, lengths: Tensor, owners: Tensor) -> tuple[Tensor, Tensor]:
+    """For rows `owners [N]` (indices of jagged rows with `lengths [B]` over `values`): (values of each owner's
+    row, concatenated [sum lengths[owners]], their lengths [N])."""
+    offsets = lengths_to_offsets(lengths)
+    bag_lengths = lengths.to(torch.int64)[owners]
+    row, position = token_coordinates(bag_lengths)
+    return values[offsets[owners][row] + position], bag_lengths
+
+
+class DLRMBaseline(nn.Module):
+    """See the module docstring.
+
+    Args:
+        schema: a ranking schema (item, action, contextual and side features, tasks).
+        dim: embedding width of every table.
+        mlp_hidden: hidden widths of the top MLP (one logit per task is appended).
+        table_optimizer: the row-sparse optimizer of every table (as `RankingGR`'s static tables); default Adam.
+        activation: of the MLP.
+        device: where the model lives (default the CPU).
+    """
+
+    def __init__(
+        self,
+        schema: DatasetSchema,
+        dim: int,
+        mlp_hidden: Sequence[int],
+        *,
+        table_optimizer: EmbeddingOptimizerParam | None = None,
+        activation: str = "relu",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if schema.kind != "ranking" or schema.action_feature_name is None:
+            raise ValueError("DLRMBaseline needs a ranking schema with an action feature")
+        unbounded = [n for n in schema.id_feature_names if schema.vocab_sizes[n] == UNBOUNDED_VOCAB]
+        if unbounded:
+            raise ValueError(f"DLRMBaseline needs bounded vocabularies; {unbounded} are hashed (unbounded)")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.schema = schema
+        self.num_tasks = schema.num_tasks
+        self.table_optimizer = table_optimizer or EmbeddingOptimizerParam(optimizer_str="adam", learning_rate=1e-3)
+        item, action = schema.item_feature_name, schema.action_feature_name
+        groups = {name: [name] for name in schema.contextual_feature_names}
+        for name in (item, *schema.side_feature_names):
+            groups[name] = [name, f"history_{name}"]
+        groups[action] = [f"history_{action}"]
+        tables = [
+            EmbeddingBagConfig(
+                name=f"{name}_table",
+                embedding_dim=dim,
+                num_embeddings=schema.vocab_sizes[name],
+                feature_names=features,
+                pooling=PoolingType.MEAN,
+            )
+            for name, features in groups.items()
+        ]
+        self.ebc = EmbeddingBagCollection(tables=tables, device=self.device)
+        self.feature_names = [f for features in groups.values() for f in features]
+        count = len(self.feature_names)
+        self.top = MLP(count * dim + count * (count - 1) // 2, [*mlp_hidden, self.num_tasks], activation).to(
+            self.device
+        )
+        self.register_buffer("_pairs", torch.triu_indices(count, count, offset=1, device=self.device), persistent=False)
+
+    def candidate_features(self, batch: RankingBatch) -> KeyedJaggedTensor:
+        """One KJT row per candidate (stride = total candidates) with the pooled features of the module docstring."""
+        if batch.num_candidates is None:
+            raise ValueError("DLRMBaseline scores candidates: the batch has none (set data.max_train_candidates > 0)")
+        schema = self.schema
+        jagged = batch.features.to_dict()
+        item_lengths = jagged[schema.item_feature_name].lengths().to(torch.int64)
+        num_candidates = batch.num_candidates.to(device=item_lengths.device, dtype=torch.int64)
+        history = item_lengths - num_candidates
+        owners, position = token_coordinates(num_candidates)
+        candidate_index = lengths_to_offsets(item_lengths)[owners] + history[owners] + position
+        ones = torch.ones_like(owners)
+        keys, values, lengths = [], [], []
+        for name in schema.contextual_feature_names:
+            bag, bag_lengths = _gather_bags(jagged[name].values(), jagged[name].lengths(), owners)
+            keys.append(name), values.append(bag), lengths.append(bag_lengths)
+        for name in (schema.item_feature_name, *schema.side_feature_names):
+            keys.append(name), values.append(jagged[name].values()[candidate_index]), lengths.append(ones)
+        user, event = token_coordinates(item_lengths)
+        is_history = event < history[user]  # candidate actions are labels: only history events enter the bags
+        for name in (schema.item_feature_name, *schema.side_feature_names, schema.action_feature_name):
+            bag, bag_lengths = _gather_bags(jagged[name].values()[is_history], history, owners)
+            keys.append(f"history_{name}"), values.append(bag), lengths.append(bag_lengths)
+        return KeyedJaggedTensor(
+            keys=keys, values=torch.cat(values).to(torch.int64), lengths=torch.cat(lengths).to(torch.int32)
+        )
+
+    def logits(self, batch: RankingBatch) -> Tensor:
+        """`[num candidates, num_tasks]` logits, rows in the order of `batch.labels`."""
+        batch = batch if batch.features.device() == self.device else batch.to(self.device)
+        pooled = self.ebc(self.candidate_features(batch)).to_dict()
+        embeddings = torch.stack([pooled[name] for name in self.feature_names], dim=1)  # [N, F, D]
+        dots = torch.bmm(embeddings, embeddings.transpose(1, 2))[:, self._pairs[0], self._pairs[1]]
+        return self.top(torch.cat([embeddings.flatten(1), dots], dim=1)).float()
+
+    def forward(self, batch: RankingBatch) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Returns `(losses [N, T], (logits [N, T], labels [N, T]))` as `RankingGR.forward`."""
+        if batch.labels is None:
+            raise ValueError("DLRMBaseline.forward needs labels; use DLRMBaseline.logits for unlabeled batches")
+        logits = self.logits(batch)
+        labels = batch.labels.to(logits.device)
+        if labels.shape != logits.shape:
+            raise ValueError(f"labels have shape {tuple(labels.shape)} but the model scores {tuple(logits.shape)}")
+        return multi_task_bce(logits, labels), (logits.detach(), labels.detach())
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: RankingBatch) -> dict[str, Tensor]:
+        """`{"logits": [N, T], "labels": [N, T]}` for the metrics."""
+        _, (logits, labels) = self(batch)
+        return {"logits": logits, "labels": labels}
+
+    def dense_parameters(self) -> Iterator[nn.Parameter]:
+        """The MLP's parameters (the dense optimizer's); the tables train with `sparse_optimizers()`."""
+        return (p for p in self.top.parameters() if p.requires_grad)
+
+    def sparse_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """One row-sparse optimizer per table (`table_optimizer`): only looked-up rows move."""
+        return {
+            name: SparseRowOptimizer([bag.weight], self.table_optimizer)
+            for name, bag in self.ebc.embedding_bags.items()
+        }
