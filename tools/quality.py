@@ -17,16 +17,36 @@ Each `--variant NAME=OVERRIDE[;OVERRIDE...]` trains the config with those `key=v
 ones given after `--`) for `--epochs` epochs of the training split, evaluating the held-out items after every
 epoch (epoch 0: untrained). One epoch is one pass over the users (ceil(users / batch) steps). Rows of the output
 JSON: variant, overrides, seed, epoch, every evaluation metric, device, date, commit.
+
+`ranking`: per-task AUC of `RankingGR` (`configs/ml1m_ranking.yaml`: contextual user features, genres as item side
+features, ratings as actions) against `DLRMBaseline` (`gr_models.model.dlrm`: TorchRec EmbeddingBagCollection of the
+same features, dot interaction, MLP) on the same split and seeds, both trained by this runner's loop (same batches
+in the same order, same optimizers and schedule). Test candidates: each user's last `data.holdout` ratings; the
+`holdout` ratings before them are the validation candidates (early stopping on the mean validation AUC), training
+candidates are the last `data.max_train_candidates` ratings before those. Rows go to `--out` after every seed.
+
+    python tools/quality.py ranking --seeds 1 2 3 --out quality-ml1m-ranking.json -- device=cuda
+
+`plot`: validation NDCG@10 by epoch from a curves JSON of `run` (mean over seeds per model), with an optional
+reference curve (a JSON list of {"epoch", "ndcg@10"} rows, or of {"model", "seed", "valid": [...]} like `run`'s):
+
+    python tools/quality.py plot --curves quality-ml1m-curves.json --reference reference-curves.json --out plot.png
+
+`run` and `ranking` take `--time-budget SECONDS` (stop training a seed before an epoch that would end past the budget
+counted from the process start, and report its best epoch so far, marked `"stopped": "time budget"`; SIGTERM stops
+the same way) and `--max-users N` (train and evaluate on the first N users only: smoke runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,7 +57,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from gr_models.configs.embedding_config import EmbeddingOptimizerParam
 from gr_models.data.collate import BatchCollator
+from gr_models.metrics.classification import MultiTaskBinaryMetrics
+from gr_models.model.dlrm import DLRMBaseline
 from gr_models.model.retrieval_protocol import RetrievalProtocol, evaluate_retrieval, movielens_splits
 from gr_models.trainer import OptimizerBundle, Trainer
 from gr_models.trainer.builders import build_model, build_train_dataset
@@ -134,6 +157,33 @@ def _device(config: RunConfig) -> torch.device:
     return torch.device(config.device)
 
 
+class _Deadline:
+    """When training must stop: `--time-budget` seconds after the process started, or once SIGTERM arrived."""
+
+    def __init__(self, budget_s: float | None, *, handle_sigterm: bool = False) -> None:
+        self.end = time.monotonic() + budget_s if budget_s else math.inf
+        self.terminated = False
+        if handle_sigterm:
+            signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.terminated = True
+        print("SIGTERM: stopping after the current epoch", flush=True)
+
+    def allows(self, epoch_seconds: float) -> bool:
+        """True when another epoch of about `epoch_seconds` (plus the final test evaluation) fits."""
+        return not self.terminated and time.monotonic() + 1.5 * epoch_seconds < self.end
+
+
+def _first_users(dataset, max_users: int | None):
+    """The first `max_users` users of `dataset` (all with None), keeping `.schema`."""
+    if max_users is None or max_users >= len(dataset):
+        return dataset
+    subset = torch.utils.data.Subset(dataset, range(max_users))
+    subset.schema = dataset.schema  # type: ignore[attr-defined]
+    return subset
+
+
 def _train_epoch(model, bundle: OptimizerBundle, dataset, config: RunConfig, epoch: int) -> float:
     """One pass over the training users in a (seed, epoch) order; returns the mean loss."""
     order = torch.Generator().manual_seed(config.seed * 1000 + epoch)
@@ -156,10 +206,36 @@ def _train_epoch(model, bundle: OptimizerBundle, dataset, config: RunConfig, epo
     return float(np.mean(losses))
 
 
+def _early_stopped(model, bundle, train, config: RunConfig, validate, score: str, max_epochs: int, patience: int,
+                   deadline: _Deadline) -> tuple[int, list[dict[str, float]], str]:  # fmt: skip
+    """Train up to `max_epochs` epochs, keeping the weights of the best `validate()[score]` epoch (loaded back at the
+    end); returns (best epoch, validation curve from epoch 0, why training stopped)."""
+    curve = [{"epoch": 0, **validate()}]
+    best = (curve[0][score], 0, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    stopped, slowest = "max epochs", 0.0
+    for epoch in range(1, max_epochs + 1):
+        if not deadline.allows(slowest):
+            stopped = "time budget"
+            break
+        started = time.perf_counter()
+        loss = _train_epoch(model, bundle, train, config, epoch)
+        curve.append({"epoch": epoch, "loss": loss, **validate()})
+        slowest = max(slowest, time.perf_counter() - started)
+        print(f"  epoch {epoch} ({slowest:.1f}s max): loss {loss:.4f} valid {score} {curve[-1][score]:.4f}", flush=True)
+        if curve[-1][score] > best[0]:
+            best = (curve[-1][score], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        elif epoch - best[1] >= patience:
+            stopped = "patience"
+            break
+    model.load_state_dict(best[2])
+    return best[1], curve, stopped
+
+
 def train_with_early_stopping(
-    config: RunConfig, max_epochs: int, patience: int
-) -> tuple[dict[str, float], int, list[dict[str, float]], RetrievalProtocol]:
-    """Test metrics at the best validation NDCG@10 epoch, that epoch, the validation curve, the protocol."""
+    config: RunConfig, max_epochs: int, patience: int, deadline: _Deadline | None = None, max_users: int | None = None
+) -> tuple[dict[str, float], int, list[dict[str, float]], RetrievalProtocol, str]:
+    """Test metrics at the best validation NDCG@10 epoch, that epoch, the validation curve, the protocol, and why
+    training stopped."""
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     options = config.data.options
@@ -169,31 +245,30 @@ def train_with_early_stopping(
         top_k=(10, 50, 200),
     )  # fmt: skip
     splits = movielens_splits(config.data.path, protocol, ratings_path=options.get("ratings_path"))
+    train, valid, test = (_first_users(d, max_users) for d in (splits.train, splits.valid, splits.test))
     device = _device(config)
     model = build_model(config, splits.train.schema, device)
-    steps_per_epoch = math.ceil(len(splits.train) / config.data.batch_size)
+    steps_per_epoch = math.ceil(len(train) / config.data.batch_size)
     bundle = OptimizerBundle(model, config.optim, max_epochs * steps_per_epoch)
     evaluate = functools.partial(
         evaluate_retrieval, model, protocol=protocol, excluded_items=splits.excluded_items,
         batch_size=config.data.eval_batch_size,
     )  # fmt: skip
-    curve = [{"epoch": 0, **evaluate(splits.valid)}]
-    best = (curve[0]["ndcg@10"], 0, {k: v.detach().clone() for k, v in model.state_dict().items()})
-    for epoch in range(1, max_epochs + 1):
-        loss = _train_epoch(model, bundle, splits.train, config, epoch)
-        curve.append({"epoch": epoch, "loss": loss, **evaluate(splits.valid)})
-        print(f"  epoch {epoch}: loss {loss:.4f} valid ndcg@10 {curve[-1]['ndcg@10']:.4f}", flush=True)
-        if curve[-1]["ndcg@10"] > best[0]:
-            best = (curve[-1]["ndcg@10"], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        elif epoch - best[1] >= patience:
-            break
-    model.load_state_dict(best[2])
-    return evaluate(splits.test), best[1], curve, protocol
+    best_epoch, curve, stopped = _early_stopped(
+        model, bundle, train, config, lambda: evaluate(valid), "ndcg@10", max_epochs, patience,
+        deadline or _Deadline(None),
+    )  # fmt: skip
+    return evaluate(test), best_epoch, curve, protocol, stopped
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def run(args: argparse.Namespace) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     commit = _commit()
+    deadline = _Deadline(args.time_budget, handle_sigterm=True)
     rows: list[dict[str, Any]] = []
     curves_out: list[dict[str, Any]] = []
     for name in args.models:
@@ -201,20 +276,26 @@ def run(args: argparse.Namespace) -> None:
             config = load_config(CONFIGS / f"ml1m_retrieval_{name}.yaml", [*args.overrides, f"seed={seed}"])
             started = time.perf_counter()
             print(f"{name} seed {seed}", flush=True)
-            test, best_epoch, curve, protocol = train_with_early_stopping(config, args.max_epochs, args.patience)
-            device = _device(config)
+            test, best_epoch, curve, protocol, stopped = train_with_early_stopping(
+                config, args.max_epochs, args.patience, deadline, args.max_users
+            )
             facts = {
                 "model": name, "dataset": _dataset_name(config.data.options.get("ratings_path")),
                 "tie_order": protocol.tie_order, "filter_seen": protocol.filter_seen,
                 **{k: round(v, 5) for k, v in test.items()}, "epochs": best_epoch, "seed": seed,
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": date,
-                "commit": commit, "seconds": round(time.perf_counter() - started, 1), "protocol": protocol.describe(),
+                "device": _device_name(_device(config)), "date": date, "commit": commit,
+                "seconds": round(time.perf_counter() - started, 1), "epochs_trained": curve[-1]["epoch"],
+                "max_epochs": args.max_epochs, "patience": args.patience, "stopped": stopped,
+                "protocol": protocol.describe(),
             }  # fmt: skip
+            if args.max_users is not None:
+                facts["max_users"] = args.max_users
             rows.append(facts)
             curves_out.append({"model": name, "seed": seed, "valid": curve})
             print(
-                f"{name} seed {seed}: best epoch {best_epoch}, test "
-                + ", ".join(f"{k} {v:.4f}" for k, v in test.items())
+                f"{name} seed {seed}: best epoch {best_epoch} ({stopped}), test "
+                + ", ".join(f"{k} {v:.4f}" for k, v in test.items()),
+                flush=True,
             )
             _write(args, rows, curves_out)
     for name in args.models:
@@ -222,18 +303,201 @@ def run(args: argparse.Namespace) -> None:
         print(f"{name}: HR@10 {np.mean(values):.4f} +- {np.std(values):.4f} over {len(values)} seeds")
 
 
-def _write(args: argparse.Namespace, rows: list[dict[str, Any]], curves_out: list[dict[str, Any]]) -> None:
+def _summary(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any]:
     summary = {}
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         summary[name] = {
             metric: {"mean": float(np.mean([r[metric] for r in mine])), "std": float(np.std([r[metric] for r in mine]))}
-            for metric in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr", "epochs")
+            for metric in metrics
         } | {"seeds": len(mine)}
+    return summary
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], curves_out: list[dict[str, Any]]) -> None:
+    summary = _summary(rows, ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr", "epochs"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
     if args.curves:
         Path(args.curves).write_text(json.dumps(curves_out, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------- ranking
+
+RANKING_TASKS = {"rating>=4": "rating>=4", "rating>=5": "rating==5"}  # ML-1M ratings are integers 1..5
+# --models choice: (row name, config overrides). hstu_all_positions trains on every history rating of the same
+# training events (each item token scores its own rating before seeing it) instead of the last 8 as candidates.
+RANKING_MODELS = {
+    "hstu": ("hstu_ranking", []),
+    "dlrm": ("dlrm", []),
+    "hstu_all_positions": ("hstu_ranking_all_positions", ["data.max_train_candidates=0"]),
+}
+
+
+@torch.no_grad()
+def evaluate_ranking(model, dataset, batch_size: int) -> dict[str, float]:
+    """Per-task AUC (and accuracy, log-loss) of `model` on the candidates of `dataset`, plus "auc/mean"."""
+    was_training = model.training
+    model.eval()
+    task_names = list(dataset.schema.task_names)
+    metrics = MultiTaskBinaryMetrics(task_names, sync_dist=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=BatchCollator(dataset.schema))
+    for batch in loader:
+        result = model.evaluate_batch(batch)
+        metrics.update(result["logits"].cpu(), result["labels"].cpu())
+    model.train(was_training)
+    values = metrics.compute()
+    values["auc/mean"] = float(np.mean([values[f"auc/{t}"] for t in task_names]))
+    return values
+
+
+def ranking_splits(config: RunConfig, max_users: int | None = None):
+    """(train, validation, test) datasets: test candidates are each user's last `holdout` ratings, validation
+    candidates the `holdout` before them, training candidates the ones before those (see the module docstring)."""
+    data = config.data
+    held_out = dataclasses.replace(data, options={**data.options, "exclude_last_events": data.holdout})
+    train = build_train_dataset(held_out, "ranking")
+    test = build_train_dataset(data, "ranking").with_split("eval")
+    return tuple(_first_users(d, max_users) for d in (train, train.with_split("eval"), test))
+
+
+def build_dlrm(config: RunConfig, schema, device: torch.device) -> DLRMBaseline:
+    """The DLRM baseline with the GR config's width, head widths, activation and table optimizer."""
+    table = config.embeddings.default
+    betas = table.get("betas", [0.9, 0.999])
+    optimizer = EmbeddingOptimizerParam(
+        optimizer_str=table.get("optimizer", "adam"),
+        learning_rate=float(table.get("learning_rate", config.optim.learning_rate)),
+        adam_beta1=float(betas[0]), adam_beta2=float(betas[1]), weight_decay=float(table.get("weight_decay", 0.0)),
+    )  # fmt: skip
+    return DLRMBaseline(
+        schema, config.hstu.hidden_size, config.ranking.prediction_head_hidden, table_optimizer=optimizer,
+        activation=config.ranking.activation, device=device,
+    )  # fmt: skip
+
+
+def train_ranking_model(kind: str, config: RunConfig, splits, args: argparse.Namespace, deadline: _Deadline):
+    """Build `kind` (a `RANKING_MODELS` key) from `config.seed` and train it with early stopping on the mean validation
+    AUC; returns (test metrics at the best epoch, best epoch, validation curve, why it stopped, steps per epoch)."""
+    train, valid, test = splits
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    device = _device(config)
+    model = build_dlrm(config, train.schema, device) if kind == "dlrm" else build_model(config, train.schema, device)
+    steps_per_epoch = math.ceil(len(train) / config.data.batch_size)
+    bundle = OptimizerBundle(model, config.optim, args.max_epochs * steps_per_epoch)
+    batch_size = config.data.eval_batch_size
+    best_epoch, curve, stopped = _early_stopped(
+        model, bundle, train, config, lambda: evaluate_ranking(model, valid, batch_size), "auc/mean",
+        args.max_epochs, args.patience, deadline,
+    )  # fmt: skip
+    return evaluate_ranking(model, test, batch_size), best_epoch, curve, stopped, steps_per_epoch
+
+
+def ranking(args: argparse.Namespace) -> None:
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    commit = _commit()
+    deadline = _Deadline(args.time_budget, handle_sigterm=True)
+    rows: list[dict[str, Any]] = []
+    curves_out: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        for kind in args.models:
+            config = load_config(args.config, [*args.overrides, *RANKING_MODELS[kind][1], f"seed={seed}"])
+            splits = ranking_splits(config, args.max_users)
+            started = time.perf_counter()
+            print(f"{kind} seed {seed}", flush=True)
+            test, best_epoch, curve, stopped, steps = train_ranking_model(kind, config, splits, args, deadline)
+            for task, label in RANKING_TASKS.items():
+                rows.append({
+                    "model": RANKING_MODELS[kind][0],
+                    "dataset": _dataset_name(config.data.options.get("ratings_path")), "task": label,
+                    "auc": round(test[f"auc/{task}"], 5), "log_loss": round(test[f"logloss/{task}"], 5),
+                    "seed": seed, "epochs": best_epoch, "epochs_trained": curve[-1]["epoch"],
+                    "steps_per_epoch": steps, "max_epochs": args.max_epochs, "patience": args.patience,
+                    "stopped": stopped, "device": _device_name(_device(config)), "date": date, "commit": commit,
+                    "seconds": round(time.perf_counter() - started, 1), "config": str(args.config),
+                    **({"max_users": args.max_users} if args.max_users is not None else {}),
+                })  # fmt: skip
+            curves_out.append({"model": rows[-1]["model"], "seed": seed, "valid": curve})
+            aucs = ", ".join(f"{k} {test[k]:.4f}" for k in sorted(test) if k.startswith("auc"))
+            print(f"{kind} seed {seed}: best epoch {best_epoch} ({stopped}), test {aucs}", flush=True)
+            _write_ranking(args, rows, curves_out)
+
+
+def _write_ranking(args: argparse.Namespace, rows: list[dict[str, Any]], curves_out: list[dict[str, Any]]) -> None:
+    summary: dict[str, Any] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for task in RANKING_TASKS.values():
+            values = [r["auc"] for r in rows if r["model"] == model and r["task"] == task]
+            summary.setdefault(model, {})[task] = {
+                "auc_mean": float(np.mean(values)), "auc_std": float(np.std(values)), "seeds": len(values)
+            }  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
+    if args.curves:
+        Path(args.curves).write_text(json.dumps(curves_out, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------- plot
+
+
+def _mean_curves(entries: list[dict[str, Any]], metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{model: (epochs, mean of `metric` over the seeds that reached each epoch)} from `run`-style curve entries."""
+    by_model: dict[str, dict[int, list[float]]] = {}
+    for entry in entries:
+        for point in entry["valid"]:
+            if metric in point:
+                by_model.setdefault(entry["model"], {}).setdefault(int(point["epoch"]), []).append(point[metric])
+    return {
+        model: (sorted(points), [float(np.mean(points[e])) for e in sorted(points)])
+        for model, points in by_model.items()
+    }
+
+
+def _reference_curves(path: str, metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, list) and data and "valid" in data[0]:
+        return {f"reference {m}": c for m, c in _mean_curves(data, metric).items()}
+    if isinstance(data, list) and data and "epoch" in data[0]:
+        grouped: dict[str, list[dict[str, Any]]] = {}
+        for row in data:
+            grouped.setdefault(str(row.get("model", "reference")), []).append(row)
+        return {
+            (name if name.startswith("reference") else f"reference {name}"): (
+                [int(r["epoch"]) for r in rows], [float(r[metric]) for r in rows]
+            )
+            for name, rows in grouped.items()
+        }  # fmt: skip
+    raise ValueError(
+        f"reference curves {path}: expected a JSON list of {{'epoch', '{metric}'[, 'model']}} rows or of "
+        "{'model', 'seed', 'valid': [...]} entries"
+    )
+
+
+def plot(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = _mean_curves(json.loads(Path(args.curves).read_text()), args.metric)
+    if not curves:
+        raise ValueError(f"{args.curves} has no '{args.metric}' points")
+    if args.reference:
+        curves |= _reference_curves(args.reference, args.metric)
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    for name, (epochs, values) in curves.items():
+        axis.plot(epochs, values, label=name, linestyle="--" if name.startswith("reference") else "-")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(f"validation {args.metric.upper()}")
+    axis.set_title(args.title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=120)
+    plt.close(figure)
+    print(f"wrote {args.out}: " + ", ".join(f"{n} ({len(e)} epochs)" for n, (e, _) in curves.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,11 +518,26 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--curves", default=None, help="JSON of the validation curves")
     r.add_argument("overrides", nargs="*", help="key=value overrides for every model (after --)")
+    k = sub.add_parser("ranking", help="per-task AUC of RankingGR vs a DLRM baseline on ML-1M, same split and seeds")
+    k.add_argument("--config", default=str(CONFIGS / "ml1m_ranking.yaml"))
+    k.add_argument("--models", nargs="+", default=["hstu", "dlrm"], choices=list(RANKING_MODELS))
+    k.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    k.add_argument("--max-epochs", type=int, default=50)
+    k.add_argument("--patience", type=int, default=5)
+    k.add_argument("--out", required=True)
+    k.add_argument("--curves", default=None, help="JSON of the validation curves")
+    k.add_argument("overrides", nargs="*", help="key=value overrides of the config (after --)")
+    for command in (r, k):
+        command.add_argument("--time-budget", type=float, default=None, help="seconds from the process start")
+        command.add_argument("--max-users", type=int, default=None, help="first N users only (smoke runs)")
+    p = sub.add_parser("plot", help="validation NDCG@10 by epoch from a curves JSON (and a reference)")
+    p.add_argument("--curves", required=True, help="curves JSON of `run`")
+    p.add_argument("--reference", default=None, help="reference curves JSON (see the module docstring)")
+    p.add_argument("--metric", default="ndcg@10")
+    p.add_argument("--title", default="ML-1M (users 1-2999), validation")
+    p.add_argument("--out", required=True, help="image file (.png, .svg, ...)")
     args = parser.parse_args(argv)
-    if args.command == "curves":
-        curves(args)
-    elif args.command == "run":
-        run(args)
+    {"curves": curves, "run": run, "ranking": ranking, "plot": plot}[args.command](args)
     return 0
 
 
