@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["DataValidationError"]
+from pathlib import Path
+
+__all__ = ["DataValidationError", "check_readable_file"]
 
 
 class DataValidationError(ValueError):
@@ -22,3 +24,16 @@ class DataValidationError(ValueError):
         self.source = source
         self.row = row
         self.column = column
+
+
+def check_readable_file(path: Path) -> None:
+    """Raise `DataValidationError` naming `path` when it does not exist, is not a file, or cannot be opened."""
+    if not path.exists():
+        raise DataValidationError("no such file", source=str(path))
+    if not path.is_file():
+        raise DataValidationError("is not a file", source=str(path))
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise DataValidationError(f"cannot be opened ({error.strerror or error})", source=str(path)) from None

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from gr_models.data.dataset import InMemorySequenceDataset, UserSequences
-from gr_models.data.errors import DataValidationError
+from gr_models.data.errors import DataValidationError, check_readable_file
 from gr_models.data.feature_ops import FeatureOp, apply_feature_ops
 from gr_models.data.jagged import JaggedColumn
 from gr_models.data.sample import Split, TruncateSide, WindowPolicy
@@ -61,25 +61,34 @@ def _as_feature(spec: FeatureColumn | str) -> FeatureColumn:
 
 
 def read_table(path: Path, columns: Sequence[str], file_format: FileFormat | None = None) -> pa.Table:
-    """Read ``columns`` of a Parquet (``.parquet``/``.pq``) or ORC (``.orc``) file; a missing column raises
-    `DataValidationError` naming it."""
+    """Read ``columns`` of a Parquet (``.parquet``/``.pq``) or ORC (``.orc``) file. A missing or unreadable file
+    (absent, not readable, not of that format, corrupt) and a missing column raise `DataValidationError` naming
+    the file (and the column)."""
     fmt = file_format or {".parquet": "parquet", ".pq": "parquet", ".orc": "orc"}.get(path.suffix.lower())
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        available = pq.read_schema(path).names
-        reader = pq.read_table
-    elif fmt == "orc":
-        import pyarrow.orc as orc
-
-        available = orc.ORCFile(path).schema.names
-        reader = orc.read_table
-    else:
+    if fmt not in ("parquet", "orc"):
         raise ValueError(f"cannot tell the format of {path}: pass file_format='parquet' or 'orc'")
-    for column in columns:
-        if column not in available:
-            raise DataValidationError(f"no such column (columns: {available})", source=str(path), column=column)
-    return reader(path, columns=list(columns))
+    check_readable_file(path)
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            available = pq.read_schema(path).names
+            reader = pq.read_table
+        else:
+            import pyarrow.orc as orc
+
+            available = orc.ORCFile(path).schema.names
+            reader = orc.read_table
+        for column in columns:
+            if column not in available:
+                raise DataValidationError(f"no such column (columns: {available})", source=str(path), column=column)
+        return reader(path, columns=list(columns))
+    except (pa.ArrowException, OSError) as error:
+        kind = "Parquet" if fmt == "parquet" else "ORC"
+        problem = " ".join(str(error).split())
+        raise DataValidationError(
+            f"cannot be read as {kind} ({type(error).__name__}: {problem})", source=str(path)
+        ) from None
 
 
 def _to_jagged(table: pa.Table, column: str, source: str) -> JaggedColumn:
@@ -103,6 +112,12 @@ def _to_jagged(table: pa.Table, column: str, source: str) -> JaggedColumn:
     elif pa.types.is_floating(values.type):
         raise DataValidationError(f"values of type {values.type} are not ids", source=source, column=column)
     return JaggedColumn(values.to_numpy(zero_copy_only=False), offsets)
+
+
+def _value_type(table: pa.Table, column: str) -> pa.DataType:
+    """The type of a column's values (of its list elements for a list column)."""
+    kind = table.schema.field(column).type
+    return kind.value_type if pa.types.is_list(kind) or pa.types.is_large_list(kind) else kind
 
 
 def _finish_ids(column: JaggedColumn, key: str, source: str) -> JaggedColumn:
@@ -248,6 +263,13 @@ class SequenceTableDataset(InMemorySequenceDataset):
             action = np.zeros(len(raw[self._labels[0]].values), dtype=np.int64)
             for task, name in enumerate(self._labels):
                 labels = raw[name]
+                if labels.values.dtype.kind not in "iub":
+                    raise DataValidationError(
+                        f"label column holds {_value_type(table, name)} values; labels must be integers "
+                        "(or booleans) 0 or 1",
+                        source=source,
+                        column=name,
+                    )
                 bad = np.flatnonzero((labels.values != 0) & (labels.values != 1))
                 if bad.size:
                     raise DataValidationError(

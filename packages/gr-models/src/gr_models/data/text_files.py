@@ -11,14 +11,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from gr_models.data.errors import DataValidationError
+from gr_models.data.errors import DataValidationError, check_readable_file
 
 __all__ = ["column_as_numpy", "read_delimited"]
 
 
 def _read_bytes(path: Path) -> bytes:
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
-        return handle.read()
+    check_readable_file(path)
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
+            return handle.read()
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        raise DataValidationError(f"cannot be read ({type(error).__name__}: {error})", source=str(path)) from None
 
 
 def _first_bad_line(data: bytes, num_columns: int, separator: bytes, skip: int) -> tuple[int, str]:
