@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 import torch.utils.data
 
@@ -22,6 +20,7 @@ from gr_models.metrics.classification import MultiTaskBinaryMetrics
 from gr_models.metrics.retrieval import RetrievalMetrics
 from gr_models.model import RankingGR, RetrievalGR
 from gr_models.model.base import GRModel
+from gr_models.trainer import checkpointing
 from gr_models.trainer.builders import build_model, build_train_dataset
 from gr_models.trainer.config import RunConfig
 from gr_models.trainer.optim import OptimizerBundle
@@ -347,20 +346,30 @@ class Trainer:
             "scheduler": self.optimizers.scheduler.state_dict(),
             "sparse_optimizers": {name: opt.state_dict() for name, opt in self.optimizers.sparse.items()},
             "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "config": self.config.to_dict(),  # what gr-eval / gr-export rebuild the model from
+            "layout": checkpointing.layout_of(self.world),
+            "samples_into_epoch": checkpointing.samples_into_epoch(
+                self.batches_into_epoch, self.config.data.batch_size, self.world.dp_size
+            ),
+            "rng_per_rank": checkpointing.gather_per_rank(checkpointing.rng_states(self.device), self.world),
         }
 
     def save_checkpoint(self) -> Path:
         """Model, optimizers and loop position through gr_checkpoint into `checkpoints/step_<N>`.
 
         The dense optimizer is gr_checkpoint's `optimizer`; the sparse per-table optimizers, the LR schedule, the
-        loss scaler, the RNG states and the data position travel as its `extra_state`.
+        loss scaler, every rank's RNG states and the data position travel as its `extra_state` (see
+        `gr_models.trainer.checkpointing`). Only the `train.keep_last` newest checkpoints are kept. Collective.
         """
         import gr_checkpoint
 
         return gr_checkpoint.save_step(
-            self._checkpoint_root(), self.step, self.model, self.optimizers.dense, extra_state=self._loop_state()
+            self._checkpoint_root(),
+            self.step,
+            self.model,
+            self.optimizers.dense,
+            extra_state=self._loop_state(),
+            keep_last=self.config.train.keep_last,
         )
 
     def latest_checkpoint(self) -> Path | None:
@@ -370,32 +379,39 @@ class Trainer:
         return gr_checkpoint.latest_checkpoint(self._checkpoint_root())
 
     def load_latest_checkpoint(self) -> bool:
-        """Restore model, optimizers and loop position from the latest checkpoint; False when there is none."""
+        """Restore model, optimizers and loop position from the latest checkpoint; False when there is none.
+
+        The checkpoint may come from a run of another world or tensor-parallel size (see
+        `gr_models.trainer.checkpointing`). Rank 0 logs what it resumed from and warns about config keys that
+        differ from the checkpoint's.
+        """
         path = self.latest_checkpoint()
         if path is None:
             return False
         import gr_checkpoint
 
         state = gr_checkpoint.load(path, self.model, self.optimizers.dense)
-        missing = sorted(set(self.optimizers.sparse) - set(state["sparse_optimizers"]))
-        if missing:
-            raise ValueError(f"checkpoint {path} lacks the sparse optimizer state of tables {missing}")
-        for name, optimizer in self.optimizers.sparse.items():
-            optimizer.load_state_dict(state["sparse_optimizers"][name])
+        if "layout" not in state:  # written before layouts were recorded: by a run of the manifest's world size
+            world_size = gr_checkpoint.read_manifest(path).world_size
+            state["layout"] = {
+                "world_size": world_size,
+                "tensor_model_parallel_size": 1,
+                "data_parallel_size": world_size,
+            }
+        checkpointing.restore_sparse_optimizers(state, self, path)
         self.optimizers.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
-        self.batches_into_epoch = int(state["batches_into_epoch"])
+        self.batches_into_epoch = checkpointing.resumed_batches_into_epoch(state, self)
         self.train_seconds = float(state["train_seconds"])
         self.samples_seen = int(state["samples_seen"])
         self.tokens_seen = int(state["tokens_seen"])
         for tag, values in state["history"].items():
             self.recorder.history[tag] = [(int(s), float(v)) for s, v in values]
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        self._seed_data_parallel_rank()
+        if not checkpointing.restore_rng(state, self):
+            self._seed_data_parallel_rank()
+        checkpointing.report_resume(state, self, path)
         return True
 
     def _seed_data_parallel_rank(self) -> None:

@@ -77,16 +77,32 @@ def _device(name: str, world_size: int) -> torch.device:
     return gr_parallel.get_device()
 
 
+def _check_tensor_parallel_size(config: RunConfig) -> None:
+    """The model splits its attention heads over the tensor-parallel ranks: the size must divide their number."""
+    size, heads = config.parallel.tensor_model_parallel_size, config.hstu.num_attention_heads
+    if size > 1 and config.model != "hstu":
+        raise ValueError(
+            f"parallel.tensor_model_parallel_size={size}: only the HSTU models split over tensor-parallel ranks, "
+            f"model {config.model!r} does not; set it to 1"
+        )
+    if heads % size:
+        raise ValueError(
+            f"parallel.tensor_model_parallel_size={size} does not divide hstu.num_attention_heads={heads}: every "
+            f"tensor-parallel rank holds whole heads; use one of {[d for d in range(1, heads + 1) if heads % d == 0]}"
+        )
+
+
 def initialize_run_world(config: RunConfig) -> RunWorld:
     """Initialize gr_parallel for `config` and return this rank's `RunWorld`.
 
     Under torchrun (or inside an already initialized process group) this creates the default process group
     (gloo for `device: cpu`, else gr_parallel's default), Megatron's tensor/data-parallel groups of
-    `parallel.tensor_model_parallel_size`, checks that every rank has the same config (one all-gather of its
-    hash; RuntimeError naming the differing ranks), and seeds every RNG with `seed`. A plain single process only
-    seeds.
+    `parallel.tensor_model_parallel_size` (which must divide `hstu.num_attention_heads`; else ValueError, in one
+    process too), checks that every rank has the same config (one all-gather of its hash; RuntimeError naming the
+    differing ranks), and seeds every RNG with `seed`. A plain single process only seeds.
     """
     tensor_parallel = config.parallel.tensor_model_parallel_size
+    _check_tensor_parallel_size(config)
     distributed = _launched_by_torchrun() or dist.is_initialized()
     if not distributed and tensor_parallel > 1:
         raise ValueError(
