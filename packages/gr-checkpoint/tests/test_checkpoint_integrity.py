@@ -285,3 +285,27 @@ def test_a_missing_rank_is_named(checkpoint: Path) -> None:
     data.with_name("__1_0.distcp").unlink()
     with pytest.raises(CheckpointCorruptError, match=r"__1_0\.distcp: missing; .* \(written by rank 1\)"):
         gr_checkpoint.load(checkpoint, *_trained(seed=1, steps=0))
+
+
+def test_latest_checkpoint_skips_incomplete_and_with_verify_corrupt_ones(tmp_path: Path) -> None:
+    for step in (1, 2, 3):
+        gr_checkpoint.save_step(tmp_path, step, nn.Linear(3, 2))
+    short = tmp_path / "step_3" / "torch_module" / "__0_0.distcp"
+    short.write_bytes(short.read_bytes()[:-1])
+    flipped = tmp_path / "step_2" / "torch_module" / "__0_0.distcp"
+    data = bytearray(flipped.read_bytes())
+    data[-1] ^= 1
+    flipped.write_bytes(bytes(data))
+
+    with pytest.warns(UserWarning, match=r"skipping unreadable checkpoint: .*step_3/torch_module/__0_0\.distcp"):
+        assert gr_checkpoint.latest_checkpoint(tmp_path) == tmp_path / "step_2"  # sizes only: cheap
+    with pytest.warns(UserWarning, match=r"step_2/torch_module/__0_0\.distcp: corrupt: CRC32"):
+        assert gr_checkpoint.latest_checkpoint(tmp_path, verify=True) == tmp_path / "step_1"
+
+
+def test_keep_last_removes_what_killed_saves_and_prunes_left(tmp_path: Path) -> None:
+    for leftover in (".step_1.incomplete", ".step_0.deleting", ".step_9.incomplete"):
+        (tmp_path / leftover / "torch_module").mkdir(parents=True)
+    for step in (2, 3, 4):
+        gr_checkpoint.save_step(tmp_path, step, nn.Linear(3, 2), keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_9.incomplete", "step_3", "step_4"]

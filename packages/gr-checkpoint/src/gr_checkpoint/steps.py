@@ -1,4 +1,9 @@
-"""Checkpoints kept as ``<root>/step_<n>``: save one per step, find the newest to resume from."""
+"""Checkpoints kept as ``<root>/step_<n>``: save one per step, find the newest to resume from.
+
+A save in progress lives in ``<root>/.step_<n>.incomplete`` and a pruned checkpoint is first
+renamed to ``<root>/.step_<n>.deleting``: neither name is ever taken for a checkpoint, so a
+process killed while saving or pruning leaves nothing that :func:`latest_checkpoint` returns.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ from torch import nn
 from gr_checkpoint.atomic import run_on_rank_zero
 from gr_checkpoint.checkpoint import save
 from gr_checkpoint.errors import CheckpointCorruptError
-from gr_checkpoint.manifest import read_manifest
+from gr_checkpoint.integrity import verify_files
+from gr_checkpoint.manifest import Manifest, read_manifest
 
 __all__ = ["checkpoint_path", "latest_checkpoint", "save_step"]
 
 _STEP_DIR = re.compile(r"step_(\d+)")
+_LEFTOVER_DIR = re.compile(r"\.step_(\d+)\.(incomplete|deleting)")
 
 
 def checkpoint_path(root: str | os.PathLike[str], step: int) -> Path:
@@ -29,8 +36,22 @@ def checkpoint_path(root: str | os.PathLike[str], step: int) -> Path:
     return Path(root) / f"step_{step}"
 
 
-def _complete_steps(root: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every ``step_<n>`` directory under ``root`` with a readable manifest, by step."""
+def _check_files(entry: Path, manifest: Manifest, verify: bool) -> None:
+    """Every file the manifest lists is there with its size (and, with ``verify``, its CRC32)."""
+    if manifest.files is None:
+        return
+    if verify:
+        verify_files(entry, manifest.files, sorted(manifest.files))
+        return
+    for name, record in manifest.files.items():
+        path = entry / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != record.size:
+            raise CheckpointCorruptError(path, f"{size} bytes (or missing), the manifest says {record.size}")
+
+
+def _complete_steps(root: Path, verify: bool = False) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every complete ``step_<n>`` directory under ``root``, by step."""
     if not root.is_dir():
         return []
     found = []
@@ -42,7 +63,7 @@ def _complete_steps(root: Path) -> list[tuple[int, Path]]:
             warnings.warn(f"skipping {entry}: a symbolic link (load it by passing its path)", stacklevel=3)
             continue
         try:
-            read_manifest(entry)
+            _check_files(entry, read_manifest(entry), verify)
         except FileNotFoundError:
             continue
         except CheckpointCorruptError as error:
@@ -52,14 +73,30 @@ def _complete_steps(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
-    """The ``root/step_<n>`` with the largest ``n`` that is complete (its manifest reads), or ``None``.
+def latest_checkpoint(root: str | os.PathLike[str], *, verify: bool = False) -> Path | None:
+    """The ``root/step_<n>`` with the largest ``n`` that is complete, or ``None``.
 
-    Staging directories of unfinished saves are never returned; a checkpoint whose manifest is
-    corrupt is skipped with a warning.
+    Complete: its manifest reads and every file it lists is present with the listed size (with
+    ``verify``, also the listed CRC32, which reads every file). Staging directories of unfinished
+    saves and checkpoints being pruned are never returned; an incomplete or damaged checkpoint is
+    skipped with a warning naming the file.
     """
-    complete = _complete_steps(Path(root))
+    complete = _complete_steps(Path(root), verify)
     return complete[-1][1] if complete else None
+
+
+def _prune(root: Path, keep_last: int, current: int) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints (renamed first, so a kill mid-way
+    leaves only a hidden folder) and the leftovers of killed saves of steps before ``current``."""
+    for step, old in _complete_steps(root)[:-keep_last]:
+        doomed = root / f".step_{step}.deleting"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
+    for entry in root.iterdir():
+        match = _LEFTOVER_DIR.fullmatch(entry.name)
+        if match is not None and int(match.group(1)) < current and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def save_step(
@@ -72,16 +109,11 @@ def save_step(
     keep_last: int | None = None,
 ) -> Path:
     """:func:`~gr_checkpoint.save` to ``root/step_<step>``; then, with ``keep_last``, delete all but
-    the ``keep_last`` complete step checkpoints with the largest steps. Collective. Returns the new
-    checkpoint's path."""
+    the ``keep_last`` complete step checkpoints with the largest steps, and what killed saves of
+    earlier steps left behind. Collective. Returns the new checkpoint's path."""
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
     path = save(checkpoint_path(root, step), model, optimizer, extra_state=extra_state, step=step)
     if keep_last is not None:
-
-        def prune() -> None:
-            for _, old in _complete_steps(Path(root))[:-keep_last]:
-                shutil.rmtree(old)
-
-        run_on_rank_zero(prune)
+        run_on_rank_zero(lambda: _prune(Path(root), keep_last, step))
     return path

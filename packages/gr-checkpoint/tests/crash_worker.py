@@ -1,0 +1,160 @@
+"""Training processes to be killed mid-save, forked from one process that imported torch once.
+
+Run as ``python crash_worker.py``: it imports everything, prints ``READY``, then reads one JSON
+command per line from stdin and forks a child for each, printing ``{"pid": ...}``. A child trains
+a tiny model and checkpoints after every step until it is killed (or after ``max_steps``); it
+first resumes from the newest complete checkpoint under ``root``, if any. Children are reaped
+automatically. Commands:
+
+- ``{"mode": "single", "root": DIR}``: a dynamic item table (standalone
+  ``DynamicEmbeddingCollection``, fused Adam) and a dense head (Adam); every step
+  ``save_step(DIR/steps, keep_last=2)`` and ``save(DIR/latest)`` (replacing the previous one).
+- ``{"mode": "dist", "root": DIR, "rank": r, "world_size": 2, "port": P}``: rank ``r`` of a gloo
+  world: a DDP linear layer and a row-sharded DTensor table (Adam); every step ``save_step(DIR/steps,
+  keep_last=2)``.
+
+Each checkpoint's extra state holds a digest of what was saved (``step``, the dense weight, the
+table), so a test can tell a checkpoint whose files come from different moments. A child appends
+``begin <step>`` to ``DIR/progress.<mode>.<rank>`` before the step's saves and ``end <step>`` after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+import gr_checkpoint
+from dynamicemb import DynamicEmbeddingCollection, DynamicEmbOptimizerArgs, DynamicEmbOptimizerType
+
+ROWS, DIM = 8, 3
+
+
+class Single(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = DynamicEmbeddingCollection(
+            tables=[EmbeddingConfig(name="items", embedding_dim=DIM, num_embeddings=512, feature_names=["item"])],
+            optimizer=DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=0.05),
+        )
+        self.head = nn.Linear(DIM, 1)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        return self.head(self.embeddings(features)["item"].values()).sum()
+
+
+class Dist(nn.Module):
+    """``dense``: DDP; ``table``: ``[ROWS, DIM]`` split by rows over the ranks (a DTensor)."""
+
+    def __init__(self, dense: nn.Module, table: torch.Tensor) -> None:
+        super().__init__()
+        self.dense = dense
+        self.table = nn.Parameter(table)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        local = self.table.to_local() if isinstance(self.table, DTensor) else self.table
+        return self.dense(inputs).sum() + local.square().sum()
+
+
+def single_digest(model: Single) -> dict[str, Any]:
+    """What a checkpoint of ``Single`` must hold, as exact values."""
+    (table,) = model.embeddings.dynamic_embedding_tables().values()
+    rows = sorted((k, e.tolist()) for keys, embs, _, _ in table.export() for k, e in zip(keys.tolist(), embs))
+    return {"head": model.head.weight.detach().clone(), "rows": json.dumps(rows)}
+
+
+def _batch(step: int) -> KeyedJaggedTensor:
+    ids = torch.randint(0, 1 << 40, (6,), generator=torch.Generator().manual_seed(step))
+    return KeyedJaggedTensor.from_lengths_sync(keys=["item"], values=ids, lengths=torch.tensor([3, 3]))
+
+
+def _resume(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    latest = gr_checkpoint.latest_checkpoint(root / "steps")
+    return 0 if latest is None else gr_checkpoint.load(latest, model, optimizer)["step"]
+
+
+def _progress(root: Path, name: str, event: str, step: int) -> None:
+    with open(root / f"progress.{name}", "a") as file:
+        file.write(f"{event} {step}\n")
+
+
+def run_single(root: Path, max_steps: int) -> None:
+    torch.manual_seed(0)
+    model = Single()
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=0.01)
+    step = _resume(root, model, optimizer)
+    while step < max_steps:
+        step += 1
+        optimizer.zero_grad()
+        model(_batch(step)).backward()
+        optimizer.step()
+        extra = {"step": step, **single_digest(model)}
+        _progress(root, "single.0", "begin", step)
+        gr_checkpoint.save_step(root / "steps", step, model, optimizer, extra_state=extra, keep_last=2)
+        gr_checkpoint.save(root / "latest", model, optimizer, extra_state=extra, step=step)
+        _progress(root, "single.0", "end", step)
+
+
+def run_dist(root: Path, rank: int, world_size: int, port: int, max_steps: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=20))
+    mesh = init_device_mesh("cpu", (world_size,))
+    torch.manual_seed(0)
+    dense = nn.Linear(4, 2)
+    model = Dist(DistributedDataParallel(dense), distribute_tensor(torch.randn(ROWS, DIM), mesh, [Shard(0)]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, foreach=False)
+    step = _resume(root, model, optimizer)
+    while step < max_steps:
+        step += 1
+        optimizer.zero_grad()
+        model(torch.randn(3, 4, generator=torch.Generator().manual_seed(100 * rank + step))).backward()
+        optimizer.step()
+        table = model.table.full_tensor().detach().clone()
+        extra = {"step": step, "dense": dense.weight.detach().clone(), "table": table}
+        _progress(root, f"dist.{rank}", "begin", step)
+        gr_checkpoint.save_step(root / "steps", step, model, optimizer, extra_state=extra, keep_last=2)
+        _progress(root, f"dist.{rank}", "end", step)
+
+
+def _child(command: dict[str, Any]) -> None:
+    root, max_steps = Path(command["root"]), int(command.get("max_steps", 10**6))
+    if command["mode"] == "single":
+        run_single(root, max_steps)
+    else:
+        run_dist(root, command["rank"], command["world_size"], command["port"], max_steps)
+
+
+def main() -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed children are reaped without waiting
+    print("READY", flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            code = 0
+            try:
+                _child(command)
+            except BaseException as error:  # reported in the child's error file
+                (Path(command["root"]) / f"error.{os.getpid()}").write_text(f"{type(error).__name__}: {error}")
+                code = 1
+            finally:
+                os._exit(code)
+        print(json.dumps({"pid": pid}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
