@@ -37,7 +37,7 @@ IGNORED_CONFIG_KEYS = frozenset(
     {
         "train.resume", "train.progress_bar", "train.log_every", "train.eval_every", "train.eval_batches",
         "train.checkpoint_every", "train.keep_last", "data.num_workers", "data.prefetch_factor",
-        "data.eval_batch_size", "parallel.pipeline", "device",
+        "data.eval_batch_size", "parallel.pipeline", "device", "output_dir",
     }
 )  # fmt: skip
 """Config keys that change how a run is carried out or reported, not what it computes: no warning when they differ."""

@@ -1,0 +1,132 @@
+"""`gr-train` resumed under `torchrun --nproc_per_node 2` (gloo, CPU), at the same and at another number of ranks.
+
+Same size: a 2-rank run with dropout (each data-parallel rank draws its own masks) saves a checkpoint every step
+(`train.keep_last=2` keeps the last two) and stops at step 3; resumed at 2 ranks with a larger `train.max_steps`
+(the only config difference, which is logged) it gives the losses of an uninterrupted 2-rank run: every rank's
+RNG stream, the data position, dense and fused optimizer states came back.
+
+Another size: a one-process run (batch 16) saved at step 3 resumes on 2 ranks (batch 8 each, balanced global
+batches of the same 16 users) and gives the losses of the uninterrupted one-process run, as 2 ranks and one process
+train alike on the same global batches (`test_trainer_distributed.py`). Without dropout, since the ranks' random
+streams differ from one process's; static tables train with (stateless) SGD, because a model-parallel table's
+optimizer state does not carry over between its unsharded (one process, gr-models' row optimizer) and sharded
+(fused TBE optimizer) forms; the dynamic item table's Adam state does (dynamicemb's resharding dump).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gr_models.trainer import Trainer, load_config
+
+CONFIG = """
+name: resume
+task: ranking
+device: cpu
+seed: 7
+data:
+  dataset: synthetic
+  options: {num_users: 48, num_items: 40, num_clusters: 2, min_events: 6, max_events: 12, num_tasks: 2}
+  max_sequence_length: 10
+  holdout: 2
+  max_train_candidates: 2
+  eval_batch_size: 16
+hstu: {hidden_size: 8, kv_channels: 4, num_attention_heads: 2, num_layers: 1, dropout: 0.0}
+embeddings:
+  default: {type: static, optimizer: sgd, learning_rate: 0.05}
+  tables: {item_id: {type: dynamic, optimizer: adam, initializer: constant, init_value: 0.05}}
+optim: {learning_rate: 3e-3, warmup_steps: 2}
+train: {eval_every: 0, log_every: 1, progress_bar: false, eval_batches: 1}
+parallel: {balance_sequences: true}
+"""
+STEPS, SAVED_AT = 5, 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _gr_train_on_two_ranks(config: Path, overrides: list[str], cwd: Path) -> str:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", "-m", "gr_models.cli", "--config", str(config), *overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return run.stdout + run.stderr
+
+
+def _losses(run_dir: Path) -> list[float]:
+    record = json.loads((run_dir / "metrics.json").read_text())
+    return [value for _, value in record["history"]["train/loss"]]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "resume.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def test_resume_on_two_ranks_continues_like_an_uninterrupted_run(config_file: Path, tmp_path: Path) -> None:
+    common = ["data.batch_size=8", "hstu.dropout=0.2"]
+    _gr_train_on_two_ranks(
+        config_file, [*common, f"output_dir={tmp_path / 'straight'}", f"train.max_steps={STEPS}"], tmp_path
+    )
+    resumed = tmp_path / "resumed"
+    first = [*common, f"output_dir={resumed}", "train.checkpoint_every=1", "train.keep_last=2"]
+    _gr_train_on_two_ranks(config_file, [*first, f"train.max_steps={SAVED_AT}"], tmp_path)
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_2", "step_3"]
+
+    output = _gr_train_on_two_ranks(
+        config_file, [*common, f"output_dir={resumed}", f"train.max_steps={STEPS}"], tmp_path
+    )
+    checkpoint = resumed / "checkpoints" / f"step_{SAVED_AT}"
+    assert f"resumed from {checkpoint} at step {SAVED_AT} (saved by 2 processes, tensor parallel 1; now 2" in output
+    assert f"train.max_steps: {SAVED_AT} -> {STEPS}" in output
+    assert "train.checkpoint_every" not in output  # how often a run saves is not a difference worth a warning
+    straight = _losses(tmp_path / "straight")
+    assert len(straight) == STEPS
+    assert _losses(resumed) == pytest.approx(straight, rel=1e-6, abs=1e-7)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(config_file: Path, tmp_path: Path) -> None:
+    def one_process(output_dir: Path, max_steps: int, checkpoint_every: int) -> Trainer:
+        overrides = [f"output_dir={output_dir}", "data.batch_size=16", f"train.max_steps={max_steps}"]
+        config = load_config(config_file, [*overrides, f"train.checkpoint_every={checkpoint_every}"])
+        trainer = Trainer(config)
+        trainer.train()
+        return trainer
+
+    straight = _losses(one_process(tmp_path / "straight", STEPS, 0).run_dir)
+    saved = one_process(tmp_path / "saved", SAVED_AT, SAVED_AT).run_dir
+    resumed = tmp_path / "resumed"
+    shutil.copytree(saved / "checkpoints", resumed / "checkpoints")
+
+    output = _gr_train_on_two_ranks(
+        config_file, [f"output_dir={resumed}", "data.batch_size=8", f"train.max_steps={STEPS}"], tmp_path
+    )
+    assert f"at step {SAVED_AT} (saved by 1 processes, tensor parallel 1; now 2, tensor parallel 1)" in output
+    assert "data.batch_size: 16 -> 8" in output
+    assert _losses(resumed) == pytest.approx(straight, rel=1e-5, abs=1e-6)
+
+
+def test_a_tensor_parallel_size_the_model_cannot_take_is_refused(tmp_path: Path) -> None:
+    config = load_config(
+        None, [f"output_dir={tmp_path}", "hstu.num_attention_heads=3", "parallel.tensor_model_parallel_size=2"]
+    )
+    with pytest.raises(
+        ValueError, match=r"tensor_model_parallel_size=2 does not divide hstu.num_attention_heads=3.*\[1, 3\]"
+    ):
+        Trainer(config)
