@@ -21,9 +21,10 @@ from gr_models.trainer.config_checks import describe_config
 
 _log = logging.getLogger("gr_models.cli")
 
-# what a user can cause: bad config keys or values, bad or missing data files, bad checkpoints
+# what a user can cause: bad config keys or values, bad or missing data files, bad checkpoints, unsupported setups
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
+    NotImplementedError,
     FileNotFoundError,
     FileExistsError,
     PermissionError,
