@@ -32,6 +32,8 @@ reference curve (a JSON list of {"epoch", "ndcg@10"} rows, or of {"model", "seed
 
     python tools/quality.py plot --curves quality-ml1m-curves.json --reference reference-curves.json --out plot.png
 
+`merge --kind run|ranking|curves --out FILE INPUTS...`: one file from the outputs of parallel processes.
+
 `run` and `ranking` take `--time-budget SECONDS` (stop training a seed before an epoch that would end past the budget
 counted from the process start, and report its best epoch so far, marked `"stopped": "time budget"`; SIGTERM stops
 the same way) and `--max-users N` (train and evaluate on the first N users only: smoke runs).
@@ -158,10 +160,12 @@ def _device(config: RunConfig) -> torch.device:
 
 
 class _Deadline:
-    """When training must stop: `--time-budget` seconds after the process started, or once SIGTERM arrived."""
+    """When training must stop: `--time-budget` seconds after the process started (shared evenly by the runs still
+    to come, see `start_item`), or once SIGTERM arrived."""
 
     def __init__(self, budget_s: float | None, *, handle_sigterm: bool = False) -> None:
         self.end = time.monotonic() + budget_s if budget_s else math.inf
+        self.item_end = self.end
         self.terminated = False
         if handle_sigterm:
             signal.signal(signal.SIGTERM, self._on_term)
@@ -170,9 +174,18 @@ class _Deadline:
         self.terminated = True
         print("SIGTERM: stopping after the current epoch", flush=True)
 
+    def start_item(self, items_left: int) -> None:
+        """A run starts with `items_left` runs (itself included) still to go: it gets their share of the time left."""
+        now = time.monotonic()
+        self.item_end = now + (self.end - now) / max(1, items_left)
+
     def allows(self, epoch_seconds: float) -> bool:
         """True when another epoch of about `epoch_seconds` (plus the final test evaluation) fits."""
-        return not self.terminated and time.monotonic() + 1.5 * epoch_seconds < self.end
+        return not self.terminated and time.monotonic() + 1.5 * epoch_seconds < min(self.end, self.item_end)
+
+    @property
+    def reason(self) -> str:
+        return "SIGTERM" if self.terminated else "time budget"
 
 
 def _first_users(dataset, max_users: int | None):
@@ -215,7 +228,7 @@ def _early_stopped(model, bundle, train, config: RunConfig, validate, score: str
     stopped, slowest = "max epochs", 0.0
     for epoch in range(1, max_epochs + 1):
         if not deadline.allows(slowest):
-            stopped = "time budget"
+            stopped = deadline.reason
             break
         started = time.perf_counter()
         loss = _train_epoch(model, bundle, train, config, epoch)
@@ -271,36 +284,40 @@ def run(args: argparse.Namespace) -> None:
     deadline = _Deadline(args.time_budget, handle_sigterm=True)
     rows: list[dict[str, Any]] = []
     curves_out: list[dict[str, Any]] = []
-    for name in args.models:
-        for seed in args.seeds:
-            config = load_config(CONFIGS / f"ml1m_retrieval_{name}.yaml", [*args.overrides, f"seed={seed}"])
-            started = time.perf_counter()
-            print(f"{name} seed {seed}", flush=True)
-            test, best_epoch, curve, protocol, stopped = train_with_early_stopping(
-                config, args.max_epochs, args.patience, deadline, args.max_users
-            )
-            facts = {
-                "model": name, "dataset": _dataset_name(config.data.options.get("ratings_path")),
-                "tie_order": protocol.tie_order, "filter_seen": protocol.filter_seen,
-                **{k: round(v, 5) for k, v in test.items()}, "epochs": best_epoch, "seed": seed,
-                "device": _device_name(_device(config)), "date": date, "commit": commit,
-                "seconds": round(time.perf_counter() - started, 1), "epochs_trained": curve[-1]["epoch"],
-                "max_epochs": args.max_epochs, "patience": args.patience, "stopped": stopped,
-                "protocol": protocol.describe(),
-            }  # fmt: skip
-            if args.max_users is not None:
-                facts["max_users"] = args.max_users
-            rows.append(facts)
-            curves_out.append({"model": name, "seed": seed, "valid": curve})
-            print(
-                f"{name} seed {seed}: best epoch {best_epoch} ({stopped}), test "
-                + ", ".join(f"{k} {v:.4f}" for k, v in test.items()),
-                flush=True,
-            )
-            _write(args, rows, curves_out)
+    items = [(name, seed) for name in args.models for seed in args.seeds]
+    for index, (name, seed) in enumerate(items):
+        if deadline.terminated:
+            break
+        deadline.start_item(len(items) - index)
+        config = load_config(CONFIGS / f"ml1m_retrieval_{name}.yaml", [*args.overrides, f"seed={seed}"])
+        started = time.perf_counter()
+        print(f"{name} seed {seed}", flush=True)
+        test, best_epoch, curve, protocol, stopped = train_with_early_stopping(
+            config, args.max_epochs, args.patience, deadline, args.max_users
+        )
+        facts = {
+            "model": name, "dataset": _dataset_name(config.data.options.get("ratings_path")),
+            "tie_order": protocol.tie_order, "filter_seen": protocol.filter_seen,
+            **{k: round(v, 5) for k, v in test.items()}, "epochs": best_epoch, "seed": seed,
+            "device": _device_name(_device(config)), "date": date, "commit": commit,
+            "seconds": round(time.perf_counter() - started, 1), "epochs_trained": curve[-1]["epoch"],
+            "max_epochs": args.max_epochs, "patience": args.patience, "stopped": stopped,
+            "protocol": protocol.describe(),
+        }  # fmt: skip
+        if args.max_users is not None:
+            facts["max_users"] = args.max_users
+        rows.append(facts)
+        curves_out.append({"model": name, "seed": seed, "valid": curve})
+        print(
+            f"{name} seed {seed}: best epoch {best_epoch} ({stopped}), test "
+            + ", ".join(f"{k} {v:.4f}" for k, v in test.items()),
+            flush=True,
+        )
+        _write(args, rows, curves_out)
     for name in args.models:
         values = [r["hr@10"] for r in rows if r["model"] == name]
-        print(f"{name}: HR@10 {np.mean(values):.4f} +- {np.std(values):.4f} over {len(values)} seeds")
+        if values:
+            print(f"{name}: HR@10 {np.mean(values):.4f} +- {np.std(values):.4f} over {len(values)} seeds")
 
 
 def _summary(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any]:
@@ -314,10 +331,14 @@ def _summary(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, 
     return summary
 
 
+def _run_payload(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    metrics = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr", "epochs")
+    return {"rows": rows, "summary": _summary(rows, metrics)}
+
+
 def _write(args: argparse.Namespace, rows: list[dict[str, Any]], curves_out: list[dict[str, Any]]) -> None:
-    summary = _summary(rows, ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr", "epochs"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(_run_payload(rows), indent=1) + "\n")
     if args.curves:
         Path(args.curves).write_text(json.dumps(curves_out, indent=1) + "\n")
 
@@ -400,31 +421,34 @@ def ranking(args: argparse.Namespace) -> None:
     deadline = _Deadline(args.time_budget, handle_sigterm=True)
     rows: list[dict[str, Any]] = []
     curves_out: list[dict[str, Any]] = []
-    for seed in args.seeds:
-        for kind in args.models:
-            config = load_config(args.config, [*args.overrides, *RANKING_MODELS[kind][1], f"seed={seed}"])
-            splits = ranking_splits(config, args.max_users)
-            started = time.perf_counter()
-            print(f"{kind} seed {seed}", flush=True)
-            test, best_epoch, curve, stopped, steps = train_ranking_model(kind, config, splits, args, deadline)
-            for task, label in RANKING_TASKS.items():
-                rows.append({
-                    "model": RANKING_MODELS[kind][0],
-                    "dataset": _dataset_name(config.data.options.get("ratings_path")), "task": label,
-                    "auc": round(test[f"auc/{task}"], 5), "log_loss": round(test[f"logloss/{task}"], 5),
-                    "seed": seed, "epochs": best_epoch, "epochs_trained": curve[-1]["epoch"],
-                    "steps_per_epoch": steps, "max_epochs": args.max_epochs, "patience": args.patience,
-                    "stopped": stopped, "device": _device_name(_device(config)), "date": date, "commit": commit,
-                    "seconds": round(time.perf_counter() - started, 1), "config": str(args.config),
-                    **({"max_users": args.max_users} if args.max_users is not None else {}),
-                })  # fmt: skip
-            curves_out.append({"model": rows[-1]["model"], "seed": seed, "valid": curve})
-            aucs = ", ".join(f"{k} {test[k]:.4f}" for k in sorted(test) if k.startswith("auc"))
-            print(f"{kind} seed {seed}: best epoch {best_epoch} ({stopped}), test {aucs}", flush=True)
-            _write_ranking(args, rows, curves_out)
+    items = [(seed, kind) for seed in args.seeds for kind in args.models]
+    for index, (seed, kind) in enumerate(items):
+        if deadline.terminated:
+            break
+        deadline.start_item(len(items) - index)
+        config = load_config(args.config, [*args.overrides, *RANKING_MODELS[kind][1], f"seed={seed}"])
+        splits = ranking_splits(config, args.max_users)
+        started = time.perf_counter()
+        print(f"{kind} seed {seed}", flush=True)
+        test, best_epoch, curve, stopped, steps = train_ranking_model(kind, config, splits, args, deadline)
+        for task, label in RANKING_TASKS.items():
+            rows.append({
+                "model": RANKING_MODELS[kind][0],
+                "dataset": _dataset_name(config.data.options.get("ratings_path")), "task": label,
+                "auc": round(test[f"auc/{task}"], 5), "log_loss": round(test[f"logloss/{task}"], 5),
+                "seed": seed, "epochs": best_epoch, "epochs_trained": curve[-1]["epoch"],
+                "steps_per_epoch": steps, "max_epochs": args.max_epochs, "patience": args.patience,
+                "stopped": stopped, "device": _device_name(_device(config)), "date": date, "commit": commit,
+                "seconds": round(time.perf_counter() - started, 1), "config": str(args.config),
+                **({"max_users": args.max_users} if args.max_users is not None else {}),
+            })  # fmt: skip
+        curves_out.append({"model": rows[-1]["model"], "seed": seed, "valid": curve})
+        aucs = ", ".join(f"{k} {test[k]:.4f}" for k in sorted(test) if k.startswith("auc"))
+        print(f"{kind} seed {seed}: best epoch {best_epoch} ({stopped}), test {aucs}", flush=True)
+        _write_ranking(args, rows, curves_out)
 
 
-def _write_ranking(args: argparse.Namespace, rows: list[dict[str, Any]], curves_out: list[dict[str, Any]]) -> None:
+def _ranking_payload(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         for task in RANKING_TASKS.values():
@@ -432,10 +456,34 @@ def _write_ranking(args: argparse.Namespace, rows: list[dict[str, Any]], curves_
             summary.setdefault(model, {})[task] = {
                 "auc_mean": float(np.mean(values)), "auc_std": float(np.std(values)), "seeds": len(values)
             }  # fmt: skip
+    return {"rows": rows, "summary": summary}
+
+
+def _write_ranking(args: argparse.Namespace, rows: list[dict[str, Any]], curves_out: list[dict[str, Any]]) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
+    Path(args.out).write_text(json.dumps(_ranking_payload(rows), indent=1) + "\n")
     if args.curves:
         Path(args.curves).write_text(json.dumps(curves_out, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------- merge
+
+
+def merge(args: argparse.Namespace) -> None:
+    """One results file from the files of several `run` or `ranking` processes (rows concatenated, summary
+    recomputed), or one curves file (entries concatenated); missing inputs are reported and skipped."""
+    present = [Path(p) for p in args.inputs if Path(p).is_file()]
+    for missing in sorted(set(args.inputs) - {str(p) for p in present}):
+        print(f"merge: {missing} is missing (its process wrote nothing)", flush=True)
+    loaded = [json.loads(p.read_text()) for p in present]
+    if args.kind == "curves":
+        payload: Any = [entry for part in loaded for entry in part]
+    else:
+        rows = [row for part in loaded for row in part["rows"]]
+        payload = _run_payload(rows) if args.kind == "run" else _ranking_payload(rows)
+        print(json.dumps(payload["summary"], indent=1), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------- plot
@@ -536,8 +584,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="ndcg@10")
     p.add_argument("--title", default="ML-1M (users 1-2999), validation")
     p.add_argument("--out", required=True, help="image file (.png, .svg, ...)")
+    m = sub.add_parser("merge", help="merge the JSONs of several run / ranking processes (or their curves)")
+    m.add_argument("--kind", required=True, choices=["run", "ranking", "curves"])
+    m.add_argument("--out", required=True)
+    m.add_argument("inputs", nargs="+")
     args = parser.parse_args(argv)
-    {"curves": curves, "run": run, "ranking": ranking, "plot": plot}[args.command](args)
+    {"curves": curves, "run": run, "ranking": ranking, "merge": merge, "plot": plot}[args.command](args)
     return 0
 
 

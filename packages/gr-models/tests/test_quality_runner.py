@@ -117,6 +117,8 @@ def test_time_budget_stops_before_an_epoch_that_would_not_fit(quality) -> None:
     assert quality._Deadline(None).allows(1e9)
     deadline = quality._Deadline(10.0)
     assert deadline.allows(1.0) and not deadline.allows(7.0)  # 1.5 x 7 s > 10 s
+    deadline.start_item(2)  # the first of two runs gets half of the time left
+    assert deadline.allows(3.0) and not deadline.allows(4.0) and deadline.reason == "time budget"
 
 
 @needs_ml1m
