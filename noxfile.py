@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import nox
@@ -199,13 +200,27 @@ def gpu_setup(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def quality(session: nox.Session) -> None:
-    """(GPU machine, after gpu_setup) ML-1M retrieval quality: SASRec, HSTU and HSTU-large, 3 seeds, early stopping
-    on validation NDCG@10, test metrics at the best epoch (tools/quality.py run); posargs are config overrides."""
+    """ML-1M (users 1-2999) quality, issue 26. `nox -s quality -- smoke`: tools/gpu/quality_ml1m.sh's logic on CPU at
+    smoke size (first 60 users, 1 epoch, every model; JSONs in a temporary folder). On the GPU machine, after
+    gpu_setup, `nox -s quality [-- key=value ...]` (default device=cuda): tools/quality.py run (SASRec, full-softmax
+    SASRec, HSTU, HSTU-large, 3 seeds, early stopping) then ranking (RankingGR vs DLRM, 3 seeds) in this one process
+    into benchmarks/results; tools/gpu/quality_ml1m.sh runs the same in parallel processes within one device call.
+    Plot the curves with tools/quality.py plot."""
+    if session.posargs == ["smoke"]:
+        with tempfile.TemporaryDirectory() as out:
+            env = {"QUALITY_SMOKE": "1", "OUT": out, "PYTHON": sys.executable}
+            session.run("bash", "tools/gpu/quality_ml1m.sh", env=env, external=True)
+        return
     results = ROOT / "packages" / "gr-models" / "benchmarks" / "results"
+    overrides = session.posargs or ["device=cuda"]
     session.run(
-        sys.executable, "tools/quality.py", "run", "--out", str(results / "quality-ml1m.json"),
-        "--curves", str(results / "quality-ml1m-curves.json"), "--", *(session.posargs or ["device=cuda"]),
-        external=True,
+        sys.executable, "tools/quality.py", "run", "--models", "sasrec", "sasrec_full_softmax", "hstu", "hstu_large",
+        "--out", str(results / "quality-ml1m.json"), "--curves", str(results / "quality-ml1m-curves.json"),
+        "--", *overrides, external=True,
+    )  # fmt: skip
+    session.run(
+        sys.executable, "tools/quality.py", "ranking", "--out", str(results / "quality-ml1m-ranking.json"),
+        "--", *overrides, external=True,
     )  # fmt: skip
 
 
