@@ -8,6 +8,7 @@ against the model and restores everything. Loading never runs code from the file
 checkpoint.
 """
 
+from gr_checkpoint.async_save import SaveHandle, wait_for_saves
 from gr_checkpoint.checkpoint import load, save
 from gr_checkpoint.convert import convert_trusted_checkpoint
 from gr_checkpoint.dynamic_tables import StandaloneDynamicTablesError
@@ -29,6 +30,7 @@ __all__ = [
     "DynamicTableSpec",
     "LegacyCheckpointError",
     "Manifest",
+    "SaveHandle",
     "StandaloneDynamicTablesError",
     "TensorSpec",
     "UnsafeCheckpointError",
@@ -41,4 +43,5 @@ __all__ = [
     "read_manifest",
     "save",
     "save_step",
+    "wait_for_saves",
 ]

@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.optim.keyed import KeyedOptimizer
 
 import dynamicemb
+from gr_checkpoint.async_save import (
+    SaveHandle,
+    checkpoint_group,
+    snapshot_state,
+    snapshot_value,
+    start_background_save,
+    wait_for_saves,
+)
 from gr_checkpoint.atomic import (
     discard_staging,
     prepare_staging,
@@ -40,7 +49,9 @@ from gr_checkpoint.atomic import (
     run_on_rank_zero,
     staging_dir,
 )
+from gr_checkpoint.collective import agree, broadcast_from_zero, rank_and_world
 from gr_checkpoint.dynamic_tables import (
+    DYNAMIC_FOLDER,
     check_dynamic_tables,
     dump_dynamic_tables,
     dynamic_table_specs,
@@ -52,6 +63,7 @@ from gr_checkpoint.integrity import record_checkpoint_files, verify_checkpoint_f
 from gr_checkpoint.manifest import MANIFEST_NAME, Manifest, read_manifest
 from gr_checkpoint.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 from gr_checkpoint.safe_paths import check_no_escaping_links, resolved_inside
+from gr_checkpoint.table_snapshots import snapshot_tables, write_sharded_manifests, write_table_snapshots
 from gr_checkpoint.torch_state import (
     SPARSE_OPTIMIZER,
     check_tensor_specs,
@@ -61,7 +73,7 @@ from gr_checkpoint.torch_state import (
     tensor_specs,
 )
 
-__all__ = ["TORCH_FOLDER", "load", "save"]
+__all__ = ["TORCH_FOLDER", "SaveHandle", "load", "save"]
 
 TORCH_FOLDER = "torch_module"
 
@@ -101,6 +113,7 @@ def _dcp_failures_as(error: Callable[[str], Exception]) -> Iterator[None]:
         raise error(f"rank {rank}: {type(first).__name__}: {first}") from failure
 
 
+@overload
 def save(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -108,31 +121,64 @@ def save(
     *,
     extra_state: Any = None,
     step: int | None = None,
-) -> Path:
+    asynchronous: Literal[False] = False,
+    on_published: Callable[[], None] | None = None,
+) -> Path: ...
+
+
+@overload
+def save(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    extra_state: Any = None,
+    step: int | None = None,
+    asynchronous: Literal[True],
+    on_published: Callable[[], None] | None = None,
+) -> SaveHandle: ...
+
+
+def save(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    extra_state: Any = None,
+    step: int | None = None,
+    asynchronous: bool = False,
+    on_published: Callable[[], None] | None = None,
+) -> Path | SaveHandle:
     """Write a checkpoint of ``model`` (and ``optimizer``, and ``extra_state``) to directory ``path``.
 
     Collective: with an initialized process group every rank calls it with its own shard of the
     state. Dynamic tables (standalone or sharded dynamicemb modules) go to ``dynamicemb_module/``
     (dynamicemb's dump, with their fused-optimizer state); the model's state dict (which holds no
     dynamic table rows), the optimizer and ``extra_state`` to ``torch_module/``
-    (``torch.distributed.checkpoint``, so it loads at another world size).
+    (``torch.distributed.checkpoint``, so it loads at another world size). Every file's size and
+    CRC32 go into the manifest, written last.
 
     ``extra_state``: data (``None``, numbers, strings, lists, tuples, dicts, torch tensors, numeric
     NumPy values: step counters, RNG states, data-loader position, optimizer and scheduler state
     dicts), stored without pickling objects (see :mod:`gr_checkpoint.extra_state`); any other value
     raises :class:`~gr_checkpoint.UnsafeExtraStateError` naming its key and type before anything
-    is written. Rank 0's value is kept. ``step`` is recorded in the manifest. The save is atomic: an existing
-    checkpoint at ``path`` is replaced only once the new one is complete. Returns ``Path(path)``.
+    is written. Rank 0's value is kept. ``step`` is recorded in the manifest. The save is atomic: an
+    existing checkpoint at ``path`` is replaced only once the new one is complete. ``on_published``
+    runs on rank 0 once it is (its failure raises on every rank). Returns ``Path(path)``.
+
+    ``asynchronous=True``: copy everything to host memory now, write it from a background thread
+    and return a :class:`~gr_checkpoint.SaveHandle` at once (``wait()`` returns the path when the
+    checkpoint is published, or raises what the writer raised); see :mod:`gr_checkpoint.async_save`.
+    Any save or load first waits for this process's pending asynchronous save.
     """
     target = Path(path)
+    wait_for_saves()
     if extra_state is not None:
         encode_extra_state(extra_state)  # refuses what cannot be stored as data, before any file is touched
     run_on_rank_zero(lambda: prepare_staging(target))
     staging = staging_dir(target)
     try:
         dynamic_tables = dynamic_table_specs(model)
-        if dynamic_tables:
-            dump_dynamic_tables(staging, model)
         sparse_optimizer = fused_optimizer(model)
         state: dict[str, Any] = collect_torch_state(model, optimizer, sparse_optimizer)
         manifest = Manifest(
@@ -148,14 +194,54 @@ def save(
             has_extra_state=extra_state is not None,
             step=step,
         )
+        if asynchronous:
+            return _start_background_save(target, model, state, manifest, extra_state, on_published)
+        if dynamic_tables:
+            dump_dynamic_tables(staging, model)
         with _quiet_single_process(), _dcp_failures_as(lambda problem: RuntimeError(f"saving {target}: {problem}")):
             dcp.save(state, storage_writer=dcp.FileSystemWriter(staging / TORCH_FOLDER))
         _seal_and_publish(target, manifest, extra_state)
+        if on_published is not None:
+            run_on_rank_zero(on_published)
     except BaseException:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if rank_and_world()[0] == 0:
             discard_staging(target)
         raise
     return target
+
+
+def _start_background_save(
+    target: Path,
+    model: nn.Module,
+    state: dict[str, Any],
+    manifest: Manifest,
+    extra_state: Any,
+    on_published: Callable[[], None] | None,
+) -> SaveHandle:
+    """Snapshot the tables, the state and the extra state to host memory; write them in the background."""
+    group = checkpoint_group()
+    dump_id = broadcast_from_zero(uuid.uuid4().hex[:16])
+    tables = snapshot_tables(model, dump_id) if manifest.dynamic_tables else []
+    dense = snapshot_state(state)
+    extra = snapshot_value(extra_state)
+    staging = staging_dir(target)
+
+    def write() -> None:
+        try:
+            agree(lambda: write_table_snapshots(staging / DYNAMIC_FOLDER, tables), group)
+            run_on_rank_zero(lambda: write_sharded_manifests(staging / DYNAMIC_FOLDER, tables), group)
+            writer = dcp.FileSystemWriter(staging / TORCH_FOLDER)
+            with _dcp_failures_as(lambda problem: RuntimeError(f"saving {target}: {problem}")):
+                dcp.save(dense, storage_writer=writer, process_group=group, no_dist=not dist.is_initialized())
+            _seal_and_publish(target, manifest, extra, group)
+            if on_published is not None:
+                run_on_rank_zero(on_published, group)
+        except BaseException:
+            if rank_and_world(group)[0] == 0:
+                discard_staging(target)
+            raise
+
+    return start_background_save(target, write)
 
 
 def _seal_and_publish(
@@ -233,6 +319,7 @@ def load(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.
     :class:`~gr_checkpoint.UnsafeCheckpointError` naming the file. A format-1 checkpoint with a
     pickled extra state raises :class:`~gr_checkpoint.LegacyCheckpointError` saying how to convert it.
     """
+    wait_for_saves()
     directory = resolve_checkpoint_dir(Path(path))
     manifest = _read_checked(directory)
     _verify_files(directory, manifest)

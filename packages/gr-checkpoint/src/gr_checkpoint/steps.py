@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gr_checkpoint.atomic import run_on_rank_zero
+from gr_checkpoint.async_save import SaveHandle
 from gr_checkpoint.checkpoint import save
 from gr_checkpoint.errors import CheckpointCorruptError
 from gr_checkpoint.integrity import verify_files
@@ -107,13 +107,17 @@ def save_step(
     *,
     extra_state: Any = None,
     keep_last: int | None = None,
-) -> Path:
+    asynchronous: bool = False,
+) -> Path | SaveHandle:
     """:func:`~gr_checkpoint.save` to ``root/step_<step>``; then, with ``keep_last``, delete all but
     the ``keep_last`` complete step checkpoints with the largest steps, and what killed saves of
-    earlier steps left behind. Collective. Returns the new checkpoint's path."""
+    earlier steps left behind. Collective. Returns the new checkpoint's path, or with
+    ``asynchronous=True`` a :class:`~gr_checkpoint.SaveHandle` (pruning then follows in the background,
+    once the new checkpoint is published)."""
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
-    path = save(checkpoint_path(root, step), model, optimizer, extra_state=extra_state, step=step)
-    if keep_last is not None:
-        run_on_rank_zero(lambda: _prune(Path(root), keep_last, step))
-    return path
+    prune = None if keep_last is None else lambda: _prune(Path(root), keep_last, step)
+    target = checkpoint_path(root, step)
+    if asynchronous:
+        return save(target, model, optimizer, extra_state=extra_state, step=step, asynchronous=True, on_published=prune)
+    return save(target, model, optimizer, extra_state=extra_state, step=step, on_published=prune)
