@@ -87,7 +87,7 @@ def _op_args(with_bias: bool) -> tuple:
             torch.randn(HEADS, 3, generator=generator, requires_grad=True),
             torch.randint(0, 50, (7,), generator=generator),
         )
-    scalars = (4, 0.5, 4, True, 1, 2, 0.4, "pytorch", False)
+    scalars = (4, 0.5, 4, True, 1, 2, 0.4, "pytorch", False, False)
     return (q, k, v, offsets, torch.tensor([1, 0, 4]), *tables, *scalars)
 
 

@@ -89,7 +89,7 @@ def test_eager_path_equals_the_custom_op() -> None:
     eager = hstu_attn_varlen_func(**inputs, num_targets=num_targets, contextual_seq_len=1)
     eager_grads = torch.autograd.grad(eager, leaves, grad_out)
     op_inputs = (*leaves, inputs["seq_offsets"], num_targets, None, None, None, None, MAX_LEN, 0.5, MAX_LEN, True, 1)
-    through_op = interface._hstu_attn_forward(*op_inputs, 0, 0.301, "auto", False)
+    through_op = interface._hstu_attn_forward(*op_inputs, 0, 0.301, "auto", False, False)
     op_grads = torch.autograd.grad(through_op, leaves, grad_out)
     assert torch.equal(eager, through_op)
     for a, b in zip(eager_grads, op_grads):

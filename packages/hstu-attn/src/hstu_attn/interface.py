@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hstu_attn._finite import check_finite_rab, check_finite_table, check_finite_tokens
 from hstu_attn._validation import check_arguments, check_offsets_and_targets
 from hstu_attn.backend import TRITON_ENTRY_POINTS, KernelBackend, resolve_backend
 from hstu_attn.reference import hstu_attn_reference, hstu_attn_reference_backward
@@ -43,10 +44,14 @@ def hstu_attn_varlen_func(
     relative_bias: RelativeBias | None = None,
     backend: KernelBackend | str = KernelBackend.AUTO,
     deterministic: bool = False,
+    check_finite: bool = False,
 ) -> Tensor:
     """Jagged HSTU attention: `O = (SiLU(alpha * q k^T + bias) * valid / scaling_seqlen) v` per sequence.
 
-    The valid mask (causal, targets, contextual prefix, local window) is defined in `hstu_attn.reference`.
+    The valid mask (causal, targets, contextual prefix, local window) is defined in `hstu_attn.reference`. Every
+    backend selects the valid pairs instead of multiplying by the mask: an inf or nan in q, k, v, rab or the
+    gradient of the output at a token that a row may not attend never reaches that row's output or the gradients
+    computed from it; a row that does attend it gets NaN.
 
     Args:
         q, k: `[L, H, Dqk]`; v: `[L, H, Dv]`; one dtype among float32, bfloat16, float16 (float64: PYTORCH or AUTO
@@ -63,6 +68,9 @@ def hstu_attn_varlen_func(
         relative_bias: learnable position/time bias tables (`RelativeBias`), or None.
         backend: a `KernelBackend` (or its string value). CUTLASS raises NotImplementedError (not built yet).
         deterministic: make the TRITON backward deterministic (no floating-point atomics); ignored by PYTORCH.
+        check_finite: raise ValueError naming the tensor (q, k, v, rab at an attended pair, a bias table; in the
+            backward grad_out) and its first token (sequence index, position, head) holding inf or nan. Off by
+            default: it reads the inputs on the host (one synchronization per tensor).
 
     Returns:
         `[L, H, Dv]` in q's dtype; differentiable w.r.t. q, k, v, rab and the relative-bias tables.
@@ -92,10 +100,37 @@ def hstu_attn_varlen_func(
         0.301 if relative_bias is None else relative_bias.time_bucket_divisor,
         backend.value,
         deterministic,
+        check_finite,
     )
     if torch.compiler.is_compiling():
         return _hstu_attn_forward(*inputs)
     return _EagerAttention.apply(*inputs[:_TENSOR_INPUTS], inputs[_TENSOR_INPUTS:])
+
+
+def _check_finite_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    num_targets: Tensor | None,
+    rab: Tensor | None,
+    position_weights: Tensor | None,
+    time_weights: Tensor | None,
+    causal: bool,
+    contextual_seq_len: int,
+    max_attn_len: int,
+) -> None:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_finite_tokens(name, tensor, seq_offsets)
+    if rab is not None:
+        check_finite_rab(
+            rab, seq_offsets, num_targets, causal=causal, contextual_seq_len=contextual_seq_len,
+            max_attn_len=max_attn_len,
+        )  # fmt: skip
+    tables = {"relative_bias.position_weights": position_weights, "relative_bias.time_weights": time_weights}
+    for name, table in tables.items():
+        if table is not None:
+            check_finite_table(name, table)
 
 
 def _relative_bias(
@@ -176,8 +211,14 @@ def _forward_values(
     time_bucket_divisor: float,
     backend: str,
     deterministic: bool,
+    check_finite: bool,
 ) -> Tensor:
     check_offsets_and_targets(seq_offsets, q.shape[0], max_seq_len, num_targets)
+    if check_finite:
+        _check_finite_inputs(
+            q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, causal, contextual_seq_len,
+            max_attn_len,
+        )  # fmt: skip
     concrete = _concrete_backend(backend, q, v)
     if concrete is KernelBackend.TRITON:
         out = _import_triton_kernels().hstu_attn_triton_forward(
@@ -224,10 +265,13 @@ def _backward_values(
     time_bucket_divisor: float,
     backend: str,
     deterministic: bool,
+    check_finite: bool,
     rab_needs_grad: bool,
 ) -> list[Tensor]:
     """Gradients `[dq, dk, dv]`, then d_rab (if rab is given and `rab_needs_grad`), d_position_weights and
     d_time_weights (for the tables given)."""
+    if check_finite:
+        check_finite_tokens("grad_out", grad_out, seq_offsets)
     concrete = _concrete_backend(backend, q, v)
     if concrete is KernelBackend.TRITON:
         all_grads = _import_triton_kernels().hstu_attn_triton_backward(
@@ -283,7 +327,7 @@ def _hstu_attn_backward_fake(
 
 
 _TENSOR_INPUTS = 9  # q, k, v, seq_offsets, num_targets, rab, position_weights, time_weights, timestamps
-_SCALAR_INPUTS = 9  # max_seq_len ... deterministic; index 5 of the inputs is rab
+_SCALAR_INPUTS = 10  # max_seq_len ... check_finite; index 5 of the inputs is rab
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:

@@ -20,6 +20,12 @@ so, in words:
 - a contextual prefix that reaches into the targets (c > u) exposes only its history part as columns.
 
 With `S = alpha * q k^T + rab + relative_bias`, the output is `O = (SiLU(S) * valid / scaling_seqlen) v`.
+
+Invalid pairs are selected away, never multiplied by zero: a non-finite value (inf/nan) in q, k, v, rab or grad_out
+of a token that a row may not attend never reaches that row's output or the gradients it feeds (0 * nan = nan, so
+a product `weights @ v` with a zero weight would let it through). A row that does attend a non-finite value gets
+NaN where IEEE arithmetic would give a non-finite result. `hstu_attn_reference` contains its forward this way;
+autograd through it is exact for finite inputs only, `hstu_attn_reference_backward` contains the backward too.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from hstu_attn.relative_bias import RelativeBias
 __all__ = ["hstu_attn_reference", "hstu_attn_reference_backward", "hstu_attn_valid_mask"]
 
 
-def _valid_masks(
+def valid_masks(
     lengths: Tensor,
     num_targets: Tensor | None,
     max_seq_len: int,
@@ -86,7 +92,7 @@ def hstu_attn_valid_mask(
     """
     lengths = torch.tensor([n], device=device)
     targets = None if num_targets is None else torch.tensor([num_targets], device=device)
-    masks = _valid_masks(
+    masks = valid_masks(
         lengths,
         targets,
         n,
@@ -134,7 +140,7 @@ def hstu_attn_reference(
         contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, rab=rab, relative_bias=relative_bias,
     )  # fmt: skip
     weights = F.silu(problem.masked_scores) / _scaling(scaling_seqlen, max_seq_len)
-    padded_out = torch.einsum("bhij,bjhd->bihd", weights, problem.v)
+    padded_out = _selected_product("bhij,bjhd->bihd", weights, problem.valid, problem.v)
     return padded_out[problem.coordinates]
 
 
@@ -174,12 +180,14 @@ def hstu_attn_reference_backward(
     weights = scores * sigmoid / scaling
     padded_grad_out = jagged_to_padded(grad_out, problem.coordinates, problem.num_sequences, max_seq_len)
 
-    grad_v = torch.einsum("bhij,bihd->bjhd", weights, padded_grad_out)
+    grad_v = _selected_product("bhij,bihd->bjhd", weights, problem.valid, padded_grad_out)
     grad_weights = torch.einsum("bihd,bjhd->bhij", padded_grad_out, problem.v)
     silu_slope = sigmoid * (1 + scores * (1 - sigmoid))
     grad_scores = (grad_weights * silu_slope / scaling).masked_fill(~problem.valid, 0)
-    grad_q = torch.einsum("bhij,bjhd->bihd", grad_scores, problem.k) * problem.alpha
-    grad_k = torch.einsum("bhij,bihd->bjhd", grad_scores, problem.q) * problem.alpha
+    # A non-finite q or k entry of a valid pair already made its score, hence grad_scores, NaN: zeroing it in
+    # the operand only keeps it out of the rows and columns that never attend it.
+    grad_q = torch.einsum("bhij,bjhd->bihd", grad_scores, _finite_or_zero(problem.k)) * problem.alpha
+    grad_k = torch.einsum("bhij,bihd->bjhd", grad_scores, _finite_or_zero(problem.q)) * problem.alpha
 
     grad_rab = None
     if rab is not None:
@@ -197,6 +205,25 @@ def hstu_attn_reference_backward(
         grad_position,
         grad_time,
     )
+
+
+def _finite_or_zero(x: Tensor) -> Tensor:
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _selected_product(equation: str, weights: Tensor, valid: Tensor, x: Tensor) -> Tensor:
+    """`einsum(equation, weights, x)` where the zero weight of an invalid pair never multiplies an entry of x.
+
+    `weights [B, H, N, N]` is zero at invalid pairs, `valid [B, 1, N, N]`, x padded `[B, N, H, D]`. Non-finite
+    entries of x enter the product as 0; an output entry that a valid pair links to one of them is NaN (added,
+    so autograd still reaches the finite terms). All-finite x (checked once) takes the plain product.
+    """
+    bad = ~torch.isfinite(x)
+    if not bool(bad.any()):
+        return torch.einsum(equation, weights, x)
+    product = torch.einsum(equation, weights, x.masked_fill(bad, 0))
+    reached = torch.einsum(equation, valid.expand_as(weights).to(torch.float32), bad.to(torch.float32)) > 0
+    return product + torch.zeros_like(product).masked_fill(reached, float("nan"))
 
 
 def _scaling(scaling_seqlen: float | None, max_seq_len: int) -> float:
@@ -235,7 +262,7 @@ class _PaddedProblem:
             scores = scores + rab.to(scores.dtype)
         if relative_bias is not None:
             scores = scores + relative_bias.materialize(seq_offsets, max_seq_len, num_heads).to(scores.dtype)
-        self.valid = _valid_masks(
+        self.valid = valid_masks(
             sequence_lengths(seq_offsets),
             num_targets,
             max_seq_len,

@@ -25,7 +25,7 @@ from hstu_attn.triton.bias import (
     score_bias,
     time_buckets,
 )
-from hstu_attn.triton.masks import key_block_row_ranges, query_block_column_ranges, valid_mask
+from hstu_attn.triton.masks import key_block_row_ranges, non_finite, query_block_column_ranges, valid_mask
 
 
 @triton.jit
@@ -89,6 +89,9 @@ def _backward_dkdv_span(
 ):
     offs_dqk = tl.arange(0, DQK)
     offs_dv = tl.arange(0, DV)
+    k_for_dq = k
+    if MASKED and ATOMIC_DQ:
+        k_for_dq = tl.where(non_finite(k), 0.0, k)
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_in = offs_m < n
@@ -137,9 +140,22 @@ def _backward_dkdv_span(
             valid = valid & (offs_m[None, :] < end)
             value = tl.where(valid, value, 0.0)
             do = tl.load(do_ptrs, mask=row_in[:, None], other=0.0)
+            # Masked tiles: non-finite entries of the operands that meet a zero weight enter the products as 0.
+            # Valid pairs keep their NaN: through S (q) and dS (q, dO), and through `reached` for dV (dO).
+            do_bad = non_finite(do)
+            reached = mma(
+                tl.where(valid, 1.0, 0.0).to(do.dtype),
+                tl.where(do_bad, 1.0, 0.0).to(do.dtype),
+                tl.zeros([BLOCK_N, DV], dtype=tl.float32),
+                UPCAST_DOT,
+                INPUT_PRECISION,
+            )
+            dv = tl.where(reached > 0.0, float("nan"), dv)
+            dv = mma(value.to(do.dtype), tl.where(do_bad, 0.0, do), dv, UPCAST_DOT, INPUT_PRECISION)
+            q = tl.where(non_finite(q), 0.0, q)
         else:
             do = tl.load(do_ptrs)
-        dv = mma(value.to(do.dtype), do, dv, UPCAST_DOT, INPUT_PRECISION)
+            dv = mma(value.to(do.dtype), do, dv, UPCAST_DOT, INPUT_PRECISION)
         dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
         ds_t = dp_t * grad
         if MASKED:
@@ -147,7 +163,11 @@ def _backward_dkdv_span(
         dk = mma(ds_t.to(q.dtype), q, dk, UPCAST_DOT, INPUT_PRECISION)
         if ATOMIC_DQ:
             dq = mma(
-                tl.trans(ds_t).to(k.dtype), k, tl.zeros([BLOCK_M, DQK], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION
+                tl.trans(ds_t).to(k.dtype),
+                k_for_dq,
+                tl.zeros([BLOCK_M, DQK], dtype=tl.float32),
+                UPCAST_DOT,
+                INPUT_PRECISION,
             )
             dq_ptrs = dq_ptr + offs_m[:, None].to(tl.int64) * stride_dqm + offs_dqk[None, :]
             tl.atomic_add(dq_ptrs, dq * (alpha * scale), mask=row_in[:, None], sem="relaxed")
@@ -476,6 +496,8 @@ def _backward_dq_span(
                 HAS_WINDOW,
             )
             ds = tl.where(valid & (offs_n[None, :] < end), ds, 0.0)
+            # a non-finite k of a valid pair already made ds NaN; zeroing keeps it out of the other rows
+            k = tl.where(non_finite(k), 0.0, k)
         dq = mma(ds.to(k.dtype), k, dq, UPCAST_DOT, INPUT_PRECISION)
     return dq
 

@@ -11,6 +11,9 @@ restricted to i, j < n. The range helpers return, for one block of query rows (f
 columns (dk/dv), the span that can hold valid pairs split into masked edges and an interior of whole tiles where
 every pair is valid, so interior tiles skip the mask arithmetic. A masked span's last tile may reach past the
 span's end: kernels clip masked tiles to `< end`, so consecutive spans never count a pair twice.
+
+In masked tiles a zero weight must not multiply an operand entry (0 * nan = nan): `non_finite` finds the entries
+a kernel replaces by 0 there before the product (see the kernels for how a valid pair still gets its NaN).
 """
 
 from __future__ import annotations
@@ -48,6 +51,15 @@ def valid_mask(
     if HAS_CONTEXT:
         valid = valid | (((rows < contextual_seq_len) | (cols < contextual_seq_len)) & history_col)
     return valid & (rows < n) & (cols < n)
+
+
+@triton.jit
+def non_finite(x):
+    """Boolean tile: which entries of `x` are inf or nan (`x - x` is 0 exactly for every finite x).
+
+    Compared in fp32 (exact for every input dtype; the CPU interpreter mishandles bf16 arithmetic)."""
+    wide = x.to(tl.float32)
+    return (wide - wide) != 0.0
 
 
 @triton.jit
