@@ -25,6 +25,7 @@ import gr_checkpoint
 import gr_parallel
 from gr_models.data.collate import collate_samples
 from gr_models.trainer import build_model, build_train_dataset, initialize_run_world, load_config
+from gr_models.trainer.table_optimizer_state import fused_state_to_row_optimizers
 from gr_models.trainer.world import RunWorld
 
 GLOBAL_BATCH, TRAIN_STEPS = 8, 2
@@ -114,6 +115,9 @@ def main(out_dir: Path, tp: int, mode: str, names: list[str]) -> None:
             for table, optimizer in sparse.items():
                 if table in extra["sparse"]:
                     optimizer.load_state_dict(extra["sparse"][table])
+            sharded_when_saved = sorted(set(sparse) - set(extra["sparse"]))
+            if sharded_when_saved:  # unsharded here: their row optimizers take the fused optimizer's state
+                assert not fused_state_to_row_optimizers(out_dir / name, model, sparse, sharded_when_saved)
         step = gr_checkpoint.read_manifest(out_dir / name).step
         after_load = _logits(model, dataset)
         _train_step(model, optimizers, world, dataset, step)

@@ -8,9 +8,10 @@ RNG stream, the data position, dense and fused optimizer states came back.
 Another size: a one-process run (batch 16) saved at step 3 resumes on 2 ranks (batch 8 each, balanced global
 batches of the same 16 users) and gives the losses of the uninterrupted one-process run, as 2 ranks and one process
 train alike on the same global batches (`test_trainer_distributed.py`). Without dropout, since the ranks' random
-streams differ from one process's; static tables train with (stateless) SGD, because a model-parallel table's
-optimizer state does not carry over between its unsharded (one process, gr-models' row optimizer) and sharded
-(fused TBE optimizer) forms; the dynamic item table's Adam state does (dynamicemb's resharding dump).
+streams differ from one process's. The model-parallel static tables' row-wise AdaGrad state passes from gr-models'
+row optimizers (unsharded, one process) to TorchRec's fused optimizers (sharded, 2 ranks); the dynamic item
+table's Adam state through dynamicemb's resharding dump. (The other direction, fused to row optimizers, is
+tested in `test_checkpoint_reshard.py`.)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ data:
   eval_batch_size: 16
 hstu: {hidden_size: 8, kv_channels: 4, num_attention_heads: 2, num_layers: 1, dropout: 0.0}
 embeddings:
-  default: {type: static, optimizer: sgd, learning_rate: 0.05}
+  default: {type: static, optimizer: rowwise_adagrad, learning_rate: 0.05}
   tables: {item_id: {type: dynamic, optimizer: adam, initializer: constant, init_value: 0.05}}
 optim: {learning_rate: 3e-3, warmup_steps: 2}
 train: {eval_every: 0, log_every: 1, progress_bar: false, eval_batches: 1}

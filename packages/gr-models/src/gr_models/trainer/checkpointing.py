@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gr_models.trainer.table_optimizer_state import fused_state_to_row_optimizers, row_state_to_fused_optimizer
 from gr_models.trainer.world import RunWorld
 
 __all__ = [
@@ -154,21 +155,30 @@ def resumed_batches_into_epoch(state: Mapping[str, Any], trainer: Any) -> int:
 
 
 def restore_sparse_optimizers(state: Mapping[str, Any], trainer: Any, path: Any) -> None:
-    """The row optimizers of unsharded tables; at another layout a table sharded when saved (fused optimizer
-    state) may be unsharded now: its row optimizer then starts fresh, with a warning."""
-    saved = state["sparse_optimizers"]
-    missing = sorted(set(trainer.optimizers.sparse) - set(saved))
+    """The row optimizers of unsharded tables. At another layout a table may have changed between unsharded (row
+    optimizer) and sharded (fused optimizer): its AdaGrad state is carried over to the other form (see
+    `gr_models.trainer.table_optimizer_state`); state that cannot be starts fresh, with a warning."""
+    saved, current = state["sparse_optimizers"], trainer.optimizers.sparse
+    missing = sorted(set(current) - set(saved))
     if missing and state["layout"] == layout_of(trainer.world):
         raise ValueError(f"checkpoint {path} lacks the sparse optimizer state of tables {missing}")
-    if missing:
-        _log.warning(
-            "tables %s were sharded in the run that saved %s (their fused optimizer state is in the checkpoint) "
-            "and are unsharded here: their row optimizer state starts fresh",
-            missing, path,
-        )  # fmt: skip
-    for name, optimizer in trainer.optimizers.sparse.items():
+    for name, optimizer in current.items():
         if name in saved:
             optimizer.load_state_dict(saved[name])
+    if missing:
+        fresh = fused_state_to_row_optimizers(path, trainer.model, current, missing)
+        if fresh:
+            _log.warning(
+                "tables %s were sharded in the run that saved %s and are unsharded here; their fused optimizer "
+                "state has no row-optimizer form, so it starts fresh",
+                fresh, path,
+            )  # fmt: skip
+    now_sharded = {name: row_state for name, row_state in saved.items() if name not in current}
+    if now_sharded:
+        carried = row_state_to_fused_optimizer(trainer.model, now_sharded)
+        fresh = sorted(name for name, row_state in now_sharded.items() if row_state["state"] and name not in carried)
+        if fresh:
+            _log.warning("the row-optimizer state of tables %s (unsharded when saved) starts fresh here", fresh)
 
 
 def restore_rng(state: Mapping[str, Any], trainer: Any) -> bool:
