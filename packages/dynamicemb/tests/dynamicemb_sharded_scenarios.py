@@ -899,6 +899,75 @@ def admission_counters_survive_sharded_dump_and_load(env: Env) -> None:
     dist.barrier()
 
 
+# --- batches without ids, malformed batches -----------------------------------------------------------------
+def _stored(model: nn.Module) -> dict[str, tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], int]]:
+    return {name: (rows_of(table), table.optimizer.step) for name, table in shards_of(model).items()}
+
+
+def _assert_unchanged(before: dict, after: dict, what: str) -> None:
+    for name, (rows, step) in before.items():
+        assert after[name][1] == step, f"{what}: table {name} step {step} -> {after[name][1]}"
+        assert set(after[name][0]) == set(rows), f"{what}: table {name} keys changed"
+        for key, (embedding, state) in rows.items():
+            assert torch.equal(after[name][0][key][0], embedding) and torch.equal(after[name][0][key][1], state), (
+                f"{what}: table {name} key {key} changed"
+            )
+
+
+def empty_and_malformed_batches_two_ranks(env: Env) -> None:
+    """Sharded EC and EBC: a batch with no id on any rank gives outputs that require grad (as
+    TorchRec's do) and whose backward changes no row and no step; a KJT whose lengths do not match
+    its ids raises on every rank before any collective, and the next batch trains normally."""
+    group = env.groups.get(2)
+    if group is None:
+        return
+    rank, device, meta = dist.get_rank(group), env.device, torch.device("meta")
+    constraints = {n: DynamicEmbParameterConstraints(use_dynamicemb=True) for n in ("t", "u")}
+    bag_configs = [bag_config("t", 64, ["f1", "f2"], PoolingType.SUM), bag_config("u", 64, ["f3"], PoolingType.MEAN)]
+    models = {
+        "EC": shard(
+            EmbeddingCollection(tables=ec_configs(64), device=meta),
+            constraints,
+            [DynamicEmbeddingCollectionSharder(fused_params=ADAM)],
+            group,
+            device,
+        ),
+        "EBC": shard(
+            EmbeddingBagCollection(tables=bag_configs, device=meta),
+            constraints,
+            [DynamicEmbeddingBagCollectionSharder(fused_params=ADAM)],
+            group,
+            device,
+        ),
+    }
+    some_ids = make_kjt(EC_FEATURES, {f: [[1, 2 + rank]] if rank == 0 else [[]] for f in EC_FEATURES})
+    no_ids = make_kjt(EC_FEATURES, {f: [[], []] for f in EC_FEATURES})
+    malformed = KeyedJaggedTensor(keys=EC_FEATURES, values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1, 1]))
+    for kind, model in models.items():
+
+        def outputs(features: KeyedJaggedTensor, model: nn.Module = model, kind: str = kind) -> list[torch.Tensor]:
+            out = model(features)
+            return [jt.values() for jt in out.values()] if kind == "EC" else [out.values()]
+
+        sum(t.sum() for t in outputs(some_ids)).backward()
+        before = _stored(model)
+        empty = outputs(no_ids)
+        assert all(t.requires_grad for t in empty), f"{kind}: an empty batch's outputs do not require grad"
+        sum(t.sum() for t in empty).backward()
+        _assert_unchanged(before, _stored(model), f"{kind} empty batch")
+        try:
+            outputs(malformed)
+        except ValueError as error:
+            assert "lengths sum to 3 but it holds 2 ids" in str(error), str(error)
+        else:
+            raise AssertionError(f"{kind}: a KJT whose lengths do not match its ids was accepted")
+        _assert_unchanged(before, _stored(model), f"{kind} malformed batch")
+        sum(t.sum() for t in outputs(some_ids)).backward()
+        steps = {name: table.optimizer.step for name, table in shards_of(model).items()}
+        assert steps == {"t": 2, "u": 2}, f"{kind}: steps after two batches with ids: {steps}"
+    dist.barrier(group)
+
+
 SCENARIOS = [
     "equivalence_sgd_dedup_on_off_two_ranks",
     "equivalence_adam_modulo_two_ranks",
@@ -912,4 +981,5 @@ SCENARIOS = [
     "plan_for_another_world_size_is_refused",
     "custom_scores_one_rank",
     "admission_counters_survive_sharded_dump_and_load",
+    "empty_and_malformed_batches_two_ranks",
 ]

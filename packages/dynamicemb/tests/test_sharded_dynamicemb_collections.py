@@ -43,3 +43,7 @@ def test_mixed_dmp_model_matches_unsharded_reference() -> None:
 
 def test_plan_for_another_world_size_is_refused() -> None:
     outcome("plan_for_another_world_size_is_refused")
+
+
+def test_sharded_empty_batch_requires_grad_and_malformed_batch_is_refused() -> None:
+    outcome("empty_and_malformed_batches_two_ranks")

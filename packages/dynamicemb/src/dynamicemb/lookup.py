@@ -27,10 +27,16 @@ class _DynamicEmbeddingLookup(torch.autograd.Function):
 
     ``anchor`` is an empty tensor requiring grad: the table's rows are not autograd leaves, so the
     output needs an input that makes autograd call this backward.
+
+    No ids: the output ``[0, dim]`` still takes part in autograd (as TorchRec's collections'
+    outputs do), and its backward touches nothing (no row, no optimizer step).
     """
 
     @staticmethod
     def forward(ctx: Any, anchor: torch.Tensor, keys: torch.Tensor, table: DynamicEmbeddingTable) -> torch.Tensor:
+        ctx.table = None
+        if keys.numel() == 0:
+            return torch.zeros((0, table.dim), dtype=table.dtype, device=table.device)
         unique, inverse, counts = _unique(keys, table.needs_counts)
         embeddings, handle = table.lookup(unique, counts, training=True)
         ctx.table = table
@@ -42,8 +48,10 @@ class _DynamicEmbeddingLookup(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, None, None]:
+        table: DynamicEmbeddingTable | None = ctx.table
+        if table is None:
+            return None, None, None
         (inverse,) = ctx.saved_tensors
-        table: DynamicEmbeddingTable = ctx.table
         handle: LookupHandle = ctx.handle
         grads = torch.zeros((ctx.num_unique, table.dim), dtype=torch.float32, device=grad_output.device)
         grads.index_add_(0, inverse, grad_output.float())
@@ -57,16 +65,17 @@ def dynamic_embedding_lookup(table: DynamicEmbeddingTable, ids: torch.Tensor, *,
     ``training`` with autograd enabled: new keys are inserted and the backward of the result
     updates the rows with the table's fused optimizer. ``training`` under ``torch.no_grad``:
     new keys are inserted, nothing is updated. Not ``training``: nothing is inserted; missing keys
-    get the eval initializer's values.
+    get the eval initializer's values. No ids: ``[0, dim]`` zeros (with autograd on in training, a
+    result that requires grad and whose backward does nothing).
 
     Synchronizations with the device per call: ``torch.unique`` (its output size), the
     positions of new and of stored keys (``nonzero``), and those of the hash table itself.
     """
-    if ids.numel() == 0:
-        return torch.zeros((0, table.dim), dtype=table.dtype, device=table.device)
     if training and torch.is_grad_enabled():
         anchor = torch.empty(0, device=table.device, requires_grad=True)
         return _DynamicEmbeddingLookup.apply(anchor, ids, table)
+    if ids.numel() == 0:
+        return torch.zeros((0, table.dim), dtype=table.dtype, device=table.device)
     unique, inverse, counts = _unique(ids, table.needs_counts)
     embeddings, _ = table.lookup(unique, counts, training=training)
     return embeddings.index_select(0, inverse)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,6 +13,7 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dynamicemb.embedding_table import DynamicEmbeddingTable
+from dynamicemb.modules.input_checks import checked_lengths_per_key
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs
 from dynamicemb.options import DynamicEmbTableOptions
 
@@ -117,21 +119,22 @@ def build_tables(
 
 
 class FeatureIds:
-    """Per-feature slices of a KJT's ids, read with plain tensor ops (no fbgemm operators)."""
+    """Per-feature slices of a KJT's ids, read with plain tensor ops (no fbgemm operators).
+
+    The KJT is checked first (:func:`~dynamicemb.modules.input_checks.checked_lengths_per_key`):
+    lengths that do not match the ids raise before any id reaches a table."""
 
     def __init__(self, features: KeyedJaggedTensor) -> None:
         if features.variable_stride_per_key():
             raise NotImplementedError("KeyedJaggedTensor with a variable batch size per feature is not supported")
-        values = features.values()
-        if values.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"KeyedJaggedTensor ids must be int64 or int32, got {values.dtype}")
+        lengths_per_key = checked_lengths_per_key(features)
         self.features = features
-        self.values = values
+        self.values = features.values()
         self.weights = features.weights_or_none()
         self.lengths = features.lengths()
         self.batch_size = features.stride()
         self.position = {key: i for i, key in enumerate(features.keys())}
-        self.offset_per_key = features.offset_per_key()
+        self.offset_per_key = [0, *itertools.accumulate(lengths_per_key)]
 
     def _index(self, feature: str) -> int:
         if feature not in self.position:
