@@ -13,7 +13,12 @@ from gr_parallel.tensor_parallel.mappings import (
     sum_over_tensor_parallel_region,
 )
 from gr_parallel.tensor_parallel.norm import TensorParallelLayerNorm
-from gr_parallel.tensor_parallel.random import fork_tensor_parallel_rng, seed_tensor_parallel_cpu_rng
+from gr_parallel.tensor_parallel.random import (
+    fork_tensor_parallel_rng,
+    seed_tensor_parallel_cpu_rng,
+    set_tensor_parallel_rng_state,
+    tensor_parallel_rng_state,
+)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -29,6 +34,8 @@ __all__ = [
     "sample_split",
     "scatter_to_tensor_parallel_region",
     "seed_tensor_parallel_cpu_rng",
+    "set_tensor_parallel_rng_state",
     "shard_of",
     "sum_over_tensor_parallel_region",
+    "tensor_parallel_rng_state",
 ]

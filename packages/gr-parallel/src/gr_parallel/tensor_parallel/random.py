@@ -15,7 +15,12 @@ import torch
 from gr_parallel._megatron import tensor_parallel as megatron_tp
 from gr_parallel.state import get_tensor_model_parallel_rank, model_parallel_is_initialized
 
-__all__ = ["fork_tensor_parallel_rng", "seed_tensor_parallel_cpu_rng"]
+__all__ = [
+    "fork_tensor_parallel_rng",
+    "seed_tensor_parallel_cpu_rng",
+    "set_tensor_parallel_rng_state",
+    "tensor_parallel_rng_state",
+]
 
 TENSOR_PARALLEL_SEED_OFFSET = 2718  # Megatron-core's offset, so CPU and CUDA streams are seeded alike
 
@@ -55,3 +60,22 @@ def fork_tensor_parallel_rng(device: torch.device) -> Iterator[None]:
     finally:
         _cpu_state = torch.get_rng_state()
         torch.set_rng_state(default_state)
+
+
+def tensor_parallel_rng_state(device: torch.device) -> dict[str, object]:
+    """This rank's tensor-parallel stream, to checkpoint: the CPU generator state (`None` before seeding) and, for
+    a CUDA `device`, Megatron's CUDA RNG tracker states."""
+    cpu = _cpu_state if _cpu_state is not None else (_initial_cpu_state() if _cpu_seed is not None else None)
+    state: dict[str, object] = {"cpu": cpu}
+    if device.type == "cuda":
+        state["cuda"] = megatron_tp.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_tensor_parallel_rng_state(state: dict[str, object], device: torch.device) -> None:
+    """Continue the stream from what `tensor_parallel_rng_state` returned."""
+    global _cpu_state
+    if state.get("cpu") is not None:
+        _cpu_state = state["cpu"]  # type: ignore[assignment]
+    if device.type == "cuda" and "cuda" in state:
+        megatron_tp.get_cuda_rng_tracker().set_states(state["cuda"])
