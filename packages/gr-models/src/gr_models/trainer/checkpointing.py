@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from gr_models.trainer.table_optimizer_state import fused_state_to_row_optimizers, row_state_to_fused_optimizer
 from gr_models.trainer.world import RunWorld
+from gr_parallel.tensor_parallel import set_tensor_parallel_rng_state, tensor_parallel_rng_state
 
 __all__ = [
     "IGNORED_CONFIG_KEYS",
@@ -54,24 +55,28 @@ def layout_of(world: RunWorld) -> dict[str, int]:
 
 
 def rng_states(device: torch.device) -> dict[str, Any]:
-    """This process's RNG states: torch (CPU, and this rank's GPU), NumPy and Python."""
+    """This process's RNG states: torch (CPU, and this rank's GPU), NumPy, Python and the tensor-parallel dropout
+    stream (`gr_parallel.tensor_parallel`)."""
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
+        "tensor_parallel": tensor_parallel_rng_state(device),
     }
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_states(states: Mapping[str, Any], device: torch.device) -> None:
-    """Restore what :func:`rng_states` returned."""
+def set_rng_states(states: Mapping[str, Any], device: torch.device, *, tensor_parallel: bool = True) -> None:
+    """Restore what :func:`rng_states` returned (the tensor-parallel stream only with `tensor_parallel`)."""
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
+    if tensor_parallel and "tensor_parallel" in states:
+        set_tensor_parallel_rng_state(states["tensor_parallel"], device)
 
 
 def gather_per_rank(value: Any, world: RunWorld) -> list[Any]:
@@ -188,7 +193,7 @@ def restore_rng(state: Mapping[str, Any], trainer: Any) -> bool:
     if state["layout"] == layout_of(trainer.world):
         set_rng_states(per_rank[trainer.world.rank], trainer.device)
         return True
-    set_rng_states(per_rank[0], trainer.device)
+    set_rng_states(per_rank[0], trainer.device, tensor_parallel=False)  # each TP rank keeps its seeded stream
     return False
 
 
