@@ -1,12 +1,12 @@
-"""Retrieval quality runs on ML-1M (users 1-2999).
+"""Retrieval and ranking quality runs on ML-1M (users 1-2999), issue 26.
 
 `run`: trains each named model (`packages/gr-models/configs/ml1m_retrieval_<model>.yaml`) for each seed under the
 retrieval protocol of `gr_models.model.retrieval_protocol` (validation = each user's second-to-last rating), stops
 when validation NDCG@10 has not improved for `--patience` epochs, and reports the test metrics of the best
 validation epoch; rows (and mean +- std per model) go to `--out`, validation curves to `--curves`.
 
-    python tools/quality.py run --models sasrec hstu hstu_large --seeds 1 2 3 --out quality-ml1m.json \
-        --curves quality-ml1m-curves.json -- device=cuda
+    python tools/quality.py run --models sasrec sasrec_full_softmax hstu hstu_large --seeds 1 2 3 \
+        --out quality-ml1m.json --curves quality-ml1m-curves.json -- device=cuda
 
 `curves`: per-epoch curves of config variants on the same seeds (the issue 26 ablation):
 
@@ -34,9 +34,11 @@ reference curve (a JSON list of {"epoch", "ndcg@10"} rows, or of {"model", "seed
 
 `merge --kind run|ranking|curves --out FILE INPUTS...`: one file from the outputs of parallel processes.
 
-`run` and `ranking` take `--time-budget SECONDS` (stop training a seed before an epoch that would end past the budget
-counted from the process start, and report its best epoch so far, marked `"stopped": "time budget"`; SIGTERM stops
-the same way) and `--max-users N` (train and evaluate on the first N users only: smoke runs).
+`run` and `ranking` take `--time-budget SECONDS` and/or `--end-at UNIX_TIME` (stop training a seed before an epoch
+that would end past the budget, counted from the process start, or past that time; the runs still to come share the
+time left evenly; the row reports the best epoch so far, marked `"stopped": "time budget"`; SIGTERM stops the same
+way, marked "SIGTERM", and starts no further run) and `--max-users N` (train and evaluate on the first N users only:
+smoke runs).
 """
 
 from __future__ import annotations
@@ -163,8 +165,10 @@ class _Deadline:
     """When training must stop: `--time-budget` seconds after the process started (shared evenly by the runs still
     to come, see `start_item`), or once SIGTERM arrived."""
 
-    def __init__(self, budget_s: float | None, *, handle_sigterm: bool = False) -> None:
+    def __init__(self, budget_s: float | None, *, end_at: float | None = None, handle_sigterm: bool = False) -> None:
         self.end = time.monotonic() + budget_s if budget_s else math.inf
+        if end_at is not None:  # a Unix time
+            self.end = min(self.end, time.monotonic() + (end_at - time.time()))
         self.item_end = self.end
         self.terminated = False
         if handle_sigterm:
@@ -281,7 +285,7 @@ def _device_name(device: torch.device) -> str:
 def run(args: argparse.Namespace) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     commit = _commit()
-    deadline = _Deadline(args.time_budget, handle_sigterm=True)
+    deadline = _Deadline(args.time_budget, end_at=args.end_at, handle_sigterm=True)
     rows: list[dict[str, Any]] = []
     curves_out: list[dict[str, Any]] = []
     items = [(name, seed) for name in args.models for seed in args.seeds]
@@ -418,7 +422,7 @@ def train_ranking_model(kind: str, config: RunConfig, splits, args: argparse.Nam
 def ranking(args: argparse.Namespace) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     commit = _commit()
-    deadline = _Deadline(args.time_budget, handle_sigterm=True)
+    deadline = _Deadline(args.time_budget, end_at=args.end_at, handle_sigterm=True)
     rows: list[dict[str, Any]] = []
     curves_out: list[dict[str, Any]] = []
     items = [(seed, kind) for seed in args.seeds for kind in args.models]
@@ -481,7 +485,7 @@ def merge(args: argparse.Namespace) -> None:
     else:
         rows = [row for part in loaded for row in part["rows"]]
         payload = _run_payload(rows) if args.kind == "run" else _ranking_payload(rows)
-        print(json.dumps(payload["summary"], indent=1), flush=True)
+        print(json.dumps(payload["summary"]), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=1) + "\n")
 
@@ -577,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("overrides", nargs="*", help="key=value overrides of the config (after --)")
     for command in (r, k):
         command.add_argument("--time-budget", type=float, default=None, help="seconds from the process start")
+        command.add_argument("--end-at", type=float, default=None, help="Unix time by which training must end")
         command.add_argument("--max-users", type=int, default=None, help="first N users only (smoke runs)")
     p = sub.add_parser("plot", help="validation NDCG@10 by epoch from a curves JSON (and a reference)")
     p.add_argument("--curves", required=True, help="curves JSON of `run`")

@@ -2,10 +2,12 @@
 # Issue 26 quality results in one GPU call: ML-1M (users 1-2999) retrieval (SASRec, SASRec with full softmax, HSTU,
 # HSTU-large; seeds 1 2 3; early stopping on validation NDCG@10, test metrics at the best epoch) and ranking
 # (RankingGR, RankingGR trained on every history position, DLRM baseline; per-task AUC), every (model, seed) in its
-# own background process (the models are tiny; one GPU, 16 cores). Each process stops training before an epoch
-# that would end past TIME_BUDGET_S seconds from its start (rows say "stopped": "time budget") and writes its rows
-# after every seed. Carry .gpu-wheels and .data (a copy of ../shared/data/ml-1m as .data/ml-1m); inside a snapshot
-# folder (with a COMMIT file) the carried folders may sit one level up.
+# own background process (the models are tiny; one GPU, 16 cores). The whole call ends within about TOTAL_S seconds
+# (default 450): after the install, every process gets the same end time, TOTAL_S - 40 s after this script started,
+# and stops training before an epoch that would end past it (rows say "stopped": "time budget"; a process with
+# several seeds shares its time evenly among them); each writes its rows after every seed.
+# Carry .gpu-wheels and .data (a copy of ../shared/data/ml-1m as .data/ml-1m); inside a snapshot folder (with a
+# COMMIT file, read as the commit of the rows) the carried folders may sit one level up.
 #   bash tools/gpu/quality_ml1m.sh
 # Under $OUT (or /tmp/quality): quality-ml1m.json, quality-ml1m-curves.json, quality-ml1m-ranking.json,
 # quality-ml1m-ranking-curves.json, logs.tgz.
@@ -15,14 +17,16 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/quality}
 mkdir -p "$out"
-budget=${TIME_BUDGET_S:-360}
+started=$(date +%s)
+total=${TOTAL_S:-450}
 for carried in .gpu-wheels .data; do
   [ -e "$carried" ] || [ ! -e "../$carried" ] || ln -s "../$carried" "$carried"
 done
 export GR_COMMIT=${GR_COMMIT:-$(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 data=${GR_ML1M:-.data/ml-1m}
 [ -e "$data" ] || [ ! -e ../shared/data/ml-1m ] || data=../shared/data/ml-1m  # the CPU machine's team copy
-[ -f "$data/partial/ratings_users0001-2999.dat.gz" ] || { echo "error: no $data/partial/ratings_users0001-2999.dat.gz" >&2; exit 1; }
+ratings="$data/partial/ratings_users0001-2999.dat.gz"
+[ -f "$ratings" ] || { echo "error: no $ratings (carry .data: a copy of ../shared/data/ml-1m as .data/ml-1m)" >&2; exit 1; }
 if [ -n "${QUALITY_SMOKE:-}" ]; then
   py=${PYTHON:-.venv/bin/python}
   common=(device=cpu "data.path=$data" data.max_sequence_length=24 data.batch_size=32)
@@ -35,17 +39,20 @@ else
   py=python3
   common=(device=cuda "data.path=$data" hstu.dtype=float32 hstu.kernel_backend=pytorch)
   retrieval_limits=(--max-epochs 200 --patience 10)
-  ranking_limits=(--max-epochs "${RANKING_EPOCHS:-12}" --patience 4)
+  ranking_limits=(--max-epochs "${RANKING_EPOCHS:-10}" --patience 4)
   seeds="1 2 3"
   dlrm_seeds="1 2 3"
 fi
-echo "commit $GR_COMMIT, time budget ${budget}s per process, started $(date -u +%H:%M:%S)"
+end_at=$((started + total - 40))  # 40 s for the last test evaluations, the merge and the archive
+budget=$((end_at - $(date +%s)))
+echo "commit $GR_COMMIT; install took $(($(date +%s) - started)) s; training ends by $(date -u -d "@$end_at" +%H:%M:%S)" \
+  "(${budget} s from now)"
 
 launch() {  # log name, quality.py subcommand, its arguments
   local name=$1 command=$2
   shift 2
-  OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 timeout -k 20 $((budget + 90)) "$py" tools/quality.py "$command" \
-    --time-budget "$budget" "$@" >"$out/$name.log" 2>&1 &
+  OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 timeout -k 5 $((budget + 20)) "$py" tools/quality.py "$command" \
+    --end-at "$end_at" "$@" >"$out/$name.log" 2>&1 &
 }
 retrieval_models="sasrec sasrec_full_softmax hstu hstu_large"
 ranking_models="hstu hstu_all_positions"
@@ -63,24 +70,28 @@ done
 launch ranking-dlrm ranking --models dlrm --seeds $dlrm_seeds "${ranking_limits[@]}" \
   --out "$out/ranking-dlrm.json" --curves "$out/ranking-curves-dlrm.json" -- "${common[@]}"
 wait
-echo "finished $(date -u +%H:%M:%S)"
+echo "training finished $(date -u +%H:%M:%S), $(($(date +%s) - started)) s after the start"
 grep -h "best epoch\|Error\|error:" "$out"/*.log
 expected() {  # file prefix, model list, seed list
   local model seed
   for seed in $3; do for model in $2; do echo "$out/$1-$model-$seed.json"; done; done
 }
-# few files come back from the device: merged JSONs and one archive of the logs
+# few files come back from the device: merged JSONs and one archive of the logs (the merges run side by side)
 # shellcheck disable=SC2046  # one path per word
-"$py" tools/quality.py merge --kind run --out "$out/quality-ml1m.json" $(expected run "$retrieval_models" "$seeds")
+"$py" tools/quality.py merge --kind run --out "$out/quality-ml1m.json" $(expected run "$retrieval_models" "$seeds") \
+  >"$out/merge-run.log" 2>&1 &
 # shellcheck disable=SC2046
 "$py" tools/quality.py merge --kind curves --out "$out/quality-ml1m-curves.json" \
-  $(expected run-curves "$retrieval_models" "$seeds")
+  $(expected run-curves "$retrieval_models" "$seeds") >"$out/merge-curves.log" 2>&1 &
 # shellcheck disable=SC2046
 "$py" tools/quality.py merge --kind ranking --out "$out/quality-ml1m-ranking.json" \
-  $(expected ranking "$ranking_models" "$seeds") "$out/ranking-dlrm.json"
+  $(expected ranking "$ranking_models" "$seeds") "$out/ranking-dlrm.json" >"$out/merge-ranking.log" 2>&1 &
 # shellcheck disable=SC2046
 "$py" tools/quality.py merge --kind curves --out "$out/quality-ml1m-ranking-curves.json" \
-  $(expected ranking-curves "$ranking_models" "$seeds") "$out/ranking-curves-dlrm.json"
+  $(expected ranking-curves "$ranking_models" "$seeds") "$out/ranking-curves-dlrm.json" \
+  >"$out/merge-ranking-curves.log" 2>&1 &
+wait
+cat "$out"/merge-*.log
 rm -f "$out"/run-*.json "$out"/ranking-*.json
 tar -czf "$out/logs.tgz" -C "$out" $(cd "$out" && ls ./*.log) && rm -f "$out"/*.log
 ls -la "$out"
