@@ -4,10 +4,12 @@ The model (CPU, one process): an MLP of ``--layers`` ``hidden x hidden`` linear 
 Adam, and a standalone ``DynamicEmbeddingCollection`` table of ``--rows`` rows of ``--dim`` floats
 with fused Adam (two state columns per value), filled before timing. A loop trains
 ``--steps-between`` steps, then saves (``save_step`` with ``keep_last=2``), ``--saves`` times per
-mode. ``blocked`` is the time the save call holds the loop (for the asynchronous save: the host
-copy, plus any wait for the previous save still writing); ``train_step`` is the mean step time in
-the loop (with the asynchronous save it shares the CPU with the writer thread); ``loop`` is the
-wall time of the whole loop including the last save's completion.
+mode; the modes alternate for ``--rounds`` rounds (this machine is shared: medians over rounds).
+``blocked`` is the time the loop is held: the save call (for the asynchronous save: the host copy)
+plus the wait for the previous asynchronous save if it is still writing (``call`` and ``wait``
+separately); ``train_step`` is the mean step time in the loop (with the asynchronous save it shares
+the CPU with the writer thread); ``loop`` is the wall time of the whole loop including the last
+save's completion.
 
     python benchmarks/bench_async_save.py                   # prints a table, writes results/async_save-cpu.json
     python benchmarks/bench_async_save.py --rows 65536 --saves 3 --out /tmp/a.json
@@ -96,7 +98,7 @@ def train_step(model: Model, optimizer: torch.optim.Optimizer, step: int, args: 
 
 def run_mode(asynchronous: bool, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     model, optimizer = build(args)
-    step, blocked, steps = 0, [], []
+    step, waits, calls, steps = 0, [], [], []
     gr_checkpoint.save_step(root, step, model, optimizer, keep_last=2, asynchronous=asynchronous)  # warm-up
     gr_checkpoint.wait_for_saves()
     loop_started = time.perf_counter()
@@ -105,17 +107,23 @@ def run_mode(asynchronous: bool, args: argparse.Namespace, root: Path) -> dict[s
             step += 1
             steps.append(train_step(model, optimizer, step, args))
         started = time.perf_counter()
+        gr_checkpoint.wait_for_saves()  # the previous asynchronous save, if still writing (save would wait too)
+        waited = time.perf_counter()
         gr_checkpoint.save_step(root, step, model, optimizer, keep_last=2, asynchronous=asynchronous)
-        blocked.append(time.perf_counter() - started)
+        waits.append(waited - started)
+        calls.append(time.perf_counter() - waited)
     gr_checkpoint.wait_for_saves()
     loop = time.perf_counter() - loop_started
     latest = gr_checkpoint.latest_checkpoint(root)
     assert latest is not None and gr_checkpoint.read_manifest(latest).step == step
     size = sum(f.size for f in (gr_checkpoint.read_manifest(latest).files or {}).values())
+    blocked = [w + c for w, c in zip(waits, calls)]
     return {
         "mode": "asynchronous" if asynchronous else "synchronous",
         "blocked_ms_median": 1e3 * statistics.median(blocked),
         "blocked_ms_max": 1e3 * max(blocked),
+        "call_ms_median": 1e3 * statistics.median(calls),
+        "wait_for_previous_ms_median": 1e3 * statistics.median(waits),
         "train_step_ms_mean": 1e3 * statistics.mean(steps),
         "loop_s": loop,
         "checkpoint_mb": size / 2**20,
@@ -131,14 +139,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="ids per training step")
     parser.add_argument("--saves", type=int, default=5)
     parser.add_argument("--steps-between", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    rows = []
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
-        for asynchronous in (False, True):
-            rows.append(run_mode(asynchronous, args, Path(folder) / ("async" if asynchronous else "sync")))
+        for round_ in range(args.rounds):
+            for asynchronous in (False, True):
+                root = Path(folder) / f"{'async' if asynchronous else 'sync'}{round_}"
+                runs[asynchronous].append(run_mode(asynchronous, args, root))
+    rows = []
+    for found in runs.values():
+        medians = {key: statistics.median(r[key] for r in found) for key in found[0] if key != "mode"}
+        rows.append({"mode": found[0]["mode"], **medians, "rounds": found})
     dense_params = args.dim * args.hidden + args.hidden + args.layers * (args.hidden * args.hidden + args.hidden)
     settings = {**{k: v for k, v in vars(args).items() if k not in ("dir", "out")}, "dense_params": dense_params}
     settings["torch_threads"] = torch.get_num_threads()
@@ -150,13 +165,13 @@ def main() -> None:
         "settings": settings,
         "rows": rows,
     }
-    header = ("mode", "blocked ms (median)", "blocked ms (max)", "train step ms", "loop s", "MiB")
-    print(f"{header[0]:<13} {header[1]:>20} {header[2]:>17} {header[3]:>14} {header[4]:>8} {header[5]:>7}")
+    print(f"median of {args.rounds} rounds, {args.saves} saves each")
+    header = ("mode", "blocked ms", "(max)", "call ms", "wait ms", "train step ms", "loop s", "MiB")
+    print(f"{header[0]:<13}" + "".join(f"{h:>14}" for h in header[1:]))
+    keys = ("blocked_ms_median", "blocked_ms_max", "call_ms_median", "wait_for_previous_ms_median")
     for row in rows:
-        print(
-            f"{row['mode']:<13} {row['blocked_ms_median']:>20.1f} {row['blocked_ms_max']:>17.1f} "
-            f"{row['train_step_ms_mean']:>14.1f} {row['loop_s']:>8.2f} {row['checkpoint_mb']:>7.1f}"
-        )
+        values = [row[k] for k in keys] + [row["train_step_ms_mean"], row["loop_s"], row["checkpoint_mb"]]
+        print(f"{row['mode']:<13}" + "".join(f"{v:>14.1f}" for v in values))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
