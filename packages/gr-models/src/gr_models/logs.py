@@ -17,6 +17,22 @@ _HANDLER_NAME = "gr_models.cli"
 _DEPENDENCY_LOGGERS = ("torch", "torchrec", "fbgemm_gpu", "megatron")
 
 
+class _CurrentStdout(logging.StreamHandler):
+    """A handler writing to whatever `sys.stdout` is when a record is emitted (so a replaced or captured stdout, as
+    under pytest, never leaves it writing to a closed stream)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 class OncePerMessage(logging.Filter):
     """Drops a record of another package whose logger, level and message were already let through (fbgemm's and
     torch.fx's warnings, repeated per call or per module); gr_models' own records always pass."""
@@ -41,7 +57,7 @@ def is_main_process() -> bool:
 
 
 def configure_logging(level: str = "INFO", *, stream: TextIO | None = None, main: bool | None = None) -> None:
-    """Log to `stream` (default stdout) as `HH:MM:SS LEVEL message`.
+    """Log to `stream` (default: the current `sys.stdout` at each record) as `HH:MM:SS LEVEL message`.
 
     gr_models' loggers log at `level`; other packages at WARNING (everything at DEBUG), each distinct message once
     (Python warnings included, through `logging.captureWarnings`). On ranks other than the main one only errors
@@ -55,9 +71,10 @@ def configure_logging(level: str = "INFO", *, stream: TextIO | None = None, main
     root = logging.getLogger()
     # ours from an earlier call, and console handlers that imported packages installed with logging.basicConfig
     # (fbgemm_gpu's TBE utilities do at import, at DEBUG level)
-    for handler in [h for h in root.handlers if h.get_name() == _HANDLER_NAME or type(h) is logging.StreamHandler]:
+    replaced = (logging.StreamHandler, _CurrentStdout)
+    for handler in [h for h in root.handlers if h.get_name() == _HANDLER_NAME or type(h) in replaced]:
         root.removeHandler(handler)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStdout()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     once = OncePerMessage()
