@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hstu_attn.backend import TRITON_DTYPES, TRITON_HEAD_DIMS, KernelBackend
+from hstu_attn.cutlass import cutlass_unsupported
 from hstu_attn.relative_bias import RelativeBias
 
 FLOATING_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -65,10 +66,9 @@ def check_arguments(
     _check_device("v", v, device)
 
     if backend is KernelBackend.CUTLASS:
-        raise NotImplementedError(
-            "CUTLASS backend not built yet: the compiled CUDA extension of hstu-attn does not exist; "
-            "use backend=KernelBackend.TRITON, PYTORCH or AUTO"
-        )
+        reason = cutlass_unsupported(q, v, has_rab=rab is not None, has_relative_bias=relative_bias is not None)
+        if reason is not None:
+            raise NotImplementedError(f"{reason} (or use backend=KernelBackend.TRITON, PYTORCH or AUTO)")
     if backend is KernelBackend.TRITON:
         if q.dtype not in TRITON_DTYPES:
             raise TypeError(f"the TRITON backend supports float32, bfloat16 and float16; got {q.dtype}")

@@ -1,0 +1,18 @@
+"""The CUTLASS/CuTe backend: a ctypes binding of `libhstu_attn_cutlass.so`, present only when the package was built
+with HSTU_ATTN_BUILD_CUDA=1 (see the package README, "CUTLASS backend")."""
+
+from hstu_attn.cutlass.api import (
+    CUTLASS_DTYPES,
+    CUTLASS_HEAD_DIMS,
+    cutlass_available,
+    cutlass_unsupported,
+    hstu_attn_cutlass_forward,
+)
+
+__all__ = [
+    "CUTLASS_DTYPES",
+    "CUTLASS_HEAD_DIMS",
+    "cutlass_available",
+    "cutlass_unsupported",
+    "hstu_attn_cutlass_forward",
+]

@@ -1,0 +1,94 @@
+"""The CUTLASS/CuTe forward kernel called on torch tensors, and what it supports."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from hstu_attn.cutlass import _library
+
+__all__ = [
+    "CUTLASS_DTYPES",
+    "CUTLASS_HEAD_DIMS",
+    "cutlass_available",
+    "cutlass_unsupported",
+    "hstu_attn_cutlass_forward",
+]
+
+CUTLASS_HEAD_DIMS = (64, 128, 256)
+CUTLASS_DTYPES = (torch.bfloat16, torch.float16)
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def cutlass_available() -> bool:
+    """Whether the compiled library is present and loads with the ABI this package expects."""
+    return not isinstance(_library.load(), str)
+
+
+def cutlass_unsupported(q: Tensor, v: Tensor, *, has_rab: bool, has_relative_bias: bool) -> str | None:
+    """Why the CUTLASS backend cannot take these inputs (a sentence), or None when it can."""
+    library = _library.load()
+    if isinstance(library, str):
+        return library
+    if q.dtype not in CUTLASS_DTYPES:
+        return f"the CUTLASS backend supports bfloat16 and float16; got {q.dtype}"
+    if q.shape[2] != v.shape[2] or q.shape[2] not in CUTLASS_HEAD_DIMS:
+        return f"the CUTLASS backend supports Dqk == Dv in {CUTLASS_HEAD_DIMS}; got Dqk={q.shape[2]}, Dv={v.shape[2]}"
+    if has_rab or has_relative_bias:
+        return "the CUTLASS backend has no rab or relative_bias yet; use backend=KernelBackend.TRITON"
+    if not q.is_cuda:
+        return f"the CUTLASS backend needs CUDA tensors; got {q.device}"
+    return None
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def hstu_attn_cutlass_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    max_seq_len: int,
+    *,
+    alpha: float,
+    scale: float,
+    causal: bool,
+    num_targets: Tensor | None,
+    contextual_seq_len: int,
+    max_attn_len: int,
+) -> Tensor:
+    """Forward on the compiled kernels. q, k, v `[L, H, D]` (bf16/fp16, D in 64/128/256, one CUDA device),
+    `seq_offsets [B+1]`, `num_targets [B]` or None (int32/int64, already validated); `scale` = 1 / scaling_seqlen.
+
+    Returns `[L, H, D]` in q's dtype.
+    """
+    library = _library.load()
+    if isinstance(library, str):
+        raise NotImplementedError(library)
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    seq_offsets = seq_offsets.contiguous()
+    num_targets = None if num_targets is None else num_targets.contiguous()
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    params = _library.FwdParams(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), seq_offsets=seq_offsets.data_ptr(),
+        num_targets=None if num_targets is None else num_targets.data_ptr(),
+        q_row_stride=q.stride(0), q_head_stride=q.stride(1), k_row_stride=k.stride(0), k_head_stride=k.stride(1),
+        v_row_stride=v.stride(0), v_head_stride=v.stride(1), o_row_stride=out.stride(0), o_head_stride=out.stride(1),
+        num_sequences=seq_offsets.numel() - 1, num_heads=q.shape[1], head_dim=q.shape[2], max_seq_len=max_seq_len,
+        dtype=_DTYPE_CODES[q.dtype], offsets_int64=seq_offsets.dtype == torch.int64,
+        targets_int64=num_targets is not None and num_targets.dtype == torch.int64, causal=causal,
+        contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, alpha=alpha, inv_scaling=scale,
+    )  # fmt: skip
+    if q.shape[0] == 0:
+        return out
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    with torch.cuda.device(q.device):
+        status = library.hstu_attn_cutlass_forward(ctypes.byref(params), ctypes.c_void_p(stream))
+    if status != 0:
+        message = library.hstu_attn_cutlass_status_string(status).decode()
+        raise RuntimeError(f"hstu-attn CUTLASS forward failed (status {status}): {message}")
+    return out

@@ -1,0 +1,152 @@
+"""CUTLASS/CuTe backend against the PyTorch reference (GPU only; skipped without CUDA or without the built library).
+
+The forward runs the compiled kernel (`libhstu_attn_cutlass.so`); the backward of `backend=CUTLASS` runs the
+Triton kernels, checked here only as plumbing (gradients reach q, k, v). Errors are judged as in
+test_hstu_triton.py: the kernel's error against the fp32 reference may exceed the error that rounding the inputs
+causes by at most 2x (relative L2) / 4x (relative max) the error of the reference run in the input dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from hstu_attn import KernelBackend, hstu_attn_reference, hstu_attn_varlen_func
+from hstu_attn.cutlass import cutlass_available, hstu_attn_cutlass_forward
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or not cutlass_available(),
+        reason="needs CUDA and libhstu_attn_cutlass.so (HSTU_ATTN_BUILD_CUDA=1 build)",
+    ),
+]
+
+# Odd lengths, length 1, empty sequences, one longer than several 128-row and 64-column tiles.
+LENGTHS = (300, 1, 0, 77, 129, 64, 0, 513)
+
+
+def _inputs(lengths, heads, dim, dtype, *, offsets_dtype=torch.int64, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, dim, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=offsets_dtype)
+    return q, k, v, offsets
+
+
+def _errors(got: Tensor, want: Tensor) -> tuple[float, float]:
+    if want.numel() == 0:
+        return 0.0, 0.0
+    diff = (got - want).float()
+    return (
+        diff.abs().max().item() / max(want.abs().max().item(), 1e-6),
+        diff.norm().item() / max(want.norm().item(), 1e-6),
+    )
+
+
+def _check_forward(lengths, *, heads=2, dim=128, dtype=torch.bfloat16, offsets_dtype=torch.int64, **options):
+    q, k, v, offsets = _inputs(lengths, heads, dim, dtype, offsets_dtype=offsets_dtype, seed=len(options) + dim)
+    max_seq_len = options.pop("max_seq_len", max(lengths, default=0))
+    targets = options.pop("targets", None)
+    num_targets = None if targets is None else torch.tensor(targets, device="cuda", dtype=offsets_dtype)
+    kwargs = dict(num_targets=num_targets, **options)
+    got = hstu_attn_varlen_func(q, k, v, offsets, max_seq_len, backend=KernelBackend.CUTLASS, **kwargs)
+    assert got.dtype == dtype and got.shape == (q.shape[0], heads, dim)
+    assert torch.isfinite(got).all(), "non-finite output"
+    want = hstu_attn_reference(q.float(), k.float(), v.float(), offsets, max_seq_len, **kwargs)
+    low = hstu_attn_reference(q, k, v, offsets, max_seq_len, **kwargs)
+    low_max, low_l2 = _errors(low.float(), want)
+    err_max, err_l2 = _errors(got.float(), want)
+    # Inputs are already in the low dtype, so the rounding error of the inputs is 0 here.
+    assert err_l2 <= 2.0 * low_l2 + 1e-4, f"relative L2 error {err_l2:.3g} > 2 x {low_l2:.3g}"
+    assert err_max <= 4.0 * low_max + 1e-3, f"relative max error {err_max:.3g} > 4 x {low_max:.3g}"
+
+
+def _targets(lengths):
+    return tuple(min(n, t) for n, t in zip(lengths, (7, 1, 0, 77, 3, 64, 0, 20)))
+
+
+MASKS = {
+    "causal": dict(),
+    "noncausal": dict(causal=False),
+    "targets": dict(targets=True),
+    "targets_noncausal": dict(causal=False, targets=True),
+    "contextual": dict(contextual_seq_len=5),
+    "contextual_targets": dict(contextual_seq_len=70, targets=True),
+    "window": dict(max_attn_len=40),
+    "window_noncausal": dict(causal=False, max_attn_len=100),
+    "everything_causal": dict(contextual_seq_len=3, max_attn_len=64, targets=True),
+    "everything_noncausal": dict(causal=False, contextual_seq_len=3, max_attn_len=64, targets=True),
+    "alpha_scaling": dict(alpha=0.3, scaling_seqlen=77),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mask", MASKS.keys())
+def test_forward_masks_match_reference(mask: str, dtype: torch.dtype) -> None:
+    options = dict(MASKS[mask])
+    if options.pop("targets", False):
+        options["targets"] = _targets(LENGTHS)
+    _check_forward(LENGTHS, dtype=dtype, **options)
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_forward_head_dims_and_offset_dtypes(dim: int, offsets_dtype: torch.dtype) -> None:
+    _check_forward(LENGTHS, dim=dim, offsets_dtype=offsets_dtype, targets=_targets(LENGTHS), heads=3)
+
+
+def test_forward_max_seq_len_above_longest_and_single_tokens() -> None:
+    _check_forward(LENGTHS, max_seq_len=1000)
+    _check_forward((1, 1, 1), heads=1, dim=64)
+    _check_forward((0, 0), dim=64)
+
+
+def test_forward_long_jagged_batch() -> None:
+    gen = torch.Generator().manual_seed(4)
+    lengths = tuple(torch.randint(1, 2049, (6,), generator=gen).tolist())
+    _check_forward(lengths, heads=4, dim=128, targets=tuple(min(n, 9) for n in lengths), max_seq_len=2048)
+
+
+def test_forward_strided_heads_view() -> None:
+    """q, k, v as views of one packed [L, H, 3D] tensor (row stride 3HD), as an HSTU layer produces them."""
+    lengths = (100, 0, 33)
+    heads, dim = 2, 64
+    packed = torch.randn(sum(lengths), heads, 3 * dim, device="cuda").to(torch.bfloat16)
+    q, k, v = packed.split(dim, dim=2)
+    offsets = torch.tensor([0, 100, 100, 133], device="cuda")
+    got = hstu_attn_cutlass_forward(
+        q, k, v, offsets, 100, alpha=0.125, scale=0.01, causal=True, num_targets=None, contextual_seq_len=0,
+        max_attn_len=0,
+    )  # fmt: skip
+    want = hstu_attn_reference(q.float(), k.float(), v.float(), offsets, 100, alpha=0.125, scaling_seqlen=100)
+    low = hstu_attn_reference(q, k, v, offsets, 100, alpha=0.125, scaling_seqlen=100)
+    assert _errors(got.float(), want)[1] <= 2.0 * _errors(low.float(), want)[1] + 1e-4
+
+
+def test_backward_runs_triton_kernels_and_reaches_inputs() -> None:
+    lengths = (50, 0, 17)
+    q, k, v, offsets = _inputs(lengths, 2, 64, torch.bfloat16, seed=11)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = hstu_attn_varlen_func(*leaves, offsets, 50, backend=KernelBackend.CUTLASS)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
+    hstu_attn_reference(*ref_leaves, offsets, 50).backward(grad.float())
+    for name, leaf, ref in zip("qkv", leaves, ref_leaves):
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all(), name
+        assert _errors(leaf.grad.float(), ref.grad)[1] < 2e-2, name
+
+
+def test_unsupported_inputs_raise_naming_why() -> None:
+    q, k, v, offsets = _inputs((5, 3), 2, 64, torch.float32)
+    with pytest.raises(NotImplementedError, match="bfloat16 and float16"):
+        hstu_attn_varlen_func(q, k, v, offsets, 5, backend=KernelBackend.CUTLASS)
+    q, k, v, offsets = _inputs((5, 3), 2, 32, torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="Dqk == Dv in"):
+        hstu_attn_varlen_func(q, k, v, offsets, 5, backend=KernelBackend.CUTLASS)
+    q, k, v, offsets = _inputs((5, 3), 2, 64, torch.bfloat16)
+    rab = torch.zeros(2, 1, 5, 5, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="no rab or relative_bias"):
+        hstu_attn_varlen_func(q, k, v, offsets, 5, rab=rab, backend=KernelBackend.CUTLASS)
