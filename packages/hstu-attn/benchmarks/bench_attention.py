@@ -132,6 +132,22 @@ def bench_ours(shape: Shape, **variant: Any) -> tuple[float, float]:
     return flops / fwd_ms / 1e9, 2.5 * flops / bwd_ms / 1e9
 
 
+def bench_cutlass(shape: Shape) -> tuple[float, None]:
+    """Forward of the CUTLASS/CuTe kernel (hstu_attn.cutlass, built with HSTU_ATTN_BUILD_CUDA=1); it has no backward
+    kernel yet, so the backward column stays empty."""
+    from hstu_attn.cutlass import hstu_attn_cutlass_forward
+
+    x = make_inputs(shape)
+    names = ("alpha", "scale", "causal", "num_targets", "contextual_seq_len", "max_attn_len")
+    kw = {name: value for name, value in ours_kwargs(shape).items() if name in names}
+
+    def fwd():
+        return hstu_attn_cutlass_forward(x["q"], x["k"], x["v"], x["seq_offsets"], shape.max_len, **kw)
+
+    flops = forward_flops(x["lengths"], shape.heads, shape.head_dim)
+    return flops / median_ms(fwd) / 1e9, None
+
+
 def bench_sdpa(shape: Shape, backend_name: str) -> tuple[float, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -374,7 +390,13 @@ def main() -> None:
     parser.add_argument("--peers", default=".peers", help="folder holding Meta's generative_recommenders package")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--shapes", nargs="*", help="substrings selecting shapes by name (default: all)")
-    parser.add_argument("--backends", nargs="*", default=["ours", "meta", "sdpa_cudnn", "sdpa_flash"])
+    parser.add_argument(
+        "--backends",
+        nargs="*",
+        default=["ours", "meta", "sdpa_cudnn", "sdpa_flash"],
+        help="ours (Triton), cutlass (forward only; needs the HSTU_ATTN_BUILD_CUDA=1 build), meta, sdpa_cudnn, "
+        "sdpa_flash",
+    )
     parser.add_argument("--variants", action="store_true", help="also time our scheduling/dq variants")
     parser.add_argument("--memory-shape", default="jagged B32 N1024", help="shape (name substring) of the memory row")
     parser.add_argument("--no-precompile", action="store_true", help="compile kernels lazily, one at a time")
@@ -429,6 +451,8 @@ def main() -> None:
                 add(shape.name, "ours_triton_sort_by_length", *bench_ours(shape, sort_by_length=True))
                 add(shape.name, "ours_triton_atomic_dq", *bench_ours(shape, atomic_dq=True))
                 add(shape.name, "ours_triton_dq_kernel", *bench_ours(shape, atomic_dq=False))
+        if "cutlass" in args.backends:
+            add(shape.name, "ours_cutlass", *bench_cutlass(shape))
         if not shape.jagged:
             for name in ("cudnn", "flash"):
                 if f"sdpa_{name}" in args.backends:
