@@ -1,9 +1,10 @@
 """`gr-train` resumed under `torchrun --nproc_per_node 2` (gloo, CPU), at the same and at another number of ranks.
 
 Same size: a 2-rank run with dropout (each data-parallel rank draws its own masks) saves a checkpoint every step
-(`train.keep_last=2` keeps the last two) and stops at step 3; resumed at 2 ranks with a larger `train.max_steps`
-(the only config difference, which is logged) it gives the losses of an uninterrupted 2-rank run: every rank's
-RNG stream, the data position, dense and fused optimizer states came back.
+(`train.keep_last=3` keeps the last three); with the checkpoints after step 3 deleted, as if it had been killed
+then, `gr-train --resume` on 2 ranks (under another `name`, the one config difference, which is logged) gives the
+losses of the uninterrupted run: every rank's RNG stream, the data position, dense and fused optimizer states came
+back.
 
 Another size: a one-process run (batch 16) saved at step 3 resumes on 2 ranks (batch 8 each, balanced global
 batches of the same 16 users) and gives the losses of the uninterrupted one-process run, as 2 ranks and one process
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from gr_models.cli import main
 from gr_models.trainer import Trainer, load_config
 
 CONFIG = """
@@ -81,39 +83,32 @@ def config_file(tmp_path: Path) -> Path:
 
 
 def test_resume_on_two_ranks_continues_like_an_uninterrupted_run(config_file: Path, tmp_path: Path) -> None:
-    common = ["data.batch_size=8", "hstu.dropout=0.2"]
-    _gr_train_on_two_ranks(
-        config_file, [*common, f"output_dir={tmp_path / 'straight'}", f"train.max_steps={STEPS}"], tmp_path
-    )
-    resumed = tmp_path / "resumed"
-    first = [*common, f"output_dir={resumed}", "train.checkpoint_every=1", "train.keep_last=2"]
-    _gr_train_on_two_ranks(config_file, [*first, f"train.max_steps={SAVED_AT}"], tmp_path)
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_2", "step_3"]
-
-    output = _gr_train_on_two_ranks(
-        config_file, [*common, f"output_dir={resumed}", f"train.max_steps={STEPS}"], tmp_path
-    )
-    checkpoint = resumed / "checkpoints" / f"step_{SAVED_AT}"
-    assert f"resumed from {checkpoint} at step {SAVED_AT} (saved by 2 processes, tensor parallel 1; now 2" in output
-    assert f"train.max_steps: {SAVED_AT} -> {STEPS}" in output
-    assert "train.checkpoint_every" not in output  # how often a run saves is not a difference worth a warning
-    straight = _losses(tmp_path / "straight")
+    run_dir = tmp_path / "run"
+    common = ["data.batch_size=8", "hstu.dropout=0.2", f"output_dir={run_dir}", f"train.max_steps={STEPS}"]
+    _gr_train_on_two_ranks(config_file, [*common, "train.checkpoint_every=1", "train.keep_last=3"], tmp_path)
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_3", "step_4", "step_5"]
+    straight = _losses(run_dir)
     assert len(straight) == STEPS
-    assert _losses(resumed) == pytest.approx(straight, rel=1e-6, abs=1e-7)
+    for step in range(SAVED_AT + 1, STEPS + 1):  # as if the run had been killed after saving step 3
+        shutil.rmtree(checkpoints / f"step_{step}")
+
+    output = _gr_train_on_two_ranks(config_file, ["--resume", *common, "name=renamed"], tmp_path)
+    checkpoint = checkpoints / f"step_{SAVED_AT}"
+    assert f"resumed from {checkpoint} at step {SAVED_AT} (saved by 2 processes, tensor parallel 1; now 2" in output
+    assert "name: 'resume' -> 'renamed'" in output
+    assert "train.checkpoint_every" not in output  # how often a run saves is not a difference worth a warning
+    assert _losses(run_dir) == pytest.approx(straight, rel=1e-6, abs=1e-7)
 
 
 def test_one_process_checkpoint_resumes_on_two_ranks(config_file: Path, tmp_path: Path) -> None:
-    def one_process(output_dir: Path, max_steps: int, checkpoint_every: int) -> Trainer:
-        overrides = [f"output_dir={output_dir}", "data.batch_size=16", f"train.max_steps={max_steps}"]
-        config = load_config(config_file, [*overrides, f"train.checkpoint_every={checkpoint_every}"])
-        trainer = Trainer(config)
-        trainer.train()
-        return trainer
-
-    straight = _losses(one_process(tmp_path / "straight", STEPS, 0).run_dir)
-    saved = one_process(tmp_path / "saved", SAVED_AT, SAVED_AT).run_dir
+    overrides = [f"output_dir={tmp_path / 'one'}", "data.batch_size=16", f"train.max_steps={STEPS}"]
+    one = Trainer(load_config(config_file, [*overrides, f"train.checkpoint_every={SAVED_AT}"]))
+    one.train()
+    straight = _losses(one.run_dir)
     resumed = tmp_path / "resumed"
-    shutil.copytree(saved / "checkpoints", resumed / "checkpoints")
+    shutil.copytree(one.run_dir / "checkpoints", resumed / "checkpoints")
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == [f"step_{SAVED_AT}"]
 
     output = _gr_train_on_two_ranks(
         config_file, [f"output_dir={resumed}", "data.batch_size=8", f"train.max_steps={STEPS}"], tmp_path
@@ -121,6 +116,11 @@ def test_one_process_checkpoint_resumes_on_two_ranks(config_file: Path, tmp_path
     assert f"at step {SAVED_AT} (saved by 1 processes, tensor parallel 1; now 2, tensor parallel 1)" in output
     assert "data.batch_size: 16 -> 8" in output
     assert _losses(resumed) == pytest.approx(straight, rel=1e-5, abs=1e-6)
+
+
+def test_resume_flag_without_a_checkpoint_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--resume", f"output_dir={tmp_path / 'new'}"]) == 2
+    assert f"--resume: no complete checkpoint under {tmp_path / 'new' / 'checkpoints'}" in capsys.readouterr().err
 
 
 def test_a_tensor_parallel_size_the_model_cannot_take_is_refused(tmp_path: Path) -> None:

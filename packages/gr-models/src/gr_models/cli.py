@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         "file under <output_dir>/eval/ instead of training",
     )
     parser.add_argument("--checkpoint", help="with --eval-only: the checkpoint directory to evaluate")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint of output_dir, an error when there is none (without --resume a "
+        "run resumes when train.resume is on, the default, and a checkpoint exists)",
+    )
     return parser
 
 
@@ -99,6 +105,8 @@ def _run(args: argparse.Namespace) -> int:
         return evaluate_and_report(config, args.checkpoint)
     if args.checkpoint:
         raise ValueError("--checkpoint is for --eval-only (training resumes from output_dir's newest checkpoint)")
+    if args.resume:
+        _require_checkpoint(config)
     trainer = Trainer(config)
     try:
         _train(trainer)
@@ -106,6 +114,17 @@ def _run(args: argparse.Namespace) -> int:
         if trainer.world.owns_process_group:
             gr_parallel.destroy_global_state()
     return 0
+
+
+def _require_checkpoint(config: RunConfig) -> None:
+    """`--resume`: turn `train.resume` on, and fail (before any process group) when there is nothing to resume."""
+    import gr_checkpoint
+    from gr_models.trainer.trainer import CHECKPOINT_DIR
+
+    config.train.resume = True
+    root = config.run_dir / CHECKPOINT_DIR
+    if gr_checkpoint.latest_checkpoint(root) is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {root} (output_dir={config.run_dir})")
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
