@@ -81,9 +81,15 @@ def _batch(step: int) -> KeyedJaggedTensor:
     return KeyedJaggedTensor.from_lengths_sync(keys=["item"], values=ids, lengths=torch.tensor([3, 3]))
 
 
-def _resume(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def _resume(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The extra state of the newest complete checkpoint, loaded into ``model``, ``optimizer`` (``{"step": 0}``)."""
     latest = gr_checkpoint.latest_checkpoint(root / "steps")
-    return 0 if latest is None else gr_checkpoint.load(latest, model, optimizer)["step"]
+    return {"step": 0} if latest is None else gr_checkpoint.load(latest, model, optimizer)
+
+
+def _check(what: str, loaded: torch.Tensor, saved: torch.Tensor) -> None:
+    if not torch.equal(loaded, saved):
+        raise AssertionError(f"after resuming, {what} differs from the digest saved with it")
 
 
 def _progress(root: Path, name: str, event: str, step: int) -> None:
@@ -95,7 +101,12 @@ def run_single(root: Path, max_steps: int) -> None:
     torch.manual_seed(0)
     model = Single()
     optimizer = torch.optim.Adam(model.head.parameters(), lr=0.01)
-    step = _resume(root, model, optimizer)
+    resumed = _resume(root, model, optimizer)
+    if resumed["step"]:
+        _check("the head", model.head.weight, resumed["head"])
+        if single_digest(model)["rows"] != resumed["rows"]:
+            raise AssertionError("after resuming, the table differs from the digest saved with it")
+    step = resumed["step"]
     while step < max_steps:
         step += 1
         optimizer.zero_grad()
@@ -116,7 +127,11 @@ def run_dist(root: Path, rank: int, world_size: int, port: int, max_steps: int) 
     dense = nn.Linear(4, 2)
     model = Dist(DistributedDataParallel(dense), distribute_tensor(torch.randn(ROWS, DIM), mesh, [Shard(0)]))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1, foreach=False)
-    step = _resume(root, model, optimizer)
+    resumed = _resume(root, model, optimizer)
+    if resumed["step"]:  # loaded by 2 ranks into DTensor shards and a DDP module
+        _check("the dense weight", dense.weight, resumed["dense"])
+        _check("the table", model.table.full_tensor(), resumed["table"])
+    step = resumed["step"]
     while step < max_steps:
         step += 1
         optimizer.zero_grad()

@@ -168,3 +168,31 @@ def test_one_of_two_ranks_killed_while_saving(tmp_path: Path, forker: Forker) ->
     print(f"seed {SEED}: newest complete steps {steps_seen}, {mid_save_kills} of 4 kills inside a save")
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] >= len(steps_seen), f"seed {SEED}: {steps_seen}"
     assert mid_save_kills >= 2, f"seed {SEED}: only {mid_save_kills} of 4 kills landed inside a save"
+    _damaged_two_rank_checkpoint_is_named(tmp_path, forker, latest)
+
+
+def _damaged_two_rank_checkpoint_is_named(root: Path, forker: Forker, latest: Path) -> None:
+    """A byte flipped in a file that rank 1 verifies: both ranks raise naming it; a rank's file deleted: named."""
+    records = gr_checkpoint.read_manifest(latest).files
+    assert records is not None
+    damaged = latest / sorted(records)[1]  # rank r of 2 verifies the sorted files r, r + 2, ...
+    original = damaged.read_bytes()
+    damaged.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    step = gr_checkpoint.read_manifest(latest).step
+    port = _free_port()
+    pids = [
+        forker.start(mode="dist", root=str(root), rank=r, world_size=2, port=port, max_steps=step) for r in range(2)
+    ]
+    deadline = time.monotonic() + 60
+    while any(map(_alive, pids)):
+        assert time.monotonic() < deadline, "the ranks loading a damaged checkpoint did not exit"
+        time.sleep(0.01)
+    errors = sorted(p.read_text() for p in root.glob("error.*"))
+    assert len(errors) == 2, errors
+    assert all(e.startswith(f"CheckpointCorruptError: {damaged}: corrupt: CRC32") for e in errors), errors
+
+    damaged.write_bytes(original)
+    (latest / "torch_module" / "__1_0.distcp").unlink()
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(gr_checkpoint.CheckpointCorruptError, match=r"__1_0\.distcp: missing; .*\(written by rank 1\)"):
+        gr_checkpoint.load(latest, model)
