@@ -363,7 +363,7 @@ class Trainer:
         """
         import gr_checkpoint
 
-        return gr_checkpoint.save_step(
+        path = gr_checkpoint.save_step(
             self._checkpoint_root(),
             self.step,
             self.model,
@@ -371,6 +371,7 @@ class Trainer:
             extra_state=self._loop_state(),
             keep_last=self.config.train.keep_last,
         )
+        return cast(Path, path)  # a synchronous save returns the path
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete checkpoint of this run directory, or None."""
