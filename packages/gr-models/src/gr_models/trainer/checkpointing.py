@@ -124,6 +124,20 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     ]
 
 
+def fill_in_older_state(state: dict[str, Any], world_size: int) -> None:
+    """Give the extra state of a checkpoint written before layouts and per-rank RNG states were recorded (by a
+    run of the manifest's `world_size`, tensor parallel 1, rank 0's RNG states only) the fields resuming reads."""
+    if "layout" not in state:
+        state["layout"] = {"world_size": world_size, "tensor_model_parallel_size": 1, "data_parallel_size": world_size}
+    if "samples_into_epoch" not in state:
+        batch_size = state.get("config", {}).get("data", {}).get("batch_size", 0)
+        state["samples_into_epoch"] = samples_into_epoch(
+            int(state["batches_into_epoch"]), int(batch_size), state["layout"]["data_parallel_size"]
+        )
+    if "rng_per_rank" not in state:
+        state["rng_per_rank"] = [state["rng"]]
+
+
 def _reads_global_order(data_parallel_size: int, balance_sequences: bool) -> bool:
     """True when a run's global batches are the next users of one shuffled order, whatever the data-parallel size
     (one rank, or balanced batches); else each rank reads its own shard of the users."""
@@ -190,7 +204,7 @@ def restore_rng(state: Mapping[str, Any], trainer: Any) -> bool:
     """Every rank's own RNG states at the same layout (True); else rank 0's Python and NumPy states and the torch
     stream that `Trainer` derives from the seed, data-parallel rank and step (False)."""
     per_rank = state["rng_per_rank"]
-    if state["layout"] == layout_of(trainer.world):
+    if state["layout"] == layout_of(trainer.world) and len(per_rank) == trainer.world.world_size:
         set_rng_states(per_rank[trainer.world.rank], trainer.device)
         return True
     set_rng_states(per_rank[0], trainer.device, tensor_parallel=False)  # each TP rank keeps its seeded stream

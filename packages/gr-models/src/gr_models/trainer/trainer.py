@@ -392,13 +392,7 @@ class Trainer:
         import gr_checkpoint
 
         state = gr_checkpoint.load(path, self.model, self.optimizers.dense)
-        if "layout" not in state:  # written before layouts were recorded: by a run of the manifest's world size
-            world_size = gr_checkpoint.read_manifest(path).world_size
-            state["layout"] = {
-                "world_size": world_size,
-                "tensor_model_parallel_size": 1,
-                "data_parallel_size": world_size,
-            }
+        checkpointing.fill_in_older_state(state, gr_checkpoint.read_manifest(path).world_size)
         checkpointing.restore_sparse_optimizers(state, self, path)
         self.optimizers.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
