@@ -28,7 +28,7 @@ from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_st
 try:
     import numpy as np
 except ImportError:  # numpy is optional: without it, no value can be a numpy one
-    np = None
+    np = None  # type: ignore[assignment]
 
 __all__ = [
     "SaveHandle",

@@ -31,7 +31,8 @@ def broadcast_from_zero(value: T, group: dist.ProcessGroup | None = None) -> T:
     if rank_and_world(group)[1] == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group or dist.group.WORLD, 0), group=group)
+    source = 0 if group is None else dist.get_global_rank(group, 0)
+    dist.broadcast_object_list(box, src=source, group=group)
     return box[0]
 
 

@@ -36,7 +36,7 @@ _SCALARS = (type(None), bool, int, float, str)
 try:
     import numpy as np
 except ImportError:  # numpy is optional: without it, no value can be a numpy one
-    np = None
+    np = None  # type: ignore[assignment]
 
 
 def _numpy_kind(value: Any) -> str | None:

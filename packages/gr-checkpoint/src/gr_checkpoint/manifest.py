@@ -164,7 +164,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise CheckpointCorruptError(path, f"not valid JSON ({error})") from None
     if not isinstance(raw, dict):
         raise CheckpointCorruptError(path, "the manifest is not a JSON object")
-    required = _REQUIRED_FIELDS
+    required: tuple[str, ...] = _REQUIRED_FIELDS
     if raw.get("format_version") == CHECKSUMMED_FORMAT_VERSION:
         required += _CHECKSUMMED_FIELDS
     missing = [name for name in required if name not in raw]
