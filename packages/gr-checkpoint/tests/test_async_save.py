@@ -30,20 +30,20 @@ def _load_module(name: str) -> ModuleType:
     return module
 
 
-integrity = _load_module("test_checkpoint_integrity")  # its Recommender, training loop and exact snapshots
+models = _load_module("recommender_model")  # a Recommender, its training and exact snapshots
 
 
 def _train(model: Any, optimizer: torch.optim.Optimizer, seeds: range) -> None:
     for seed in seeds:
         optimizer.zero_grad()
-        model(integrity._batch(seed)).sigmoid().sum().backward()
+        model(models.batch(seed)).sigmoid().sum().backward()
         optimizer.step()
 
 
 def _loaded(path: Path) -> tuple[dict[str, Any], Any]:
-    model, optimizer = integrity._trained(seed=9, steps=0)
+    model, optimizer = models.trained(seed=9, steps=0)
     extra = gr_checkpoint.load(path, model, optimizer)
-    return integrity._snapshot(model, optimizer), extra
+    return models.snapshot(model, optimizer), extra
 
 
 @pytest.fixture(autouse=True)
@@ -54,18 +54,18 @@ def _no_pending_save() -> Iterator[None]:
 
 
 def test_saves_the_state_at_the_call_while_training_goes_on(tmp_path: Path) -> None:
-    model, optimizer = integrity._trained(seed=0)
-    expected = integrity._snapshot(model, optimizer)
+    model, optimizer = models.trained(seed=0)
+    expected = models.snapshot(model, optimizer)
     extra = {"step": 3, "weights": model.head.weight}  # a tensor that training changes in place
     handle = gr_checkpoint.save(tmp_path / "async", model, optimizer, extra_state=extra, step=3, asynchronous=True)
     assert isinstance(handle, gr_checkpoint.SaveHandle)
     _train(model, optimizer, range(50, 53))  # while the files are written
     assert handle.wait() == tmp_path / "async" and handle.done()
-    changed = integrity._snapshot(model, optimizer)
-    assert not integrity._identical(changed, expected)
+    changed = models.snapshot(model, optimizer)
+    assert not models.identical(changed, expected)
 
     restored, loaded_extra = _loaded(tmp_path / "async")
-    assert integrity._identical(restored, expected)
+    assert models.identical(restored, expected)
     assert torch.equal(loaded_extra["weights"], expected["model"]["head.weight"])
     assert gr_checkpoint.read_manifest(tmp_path / "async").step == 3
     # The same files as a synchronous save writes.
@@ -90,7 +90,7 @@ def _gate(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.E
 
 
 def test_visible_only_when_complete_and_a_second_save_waits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, optimizer = integrity._trained(seed=0)
+    model, optimizer = models.trained(seed=0)
     started, release = _gate(monkeypatch)
     first = gr_checkpoint.save_step(tmp_path, 1, model, optimizer, asynchronous=True)
     assert started.wait(30)
@@ -121,9 +121,9 @@ def _failing_writer(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_background_error_surfaces_on_wait_and_keeps_the_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, optimizer = integrity._trained(seed=0)
+    model, optimizer = models.trained(seed=0)
     path = gr_checkpoint.save(tmp_path / "ckpt", model, optimizer, extra_state={"step": 3})
-    before = integrity._snapshot(model, optimizer)
+    before = models.snapshot(model, optimizer)
     _train(model, optimizer, range(60, 62))
     _failing_writer(monkeypatch)
     handle = gr_checkpoint.save(path, model, optimizer, extra_state={"step": 5}, asynchronous=True)
@@ -131,14 +131,14 @@ def test_background_error_surfaces_on_wait_and_keeps_the_previous_checkpoint(
         handle.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     restored, extra = _loaded(path)
-    assert extra == {"step": 3} and integrity._identical(restored, before)
+    assert extra == {"step": 3} and models.identical(restored, before)
     monkeypatch.undo()
     gr_checkpoint.save(path, model, optimizer, extra_state={"step": 5})  # reported already: the next save runs
     assert _loaded(path)[1] == {"step": 5}
 
 
 def test_unobserved_background_error_surfaces_on_the_next_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model, optimizer = integrity._trained(seed=0)
+    model, optimizer = models.trained(seed=0)
     _failing_writer(monkeypatch)
     gr_checkpoint.save(tmp_path / "a", model, optimizer, asynchronous=True)
     monkeypatch.undo()

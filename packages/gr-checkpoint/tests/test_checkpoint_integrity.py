@@ -4,103 +4,33 @@ all-or-nothing loads (a failed load leaves model, optimizer and dynamic tables b
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import pytest
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import gr_checkpoint
-from dynamicemb import DynamicEmbeddingCollection, DynamicEmbOptimizerArgs, DynamicEmbOptimizerType
 from gr_checkpoint import CheckpointCorruptError, CheckpointMismatchError
 from gr_checkpoint.integrity import list_checkpoint_files, record_files
 from gr_checkpoint.manifest import manifest_checksum
 
-ADAM = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM, learning_rate=0.05)
+
+def _load_helper(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class Recommender(nn.Module):
-    """Dynamic item and user tables (fused Adam), a buffer and a dense head (Adam)."""
-
-    def __init__(self, hidden: int = 6) -> None:
-        super().__init__()
-        self.embeddings = DynamicEmbeddingCollection(
-            tables=[
-                EmbeddingConfig(name="items", embedding_dim=4, num_embeddings=64, feature_names=["item"]),
-                EmbeddingConfig(name="users", embedding_dim=4, num_embeddings=64, feature_names=["user"]),
-            ],
-            optimizer=ADAM,
-        )
-        self.hidden = nn.Linear(8, hidden)
-        self.head = nn.Linear(hidden, 1)
-        self.register_buffer("calls", torch.zeros(()))
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        out = self.embeddings(features)
-        self.calls += 1
-        joined = torch.cat([out["item"].values(), out["user"].values()], dim=1)
-        return self.head(torch.tanh(self.hidden(joined))).squeeze(1)
-
-
-def _batch(seed: int) -> KeyedJaggedTensor:
-    ids = torch.randint(0, 1 << 40, (8,), generator=torch.Generator().manual_seed(seed))
-    return KeyedJaggedTensor.from_lengths_sync(keys=["item", "user"], values=ids, lengths=torch.tensor([2, 2, 2, 2]))
-
-
-def _trained(seed: int, steps: int = 3, hidden: int = 6) -> tuple[Recommender, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = Recommender(hidden)
-    optimizer = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("embeddings")], lr=0.01)
-    for step in range(steps):
-        optimizer.zero_grad()
-        model(_batch(100 * seed + step)).sigmoid().sum().backward()
-        optimizer.step()
-    return model, optimizer
-
-
-def _snapshot(model: Recommender, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Everything a load may change, as exact copies."""
-    rows = {
-        name: sorted(
-            (key, embedding.tolist(), state.tolist(), score)
-            for keys, embeddings, states, scores in table.export()
-            for key, embedding, state, score in zip(keys.tolist(), embeddings, states, scores.tolist())
-        )
-        for name, table in model.embeddings.dynamic_embedding_tables().items()
-    }
-    steps = {name: table.optimizer.step for name, table in model.embeddings.dynamic_embedding_tables().items()}
-    return {
-        "model": {k: v.clone() for k, v in model.state_dict().items()},
-        "optimizer": _clone(optimizer.state_dict()),
-        "rows": rows,
-        "table_steps": steps,
-    }
-
-
-def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clone(v) for v in value]
-    return value
-
-
-def _identical(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_identical(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b))
-    return a == b
+models = _load_helper("recommender_model")
+_trained, _snapshot, _identical = models.trained, models.snapshot, models.identical
 
 
 @pytest.fixture(scope="module")
