@@ -58,7 +58,8 @@ def collect_torch_state(
     """
     module = get_unwrapped_module(model)
     if optimizer is None:
-        state: TorchState = {"model": get_model_state_dict(module)}
+        # DCP refuses a model without state (e.g. only dynamic tables, which live outside the state dict)
+        state: TorchState = {"model": get_model_state_dict(module) if _has_state(module) else {}}
     else:
         model_state, optimizer_state = get_state_dict(module, optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
@@ -66,6 +67,10 @@ def collect_torch_state(
     if sparse_optimizer is not None:
         state[SPARSE_OPTIMIZER] = sparse_optimizer.state_dict()
     return state
+
+
+def _has_state(module: nn.Module) -> bool:
+    return next(iter(module.state_dict()), None) is not None
 
 
 def fused_optimizer(model: nn.Module) -> KeyedOptimizer | None:
@@ -92,7 +97,8 @@ def restore_torch_state(
     module = get_unwrapped_module(model)
     to_local(state, tensor_parallel_layouts(module))
     if optimizer is None:
-        set_model_state_dict(module, state["model"])
+        if state["model"] or _has_state(module):
+            set_model_state_dict(module, state["model"])
     else:
         set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     if sparse_optimizer is not None:
