@@ -25,14 +25,17 @@ time encodings, the HSTU layers, the prediction head or the query normalization)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ExportedScorer", "corpus", "load", "lookup", "plan_inputs"]
+__all__ = ["ExportedScorer", "UnsafeExportError", "corpus", "load", "load_program", "lookup", "plan_inputs"]
 
 Features = dict[str, tuple[Tensor, Tensor]]
 
@@ -173,6 +176,38 @@ def corpus(item_table: dict[str, Tensor], meta: dict) -> Tensor:
     return F.normalize(rows, dim=-1, eps=1e-6) if meta["l2_normalize"] else rows
 
 
+class UnsafeExportError(RuntimeError):
+    """An exported program holds data that only an unrestricted unpickler could read (it could run code)."""
+
+
+@contextlib.contextmanager
+def _no_unpickling(path: Path) -> Iterator[None]:
+    """Within the block, `torch.load` reads weights only and the other unpicklers `torch.export.load` may call
+    raise: `torch.export.load` falls back to `torch.load(weights_only=False)` when a weights-only read fails,
+    and unpickles constants an archive marks as pickled, so a crafted `program.pt2` would run code."""
+    originals = (torch.load, pickle.loads, torch._C._pickle_load_obj)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise UnsafeExportError(f"{path}: holds objects that only an unrestricted unpickler reads; not loaded")
+
+    def weights_only_load(*args: object, weights_only: bool | None = None, **kwargs: object) -> object:
+        if weights_only is False:
+            refuse()
+        return originals[0](*args, weights_only=True, **kwargs)  # type: ignore[arg-type]
+
+    torch.load, pickle.loads, torch._C._pickle_load_obj = weights_only_load, refuse, refuse  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load, pickle.loads, torch._C._pickle_load_obj = originals  # type: ignore[assignment]
+
+
+def load_program(path: str | Path) -> torch.export.ExportedProgram:
+    """`torch.export.load(path)` without unpickling anything but tensors (raises `UnsafeExportError`)."""
+    with _no_unpickling(Path(path)):
+        return torch.export.load(path)
+
+
 class ExportedScorer:
     """A loaded export: `score(features, num_candidates)` (see the module docstring)."""
 
@@ -184,7 +219,7 @@ class ExportedScorer:
         snapshot = torch.load(directory / "tables.pt", weights_only=True)
         # feature name -> its table's snapshot
         self.tables: dict[str, dict[str, Tensor]] = {f: snapshot[t] for f, t in self.metadata["table_of"].items()}
-        self.program = torch.export.load(directory / "program.pt2").module()
+        self.program = load_program(directory / "program.pt2").module()
         self._corpus: Tensor | None = None
 
     def corpus(self) -> Tensor:
