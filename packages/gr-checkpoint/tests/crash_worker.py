@@ -12,9 +12,13 @@ automatically. Commands:
 - ``{"mode": "dist", "root": DIR, "rank": r, "world_size": 2, "port": P}``: rank ``r`` of a gloo
   world: a DDP linear layer and a row-sharded DTensor table (Adam); every step ``save_step(DIR/steps,
   keep_last=2)``.
+- ``{"mode": "sharded", ...}`` (as ``dist``): a ``DistributedModelParallel`` over a dynamic item table
+  sharded by dynamicemb and a row-wise static table (fused row-wise AdaGrad), a DDP head (Adam);
+  every step ``save_step(DIR/steps, keep_last=2)``.
 
 Each checkpoint's extra state holds a digest of what was saved (``step``, the dense weight, the
-table), so a test can tell a checkpoint whose files come from different moments. A child appends
+tables), so a test can tell a checkpoint whose files come from different moments; a resumed run checks
+what it loaded against it (a mismatch is an error). A child appends
 ``begin <step>`` to ``DIR/progress.<mode>.<rank>`` before the step's saves and ``end <step>`` after.
 """
 
@@ -30,17 +34,30 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
+from torchrec.distributed.planner import Topology
+from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import gr_checkpoint
 from dynamicemb import DynamicEmbeddingCollection, DynamicEmbOptimizerArgs, DynamicEmbOptimizerType
+from dynamicemb.distributed import DynamicEmbeddingCollectionSharder, find_sharded_modules
+from dynamicemb.planner import DynamicEmbeddingShardingPlanner, DynamicEmbParameterConstraints
 
 ROWS, DIM = 8, 3
+SHARDED_DIM = 4  # TorchRec's tables need a multiple of 4
+SHARDED_TABLES = [
+    EmbeddingConfig(name="item_table", embedding_dim=SHARDED_DIM, num_embeddings=64, feature_names=["item"]),
+    EmbeddingConfig(name="category_table", embedding_dim=SHARDED_DIM, num_embeddings=16, feature_names=["category"]),
+]
 
 
 class Single(nn.Module):
@@ -120,8 +137,7 @@ def run_single(root: Path, max_steps: int) -> None:
 
 
 def run_dist(root: Path, rank: int, world_size: int, port: int, max_steps: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-    dist.init_process_group("gloo", timeout=timedelta(seconds=20))
+    _init_world(rank, world_size, port)
     mesh = init_device_mesh("cpu", (world_size,))
     torch.manual_seed(0)
     dense = nn.Linear(4, 2)
@@ -144,12 +160,96 @@ def run_dist(root: Path, rank: int, world_size: int, port: int, max_steps: int) 
         _progress(root, f"dist.{rank}", "end", step)
 
 
+def _init_world(rank: int, world_size: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=20))
+
+
+class Ranker(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ec = EmbeddingCollection(tables=SHARDED_TABLES, device=torch.device("meta"))
+        self.head = nn.Linear(SHARDED_DIM, 1)
+
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        out = self.ec(features)
+        return self.head(torch.cat([out["item"].values(), out["category"].values()])).sum()
+
+
+def _sharded_model() -> DistributedModelParallel:
+    """DMP over a dynamic item table (sharded by dynamicemb) and a row-wise static table (fused row-wise
+    AdaGrad); the head is wrapped in DDP by DMP."""
+    torch.manual_seed(0)
+    world_size = dist.get_world_size()
+    constraints = {
+        "item_table": DynamicEmbParameterConstraints(use_dynamicemb=True),
+        "category_table": DynamicEmbParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value]),
+    }
+    topology = Topology(world_size=world_size, local_world_size=world_size, compute_device="cpu")
+    sharder = DynamicEmbeddingCollectionSharder(
+        fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.05}
+    )
+    model = Ranker()
+    planner = DynamicEmbeddingShardingPlanner(eb_configs=SHARDED_TABLES, topology=topology, constraints=constraints)
+    plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=[sharder])
+
+
+def sharded_digest(model: DistributedModelParallel) -> dict[str, Any]:
+    """Collective: every rank's dynamic rows, the whole static table and the head, as exact values."""
+    (module,) = find_sharded_modules(model).values()
+    (table,) = module.dynamic_embedding_tables().values()
+    rows = [(k, e.tolist()) for keys, embs, _, _ in table.export() for k, e in zip(keys.tolist(), embs)]
+    static = [
+        (shard.metadata.shard_offsets[0] + i, row)
+        for shard in model.state_dict()["ec.embeddings.category_table.weight"].local_shards()
+        for i, row in enumerate(shard.tensor.tolist())
+    ]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (rows, static))
+    head = get_unwrapped_module(model).head.weight.detach().clone()
+    return {
+        "dynamic": json.dumps(sorted(r for rows, _ in gathered for r in rows)),
+        "static": json.dumps(sorted(r for _, static in gathered for r in static)),
+        "head": head,
+    }
+
+
+def run_sharded(root: Path, rank: int, world_size: int, port: int, max_steps: int) -> None:
+    _init_world(rank, world_size, port)
+    model = _sharded_model()
+    optimizer = torch.optim.Adam(dict(in_backward_optimizer_filter(model.named_parameters())).values(), lr=0.01)
+    resumed = _resume(root, model, optimizer)
+    if resumed["step"]:  # loaded by 2 ranks: dynamic shards, ShardedTensor rows, the DDP head
+        digest = sharded_digest(model)
+        _check("the head", digest["head"], resumed["head"])
+        if (digest["dynamic"], digest["static"]) != (resumed["dynamic"], resumed["static"]):
+            raise AssertionError("after resuming, the tables differ from the digest saved with them")
+    step = resumed["step"]
+    while step < max_steps:
+        step += 1
+        optimizer.zero_grad()
+        ids = torch.randint(0, 1 << 40, (5,), generator=torch.Generator().manual_seed(100 * rank + step))
+        categories = ids % 16
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=["item", "category"], values=torch.cat([ids, categories]), lengths=torch.tensor([2, 3, 3, 2])
+        )
+        model(features).backward()
+        optimizer.step()
+        extra = {"step": step, **sharded_digest(model)}
+        _progress(root, f"sharded.{rank}", "begin", step)
+        gr_checkpoint.save_step(root / "steps", step, model, optimizer, extra_state=extra, keep_last=2)
+        _progress(root, f"sharded.{rank}", "end", step)
+
+
 def _child(command: dict[str, Any]) -> None:
     root, max_steps = Path(command["root"]), int(command.get("max_steps", 10**6))
     if command["mode"] == "single":
         run_single(root, max_steps)
-    else:
+    elif command["mode"] == "dist":
         run_dist(root, command["rank"], command["world_size"], command["port"], max_steps)
+    else:
+        run_sharded(root, command["rank"], command["world_size"], command["port"], max_steps)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Training processes that checkpoint every step are SIGKILLed at random moments (one process with a
-dynamic table; one of two gloo ranks): the newest complete checkpoint always loads, whole and
-consistent, and no half-written one is ever picked up. Each run resumes from the previous one's
+dynamic table; one of two gloo ranks, with a DTensor table or with DMP-sharded dynamic and static
+tables): the newest complete checkpoint always loads, whole and consistent, and no half-written one
+is ever picked up. Each run resumes from the previous one's
 newest checkpoint, so resuming is exercised after every kill too."""
 
 from __future__ import annotations
@@ -183,10 +184,7 @@ def _damaged_two_rank_checkpoint_is_named(root: Path, forker: Forker, latest: Pa
     pids = [
         forker.start(mode="dist", root=str(root), rank=r, world_size=2, port=port, max_steps=step) for r in range(2)
     ]
-    deadline = time.monotonic() + 60
-    while any(map(_alive, pids)):
-        assert time.monotonic() < deadline, "the ranks loading a damaged checkpoint did not exit"
-        time.sleep(0.01)
+    _wait_until_exited(pids)
     errors = sorted(p.read_text() for p in root.glob("error.*"))
     assert len(errors) == 2, errors
     assert all(e.startswith(f"CheckpointCorruptError: {damaged}: corrupt: CRC32") for e in errors), errors
@@ -196,3 +194,45 @@ def _damaged_two_rank_checkpoint_is_named(root: Path, forker: Forker, latest: Pa
     model = torch.nn.Linear(4, 2)
     with pytest.raises(gr_checkpoint.CheckpointCorruptError, match=r"__1_0\.distcp: missing; .*\(written by rank 1\)"):
         gr_checkpoint.load(latest, model)
+
+
+def _wait_until_exited(pids: list[int], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(map(_alive, pids)):
+        assert time.monotonic() < deadline, f"processes {pids} did not exit"
+        time.sleep(0.01)
+
+
+def test_one_of_two_ranks_with_sharded_tables_killed_while_saving(tmp_path: Path, forker: Forker) -> None:
+    """DistributedModelParallel with a dynamic table sharded by dynamicemb and a row-wise static table:
+    each resumed run (2 ranks) checks what it loaded against the digest saved with it."""
+    rng = random.Random(SEED + 2)
+    steps_seen, mid_save_kills = [], 0
+    for _attempt in range(3):
+        port, victim = _free_port(), rng.randrange(2)
+        pids = [forker.start(mode="sharded", root=str(tmp_path), rank=r, world_size=2, port=port) for r in range(2)]
+        _wait_for_the_second_save_to_begin(tmp_path, f"sharded.{victim}", pids, timeout_s=60)
+        time.sleep(rng.uniform(0.0, 0.05))
+        _kill(pids[victim])
+        mid_save_kills += _inside_a_save(tmp_path, f"sharded.{victim}")
+        time.sleep(0.2)
+        _kill(pids[1 - victim])
+        for error in tmp_path.glob("error.*"):
+            error.unlink()  # the survivor's failed collective, expected
+
+        latest = gr_checkpoint.latest_checkpoint(tmp_path / "steps", verify=True)
+        assert latest is not None, f"seed {SEED}"
+        files = gr_checkpoint.read_manifest(latest).files or {}
+        assert sum(".shard-" in name for name in files) == 2 and any("sharded_manifest" in n for n in files)
+        steps_seen.append(gr_checkpoint.read_manifest(latest).step)
+    # A last run only resumes from the newest checkpoint, checks it against its digest and exits.
+    port = _free_port()
+    pids = [
+        forker.start(mode="sharded", root=str(tmp_path), rank=r, world_size=2, port=port, max_steps=steps_seen[-1])
+        for r in range(2)
+    ]
+    _wait_until_exited(pids)
+    assert not [p.read_text() for p in tmp_path.glob("error.*")]
+    print(f"seed {SEED}: newest complete steps {steps_seen}, {mid_save_kills} of 3 kills inside a save")
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] >= len(steps_seen), f"seed {SEED}: {steps_seen}"
+    assert mid_save_kills >= 1, f"seed {SEED}: no kill landed inside a save"
