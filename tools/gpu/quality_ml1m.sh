@@ -11,6 +11,7 @@
 #   bash tools/gpu/quality_ml1m.sh
 # Under $OUT (or /tmp/quality): quality-ml1m.json, quality-ml1m-curves.json, quality-ml1m-ranking.json,
 # quality-ml1m-ranking-curves.json, logs.tgz.
+# RETRIEVAL_MODELS, RANKING_MODELS (default "hstu hstu_all_positions") and SEEDS (default "1 2 3") narrow the runs.
 # CPU smoke of this script's logic (no install, first 60 users, 1 epoch, short sequences, seed 1; dlrm seeds 1 2):
 #   QUALITY_SMOKE=1 bash tools/gpu/quality_ml1m.sh
 set -uo pipefail
@@ -40,8 +41,8 @@ else
   common=(device=cuda "data.path=$data" hstu.dtype=float32 hstu.kernel_backend=pytorch)
   retrieval_limits=(--max-epochs 200 --patience 10)
   ranking_limits=(--max-epochs "${RANKING_EPOCHS:-10}" --patience 4)
-  seeds="1 2 3"
-  dlrm_seeds="1 2 3"
+  seeds=${SEEDS:-1 2 3}
+  dlrm_seeds=$seeds
 fi
 end_at=$((started + total - 40))  # 40 s for the last test evaluations, the merge and the archive
 budget=$((end_at - $(date +%s)))
@@ -54,8 +55,8 @@ launch() {  # log name, quality.py subcommand, its arguments
   OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 timeout -k 5 $((budget + 20)) "$py" tools/quality.py "$command" \
     --end-at "$end_at" "$@" >"$out/$name.log" 2>&1 &
 }
-retrieval_models="sasrec sasrec_full_softmax hstu hstu_large"
-ranking_models="hstu hstu_all_positions"
+retrieval_models=${RETRIEVAL_MODELS:-sasrec sasrec_full_softmax hstu hstu_large}
+ranking_models=${RANKING_MODELS:-hstu hstu_all_positions}  # the DLRM baseline always runs (all seeds, one process)
 for seed in $seeds; do
   for model in $retrieval_models; do
     launch "run-$model-$seed" run --models "$model" --seeds "$seed" "${retrieval_limits[@]}" \
