@@ -1,0 +1,14 @@
+// One forward entry per head dim, each in its own translation unit (they compile in parallel).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "hstu_attn_cutlass.h"
+
+namespace hstu_attn {
+
+cudaError_t run_fwd_hdim64(const HstuAttnFwdParams& params, cudaStream_t stream);
+cudaError_t run_fwd_hdim128(const HstuAttnFwdParams& params, cudaStream_t stream);
+cudaError_t run_fwd_hdim256(const HstuAttnFwdParams& params, cudaStream_t stream);
+
+}  // namespace hstu_attn

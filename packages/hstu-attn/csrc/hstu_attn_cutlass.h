@@ -1,0 +1,62 @@
+// C ABI of the hstu-attn CUTLASS/CuTe kernels (libhstu_attn_cutlass.so).
+//
+// The library depends on the CUDA runtime only (no torch, no Python headers), so one build serves every torch
+// and Python version; hstu_attn/cutlass/_library.py binds it with ctypes and mirrors HstuAttnFwdParams.
+// Bump HSTU_ATTN_CUTLASS_ABI_VERSION whenever the struct or a signature changes.
+#pragma once
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define HSTU_ATTN_CUTLASS_ABI_VERSION 1
+#define HSTU_ATTN_API __attribute__((visibility("default")))
+
+enum HstuAttnDtype { HSTU_ATTN_FP16 = 0, HSTU_ATTN_BF16 = 1 };
+
+enum HstuAttnStatus {
+  HSTU_ATTN_OK = 0,
+  HSTU_ATTN_UNSUPPORTED_DTYPE = -1,
+  HSTU_ATTN_UNSUPPORTED_HEAD_DIM = -2,
+  HSTU_ATTN_BAD_ARGUMENT = -3,
+  // Positive values are cudaError_t codes.
+};
+
+// Forward of jagged HSTU attention for one batch. Tensors are [L, H, D] with unit stride along D;
+// seq_offsets [B+1] and num_targets [B] (NULL: no targets) are int32 or int64 as the flags say.
+typedef struct HstuAttnFwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  const void* seq_offsets;
+  const void* num_targets;
+  int64_t q_row_stride, q_head_stride;
+  int64_t k_row_stride, k_head_stride;
+  int64_t v_row_stride, v_head_stride;
+  int64_t o_row_stride, o_head_stride;
+  int32_t num_sequences;
+  int32_t num_heads;
+  int32_t head_dim;
+  int32_t max_seq_len;
+  int32_t dtype;  // HstuAttnDtype
+  int32_t offsets_int64;
+  int32_t targets_int64;
+  int32_t causal;
+  int32_t contextual_seq_len;
+  int32_t max_attn_len;  // 0 = unlimited
+  float alpha;
+  float inv_scaling;  // 1 / scaling_seqlen
+} HstuAttnFwdParams;
+
+HSTU_ATTN_API int hstu_attn_cutlass_abi_version(void);
+HSTU_ATTN_API int hstu_attn_cutlass_fwd_params_size(void);
+// Enqueues the forward on `stream` (a cudaStream_t; NULL = default stream). Returns an HstuAttnStatus.
+HSTU_ATTN_API int hstu_attn_cutlass_forward(const HstuAttnFwdParams* params, void* stream);
+HSTU_ATTN_API const char* hstu_attn_cutlass_status_string(int status);
+
+#ifdef __cplusplus
+}
+#endif
