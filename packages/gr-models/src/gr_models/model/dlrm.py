@@ -76,6 +76,7 @@ class DLRMBaseline(nn.Module):
         self.num_tasks = schema.num_tasks
         self.table_optimizer = table_optimizer or EmbeddingOptimizerParam(optimizer_str="adam", learning_rate=1e-3)
         item, action = schema.item_feature_name, schema.action_feature_name
+        self.action_feature_name = action
         groups = {name: [name] for name in schema.contextual_feature_names}
         for name in (item, *schema.side_feature_names):
             groups[name] = [name, f"history_{name}"]
@@ -96,6 +97,7 @@ class DLRMBaseline(nn.Module):
         self.top = MLP(count * dim + count * (count - 1) // 2, [*mlp_hidden, self.num_tasks], activation).to(
             self.device
         )
+        self._pairs: Tensor
         self.register_buffer("_pairs", torch.triu_indices(count, count, offset=1, device=self.device), persistent=False)
 
     def candidate_features(self, batch: RankingBatch) -> KeyedJaggedTensor:
@@ -110,19 +112,19 @@ class DLRMBaseline(nn.Module):
         owners, position = token_coordinates(num_candidates)
         candidate_index = lengths_to_offsets(item_lengths)[owners] + history[owners] + position
         ones = torch.ones_like(owners)
-        keys, values, lengths = [], [], []
+        bags: dict[str, tuple[Tensor, Tensor]] = {}  # feature -> (ids, bag lengths)
         for name in schema.contextual_feature_names:
-            bag, bag_lengths = _gather_bags(jagged[name].values(), jagged[name].lengths(), owners)
-            keys.append(name), values.append(bag), lengths.append(bag_lengths)
+            bags[name] = _gather_bags(jagged[name].values(), jagged[name].lengths(), owners)
         for name in (schema.item_feature_name, *schema.side_feature_names):
-            keys.append(name), values.append(jagged[name].values()[candidate_index]), lengths.append(ones)
+            bags[name] = (jagged[name].values()[candidate_index], ones)
         user, event = token_coordinates(item_lengths)
         is_history = event < history[user]  # candidate actions are labels: only history events enter the bags
-        for name in (schema.item_feature_name, *schema.side_feature_names, schema.action_feature_name):
-            bag, bag_lengths = _gather_bags(jagged[name].values()[is_history], history, owners)
-            keys.append(f"history_{name}"), values.append(bag), lengths.append(bag_lengths)
+        for name in (schema.item_feature_name, *schema.side_feature_names, self.action_feature_name):
+            bags[f"history_{name}"] = _gather_bags(jagged[name].values()[is_history], history, owners)
         return KeyedJaggedTensor(
-            keys=keys, values=torch.cat(values).to(torch.int64), lengths=torch.cat(lengths).to(torch.int32)
+            keys=list(bags),
+            values=torch.cat([ids for ids, _ in bags.values()]).to(torch.int64),
+            lengths=torch.cat([bag_lengths for _, bag_lengths in bags.values()]).to(torch.int32),
         )
 
     def logits(self, batch: RankingBatch) -> Tensor:
