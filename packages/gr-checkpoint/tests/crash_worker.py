@@ -14,12 +14,14 @@ automatically. Commands:
   keep_last=2)``.
 - ``{"mode": "sharded", ...}`` (as ``dist``): a ``DistributedModelParallel`` over a dynamic item table
   sharded by dynamicemb and a row-wise static table (fused row-wise AdaGrad), a DDP head (Adam);
-  every step ``save_step(DIR/steps, keep_last=2)``.
+  every step ``save_step(DIR/steps, keep_last=2)``, with ``"asynchronous": true`` asynchronously
+  (training goes on while the files are written; ``end <step>`` then means the call returned).
 
 Each checkpoint's extra state holds a digest of what was saved (``step``, the dense weight, the
 tables), so a test can tell a checkpoint whose files come from different moments; a resumed run checks
 what it loaded against it (a mismatch is an error). A child appends
-``begin <step>`` to ``DIR/progress.<mode>.<rank>`` before the step's saves and ``end <step>`` after.
+``begin <step>`` to ``DIR/progress.<mode>.<rank>`` before the step's saves and ``end <step>`` after
+(``sharded`` also ``checked-at-world-<W> <step>`` once what it resumed from matched its digest).
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def sharded_digest(model: DistributedModelParallel) -> dict[str, Any]:
     }
 
 
-def run_sharded(root: Path, rank: int, world_size: int, port: int, max_steps: int) -> None:
+def run_sharded(root: Path, rank: int, world_size: int, port: int, max_steps: int, asynchronous: bool) -> None:
     _init_world(rank, world_size, port)
     model = _sharded_model()
     optimizer = torch.optim.Adam(dict(in_backward_optimizer_filter(model.named_parameters())).values(), lr=0.01)
@@ -225,6 +227,7 @@ def run_sharded(root: Path, rank: int, world_size: int, port: int, max_steps: in
         _check("the head", digest["head"], resumed["head"])
         if (digest["dynamic"], digest["static"]) != (resumed["dynamic"], resumed["static"]):
             raise AssertionError("after resuming, the tables differ from the digest saved with them")
+        _progress(root, f"sharded.{rank}", f"checked-at-world-{world_size}", resumed["step"])
     step = resumed["step"]
     while step < max_steps:
         step += 1
@@ -238,8 +241,11 @@ def run_sharded(root: Path, rank: int, world_size: int, port: int, max_steps: in
         optimizer.step()
         extra = {"step": step, **sharded_digest(model)}
         _progress(root, f"sharded.{rank}", "begin", step)
-        gr_checkpoint.save_step(root / "steps", step, model, optimizer, extra_state=extra, keep_last=2)
+        gr_checkpoint.save_step(
+            root / "steps", step, model, optimizer, extra_state=extra, keep_last=2, asynchronous=asynchronous
+        )
         _progress(root, f"sharded.{rank}", "end", step)
+    gr_checkpoint.wait_for_saves()
 
 
 def _child(command: dict[str, Any]) -> None:
@@ -249,7 +255,8 @@ def _child(command: dict[str, Any]) -> None:
     elif command["mode"] == "dist":
         run_dist(root, command["rank"], command["world_size"], command["port"], max_steps)
     else:
-        run_sharded(root, command["rank"], command["world_size"], command["port"], max_steps)
+        asynchronous = bool(command.get("asynchronous", False))
+        run_sharded(root, command["rank"], command["world_size"], command["port"], max_steps, asynchronous)
 
 
 def main() -> None:

@@ -1,11 +1,10 @@
 """One rank of the sharded-model gr_checkpoint test; run with torchrun's environment variables set.
 
-Usage: ``python gr_checkpoint_sharded_worker.py save|save_async|load OUT_DIR``. The model is TorchRec's
+Usage: ``python gr_checkpoint_sharded_worker.py save|load OUT_DIR``. The model is TorchRec's
 ``DistributedModelParallel`` over an ``EmbeddingCollection`` holding a dynamic table (sharded by
 dynamicemb) and an ordinary row-wise TorchRec table (fused row-wise AdaGrad), plus a dense head
 trained with Adam. ``save`` trains three steps on rank-specific batches and saves to
-``OUT_DIR/ckpt`` (``save_async``: asynchronously, observed at once, then trains a fourth step
-while the files are written); ``load`` builds the model from another seed and loads it. Both then write what
+``OUT_DIR/ckpt``; ``load`` builds the model from another seed and loads it. Both then write what
 the test compares to ``OUT_DIR/<mode>.rank<r>.json``: evaluation outputs on fixed batches, this
 rank's dynamic rows (with optimizer state), its rows of the static table and of their fused
 optimizer state, and the dense Adam state.
@@ -114,35 +113,20 @@ def _observe(model: DistributedModelParallel, dense_optimizer: torch.optim.Optim
     }
 
 
-def _train(model: DistributedModelParallel, dense_optimizer: torch.optim.Optimizer, rank: int, steps: range) -> None:
-    for step in steps:
-        dense_optimizer.zero_grad()
-        model(_batch(100 * rank + step)).sum().backward()
-        dense_optimizer.step()
-
-
 def main(mode: str, out_dir: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     model = _sharded_model(seed=0 if mode == "save" else 7)
     dense_optimizer = torch.optim.Adam(dict(in_backward_optimizer_filter(model.named_parameters())).values(), lr=0.01)
-    observed = None
-    if mode == "load":
-        assert gr_checkpoint.load(out_dir / "ckpt", model, dense_optimizer) == {"step": 3}
+    if mode == "save":
+        for step in range(3):
+            dense_optimizer.zero_grad()
+            model(_batch(100 * rank + step)).sum().backward()
+            dense_optimizer.step()
+        gr_checkpoint.save(out_dir / "ckpt", model, dense_optimizer, extra_state={"step": 3})
     else:
-        _train(model, dense_optimizer, rank, range(3))
-        if mode == "save":
-            gr_checkpoint.save(out_dir / "ckpt", model, dense_optimizer, extra_state={"step": 3})
-        else:
-            handle = gr_checkpoint.save(
-                out_dir / "ckpt", model, dense_optimizer, extra_state={"step": 3}, asynchronous=True
-            )
-            observed = _observe(model, dense_optimizer)  # the state being saved
-            model.train()
-            _train(model, dense_optimizer, rank, range(3, 4))  # while the files are written
-            handle.wait()
-    observed = observed or _observe(model, dense_optimizer)
-    (out_dir / f"{mode}.rank{rank}.json").write_text(json.dumps(observed))
+        assert gr_checkpoint.load(out_dir / "ckpt", model, dense_optimizer) == {"step": 3}
+    (out_dir / f"{mode}.rank{rank}.json").write_text(json.dumps(_observe(model, dense_optimizer)))
     dist.destroy_process_group()
 
 

@@ -91,11 +91,13 @@ def _events(root: Path, name: str) -> list[str]:
     return progress.read_text().splitlines() if progress.exists() else []
 
 
-def _wait_for_the_second_save_to_begin(root: Path, name: str, pids: list[int], timeout_s: float = 30.0) -> None:
-    """Until the run started last has finished one save and begun the next."""
+def _wait_for_the_second_save_to_begin(
+    root: Path, name: str, pids: list[int], timeout_s: float = 30.0, nth: int = 2
+) -> None:
+    """Until the run started last has finished one save and begun the next (the ``nth``)."""
     begun = sum(event.startswith("begin") for event in _events(root, name))
     deadline = time.monotonic() + timeout_s
-    while sum(event.startswith("begin") for event in _events(root, name)) < begun + 2:
+    while sum(event.startswith("begin") for event in _events(root, name)) < begun + nth:
         errors = [p.read_text() for p in root.glob("error.*")]
         assert not errors and all(map(_alive, pids)), f"a training process failed: {errors}"
         assert time.monotonic() < deadline, f"no new save of {name} began within {timeout_s} s"
@@ -111,7 +113,7 @@ def test_killed_while_saving_the_newest_complete_checkpoint_loads(tmp_path: Path
     worker = _worker_module()
     rng = random.Random(SEED)
     steps_seen, mid_save_kills = [], 0
-    for _attempt in range(6):
+    for _attempt in range(5):
         pid = forker.start(mode="single", root=str(tmp_path))
         _wait_for_the_second_save_to_begin(tmp_path, "single.0", [pid])
         time.sleep(rng.uniform(0.0, 0.1))  # a step's two saves take 0.05 to 0.2 s here
@@ -129,9 +131,9 @@ def test_killed_while_saving_the_newest_complete_checkpoint_loads(tmp_path: Path
             assert gr_checkpoint.read_manifest(path).step == extra["step"]
         steps_seen.append(gr_checkpoint.read_manifest(latest).step)
         assert len(list((tmp_path / "steps").glob("step_*"))) <= 3  # keep_last=2, plus one killed mid-prune
-    print(f"seed {SEED}: newest complete steps {steps_seen}, {mid_save_kills} of 6 kills inside a save")
+    print(f"seed {SEED}: newest complete steps {steps_seen}, {mid_save_kills} of 5 kills inside a save")
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] >= len(steps_seen), f"seed {SEED}: {steps_seen}"
-    assert mid_save_kills >= 3, f"seed {SEED}: only {mid_save_kills} of 6 kills landed inside a save"
+    assert mid_save_kills >= 3, f"seed {SEED}: only {mid_save_kills} of 5 kills landed inside a save"
 
 
 def _free_port() -> int:
@@ -144,7 +146,7 @@ def test_one_of_two_ranks_killed_while_saving(tmp_path: Path, forker: Forker) ->
     worker = _worker_module()
     rng = random.Random(SEED + 1)
     steps_seen, mid_save_kills = [], 0
-    for _attempt in range(4):
+    for _attempt in range(3):
         port, victim = _free_port(), rng.randrange(2)
         pids = [forker.start(mode="dist", root=str(tmp_path), rank=r, world_size=2, port=port) for r in range(2)]
         _wait_for_the_second_save_to_begin(tmp_path, f"dist.{victim}", pids)
@@ -166,9 +168,9 @@ def test_one_of_two_ranks_killed_while_saving(tmp_path: Path, forker: Forker) ->
         assert torch.equal(model.dense.weight, extra["dense"]) and torch.equal(model.table, extra["table"])
         assert gr_checkpoint.read_manifest(latest).world_size == 2
         steps_seen.append(extra["step"])
-    print(f"seed {SEED}: newest complete steps {steps_seen}, {mid_save_kills} of 4 kills inside a save")
+    print(f"seed {SEED}: newest complete steps {steps_seen}, {mid_save_kills} of 3 kills inside a save")
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] >= len(steps_seen), f"seed {SEED}: {steps_seen}"
-    assert mid_save_kills >= 2, f"seed {SEED}: only {mid_save_kills} of 4 kills landed inside a save"
+    assert mid_save_kills >= 1, f"seed {SEED}: no kill of 3 landed inside a save"
     _damaged_two_rank_checkpoint_is_named(tmp_path, forker, latest)
 
 
@@ -233,6 +235,37 @@ def test_one_of_two_ranks_with_sharded_tables_killed_while_saving(tmp_path: Path
     ]
     _wait_until_exited(pids)
     assert not [p.read_text() for p in tmp_path.glob("error.*")]
+    for rank in range(2):
+        assert _events(tmp_path, f"sharded.{rank}")[-1] == f"checked-at-world-2 {steps_seen[-1]}"
     print(f"seed {SEED}: newest complete steps {steps_seen}, {mid_save_kills} of 3 kills inside a save")
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] >= len(steps_seen), f"seed {SEED}: {steps_seen}"
     assert mid_save_kills >= 1, f"seed {SEED}: no kill landed inside a save"
+
+
+def test_asynchronous_saves_of_two_ranks_killed_while_writing(tmp_path: Path, forker: Forker) -> None:
+    """As above with asynchronous saves (training goes on while the background threads write); finally the
+    newest checkpoint is resumed by one process (DMP at world 1) and checked against its digest."""
+    rng = random.Random(SEED + 3)
+    steps_seen = []
+    for _attempt in range(3):
+        port, victim = _free_port(), rng.randrange(2)
+        command = {"mode": "sharded", "root": str(tmp_path), "world_size": 2, "port": port, "asynchronous": True}
+        pids = [forker.start(**command, rank=r) for r in range(2)]
+        # The third save call begins after the second returned, which waited for the first to be published.
+        _wait_for_the_second_save_to_begin(tmp_path, f"sharded.{victim}", pids, timeout_s=60, nth=3)
+        time.sleep(rng.uniform(0.0, 0.05))
+        _kill(pids[victim])
+        time.sleep(0.2)
+        _kill(pids[1 - victim])
+        for error in tmp_path.glob("error.*"):
+            error.unlink()  # the survivor's failed collective, expected
+
+        latest = gr_checkpoint.latest_checkpoint(tmp_path / "steps", verify=True)
+        assert latest is not None, f"seed {SEED}"
+        steps_seen.append(gr_checkpoint.read_manifest(latest).step)
+    command = {"mode": "sharded", "root": str(tmp_path), "world_size": 1, "port": _free_port(), "rank": 0}
+    _wait_until_exited([forker.start(**command, max_steps=steps_seen[-1])])
+    assert not [p.read_text() for p in tmp_path.glob("error.*")]
+    assert _events(tmp_path, "sharded.0")[-1] == f"checked-at-world-1 {steps_seen[-1]}"
+    print(f"seed {SEED}: newest complete steps {steps_seen} (asynchronous saves)")
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] >= len(steps_seen), f"seed {SEED}: {steps_seen}"
