@@ -65,8 +65,10 @@ def _megatron_tensor_parallel_group() -> dist.ProcessGroup | None:
 
 
 def _group_of(owner: nn.Module, name: str) -> dist.ProcessGroup:
-    group = getattr(owner, "tp_group", None)  # Megatron-core's linear layers keep theirs
-    if not isinstance(group, dist.ProcessGroup):
+    # Megatron-core's linear layers keep theirs as `tp_group`, gr-parallel's split LayerNorm as `group`
+    candidates = (getattr(owner, "tp_group", None), getattr(owner, "group", None))
+    group = next((g for g in candidates if isinstance(g, dist.ProcessGroup)), None)
+    if group is None:
         group = _megatron_tensor_parallel_group()
     if group is None:
         raise RuntimeError(
