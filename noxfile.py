@@ -20,7 +20,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 import install_stack  # noqa: E402
 
 nox.options.default_venv_backend = "venv"
-nox.options.reuse_existing_virtualenvs = False
+# Environments are kept between runs; tools/install_stack.py reinstalls their requirements only when the
+# constraints, a package's pyproject.toml or the options changed (a stamp file in each environment).
+nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "tests"]
 
 PYTHON = "3.11"
@@ -142,11 +144,6 @@ def isolated(session: nox.Session, package: str) -> None:
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """Train the default synthetic ranking GR on CPU and print its metrics."""
-    if not (ROOT / "packages" / "gr-models" / "src" / "gr_models" / "cli.py").is_file():
-        session.skip(
-            "nox -s demo will train the default synthetic ranking GR (gr-train with the synthetic "
-            "config) once the gr-models trainer lands; it is not built yet, so there is nothing to run."
-        )
     _install(session, ["gr-models"], editable=True)
     session.run(
         "gr-train",

@@ -18,6 +18,7 @@ instead of from their directories.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -104,6 +105,18 @@ def wheel_of(package_dir: Path, wheel_dir: Path) -> Path:
     return found[0]
 
 
+STAMP = "workspace-stack.sha256"  # in the environment's root: what its external requirements were installed from
+
+
+def _stack_key(ordered: list[Path], constraints: Path, extras: list[str], additional: list[str], editable: bool) -> str:
+    """Hash of everything the external installs depend on: the constraints, each package's metadata, the options."""
+    digest = hashlib.sha256(constraints.read_bytes())
+    for package_dir in ordered:
+        digest.update(package_dir.name.encode() + (package_dir / "pyproject.toml").read_bytes())
+    digest.update(json.dumps([sorted(extras), sorted(additional), editable]).encode())
+    return digest.hexdigest()
+
+
 def install(
     python: str,
     package_dirs: list[Path],
@@ -113,7 +126,35 @@ def install(
     additional: list[str],
     wheel_dir: Path | None = None,
 ) -> None:
+    """Install the closure of ``package_dirs`` into ``python``'s environment. An environment already installed
+    from the same constraints, package metadata and options (its stamp file says so) gets only the workspace
+    packages reinstalled (wheels and non-editable builds; editable installs already follow the sources)."""
     ordered, external = resolve(package_dirs, extras)
+    stamp = Path(python).absolute().parent.parent / STAMP  # not resolved: a venv's python links out of it
+    key = _stack_key(ordered, constraints, extras, additional, editable and wheel_dir is None)
+    if stamp.is_file() and stamp.read_text() == key:
+        print(f"+ {stamp.parent}: requirements up to date (same constraints, metadata and options)", flush=True)
+        if wheel_dir is not None or not editable:  # built from the current sources again
+            _install_workspace(python, ordered, editable, wheel_dir, ["--force-reinstall"])
+        return  # editable installs follow the sources; their metadata (entry points) is in the key
+    stamp.unlink(missing_ok=True)
+    _install_external(python, external, constraints, additional)
+    _install_workspace(python, ordered, editable, wheel_dir, [])
+    stamp.write_text(key)
+
+
+def _install_workspace(
+    python: str, ordered: list[Path], editable: bool, wheel_dir: Path | None, flags: list[str]
+) -> None:
+    for package_dir in ordered:
+        if wheel_dir is not None:
+            target = [str(wheel_of(package_dir, wheel_dir))]
+        else:
+            target = ["-e", str(package_dir)] if editable else [str(package_dir)]
+        _pip(python, ["--no-deps", *flags, *target])
+
+
+def _install_external(python: str, external: list[Requirement], constraints: Path, additional: list[str]) -> None:
     constraint_args = ["-c", str(constraints)]
     wants_torchrec = any(_normalize(r.name) == "torchrec" for r in external)
     plain = [str(r) for r in external if _normalize(r.name) != "torchrec"]
@@ -129,12 +170,6 @@ def install(
         plain += [*torchrec_needs, CPU_FBGEMM]
     if plain or additional:
         _pip(python, [*constraint_args, *plain, *additional])
-    for package_dir in ordered:
-        if wheel_dir is not None:
-            target = [str(wheel_of(package_dir, wheel_dir))]
-        else:
-            target = ["-e", str(package_dir)] if editable else [str(package_dir)]
-        _pip(python, ["--no-deps", *target])
 
 
 def main(argv: list[str] | None = None) -> None:
