@@ -6,13 +6,13 @@ then, `gr-train --resume` on 2 ranks (under another `name`, the one config diffe
 losses of the uninterrupted run: every rank's RNG stream, the data position, dense and fused optimizer states came
 back.
 
-Another size: a one-process run (batch 16) saved at step 3 resumes on 2 ranks (batch 8 each, balanced global
-batches of the same 16 users) and gives the losses of the uninterrupted one-process run, as 2 ranks and one process
-train alike on the same global batches (`test_trainer_distributed.py`). Without dropout, since the ranks' random
-streams differ from one process's. The model-parallel static tables' row-wise AdaGrad state passes from gr-models'
-row optimizers (unsharded, one process) to TorchRec's fused optimizers (sharded, 2 ranks); the dynamic item
-table's Adam state through dynamicemb's resharding dump. (The other direction, fused to row optimizers, is
-tested in `test_checkpoint_reshard.py`.)
+Another size: a one-process run's (batch 16) checkpoint of step 3 resumes on 2 ranks (batch 8 each, balanced
+global batches of the same 16 users), whose checkpoint of step 4 resumes in one process again for steps 5 and 6;
+both give the losses of the uninterrupted one-process run, as 2 ranks and one process train alike on the same
+global batches (`test_trainer_distributed.py`). Without dropout, since the ranks' random streams differ from
+one process's. The model-parallel static tables' row-wise AdaGrad state passes between gr-models' row optimizers
+(unsharded, one process) and TorchRec's fused optimizers (sharded, 2 ranks), both ways; the dynamic item table's
+Adam state through dynamicemb's resharding dump.
 """
 
 from __future__ import annotations
@@ -101,21 +101,28 @@ def test_resume_on_two_ranks_continues_like_an_uninterrupted_run(config_file: Pa
     assert _losses(run_dir) == pytest.approx(straight, rel=1e-6, abs=1e-7)
 
 
-def test_one_process_checkpoint_resumes_on_two_ranks(config_file: Path, tmp_path: Path) -> None:
-    overrides = [f"output_dir={tmp_path / 'one'}", "data.batch_size=16", f"train.max_steps={STEPS}"]
-    one = Trainer(load_config(config_file, [*overrides, f"train.checkpoint_every={SAVED_AT}"]))
-    one.train()
-    straight = _losses(one.run_dir)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(one.run_dir / "checkpoints", resumed / "checkpoints")
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == [f"step_{SAVED_AT}"]
+def test_checkpoints_resume_from_one_process_on_two_ranks_and_back(config_file: Path, tmp_path: Path) -> None:
+    def one_process(output_dir: Path, checkpoint_every: int) -> Trainer:
+        overrides = [f"output_dir={output_dir}", "data.batch_size=16", f"train.max_steps={STEPS + 1}"]
+        trainer = Trainer(load_config(config_file, [*overrides, f"train.checkpoint_every={checkpoint_every}"]))
+        trainer.train()
+        return trainer
 
-    output = _gr_train_on_two_ranks(
-        config_file, [f"output_dir={resumed}", "data.batch_size=8", f"train.max_steps={STEPS}"], tmp_path
-    )
+    one = one_process(tmp_path / "one", checkpoint_every=SAVED_AT)
+    straight = _losses(one.run_dir)
+    two = tmp_path / "two"
+    shutil.copytree(one.run_dir / "checkpoints" / f"step_{SAVED_AT}", two / "checkpoints" / f"step_{SAVED_AT}")
+
+    overrides = [f"output_dir={two}", "data.batch_size=8", f"train.max_steps={STEPS + 1}", "train.checkpoint_every=4"]
+    output = _gr_train_on_two_ranks(config_file, overrides, tmp_path)
     assert f"at step {SAVED_AT} (saved by 1 processes, tensor parallel 1; now 2, tensor parallel 1)" in output
     assert "data.batch_size: 16 -> 8" in output
-    assert _losses(resumed) == pytest.approx(straight, rel=1e-5, abs=1e-6)
+    assert _losses(two) == pytest.approx(straight, rel=1e-5, abs=1e-6)
+
+    # the 2-rank run's step-4 checkpoint resumed in one process: its last loss depends on the optimizer states
+    back = tmp_path / "back"
+    shutil.copytree(two / "checkpoints" / "step_4", back / "checkpoints" / "step_4")
+    assert _losses(one_process(back, checkpoint_every=0).run_dir) == pytest.approx(straight, rel=1e-5, abs=1e-6)
 
 
 def test_resume_flag_without_a_checkpoint_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
