@@ -24,8 +24,9 @@ With `S = alpha * q k^T + rab + relative_bias`, the output is `O = (SiLU(S) * va
 Invalid pairs are selected away, never multiplied by zero: a non-finite value (inf/nan) in q, k, v, rab or grad_out
 of a token that a row may not attend never reaches that row's output or the gradients it feeds (0 * nan = nan, so
 a product `weights @ v` with a zero weight would let it through). A row that does attend a non-finite value gets
-NaN where IEEE arithmetic would give a non-finite result. `hstu_attn_reference` contains its forward this way;
-autograd through it is exact for finite inputs only, `hstu_attn_reference_backward` contains the backward too.
+NaN: through its score (q, k, rab), or in its whole output row of that head (v; dO for dv).
+`hstu_attn_reference` contains its forward this way; autograd through it is exact for finite inputs only,
+`hstu_attn_reference_backward` contains the backward too.
 """
 
 from __future__ import annotations
@@ -215,14 +216,16 @@ def _selected_product(equation: str, weights: Tensor, valid: Tensor, x: Tensor) 
     """`einsum(equation, weights, x)` where the zero weight of an invalid pair never multiplies an entry of x.
 
     `weights [B, H, N, N]` is zero at invalid pairs, `valid [B, 1, N, N]`, x padded `[B, N, H, D]`. Non-finite
-    entries of x enter the product as 0; an output entry that a valid pair links to one of them is NaN (added,
-    so autograd still reaches the finite terms). All-finite x (checked once) takes the plain product.
+    entries of x enter the product as 0; an output row (per head) that a valid pair links to a row of x holding
+    one is NaN, as the Triton kernels make it (added, so autograd still reaches the finite terms). All-finite x
+    (checked once) takes the plain product.
     """
     bad = ~torch.isfinite(x)
     if not bool(bad.any()):
         return torch.einsum(equation, weights, x)
     product = torch.einsum(equation, weights, x.masked_fill(bad, 0))
-    reached = torch.einsum(equation, valid.expand_as(weights).to(torch.float32), bad.to(torch.float32)) > 0
+    bad_rows = bad.any(dim=-1, keepdim=True).expand_as(x).to(torch.float32)
+    reached = torch.einsum(equation, valid.expand_as(weights).to(torch.float32), bad_rows) > 0
     return product + torch.zeros_like(product).masked_fill(reached, float("nan"))
 
 

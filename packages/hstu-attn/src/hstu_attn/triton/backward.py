@@ -25,7 +25,13 @@ from hstu_attn.triton.bias import (
     score_bias,
     time_buckets,
 )
-from hstu_attn.triton.masks import key_block_row_ranges, non_finite, query_block_column_ranges, valid_mask
+from hstu_attn.triton.masks import (
+    key_block_row_ranges,
+    non_finite,
+    query_block_column_ranges,
+    valid_mask,
+    zero_non_finite_rows,
+)
 
 
 @triton.jit
@@ -98,11 +104,16 @@ def _backward_dkdv_span(
         q_ptrs = q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :]
         do_ptrs = do_ptr + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :]
         if MASKED:
-            q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
+            # Masked tiles: inf/nan rows of q and dO enter the products as 0 (a zero weight times nan would be
+            # nan); their scores become NaN instead, so only valid pairs, through value and grad, carry it.
+            q, bad_q = zero_non_finite_rows(tl.load(q_ptrs, mask=row_in[:, None], other=0.0))
+            do, bad_do = zero_non_finite_rows(tl.load(do_ptrs, mask=row_in[:, None], other=0.0))
         else:
             q = tl.load(q_ptrs)
         scores_t = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
         y = scores_t * alpha
+        if MASKED:
+            y = tl.where((bad_q | bad_do)[None, :], float("nan"), y)
         buckets = None
         if HAS_TIME:
             ts_rows = tl.load(ts_ptr + offs_m, mask=row_in, other=0)[None, :]
@@ -139,23 +150,9 @@ def _backward_dkdv_span(
             )
             valid = valid & (offs_m[None, :] < end)
             value = tl.where(valid, value, 0.0)
-            do = tl.load(do_ptrs, mask=row_in[:, None], other=0.0)
-            # Masked tiles: non-finite entries of the operands that meet a zero weight enter the products as 0.
-            # Valid pairs keep their NaN: through S (q) and dS (q, dO), and through `reached` for dV (dO).
-            do_bad = non_finite(do)
-            reached = mma(
-                tl.where(valid, 1.0, 0.0).to(do.dtype),
-                tl.where(do_bad, 1.0, 0.0).to(do.dtype),
-                tl.zeros([BLOCK_N, DV], dtype=tl.float32),
-                UPCAST_DOT,
-                INPUT_PRECISION,
-            )
-            dv = tl.where(reached > 0.0, float("nan"), dv)
-            dv = mma(value.to(do.dtype), tl.where(do_bad, 0.0, do), dv, UPCAST_DOT, INPUT_PRECISION)
-            q = tl.where(non_finite(q), 0.0, q)
         else:
             do = tl.load(do_ptrs)
-            dv = mma(value.to(do.dtype), do, dv, UPCAST_DOT, INPUT_PRECISION)
+        dv = mma(value.to(do.dtype), do, dv, UPCAST_DOT, INPUT_PRECISION)
         dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
         ds_t = dp_t * grad
         if MASKED:
@@ -452,13 +449,16 @@ def _backward_dq_span(
         k_ptrs = k_ptr + offs_n[:, None].to(tl.int64) * stride_km + offs_dqk[None, :]
         v_ptrs = v_ptr + offs_n[:, None].to(tl.int64) * stride_vm + offs_dv[None, :]
         if MASKED:
-            k = tl.load(k_ptrs, mask=col_in[:, None], other=0.0)
+            # masked tiles: inf/nan rows of k enter dQ = dS K as 0 and make their valid pairs' scores NaN instead
+            k, bad_k = zero_non_finite_rows(tl.load(k_ptrs, mask=col_in[:, None], other=0.0))
             v = tl.load(v_ptrs, mask=col_in[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         scores = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
         y = scores * alpha
+        if MASKED:
+            y = tl.where(bad_k[None, :], float("nan"), y)
         if HAS_RAB or HAS_POS or HAS_TIME:
             buckets = None
             if HAS_TIME:
@@ -496,8 +496,6 @@ def _backward_dq_span(
                 HAS_WINDOW,
             )
             ds = tl.where(valid & (offs_n[None, :] < end), ds, 0.0)
-            # a non-finite k of a valid pair already made ds NaN; zeroing keeps it out of the other rows
-            k = tl.where(non_finite(k), 0.0, k)
         dq = mma(ds.to(k.dtype), k, dq, UPCAST_DOT, INPUT_PRECISION)
     return dq
 

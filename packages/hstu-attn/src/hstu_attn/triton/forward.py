@@ -13,7 +13,7 @@ import triton.language as tl
 
 from hstu_attn.triton.activation import mma, silu
 from hstu_attn.triton.bias import score_bias, time_buckets
-from hstu_attn.triton.masks import non_finite, query_block_column_ranges, valid_mask
+from hstu_attn.triton.masks import query_block_column_ranges, valid_mask, zero_non_finite_rows
 
 
 @triton.jit
@@ -104,21 +104,11 @@ def _forward_span(
                 HAS_CONTEXT,
                 HAS_WINDOW,
             )
-            selected = valid & (offs_n[None, :] < end)
-            weights = tl.where(selected, weights, 0.0)
             v = tl.load(v_ptrs, mask=col_in[:, None], other=0.0)
-            # A non-finite v row enters the product as 0, so rows that may not attend it stay clean; the entries
-            # that a selected pair links to it become NaN (one extra product, in masked tiles only).
-            v_bad = non_finite(v)
-            v = tl.where(v_bad, 0.0, v)
-            reached = mma(
-                tl.where(selected, 1.0, 0.0).to(v.dtype),
-                tl.where(v_bad, 1.0, 0.0).to(v.dtype),
-                tl.zeros([q.shape[0], DV], dtype=tl.float32),
-                UPCAST_DOT,
-                INPUT_PRECISION,
-            )
-            acc = tl.where(reached > 0.0, float("nan"), acc)
+            # A non-finite v row enters the product as 0, so rows that may not attend it stay clean; a selected
+            # pair with it gets a NaN weight instead, which makes that output row NaN.
+            v, bad_col = zero_non_finite_rows(v)
+            weights = tl.where(valid & (offs_n[None, :] < end), tl.where(bad_col[None, :], float("nan"), weights), 0.0)
         else:
             v = tl.load(v_ptrs)
         acc = mma(weights.to(v.dtype), v, acc, UPCAST_DOT, INPUT_PRECISION)

@@ -13,7 +13,8 @@ every pair is valid, so interior tiles skip the mask arithmetic. A masked span's
 span's end: kernels clip masked tiles to `< end`, so consecutive spans never count a pair twice.
 
 In masked tiles a zero weight must not multiply an operand entry (0 * nan = nan): `non_finite` finds the entries
-a kernel replaces by 0 there before the product (see the kernels for how a valid pair still gets its NaN).
+a kernel replaces by 0 there before the product; a valid pair still gets its NaN through its score or, for v and
+dO, through a NaN weight (`zero_non_finite_rows` flags the rows).
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def non_finite(x):
     Compared in fp32 (exact for every input dtype; the CPU interpreter mishandles bf16 arithmetic)."""
     wide = x.to(tl.float32)
     return (wide - wide) != 0.0
+
+
+@triton.jit
+def zero_non_finite_rows(x):
+    """(`x` with its inf/nan entries replaced by 0, boolean vector: which rows of the 2-D tile held one)."""
+    bad = non_finite(x)
+    return tl.where(bad, 0.0, x), tl.max(tl.where(bad, 1, 0), axis=1) > 0
 
 
 @triton.jit
