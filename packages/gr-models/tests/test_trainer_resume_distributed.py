@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from gr_checkpoint import read_manifest
 from gr_models.cli import main
 from gr_models.trainer import Trainer, load_config
 
@@ -138,3 +139,24 @@ def test_a_tensor_parallel_size_the_model_cannot_take_is_refused(tmp_path: Path)
         ValueError, match=r"tensor_model_parallel_size=2 does not divide hstu.num_attention_heads=3.*\[1, 3\]"
     ):
         Trainer(config)
+
+
+def test_resume_on_two_tensor_parallel_ranks_continues_like_an_uninterrupted_run(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """One data-parallel rank of 2 tensor-parallel ranks (a head each), dropout inside the split layers drawn from
+    each rank's tensor-parallel stream, which the checkpoint carries; split parameters saved by global shape."""
+    run_dir = tmp_path / "run"
+    common = ["data.batch_size=16", "hstu.dropout=0.2", "parallel.tensor_model_parallel_size=2"]
+    common += [f"output_dir={run_dir}", f"train.max_steps={STEPS}"]
+    _gr_train_on_two_ranks(config_file, [*common, "train.checkpoint_every=1"], tmp_path)
+    checkpoints = run_dir / "checkpoints"
+    manifest = read_manifest(checkpoints / f"step_{SAVED_AT}")
+    assert manifest.model_tensors["hstu_block.layers.0.uvqk.weight"].shape == (32, 8)  # 2 heads x (u, v, q, k) x 4
+    straight = _losses(run_dir)
+    for step in range(SAVED_AT + 1, STEPS + 1):
+        shutil.rmtree(checkpoints / f"step_{step}")
+
+    output = _gr_train_on_two_ranks(config_file, ["--resume", *common], tmp_path)
+    assert f"at step {SAVED_AT} (saved by 2 processes, tensor parallel 2; now 2, tensor parallel 2)" in output
+    assert _losses(run_dir) == pytest.approx(straight, rel=1e-6, abs=1e-7)

@@ -410,10 +410,12 @@ class Trainer:
         return True
 
     def _seed_data_parallel_rank(self) -> None:
-        """With several data-parallel ranks, give each its own torch RNG stream from here on (by seed, data-parallel
-        rank and step), so sampled negatives and dropout masks differ between ranks; the model was built from the
-        shared seed, and tensor-parallel peers keep one stream. Nothing changes in a one-rank run."""
-        if self.world.dp_size > 1:
+        """In a run of several processes, give each data-parallel rank its own torch RNG stream from here on (by
+        seed, data-parallel rank and step), so sampled negatives and dropout masks differ between data-parallel
+        ranks, while the tensor-parallel peers of one share a stream: they compute the same replicated activations
+        (dropout outside the split layers included), whatever building the sharded model drew on each. Nothing
+        changes in a one-process run."""
+        if self.world.world_size > 1:
             torch.manual_seed(self.config.seed + 1_000_003 * (self.world.dp_rank + 1) + self.step)
 
     # ------------------------------------------------------------------------------------------------- results
