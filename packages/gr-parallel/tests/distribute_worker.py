@@ -191,6 +191,8 @@ def train(shard_in_init: bool) -> dict[str, Any]:
             model, sharding=model.embedding.sharding_options(), dense_optimizer=dense_optimizer
         )
         optimizer, sharding = model.optimizer, model.sharding
+    with torch.random.fork_rng(devices=[]):  # what the default stream gives next, leaving it untouched
+        next_draws = torch.rand(4).tolist()
     static_key = "embedding.model_parallel.embeddings.mp.weight"
     set_table(model.state_dict()[static_key], torch.arange(24 * DIM, dtype=torch.float32).view(24, DIM) / 100.0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=GAMMA)
@@ -209,6 +211,7 @@ def train(shard_in_init: bool) -> dict[str, Any]:
     state = model.state_dict()
     return {
         "losses": losses,
+        "next_draws_after_sharding": next_draws,
         "dense": {k: v.tolist() for k, v in state.items() if k.startswith(("mlp.", "embedding.data_parallel."))},
         "static": full_table(state[static_key], (24, DIM)),
         "dynamic": dynamic_rows(model),

@@ -68,6 +68,16 @@ def test_a_model_sharding_itself_matches_distribute(runs: dict[int, list[dict]])
         _assert_same_training(seen["in_model"], single)
 
 
+def test_sharding_leaves_the_default_rng_stream_as_it_was(runs: dict[int, list[dict]]) -> None:
+    # Each rank initializes its own shards (and a model sharding itself does so before building its MLP): the
+    # stream after building and distributing the model must be the same on every rank and for any world size,
+    # so that ranks seeded alike (tensor-parallel peers) stay in step.
+    single = runs[1][0]["distribute"]["next_draws_after_sharding"]
+    for seen in runs[2]:
+        for variant in ("distribute", "in_model"):
+            assert seen[variant]["next_draws_after_sharding"] == single, variant
+
+
 def test_distribute_keeps_what_a_model_sharded_itself(runs: dict[int, list[dict]]) -> None:
     for seen in runs[2]:
         again = seen["distributed_again"]

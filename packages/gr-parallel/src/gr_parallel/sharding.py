@@ -255,6 +255,7 @@ def shard_embedding_modules(
 
     Inputs and outputs of the sharded collections are those of the originals: a
     ``KeyedJaggedTensor`` of this rank's ``B`` samples in, per feature ``[ids, D]`` embeddings out.
+    The default RNG streams (CPU, and ``device``'s if CUDA) are as they were before the call.
     """
     if not dist.is_initialized():
         raise RuntimeError("shard_embedding_modules() needs a process group: call gr_parallel.initialize_distributed()")
@@ -267,18 +268,21 @@ def shard_embedding_modules(
         "the model and its sharding options",
         process_group,
     )
-    converted = convert_dynamic_modules(module, env.world_size, given)
-    given.update(converted.constraints)
-    constraints, data_parallel = _resolve_constraints(_collections(module), given)
-    sharders = _sharders(options, converted.fused_params_by_module)
-    plan = _plan(module, constraints, sharders, options, env, device)
-    for path in data_parallel:
-        plan.plan.pop(path, None)
-    _check_static_tables_can_run(plan, device)
-    check_same_across_ranks(_plan_summary(plan), "the embedding sharding plan", process_group)
-    dmp = DistributedModelParallel(
-        module, env=env, device=device, plan=plan, sharders=sharders, init_data_parallel=False
-    )
+    # Sharding draws from the default RNG streams, differently on each rank (each initializes its own shards):
+    # their states are put back afterwards, so ranks seeded alike (tensor-parallel peers) stay in step.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        converted = convert_dynamic_modules(module, env.world_size, given)
+        given.update(converted.constraints)
+        constraints, data_parallel = _resolve_constraints(_collections(module), given)
+        sharders = _sharders(options, converted.fused_params_by_module)
+        plan = _plan(module, constraints, sharders, options, env, device)
+        for path in data_parallel:
+            plan.plan.pop(path, None)
+        _check_static_tables_can_run(plan, device)
+        check_same_across_ranks(_plan_summary(plan), "the embedding sharding plan", process_group)
+        dmp = DistributedModelParallel(
+            module, env=env, device=device, plan=plan, sharders=sharders, init_data_parallel=False
+        )
     return EmbeddingSharding(
         plan=plan,
         sharders=sharders,
