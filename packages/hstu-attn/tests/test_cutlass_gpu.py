@@ -139,6 +139,27 @@ def test_backward_runs_triton_kernels_and_reaches_inputs() -> None:
         assert _errors(leaf.grad.float(), ref.grad)[1] < 2e-2, name
 
 
+V_GAP = pytest.mark.xfail(reason="the CUTLASS forward does not contain non-finite v yet (README)", strict=False)
+
+
+@pytest.mark.parametrize("tensor", [pytest.param("v", marks=V_GAP), "k"])
+@pytest.mark.parametrize("position", [150, 197, 0])  # a history token, a target token, the first token
+def test_non_finite_values_reach_only_rows_that_attend_them(tensor: str, position: int) -> None:
+    lengths, targets = (200, 0, 70), (5, 0, 3)
+    q, k, v, offsets = _inputs(lengths, 2, 64, torch.bfloat16, seed=position)
+    poisoned = {"v": v, "k": k}[tensor]
+    poisoned[position, 1, 3] = float("inf")
+    poisoned[position, 1, 5] = float("nan")
+    num_targets = torch.tensor(targets, device="cuda")
+    kwargs = dict(num_targets=num_targets, contextual_seq_len=2)
+    got = hstu_attn_varlen_func(q, k, v, offsets, 200, backend=KernelBackend.CUTLASS, **kwargs).float()
+    want = hstu_attn_reference(q.float(), k.float(), v.float(), offsets, 200, **kwargs)
+    assert want.isnan().any() and not want.isnan().all()
+    assert torch.equal(got.isnan(), want.isnan()), "NaN pattern differs from the reference's"
+    finite = ~want.isnan()
+    assert _errors(got[finite], want[finite])[1] < 2e-2
+
+
 def test_unsupported_inputs_raise_naming_why() -> None:
     q, k, v, offsets = _inputs((5, 3), 2, 64, torch.float32)
     with pytest.raises(NotImplementedError, match="bfloat16 and float16"):
