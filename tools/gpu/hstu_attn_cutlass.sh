@@ -46,10 +46,12 @@ if ! python3 -c "from hstu_attn.cutlass import cutlass_available as a; raise Sys
   export HSTU_ATTN_CUTLASS_LIB="$library"
 fi
 python3 -c "from hstu_attn.cutlass import _library; print('library:', _library.load())" | tee -a "$OUT/steps.txt"
-if command -v cuobjdump >/dev/null && [ -n "$library" ]; then
+cuobjdump=$(command -v cuobjdump || python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), \
+  'backends/nvidia/bin/cuobjdump'))")  # Triton bundles one
+if [ -x "$cuobjdump" ] && [ -n "$library" ]; then
   for arch in sm_80 sm_90a; do
     echo "== $arch" >> "$OUT/sass_counts.txt"
-    cuobjdump -sass -arch "$arch" "$library" | grep -oE "\b(HGMMA|HMMA|LDSM|LDGSTS|STG|LDL|STL|MUFU)[.A-Z0-9_]*" \
+    "$cuobjdump" -sass -arch "$arch" "$library" | grep -oE "\b(HGMMA|HMMA|LDSM|LDGSTS|STG|LDL|STL|MUFU)[.A-Z0-9_]*" \
       | sort | uniq -c >> "$OUT/sass_counts.txt"
   done
 fi
