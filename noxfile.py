@@ -183,6 +183,25 @@ def build(session: nox.Session) -> None:
         session.error(f"no wheel was built for: {', '.join(missing)}")
 
 
+@nox.session(python=PYTHON)
+def build_cuda(session: nox.Session) -> None:
+    """hstu-attn's wheel with the CUTLASS library (`libhstu_attn_cutlass.so`) into dist/. Needs nvcc; the
+    CUTLASS headers come from the nvidia-cutlass wheel installed here (or CUTLASS_INCLUDE_DIR). Architectures:
+    `nox -s build_cuda -- -C cmake.define.HSTU_ATTN_CUDA_ARCHS=80` (default 80;90a)."""
+    session.install("build", "scikit-build-core>=0.10", "cmake>=3.24", "ninja", "nvidia-cutlass==4.2.0.0")
+    dist = ROOT / "dist"
+    for old in dist.glob("hstu_attn-*-linux_*.whl"):
+        old.unlink()
+    session.run(
+        "python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), "packages/hstu-attn",
+        *session.posargs, env={"HSTU_ATTN_BUILD_CUDA": "1"},
+    )  # fmt: skip
+    wheels = sorted(p.name for p in dist.glob("hstu_attn-*-linux_*.whl"))
+    if not wheels:
+        session.error("no platform wheel of hstu-attn was built")
+    session.log("wheel: " + ", ".join(wheels))
+
+
 @nox.session(venv_backend="none")
 def gpu_wheels(session: nox.Session) -> None:
     """(CPU machine) Download the cp312 wheels the GPU machine needs into .gpu-wheels/."""
