@@ -217,16 +217,15 @@ def _selected_product(equation: str, weights: Tensor, valid: Tensor, x: Tensor) 
 
     `weights [B, H, N, N]` is zero at invalid pairs, `valid [B, 1, N, N]`, x padded `[B, N, H, D]`. Non-finite
     entries of x enter the product as 0; an output row (per head) that a valid pair links to a row of x holding
-    one is NaN, as the Triton kernels make it (added, so autograd still reaches the finite terms). All-finite x
-    (checked once) takes the plain product.
+    one is NaN, as the Triton kernels make it (added, so autograd still reaches the finite terms). No host sync:
+    which rows are reached is one more product over `[B, N, H]` flags (1/D of the main product's work).
     """
     bad = ~torch.isfinite(x)
-    if not bool(bad.any()):
-        return torch.einsum(equation, weights, x)
     product = torch.einsum(equation, weights, x.masked_fill(bad, 0))
-    bad_rows = bad.any(dim=-1, keepdim=True).expand_as(x).to(torch.float32)
-    reached = torch.einsum(equation, valid.expand_as(weights).to(torch.float32), bad_rows) > 0
-    return product + torch.zeros_like(product).masked_fill(reached, float("nan"))
+    bad_rows = bad.any(dim=-1).to(weights.dtype)  # [B, N, H]: the rows of x holding a non-finite entry
+    row_equation = equation.replace("d", "")  # the same contraction without the feature dimension
+    reached = torch.einsum(row_equation, valid.expand_as(weights).to(weights.dtype), bad_rows) > 0
+    return product + torch.zeros_like(product).masked_fill(reached.unsqueeze(-1), float("nan"))
 
 
 def _scaling(scaling_seqlen: float | None, max_seq_len: int) -> float:
