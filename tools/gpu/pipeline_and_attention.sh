@@ -26,6 +26,7 @@ base_src=.baseline/packages/hstu-attn/src
 if [ -d "$base_src" ]; then
   for round in 1 2; do
     for side in baseline current; do
+      if [ $(( $(date +%s) - started )) -gt "${BENCH_UNTIL_S:-500}" ]; then stamp "no time left for bench $side"; break 2; fi
       src=packages/hstu-attn/src commit=${COMMIT:-unknown}
       [ "$side" = baseline ] && src=$base_src commit=${BASE_COMMIT:-unknown}
       stamp "attention bench $side (round $round)"
