@@ -230,4 +230,7 @@ report = {
     "reload_equal": torch.equal(reloaded, dumped),
 }
 (args.out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+# Every rank leaves its collectives together: a rank that tore down gloo while its peer still had work in flight
+# was seen to abort at exit ("terminate called without an active exception").
+dist.barrier()
 dist.destroy_process_group()
