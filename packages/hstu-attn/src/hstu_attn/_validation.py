@@ -44,10 +44,32 @@ def check_arguments(
     relative_bias: RelativeBias | None,
     backend: KernelBackend,
 ) -> None:
-    """Raise TypeError/ValueError/NotImplementedError on any input `hstu_attn_varlen_func` cannot take."""
-    for name, tensor in (("q", q), ("k", k), ("v", v), ("seq_offsets", seq_offsets)):
+    """Raise TypeError/ValueError/NotImplementedError on any input `hstu_attn_varlen_func` cannot take.
+
+    The checks run in a fixed order (the first failing one raises): tensor types, q/k/v shapes, dtypes and devices,
+    backend support, offsets, scalar options, num_targets, rab, relative_bias.
+    """
+    _check_tensor_types(q=q, k=k, v=v, seq_offsets=seq_offsets)
+    _check_qkv_shapes(q, k, v)
+    _check_qkv_dtypes_and_devices(q, k, v)
+    _check_backend_support(q, v, rab, relative_bias, backend)
+    num_sequences = _check_seq_offsets(seq_offsets, q.device)
+    _check_scalar_options(max_seq_len, alpha, contextual_seq_len, max_attn_len, scaling_seqlen)
+    if num_targets is not None:
+        _check_num_targets(num_targets, num_sequences, q.device)
+    if rab is not None:
+        _check_rab(rab, q, num_sequences, max_seq_len)
+    if relative_bias is not None:
+        _check_relative_bias(relative_bias, q)
+
+
+def _check_tensor_types(**tensors: Tensor) -> None:
+    for name, tensor in tensors.items():
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(tensor).__name__}")
+
+
+def _check_qkv_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"q, k, v must be 3-D jagged tensors [L, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
@@ -57,14 +79,21 @@ def check_arguments(
         raise ValueError(f"k must have the shape of q [L, H, Dqk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if v.shape[:2] != q.shape[:2]:
         raise ValueError(f"v must be [L, H, Dv] with q's L and H; got q {tuple(q.shape)}, v {tuple(v.shape)}")
+
+
+def _check_qkv_dtypes_and_devices(q: Tensor, k: Tensor, v: Tensor) -> None:
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if q.dtype not in FLOATING_DTYPES:
         raise TypeError(f"q, k, v dtype {q.dtype} is not supported; use float32, bfloat16, float16 or float64")
-    device = q.device
-    _check_device("k", k, device)
-    _check_device("v", v, device)
+    _check_device("k", k, q.device)
+    _check_device("v", v, q.device)
 
+
+def _check_backend_support(
+    q: Tensor, v: Tensor, rab: Tensor | None, relative_bias: RelativeBias | None, backend: KernelBackend
+) -> None:
+    """The dtypes, head dims and options that an explicitly chosen CUTLASS or TRITON backend cannot take."""
     if backend is KernelBackend.CUTLASS:
         reason = cutlass_unsupported(q, v, has_rab=rab is not None, has_relative_bias=relative_bias is not None)
         if reason is not None:
@@ -79,15 +108,22 @@ def check_arguments(
                     "(use backend=KernelBackend.PYTORCH or AUTO for other sizes)"
                 )
 
+
+def _check_seq_offsets(seq_offsets: Tensor, device: torch.device) -> int:
+    """Shape, dtype and device of `seq_offsets` (its values are checked in the op); returns B, the sequence count."""
     if seq_offsets.dim() != 1 or seq_offsets.numel() < 1:
         raise ValueError(f"seq_offsets must be 1-D [B+1] with B >= 0; got shape {tuple(seq_offsets.shape)}")
     if seq_offsets.dtype not in INDEX_DTYPES:
         raise TypeError(f"seq_offsets must be int32 or int64; got {seq_offsets.dtype}")
     _check_device("seq_offsets", seq_offsets, device)
-    num_sequences = seq_offsets.numel() - 1
+    return seq_offsets.numel() - 1
+
+
+def _check_scalar_options(
+    max_seq_len: int, alpha: float | None, contextual_seq_len: int, max_attn_len: int, scaling_seqlen: int | None
+) -> None:
     if max_seq_len < 0:
         raise ValueError(f"max_seq_len must be >= 0; got {max_seq_len}")
-
     if alpha is not None and not isinstance(alpha, (int, float)):
         raise TypeError(f"alpha must be a Python float or None; got {type(alpha).__name__}")
     if contextual_seq_len < 0:
@@ -97,39 +133,42 @@ def check_arguments(
     if scaling_seqlen is not None and scaling_seqlen <= 0:
         raise ValueError(f"scaling_seqlen must be > 0 (or None for max_seq_len); got {scaling_seqlen}")
 
-    if num_targets is not None:
-        if num_targets.dim() != 1 or num_targets.numel() != num_sequences:
-            raise ValueError(
-                f"num_targets must be 1-D [B] = [{num_sequences}] (one count per sequence); "
-                f"got shape {tuple(num_targets.shape)}"
-            )
-        if num_targets.dtype not in INDEX_DTYPES:
-            raise TypeError(f"num_targets must be int32 or int64; got {num_targets.dtype}")
-        _check_device("num_targets", num_targets, device)
 
-    if rab is not None:
-        expected = f"[B, H or 1, N, N] = [{num_sequences}, {q.shape[1]} or 1, {max_seq_len}, {max_seq_len}]"
-        if rab.dim() != 4 or rab.shape[0] != num_sequences or rab.shape[2:] != (max_seq_len, max_seq_len):
-            raise ValueError(f"rab must have shape {expected}; got {tuple(rab.shape)}")
-        if rab.shape[1] not in (1, q.shape[1]):
-            raise ValueError(f"rab must have shape {expected}; got {rab.shape[1]} heads")
-        if rab.dtype != q.dtype:
-            raise TypeError(f"rab must have q's dtype {q.dtype}; got {rab.dtype}")
-        _check_device("rab", rab, device)
+def _check_num_targets(num_targets: Tensor, num_sequences: int, device: torch.device) -> None:
+    if num_targets.dim() != 1 or num_targets.numel() != num_sequences:
+        raise ValueError(
+            f"num_targets must be 1-D [B] = [{num_sequences}] (one count per sequence); "
+            f"got shape {tuple(num_targets.shape)}"
+        )
+    if num_targets.dtype not in INDEX_DTYPES:
+        raise TypeError(f"num_targets must be int32 or int64; got {num_targets.dtype}")
+    _check_device("num_targets", num_targets, device)
 
-    if relative_bias is not None:
-        if not isinstance(relative_bias, RelativeBias):
-            raise TypeError(f"relative_bias must be a hstu_attn.RelativeBias; got {type(relative_bias).__name__}")
-        relative_bias.check_num_heads(q.shape[1])
-        for name in ("position_weights", "time_weights", "timestamps"):
-            tensor = getattr(relative_bias, name)
-            if tensor is not None:
-                _check_device(f"relative_bias.{name}", tensor, device)
-        if relative_bias.timestamps is not None and relative_bias.timestamps.shape[0] != q.shape[0]:
-            raise ValueError(
-                f"relative_bias.timestamps must have one entry per token [L] = [{q.shape[0]}]; "
-                f"got {tuple(relative_bias.timestamps.shape)}"
-            )
+
+def _check_rab(rab: Tensor, q: Tensor, num_sequences: int, max_seq_len: int) -> None:
+    expected = f"[B, H or 1, N, N] = [{num_sequences}, {q.shape[1]} or 1, {max_seq_len}, {max_seq_len}]"
+    if rab.dim() != 4 or rab.shape[0] != num_sequences or rab.shape[2:] != (max_seq_len, max_seq_len):
+        raise ValueError(f"rab must have shape {expected}; got {tuple(rab.shape)}")
+    if rab.shape[1] not in (1, q.shape[1]):
+        raise ValueError(f"rab must have shape {expected}; got {rab.shape[1]} heads")
+    if rab.dtype != q.dtype:
+        raise TypeError(f"rab must have q's dtype {q.dtype}; got {rab.dtype}")
+    _check_device("rab", rab, q.device)
+
+
+def _check_relative_bias(relative_bias: RelativeBias, q: Tensor) -> None:
+    if not isinstance(relative_bias, RelativeBias):
+        raise TypeError(f"relative_bias must be a hstu_attn.RelativeBias; got {type(relative_bias).__name__}")
+    relative_bias.check_num_heads(q.shape[1])
+    for name in ("position_weights", "time_weights", "timestamps"):
+        tensor = getattr(relative_bias, name)
+        if tensor is not None:
+            _check_device(f"relative_bias.{name}", tensor, q.device)
+    if relative_bias.timestamps is not None and relative_bias.timestamps.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"relative_bias.timestamps must have one entry per token [L] = [{q.shape[0]}]; "
+            f"got {tuple(relative_bias.timestamps.shape)}"
+        )
 
 
 VALUE_CHECK_MODES = ("new", "always", "off")
