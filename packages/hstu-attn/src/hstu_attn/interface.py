@@ -27,6 +27,10 @@ from hstu_attn.relative_bias import RelativeBias
 
 __all__ = ["hstu_attn_varlen_func"]
 
+# The `time_bucket_divisor` handed to the custom op when there is no relative bias: the op's schema takes a float in
+# every call, and without bias tables no backend reads it. It equals `RelativeBias`'s default divisor.
+_UNUSED_TIME_BUCKET_DIVISOR = 0.301
+
 
 def hstu_attn_varlen_func(
     q: Tensor,
@@ -100,7 +104,7 @@ def hstu_attn_varlen_func(
         causal,
         contextual_seq_len,
         max_attn_len,
-        0.301 if relative_bias is None else relative_bias.time_bucket_divisor,
+        _UNUSED_TIME_BUCKET_DIVISOR if relative_bias is None else relative_bias.time_bucket_divisor,
         backend.value,
         deterministic,
         check_finite,
