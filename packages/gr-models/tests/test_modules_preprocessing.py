@@ -8,7 +8,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from gr_models.configs import PositionEncodingConfig, get_hstu_config
 from gr_models.data.batch import RankingBatch
-from gr_models.modules.preprocessing import HSTUPreprocessor
+from gr_models.modules.preprocessing import HSTUPreprocessor, SequenceInputs
 
 D = 4
 
@@ -33,7 +33,7 @@ def _batch(ctx_lengths, item_lengths, num_candidates, *, with_actions=True, time
         values.append(torch.tensor(timestamps))
         lengths.append(torch.tensor(item_lengths))
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
-    return RankingBatch(
+    batch = RankingBatch(
         features=kjt,
         batch_size=len(item_lengths),
         feature_to_max_seqlen={"u": 2, "item": 3, "act": 3, "ts": 3},
@@ -44,6 +44,7 @@ def _batch(ctx_lengths, item_lengths, num_candidates, *, with_actions=True, time
         num_candidates=torch.tensor(num_candidates),
         timestamp_feature_name="ts" if timestamps is not None else None,
     )
+    return SequenceInputs.from_batch(batch)
 
 
 def _embeddings(ctx_lengths, item_lengths, with_actions=True):

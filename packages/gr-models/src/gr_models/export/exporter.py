@@ -18,7 +18,7 @@ from gr_models.data.dataset import SequenceDataset
 from gr_models.export import loader
 from gr_models.export.program import ServingProgram
 from gr_models.model import RankingGR, RetrievalGR, SASRec
-from gr_models.modules.preprocessing import HSTUPreprocessor
+from gr_models.modules.preprocessing import HSTUPreprocessor, SequenceInputs
 
 __all__ = ["batch_features", "export_model", "table_snapshot"]
 
@@ -74,7 +74,6 @@ def _metadata(model: RankingGR | RetrievalGR, batch: Batch, table_of: dict[str, 
     embedded = list(model.embedding(batch.features))  # the order the preprocessor iterates
     roles = {batch.item_feature_name, batch.action_feature_name, *batch.contextual_feature_names}
     side = [name for name in embedded if name not in roles]
-    stride = 2 if batch.action_feature_name is not None else 1
     contextual_lengths = sum(
         (batch.feature_lengths(n).to(torch.int64) for n in batch.contextual_feature_names),
         torch.zeros(batch.batch_size, dtype=torch.int64),
@@ -95,7 +94,7 @@ def _metadata(model: RankingGR | RetrievalGR, batch: Batch, table_of: dict[str, 
             "all": sorted(batch.features.keys()),
         },
         "table_of": table_of,
-        "scaling_seqlen": preprocessor.scaling_seqlen or HSTUPreprocessor._static_bound(batch, stride),
+        "scaling_seqlen": preprocessor.scaling_seqlen or SequenceInputs.from_batch(batch).max_sequence_len,
         "contextual_len": int(contextual_lengths[0]) if batch.contextual_feature_names else 0,
         "position_encoding": position is not None,
         "count_from": position.count_from if position is not None else None,

@@ -5,7 +5,7 @@ from gr_models.modules.hstu_block import HSTUBlock, candidate_outputs, history_e
 from gr_models.modules.hstu_layer import HSTULayer, RelativeAttentionBias
 from gr_models.modules.losses import multi_task_bce, sampled_softmax_loss
 from gr_models.modules.mlp import MLP, MultiTaskHead
-from gr_models.modules.preprocessing import HSTUPreprocessor, HSTUSequence
+from gr_models.modules.preprocessing import HSTUPreprocessor, HSTUSequence, SequenceInputs
 from gr_models.modules.sasrec_block import SASRecBlock, SASRecLayer
 from gr_models.modules.sparse_optimizer import SparseRowOptimizer
 
@@ -20,6 +20,7 @@ __all__ = [
     "RelativeAttentionBias",
     "SASRecBlock",
     "SASRecLayer",
+    "SequenceInputs",
     "ShardedEmbedding",
     "SparseRowOptimizer",
     "candidate_outputs",

@@ -11,7 +11,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from gr_models.configs.hstu_config import HSTUConfig
 from gr_models.data.batch import Batch
 from gr_models.modules.hstu_layer import build_hstu_layer
-from gr_models.modules.preprocessing import HSTUPreprocessor, HSTUSequence
+from gr_models.modules.preprocessing import HSTUPreprocessor, HSTUSequence, SequenceInputs
 
 
 class HSTUBlock(nn.Module):
@@ -28,7 +28,7 @@ class HSTUBlock(nn.Module):
         self.layers = nn.ModuleList(build_hstu_layer(config) for _ in range(config.num_layers))
 
     def forward(self, embeddings: dict[str, JaggedTensor], batch: Batch) -> HSTUSequence:
-        sequence = self.preprocessor(embeddings, batch)
+        sequence = self.preprocessor(embeddings, SequenceInputs.from_batch(batch))
         x = sequence.values
         low_precision = self.config.dtype != torch.float32
         with torch.autocast(x.device.type, dtype=self.config.dtype, enabled=low_precision):

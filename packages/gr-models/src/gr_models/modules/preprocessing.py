@@ -63,6 +63,161 @@ class HSTUSequence:
     candidate_index: Tensor
 
 
+@dataclass(frozen=True)
+class SequenceInputs:
+    """What the preprocessor needs from a batch besides its embeddings, built by the caller.
+
+    Attributes:
+        item_feature_name: key of the item embeddings (history followed by candidates).
+        action_feature_name: key of the action embeddings aligned with the items, or None (no interleave).
+        contextual_feature_names: keys of the contextual embeddings, in the order their tokens come first.
+        num_candidates: `[B]` int64 candidates at the end of each user's items, or None (no candidates).
+        timestamps: per-item int64 Unix seconds with the item feature's per-user lengths (`[N]` values), or None.
+        max_sequence_len: longest token sequence the feature bounds allow (the default attention normalizer).
+    """
+
+    item_feature_name: str
+    action_feature_name: str | None
+    contextual_feature_names: tuple[str, ...]
+    num_candidates: Tensor | None
+    timestamps: JaggedTensor | None
+    max_sequence_len: int
+
+    @classmethod
+    def from_batch(cls, batch: Batch) -> SequenceInputs:
+        """The feature roles, candidate counts, timestamps and length bound of `batch`."""
+        bounds = batch.feature_to_max_seqlen
+        stride = 2 if batch.action_feature_name is not None else 1
+        contextual_bound = sum(bounds[n] for n in batch.contextual_feature_names)
+        timestamps = None
+        if batch.timestamp_feature_name is not None:
+            timestamps = batch.features[batch.timestamp_feature_name]
+        return cls(
+            item_feature_name=batch.item_feature_name,
+            action_feature_name=batch.action_feature_name,
+            contextual_feature_names=tuple(batch.contextual_feature_names),
+            num_candidates=batch.num_candidates,
+            timestamps=timestamps,
+            max_sequence_len=max(1, contextual_bound + stride * bounds[batch.item_feature_name]),
+        )
+
+
+@dataclass
+class _TokenLayout:
+    """Where every token of a batch goes in the jagged sequence (index tensors int64, destinations into `[L]`).
+
+    Attributes:
+        lengths: `[B]` tokens per user; offsets: `[B+1]`.
+        num_candidates / history_lengths / contextual_total: `[B]` per user.
+        is_candidate: `[N]` bool over the item rows, True for the candidates.
+        contextual_index: one `[N_f]` destination per contextual feature.
+        history_ids / event: `[H]` user and index within the user's history of each history event.
+        history_item_index / history_event_end_index: `[H]` destinations of an event's item and last token.
+        candidate_ids / candidate_pos / candidate_index: `[C]` user, index among the user's candidates, destination.
+    """
+
+    lengths: Tensor
+    offsets: Tensor
+    num_candidates: Tensor
+    history_lengths: Tensor
+    contextual_total: Tensor
+    is_candidate: Tensor
+    contextual_index: list[Tensor]
+    history_ids: Tensor
+    event: Tensor
+    history_item_index: Tensor
+    history_event_end_index: Tensor
+    candidate_ids: Tensor
+    candidate_pos: Tensor
+    candidate_index: Tensor
+
+
+def _token_layout(
+    item_lengths: Tensor, num_candidates: Tensor, contextual_lengths: list[Tensor], with_actions: bool
+) -> _TokenLayout:
+    """The layout `[ctx.., item_0, (action_0), .., cand..]` per user from `[B]` int64 lengths (module docstring)."""
+    history_lengths = item_lengths - num_candidates
+    if bool((history_lengths < 0).any()):
+        raise ValueError("num_candidates exceeds the item sequence length of some user")
+    stride = 2 if with_actions else 1
+    contextual_total = sum(contextual_lengths, torch.zeros_like(item_lengths))
+    lengths = contextual_total + stride * history_lengths + num_candidates
+    offsets = lengths_to_offsets(lengths)
+    starts = offsets[:-1]
+    contextual_index, consumed = [], torch.zeros_like(item_lengths)
+    for ctx_lengths in contextual_lengths:
+        ids, pos = token_coordinates(ctx_lengths)
+        contextual_index.append(starts[ids] + consumed[ids] + pos)
+        consumed = consumed + ctx_lengths
+    history_ids, event = token_coordinates(history_lengths)
+    history_item_index = starts[history_ids] + contextual_total[history_ids] + stride * event
+    candidate_ids, candidate_pos = token_coordinates(num_candidates)
+    candidate_starts = starts + contextual_total + stride * history_lengths
+    candidate_index = candidate_starts[candidate_ids] + candidate_pos
+    return _TokenLayout(
+        lengths=lengths,
+        offsets=offsets,
+        num_candidates=num_candidates,
+        history_lengths=history_lengths,
+        contextual_total=contextual_total,
+        is_candidate=tail_mask(item_lengths, num_candidates),
+        contextual_index=contextual_index,
+        history_ids=history_ids,
+        event=event,
+        history_item_index=history_item_index,
+        history_event_end_index=history_item_index + 1 if with_actions else history_item_index,
+        candidate_ids=candidate_ids,
+        candidate_pos=candidate_pos,
+        candidate_index=candidate_index,
+    )
+
+
+def _positions(layout: _TokenLayout, count_from: str) -> tuple[Tensor, Tensor]:
+    """`[H]` history and `[C]` candidate positions: counted back from the latest event (candidates 0), or with
+    `count_from="start"` from the oldest event (candidates numbered after the history)."""
+    if count_from == "start":
+        return layout.event, layout.history_lengths[layout.candidate_ids] + layout.candidate_pos
+    return layout.history_lengths[layout.history_ids] - layout.event, torch.zeros_like(layout.candidate_pos)
+
+
+def _item_times(inputs: SequenceInputs, item_lengths: Tensor) -> Tensor | None:
+    """`[N]` int64 item timestamps on the items' device, or None without timestamps; checks their alignment."""
+    if inputs.timestamps is None:
+        return None
+    if not torch.equal(inputs.timestamps.lengths().to(torch.int64), item_lengths):
+        raise ValueError(f"the timestamps must align with the item feature {inputs.item_feature_name!r}")
+    return inputs.timestamps.values().to(device=item_lengths.device, dtype=torch.int64)
+
+
+def _query_times(item_times: Tensor, item_lengths: Tensor) -> Tensor:
+    """`[B]` latest item time per user (0 for a user without items)."""
+    item_ids, _ = token_coordinates(item_lengths)
+    return torch.zeros_like(item_lengths).scatter_reduce(0, item_ids, item_times, reduce="amax", include_self=False)
+
+
+def _ages(item_times: Tensor, query_times: Tensor, layout: _TokenLayout, time_from: str) -> tuple[Tensor, Tensor]:
+    """`[H]` history and `[C]` candidate ages: query time minus token time, or since the previous event."""
+    history_times, candidate_times = item_times[~layout.is_candidate], item_times[layout.is_candidate]
+    if time_from == "previous":
+        history_ids, candidate_ids = layout.history_ids, layout.candidate_ids
+        return _times_since_previous_event(
+            history_times, layout.event, history_ids, layout.history_lengths, candidate_times, candidate_ids
+        )
+    return (
+        query_times[layout.history_ids] - history_times,
+        query_times[layout.candidate_ids] - candidate_times,
+    )
+
+
+def _token_times(item_times: Tensor, query_times: Tensor, layout: _TokenLayout, total: int) -> Tensor:
+    """`[L]` token times: an item (and its action) its own time, a contextual token the user's latest time."""
+    history_times, candidate_times = item_times[~layout.is_candidate], item_times[layout.is_candidate]
+    token_times = query_times.repeat_interleave(layout.lengths, output_size=total)
+    token_times = token_times.index_put((layout.history_item_index,), history_times)
+    token_times = token_times.index_put((layout.history_event_end_index,), history_times)
+    return token_times.index_put((layout.candidate_index,), candidate_times)
+
+
 def _check_aligned(name: str, jagged: JaggedTensor, lengths: Tensor, item_name: str) -> None:
     if not torch.equal(jagged.lengths().to(torch.int64), lengths):
         raise ValueError(f"feature {name!r} must have the same per-user lengths as the item feature {item_name!r}")
@@ -94,137 +249,104 @@ class HSTUPreprocessor(nn.Module):
                 f"{self.hidden_size}: every table feeding the sequence must have dim == hidden_size"
             )
 
-    def forward(self, embeddings: dict[str, JaggedTensor], batch: Batch) -> HSTUSequence:
+    def _encoded(self, values: Tensor, positions: Tensor, ages: Tensor | None) -> Tensor:
+        return self.position_encoder(values, positions, ages) if self.position_encoder is not None else values
+
+    def forward(self, embeddings: dict[str, JaggedTensor], inputs: SequenceInputs) -> HSTUSequence:
         """Assemble tokens, add encodings and dropout. `embeddings` maps feature name -> `[N_f, D]` lookups."""
-        item_name, action_name = batch.item_feature_name, batch.action_feature_name
+        item_lengths, item_values = self._item_rows(embeddings, inputs)
+        contextual = [embeddings[name] for name in inputs.contextual_feature_names]
+        for name, jagged in zip(inputs.contextual_feature_names, contextual):
+            self._check_width(name, jagged.values())
+        num_candidates = torch.zeros_like(item_lengths)
+        if inputs.num_candidates is not None:
+            num_candidates = inputs.num_candidates.to(device=item_lengths.device, dtype=torch.int64)
+        contextual_lengths = [jt.lengths().to(torch.int64) for jt in contextual]
+        layout = _token_layout(item_lengths, num_candidates, contextual_lengths, inputs.action_feature_name is not None)
+        item_times = _item_times(inputs, item_lengths)
+        query_times = _query_times(item_times, item_lengths) if item_times is not None else None
+        positions, ages = self._positions_and_ages(layout, item_times, query_times)
+        sources = [(self._scaled(jt.values()), index) for jt, index in zip(contextual, layout.contextual_index)]
+        sources += self._event_rows(embeddings, inputs, item_lengths, item_values, layout, positions, ages)
+        total = int(layout.offsets[-1])
+        values = scatter_rows(sources, total) if total > 0 else item_values.new_zeros(0, self.hidden_size)
+        values = F.dropout(values, p=self.dropout, training=self.training)
+        timestamps = None
+        if item_times is not None and query_times is not None:
+            timestamps = _token_times(item_times, query_times, layout, total)
+        return self._sequence(values, layout, timestamps, inputs.max_sequence_len)
+
+    def _item_rows(self, embeddings: dict[str, JaggedTensor], inputs: SequenceInputs) -> tuple[Tensor, Tensor]:
+        """`[B]` int64 item lengths and `[N, D]` scaled item embeddings with the per-item side features added."""
+        item_name = inputs.item_feature_name
         if item_name not in embeddings:
             raise ValueError(f"no embeddings for the item feature {item_name!r}")
         item = embeddings[item_name]
         item_lengths = item.lengths().to(torch.int64)
-        device = item_lengths.device
         item_values = item.values()
         self._check_width(item_name, item_values)
-        excluded = {item_name, action_name, *batch.contextual_feature_names}
+        excluded = {item_name, inputs.action_feature_name, *inputs.contextual_feature_names}
         for name, jagged in embeddings.items():
             if name not in excluded:
                 _check_aligned(name, jagged, item_lengths, item_name)
                 item_values = item_values + jagged.values()
-        item_values = self._scaled(item_values)
+        return item_lengths, self._scaled(item_values)
 
-        batch_size = batch.batch_size
-        if batch.num_candidates is None:
-            num_candidates = torch.zeros(batch_size, dtype=torch.int64, device=device)
-        else:
-            num_candidates = batch.num_candidates.to(device=device, dtype=torch.int64)
-        history_lengths = item_lengths - num_candidates
-        if bool((history_lengths < 0).any()):
-            raise ValueError("num_candidates exceeds the item sequence length of some user")
-        is_candidate = tail_mask(item_lengths, num_candidates)
-        history_values, candidate_values = item_values[~is_candidate], item_values[is_candidate]
+    def _positions_and_ages(
+        self, layout: _TokenLayout, item_times: Tensor | None, query_times: Tensor | None
+    ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor | None, Tensor | None]]:
+        """(history, candidate) positions and (history, candidate) ages (None without timestamps)."""
+        config = self.position_encoder.config if self.position_encoder is not None else None
+        positions = _positions(layout, config.count_from if config is not None else "end")
+        if item_times is None or query_times is None:
+            return positions, (None, None)
+        time_from = config.time_from if config is not None else "query"
+        return positions, _ages(item_times, query_times, layout, time_from)
 
-        stride = 2 if action_name is not None else 1
-        contextual = [embeddings[name] for name in batch.contextual_feature_names]
-        for name, jagged in zip(batch.contextual_feature_names, contextual):
-            self._check_width(name, jagged.values())
-        contextual_lengths = [jt.lengths().to(torch.int64) for jt in contextual]
-        contextual_total = sum(contextual_lengths, torch.zeros_like(item_lengths))
-        lengths = contextual_total + stride * history_lengths + num_candidates
-        offsets = lengths_to_offsets(lengths)
-        starts = offsets[:-1]
-
-        sources: list[tuple[Tensor, Tensor]] = []
-        consumed = torch.zeros_like(item_lengths)
-        for jagged, ctx_lengths in zip(contextual, contextual_lengths):
-            ids, pos = token_coordinates(ctx_lengths)
-            sources.append((self._scaled(jagged.values()), starts[ids] + consumed[ids] + pos))
-            consumed = consumed + ctx_lengths
-
-        history_ids, event = token_coordinates(history_lengths)
-        history_item_index = starts[history_ids] + contextual_total[history_ids] + stride * event
-        candidate_ids, candidate_pos = token_coordinates(num_candidates)
-        candidate_index = (
-            starts[candidate_ids]
-            + contextual_total[candidate_ids]
-            + stride * history_lengths[candidate_ids]
-            + candidate_pos
-        )
-        if self.position_encoder is not None and self.position_encoder.config.count_from == "start":
-            history_positions = event
-            candidate_positions = history_lengths[candidate_ids] + candidate_pos
-        else:
-            history_positions = history_lengths[history_ids] - event
-            candidate_positions = torch.zeros_like(candidate_pos)
-
-        timestamps = None
-        history_ages = candidate_ages = None
-        if batch.timestamp_feature_name is not None:
-            times = batch.features[batch.timestamp_feature_name]
-            if not torch.equal(times.lengths().to(torch.int64), item_lengths):
-                raise ValueError(
-                    f"timestamp feature {batch.timestamp_feature_name!r} must align with the item feature {item_name!r}"
-                )
-            item_times = times.values().to(device=device, dtype=torch.int64)
-            item_ids, _ = token_coordinates(item_lengths)
-            query_time = torch.zeros(batch_size, dtype=torch.int64, device=device).scatter_reduce(
-                0, item_ids, item_times, reduce="amax", include_self=False
-            )
-            history_times, candidate_times = item_times[~is_candidate], item_times[is_candidate]
-            if self.position_encoder is not None and self.position_encoder.config.time_from == "previous":
-                history_ages, candidate_ages = _times_since_previous_event(
-                    history_times, event, history_ids, history_lengths, candidate_times, candidate_ids
-                )
-            else:
-                history_ages = query_time[history_ids] - history_times
-                candidate_ages = query_time[candidate_ids] - candidate_times
-
-        if self.position_encoder is not None:
-            history_values = self.position_encoder(history_values, history_positions, history_ages)
-            candidate_values = self.position_encoder(candidate_values, candidate_positions, candidate_ages)
-
-        sources.append((history_values, history_item_index))
-        history_event_end_index = history_item_index
+    def _event_rows(
+        self,
+        embeddings: dict[str, JaggedTensor],
+        inputs: SequenceInputs,
+        item_lengths: Tensor,
+        item_values: Tensor,
+        layout: _TokenLayout,
+        positions: tuple[Tensor, Tensor],
+        ages: tuple[Tensor | None, Tensor | None],
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Encoded history item, history action and candidate rows with their destinations in the sequence."""
+        history = self._encoded(item_values[~layout.is_candidate], positions[0], ages[0])
+        candidates = self._encoded(item_values[layout.is_candidate], positions[1], ages[1])
+        rows = [(history, layout.history_item_index)]
+        action_name = inputs.action_feature_name
         if action_name is not None:
             actions = embeddings[action_name]
-            _check_aligned(action_name, actions, item_lengths, item_name)
+            _check_aligned(action_name, actions, item_lengths, inputs.item_feature_name)
             self._check_width(action_name, actions.values())
-            action_values = self._scaled(actions.values()[~is_candidate])
-            if self.position_encoder is not None:
-                action_values = self.position_encoder(action_values, history_positions, history_ages)
-            history_event_end_index = history_item_index + 1
-            sources.append((action_values, history_event_end_index))
-        sources.append((candidate_values, candidate_index))
-        total = int(offsets[-1])
-        values = scatter_rows(sources, total) if total > 0 else item_values.new_zeros(0, self.hidden_size)
+            action_values = self._scaled(actions.values()[~layout.is_candidate])
+            rows.append((self._encoded(action_values, positions[0], ages[0]), layout.history_event_end_index))
+        rows.append((candidates, layout.candidate_index))
+        return rows
 
-        if batch.timestamp_feature_name is not None:
-            token_times = query_time.repeat_interleave(lengths, output_size=total)
-            token_times = token_times.index_put((history_item_index,), history_times)
-            token_times = token_times.index_put((history_event_end_index,), history_times)
-            timestamps = token_times.index_put((candidate_index,), candidate_times)
-
+    def _sequence(
+        self, values: Tensor, layout: _TokenLayout, timestamps: Tensor | None, max_sequence_len: int
+    ) -> HSTUSequence:
+        contextual_total = layout.contextual_total
         contextual_len = 0
-        if contextual and bool((contextual_total == contextual_total[0]).all()):
+        if layout.contextual_index and bool((contextual_total == contextual_total[0]).all()):
             contextual_len = int(contextual_total[0])
-        scaling_seqlen = self.scaling_seqlen or self._static_bound(batch, stride)
-        values = F.dropout(values, p=self.dropout, training=self.training)
         return HSTUSequence(
             values=values,
-            offsets=offsets,
-            max_len=int(lengths.max()) if batch_size > 0 else 0,
-            scaling_seqlen=scaling_seqlen,
-            num_candidates=num_candidates,
+            offsets=layout.offsets,
+            max_len=int(layout.lengths.max()) if layout.lengths.numel() > 0 else 0,
+            scaling_seqlen=self.scaling_seqlen or max_sequence_len,
+            num_candidates=layout.num_candidates,
             contextual_len=contextual_len,
             timestamps=timestamps,
-            history_lengths=history_lengths,
-            history_item_index=history_item_index,
-            history_event_end_index=history_event_end_index,
-            candidate_index=candidate_index,
+            history_lengths=layout.history_lengths,
+            history_item_index=layout.history_item_index,
+            history_event_end_index=layout.history_event_end_index,
+            candidate_index=layout.candidate_index,
         )
-
-    @staticmethod
-    def _static_bound(batch: Batch, stride: int) -> int:
-        bounds = batch.feature_to_max_seqlen
-        return max(1, sum(bounds[n] for n in batch.contextual_feature_names) + stride * bounds[batch.item_feature_name])
 
 
 def _times_since_previous_event(

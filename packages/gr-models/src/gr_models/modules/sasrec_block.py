@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from gr_models.configs.hstu_config import HSTUConfig
 from gr_models.data.batch import Batch
 from gr_models.modules.jagged import token_coordinates
-from gr_models.modules.preprocessing import HSTUPreprocessor, HSTUSequence
+from gr_models.modules.preprocessing import HSTUPreprocessor, HSTUSequence, SequenceInputs
 
 
 def attention_mask(lengths: Tensor, num_targets: Tensor, max_len: int, *, causal: bool, contextual_len: int) -> Tensor:
@@ -79,7 +79,7 @@ class SASRecBlock(nn.Module):
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, embeddings: dict[str, JaggedTensor], batch: Batch) -> HSTUSequence:
-        sequence = self.preprocessor(embeddings, batch)
+        sequence = self.preprocessor(embeddings, SequenceInputs.from_batch(batch))
         lengths = sequence.offsets[1:] - sequence.offsets[:-1]
         coordinates = token_coordinates(lengths)
         x = sequence.values.new_zeros(lengths.numel(), sequence.max_len, sequence.values.shape[-1])
