@@ -35,13 +35,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import DataType
 
 import dynamicemb
-from dynamicemb.distributed import (
-    DynamicEmbeddingCollectionSharder,
-    dump_sharded,
-    get_sharded_score,
-    incremental_dump_sharded,
-    load_sharded,
-)
+from dynamicemb.distributed import DynamicEmbeddingCollectionSharder
 from dynamicemb.planner import (
     DynamicEmbeddingEnumerator,
     DynamicEmbeddingShardingPlanner,
@@ -195,19 +189,19 @@ def run(args: argparse.Namespace) -> int:
     box = [folder]
     dist.broadcast_object_list(box, src=0)
     folder = box[0]
-    dump_sharded(folder, model, optim=True)
+    dynamicemb.DynamicEmbDump(folder, model, optim=True)
     fresh = build_model(args, device, backend)
     fresh.module.head.load_state_dict(model.module.head.state_dict())
-    load_sharded(folder, fresh, optim=True)
+    dynamicemb.DynamicEmbLoad(folder, fresh, optim=True)
     fresh.eval()
     with torch.no_grad():
         same = torch.equal(fresh(features), before)
 
     model.train()
-    thresholds = get_sharded_score(model)
+    thresholds = dynamicemb.get_score(model)
     features, labels = make_batch(args, 20_000, rank, device)
     loss_fn(model(features), labels).backward()
-    rows, _ = incremental_dump_sharded(model, thresholds["embeddings"]["user_id"])
+    rows, _ = dynamicemb.incremental_dump(model, thresholds["embeddings"]["user_id"])
     touched = rows["embeddings"]["user_id"][0].numel()
 
     verdicts = [None] * dist.get_world_size()

@@ -41,12 +41,14 @@ from dynamicemb.distributed import (
     DynamicEmbeddingCollectionSharder,
     ShardedDynamicEmbeddingBagCollection,
     ShardedDynamicEmbeddingCollection,
-    dump_sharded,
     find_sharded_modules,
+    owner_ranks,
+)
+from dynamicemb.distributed.checkpoint import (
+    dump_sharded,
     get_sharded_score,
     incremental_dump_sharded,
     load_sharded,
-    owner_ranks,
     set_sharded_score,
 )
 from dynamicemb.embedding_table import DynamicEmbeddingTable

@@ -13,11 +13,6 @@ from dynamicemb.distributed import (
     DynamicEmbeddingCollectionSharder,
     ShardedDynamicEmbeddingBagCollection,
     ShardedDynamicEmbeddingCollection,
-    dump_sharded,
-    get_sharded_score,
-    incremental_dump_sharded,
-    load_sharded,
-    set_sharded_score,
 )
 from dynamicemb.dump import (
     DynamicEmbDump,
@@ -94,13 +89,8 @@ __all__ = [
     "StorageError",
     "WriteBehindStorage",
     "__version__",
-    "dump_sharded",
     "dynamic_embedding_lookup",
     "get_score",
-    "get_sharded_score",
     "incremental_dump",
-    "incremental_dump_sharded",
-    "load_sharded",
     "set_score",
-    "set_sharded_score",
 ]

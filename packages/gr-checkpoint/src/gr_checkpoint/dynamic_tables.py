@@ -7,7 +7,7 @@ dumps them with their fused-optimizer state:
   ``DynamicEmbeddingBagCollection``) with :func:`dynamicemb.DynamicEmbDump` / ``DynamicEmbLoad``;
 - sharded modules (:class:`dynamicemb.distributed.ShardedDynamicEmbModule`, under
   ``DistributedModelParallel`` or sharded in place by ``gr_parallel``) collectively with
-  :func:`dynamicemb.distributed.dump_sharded` / ``load_sharded``, which reload at another world size
+  :func:`dynamicemb.distributed.checkpoint.dump_sharded` / ``load_sharded``, which reload at another world size
   (and read a standalone module's dump, so one process's checkpoint loads into a sharded model).
 
 A standalone module loads a sharded dump too: it takes the rows of every rank's file (a checkpoint of N
@@ -27,8 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from dynamicemb import DynamicEmbDump, DynamicEmbLoad, DynamicEmbModule
-from dynamicemb.distributed import ShardedDynamicEmbModule, dump_sharded, find_sharded_modules, load_sharded
+from dynamicemb.distributed import ShardedDynamicEmbModule, find_sharded_modules
 from dynamicemb.distributed.checkpoint import MANIFEST_NAME as SHARDED_MANIFEST_NAME
+from dynamicemb.distributed.checkpoint import dump_sharded, load_sharded
 from dynamicemb.dump import TableFile, find_dynamic_modules
 from dynamicemb.dump.file_format import path_inside
 from dynamicemb.embedding_table import DynamicEmbeddingTable

@@ -1,13 +1,10 @@
-"""Row-wise sharding of dynamic tables in TorchRec: sharders, sharded collections, sharded dump/load."""
+"""Row-wise sharding of dynamic tables in TorchRec: sharders and sharded collections.
 
-from dynamicemb.distributed.checkpoint import (
-    dump_sharded,
-    find_sharded_modules,
-    get_sharded_score,
-    incremental_dump_sharded,
-    load_sharded,
-    set_sharded_score,
-)
+Dump and load sharded tables with :func:`dynamicemb.DynamicEmbDump` / :func:`dynamicemb.DynamicEmbLoad`
+(collective on a sharded model); their collective implementation is :mod:`dynamicemb.distributed.checkpoint`.
+"""
+
+from dynamicemb.distributed.checkpoint import find_sharded_modules
 from dynamicemb.distributed.common import ShardedDynamicEmbModule
 from dynamicemb.distributed.embedding import DynamicEmbeddingCollectionSharder, ShardedDynamicEmbeddingCollection
 from dynamicemb.distributed.embeddingbag import (
@@ -22,11 +19,6 @@ __all__ = [
     "ShardedDynamicEmbModule",
     "ShardedDynamicEmbeddingBagCollection",
     "ShardedDynamicEmbeddingCollection",
-    "dump_sharded",
     "find_sharded_modules",
-    "get_sharded_score",
-    "incremental_dump_sharded",
-    "load_sharded",
     "owner_ranks",
-    "set_sharded_score",
 ]

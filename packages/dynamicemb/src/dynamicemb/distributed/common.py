@@ -39,7 +39,7 @@ _OUTPUT_DTYPES = {"FP32": torch.float32, "FP16": torch.float16, "BF16": torch.bf
 
 class ShardedDynamicEmbModule(ABC):
     """A sharded module holding one shard of each of its dynamic tables on every rank of its
-    process group; :func:`~dynamicemb.distributed.dump_sharded` and friends find them here."""
+    process group; :func:`dynamicemb.DynamicEmbDump` and friends find them here."""
 
     @abstractmethod
     def dynamic_embedding_tables(self) -> Mapping[str, DynamicEmbeddingTable]:

@@ -5,7 +5,7 @@ A dynamic table updates its rows inside the backward pass with the hyper-paramet
 ``param_group`` per table whose ``"lr"`` an LR scheduler may change: like TorchRec's fused TBE
 optimizers, ``step()`` and ``zero_grad()`` hand the group's learning rate to the table, so the next
 backward uses it. The rows and their optimizer state live in the tables (dump them with
-:func:`~dynamicemb.distributed.dump_sharded`), so the optimizer's own ``state`` is empty.
+:func:`dynamicemb.DynamicEmbDump`), so the optimizer's own ``state`` is empty.
 """
 
 from __future__ import annotations
