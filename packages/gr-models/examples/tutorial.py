@@ -8,12 +8,10 @@ The code below is the tutorial's, block by block, with two kinds of change only:
   here as the device `gr_parallel.initialize.initialize_distributed()` selected (the current CUDA device, or
   the CPU when there is none).
 
-The tutorial asks for `KernelBackend.CUTLASS`, whose compiled extension hstu-attn does not build yet (selecting
-it raises NotImplementedError). To run the unchanged script elsewhere, set the documented environment override
-of `get_hstu_config`, e.g.
-
-    GR_MODELS_KERNEL_BACKEND=PYTORCH python packages/gr-models/examples/tutorial.py   # CPU or GPU
-    GR_MODELS_KERNEL_BACKEND=TRITON torchrun --nproc_per_node 1 packages/gr-models/examples/tutorial.py
+The tutorial asks for `KernelBackend.CUTLASS`, as the seed does; where hstu-attn's CUTLASS library is not built
+(always on a CPU) selecting it raises NotImplementedError. To run the script there, pass another backend in its
+`get_hstu_config` call: `KernelBackend.AUTO` falls back to Triton on a GPU and to the PyTorch reference on a
+CPU; `tests/test_tutorial_example.py` runs a copy with PYTORCH or TRITON in that place.
 """
 
 import os

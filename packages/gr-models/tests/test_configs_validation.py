@@ -1,4 +1,4 @@
-"""Configs: defaults, the kernel-backend override, and clear errors on bad values."""
+"""Configs: defaults and clear errors on bad values."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from gr_models.configs import (
-    KERNEL_BACKEND_ENV,
     DynamicShardedEmbeddingConfig,
     EmbeddingOptimizerParam,
     KernelBackend,
@@ -28,22 +27,11 @@ def _table(name: str = "item", features=("item",), **kwargs) -> ShardedEmbedding
     return ShardedEmbeddingConfig(feature_names=list(features), table_name=name, vocab_size=10, dim=4, **kwargs)
 
 
-def test_get_hstu_config_accepts_names_and_enums(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KERNEL_BACKEND_ENV, raising=False)
+def test_get_hstu_config_accepts_names_and_enums() -> None:
     config = get_hstu_config(8, 4, 2, 1, dtype="bfloat16", kernel_backend="triton")
     assert config.dtype is torch.bfloat16 and config.kernel_backend is KernelBackend.TRITON
     assert config.position_encoding is not None and config.relative_bias is None
     assert get_hstu_config(8, 4, 2, 1, use_position_encoding=False).position_encoding is None
-
-
-def test_environment_override_replaces_the_backend_and_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(KERNEL_BACKEND_ENV, "pytorch")
-    with pytest.warns(UserWarning, match="replaces the configured HSTU kernel backend CUTLASS with PYTORCH"):
-        config = get_hstu_config(8, 4, 2, 1, kernel_backend=KernelBackend.CUTLASS)
-    assert config.kernel_backend is KernelBackend.PYTORCH
-    monkeypatch.setenv(KERNEL_BACKEND_ENV, "nonsense")
-    with pytest.raises(ValueError, match="unknown kernel backend 'nonsense'"):
-        get_hstu_config(8, 4, 2, 1)
 
 
 @pytest.mark.parametrize(

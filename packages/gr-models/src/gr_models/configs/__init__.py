@@ -7,7 +7,6 @@ from gr_models.configs.embedding_config import (
     ShardedEmbeddingConfig,
 )
 from gr_models.configs.hstu_config import (
-    KERNEL_BACKEND_ENV,
     HSTUConfig,
     PositionEncodingConfig,
     RelativeBiasConfig,
@@ -19,7 +18,6 @@ from gr_models.configs.task_config import RankingConfig, RetrievalConfig
 from hstu_attn import KernelBackend
 
 __all__ = [
-    "KERNEL_BACKEND_ENV",
     "BaseEmbeddingConfig",
     "DynamicShardedEmbeddingConfig",
     "EmbeddingOptimizerParam",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -11,7 +9,6 @@ import torch
 from gr_models.utils.tensor_initializer import Initializer, XavierUniformInitializer
 from hstu_attn import KernelBackend
 
-KERNEL_BACKEND_ENV = "GR_MODELS_KERNEL_BACKEND"
 _TIME_BUCKET_FNS = ("sqrt", "log")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -163,20 +160,6 @@ def parse_kernel_backend(name: str | KernelBackend) -> KernelBackend:
         ) from None
 
 
-def _backend_with_env_override(requested: KernelBackend) -> KernelBackend:
-    override = os.environ.get(KERNEL_BACKEND_ENV)
-    if not override:
-        return requested
-    chosen = parse_kernel_backend(override)
-    if chosen != requested:
-        warnings.warn(
-            f"{KERNEL_BACKEND_ENV}={override} replaces the configured HSTU kernel backend {requested.name} "
-            f"with {chosen.name}",
-            stacklevel=3,
-        )
-    return chosen
-
-
 def get_hstu_config(
     hidden_size: int,
     kv_channels: int,
@@ -200,10 +183,8 @@ def get_hstu_config(
 ) -> HSTUConfig:
     """Build an `HSTUConfig`.
 
-    The environment variable `GR_MODELS_KERNEL_BACKEND` (a `KernelBackend` name), when set, replaces
-    `kernel_backend` and warns; it lets a script written for one backend (e.g. CUTLASS) run where only another is
-    available without editing the script. `position_encoding` defaults to `PositionEncodingConfig()` unless
-    `use_position_encoding=False`.
+    `kernel_backend` is used as given (`KernelBackend.AUTO` picks TRITON for CUDA inputs Triton supports, else
+    PYTORCH). `position_encoding` defaults to `PositionEncodingConfig()` unless `use_position_encoding=False`.
     """
     if position_encoding is None and use_position_encoding:
         position_encoding = PositionEncodingConfig()
@@ -215,7 +196,7 @@ def get_hstu_config(
         init_method=init_method if init_method is not None else XavierUniformInitializer(),
         dtype=parse_dtype(dtype),
         is_causal=is_causal,
-        kernel_backend=_backend_with_env_override(parse_kernel_backend(kernel_backend)),
+        kernel_backend=parse_kernel_backend(kernel_backend),
         dropout=dropout,
         layer_norm_eps=layer_norm_eps,
         alpha=alpha,
