@@ -1,4 +1,4 @@
-"""The batch types under the import path users of other HSTU libraries know (``...data.utils``)."""
+"""Kept on purpose: the seed-000 tutorial (users' API) imports the batch types from ``data.utils``."""
 
 from gr_models.data.batch import Batch, FeatureConfig, RankingBatch, RetrievalBatch
 
