@@ -273,17 +273,9 @@ def hstu_attn_triton_backward(
     fp32 atomics (True) or the separate dQ kernel (False) for dQ; by default atomics below max_seq_len 2048.
     """
     _check(q, k, v)
-    num_tokens = q.shape[0]
     has_rab_grad = rab is not None and rab_requires_grad
-    if num_tokens == 0 or max_seq_len <= 0:
-        return (
-            torch.zeros_like(q),
-            torch.zeros_like(k),
-            torch.zeros_like(v),
-            torch.zeros_like(rab) if rab is not None and rab_requires_grad else None,
-            None if position_weights is None else torch.zeros_like(position_weights),
-            None if time_weights is None else torch.zeros_like(time_weights),
-        )
+    if q.shape[0] == 0 or max_seq_len <= 0:
+        return _zero_gradients(q, k, v, rab if has_rab_grad else None, position_weights, time_weights)
     grad_out, q, k, v = _contiguous(grad_out), _contiguous(q), _contiguous(k), _contiguous(v)
     launch = _prepare(
         q,
@@ -303,142 +295,242 @@ def hstu_attn_triton_backward(
         time_bucket_divisor=time_bucket_divisor,
         sort_by_length=sort_by_length,
     )
-    num_sequences, num_heads = launch.num_sequences, launch.num_heads
     if atomic_dq is None:
         atomic_dq = max_seq_len < _DQ_KERNEL_MIN_SEQ_LEN
-    atomic_dq = atomic_dq and not deterministic
-    fixed = deterministic_config(launch.head_dim) if deterministic else None
-    key_programs = 0 if fixed is None else num_sequences * num_heads * -(-max_seq_len // fixed.block_n)
-    device = q.device
+    plan = _BackwardPlan(
+        launch=launch,
+        max_seq_len=max_seq_len,
+        deterministic=deterministic,
+        atomic_dq=atomic_dq and not deterministic,
+        has_rab_grad=has_rab_grad,
+        fixed=deterministic_config(launch.head_dim) if deterministic else None,
+    )
+    grads = _allocate_gradients(plan, q, k, v, rab, position_weights, time_weights)
+    _launch_dkdv(plan, grads, q, k, v, grad_out)
+    if plan.atomic_dq:
+        grads.dq = grads.dq.to(q.dtype)
+    else:
+        _launch_dq(plan, grads, q, k, v, grad_out)
+    return _finish_gradients(plan, grads, rab, position_weights, time_weights)
 
+
+@dataclass
+class _BackwardPlan:
+    """The choices of one backward call: how dQ is accumulated, whether a fixed (deterministic) config runs."""
+
+    launch: _Launch
+    max_seq_len: int
+    deterministic: bool
+    atomic_dq: bool  # dQ by fp32 atomics in the dK/dV kernel instead of the dQ kernel
+    has_rab_grad: bool
+    fixed: LaunchConfig | None  # the deterministic launch config; None: autotuned
+
+    @property
+    def key_programs(self) -> int:
+        """Programs of the dK/dV kernel under the fixed config (the rows of per-program partials); 0 if tuned."""
+        if self.fixed is None:
+            return 0
+        return self.launch.num_sequences * self.launch.num_heads * -(-self.max_seq_len // self.fixed.block_n)
+
+
+@dataclass
+class _Gradients:
+    """Where the backward kernels write: dq (fp32 when accumulated by atomics), dk, dv, and for each bias term
+    its target (the final tensor, an fp32 atomic accumulator or per-program partials) with the target's strides.
+    `drab` is rab's final gradient; it is `drab_target` itself unless rab is broadcast over sequences or heads."""
+
+    dq: Tensor
+    dk: Tensor
+    dv: Tensor
+    drab: Tensor | None = None
+    drab_target: Tensor | None = None
+    drab_atomic: bool = False
+    drab_strides: tuple[int, ...] = (0, 0, 0, 0)
+    dpos_target: Tensor | None = None
+    dpos_stride: int = 0
+    dtime_target: Tensor | None = None
+    dtime_stride: int = 0
+
+
+def _zero_gradients(
+    q: Tensor, k: Tensor, v: Tensor, rab: Tensor | None, position_weights: Tensor | None, time_weights: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The gradients of an empty batch: zeros shaped like each input that is not None."""
+    return (
+        torch.zeros_like(q),
+        torch.zeros_like(k),
+        torch.zeros_like(v),
+        None if rab is None else torch.zeros_like(rab),
+        None if position_weights is None else torch.zeros_like(position_weights),
+        None if time_weights is None else torch.zeros_like(time_weights),
+    )
+
+
+def _allocate_gradients(
+    plan: _BackwardPlan,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rab: Tensor | None,
+    position_weights: Tensor | None,
+    time_weights: Tensor | None,
+) -> _Gradients:
+    device = q.device
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=device) if atomic_dq else torch.empty_like(q)
-
-    # Gradient targets of the bias terms: final tensors, fp32 atomic accumulators or per-program partials.
-    drab = drab_target = None
-    drab_atomic = False
-    drab_strides: tuple[int, ...] = (0, 0, 0, 0)
-    if has_rab_grad:
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=device) if plan.atomic_dq else torch.empty_like(q)
+    grads = _Gradients(dq=dq, dk=dk, dv=dv)
+    if plan.has_rab_grad:
         assert rab is not None
-        drab = torch.zeros_like(rab)
-        broadcast = (rab.shape[0] == 1 and num_sequences > 1) or (rab.shape[1] == 1 and num_heads > 1)
-        if not broadcast:
-            drab_target = drab
-            drab_strides = drab.stride()
-        elif deterministic:
-            drab_target = torch.zeros((num_sequences, num_heads, *rab.shape[2:]), dtype=torch.float32, device=device)
-            drab_strides = drab_target.stride()
-        else:
-            drab_target = torch.zeros(rab.shape, dtype=torch.float32, device=device)
-            drab_atomic = True
-            drab_strides = (
-                _broadcast_stride(drab_target, 0),
-                _broadcast_stride(drab_target, 1),
-                drab_target.stride(2),
-                drab_target.stride(3),
-            )
-    dpos_target, dpos_stride = None, 0
+        _allocate_rab_gradient(plan, grads, rab, device)
     if position_weights is not None:
-        shape = (key_programs, 2 * max_seq_len - 1) if deterministic else tuple(position_weights.shape)
-        dpos_target = torch.zeros(shape, dtype=torch.float32, device=device)
-        dpos_stride = dpos_target.stride(0) if deterministic else _broadcast_stride(dpos_target, 0)
-    dtime_target, dtime_stride = None, 0
+        grads.dpos_target, grads.dpos_stride = _table_gradient_target(
+            plan, position_weights, 2 * plan.max_seq_len - 1, device
+        )
     if time_weights is not None:
-        shape = (key_programs, time_weights.shape[1]) if deterministic else tuple(time_weights.shape)
-        dtime_target = torch.zeros(shape, dtype=torch.float32, device=device)
-        dtime_stride = dtime_target.stride(0) if deterministic else _broadcast_stride(dtime_target, 0)
+        grads.dtime_target, grads.dtime_stride = _table_gradient_target(
+            plan, time_weights, time_weights.shape[1], device
+        )
+    return grads
 
-    seq_offsets_, num_targets_, batch_order, rab_, position_weights_, time_weights_, timestamps_ = launch.tensors
-    dkdv_args = (
+
+def _allocate_rab_gradient(plan: _BackwardPlan, grads: _Gradients, rab: Tensor, device: torch.device) -> None:
+    """rab's gradient and the kernel's target for it: the gradient itself, per-(sequence, head) fp32 partials
+    (deterministic, rab broadcast) or an fp32 atomic accumulator (rab broadcast)."""
+    num_sequences, num_heads = plan.launch.num_sequences, plan.launch.num_heads
+    grads.drab = torch.zeros_like(rab)
+    broadcast = (rab.shape[0] == 1 and num_sequences > 1) or (rab.shape[1] == 1 and num_heads > 1)
+    if not broadcast:
+        grads.drab_target = grads.drab
+        grads.drab_strides = grads.drab.stride()
+    elif plan.deterministic:
+        grads.drab_target = torch.zeros((num_sequences, num_heads, *rab.shape[2:]), dtype=torch.float32, device=device)
+        grads.drab_strides = grads.drab_target.stride()
+    else:
+        grads.drab_target = torch.zeros(rab.shape, dtype=torch.float32, device=device)
+        grads.drab_atomic = True
+        grads.drab_strides = (
+            _broadcast_stride(grads.drab_target, 0),
+            _broadcast_stride(grads.drab_target, 1),
+            grads.drab_target.stride(2),
+            grads.drab_target.stride(3),
+        )
+
+
+def _table_gradient_target(
+    plan: _BackwardPlan, table: Tensor, partial_columns: int, device: torch.device
+) -> tuple[Tensor, int]:
+    """fp32 target of a bias table's gradient and its row stride: per-program partial rows `[programs,
+    partial_columns]` when deterministic, else an atomic accumulator shaped like the table."""
+    shape = (plan.key_programs, partial_columns) if plan.deterministic else tuple(table.shape)
+    target = torch.zeros(shape, dtype=torch.float32, device=device)
+    return target, target.stride(0) if plan.deterministic else _broadcast_stride(target, 0)
+
+
+def _launch_dkdv(plan: _BackwardPlan, grads: _Gradients, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor) -> None:
+    """dK, dV and the bias gradients (and dQ when `plan.atomic_dq`): one program per key block."""
+    launch = plan.launch
+    seq_offsets, num_targets, batch_order, rab, position_weights, time_weights, timestamps = launch.tensors
+    dq_atomic = grads.dq if plan.atomic_dq else None
+    args = (
         q,
         k,
         v,
         grad_out,
-        dk,
-        dv,
-        dq if atomic_dq else None,
-        seq_offsets_,
-        num_targets_,
+        grads.dk,
+        grads.dv,
+        dq_atomic,
+        seq_offsets,
+        num_targets,
         batch_order,
-        rab_,
-        drab_target,
-        position_weights_,
-        dpos_target,
-        time_weights_,
-        dtime_target,
-        timestamps_,
+        rab,
+        grads.drab_target,
+        position_weights,
+        grads.dpos_target,
+        time_weights,
+        grads.dtime_target,
+        timestamps,
         *launch.table_strides[:4],
-        *drab_strides,
+        *grads.drab_strides,
         launch.table_strides[4],
-        dpos_stride,
+        grads.dpos_stride,
         launch.table_strides[5],
-        dtime_stride,
+        grads.dtime_stride,
     )
-    dkdv_kwargs = {
+    kwargs = {
         **launch.scalars,
         **launch.flags,
-        "HAS_DRAB": has_rab_grad,
-        "DRAB_ATOMIC": drab_atomic,
-        "ATOMIC_DQ": atomic_dq,
-        "DETERMINISTIC": deterministic,
+        "HAS_DRAB": plan.has_rab_grad,
+        "DRAB_ATOMIC": grads.drab_atomic,
+        "ATOMIC_DQ": plan.atomic_dq,
+        "DETERMINISTIC": plan.deterministic,
         "NUM_BUCKETS_P2": next_power_of_two(max(launch.scalars["num_buckets"], 1)),
     }
-    key_grid = _key_grid(launch, max_seq_len)
-    if fixed is None:
-        _backward_dkdv.launch(
-            (*launch.key, has_rab_grad, drab_atomic, atomic_dq),
-            launch.head_dim,
-            key_grid,
-            dkdv_args,
-            dkdv_kwargs,
-            accumulators=(dq if atomic_dq else None, drab_target if drab_atomic else None, dpos_target, dtime_target),
-        )
-    else:
-        _launch_fixed(hstu_attn_backward_dkdv_kernel, fixed, key_grid, dkdv_args, dkdv_kwargs)
+    grid = _key_grid(launch, plan.max_seq_len)
+    if plan.fixed is not None:
+        _launch_fixed(hstu_attn_backward_dkdv_kernel, plan.fixed, grid, args, kwargs)
+        return
+    drab_accumulator = grads.drab_target if grads.drab_atomic else None
+    _backward_dkdv.launch(
+        (*launch.key, plan.has_rab_grad, grads.drab_atomic, plan.atomic_dq),
+        launch.head_dim,
+        grid,
+        args,
+        kwargs,
+        accumulators=(dq_atomic, drab_accumulator, grads.dpos_target, grads.dtime_target),
+    )
 
-    if atomic_dq:
-        dq = dq.to(q.dtype)
-    else:
-        dq_args = (
-            q,
-            k,
-            v,
-            grad_out,
-            dq,
-            *launch.tensors,
-            *launch.table_strides,
-        )
-        dq_kwargs = {**launch.scalars, **launch.flags}
-        query_grid = _query_grid(launch, max_seq_len)
-        if fixed is None:
-            _backward_dq.launch(launch.key, launch.head_dim, query_grid, dq_args, dq_kwargs)
-        else:
-            _launch_fixed(hstu_attn_backward_dq_kernel, fixed, query_grid, dq_args, dq_kwargs)
 
-    if has_rab_grad and drab_target is not drab:
-        assert rab is not None and drab is not None and drab_target is not None
-        reduced = drab_target
-        if deterministic and rab.shape[1] == 1:
-            reduced = reduced.sum(dim=1, keepdim=True)
-        if deterministic and rab.shape[0] == 1:
-            reduced = reduced.sum(dim=0, keepdim=True)
-        drab.copy_(reduced)
+def _launch_dq(plan: _BackwardPlan, grads: _Gradients, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor) -> None:
+    """dQ by the separate kernel: one program per query block, written once."""
+    launch = plan.launch
+    args = (q, k, v, grad_out, grads.dq, *launch.tensors, *launch.table_strides)
+    kwargs = {**launch.scalars, **launch.flags}
+    grid = _query_grid(launch, plan.max_seq_len)
+    if plan.fixed is None:
+        _backward_dq.launch(launch.key, launch.head_dim, grid, args, kwargs)
+    else:
+        _launch_fixed(hstu_attn_backward_dq_kernel, plan.fixed, grid, args, kwargs)
+
+
+def _finish_gradients(
+    plan: _BackwardPlan,
+    grads: _Gradients,
+    rab: Tensor | None,
+    position_weights: Tensor | None,
+    time_weights: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Reduce the bias-gradient targets to the gradients of rab and the tables, in their dtypes."""
+    num_sequences, num_heads = plan.launch.num_sequences, plan.launch.num_heads
+    if plan.has_rab_grad and grads.drab_target is not grads.drab:
+        assert rab is not None and grads.drab is not None and grads.drab_target is not None
+        _reduce_rab_gradient(grads.drab, grads.drab_target, rab, plan.deterministic)
     dposition = dtime = None
     if position_weights is not None:
-        assert dpos_target is not None
-        if deterministic:
-            dpos_target = _fold_position_partials(
-                dpos_target, num_sequences, num_heads, position_weights.shape, max_seq_len
-            )
-        dposition = dpos_target.to(position_weights.dtype)
+        assert grads.dpos_target is not None
+        dpos = grads.dpos_target
+        if plan.deterministic:
+            dpos = _fold_position_partials(dpos, num_sequences, num_heads, position_weights.shape, plan.max_seq_len)
+        dposition = dpos.to(position_weights.dtype)
     if time_weights is not None:
-        assert dtime_target is not None
-        if deterministic:
-            per_head = dtime_target.view(num_sequences, num_heads, -1, time_weights.shape[1]).sum(dim=(0, 2))
-            dtime_target = per_head.sum(dim=0, keepdim=True) if time_weights.shape[0] == 1 else per_head
-        dtime = dtime_target.to(time_weights.dtype)
-    return dq, dk, dv, drab, dposition, dtime
+        assert grads.dtime_target is not None
+        dtime_sum = grads.dtime_target
+        if plan.deterministic:
+            per_head = dtime_sum.view(num_sequences, num_heads, -1, time_weights.shape[1]).sum(dim=(0, 2))
+            dtime_sum = per_head.sum(dim=0, keepdim=True) if time_weights.shape[0] == 1 else per_head
+        dtime = dtime_sum.to(time_weights.dtype)
+    return grads.dq, grads.dk, grads.dv, grads.drab, dposition, dtime
+
+
+def _reduce_rab_gradient(drab: Tensor, drab_target: Tensor, rab: Tensor, deterministic: bool) -> None:
+    """Write a broadcast rab's gradient into `drab`: summed over the broadcast dims of per-program partials
+    (deterministic) or copied from the fp32 atomic accumulator."""
+    reduced = drab_target
+    if deterministic and rab.shape[1] == 1:
+        reduced = reduced.sum(dim=1, keepdim=True)
+    if deterministic and rab.shape[0] == 1:
+        reduced = reduced.sum(dim=0, keepdim=True)
+    drab.copy_(reduced)
 
 
 def _launch_fixed(
