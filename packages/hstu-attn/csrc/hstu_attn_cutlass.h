@@ -11,7 +11,7 @@
 extern "C" {
 #endif
 
-#define HSTU_ATTN_CUTLASS_ABI_VERSION 1
+#define HSTU_ATTN_CUTLASS_ABI_VERSION 2
 #define HSTU_ATTN_API __attribute__((visibility("default")))
 
 enum HstuAttnDtype { HSTU_ATTN_FP16 = 0, HSTU_ATTN_BF16 = 1 };
@@ -51,10 +51,46 @@ typedef struct HstuAttnFwdParams {
   float inv_scaling;  // 1 / scaling_seqlen
 } HstuAttnFwdParams;
 
+// Backward for one batch: dq_accum [L, H, D] fp32 must be zero on entry (the kernel adds into it; the caller
+// casts it to the input dtype); dk, dv [L, H, D] in the input dtype are written for every token. Head dims 64, 128.
+typedef struct HstuAttnBwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* dout;
+  float* dq_accum;
+  void* dk;
+  void* dv;
+  const void* seq_offsets;
+  const void* num_targets;
+  int64_t q_row_stride, q_head_stride;
+  int64_t k_row_stride, k_head_stride;
+  int64_t v_row_stride, v_head_stride;
+  int64_t do_row_stride, do_head_stride;
+  int64_t dq_row_stride, dq_head_stride;
+  int64_t dk_row_stride, dk_head_stride;
+  int64_t dv_row_stride, dv_head_stride;
+  int32_t num_sequences;
+  int32_t num_heads;
+  int32_t head_dim;
+  int32_t max_seq_len;
+  int32_t dtype;  // HstuAttnDtype
+  int32_t offsets_int64;
+  int32_t targets_int64;
+  int32_t causal;
+  int32_t contextual_seq_len;
+  int32_t max_attn_len;  // 0 = unlimited
+  float alpha;
+  float inv_scaling;  // 1 / scaling_seqlen
+} HstuAttnBwdParams;
+
 HSTU_ATTN_API int hstu_attn_cutlass_abi_version(void);
 HSTU_ATTN_API int hstu_attn_cutlass_fwd_params_size(void);
 // Enqueues the forward on `stream` (a cudaStream_t; NULL = default stream). Returns an HstuAttnStatus.
 HSTU_ATTN_API int hstu_attn_cutlass_forward(const HstuAttnFwdParams* params, void* stream);
+HSTU_ATTN_API int hstu_attn_cutlass_bwd_params_size(void);
+// Enqueues the backward on `stream`. Returns an HstuAttnStatus (head dim 256: HSTU_ATTN_UNSUPPORTED_HEAD_DIM).
+HSTU_ATTN_API int hstu_attn_cutlass_backward(const HstuAttnBwdParams* params, void* stream);
 HSTU_ATTN_API const char* hstu_attn_cutlass_status_string(int status);
 
 #ifdef __cplusplus

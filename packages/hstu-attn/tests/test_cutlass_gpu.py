@@ -1,7 +1,8 @@
 """CUTLASS/CuTe backend against the PyTorch reference (GPU only; skipped without CUDA or without the built library).
 
-The forward runs the compiled kernel (`libhstu_attn_cutlass.so`); the backward of `backend=CUTLASS` runs the
-Triton kernels, checked here only as plumbing (gradients reach q, k, v). Errors are judged as in
+The forward and the backward (head dims 64 and 128; 256 and deterministic=True run the Triton backward) run the
+compiled kernels (`libhstu_attn_cutlass.so`), on every mask option, both offset dtypes, bf16 and fp16 (fp32 is
+refused with a message), odd lengths, length 1 and empty sequences. Errors are judged as in
 test_hstu_triton.py: the kernel's error against the fp32 reference may exceed the error that rounding the inputs
 causes by at most 2x (relative L2) / 4x (relative max) the error of the reference run in the input dtype.
 """
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from hstu_attn import KernelBackend, hstu_attn_reference, hstu_attn_varlen_func
-from hstu_attn.cutlass import cutlass_available, hstu_attn_cutlass_forward
+from hstu_attn.cutlass import cutlass_available, hstu_attn_cutlass_backward, hstu_attn_cutlass_forward
 
 pytestmark = [
     pytest.mark.gpu,
@@ -125,18 +126,86 @@ def test_forward_strided_heads_view() -> None:
     assert _errors(got.float(), want)[1] <= 2.0 * _errors(low.float(), want)[1] + 1e-4
 
 
-def test_backward_runs_triton_kernels_and_reaches_inputs() -> None:
-    lengths = (50, 0, 17)
-    q, k, v, offsets = _inputs(lengths, 2, 64, torch.bfloat16, seed=11)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = hstu_attn_varlen_func(*leaves, offsets, 50, backend=KernelBackend.CUTLASS)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
-    hstu_attn_reference(*ref_leaves, offsets, 50).backward(grad.float())
-    for name, leaf, ref in zip("qkv", leaves, ref_leaves):
-        assert leaf.grad is not None and torch.isfinite(leaf.grad).all(), name
-        assert _errors(leaf.grad.float(), ref.grad)[1] < 2e-2, name
+def _check_backward(lengths, *, heads=2, dim=128, dtype=torch.bfloat16, offsets_dtype=torch.int64, **options):
+    """Gradients of backend=CUTLASS against the fp32 reference, judged like the forward (see the module docstring)."""
+    q, k, v, offsets = _inputs(lengths, heads, dim, dtype, offsets_dtype=offsets_dtype, seed=len(options) + dim + 7)
+    max_seq_len = options.pop("max_seq_len", max(lengths, default=0))
+    targets = options.pop("targets", None)
+    num_targets = None if targets is None else torch.tensor(targets, device="cuda", dtype=offsets_dtype)
+    kwargs = dict(num_targets=num_targets, **options)
+    grad_out = torch.randn(q.shape[0], heads, dim, device="cuda").to(dtype)
+
+    def grads(backend, inputs, grad):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        if backend is None:
+            out = hstu_attn_reference(*leaves, offsets, max_seq_len, **kwargs)
+        else:
+            out = hstu_attn_varlen_func(*leaves, offsets, max_seq_len, backend=backend, **kwargs)
+        out.backward(grad)
+        return [leaf.grad for leaf in leaves]
+
+    got = grads(KernelBackend.CUTLASS, (q, k, v), grad_out)
+    want = grads(None, (q.float(), k.float(), v.float()), grad_out.float())
+    low = grads(None, (q, k, v), grad_out)
+    for name, g, w, lo in zip("qkv", got, want, low):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        assert torch.isfinite(g).all(), f"non-finite d{name}"
+        low_max, low_l2 = _errors(lo.float(), w)
+        err_max, err_l2 = _errors(g.float(), w)
+        assert err_l2 <= 2.0 * low_l2 + 1e-4, f"d{name}: relative L2 error {err_l2:.3g} > 2 x {low_l2:.3g}"
+        assert err_max <= 4.0 * low_max + 1e-3, f"d{name}: relative max error {err_max:.3g} > 4 x {low_max:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mask", MASKS.keys())
+def test_backward_masks_match_reference(mask: str, dtype: torch.dtype) -> None:
+    options = dict(MASKS[mask])
+    if options.pop("targets", False):
+        options["targets"] = _targets(LENGTHS)
+    _check_backward(LENGTHS, dtype=dtype, **options)
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])  # 256: the Triton backward behind backend=CUTLASS
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_backward_head_dims_and_offset_dtypes(dim: int, offsets_dtype: torch.dtype) -> None:
+    _check_backward(LENGTHS, dim=dim, offsets_dtype=offsets_dtype, targets=_targets(LENGTHS), heads=3)
+
+
+def test_backward_single_tokens_empty_and_long_batches() -> None:
+    _check_backward(LENGTHS, max_seq_len=1000, dim=64)
+    _check_backward((1, 1, 1), heads=1, dim=64)
+    _check_backward((0, 0), dim=64)
+    gen = torch.Generator().manual_seed(5)
+    lengths = tuple(torch.randint(1, 2049, (4,), generator=gen).tolist())
+    _check_backward(lengths, heads=2, dim=128, targets=tuple(min(n, 9) for n in lengths), max_seq_len=2048)
+
+
+def test_backward_strided_heads_view_direct_call() -> None:
+    lengths = (100, 0, 33)
+    heads, dim = 2, 64
+    packed = torch.randn(sum(lengths), heads, 4 * dim, device="cuda").to(torch.bfloat16)
+    q, k, v, grad_out = packed.split(dim, dim=2)
+    offsets = torch.tensor([0, 100, 100, 133], device="cuda")
+    dq, dk, dv = hstu_attn_cutlass_backward(
+        grad_out, q, k, v, offsets, 100, alpha=0.125, scale=0.01, causal=True, num_targets=None,
+        contextual_seq_len=0, max_attn_len=0,
+    )  # fmt: skip
+    leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
+    hstu_attn_reference(*leaves, offsets, 100, alpha=0.125, scaling_seqlen=100).backward(grad_out.float())
+    for got, leaf in zip((dq, dk, dv), leaves):
+        assert got.shape == leaf.shape and _errors(got.float(), leaf.grad)[1] < 2e-2
+
+
+def test_deterministic_backward_equals_itself() -> None:
+    """deterministic=True runs the Triton backward (no atomics): two runs give the same bits."""
+    q, k, v, offsets = _inputs((300, 77), 2, 64, torch.bfloat16, seed=3)
+    grad = torch.randn(q.shape, device="cuda").to(torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        hstu_attn_varlen_func(*leaves, offsets, 300, backend=KernelBackend.CUTLASS, deterministic=True).backward(grad)
+        runs.append([leaf.grad for leaf in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 V_GAP = pytest.mark.xfail(reason="the CUTLASS forward does not contain non-finite v yet (README)", strict=False)

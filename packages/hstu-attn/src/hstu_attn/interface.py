@@ -21,7 +21,7 @@ from torch import Tensor
 from hstu_attn._finite import check_finite_rab, check_finite_table, check_finite_tokens
 from hstu_attn._validation import check_arguments, check_offsets_and_targets
 from hstu_attn.backend import TRITON_ENTRY_POINTS, KernelBackend, resolve_backend
-from hstu_attn.cutlass import hstu_attn_cutlass_forward
+from hstu_attn.cutlass import CUTLASS_BACKWARD_HEAD_DIMS, hstu_attn_cutlass_backward, hstu_attn_cutlass_forward
 from hstu_attn.reference import hstu_attn_reference, hstu_attn_reference_backward
 from hstu_attn.relative_bias import RelativeBias
 
@@ -71,10 +71,11 @@ def hstu_attn_varlen_func(
         scaling_seqlen: divisor of the attention weights (> 0); default `max_seq_len` (1 when max_seq_len is 0).
         rab: `[B, H or 1, N, N]` bias of q's dtype, or None.
         relative_bias: learnable position/time bias tables (`RelativeBias`), or None.
-        backend: a `KernelBackend` (or its string value). CUTLASS (forward kernel only, not yet verified on a GPU;
-            its backward runs the Triton kernels) raises NotImplementedError when the library is not built or does
-            not support the inputs.
-        deterministic: make the TRITON backward deterministic (no floating-point atomics); ignored by PYTORCH.
+        backend: a `KernelBackend` (or its string value). CUTLASS (forward for head dims 64/128/256, backward for
+            64/128; head dim 256 and deterministic backwards run the Triton kernels) raises NotImplementedError when
+            the library is not built or does not support the inputs.
+        deterministic: make the backward deterministic (no floating-point atomics; with CUTLASS the Triton
+            backward runs); ignored by PYTORCH.
         check_finite: raise ValueError naming the tensor (q, k, v, rab at an attended pair, a bias table; in the
             backward grad_out) and its first token (sequence index, position, head) holding inf or nan. Off by
             default: it reads the inputs on the host (one synchronization per tensor).
@@ -285,7 +286,14 @@ def _backward_values(
     if check_finite:
         check_finite_tokens("grad_out", grad_out, seq_offsets)
     concrete = _concrete_backend(backend, q, v)
-    if concrete in (KernelBackend.TRITON, KernelBackend.CUTLASS):  # no CUTLASS backward kernel yet
+    if concrete is KernelBackend.CUTLASS and q.shape[2] in CUTLASS_BACKWARD_HEAD_DIMS and not deterministic:
+        return list(
+            hstu_attn_cutlass_backward(
+                grad_out, q, k, v, seq_offsets, max_seq_len, alpha=alpha, scale=1.0 / scaling_seqlen, causal=causal,
+                num_targets=num_targets, contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len,
+            )
+        )  # fmt: skip
+    if concrete in (KernelBackend.TRITON, KernelBackend.CUTLASS):  # CUTLASS: head dim 256 or deterministic
         all_grads = _import_triton_kernels().hstu_attn_triton_backward(
             grad_out, q, k, v, seq_offsets, max_seq_len,
             **_triton_options(

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 LIBRARY_NAME = "libhstu_attn_cutlass.so"
 LIBRARY_ENV = "HSTU_ATTN_CUTLASS_LIB"
 BUILD_HINT = (
@@ -48,6 +48,38 @@ class FwdParams(ctypes.Structure):
     ]
 
 
+class BwdParams(ctypes.Structure):
+    """`HstuAttnBwdParams` of `csrc/hstu_attn_cutlass.h`."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("q", "k", "v", "dout")),
+        ("dq_accum", ctypes.c_void_p),
+        *((name, ctypes.c_void_p) for name in ("dk", "dv", "seq_offsets", "num_targets")),
+        *(
+            (name, ctypes.c_int64)
+            for t in ("q", "k", "v", "do", "dq", "dk", "dv")
+            for name in (f"{t}_row_stride", f"{t}_head_stride")
+        ),
+        *(
+            (name, ctypes.c_int32)
+            for name in (
+                "num_sequences",
+                "num_heads",
+                "head_dim",
+                "max_seq_len",
+                "dtype",
+                "offsets_int64",
+                "targets_int64",
+                "causal",
+                "contextual_seq_len",
+                "max_attn_len",
+            )
+        ),
+        ("alpha", ctypes.c_float),
+        ("inv_scaling", ctypes.c_float),
+    ]
+
+
 def _candidates() -> list[Path]:
     """Where the library may be: $HSTU_ATTN_CUTLASS_LIB, next to this file, or `hstu_attn/cutlass/` under a
     sys.path entry (an editable scikit-build-core install puts it in site-packages, the sources elsewhere)."""
@@ -71,14 +103,16 @@ def load() -> ctypes.CDLL | str:
     except OSError as error:
         return f"{found} did not load ({error}); rebuild it: {BUILD_HINT}"
     version = library.hstu_attn_cutlass_abi_version()
-    size = library.hstu_attn_cutlass_fwd_params_size()
-    if version != ABI_VERSION or size != ctypes.sizeof(FwdParams):
-        return (
-            f"{found} has ABI version {version} (params {size} bytes) but this hstu_attn expects {ABI_VERSION} "
-            f"({ctypes.sizeof(FwdParams)} bytes): rebuild it: {BUILD_HINT}"
-        )
+    if version != ABI_VERSION:
+        return f"{found} has ABI version {version} but this hstu_attn expects {ABI_VERSION}: rebuild it: {BUILD_HINT}"
+    sizes = (library.hstu_attn_cutlass_fwd_params_size(), library.hstu_attn_cutlass_bwd_params_size())
+    expected = (ctypes.sizeof(FwdParams), ctypes.sizeof(BwdParams))
+    if sizes != expected:
+        return f"{found} has params of {sizes} bytes but this hstu_attn expects {expected}: rebuild it: {BUILD_HINT}"
     library.hstu_attn_cutlass_forward.argtypes = [ctypes.POINTER(FwdParams), ctypes.c_void_p]
     library.hstu_attn_cutlass_forward.restype = ctypes.c_int
+    library.hstu_attn_cutlass_backward.argtypes = [ctypes.POINTER(BwdParams), ctypes.c_void_p]
+    library.hstu_attn_cutlass_backward.restype = ctypes.c_int
     library.hstu_attn_cutlass_status_string.argtypes = [ctypes.c_int]
     library.hstu_attn_cutlass_status_string.restype = ctypes.c_char_p
     return library

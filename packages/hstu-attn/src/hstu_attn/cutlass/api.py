@@ -1,4 +1,4 @@
-"""The CUTLASS/CuTe forward kernel called on torch tensors, and what it supports."""
+"""The CUTLASS/CuTe forward and backward kernels called on torch tensors, and what they support."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ from torch import Tensor
 from hstu_attn.cutlass import _library
 
 __all__ = [
+    "CUTLASS_BACKWARD_HEAD_DIMS",
     "CUTLASS_DTYPES",
     "CUTLASS_HEAD_DIMS",
     "cutlass_available",
     "cutlass_unsupported",
+    "hstu_attn_cutlass_backward",
     "hstu_attn_cutlass_forward",
 ]
 
 CUTLASS_HEAD_DIMS = (64, 128, 256)
+CUTLASS_BACKWARD_HEAD_DIMS = (64, 128)
 CUTLASS_DTYPES = (torch.bfloat16, torch.float16)
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
 
@@ -74,21 +77,82 @@ def hstu_attn_cutlass_forward(
     num_targets = None if num_targets is None else num_targets.contiguous()
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     params = _library.FwdParams(
-        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(), seq_offsets=seq_offsets.data_ptr(),
-        num_targets=None if num_targets is None else num_targets.data_ptr(),
-        q_row_stride=q.stride(0), q_head_stride=q.stride(1), k_row_stride=k.stride(0), k_head_stride=k.stride(1),
-        v_row_stride=v.stride(0), v_head_stride=v.stride(1), o_row_stride=out.stride(0), o_head_stride=out.stride(1),
-        num_sequences=seq_offsets.numel() - 1, num_heads=q.shape[1], head_dim=q.shape[2], max_seq_len=max_seq_len,
-        dtype=_DTYPE_CODES[q.dtype], offsets_int64=seq_offsets.dtype == torch.int64,
-        targets_int64=num_targets is not None and num_targets.dtype == torch.int64, causal=causal,
-        contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, alpha=alpha, inv_scaling=scale,
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+        **_strides(q=q, k=k, v=v, o=out),
+        **_common_fields(q, seq_offsets, num_targets, max_seq_len, alpha, scale, causal, contextual_seq_len,
+                         max_attn_len),
     )  # fmt: skip
-    if q.shape[0] == 0:
-        return out
-    stream = torch.cuda.current_stream(q.device).cuda_stream
-    with torch.cuda.device(q.device):
-        status = library.hstu_attn_cutlass_forward(ctypes.byref(params), ctypes.c_void_p(stream))
+    if q.shape[0] > 0:
+        _launch(library, "forward", params, q.device)
+    return out
+
+
+def hstu_attn_cutlass_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    seq_offsets: Tensor,
+    max_seq_len: int,
+    *,
+    alpha: float,
+    scale: float,
+    causal: bool,
+    num_targets: Tensor | None,
+    contextual_seq_len: int,
+    max_attn_len: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward on the compiled kernels: `(dq, dk, dv)`, each `[L, H, D]` in q's dtype. Takes what
+    :func:`hstu_attn_cutlass_forward` takes plus `grad_out [L, H, D]`; D must be in `CUTLASS_BACKWARD_HEAD_DIMS`.
+    dq is summed in fp32 (atomics over key blocks) and cast once at the end.
+    """
+    library = _library.load()
+    if isinstance(library, str):
+        raise NotImplementedError(library)
+    grad_out, q, k, v = _rows(grad_out), _rows(q), _rows(k), _rows(v)
+    seq_offsets = seq_offsets.contiguous()
+    num_targets = None if num_targets is None else num_targets.contiguous()
+    dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v)
+    params = _library.BwdParams(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), dout=grad_out.data_ptr(), dq_accum=dq_accum.data_ptr(),
+        dk=dk.data_ptr(), dv=dv.data_ptr(),
+        **_strides(q=q, k=k, v=v, do=grad_out, dq=dq_accum, dk=dk, dv=dv),
+        **_common_fields(q, seq_offsets, num_targets, max_seq_len, alpha, scale, causal, contextual_seq_len,
+                         max_attn_len),
+    )  # fmt: skip
+    if q.shape[0] > 0:
+        _launch(library, "backward", params, q.device)
+    return dq_accum.to(q.dtype), dk, dv
+
+
+def _strides(**tensors: Tensor) -> dict[str, int]:
+    return {
+        f"{name}_{kind}_stride": t.stride(axis)
+        for name, t in tensors.items()
+        for axis, kind in ((0, "row"), (1, "head"))
+    }
+
+
+def _common_fields(
+    q: Tensor, seq_offsets: Tensor, num_targets: Tensor | None, max_seq_len: int, alpha: float, scale: float,
+    causal: bool, contextual_seq_len: int, max_attn_len: int,
+) -> dict[str, object]:  # fmt: skip
+    """The params fields that forward and backward share (sequence layout, mask, scales)."""
+    return {
+        "seq_offsets": seq_offsets.data_ptr(),
+        "num_targets": None if num_targets is None else num_targets.data_ptr(),
+        "num_sequences": seq_offsets.numel() - 1, "num_heads": q.shape[1], "head_dim": q.shape[2],
+        "max_seq_len": max_seq_len, "dtype": _DTYPE_CODES[q.dtype], "offsets_int64": seq_offsets.dtype == torch.int64,
+        "targets_int64": num_targets is not None and num_targets.dtype == torch.int64, "causal": causal,
+        "contextual_seq_len": contextual_seq_len, "max_attn_len": max_attn_len, "alpha": alpha, "inv_scaling": scale,
+    }  # fmt: skip
+
+
+def _launch(library: ctypes.CDLL, direction: str, params: ctypes.Structure, device: torch.device) -> None:
+    stream = torch.cuda.current_stream(device).cuda_stream
+    with torch.cuda.device(device):
+        status = getattr(library, f"hstu_attn_cutlass_{direction}")(ctypes.byref(params), ctypes.c_void_p(stream))
     if status != 0:
         message = library.hstu_attn_cutlass_status_string(status).decode()
-        raise RuntimeError(f"hstu-attn CUTLASS forward failed (status {status}): {message}")
-    return out
+        raise RuntimeError(f"hstu-attn CUTLASS {direction} failed (status {status}): {message}")

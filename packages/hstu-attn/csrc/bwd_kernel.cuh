@@ -1,0 +1,246 @@
+// Backward of jagged HSTU attention: one CTA owns a kBlockN x D tile of dK and dV for one (sequence, head) and
+// walks the query blocks that can attend its keys. Per query block, with warps stacked along the key rows:
+//   S^T = K Q^T, dP^T = V dO^T                      (fp32 accumulators, [kBlockN, kBlockM])
+//   P^T = SiLU(alpha S^T) / scaling, dS^T = dP^T * alpha / scaling * SiLU'(alpha S^T)   (0 where the pair is invalid)
+//   dV += P^T dO, dK += dS^T Q                       (P^T and dS^T straight from the accumulators)
+//   dQ  = dS K  through shared memory, added with fp32 atomics into dq_accum (the caller casts it)
+// Rows past the sequence end are zero-filled in shared memory, so they add nothing, and are never stored.
+// Masked pairs are selected out (never multiplied by the mask), but a non-finite q/k/v/dO entry of a token that
+// only masked pairs link to can still reach a gradient through 0 * inf inside the products (no containment yet).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "fwd_kernel.cuh"
+
+namespace hstu_attn {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_, typename Elem_>
+struct BwdTraits {
+  using Elem = Elem_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // query rows per step
+  static constexpr int kBlockN = kBlockN_;  // key rows per CTA
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = kNWarps * 32;
+  static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0, "64-element shared-memory rows");
+  static_assert(kBlockN % (16 * kNWarps) == 0, "warps stacked along the key rows");
+  static_assert(kNWarps % 2 == 0 && kBlockM % (8 * kNWarps) == 0, "dQ tile shape vs MMA shape");
+
+  using MmaOp = typename FwdTraits<kHeadDim, 16 * kNWarps, 16, kNWarps, Elem>::MmaOp;
+  // S^T, dP^T, dK, dV: warps along the key rows (M mode of these products).
+  using TiledMmaKV = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<Int<kNWarps>, _1, _1>>, Tile<Int<16 * kNWarps>, _16, _16>>;
+  // dQ = dS K: (kNWarps / 2) x 2 warps over [kBlockM, D].
+  using TiledMmaQ =
+      TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<Int<kNWarps / 2>, _2, _1>>, Tile<Int<8 * kNWarps>, _32, _16>>;
+
+  using SmemAtom = typename FwdTraits<64, 64, 64, 4, Elem>::SmemAtom;
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  using SmemLayoutdSt = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kBlockM>>{}));
+  // Transposed views: the same bytes, coordinates swapped.
+  using SmemLayoutQt =
+      decltype(composition(SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
+  using SmemLayoutKt =
+      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutdS =
+      decltype(composition(SmemLayoutdSt{}, make_layout(Shape<Int<kBlockM>, Int<kBlockN>>{}, GenRowMajor{})));
+
+  using SmemLoad = Copy_Atom<SM75_U32x4_LDSM_N, Elem>;
+  using SmemLoadTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Elem>;
+  using SmemStore = Copy_Atom<UniversalCopy<uint32_t>, Elem>;
+
+  static constexpr int kThreadsPerRow = 8;  // 16-byte vectors, 8 threads per 64-element row
+  using GmemThreads = Layout<Shape<Int<kNThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>;
+  using GmemLoad = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, Elem>{}, GmemThreads{},
+                                            Layout<Shape<_1, _8>>{}));
+
+  // sQ, sdO [kBlockM, D]; sK, sV [kBlockN, D]; sdS^T [kBlockN, kBlockM].
+  static constexpr int kSmemBytes = (2 * kBlockM * kHeadDim + 2 * kBlockN * kHeadDim + kBlockN * kBlockM) *
+                                    int(sizeof(Elem));
+};
+
+__device__ __forceinline__ float silu_derivative(float x) {
+  const float sigmoid = __frcp_rn(1.0f + __expf(-x));
+  return sigmoid * (1.0f + x * (1.0f - sigmoid));
+}
+
+// Stores a [rows, D] fp32 accumulator tile of `mma` as Elem to global memory, rows at or past `rows_left` skipped.
+template <typename Elem, class Acc, class Coords>
+__device__ __forceinline__ void store_rows(Acc const& acc, Coords const& coords, Elem* base, int64_t row_stride,
+                                           int rows_left) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); ++i) {
+    const int row = get<0>(coords(i));
+    if (row < rows_left) base[row * row_stride + get<1>(coords(i))] = static_cast<Elem>(acc(i));
+  }
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(const HstuAttnBwdParams p) {
+  using Elem = typename Traits::Elem;
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+
+  const int num_n_blocks = (p.max_seq_len + kBlockN - 1) / kBlockN;
+  const int sequence = blockIdx.x % p.num_sequences;
+  const int n_block = num_n_blocks - 1 - int(blockIdx.x / p.num_sequences);
+  const int head = blockIdx.y;
+  const int64_t start = load_index(p.seq_offsets, p.offsets_int64, sequence);
+  const int length = int(load_index(p.seq_offsets, p.offsets_int64, sequence + 1) - start);
+  const int n0 = n_block * kBlockN;
+  if (n0 >= length) return;
+  const int targets = p.num_targets == nullptr ? 0 : int(load_index(p.num_targets, p.targets_int64, sequence));
+  const SequenceMask mask{length, length - targets, p.contextual_seq_len, p.max_attn_len, p.causal != 0};
+  // Under a causal mask with no contextual rows every valid pair has query >= key.
+  const int m_block_begin = (mask.causal && mask.contextual == 0) ? n0 / kBlockM : 0;
+  const int m_block_end = (length + kBlockM - 1) / kBlockM;
+  const float scale = p.alpha * p.inv_scaling;
+
+  auto tile_q = Shape<Int<kBlockM>, Int<kHeadDim>>{};
+  auto tile_kv = Shape<Int<kBlockN>, Int<kHeadDim>>{};
+  auto sequence_tensor = [&](const void* base, int64_t row_stride, int64_t head_stride) {
+    const Elem* ptr = static_cast<const Elem*>(base) + start * row_stride + head * head_stride;
+    return make_tensor(make_gmem_ptr(ptr), make_shape(length, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  };
+  Tensor gQ = local_tile(sequence_tensor(p.q, p.q_row_stride, p.q_head_stride), tile_q, make_coord(_, 0));
+  Tensor gdO = local_tile(sequence_tensor(p.dout, p.do_row_stride, p.do_head_stride), tile_q, make_coord(_, 0));
+  Tensor gK = local_tile(sequence_tensor(p.k, p.k_row_stride, p.k_head_stride), tile_kv, make_coord(n_block, 0));
+  Tensor gV = local_tile(sequence_tensor(p.v, p.v_row_stride, p.v_head_stride), tile_kv, make_coord(n_block, 0));
+
+  extern __shared__ __align__(128) char smem[];
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Elem*>(smem)), typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(sdO.data() + size(sdO), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
+  Tensor sdSt = make_tensor(sV.data() + size(sV), typename Traits::SmemLayoutdSt{});
+  Tensor sQt = make_tensor(sQ.data(), typename Traits::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutQt{});
+  Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});
+  Tensor sdS = make_tensor(sdSt.data(), typename Traits::SmemLayoutdS{});
+
+  const int tid = threadIdx.x;
+  typename Traits::GmemLoad gmem_load;
+  auto gmem_thr = gmem_load.get_thread_slice(tid);
+  Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D, m_blocks)
+  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tdOgdO = gmem_thr.partition_S(gdO);
+  Tensor tdOsdO = gmem_thr.partition_D(sdO);
+  Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(tile_q));
+  Tensor tKcK = gmem_thr.partition_S(make_identity_tensor(tile_kv));
+
+  // K and V of this CTA, once.
+  Tensor tKgK = gmem_thr.partition_S(gK);
+  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tVgV = gmem_thr.partition_S(gV);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  load_rows(gmem_load, tKgK, tKsK, tKcK, length - n0);
+  load_rows(gmem_load, tVgV, tVsV, tKcK, length - n0);
+  cp_async_fence();
+
+  typename Traits::TiledMmaKV mma;
+  auto thr_mma = mma.get_thread_slice(tid);
+  auto copy_a = make_tiled_copy_A(typename Traits::SmemLoad{}, mma);
+  auto copy_b = make_tiled_copy_B(typename Traits::SmemLoad{}, mma);
+  auto copy_bt = make_tiled_copy_B(typename Traits::SmemLoadTransposed{}, mma);
+  Tensor tSrK = thr_mma.partition_fragment_A(sK);
+  Tensor tSrV = thr_mma.partition_fragment_A(sV);
+  Tensor tSrQ = thr_mma.partition_fragment_B(sQ);
+  Tensor tSrdO = thr_mma.partition_fragment_B(sdO);
+  Tensor tKVrQt = thr_mma.partition_fragment_B(sQt);
+  Tensor tKVrdOt = thr_mma.partition_fragment_B(sdOt);
+  Tensor tSsK = copy_a.get_thread_slice(tid).partition_S(sK);
+  Tensor tSsV = copy_a.get_thread_slice(tid).partition_S(sV);
+  Tensor tSsQ = copy_b.get_thread_slice(tid).partition_S(sQ);
+  Tensor tSsdO = copy_b.get_thread_slice(tid).partition_S(sdO);
+  Tensor tKVsQt = copy_bt.get_thread_slice(tid).partition_S(sQt);
+  Tensor tKVsdOt = copy_bt.get_thread_slice(tid).partition_S(sdOt);
+  auto store_ds = make_tiled_copy_C(typename Traits::SmemStore{}, mma);
+  Tensor tdSsdSt = store_ds.get_thread_slice(tid).partition_D(sdSt);
+
+  typename Traits::TiledMmaQ mma_q;
+  auto thr_mma_q = mma_q.get_thread_slice(tid);
+  auto copy_q_at = make_tiled_copy_A(typename Traits::SmemLoadTransposed{}, mma_q);
+  auto copy_q_bt = make_tiled_copy_B(typename Traits::SmemLoadTransposed{}, mma_q);
+  Tensor tQrdS = thr_mma_q.partition_fragment_A(sdS);
+  Tensor tQrKt = thr_mma_q.partition_fragment_B(sKt);
+  Tensor tQsdS = copy_q_at.get_thread_slice(tid).partition_S(sdS);
+  Tensor tQsKt = copy_q_bt.get_thread_slice(tid).partition_S(sKt);
+  Tensor tQcdQ = thr_mma_q.partition_C(make_identity_tensor(tile_q));
+
+  Tensor acc_dk = partition_fragment_C(mma, tile_kv);
+  Tensor acc_dv = partition_fragment_C(mma, tile_kv);
+  clear(acc_dk);
+  clear(acc_dv);
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+
+  for (int m_block = m_block_begin; m_block < m_block_end; ++m_block) {
+    const int m0 = m_block * kBlockM;
+    if (n0 >= mask.column_end(m0, kBlockM) || n0 + kBlockN <= mask.column_begin(m0)) continue;  // CTA-uniform
+    __syncthreads();  // every warp is done with the previous sQ, sdO and sdS^T
+    load_rows(gmem_load, tQgQ(_, _, _, m_block), tQsQ, tQcQ, length - m0);
+    load_rows(gmem_load, tdOgdO(_, _, _, m_block), tdOsdO, tQcQ, length - m0);
+    cp_async_fence();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kBlockM>>{});  // S^T
+    Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kBlockM>>{});  // dP^T
+    clear(acc_s);
+    clear(acc_dp);
+    gemm_smem_smem(acc_s, tSrK, tSrQ, tSsK, tSsQ, mma, copy_a, copy_b);
+    gemm_smem_smem(acc_dp, tSrV, tSrdO, tSsV, tSsdO, mma, copy_a, copy_b);
+
+    const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN);
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const bool valid = all_valid || mask.valid(m0 + get<1>(tScS(i)), n0 + get<0>(tScS(i)));
+      const float x = acc_s(i) * p.alpha;
+      acc_dp(i) = valid ? acc_dp(i) * scale * silu_derivative(x) : 0.0f;  // dS^T
+      acc_s(i) = valid ? silu(x) * p.inv_scaling : 0.0f;                  // P^T
+    }
+    Tensor rPt = converted<Elem>(acc_s);
+    Tensor rdSt = converted<Elem>(acc_dp);
+    gemm_reg_smem(acc_dv, make_tensor(rPt.data(), accumulator_as_operand_a(rPt.layout())), tKVrdOt, tKVsdOt, mma,
+                  copy_bt);
+    gemm_reg_smem(acc_dk, make_tensor(rdSt.data(), accumulator_as_operand_a(rdSt.layout())), tKVrQt, tKVsQt, mma,
+                  copy_bt);
+
+    copy(store_ds, retiled(store_ds, rdSt), tdSsdSt);
+    __syncthreads();  // dS^T in shared memory
+    Tensor acc_dq = partition_fragment_C(mma_q, tile_q);
+    clear(acc_dq);
+    gemm_smem_smem(acc_dq, tQrdS, tQrKt, tQsdS, tQsKt, mma_q, copy_q_at, copy_q_bt);
+    float* dq = p.dq_accum + (start + m0) * p.dq_row_stride + head * p.dq_head_stride;
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_dq); ++i) {
+      const int row = get<0>(tQcdQ(i));
+      if (row < length - m0) atomicAdd(dq + row * p.dq_row_stride + get<1>(tQcdQ(i)), acc_dq(i));
+    }
+  }
+
+  Tensor tKVcKV = thr_mma.partition_C(make_identity_tensor(tile_kv));
+  Elem* dk = static_cast<Elem*>(p.dk) + (start + n0) * p.dk_row_stride + head * p.dk_head_stride;
+  Elem* dv = static_cast<Elem*>(p.dv) + (start + n0) * p.dv_row_stride + head * p.dv_head_stride;
+  store_rows(acc_dk, tKVcKV, dk, p.dk_row_stride, length - n0);
+  store_rows(acc_dv, tKVcKV, dv, p.dv_row_stride, length - n0);
+}
+
+template <class Traits>
+cudaError_t launch_bwd(const HstuAttnBwdParams& p, cudaStream_t stream) {
+  constexpr int kSmem = Traits::kSmemBytes;
+  auto kernel = &hstu_attn_bwd_kernel<Traits>;
+  if (kSmem > 48 * 1024) {
+    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (error != cudaSuccess) return error;
+  }
+  const int64_t num_n_blocks = (int64_t(p.max_seq_len) + Traits::kBlockN - 1) / Traits::kBlockN;
+  const int64_t blocks = num_n_blocks * p.num_sequences;
+  if (blocks == 0 || p.num_heads == 0) return cudaSuccess;
+  if (blocks > 0x7fffffff || p.num_heads > 65535) return cudaErrorInvalidConfiguration;
+  kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace hstu_attn
