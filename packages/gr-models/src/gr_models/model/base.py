@@ -3,7 +3,7 @@ its distribution over the processes of an initialized world when it is built ins
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 
 import gr_parallel
 from gr_models.data.batch import Batch
+from gr_models.data.schema import DatasetSchema
 from gr_models.modules.embedding import ShardedEmbedding
 
 
@@ -89,3 +90,18 @@ class GRModel(nn.Module, metaclass=_DistributedWhenBuilt):
         """One row-sparse optimizer per unsharded static table (sharded and dynamic tables update themselves in
         backward)."""
         return self.embedding.sparse_optimizers()
+
+    def evaluate(
+        self,
+        batches: Iterable[tuple[Batch, bool]],
+        schema: DatasetSchema,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> dict[str, float]:
+        """The task's metrics over `(batch, counts)` pairs of an evaluation split (call under `torch.no_grad()`).
+
+        Every batch runs through the model (sharded lookups are collective, so every rank runs as many), but only
+        those with `counts` True enter the metrics. With `process_group` the metrics combine the predictions of
+        every rank of the group (each rank evaluating its share of the users). Each model class implements it
+        (RankingGR: per-task classification metrics; RetrievalGR and SASRec: full-corpus ranking metrics).
+        """
+        raise TypeError(f"cannot evaluate a {type(self).__name__}")

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from gr_models.configs.hstu_config import HSTUConfig
 from gr_models.configs.task_config import RankingConfig
-from gr_models.data.batch import RankingBatch
+from gr_models.data.batch import Batch, RankingBatch
+from gr_models.data.schema import DatasetSchema
+from gr_models.metrics.classification import MultiTaskBinaryMetrics
 from gr_models.model.base import GRModel
 from gr_models.modules.embedding import ShardedEmbedding
 from gr_models.modules.hstu_block import HSTUBlock, candidate_outputs, history_item_outputs
@@ -73,3 +79,19 @@ class RankingGR(GRModel):
         """`{"logits": [N, T], "labels": [N, T]}` for the metrics."""
         _, (logits, labels) = self(batch)
         return {"logits": logits, "labels": labels}
+
+    def evaluate(
+        self,
+        batches: Iterable[tuple[Batch, bool]],
+        schema: DatasetSchema,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> dict[str, float]:
+        """Per-task classification metrics (named by `schema.task_names`) of the counted batches' candidates."""
+        metrics = MultiTaskBinaryMetrics(
+            list(schema.task_names), process_group=process_group, sync_dist=process_group is not None
+        )
+        for batch, counts in batches:
+            result = self.evaluate_batch(cast(RankingBatch, batch))
+            if counts:
+                metrics.update(result["logits"], result["labels"])
+        return metrics.compute()

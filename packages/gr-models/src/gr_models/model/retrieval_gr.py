@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
+from typing import cast
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from gr_models.configs.hstu_config import HSTUConfig
 from gr_models.configs.task_config import RetrievalConfig
-from gr_models.data.batch import RetrievalBatch
-from gr_models.metrics.retrieval import target_ranks
+from gr_models.data.batch import Batch, RetrievalBatch
+from gr_models.data.schema import DatasetSchema
+from gr_models.metrics.retrieval import RetrievalMetrics, target_ranks
 from gr_models.model.base import GRModel
 from gr_models.modules.embedding import ShardedEmbedding
 from gr_models.modules.hstu_block import HSTUBlock, history_event_outputs
@@ -189,6 +193,24 @@ class RetrievalGR(GRModel):
             exclude = absent if exclude is None else exclude | absent
         ranks = target_ranks(scores, target_ids, exclude)
         return {"ranks": ranks, "scores": scores, "targets": target_ids}
+
+    def evaluate(
+        self,
+        batches: Iterable[tuple[Batch, bool]],
+        schema: DatasetSchema,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> dict[str, float]:
+        """HR@k, NDCG@k (k in `task_config.eval_top_k`) and MRR of the counted batches' held-out items, each
+        ranked against every item of `schema.item_feature_name`'s table (embedded once, before the batches)."""
+        corpus = self.all_item_embeddings(schema.item_feature_name)
+        metrics = RetrievalMetrics(
+            list(self.task_config.eval_top_k), process_group=process_group, sync_dist=process_group is not None
+        )
+        for batch, counts in batches:
+            ranks = self.evaluate_batch(cast(RetrievalBatch, batch), corpus)["ranks"]
+            if counts:
+                metrics.update_from_ranks(ranks)
+        return metrics.compute()
 
     @staticmethod
     def _history_mask(

@@ -16,9 +16,6 @@ from gr_models.data.batch import Batch
 from gr_models.data.collate import BatchCollator, collate_samples
 from gr_models.data.dataset import SequenceDataset
 from gr_models.data.pipeline import UserShardSampler
-from gr_models.metrics.classification import MultiTaskBinaryMetrics
-from gr_models.metrics.retrieval import RetrievalMetrics
-from gr_models.model import RankingGR, RetrievalGR
 from gr_models.model.base import GRModel
 from gr_models.trainer import checkpointing
 from gr_models.trainer.builders import build_model, build_train_dataset
@@ -53,6 +50,41 @@ class _SkippingSampler(torch.utils.data.Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = list(iter(self.sampler))
         return iter(order[self.skip :])
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step saw on this rank.
+
+    Attributes:
+        losses: one per micro-batch: the loss averaged over the global batch, divided by the data-parallel size
+            (summed over the ranks, the global value).
+        samples: users of this rank's micro-batches; tokens: their `sequence_tokens`.
+        grad_norm: the dense gradient norm before clipping, or None when `optim.grad_clip` is off.
+    """
+
+    losses: list[float]
+    samples: int
+    tokens: int
+    grad_norm: float | None
+
+
+@dataclass
+class _LogWindow:
+    """Training statistics since the last logged step (`start`: when the window's timing began)."""
+
+    loss: float = 0.0
+    micro_batches: int = 0
+    samples: int = 0
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, stats: StepStats) -> None:
+        for loss in stats.losses:
+            self.loss += loss
+        self.micro_batches += len(stats.losses)
+        self.samples += stats.samples
+        self.tokens += stats.tokens
 
 
 @dataclass
@@ -199,9 +231,8 @@ class Trainer:
         if settings.resume:
             self.load_latest_checkpoint()
         self.model.train()
-        accumulation = settings.grad_accumulation
-        if accumulation < 1:
-            raise ValueError(f"train.grad_accumulation must be >= 1, got {accumulation}")
+        if settings.grad_accumulation < 1:
+            raise ValueError(f"train.grad_accumulation must be >= 1, got {settings.grad_accumulation}")
         bar = ProgressLog(
             settings.max_steps, self.step, self.config.name, enabled=self.world.is_main,
             progress_bar=settings.progress_bar,
@@ -209,54 +240,64 @@ class Trainer:
         if self.step == 0 and settings.eval_every > 0:
             self._evaluate_and_record(bar)  # the untrained baseline, so the curves start at chance
         batches = self._batches()
-        window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
-        window_samples = window_tokens = 0
+        window = _LogWindow()
         while self.step < settings.max_steps:
-            started = time.perf_counter()
-            for _ in range(accumulation):
-                batch = next(batches)
-                losses, _ = self.model(batch)
-                loss = self.world.mean_over_global_batch(losses)
-                self.scaler.scale(loss / accumulation).backward()
-                window_loss += float(loss.detach()) / self.world.dp_size  # summed over the ranks when logged
-                window_count += 1
-                window_samples += batch.batch_size
-                window_tokens += sequence_tokens(batch)
-            grad_norm = self._optimizer_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.train_seconds += time.perf_counter() - started
-            self.step += 1
+            stats = self.train_step(batches)
+            window.add(stats)
             bar.update(1)
             if self.step % settings.log_every == 0 or self.step == settings.max_steps:
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
-                loss_sum, samples, tokens = self.world.sum_over_data_parallel(
-                    [window_loss, window_samples, window_tokens]
-                )
-                stats = {
-                    "loss": loss_sum / window_count,
-                    "lr": self.optimizers.learning_rate,
-                    "samples_per_s": samples / elapsed,
-                    "tokens_per_s": tokens / elapsed,
-                }
-                if grad_norm is not None:
-                    stats["grad_norm"] = grad_norm
-                self.recorder.scalars("train", stats, self.step)
-                bar.log_step(self.step, stats)
-                self.samples_seen += int(samples)
-                self.tokens_seen += int(tokens)
-                window_loss, window_count, window_samples, window_tokens = 0.0, 0, 0, 0
-                window_start = time.perf_counter()
+                self._log_window(window, stats.grad_norm, bar)
+                window = _LogWindow()
             if settings.eval_every > 0 and self.step % settings.eval_every == 0 and self.step < settings.max_steps:
                 self._evaluate_and_record(bar)
-                window_start = time.perf_counter()
+                window.start = time.perf_counter()
             if settings.checkpoint_every > 0 and self.step % settings.checkpoint_every == 0:
                 self.save_checkpoint()
-                window_start = time.perf_counter()
+                window.start = time.perf_counter()
         self.pipeline.close()
         final = self._evaluate_and_record(bar)
         bar.close()
         return self._finish(final)
+
+    def train_step(self, batches: Iterator[Batch]) -> StepStats:
+        """One optimizer step over the next `train.grad_accumulation` batches of `batches` (gradients accumulated,
+        loss-scaled in float16), counted in `step` and `train_seconds`."""
+        accumulation = self.config.train.grad_accumulation
+        started = time.perf_counter()
+        losses: list[float] = []
+        samples = tokens = 0
+        for _ in range(accumulation):
+            batch = next(batches)
+            row_losses, _ = self.model(batch)
+            loss = self.world.mean_over_global_batch(row_losses)
+            self.scaler.scale(loss / accumulation).backward()
+            losses.append(float(loss.detach()) / self.world.dp_size)  # summed over the ranks when logged
+            samples += batch.batch_size
+            tokens += sequence_tokens(batch)
+        grad_norm = self._optimizer_step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.train_seconds += time.perf_counter() - started
+        self.step += 1
+        return StepStats(losses=losses, samples=samples, tokens=tokens, grad_norm=grad_norm)
+
+    def _log_window(self, window: _LogWindow, grad_norm: float | None, bar: ProgressLog) -> None:
+        """Log the window's loss, learning rate and throughput over every data-parallel rank (the last step's
+        gradient norm too) to TensorBoard, the history and the progress log; count its samples and tokens."""
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        loss_sum, samples, tokens = self.world.sum_over_data_parallel([window.loss, window.samples, window.tokens])
+        stats = {
+            "loss": loss_sum / window.micro_batches,
+            "lr": self.optimizers.learning_rate,
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+        }
+        if grad_norm is not None:
+            stats["grad_norm"] = grad_norm
+        self.recorder.scalars("train", stats, self.step)
+        bar.log_step(self.step, stats)
+        self.samples_seen += int(samples)
+        self.tokens_seen += int(tokens)
 
     # ---------------------------------------------------------------------------------------------- evaluation
 
@@ -276,11 +317,7 @@ class Trainer:
         """
         limit = max_batches if max_batches is not None else self.config.train.eval_batches
         self.model.eval()
-        if isinstance(self.model, RankingGR):
-            return self._evaluate_ranking(limit)
-        if isinstance(self.model, RetrievalGR):
-            return self._evaluate_retrieval(limit)
-        raise TypeError(f"cannot evaluate a {type(self.model).__name__}")
+        return self.model.evaluate(self._evaluation_batches(limit), self.eval_dataset.schema, self.world.dp_group)
 
     def _evaluation_batches(self, limit: int | None) -> Iterator[tuple[Batch, bool]]:
         """`(batch, counts)` pairs: this rank's evaluation batches (`counts` True), then as many repeats of one
@@ -302,32 +339,6 @@ class Trainer:
                 if filler is None:
                     filler = collate_samples([dataset[0]], dataset.schema)
                 yield filler, False
-
-    def _metric_group(self) -> dict[str, Any]:
-        return {"process_group": self.world.dp_group, "sync_dist": self.world.dp_group is not None}
-
-    def _evaluate_ranking(self, limit: int | None) -> dict[str, float]:
-        task_names = list(self.eval_dataset.schema.task_names)
-        metrics = MultiTaskBinaryMetrics(task_names, **self._metric_group())
-        model = self.model
-        assert isinstance(model, RankingGR)
-        for batch, counts in self._evaluation_batches(limit):
-            result = model.evaluate_batch(batch)
-            if counts:
-                metrics.update(result["logits"], result["labels"])
-        return metrics.compute()
-
-    def _evaluate_retrieval(self, limit: int | None) -> dict[str, float]:
-        model = self.model
-        assert isinstance(model, RetrievalGR)
-        item_name = self.eval_dataset.schema.item_feature_name
-        corpus = model.all_item_embeddings(item_name)
-        metrics = RetrievalMetrics(list(model.task_config.eval_top_k), **self._metric_group())
-        for batch, counts in self._evaluation_batches(limit):
-            ranks = model.evaluate_batch(batch, corpus)["ranks"]
-            if counts:
-                metrics.update_from_ranks(ranks)
-        return metrics.compute()
 
     # --------------------------------------------------------------------------------------------- checkpoints
 
