@@ -1,42 +1,67 @@
 #!/usr/bin/env bash
-# One GPU call for issues 13 and 22: the whole hstu-attn test directory on CUDA (NaN containment, check_finite,
-# Triton forward/backward against the reference), the gr-train pipeline run (tools/gpu/gr_train_pipeline.sh),
-# and the Triton attention timed at the NaN-containment commit beside a baseline commit's kernels
-# (.baseline/src: `git archive BASE packages/hstu-attn/src`), alternating baseline, current, baseline, current.
-#   run(command="bash tools/gpu/pipeline_and_attention.sh", carry=[".gpu-wheels", ".baseline"])
-# Environment: COMMIT (the commit measured), BASE_COMMIT (the baseline's), ATTN_TEST_TIMEOUT_S (default 180).
+# One GPU call for issues 13, 15 and 22, most needed first, within about 580 s:
+#   1. install (tools/gpu/setup.sh), then build libhstu_attn_cutlass.so for this GPU's architecture in the
+#      background (scikit-build-core, editable; CPU work) while the whole hstu-attn test directory runs on CUDA
+#      (NaN containment, check_finite, Triton forward/backward against the reference);
+#   2. the gr-train pipeline run (tools/gpu/gr_train_pipeline.sh, timed, nothing else running);
+#   3. the CUTLASS forward/backward GPU tests (tests/test_cutlass_gpu.py);
+#   4. if time is left: the Triton attention timed at this commit beside a baseline commit's kernels
+#      (.baseline/packages/hstu-attn/src from `git archive BASE packages/hstu-attn/src`), alternating, and the
+#      CUTLASS kernels beside Triton and cuDNN.
+#   run(command="cd .snapshot && COMMIT=$(cat COMMIT) bash tools/gpu/pipeline_and_attention.sh", carry=[".snapshot"])
+# Environment: COMMIT, BASE_COMMIT, STEPS / ROUNDS (pipeline), ATTN_TEST_TIMEOUT_S (default 150), DEADLINE_S (580).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/pipeline-and-attention}
 mkdir -p "$out"
 started=$(date +%s)
+deadline=${DEADLINE_S:-580}
 stamp() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$out/steps.txt"; }
+left() { echo $(( deadline - ($(date +%s) - started) )); }
 
-stamp "hstu-attn tests on CUDA"
-HSTU_ATTN_TRITON_AUTOTUNE=0 PYTHONPATH=packages/hstu-attn/src timeout "${ATTN_TEST_TIMEOUT_S:-180}" \
-  python3 -m pytest packages/hstu-attn/tests -q -p no:cacheprovider -rs --durations=10 > "$out/attn-tests.log" 2>&1
+GR_SKIP_TESTS=1 source tools/gpu/setup.sh > "$out/setup.log" 2>&1 || { tail -20 "$out/setup.log"; exit 1; }
+stamp "installed"; grep -E "^device|^torch|^triton" "$out/setup.log"
+site=${GR_GPU_SITE:-/tmp/gr-site}
+export CUTLASS_INCLUDE_DIR="$site/cutlass_library/source/include"
+arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}' + ('a' if m >= 9 else ''))")
+( HSTU_ATTN_BUILD_CUDA=1 SKBUILD_BUILD_DIR=/tmp/hstu-attn-build CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+  CMAKE_ARGS="-DHSTU_ATTN_CUDA_ARCHS=$arch" python3 -m pip install -v --no-index --no-deps --no-build-isolation \
+  -e packages/hstu-attn > "$out/cutlass-build.log" 2>&1; echo "build exit $?" >> "$out/cutlass-build.log" ) &
+build_pid=$!
+
+stamp "hstu-attn tests on CUDA (CUTLASS build for sm_$arch in the background)"
+HSTU_ATTN_TRITON_AUTOTUNE=0 timeout "${ATTN_TEST_TIMEOUT_S:-150}" python3 -m pytest packages/hstu-attn/tests -q \
+  -p no:cacheprovider -rs --durations=10 --deselect packages/hstu-attn/tests/test_cutlass_gpu.py > "$out/attn-tests.log" 2>&1
 stamp "hstu-attn tests exit $?"
-tail -25 "$out/attn-tests.log"
+tail -15 "$out/attn-tests.log"
+wait "$build_pid"
+stamp "$(tail -1 "$out/cutlass-build.log")"
+grep -E "registers|spill" "$out/cutlass-build.log" | sort | uniq -c > "$out/cutlass-ptxas.txt"
 
 stamp "gr-train pipeline"
-OUT="$out" bash tools/gpu/gr_train_pipeline.sh
+OUT="$out" STEPS=${STEPS:-200} ROUNDS=${ROUNDS:-2} TEST_TIMEOUT_S=60 timeout $(( $(left) - 150 )) \
+  bash tools/gpu/gr_train_pipeline.sh
 stamp "gr-train pipeline exit $?"
 
-base_src=.baseline/packages/hstu-attn/src
-if [ -d "$base_src" ]; then
-  for round in 1 2; do
-    for side in baseline current; do
-      if [ $(( $(date +%s) - started )) -gt "${BENCH_UNTIL_S:-500}" ]; then stamp "no time left for bench $side"; break 2; fi
-      src=packages/hstu-attn/src commit=${COMMIT:-unknown}
-      [ "$side" = baseline ] && src=$base_src commit=${BASE_COMMIT:-unknown}
-      stamp "attention bench $side (round $round)"
-      mkdir -p "$out/bench-$side-$round"
-      PYTHONPATH="$src" timeout 120 python3 packages/hstu-attn/benchmarks/bench_attention.py --backends ours \
-        --shapes N1024 "B8 N4096 H4 D128" --memory-shape none --commit "$commit" --out "$out/bench-$side-$round" \
-        > "$out/bench-$side-$round.log" 2>&1
-      stamp "exit $?"
-      grep -E "ours" "$out/bench-$side-$round.log" | tail -8
-    done
-  done
+stamp "CUTLASS GPU tests"
+timeout $(( $(left) > 150 ? 150 : $(left) )) python3 -m pytest packages/hstu-attn/tests/test_cutlass_gpu.py -q \
+  -p no:cacheprovider -rs --durations=10 > "$out/cutlass-tests.log" 2>&1
+stamp "CUTLASS tests exit $?"
+tail -25 "$out/cutlass-tests.log"
+
+bench() {  # name, source folder, commit, backends...
+  local name=$1 src=$2 commit=$3; shift 3
+  [ "$(left)" -gt 60 ] || { stamp "no time left for bench $name"; return 1; }
+  mkdir -p "$out/bench-$name"
+  PYTHONPATH="$src:$PYTHONPATH" timeout $(( $(left) - 10 )) python3 packages/hstu-attn/benchmarks/bench_attention.py \
+    --backends "$@" --shapes N1024 "B8 N4096 H4 D128" --memory-shape none --commit "$commit" \
+    --out "$out/bench-$name" > "$out/bench-$name.log" 2>&1
+  stamp "bench $name exit $?"; grep -E "ours|cutlass|sdpa" "$out/bench-$name.log" | tail -12
+}
+if [ -d .baseline/packages/hstu-attn/src ]; then
+  bench baseline-1 .baseline/packages/hstu-attn/src "${BASE_COMMIT:-unknown}" ours &&
+  bench current-1 packages/hstu-attn/src "${COMMIT:-unknown}" ours cutlass sdpa_cudnn &&
+  bench baseline-2 .baseline/packages/hstu-attn/src "${BASE_COMMIT:-unknown}" ours &&
+  bench current-2 packages/hstu-attn/src "${COMMIT:-unknown}" ours cutlass sdpa_cudnn
 fi
 stamp done

@@ -132,10 +132,10 @@ def bench_ours(shape: Shape, **variant: Any) -> tuple[float, float]:
     return flops / fwd_ms / 1e9, 2.5 * flops / bwd_ms / 1e9
 
 
-def bench_cutlass(shape: Shape) -> tuple[float, None]:
-    """Forward of the CUTLASS/CuTe kernel (hstu_attn.cutlass, built with HSTU_ATTN_BUILD_CUDA=1); it has no backward
-    kernel yet, so the backward column stays empty."""
-    from hstu_attn.cutlass import hstu_attn_cutlass_forward
+def bench_cutlass(shape: Shape) -> tuple[float, float | None]:
+    """Forward and backward of the CUTLASS/CuTe kernels (hstu_attn.cutlass, built with HSTU_ATTN_BUILD_CUDA=1); the
+    backward column stays empty at head dims without a CUTLASS backward kernel (256)."""
+    from hstu_attn.cutlass import CUTLASS_BACKWARD_HEAD_DIMS, hstu_attn_cutlass_backward, hstu_attn_cutlass_forward
 
     x = make_inputs(shape)
     names = ("alpha", "scale", "causal", "num_targets", "contextual_seq_len", "max_attn_len")
@@ -144,8 +144,14 @@ def bench_cutlass(shape: Shape) -> tuple[float, None]:
     def fwd():
         return hstu_attn_cutlass_forward(x["q"], x["k"], x["v"], x["seq_offsets"], shape.max_len, **kw)
 
+    def bwd():
+        return hstu_attn_cutlass_backward(x["grad_out"], x["q"], x["k"], x["v"], x["seq_offsets"], shape.max_len, **kw)
+
     flops = forward_flops(x["lengths"], shape.heads, shape.head_dim)
-    return flops / median_ms(fwd) / 1e9, None
+    fwd_tflops = flops / median_ms(fwd) / 1e9
+    if shape.head_dim not in CUTLASS_BACKWARD_HEAD_DIMS:
+        return fwd_tflops, None
+    return fwd_tflops, 2.5 * flops / median_ms(bwd) / 1e9
 
 
 def bench_sdpa(shape: Shape, backend_name: str) -> tuple[float, float]:
