@@ -14,7 +14,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-import dynamicemb.dump.api as dump_api
+import dynamicemb.dump.standalone as dump_api
 from dynamicemb import (
     DynamicEmbDump,
     DynamicEmbeddingBagCollection,

@@ -14,20 +14,15 @@ from dynamicemb.distributed import (
     ShardedDynamicEmbeddingBagCollection,
     ShardedDynamicEmbeddingCollection,
 )
-from dynamicemb.dump import (
-    DynamicEmbDump,
-    DynamicEmbFileError,
-    DynamicEmbLoad,
-    get_score,
-    incremental_dump,
-    set_score,
-)
+from dynamicemb.dump import DynamicEmbFileError
+from dynamicemb.dump_load import DynamicEmbDump, DynamicEmbLoad, get_score, incremental_dump, set_score
 from dynamicemb.embedding_table import DynamicEmbeddingTable
+from dynamicemb.initializer import DynamicEmbInitializerArgs
 from dynamicemb.key_value_table import KeyValueTable
 from dynamicemb.lookup import dynamic_embedding_lookup
 from dynamicemb.modules import DynamicEmbeddingBagCollection, DynamicEmbeddingCollection, DynamicEmbModule
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs, DynamicEmbOptimizerType
-from dynamicemb.options import DynamicEmbInitializerArgs, DynamicEmbTableOptions
+from dynamicemb.options import DynamicEmbTableOptions
 from dynamicemb.planner import (
     DynamicEmbeddingEnumerator,
     DynamicEmbeddingShardingPlanner,

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from dynamicemb.options import DynamicEmbInitializerArgs
+from dynamicemb.initializer import DynamicEmbInitializerArgs
+from dynamicemb.masks import positions
 from dynamicemb.table import create_hash_table
 from dynamicemb.table.base import DynamicEmbScoreStrategy
 
@@ -59,7 +60,7 @@ class KVCounter(Counter):
         previous = torch.where(found, self.counts[slots.clamp(min=0)], 0)
         accumulated = previous + frequencies.to(self.device, torch.int64)
         result = self.index.insert_or_assign(keys, accumulated)
-        stored = (result.slots >= 0).nonzero().squeeze(1)
+        stored = positions(result.slots >= 0)
         self.counts[result.slots[stored]] = accumulated[stored]
         return accumulated
 
@@ -75,7 +76,7 @@ class KVCounter(Counter):
     def load(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
         keys, counts = keys.to(self.device), counts.to(self.device, torch.int64)
         result = self.index.insert_or_assign(keys, counts)
-        stored = (result.slots >= 0).nonzero().squeeze(1)
+        stored = positions(result.slots >= 0)
         self.counts[result.slots[stored]] = counts[stored]
 
     def size(self) -> int:

@@ -7,15 +7,12 @@ from collections.abc import Iterator
 import torch
 
 from dynamicemb.key_value_table import EvictedRows, KeyValueTable, TrainingLookup, update_rows_
+from dynamicemb.masks import positions
 from dynamicemb.optimizer import FusedOptimizer
 from dynamicemb.storage.base import Storage
 from dynamicemb.table.base import DynamicEmbScoreStrategy
 
 __all__ = ["CachedKeyValueTable"]
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return mask.nonzero().squeeze(1)
 
 
 class CachedKeyValueTable(Storage):
@@ -81,7 +78,7 @@ class CachedKeyValueTable(Storage):
         there, so a key moving between the tiers keeps its frequency instead of restarting at 1."""
         if self.cache.index.score_strategy != DynamicEmbScoreStrategy.LFU:
             return
-        back_pos = _positions(in_backing)
+        back_pos = positions(in_backing)
         if back_pos.numel() == 0:
             return
         try:
@@ -102,7 +99,7 @@ class CachedKeyValueTable(Storage):
     # --- Storage ------------------------------------------------------------------------------
     def find(self, keys: torch.Tensor, columns: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         values, found = self.cache.find(keys, columns)
-        miss_pos = _positions(~found)
+        miss_pos = positions(~found)
         if miss_pos.numel():
             rows, in_backing = self._backing_find(keys[miss_pos])
             values[miss_pos] = rows[:, : values.shape[1]]
@@ -112,7 +109,7 @@ class CachedKeyValueTable(Storage):
     def find_scores(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores in the cache, else in ``backing`` (``(scores [N], found [N])``)."""
         scores, found = self.cache.find_scores(keys)
-        miss_pos = _positions(~found)
+        miss_pos = positions(~found)
         if miss_pos.numel():
             backing_scores, in_backing = self.backing.find_scores(keys[miss_pos])
             scores[miss_pos] = backing_scores.to(scores.device)
@@ -121,7 +118,7 @@ class CachedKeyValueTable(Storage):
 
     def contains(self, keys: torch.Tensor) -> torch.Tensor:
         found = self.cache.contains(keys)
-        miss_pos = _positions(~found)
+        miss_pos = positions(~found)
         if miss_pos.numel():
             found[miss_pos] = self.backing.contains(keys[miss_pos]).to(self.device)
         return found
@@ -130,7 +127,7 @@ class CachedKeyValueTable(Storage):
         """Insert into the cache; its evictions and the keys it refuses go to ``backing``."""
         evicted, refused = self.cache.insert_and_evict(keys, values, scores)
         self._write_back(evicted)
-        refused_pos = _positions(refused)
+        refused_pos = positions(refused)
         self._backing_insert(keys[refused_pos], values[refused_pos], None if scores is None else scores[refused_pos])
         self.version += 1
 
@@ -141,7 +138,7 @@ class CachedKeyValueTable(Storage):
         own), then the backing rows of keys not in the cache; dump files rely on this order."""
         yield from self.cache.dump(min_score, batch_size)
         for keys, values, scores in self.backing.dump(min_score, batch_size):
-            keep = _positions(~self.cache.contains(keys.to(self.device))).to(keys.device)
+            keep = positions(~self.cache.contains(keys.to(self.device))).to(keys.device)
             if keep.numel():
                 yield keys[keep], values[keep], scores[keep]
 
@@ -158,12 +155,12 @@ class CachedKeyValueTable(Storage):
             self.version += 1
             return
         evicted, refused = self.backing.insert_and_evict(keys, values, scores)
-        refused_pos = _positions(refused)
+        refused_pos = positions(refused)
         overflow_keys = torch.cat([evicted.keys, keys[refused_pos]])
         overflow_values = torch.cat([evicted.values.to(values.dtype), values[refused_pos]])
         overflow_scores = torch.cat([evicted.scores, scores[refused_pos]])
         # An evicted backing row whose key is cached was a stale copy: the cached row is the live one.
-        homeless = _positions(~self.cache.contains(overflow_keys))
+        homeless = positions(~self.cache.contains(overflow_keys))
         if homeless.numel():
             self.insert(overflow_keys[homeless], overflow_values[homeless], overflow_scores[homeless])
         self.version += 1
@@ -185,20 +182,20 @@ class CachedKeyValueTable(Storage):
         assert evicted is not None
         self._write_back(evicted)
         slots = result.slots
-        new_pos = _positions(~result.existed & (slots >= 0))
+        new_pos = positions(~result.existed & (slots >= 0))
         if new_pos.numel():
             rows, in_backing = self._rows_from_backing(keys[new_pos])
             self.cache.values.write(slots[new_pos], rows)
             self._carry_counts(keys[new_pos], slots[new_pos], in_backing)
-        table_pos = _positions(slots >= 0)
-        elsewhere_pos = _positions(slots < 0)
+        table_pos = positions(slots >= 0)
+        elsewhere_pos = positions(slots < 0)
         embeddings = torch.zeros((keys.numel(), self.dim), dtype=self.dtype, device=self.device)
         embeddings[table_pos] = self.cache.values.read(slots[table_pos], self.dim)
         num_lost = 0
         if elsewhere_pos.numel():
             refused_keys = keys[elsewhere_pos]
             rows, found = self._rows_from_backing(refused_keys)
-            absent = _positions(~found)
+            absent = positions(~found)
             refused_scores = None if scores is None else scores[elsewhere_pos]
             self._backing_insert(
                 refused_keys[absent], rows[absent], None if refused_scores is None else refused_scores[absent]
@@ -226,14 +223,14 @@ class CachedKeyValueTable(Storage):
             backing_pos = lookup.elsewhere_pos
         else:
             slots, found = self.cache.index.find(lookup.keys)
-            cache_pos, backing_pos = _positions(found), _positions(~found)
+            cache_pos, backing_pos = positions(found), positions(~found)
             cache_slots = slots[cache_pos]
         update_rows_(self.cache.values, cache_slots, grads[cache_pos], optimizer, step)
         if backing_pos.numel() == 0:
             return
         keys = lookup.keys[backing_pos]
         rows, found = self._backing_find(keys)
-        present = _positions(found)
+        present = positions(found)
         rows = rows[present].float()
         optimizer.update_(rows, grads[backing_pos[present]], step)
         scores = None if lookup.scores is None else lookup.scores[backing_pos[present]]

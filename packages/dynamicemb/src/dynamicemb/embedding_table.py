@@ -11,10 +11,11 @@ import torch
 
 from dynamicemb.admission import KVCounter
 from dynamicemb.cached_table import CachedKeyValueTable
-from dynamicemb.initializer import EmbeddingInitializer
+from dynamicemb.initializer import DynamicEmbInitializerArgs, EmbeddingInitializer
 from dynamicemb.key_value_table import KeyValueTable, TrainingLookup
+from dynamicemb.masks import positions
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs, FusedOptimizer
-from dynamicemb.options import DynamicEmbInitializerArgs, DynamicEmbTableOptions
+from dynamicemb.options import DynamicEmbTableOptions
 from dynamicemb.table.layout import next_power_of_two
 from dynamicemb.types import DynamicEmbCheckMode, DynamicEmbScoreStrategy
 
@@ -290,15 +291,15 @@ class DynamicEmbeddingTable:
     def _lookup_with_admission(self, keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, LookupHandle]:
         assert self.admission is not None and self.counter is not None
         present = self.store.contains(keys)
-        missing = (~present).nonzero().squeeze(1)
+        missing = positions(~present)
         missing_keys = keys[missing]
         frequencies = self.counter.add(missing_keys, counts[missing]).to(self.device)
         admitted = self.admission.admit(missing_keys, frequencies).to(self.device)
         self.counter.erase(missing_keys[admitted])
         admit_mask = present.clone()
         admit_mask[missing] = admitted
-        admit_pos = admit_mask.nonzero().squeeze(1)
-        reject_pos = (~admit_mask).nonzero().squeeze(1)
+        admit_pos = positions(admit_mask)
+        reject_pos = positions(~admit_mask)
         lookup = self.store.lookup_for_training(keys[admit_pos], self._scores(admit_pos.numel()))
         self._check_lost(lookup.num_lost, keys.numel())
         embeddings = torch.empty((keys.numel(), self.dim), dtype=self.dtype, device=self.device)

@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from dynamicemb.options import DynamicEmbInitializerArgs
 from dynamicemb.types import DynamicEmbInitializerMode
 
-__all__ = ["EmbeddingInitializer"]
+__all__ = ["DynamicEmbInitializerArgs", "EmbeddingInitializer"]
+
+
+@dataclass
+class DynamicEmbInitializerArgs:
+    """Parameters of a :class:`DynamicEmbInitializerMode`.
+
+    ``lower``/``upper`` left ``None`` become ``-1/sqrt(num_embeddings)`` / ``+1/sqrt(num_embeddings)``
+    (``num_embeddings`` of the table's TorchRec config) for UNIFORM and TRUNCATED_NORMAL.
+    """
+
+    mode: DynamicEmbInitializerMode = DynamicEmbInitializerMode.UNIFORM
+    mean: float = 0.0
+    std_dev: float = 1.0
+    lower: float | None = None
+    upper: float | None = None
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.mode = DynamicEmbInitializerMode(self.mode)
+        if self.std_dev < 0:
+            raise ValueError(f"DynamicEmbInitializerArgs: std_dev must be >= 0, got {self.std_dev}")
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise ValueError(f"DynamicEmbInitializerArgs: lower {self.lower} > upper {self.upper}")
 
 
 class EmbeddingInitializer:

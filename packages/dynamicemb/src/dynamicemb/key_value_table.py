@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dynamicemb.masks import positions
 from dynamicemb.optimizer import FusedOptimizer
 from dynamicemb.storage.base import Storage
 from dynamicemb.storage.value_store import DeviceValueStore, ValueStore, create_value_store, resize_value_store
@@ -49,10 +50,6 @@ class TrainingLookup:
     scores: torch.Tensor | None
     num_lost: int
     version: int
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return mask.nonzero().squeeze(1)
 
 
 def update_rows_(
@@ -183,10 +180,10 @@ class KeyValueTable(Storage):
         ``new_rows``. A key the table refuses gets fresh ``new_rows`` values that are not stored."""
         result, _ = self.insert_slots(keys, scores, assign=False, read_evicted=False)
         slots = result.slots
-        new_pos = _positions(~result.existed & (slots >= 0))
+        new_pos = positions(~result.existed & (slots >= 0))
         self.values.write(slots[new_pos], self.new_rows(new_pos.numel()))
         values = self.values.read(slots.clamp(min=0))
-        refused_pos = _positions(slots < 0)
+        refused_pos = positions(slots < 0)
         if refused_pos.numel():
             values[refused_pos] = self.new_rows(refused_pos.numel()).to(values.dtype)
         return values
@@ -231,10 +228,10 @@ class KeyValueTable(Storage):
         """Find or insert unique ``keys [U]`` and return their embeddings; refused keys read as zeros."""
         result, _ = self.insert_slots(keys, scores, assign=False, read_evicted=False)
         slots = result.slots
-        new_pos = _positions(~result.existed & (slots >= 0))
+        new_pos = positions(~result.existed & (slots >= 0))
         if new_pos.numel():
             self.values.write(slots[new_pos], self.new_rows(new_pos.numel()))
-        table_pos = _positions(slots >= 0)
+        table_pos = positions(slots >= 0)
         if table_pos.numel() == keys.numel():
             embeddings = self.values.read(slots, self.dim)
         else:
@@ -261,8 +258,8 @@ class KeyValueTable(Storage):
                 return None, lookup.slots
             return lookup.table_pos, lookup.slots[lookup.table_pos]
         slots, found = self.index.find(lookup.keys)
-        positions = _positions(found)
-        return positions, slots[positions]
+        found_pos = positions(found)
+        return found_pos, slots[found_pos]
 
     def update_for_training(
         self, lookup: TrainingLookup, grads: torch.Tensor, optimizer: FusedOptimizer, step: int

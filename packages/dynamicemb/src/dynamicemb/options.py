@@ -1,48 +1,24 @@
-"""Per-table configuration: :class:`DynamicEmbTableOptions` and :class:`DynamicEmbInitializerArgs`."""
+"""Per-table configuration: :class:`DynamicEmbTableOptions`."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from dynamicemb.admission import AdmissionStrategy, Counter
+from dynamicemb.initializer import DynamicEmbInitializerArgs
+from dynamicemb.storage.base import Storage
 from dynamicemb.types import (
     DynamicEmbCheckMode,
     DynamicEmbInitializerMode,
     DynamicEmbScoreStrategy,
 )
 
-if TYPE_CHECKING:
-    from dynamicemb.admission import AdmissionStrategy, Counter
-    from dynamicemb.storage.base import Storage
-
-__all__ = ["DynamicEmbInitializerArgs", "DynamicEmbTableOptions", "options_to_json"]
-
-
-@dataclass
-class DynamicEmbInitializerArgs:
-    """Parameters of a :class:`DynamicEmbInitializerMode`.
-
-    ``lower``/``upper`` left ``None`` become ``-1/sqrt(num_embeddings)`` / ``+1/sqrt(num_embeddings)``
-    (``num_embeddings`` of the table's TorchRec config) for UNIFORM and TRUNCATED_NORMAL.
-    """
-
-    mode: DynamicEmbInitializerMode = DynamicEmbInitializerMode.UNIFORM
-    mean: float = 0.0
-    std_dev: float = 1.0
-    lower: float | None = None
-    upper: float | None = None
-    value: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.mode = DynamicEmbInitializerMode(self.mode)
-        if self.std_dev < 0:
-            raise ValueError(f"DynamicEmbInitializerArgs: std_dev must be >= 0, got {self.std_dev}")
-        if self.lower is not None and self.upper is not None and self.lower > self.upper:
-            raise ValueError(f"DynamicEmbInitializerArgs: lower {self.lower} > upper {self.upper}")
+__all__ = ["DynamicEmbTableOptions", "options_to_json"]
 
 
 def _zeros() -> DynamicEmbInitializerArgs:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from dynamicemb.dump import fsync_folder
 from gr_checkpoint.collective import broadcast_from_zero, rank_and_world
 from gr_checkpoint.manifest import MANIFEST_NAME
 
@@ -56,14 +57,6 @@ def _previous_dir(target: Path) -> Path:
     return target.parent / f".{target.name}.previous"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def prepare_staging(target: Path) -> None:
     """Create an empty staging directory for ``target`` (removing one a crashed save left).
 
@@ -92,7 +85,7 @@ def publish(target: Path) -> None:
     if target.exists():
         os.replace(target, previous)
     os.replace(staging, target)
-    _fsync_dir(target.parent)
+    fsync_folder(target.parent)
     if previous.exists():
         shutil.rmtree(previous)
 

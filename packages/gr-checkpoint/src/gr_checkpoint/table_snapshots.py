@@ -22,9 +22,9 @@ from torch import nn
 
 from dynamicemb.distributed import find_sharded_modules
 from dynamicemb.distributed.checkpoint import MANIFEST_NAME as SHARDED_MANIFEST_NAME
-from dynamicemb.dump import find_dynamic_modules, table_file_path
-from dynamicemb.dump.api import fsync_folder, write_temporary_table_file
+from dynamicemb.dump import find_dynamic_modules, fsync_folder, table_file_path
 from dynamicemb.dump.file_format import TableSnapshot
+from dynamicemb.dump.standalone import write_temporary_table_file
 
 __all__ = ["TableFileSnapshot", "snapshot_tables", "write_sharded_manifests", "write_table_snapshots"]
 

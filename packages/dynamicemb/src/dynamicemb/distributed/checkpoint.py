@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +38,19 @@ from torchrec.distributed.model_parallel import get_unwrapped_module
 
 from dynamicemb.distributed.common import ShardedDynamicEmbModule
 from dynamicemb.distributed.key_distribution import owner_ranks
-from dynamicemb.dump import DynamicEmbFileError, TableFile, table_file_path
-from dynamicemb.dump.api import export_rows, fsync_folder, module_scores, write_temporary_table_file
-from dynamicemb.dump.file_format import path_inside
+from dynamicemb.dump.file_format import DynamicEmbFileError, TableFile, path_inside
+from dynamicemb.dump.standalone import (
+    ScoreMap,
+    TableNames,
+    check_file_name,
+    export_rows,
+    fsync_folder,
+    module_scores,
+    table_file_path,
+    write_temporary_table_file,
+)
 from dynamicemb.embedding_table import DynamicEmbeddingTable
+from dynamicemb.masks import positions
 from dynamicemb.planner.parameter_sharding import KeyDistribution
 
 __all__ = [
@@ -59,9 +68,6 @@ _FORMAT = "dynamicemb-sharded-dump"
 _VERSION = 1
 _ROOT = "_root"
 _SUFFIX = ".dynamicemb"
-
-TableNames = Mapping[str, Sequence[str]] | None
-ScoreMap = dict[str, dict[str, int | None]]
 
 
 def find_sharded_modules(model: nn.Module) -> dict[str, ShardedDynamicEmbModule]:
@@ -128,12 +134,6 @@ def _shard_file_name(table: str, dump_id: str, rank: int, world_size: int) -> st
     return f"{table}.{dump_id}.shard-{rank}-of-{world_size}{_SUFFIX}"
 
 
-def _check_name(name: str) -> str:
-    if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
-        raise ValueError(f"{name!r} cannot name a dump file or folder")
-    return name
-
-
 def _read_manifest(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, MANIFEST_NAME)
     if not os.path.exists(path):
@@ -192,9 +192,9 @@ def dump_sharded(
     error = ""
     try:
         for s in selected:
-            folder = os.path.join(path, _check_name(s.module))
+            folder = os.path.join(path, check_file_name(s.module))
             os.makedirs(folder, exist_ok=True)
-            final = os.path.join(folder, _shard_file_name(_check_name(s.table.name), dump_id, rank, world_size))
+            final = os.path.join(folder, _shard_file_name(check_file_name(s.table.name), dump_id, rank, world_size))
             _write_shard(final, s.table, optim)
             written.append(final)
     except Exception as exc:  # reported to every rank by _agree
@@ -249,7 +249,7 @@ class _LoadPlan:
 
 
 def _plan_load(path: str, s: _Selected, optim: bool, rank: int, world_size: int) -> _LoadPlan:
-    folder = path_inside(path, _check_name(s.module), path)
+    folder = path_inside(path, check_file_name(s.module), path)
     entry = _read_manifest(folder)["tables"].get(s.table.name)
     if entry is None:
         single = path_inside(folder, os.path.basename(table_file_path(path, s.module, s.table.name)), folder)
@@ -303,7 +303,7 @@ def load_sharded(
         for header in plan.to_read:
             for chunk in header.rows():
                 keys = chunk.keys
-                mine = (owner_ranks(keys, world_size, distribution) == rank).nonzero().squeeze(1)
+                mine = positions(owner_ranks(keys, world_size, distribution) == rank)
                 if mine.numel():
                     state = chunk.optimizer_state
                     kept_state = state[mine] if optim and state is not None else None
@@ -312,7 +312,7 @@ def load_sharded(
                     )
             if table.counter is not None:  # admission counts of keys not yet admitted, to the keys' owners
                 for keys, counts in header.counters():
-                    mine = (owner_ranks(keys, world_size, distribution) == rank).nonzero().squeeze(1)
+                    mine = positions(owner_ranks(keys, world_size, distribution) == rank)
                     if mine.numel():
                         table.counter.load(keys[mine], counts[mine])
         if optim:

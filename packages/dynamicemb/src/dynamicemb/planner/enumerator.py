@@ -11,6 +11,7 @@ import copy
 from collections.abc import Mapping
 
 from torch import nn
+from torchrec.distributed.planner.constants import BATCH_SIZE
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.types import ParameterConstraints, ShardEstimator, ShardingOption, Topology
 from torchrec.distributed.types import ModuleSharder
@@ -57,8 +58,6 @@ class DynamicEmbeddingEnumerator(EmbeddingEnumerator):
         estimator: ShardEstimator | list[ShardEstimator] | None = None,
         use_exact_enumerate_order: bool | None = False,
     ) -> None:
-        from torchrec.distributed.planner.constants import BATCH_SIZE
-
         super().__init__(
             topology=topology,
             batch_size=batch_size if batch_size is not None else BATCH_SIZE,

@@ -16,7 +16,7 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import Enumerator, ParameterConstraints, Storage, StorageReservation, Topology
 from torchrec.distributed.planner.utils import sharder_name
-from torchrec.distributed.sharding_plan import calculate_shard_sizes_and_offsets, placement
+from torchrec.distributed.sharding_plan import calculate_shard_sizes_and_offsets, get_default_sharders, placement
 from torchrec.distributed.types import (
     EmbeddingModuleShardingPlan,
     EnumerableShardingSpec,
@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 def default_sharders() -> list[ModuleSharder[nn.Module]]:
     """dynamicemb's sharders for ``EmbeddingCollection`` / ``EmbeddingBagCollection`` and
     TorchRec's default sharders for the other module types."""
-    from torchrec.distributed.sharding_plan import get_default_sharders
-
     from dynamicemb.distributed import DynamicEmbeddingBagCollectionSharder, DynamicEmbeddingCollectionSharder
 
     ours: list[ModuleSharder[nn.Module]] = [DynamicEmbeddingCollectionSharder(), DynamicEmbeddingBagCollectionSharder()]

@@ -15,6 +15,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from dynamicemb.masks import positions
+
 __all__ = ["RowCodec", "StorageError", "require"]
 
 _SIGN_BIT = np.uint64(1 << 63)
@@ -105,8 +107,8 @@ class RowCodec:
                 f"(score + {self.value_dim} x {self.dtype}); was the store written by another table?"
             )
         matrix = np.frombuffer(joined, dtype=np.uint8).reshape(len(present), width)
-        positions = found.nonzero().squeeze(1)
+        found_pos = positions(found)
         # Copies with standard strides, so the bytes can be viewed as int64 and as the row dtype.
-        scores[positions] = torch.from_numpy(matrix[:, :SCORE_BYTES].copy()).view(torch.int64).squeeze(1)
-        values[positions] = torch.from_numpy(matrix[:, SCORE_BYTES:].copy()).view(self.dtype)
+        scores[found_pos] = torch.from_numpy(matrix[:, :SCORE_BYTES].copy()).view(torch.int64).squeeze(1)
+        values[found_pos] = torch.from_numpy(matrix[:, SCORE_BYTES:].copy()).view(self.dtype)
         return values, scores, found

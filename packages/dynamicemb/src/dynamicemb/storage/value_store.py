@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from dynamicemb.masks import positions
 from dynamicemb.table.base import SlotRemap
 
 __all__ = [
@@ -47,7 +48,7 @@ class ValueStore(ABC):
 
     def write_placed(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         """``rows [N, row_dim]`` into the distinct ``slots [N]`` that are ``>= 0`` (``-1``: skipped)."""
-        placed = (slots >= 0).nonzero().squeeze(1)
+        placed = positions(slots >= 0)
         self.write(slots[placed], rows[placed])
 
     def memory_bytes(self) -> tuple[int, int]:
@@ -123,7 +124,7 @@ class SplitValueStore(ValueStore):
 
     def _split(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         on_device = (slots >= 0) & (slots < self._device_rows)
-        return on_device.nonzero().squeeze(1), (slots >= self._device_rows).nonzero().squeeze(1)
+        return positions(on_device), positions(slots >= self._device_rows)
 
     def read(self, slots: torch.Tensor, columns: int | None = None) -> torch.Tensor:
         cols = self.row_dim if columns is None else columns

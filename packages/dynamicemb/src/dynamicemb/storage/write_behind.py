@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from dynamicemb.masks import positions
 from dynamicemb.storage.base import Storage
 from dynamicemb.storage.row_codec import StorageError
 
@@ -27,7 +28,7 @@ def _positions_in(batch: _Batch, keys: torch.Tensor) -> tuple[torch.Tensor, torc
     """``(where, rows)``: positions in ``keys`` of the keys ``batch`` holds, and their rows in ``batch``."""
     rows = torch.searchsorted(batch.keys, keys).clamp(max=max(batch.keys.numel() - 1, 0))
     hit = batch.keys[rows] == keys if batch.keys.numel() else torch.zeros_like(keys, dtype=torch.bool)
-    where = hit.nonzero().squeeze(1)
+    where = positions(hit)
     return where, rows[where]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dynamicemb.masks import positions
 from dynamicemb.table.base import DynamicEmbScoreStrategy, InsertResult, ScoredHashTable, SlotRemap
 from dynamicemb.table.layout import (
     FIRST_DIGEST,
@@ -180,7 +181,7 @@ class BucketedHashTable(ScoredHashTable):
         if start >= end:
             return _empty_slots(self.device), _empty_slots(self.device), _empty_slots(self.device)
         occupied = storage.digests[start:end] >= FIRST_DIGEST
-        slots = occupied.nonzero().squeeze(1) + start
+        slots = positions(occupied) + start
         return storage.keys[slots], slots, storage.scores[slots]
 
     def reserve(self, num_new_keys: int) -> SlotRemap | None:
@@ -197,7 +198,7 @@ class BucketedHashTable(ScoredHashTable):
     # ---------------------------------------------------------------------------------- helpers
     def _rehash(self, num_buckets: int) -> SlotRemap:
         old = self._storage
-        old_slots = (old.digests >= FIRST_DIGEST).nonzero().squeeze(1)
+        old_slots = positions(old.digests >= FIRST_DIGEST)
         new = TableStorage.allocate(num_buckets, self.bucket_capacity, self.device)
         new_slots = self._place_unique(new, old.keys[old_slots], old.scores[old_slots])
         if bool((new_slots < 0).any()):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from dynamicemb.masks import positions
 from dynamicemb.table.triton_kernels import (
     gather_rows_kernel,
     gather_split_rows_kernel,
@@ -81,7 +82,7 @@ def scatter_rows(values: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, 
         use_triton = values.is_cuda
     rows = rows.to(values.dtype)
     if not use_triton or values.stride(1) != 1:
-        placed = (slots >= 0).nonzero().squeeze(1)
+        placed = positions(slots >= 0)
         values.index_copy_(0, slots[placed], rows[placed])
         return
     n, dim = slots.numel(), values.shape[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dynamicemb.masks import positions
 from dynamicemb.table.base import InsertResult
 from dynamicemb.table.bucketed import BucketedHashTable, ScoreUpdate
 from dynamicemb.table.layout import (
@@ -229,7 +230,7 @@ class TorchHashTable(BucketedHashTable):
         else:
             storage.scores[hit] = scores[found]
         storage.epochs[hit] = epoch
-        missing = (~found).nonzero().squeeze(1)
+        missing = positions(~found)
         placed, ev_keys, ev_slots, ev_scores = place_absent_keys(
             storage, probe.select(missing), scores[missing], first_free[missing], epoch, evict
         )

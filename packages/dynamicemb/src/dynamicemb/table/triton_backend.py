@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from dynamicemb.masks import positions
 from dynamicemb.table.base import InsertResult
 from dynamicemb.table.bucketed import BucketedHashTable, ScoreUpdate
 from dynamicemb.table.layout import TableStorage, hash_keys
@@ -280,14 +281,14 @@ class TritonHashTable(BucketedHashTable):
             CHUNK=16,
             num_warps=_EVICT_WARPS,
         )
-        evicted = evicted[:, flags.nonzero().squeeze(1)]
+        evicted = evicted[:, positions(flags)]
         return evicted[0], evicted[1], evicted[2]
 
     def _evict_by_score(
         self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, update: ScoreUpdate, epoch: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-key scores (distinct keys): grouped by bucket and descending score with torch sorts."""
-        lanes = (slots == DEFERRED.value).nonzero().squeeze(1)
+        lanes = positions(slots == DEFERRED.value)
         if lanes.numel() == 0:
             empty = torch.zeros(0, dtype=torch.int64, device=keys.device)
             return empty, empty, empty
@@ -321,7 +322,7 @@ class TritonHashTable(BucketedHashTable):
             num_warps=_EVICT_WARPS,
         )
         slots[lanes[order]] = placed
-        won = evicted.nonzero().squeeze(1)
+        won = positions(evicted)
         return evicted_keys[won], placed[won], evicted_scores[won]
 
     def _lookup(
