@@ -2,8 +2,9 @@
 
 python3 -m pip install nox
 nox -s demo          # train a small ranking GR on the embedded synthetic data (CPU)
-nox -s tests         # unit tests of every package, CPU, one environment
-nox -s lint tests integration   # what CI runs (.ci/run)
+nox -s tests         # unit tests of every package but the slow ones, CPU, one shared environment
+nox -s "tests(package='dynamicemb')"   # one package's
+nox -s lint tests slow integration   # what CI runs (.ci/run)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ PACKAGES = {
     "gr-checkpoint": "gr_checkpoint",
     "gr-models": "gr_models",
 }
-TEST_TOOLS = ["pytest", "scikit-learn"]
+TEST_GROUP = "test"  # each package's [dependency-groups] table of test tools (PEP 735)
 # Packages with integration tests of their use without the rest of the workspace (integration_tests/alone/).
 ALONE = ["dynamicemb", "hstu-attn"]
 CPU_ENV = {"TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}
@@ -51,16 +52,20 @@ def _install(
     editable: bool,
     extras: list[str] | None = None,
     wheel_dir: Path | None = None,
-    tools: list[str] = TEST_TOOLS,
+    groups: tuple[str, ...] = (TEST_GROUP,),
+    tools: tuple[str, ...] = (),
 ) -> None:
+    """``packages`` with their declared dependencies, ``extras``, the dependency ``groups`` of ``packages`` and the
+    further requirements ``tools``, pinned by the constraints (tools/install_stack.py)."""
     install_stack.install(
         _python(session),
         [ROOT / "packages" / p for p in packages],
         CONSTRAINTS,
         editable=editable,
         extras=extras or [],
-        additional=tools,
+        additional=list(tools),
         wheel_dir=wheel_dir,
+        groups=list(groups),
     )
 
 
@@ -78,17 +83,36 @@ def _build_dists(session: nox.Session, packages: list[str], dist: Path) -> None:
         )
 
 
-def _pytest(session: nox.Session, *paths: str) -> None:
-    # pytest exits 5 when it collected nothing: that must fail CI, and it does (nox treats non-zero as failure).
-    session.run("python", "-m", "pytest", *paths, *session.posargs, env=CPU_ENV)
-
-
-@nox.session(python=PYTHON)
-def tests(session: nox.Session) -> None:
-    """Unit tests of every package on CPU, in one environment with every package editable."""
-    # dynamicemb's optional storage tiers (RocksDB, Redis) are tested here too.
+@nox.session(python=PYTHON, default=False)
+def test_env(session: nox.Session) -> None:
+    """The environment `tests` and `slow` share (they require this session): every package editable with its test
+    group and dynamicemb's storage extras, so the torch stack is installed once, not once per package."""
     _install(session, list(PACKAGES), editable=True, extras=["rocksdb", "redis"])
-    _pytest(session, *[f"packages/{p}/tests" for p in PACKAGES])
+
+
+def _pytest_in_test_env(session: nox.Session, packages: list[str], marker: str) -> None:
+    """pytest with ``-m marker`` over the tests of ``packages``, in test_env's interpreter; posargs follow (a later
+    ``-m`` overrides the marker). pytest exits 5 when it collected nothing: that fails the session, as it should."""
+    python = session.env_dir.parent / "test_env" / "bin" / "python"
+    if not python.is_file():
+        session.error(f"{python} is missing: run the test_env session first (nox runs it before this one)")
+    paths = [f"packages/{p}/tests" for p in packages]
+    session.run(str(python), "-m", "pytest", "-m", marker, *paths, *session.posargs, env=CPU_ENV, external=True)
+
+
+@nox.session(venv_backend="none", requires=["test_env"])
+@nox.parametrize("package", list(PACKAGES))
+def tests(session: nox.Session, package: str) -> None:
+    """Unit tests of one package on CPU but those marked slow, in the shared test_env (`nox -s tests`: every
+    package, one session each, one environment)."""
+    _pytest_in_test_env(session, [package], "not slow")
+
+
+@nox.session(venv_backend="none", requires=["test_env"])
+def slow(session: nox.Session) -> None:
+    """The tests marked slow (multi-process harnesses, compile tests for GPU targets, multi-minute runs) of every
+    package, in one pytest run in test_env. CI runs them (.ci/run)."""
+    _pytest_in_test_env(session, list(PACKAGES), "slow")
 
 
 @nox.session(python=PYTHON)
@@ -103,10 +127,8 @@ def integration(session: nox.Session, stack: str) -> None:
         old.unlink()
     session.install("-c", str(CONSTRAINTS), "build")
     _build_dists(session, packages, dist)
-    if stack == "all":
-        _install(session, packages, editable=False, wheel_dir=dist)
-    else:  # the package's own test extra only (hstu-attn's: numpy, which Triton's interpreter needs)
-        _install(session, packages, editable=False, wheel_dir=dist, extras=["test"], tools=[])
+    # The packages' test groups only (hstu-attn's has numpy, which Triton's interpreter needs).
+    _install(session, packages, editable=False, wheel_dir=dist)
     if stack == "all":
         paths = ["integration_tests", "--ignore=integration_tests/alone"]
     else:
@@ -122,7 +144,8 @@ def integration(session: nox.Session, stack: str) -> None:
 @nox.session(python=PYTHON)
 @nox.parametrize("package", list(PACKAGES))
 def isolated(session: nox.Session, package: str) -> None:
-    """Fresh environment with one package and its declared dependencies only: import it, run its tests."""
+    """Fresh environment with one package, its declared dependencies and its test group only: import it, run its
+    tests (the slow ones too)."""
     _install(session, [package], editable=False)
     session.run("python", "-c", f"import {PACKAGES[package]} as m; print(m.__name__, m.__version__)")
     # Run from the package folder so the workspace sources are not importable, only the installed wheel.
@@ -144,7 +167,7 @@ def isolated(session: nox.Session, package: str) -> None:
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
     """Train the default synthetic ranking GR on CPU and print its metrics."""
-    _install(session, ["gr-models"], editable=True)
+    _install(session, ["gr-models"], editable=True, groups=())
     session.run(
         "gr-train",
         "--config",
@@ -171,16 +194,20 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
-def build(session: nox.Session) -> None:
-    """sdist and wheel of every package into dist/."""
+@nox.parametrize("package", list(PACKAGES))
+def build(session: nox.Session, package: str) -> None:
+    """sdist and wheel of one package into dist/ (`nox -s build`: every package)."""
     session.install("build")
     dist = ROOT / "dist"
-    _build_dists(session, list(PACKAGES), dist)
-    wheels = sorted(p.name for p in dist.glob("*.whl"))
-    session.log("wheels: " + ", ".join(wheels))
-    missing = [p for p in PACKAGES if not any(w.startswith(p.replace("-", "_") + "-") for w in wheels)]
-    if missing:
-        session.error(f"no wheel was built for: {', '.join(missing)}")
+    prefix = package.replace("-", "_") + "-"
+    for old in [*dist.glob(f"{prefix}*.whl"), *dist.glob(f"{prefix}*.tar.gz")]:
+        if "linux_" not in old.name:  # build_cuda's platform wheel of hstu-attn stays
+            old.unlink()
+    _build_dists(session, [package], dist)
+    built = sorted(p.name for p in [*dist.glob(f"{prefix}*.whl"), *dist.glob(f"{prefix}*.tar.gz")])
+    if not any(name.endswith(".whl") for name in built):
+        session.error(f"no wheel of {package} was built")
+    session.log("built: " + ", ".join(built))
 
 
 @nox.session(python=PYTHON)
