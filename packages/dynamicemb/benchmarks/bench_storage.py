@@ -47,8 +47,8 @@ from dynamicemb import (
     DynamicEmbScoreStrategy,
     DynamicEmbTableOptions,
 )
-from dynamicemb.key_value_table import KeyValueTable
 from dynamicemb.storage import PyDictStorage, RedisStorage, RocksDBStorage, Storage, WriteBehindStorage
+from dynamicemb.storage.key_value_store import KeyValueTable
 from dynamicemb.storage.redis_server import LocalRedisServer
 
 HERE = Path(__file__).resolve().parent

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from dynamicemb.table import DynamicEmbScoreStrategy, ScoredHashTable, create_hash_table
+from dynamicemb.hash_index import DynamicEmbScoreStrategy, ScoredHashTable, create_hash_table
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -148,7 +148,7 @@ def bench_dim(
     fresh: torch.Tensor,
     slots: torch.Tensor,
 ) -> list[dict]:
-    from dynamicemb.table.gather import gather_rows, scatter_rows
+    from dynamicemb.storage.row_moves import gather_rows, scatter_rows
 
     n = present.numel()
     values = torch.randn(table.capacity, dim, device=table.device)

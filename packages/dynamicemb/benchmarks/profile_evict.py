@@ -38,7 +38,7 @@ def main() -> None:
     fill(table, 1.0, generator)
     saved = snapshot(table)
     fresh = random_keys(args.keys, generator, device)
-    from dynamicemb.table import triton_backend
+    from dynamicemb.hash_index import triton_backend
 
     default_warps = triton_backend._EVICT_WARPS
     by_warps = {}

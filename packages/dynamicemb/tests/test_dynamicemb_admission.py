@@ -25,7 +25,7 @@ from dynamicemb import (
     dynamic_embedding_lookup,
 )
 from dynamicemb.dump import TableFile, table_file_path
-from dynamicemb.table.base import DynamicEmbScoreStrategy
+from dynamicemb.hash_index.base import DynamicEmbScoreStrategy
 
 
 def _table(threshold: int, rejected: DynamicEmbInitializerArgs | None = None, counter=None) -> DynamicEmbeddingTable:

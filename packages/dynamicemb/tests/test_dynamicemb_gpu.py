@@ -9,7 +9,7 @@ import torch
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-import dynamicemb.key_value_table as key_value_table
+import dynamicemb.storage.key_value_store as key_value_table
 from dynamicemb import (
     DynamicEmbDump,
     DynamicEmbeddingCollection,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dynamicemb import KeyValueTable, PyDictStorage
+from dynamicemb.hash_index.base import SlotRemap
 from dynamicemb.storage import (
     DeviceValueStore,
     SplitValueStore,
@@ -13,7 +14,6 @@ from dynamicemb.storage import (
     kernels_reach_pinned_memory,
     resize_value_store,
 )
-from dynamicemb.table.base import SlotRemap
 from dynamicemb.types import DynamicEmbScoreStrategy
 
 CPU = torch.device("cpu")

@@ -16,9 +16,9 @@ from dynamicemb import (
     PyDictStorage,
     dynamic_embedding_lookup,
 )
-from dynamicemb.cached_table import CachedKeyValueTable
-from dynamicemb.key_value_table import KeyValueTable
 from dynamicemb.storage import SplitValueStore
+from dynamicemb.storage.cached_store import CachedKeyValueTable
+from dynamicemb.storage.key_value_store import KeyValueTable
 
 DIM = 4
 SGD = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.SGD, learning_rate=0.5)

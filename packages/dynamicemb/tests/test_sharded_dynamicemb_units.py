@@ -14,8 +14,8 @@ from dynamicemb.distributed import owner_ranks
 from dynamicemb.distributed.comm import comm_dtypes
 from dynamicemb.distributed.common import output_dtype, split_parameter_shardings
 from dynamicemb.distributed.embeddingbag import pool_bags
+from dynamicemb.hash_index.layout import hash_keys
 from dynamicemb.planner import DynamicEmbParameterSharding, KeyDistribution
-from dynamicemb.table.layout import hash_keys
 
 INT64 = torch.iinfo(torch.int64)
 SEQ = CommOp.SEQUENCE_EMBEDDINGS_ALL_TO_ALL.name

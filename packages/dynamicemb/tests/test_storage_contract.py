@@ -24,8 +24,8 @@ from dynamicemb import (
     DynamicEmbTableOptions,
     dynamic_embedding_lookup,
 )
-from dynamicemb.cached_table import CachedKeyValueTable
 from dynamicemb.storage import Storage
+from dynamicemb.storage.cached_store import CachedKeyValueTable
 
 INT64_MIN, INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
 STORAGE_KINDS = ["dict", "rocksdb", "rocksdb-write-behind", "redis"]

@@ -15,9 +15,9 @@ from dynamicemb import (
     PyDictStorage,
     dynamic_embedding_lookup,
 )
-from dynamicemb.cached_table import CachedKeyValueTable
-from dynamicemb.key_value_table import KeyValueTable
 from dynamicemb.planner import dynamic_table_memory
+from dynamicemb.storage.cached_store import CachedKeyValueTable
+from dynamicemb.storage.key_value_store import KeyValueTable
 
 ADAM = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM)
 DIM = 16

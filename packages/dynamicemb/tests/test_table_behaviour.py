@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamicemb.table import DynamicEmbScoreStrategy, create_hash_table
-from dynamicemb.table.layout import bucket_of, hash_keys
+from dynamicemb.hash_index import DynamicEmbScoreStrategy, create_hash_table
+from dynamicemb.hash_index.layout import bucket_of, hash_keys
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamicemb.table import DynamicEmbScoreStrategy, ScoredHashTable, create_hash_table
-from dynamicemb.table.layout import bucket_of
+from dynamicemb.hash_index import DynamicEmbScoreStrategy, ScoredHashTable, create_hash_table
+from dynamicemb.hash_index.layout import bucket_of
 
 pytest.importorskip("triton")
 

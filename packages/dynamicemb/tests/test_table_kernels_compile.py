@@ -17,24 +17,24 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-# "module:kernel[#variant]" -> its constexprs; modules are under dynamicemb.table.
+# "module:kernel[#variant]" -> its constexprs; modules are under dynamicemb.
 CASES = {
-    "triton_kernels:lookup_kernel": {"SCORE_MODE": 1, "MARK_EPOCH": True, "REPORT_FULL": True, "BUCKET": 128,
+    "hash_index.triton_kernels:lookup_kernel": {"SCORE_MODE": 1, "MARK_EPOCH": True, "REPORT_FULL": True, "BUCKET": 128,
                                      "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
-    "triton_kernels:insert_kernel": {"SCORE_MODE": 1, "DEFER_FULL": True, "LIST_DEFERRED": False,
+    "hash_index.triton_kernels:insert_kernel": {"SCORE_MODE": 1, "DEFER_FULL": True, "LIST_DEFERRED": False,
                                      "BUCKET": 128, "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
-    "triton_kernels:insert_kernel#listing": {"SCORE_MODE": 1, "DEFER_FULL": True, "LIST_DEFERRED": True,
+    "hash_index.triton_kernels:insert_kernel#listing": {"SCORE_MODE": 1, "DEFER_FULL": True, "LIST_DEFERRED": True,
                                              "BUCKET": 128, "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
-    "triton_kernels:evict_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
-    "triton_kernels:gather_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
-    "triton_kernels:scatter_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
-    "triton_kernels:gather_split_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
-    "triton_kernels:gather_split_rows_kernel#dim384": {"ROWS": 32, "BLOCK_D": 128},
-    "triton_kernels:gather_split_rows_kernel#dim64": {"ROWS": 64, "BLOCK_D": 64},
-    "triton_kernels:scatter_split_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
-    "triton_kernels:scatter_split_rows_kernel#dim384": {"ROWS": 32, "BLOCK_D": 128},
-    "triton_grouped_eviction:place_deferred_kernel": {"NUM_GROUPS": 8, "BLOCK": 1024},
-    "triton_grouped_eviction:evict_grouped_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
+    "hash_index.triton_kernels:evict_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
+    "storage.row_kernels:gather_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
+    "storage.row_kernels:scatter_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
+    "storage.row_kernels:gather_split_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
+    "storage.row_kernels:gather_split_rows_kernel#dim384": {"ROWS": 32, "BLOCK_D": 128},
+    "storage.row_kernels:gather_split_rows_kernel#dim64": {"ROWS": 64, "BLOCK_D": 64},
+    "storage.row_kernels:scatter_split_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
+    "storage.row_kernels:scatter_split_rows_kernel#dim384": {"ROWS": 32, "BLOCK_D": 128},
+    "hash_index.triton_grouped_eviction:place_deferred_kernel": {"NUM_GROUPS": 8, "BLOCK": 1024},
+    "hash_index.triton_grouped_eviction:evict_grouped_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
 }  # fmt: skip
 
 _CHILD = r"""
@@ -56,7 +56,7 @@ types = {"digests_ptr": "*u8", "evicted_ptr": "*i8", "out_found_ptr": "*i8", "fo
 results = {}
 for name, constexprs in json.loads(sys.argv[1]).items():
     module, kernel_name = name.split("#")[0].split(":")
-    kernel = getattr(importlib.import_module("dynamicemb.table." + module), kernel_name)
+    kernel = getattr(importlib.import_module("dynamicemb." + module), kernel_name)
     signature = {a: types.get(a, "*i64" if a.endswith("_ptr") else "i64") for a in kernel.arg_names}
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     # Pointers 16-byte aligned and row sizes multiples of 16 (dims 128, 384), as the launcher

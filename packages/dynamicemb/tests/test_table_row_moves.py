@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from dynamicemb.table.gather import gather_rows, gather_split_rows, scatter_rows, scatter_split_rows
+from dynamicemb.storage.row_moves import gather_rows, gather_split_rows, scatter_rows, scatter_split_rows
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -18,7 +18,6 @@ from dynamicemb.dump import DynamicEmbFileError
 from dynamicemb.dump_load import DynamicEmbDump, DynamicEmbLoad, get_score, incremental_dump, set_score
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.initializer import DynamicEmbInitializerArgs
-from dynamicemb.key_value_table import KeyValueTable
 from dynamicemb.lookup import dynamic_embedding_lookup
 from dynamicemb.modules import DynamicEmbeddingBagCollection, DynamicEmbeddingCollection, DynamicEmbModule
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs, DynamicEmbOptimizerType
@@ -38,6 +37,7 @@ from dynamicemb.storage import (
     StorageError,
     WriteBehindStorage,
 )
+from dynamicemb.storage.key_value_store import KeyValueTable
 from dynamicemb.types import (
     DynamicEmbCheckMode,
     DynamicEmbEvictStrategy,

@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from dynamicemb.hash_index import create_hash_table
+from dynamicemb.hash_index.base import DynamicEmbScoreStrategy
 from dynamicemb.initializer import DynamicEmbInitializerArgs
 from dynamicemb.masks import positions
-from dynamicemb.table import create_hash_table
-from dynamicemb.table.base import DynamicEmbScoreStrategy
 
 __all__ = ["AdmissionStrategy", "Counter", "FrequencyAdmissionStrategy", "KVCounter"]
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from dynamicemb.admission import KVCounter
-from dynamicemb.cached_table import CachedKeyValueTable
+from dynamicemb.hash_index.layout import next_power_of_two
 from dynamicemb.initializer import DynamicEmbInitializerArgs, EmbeddingInitializer
-from dynamicemb.key_value_table import KeyValueTable, TrainingLookup
 from dynamicemb.masks import positions
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs, FusedOptimizer
 from dynamicemb.options import DynamicEmbTableOptions
-from dynamicemb.table.layout import next_power_of_two
+from dynamicemb.storage.cached_store import CachedKeyValueTable
+from dynamicemb.storage.key_value_store import KeyValueTable, TrainingLookup
 from dynamicemb.types import DynamicEmbCheckMode, DynamicEmbScoreStrategy
 
 __all__ = ["DynamicEmbeddingTable", "LookupHandle", "infer_max_capacity"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from dynamicemb.table.base import DynamicEmbScoreStrategy
+from dynamicemb.hash_index.base import DynamicEmbScoreStrategy
 
 __all__ = [
     "DynamicEmbCheckMode",

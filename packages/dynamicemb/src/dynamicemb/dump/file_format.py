@@ -43,9 +43,9 @@ from typing import Any, BinaryIO
 
 import torch
 
-from dynamicemb.cached_table import CachedKeyValueTable
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.options import options_to_json
+from dynamicemb.storage.cached_store import CachedKeyValueTable
 
 __all__ = [
     "FORMAT_VERSION",

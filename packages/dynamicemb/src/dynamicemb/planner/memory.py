@@ -4,7 +4,7 @@ One shard of a table with ``C`` slots (``shard_capacity``) and value rows of ``V
 (embedding ``dim`` + optimizer state, stored together) of ``b`` bytes per element holds:
 
 - its hash index on the compute device: ``C * 21`` bytes (int64 key, int64 score, uint8 digest and
-  int32 epoch per slot; :mod:`dynamicemb.table.layout`) + an 8-byte counter;
+  int32 epoch per slot; :mod:`dynamicemb.hash_index.layout`) + an 8-byte counter;
 - its value rows, ``C * V * b`` bytes:
 
   * ``caching=False``, no external storage: the first ``hbm`` bytes of rows on the device, the
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType
 
 from dynamicemb.embedding_table import infer_max_capacity
+from dynamicemb.hash_index.layout import next_power_of_two
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs
 from dynamicemb.options import DynamicEmbTableOptions
-from dynamicemb.table.layout import next_power_of_two
 
 __all__ = [
     "INDEX_BYTES_PER_SLOT",

@@ -1,5 +1,9 @@
 """Where value rows live: device memory, device + host memory, or a :class:`Storage` (a dict,
-RocksDB on local disk, a Redis server, or the user's own)."""
+RocksDB on local disk, a Redis server, or the user's own).
+
+Value stores (``value_store``: rows by slot; ``row_moves``/``row_kernels``: gathering and scattering
+them), the key-value store over a hash index (``key_value_store``), the device cache in front of a
+backing store (``cached_store``), and the external stores behind the :class:`Storage` interface."""
 
 from dynamicemb.storage.base import Storage
 from dynamicemb.storage.dict_storage import PyDictStorage

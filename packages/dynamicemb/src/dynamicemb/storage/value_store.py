@@ -7,8 +7,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from dynamicemb.hash_index.base import SlotRemap
 from dynamicemb.masks import positions
-from dynamicemb.table.base import SlotRemap
 
 __all__ = [
     "DeviceValueStore",
@@ -71,7 +71,7 @@ class DeviceValueStore(ValueStore):
     def read(self, slots: torch.Tensor, columns: int | None = None) -> torch.Tensor:
         source = self.rows if columns is None or columns == self.row_dim else self.rows[:, :columns]
         if self.device.type == "cuda":
-            from dynamicemb.table.gather import gather_rows  # wide-load Triton gather
+            from dynamicemb.storage.row_moves import gather_rows  # wide-load Triton gather
 
             return gather_rows(source, slots)
         return source.index_select(0, slots)
@@ -80,7 +80,7 @@ class DeviceValueStore(ValueStore):
         self.rows.index_copy_(0, slots, rows.to(self.dtype))
 
     def write_placed(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
-        from dynamicemb.table.gather import scatter_rows  # one Triton kernel on CUDA, no compaction
+        from dynamicemb.storage.row_moves import scatter_rows  # one Triton kernel on CUDA, no compaction
 
         scatter_rows(self.rows, slots, rows)
 
@@ -129,7 +129,7 @@ class SplitValueStore(ValueStore):
     def read(self, slots: torch.Tensor, columns: int | None = None) -> torch.Tensor:
         cols = self.row_dim if columns is None else columns
         if self.host_access == "kernel":
-            from dynamicemb.table.gather import gather_split_rows
+            from dynamicemb.storage.row_moves import gather_split_rows
 
             return gather_split_rows(self.device_part[:, :cols], self.host_part[:, :cols], slots)
         out = torch.zeros((slots.numel(), cols), dtype=self.dtype, device=self.device)
@@ -144,7 +144,7 @@ class SplitValueStore(ValueStore):
 
     def write(self, slots: torch.Tensor, rows: torch.Tensor) -> None:
         if self.host_access == "kernel":
-            from dynamicemb.table.gather import scatter_split_rows
+            from dynamicemb.storage.row_moves import scatter_split_rows
 
             scatter_split_rows(self.device_part, self.host_part, slots, rows)
             return
@@ -168,7 +168,7 @@ def kernels_reach_pinned_memory(device: torch.device) -> bool:
     """Whether a Triton kernel on CUDA ``device`` reads and writes pinned host memory correctly (mapped
     into the device's address space): checked once per device on a few rows. ``False`` without Triton."""
     try:
-        from dynamicemb.table.gather import gather_split_rows, scatter_split_rows
+        from dynamicemb.storage.row_moves import gather_split_rows, scatter_split_rows
 
         host = torch.arange(12, dtype=torch.float32).reshape(4, 3).pin_memory()
         near = torch.full((1, 3), -1.0, device=device)

@@ -2,12 +2,12 @@
 
 ``find_or_insert`` is a lookup that also refreshes the scores of present keys and marks their slots
 with the call's epoch, then a lock-free insertion of the rest into free slots (see
-:mod:`dynamicemb.table.triton_kernels`); keys whose bucket is full are then placed over low-score
+:mod:`dynamicemb.hash_index.triton_kernels`); keys whose bucket is full are then placed over low-score
 entries by one eviction launch (one program per bucket). With one score for the whole call
 (TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front: duplicate keys meet in the
 table itself or in the eviction program of their bucket, and the deferred keys (counted per bucket by
 the insertion kernel) are grouped by bucket on the device without a sort
-(:mod:`dynamicemb.table.triton_grouped_eviction`); the call synchronizes once to learn whether any
+(:mod:`dynamicemb.hash_index.triton_grouped_eviction`); the call synchronizes once to learn whether any
 key was deferred and, if so, once more to compact the evicted entries. Per-key scores (LFU counts,
 caller scores) are first reduced over duplicates with ``torch.unique`` and the deferred keys grouped
 by bucket and descending score with torch sorts.
@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from dynamicemb.masks import positions
-from dynamicemb.table.base import InsertResult
-from dynamicemb.table.bucketed import BucketedHashTable, ScoreUpdate
-from dynamicemb.table.layout import TableStorage, hash_keys
-from dynamicemb.table.triton_grouped_eviction import evict_grouped_kernel, place_deferred_kernel
-from dynamicemb.table.triton_kernels import (
+from dynamicemb.hash_index.base import InsertResult
+from dynamicemb.hash_index.bucketed import BucketedHashTable, ScoreUpdate
+from dynamicemb.hash_index.layout import TableStorage, hash_keys
+from dynamicemb.hash_index.triton_grouped_eviction import evict_grouped_kernel, place_deferred_kernel
+from dynamicemb.hash_index.triton_kernels import (
     DEFERRED,
     SCORE_ADD,
     SCORE_NONE,
@@ -36,6 +35,7 @@ from dynamicemb.table.triton_kernels import (
     insert_kernel,
     lookup_kernel,
 )
+from dynamicemb.masks import positions
 
 
 def _score_args(update: ScoreUpdate | None, keys: torch.Tensor) -> tuple[int, torch.Tensor, int]:
@@ -230,7 +230,7 @@ class TritonHashTable(BucketedHashTable):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One score for the call (keys may repeat): places the lanes the insertion deferred and
         listed in ``deferred``, grouped on the device by a counting sort (see
-        :mod:`dynamicemb.table.triton_grouped_eviction`); returns the evicted ``(keys, slots,
+        :mod:`dynamicemb.hash_index.triton_grouped_eviction`); returns the evicted ``(keys, slots,
         scores)``. Two synchronizations: whether anything was deferred (if not, nothing more is
         launched: the common case below load factor 1) and the compaction of the evicted entries.
         The first waits on a copy queued right after the insertion, while the ``cumsum`` and the

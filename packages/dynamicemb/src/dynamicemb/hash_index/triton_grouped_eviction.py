@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dynamicemb.table.triton_kernels import DEFERRED, FIRST_DIGEST, _claim_victims, _coordinates, _take_lowest
+from dynamicemb.hash_index.triton_kernels import DEFERRED, FIRST_DIGEST, _claim_victims, _coordinates, _take_lowest
 
 
 @triton.jit

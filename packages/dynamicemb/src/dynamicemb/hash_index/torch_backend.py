@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from dynamicemb.masks import positions
-from dynamicemb.table.base import InsertResult
-from dynamicemb.table.bucketed import BucketedHashTable, ScoreUpdate
-from dynamicemb.table.layout import (
+from dynamicemb.hash_index.base import InsertResult
+from dynamicemb.hash_index.bucketed import BucketedHashTable, ScoreUpdate
+from dynamicemb.hash_index.layout import (
     EMPTY,
     FIRST_DIGEST,
     TOMBSTONE,
@@ -20,6 +19,7 @@ from dynamicemb.table.layout import (
     digest_of_hash,
     hash_keys,
 )
+from dynamicemb.masks import positions
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 _INT64_MIN = torch.iinfo(torch.int64).min

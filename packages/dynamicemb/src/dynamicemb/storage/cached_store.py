@@ -1,4 +1,5 @@
-"""A device cache table in front of a backing :class:`Storage` (a host table or an external store)."""
+"""The cache tier: a device key-value store used as a cache in front of a backing :class:`Storage` (a
+host key-value store or an external store)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ from collections.abc import Iterator
 
 import torch
 
-from dynamicemb.key_value_table import EvictedRows, KeyValueTable, TrainingLookup, update_rows_
+from dynamicemb.hash_index.base import DynamicEmbScoreStrategy
 from dynamicemb.masks import positions
 from dynamicemb.optimizer import FusedOptimizer
 from dynamicemb.storage.base import Storage
-from dynamicemb.table.base import DynamicEmbScoreStrategy
+from dynamicemb.storage.key_value_store import EvictedRows, KeyValueTable, TrainingLookup, update_rows_
 
 __all__ = ["CachedKeyValueTable"]
 

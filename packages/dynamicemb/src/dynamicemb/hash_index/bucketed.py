@@ -1,6 +1,6 @@
 """Backend-independent part of the bucketed table: validation, score rules, growth, erase, export.
 
-A backend supplies three operations on a :class:`~dynamicemb.table.layout.TableStorage`:
+A backend supplies three operations on a :class:`~dynamicemb.hash_index.layout.TableStorage`:
 ``_lookup`` (find, optionally updating scores), ``_upsert`` (find or insert, with eviction) and
 ``_place_unique`` (insert distinct absent keys with given scores, used when rehashing).
 """
@@ -12,15 +12,15 @@ from dataclasses import dataclass
 
 import torch
 
-from dynamicemb.masks import positions
-from dynamicemb.table.base import DynamicEmbScoreStrategy, InsertResult, ScoredHashTable, SlotRemap
-from dynamicemb.table.layout import (
+from dynamicemb.hash_index.base import DynamicEmbScoreStrategy, InsertResult, ScoredHashTable, SlotRemap
+from dynamicemb.hash_index.layout import (
     FIRST_DIGEST,
     TOMBSTONE,
     TableStorage,
     check_bucket_capacity,
     num_buckets_for,
 )
+from dynamicemb.masks import positions
 
 _EPOCH_LIMIT = 2**31 - 1
 
@@ -41,7 +41,7 @@ class ScoreUpdate:
 
 
 class BucketedHashTable(ScoredHashTable):
-    """A :class:`ScoredHashTable` over the layout of :mod:`dynamicemb.table.layout`.
+    """A :class:`ScoredHashTable` over the layout of :mod:`dynamicemb.hash_index.layout`.
 
     Capacities are rounded up to a power-of-two number of buckets of ``bucket_capacity`` slots
     (a power of two >= 4): ``capacity`` may exceed ``init_capacity`` and the table may grow to the

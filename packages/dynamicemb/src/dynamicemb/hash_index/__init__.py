@@ -1,7 +1,7 @@
-"""The hash-table index of dynamicemb: int64 keys -> slots, one score per slot.
+"""The hash index of dynamicemb: int64 keys -> slots, one score per slot; lookup, insertion, eviction.
 
-``create_hash_table`` builds one; see :class:`~dynamicemb.table.bucketed.BucketedHashTable` for the
-score, eviction and growth rules shared by every backend, and :mod:`dynamicemb.table.layout` for the
+``create_hash_table`` builds one; see :class:`~dynamicemb.hash_index.bucketed.BucketedHashTable` for the
+score, eviction and growth rules shared by every backend, and :mod:`dynamicemb.hash_index.layout` for the
 memory layout.
 """
 
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from dynamicemb.table.base import (
+from dynamicemb.hash_index.base import (
     DynamicEmbScoreStrategy,
     InsertResult,
     ScoredHashTable,
     SlotRemap,
 )
-from dynamicemb.table.bucketed import BucketedHashTable
-from dynamicemb.table.torch_backend import TorchHashTable
+from dynamicemb.hash_index.bucketed import BucketedHashTable
+from dynamicemb.hash_index.torch_backend import TorchHashTable
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -45,7 +45,7 @@ def create_hash_table(
         backend = "triton" if resolved.type == "cuda" else "torch"
     table_class: type[BucketedHashTable] = TorchHashTable
     if backend == "triton":
-        from dynamicemb.table.triton_backend import TritonHashTable
+        from dynamicemb.hash_index.triton_backend import TritonHashTable
 
         table_class = TritonHashTable
     return table_class(

@@ -18,7 +18,7 @@ import torch
 import triton
 
 from dynamicemb.masks import positions
-from dynamicemb.table.triton_kernels import (
+from dynamicemb.storage.row_kernels import (
     gather_rows_kernel,
     gather_split_rows_kernel,
     scatter_rows_kernel,

@@ -1,4 +1,5 @@
-"""A key-value table: a scored hash index (keys -> slots) over value rows (one per slot)."""
+"""The key-value store tier: a scored hash index (:mod:`dynamicemb.hash_index`, keys -> slots) over a
+value store (:mod:`dynamicemb.storage.value_store`, one row per slot) in device or device + host memory."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dynamicemb.hash_index import create_hash_table
+from dynamicemb.hash_index.base import DynamicEmbScoreStrategy, InsertResult
 from dynamicemb.masks import positions
 from dynamicemb.optimizer import FusedOptimizer
 from dynamicemb.storage.base import Storage
 from dynamicemb.storage.value_store import DeviceValueStore, ValueStore, create_value_store, resize_value_store
-from dynamicemb.table import create_hash_table
-from dynamicemb.table.base import DynamicEmbScoreStrategy, InsertResult
 
 __all__ = ["EvictedRows", "KeyValueTable", "TrainingLookup", "update_rows_"]
 
@@ -74,9 +75,9 @@ class KeyValueTable(Storage):
 
     The index lives on ``device``; value rows are split between device memory and host memory by
     ``device_budget_bytes`` (``None``: all on ``device``). When the index grows it returns a
-    :class:`~dynamicemb.table.base.SlotRemap` and the rows move with their keys. New keys get
+    :class:`~dynamicemb.hash_index.base.SlotRemap` and the rows move with their keys. New keys get
     ``new_rows(n)`` (``[n, value_dim]``). ``hash_backend`` picks the index implementation
-    (:func:`~dynamicemb.table.create_hash_table`: ``"auto"``, ``"torch"`` or ``"triton"``).
+    (:func:`~dynamicemb.hash_index.create_hash_table`: ``"auto"``, ``"torch"`` or ``"triton"``).
     """
 
     def __init__(
