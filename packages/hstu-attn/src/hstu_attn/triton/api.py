@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hstu_attn.triton.backward import hstu_attn_backward_dkdv_kernel, hstu_attn_backward_dq_kernel
+from hstu_attn.triton.backward_dkdv import hstu_attn_backward_dkdv_kernel
+from hstu_attn.triton.backward_dq import hstu_attn_backward_dq_kernel
 from hstu_attn.triton.configs import (
     BACKWARD_CANDIDATES,
     FORWARD_CANDIDATES,

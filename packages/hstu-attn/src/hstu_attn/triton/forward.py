@@ -3,7 +3,8 @@
 One program computes one block of BLOCK_M query rows of one (sequence, head). Programs are numbered so that,
 within a (sequence, head), the heaviest query block (the last one: it attends the most keys) starts first, and,
 when a length order is given, the longest sequences start first. Programs whose block lies past the end of
-their sequence exit at once, so the grid can be sized from `max_seq_len` without a host synchronization.
+their sequence exit at once, so the grid can be sized from `max_seq_len` without a host synchronization. The tile
+setup (sequence bounds, pointers) is shared with the backward kernels (`hstu_attn.triton.tile`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import triton.language as tl
 from hstu_attn.triton.activation import mma, silu
 from hstu_attn.triton.bias import score_bias, time_buckets
 from hstu_attn.triton.masks import query_block_column_ranges, valid_mask, zero_non_finite_rows
+from hstu_attn.triton.tile import head_rows, head_start, history_length, tile_sequence
 
 
 @triton.jit
@@ -161,32 +163,22 @@ def hstu_attn_forward_kernel(
 ):
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(max_seq_len, BLOCK_M)
-    bh = pid // num_m_blocks
-    m0 = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M
-    seq = bh // num_heads
-    head = bh % num_heads
-    if HAS_ORDER:
-        seq = tl.load(batch_order + seq)
+    seq, head, block, seq_start, n = tile_sequence(pid, num_m_blocks, num_heads, seq_offsets, batch_order, HAS_ORDER)
+    m0 = (num_m_blocks - 1 - block) * BLOCK_M
     # q, k, v and out are contiguous [L, H, D]
     stride_qm = num_heads * DQK
     stride_km = stride_qm
     stride_vm = num_heads * DV
     stride_om = stride_vm
-    seq_start = tl.load(seq_offsets + seq).to(tl.int64)
-    n = (tl.load(seq_offsets + seq + 1) - seq_start).to(tl.int32)
     if m0 >= n:
         return
-    u = n
-    if HAS_TARGETS:
-        u = n - tl.load(num_targets + seq).to(tl.int32)
+    u = history_length(num_targets, seq, n, HAS_TARGETS)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_in = offs_m < n
-    offs_dqk = tl.arange(0, DQK)
-    q_ptrs = Q + seq_start * stride_qm + head * DQK + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :]
-    q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
-    k_ptr = K + seq_start * stride_km + head * DQK
-    v_ptr = V + seq_start * stride_vm + head * DV
+    q = tl.load(head_rows(Q, seq_start, head, offs_m, stride_qm, DQK), mask=row_in[:, None], other=0.0)
+    k_ptr = head_start(K, seq_start, head, stride_km, DQK)
+    v_ptr = head_start(V, seq_start, head, stride_vm, DV)
 
     rab_ptr = rab
     if HAS_RAB:
@@ -254,6 +246,5 @@ def hstu_attn_forward_kernel(
                 INPUT_PRECISION,
             )
 
-    offs_dv = tl.arange(0, DV)
-    out_ptrs = Out + seq_start * stride_om + head * DV + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :]
+    out_ptrs = head_rows(Out, seq_start, head, offs_m, stride_om, DV)
     tl.store(out_ptrs, (acc * scale).to(Out.dtype.element_ty), mask=row_in[:, None])

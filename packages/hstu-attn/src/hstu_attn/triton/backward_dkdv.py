@@ -1,4 +1,4 @@
-"""Triton backward kernels of jagged HSTU attention.
+"""Triton dK/dV kernel of jagged HSTU attention.
 
 With `A = SiLU(S) * valid * scale`, `O = A V`, `S = alpha Q K^T + bias`, the backward is
 
@@ -9,8 +9,7 @@ No softmax, so nothing from the forward is needed beyond the inputs.
 
 `hstu_attn_backward_dkdv_kernel`: one program per block of BLOCK_N keys of one (sequence, head); it walks the
 query blocks that attend those keys, accumulates dK and dV in registers, and adds the bias gradients. It also
-adds dQ with fp32 atomics when ATOMIC_DQ. `hstu_attn_backward_dq_kernel`: the deterministic alternative, one
-program per query block walking its keys (like the forward) and writing dQ once.
+adds dQ with fp32 atomics when ATOMIC_DQ; the deterministic alternative is `hstu_attn.triton.backward_dq`.
 """
 
 from __future__ import annotations
@@ -25,13 +24,8 @@ from hstu_attn.triton.bias import (
     score_bias,
     time_buckets,
 )
-from hstu_attn.triton.masks import (
-    key_block_row_ranges,
-    non_finite,
-    query_block_column_ranges,
-    valid_mask,
-    zero_non_finite_rows,
-)
+from hstu_attn.triton.masks import key_block_row_ranges, non_finite, valid_mask, zero_non_finite_rows
+from hstu_attn.triton.tile import head_rows, head_start, history_length, tile_sequence
 
 
 @triton.jit
@@ -255,12 +249,8 @@ def hstu_attn_backward_dkdv_kernel(
 ):
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(max_seq_len, BLOCK_N)
-    bh = pid // num_n_blocks
-    n0 = (pid % num_n_blocks) * BLOCK_N
-    seq = bh // num_heads
-    head = bh % num_heads
-    if HAS_ORDER:
-        seq = tl.load(batch_order + seq)
+    seq, head, block, seq_start, n = tile_sequence(pid, num_n_blocks, num_heads, seq_offsets, batch_order, HAS_ORDER)
+    n0 = block * BLOCK_N
     # q, k, v, grad_out and the gradients are contiguous [L, H, D]
     stride_qm = num_heads * DQK
     stride_km = stride_qm
@@ -269,27 +259,19 @@ def hstu_attn_backward_dkdv_kernel(
     stride_vm = num_heads * DV
     stride_dom = stride_vm
     stride_dvm = stride_vm
-    seq_start = tl.load(seq_offsets + seq).to(tl.int64)
-    n = (tl.load(seq_offsets + seq + 1) - seq_start).to(tl.int32)
     if n0 >= n:
         return
-    u = n
-    if HAS_TARGETS:
-        u = n - tl.load(num_targets + seq).to(tl.int32)
+    u = history_length(num_targets, seq, n, HAS_TARGETS)
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     col_in = offs_n < n
-    offs_dqk = tl.arange(0, DQK)
-    offs_dv = tl.arange(0, DV)
-    k_ptrs = K + seq_start * stride_km + head * DQK + offs_n[:, None].to(tl.int64) * stride_km + offs_dqk[None, :]
-    v_ptrs = V + seq_start * stride_vm + head * DV + offs_n[:, None].to(tl.int64) * stride_vm + offs_dv[None, :]
-    k = tl.load(k_ptrs, mask=col_in[:, None], other=0.0)
-    v = tl.load(v_ptrs, mask=col_in[:, None], other=0.0)
-    q_ptr = Q + seq_start * stride_qm + head * DQK
-    do_ptr = DO + seq_start * stride_dom + head * DV
+    k = tl.load(head_rows(K, seq_start, head, offs_n, stride_km, DQK), mask=col_in[:, None], other=0.0)
+    v = tl.load(head_rows(V, seq_start, head, offs_n, stride_vm, DV), mask=col_in[:, None], other=0.0)
+    q_ptr = head_start(Q, seq_start, head, stride_qm, DQK)
+    do_ptr = head_start(DO, seq_start, head, stride_dom, DV)
     dq_ptr = DQ
     if ATOMIC_DQ:
-        dq_ptr = DQ + seq_start * stride_dqm + head * DQK
+        dq_ptr = head_start(DQ, seq_start, head, stride_dqm, DQK)
 
     rab_ptr = rab
     if HAS_RAB:
@@ -385,8 +367,8 @@ def hstu_attn_backward_dkdv_kernel(
                 INPUT_PRECISION,
             )
 
-    dk_ptrs = DK + seq_start * stride_dkm + head * DQK + offs_n[:, None].to(tl.int64) * stride_dkm + offs_dqk[None, :]
-    dv_ptrs = DV_out + seq_start * stride_dvm + head * DV + offs_n[:, None].to(tl.int64) * stride_dvm + offs_dv[None, :]
+    dk_ptrs = head_rows(DK, seq_start, head, offs_n, stride_dkm, DQK)
+    dv_ptrs = head_rows(DV_out, seq_start, head, offs_n, stride_dvm, DV)
     tl.store(dk_ptrs, (dk * (alpha * scale)).to(DK.dtype.element_ty), mask=col_in[:, None])
     tl.store(dv_ptrs, (dv * scale).to(DV_out.dtype.element_ty), mask=col_in[:, None])
     if HAS_TIME:
@@ -397,253 +379,3 @@ def hstu_attn_backward_dkdv_kernel(
             tl.atomic_add(
                 dtime + head * stride_dtime_h + bucket_ids, time_acc, mask=bucket_ids < num_buckets, sem="relaxed"
             )
-
-
-@triton.jit
-def _backward_dq_span(
-    dq,
-    q,
-    do,
-    start,
-    end,
-    offs_m,
-    row_in,
-    ts_rows,
-    k_ptr,
-    v_ptr,
-    stride_km,
-    stride_vm,
-    rab_ptr,
-    stride_rab_m,
-    stride_rab_n,
-    pos_ptr,
-    pos_reach,
-    time_ptr,
-    ts_ptr,
-    inv_divisor,
-    num_buckets,
-    n,
-    u,
-    alpha,
-    contextual_seq_len,
-    max_attn_len,
-    DQK: tl.constexpr,
-    DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_RAB: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_TIME: tl.constexpr,
-    FAST_SILU: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    offs_dqk = tl.arange(0, DQK)
-    offs_dv = tl.arange(0, DV)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        col_in = offs_n < n
-        k_ptrs = k_ptr + offs_n[:, None].to(tl.int64) * stride_km + offs_dqk[None, :]
-        v_ptrs = v_ptr + offs_n[:, None].to(tl.int64) * stride_vm + offs_dv[None, :]
-        if MASKED:
-            # masked tiles: inf/nan rows of k enter dQ = dS K as 0 and make their valid pairs' scores NaN instead
-            k, bad_k = zero_non_finite_rows(tl.load(k_ptrs, mask=col_in[:, None], other=0.0))
-            v = tl.load(v_ptrs, mask=col_in[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        scores = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
-        y = scores * alpha
-        if MASKED:
-            y = tl.where(bad_k[None, :], float("nan"), y)
-        if HAS_RAB or HAS_POS or HAS_TIME:
-            buckets = None
-            if HAS_TIME:
-                ts_cols = tl.load(ts_ptr + offs_n, mask=col_in, other=0)[None, :]
-                buckets = time_buckets(ts_rows, ts_cols, inv_divisor, num_buckets)
-            y += score_bias(
-                offs_m[:, None],
-                offs_n[None, :],
-                row_in[:, None],
-                col_in[None, :],
-                rab_ptr,
-                stride_rab_m,
-                stride_rab_n,
-                pos_ptr,
-                pos_reach,
-                time_ptr,
-                buckets,
-                HAS_RAB,
-                HAS_POS,
-                HAS_TIME,
-            )
-        _, grad = silu_and_grad(y, FAST_SILU)
-        dp = mma(do, tl.trans(v), tl.zeros([q.shape[0], BLOCK_N], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
-        ds = dp * grad
-        if MASKED:
-            valid = valid_mask(
-                offs_m[:, None],
-                offs_n[None, :],
-                n,
-                u,
-                contextual_seq_len,
-                max_attn_len,
-                CAUSAL,
-                HAS_CONTEXT,
-                HAS_WINDOW,
-            )
-            ds = tl.where(valid & (offs_n[None, :] < end), ds, 0.0)
-        dq = mma(ds.to(k.dtype), k, dq, UPCAST_DOT, INPUT_PRECISION)
-    return dq
-
-
-@triton.jit
-def hstu_attn_backward_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
-    DQ,
-    seq_offsets,
-    num_targets,
-    batch_order,
-    rab,
-    position_weights,
-    time_weights,
-    timestamps,
-    stride_rab_b,
-    stride_rab_h,
-    stride_rab_m,
-    stride_rab_n,
-    stride_pos_h,
-    stride_time_h,
-    num_heads,
-    max_seq_len,
-    alpha,
-    scale,
-    contextual_seq_len,
-    max_attn_len,
-    pos_reach,
-    num_buckets,
-    inv_divisor,
-    DQK: tl.constexpr,
-    DV: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_TARGETS: tl.constexpr,
-    HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_ORDER: tl.constexpr,
-    HAS_RAB: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_TIME: tl.constexpr,
-    FAST_SILU: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(max_seq_len, BLOCK_M)
-    bh = pid // num_m_blocks
-    m0 = (num_m_blocks - 1 - pid % num_m_blocks) * BLOCK_M
-    seq = bh // num_heads
-    head = bh % num_heads
-    if HAS_ORDER:
-        seq = tl.load(batch_order + seq)
-    # q, k, v, grad_out and dq are contiguous [L, H, D]
-    stride_qm = num_heads * DQK
-    stride_km = stride_qm
-    stride_dqm = stride_qm
-    stride_vm = num_heads * DV
-    stride_dom = stride_vm
-    seq_start = tl.load(seq_offsets + seq).to(tl.int64)
-    n = (tl.load(seq_offsets + seq + 1) - seq_start).to(tl.int32)
-    if m0 >= n:
-        return
-    u = n
-    if HAS_TARGETS:
-        u = n - tl.load(num_targets + seq).to(tl.int32)
-
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_in = offs_m < n
-    offs_dqk = tl.arange(0, DQK)
-    offs_dv = tl.arange(0, DV)
-    q_ptrs = Q + seq_start * stride_qm + head * DQK + offs_m[:, None].to(tl.int64) * stride_qm + offs_dqk[None, :]
-    do_ptrs = DO + seq_start * stride_dom + head * DV + offs_m[:, None].to(tl.int64) * stride_dom + offs_dv[None, :]
-    q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
-    do = tl.load(do_ptrs, mask=row_in[:, None], other=0.0)
-    k_ptr = K + seq_start * stride_km + head * DQK
-    v_ptr = V + seq_start * stride_vm + head * DV
-
-    rab_ptr = rab
-    if HAS_RAB:
-        rab_ptr = rab + seq.to(tl.int64) * stride_rab_b + head.to(tl.int64) * stride_rab_h
-    pos_ptr = position_weights
-    if HAS_POS:
-        pos_ptr = position_weights + head * stride_pos_h
-    time_ptr = time_weights
-    ts_ptr = timestamps
-    ts_rows = None
-    if HAS_TIME:
-        time_ptr = time_weights + head * stride_time_h
-        ts_ptr = timestamps + seq_start
-        ts_rows = tl.load(ts_ptr + offs_m, mask=row_in, other=0)[:, None]
-
-    ctx_end, lo, full_lo, full_hi, hi, diag_lo, diag_hi = query_block_column_ranges(
-        m0, n, u, contextual_seq_len, max_attn_len, BLOCK_M, BLOCK_N, CAUSAL, HAS_CONTEXT, HAS_WINDOW
-    )
-    dq = tl.zeros([BLOCK_M, DQK], dtype=tl.float32)
-    # Spans: contextual columns, masked left edge, unmasked interior, masked right edge, target diagonal.
-    # With a bias the interior split is skipped (span 1 covers [lo, hi)): half the code to compile.
-    split: tl.constexpr = not (HAS_RAB or HAS_POS or HAS_TIME)
-    spans_start = (0, lo, full_lo, full_hi, diag_lo)
-    spans_end = (ctx_end, full_lo if split else hi, full_hi, hi, diag_hi)
-    for span in tl.static_range(5):
-        if (span != 0 or HAS_CONTEXT) and (span != 4 or HAS_TARGETS) and (split or (span != 2 and span != 3)):
-            dq = _backward_dq_span(
-                dq,
-                q,
-                do,
-                spans_start[span],
-                spans_end[span],
-                offs_m,
-                row_in,
-                ts_rows,
-                k_ptr,
-                v_ptr,
-                stride_km,
-                stride_vm,
-                rab_ptr,
-                stride_rab_m,
-                stride_rab_n,
-                pos_ptr,
-                pos_reach,
-                time_ptr,
-                ts_ptr,
-                inv_divisor,
-                num_buckets,
-                n,
-                u,
-                alpha,
-                contextual_seq_len,
-                max_attn_len,
-                DQK,
-                DV,
-                BLOCK_N,
-                span != 2,
-                CAUSAL,
-                HAS_CONTEXT,
-                HAS_WINDOW,
-                HAS_RAB,
-                HAS_POS,
-                HAS_TIME,
-                FAST_SILU,
-                UPCAST_DOT,
-                INPUT_PRECISION,
-            )
-
-    dq_ptrs = DQ + seq_start * stride_dqm + head * DQK + offs_m[:, None].to(tl.int64) * stride_dqm + offs_dqk[None, :]
-    tl.store(dq_ptrs, (dq * (alpha * scale)).to(DQ.dtype.element_ty), mask=row_in[:, None])
