@@ -236,7 +236,7 @@ def _warn_if_rows_were_dropped(table_file: TableFile, table: DynamicEmbeddingTab
             f"table {table.name!r} (capacity {table.capacity}, max_capacity {table.max_capacity}); "
             "raise max_capacity or bucket_capacity",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of dynamicemb.DynamicEmbLoad
         )
 
 
