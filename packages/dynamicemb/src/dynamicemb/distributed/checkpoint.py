@@ -38,6 +38,7 @@ from torchrec.distributed.model_parallel import get_unwrapped_module
 
 from dynamicemb.distributed.common import ShardedDynamicEmbModule
 from dynamicemb.distributed.key_distribution import owner_ranks
+from dynamicemb.distributed.parameter_sharding import KeyDistribution
 from dynamicemb.dump.file_format import DynamicEmbFileError, TableFile, path_inside
 from dynamicemb.dump.standalone import (
     ScoreMap,
@@ -51,7 +52,6 @@ from dynamicemb.dump.standalone import (
 )
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.masks import positions
-from dynamicemb.planner.parameter_sharding import KeyDistribution
 
 __all__ = [
     "MANIFEST_NAME",

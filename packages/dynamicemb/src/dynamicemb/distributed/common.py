@@ -15,12 +15,11 @@ from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType, da
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dynamicemb.distributed.comm import comm_dtypes
+from dynamicemb.distributed.parameter_sharding import DynamicEmbParameterSharding, KeyDistribution, shard_table_options
 from dynamicemb.distributed.routing import ShardRouter
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.modules.common import FeatureIds
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs
-from dynamicemb.planner.memory import shard_table_options
-from dynamicemb.planner.parameter_sharding import DynamicEmbParameterSharding, KeyDistribution
 
 __all__ = [
     "JoinedAwaitable",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dynamicemb.distributed.parameter_sharding import KeyDistribution
 from dynamicemb.hash_index.layout import hash_keys
-from dynamicemb.planner.parameter_sharding import KeyDistribution
 
 __all__ = ["owner_ranks"]
 

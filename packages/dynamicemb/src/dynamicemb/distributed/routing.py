@@ -35,9 +35,9 @@ from torchrec.streamable import Multistreamable
 
 from dynamicemb.distributed.comm import AllToAllAwaitable, all_to_all_with_grad
 from dynamicemb.distributed.key_distribution import owner_ranks
+from dynamicemb.distributed.parameter_sharding import KeyDistribution
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.lookup import dynamic_embedding_lookup
-from dynamicemb.planner.parameter_sharding import KeyDistribution
 
 __all__ = ["RoutedKeys", "ShardRouter", "TableRequest"]
 

@@ -34,10 +34,10 @@ from dynamicemb.distributed.common import (
     split_parameter_shardings,
 )
 from dynamicemb.distributed.fused_optimizer import DynamicEmbFusedOptimizer
+from dynamicemb.distributed.parameter_sharding import KeyDistribution
 from dynamicemb.distributed.routing import RoutedKeys
 from dynamicemb.embedding_table import DynamicEmbeddingTable
 from dynamicemb.modules.common import FeatureIds
-from dynamicemb.planner.parameter_sharding import KeyDistribution
 
 __all__ = [
     "DynamicEmbCollectionContext",

@@ -9,8 +9,8 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingType
 
+from dynamicemb.distributed.parameter_sharding import KeyDistribution
 from dynamicemb.options import DynamicEmbTableOptions, options_to_json
-from dynamicemb.planner.parameter_sharding import KeyDistribution
 
 __all__ = ["DynamicEmbParameterConstraints"]
 

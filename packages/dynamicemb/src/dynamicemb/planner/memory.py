@@ -26,14 +26,12 @@ On a CPU compute device the "device" is host memory. The planner counts every sh
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig, DataType
 
-from dynamicemb.embedding_table import infer_max_capacity
-from dynamicemb.hash_index.layout import next_power_of_two
+from dynamicemb.distributed.parameter_sharding import shard_capacity
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs
 from dynamicemb.options import DynamicEmbTableOptions
 
@@ -41,36 +39,12 @@ __all__ = [
     "INDEX_BYTES_PER_SLOT",
     "DynamicTableMemory",
     "dynamic_table_memory",
-    "shard_capacity",
-    "shard_table_options",
 ]
 
 INDEX_BYTES_PER_SLOT = 8 + 8 + 1 + 4
 _INDEX_FIXED_BYTES = 8
 _COUNT_BYTES = 8
 _ELEMENT_BYTES = {DataType.FP32: 4, DataType.FP16: 2, DataType.BF16: 2}
-
-
-def shard_capacity(num_embeddings: int, options: DynamicEmbTableOptions, world_size: int) -> int:
-    """Slots of one shard: ``options.max_capacity`` if set, else ``num_embeddings / world_size``;
-    rounded up to a power of two of at least ``bucket_capacity`` slots."""
-    if world_size <= 0:
-        raise ValueError(f"world_size must be positive, got {world_size}")
-    if options.max_capacity is not None:
-        return next_power_of_two(max(options.max_capacity, options.bucket_capacity))
-    return infer_max_capacity(num_embeddings, options.bucket_capacity, world_size)
-
-
-def shard_table_options(
-    num_embeddings: int, options: DynamicEmbTableOptions, world_size: int
-) -> DynamicEmbTableOptions:
-    """The options of one shard: ``max_capacity`` = :func:`shard_capacity` and
-    ``global_hbm_for_values`` = this shard's part of the table's budget (``ceil(budget / world_size)``)."""
-    return dataclasses.replace(
-        options,
-        max_capacity=shard_capacity(num_embeddings, options, world_size),
-        global_hbm_for_values=math.ceil(options.global_hbm_for_values / world_size),
-    )
 
 
 def _index_bytes(slots: int) -> int:

@@ -27,11 +27,12 @@ from torchrec.distributed.types import (
 )
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 
+from dynamicemb.distributed import DynamicEmbeddingBagCollectionSharder, DynamicEmbeddingCollectionSharder
+from dynamicemb.distributed.parameter_sharding import DynamicEmbParameterSharding
 from dynamicemb.optimizer import DynamicEmbOptimizerArgs
 from dynamicemb.planner.constraints import DynamicEmbParameterConstraints
 from dynamicemb.planner.enumerator import DynamicEmbeddingEnumerator, _without_tables, dynamic_table_names
 from dynamicemb.planner.memory import DynamicTableMemory, dynamic_table_memory
-from dynamicemb.planner.parameter_sharding import DynamicEmbParameterSharding
 
 __all__ = ["DynamicEmbeddingShardingPlanner", "default_sharders"]
 
@@ -41,8 +42,6 @@ logger = logging.getLogger(__name__)
 def default_sharders() -> list[ModuleSharder[nn.Module]]:
     """dynamicemb's sharders for ``EmbeddingCollection`` / ``EmbeddingBagCollection`` and
     TorchRec's default sharders for the other module types."""
-    from dynamicemb.distributed import DynamicEmbeddingBagCollectionSharder, DynamicEmbeddingCollectionSharder
-
     ours: list[ModuleSharder[nn.Module]] = [DynamicEmbeddingCollectionSharder(), DynamicEmbeddingBagCollectionSharder()]
     taken = {s.module_type for s in ours}
     return ours + [s for s in get_default_sharders() if s.module_type not in taken]
@@ -92,7 +91,7 @@ class DynamicEmbeddingShardingPlanner(EmbeddingShardingPlanner):
     Tables whose constraint is a :class:`DynamicEmbParameterConstraints` with
     ``use_dynamicemb=True`` are sharded row-wise over every rank of the topology with
     compute kernel ``CUSTOMIZED_KERNEL`` (a :class:`DynamicEmbParameterSharding` in the plan);
-    their per-shard capacity is inferred (:func:`~dynamicemb.planner.memory.shard_capacity`)
+    their per-shard capacity is inferred (:func:`~dynamicemb.distributed.parameter_sharding.shard_capacity`)
     and their per-shard memory (:func:`~dynamicemb.planner.memory.dynamic_table_memory`) is
     taken out of every device of the topology before TorchRec plans the other tables in what
     remains. A dynamic table's module must be sharded by a dynamicemb sharder.

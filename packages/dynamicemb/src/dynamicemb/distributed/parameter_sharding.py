@@ -1,16 +1,20 @@
-"""The plan entry of a dynamic table and the rule that assigns its keys to ranks."""
+"""The plan entry of a dynamic table, the rule that assigns its keys to ranks, and the size of a shard."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.types import ParameterSharding, ShardingType
 
+from dynamicemb.embedding_table import infer_max_capacity
+from dynamicemb.hash_index.layout import next_power_of_two
 from dynamicemb.options import DynamicEmbTableOptions
 
-__all__ = ["DynamicEmbParameterSharding", "KeyDistribution"]
+__all__ = ["DynamicEmbParameterSharding", "KeyDistribution", "shard_capacity", "shard_table_options"]
 
 
 class KeyDistribution(enum.Enum):
@@ -58,3 +62,25 @@ class DynamicEmbParameterSharding(ParameterSharding):
                 f"a dynamic table's compute_kernel must be {EmbeddingComputeKernel.CUSTOMIZED_KERNEL.value!r}, "
                 f"got {self.compute_kernel!r}"
             )
+
+
+def shard_capacity(num_embeddings: int, options: DynamicEmbTableOptions, world_size: int) -> int:
+    """Slots of one shard: ``options.max_capacity`` if set, else ``num_embeddings / world_size``;
+    rounded up to a power of two of at least ``bucket_capacity`` slots."""
+    if world_size <= 0:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    if options.max_capacity is not None:
+        return next_power_of_two(max(options.max_capacity, options.bucket_capacity))
+    return infer_max_capacity(num_embeddings, options.bucket_capacity, world_size)
+
+
+def shard_table_options(
+    num_embeddings: int, options: DynamicEmbTableOptions, world_size: int
+) -> DynamicEmbTableOptions:
+    """The options of one shard: ``max_capacity`` = :func:`shard_capacity` and
+    ``global_hbm_for_values`` = this shard's part of the table's budget (``ceil(budget / world_size)``)."""
+    return dataclasses.replace(
+        options,
+        max_capacity=shard_capacity(num_embeddings, options, world_size),
+        global_hbm_for_values=math.ceil(options.global_hbm_for_values / world_size),
+    )
