@@ -9,7 +9,8 @@
 #      (.baseline/packages/hstu-attn/src from `git archive BASE packages/hstu-attn/src`), alternating, and the
 #      CUTLASS kernels beside Triton and cuDNN.
 #   run(command="cd .snapshot && COMMIT=$(cat COMMIT) bash tools/gpu/pipeline_and_attention.sh", carry=[".snapshot"])
-# Environment: COMMIT, BASE_COMMIT, STEPS / ROUNDS (pipeline), ATTN_TEST_TIMEOUT_S (default 150), DEADLINE_S (580).
+# Environment: COMMIT, BASE_COMMIT, STEPS / ROUNDS (pipeline), ATTN_TEST_TIMEOUT_S (default 150), DEADLINE_S (580),
+# CUTLASS_TESTS_S (time kept for the CUTLASS tests, default 80), PIPELINE_TEST_TIMEOUT_S (its pytest -m gpu, 60).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/pipeline-and-attention}
@@ -44,12 +45,13 @@ export HSTU_ATTN_CUTLASS_LIB=$(find /tmp/hstu-attn-build -name libhstu_attn_cutl
 python3 -c "from hstu_attn.cutlass import _library; print('CUTLASS library:', _library.load())"
 
 stamp "gr-train pipeline"
-OUT="$out" STEPS=${STEPS:-200} ROUNDS=${ROUNDS:-2} TEST_TIMEOUT_S=60 timeout $(( $(left) - 150 )) \
+pipeline_s=$(( $(left) - ${CUTLASS_TESTS_S:-80} ))
+OUT="$out" STEPS=${STEPS:-200} ROUNDS=${ROUNDS:-2} TEST_TIMEOUT_S=${PIPELINE_TEST_TIMEOUT_S:-60} timeout "$pipeline_s" \
   bash tools/gpu/gr_train_pipeline.sh
 stamp "gr-train pipeline exit $?"
 
 stamp "CUTLASS GPU tests"
-timeout $(( $(left) > 150 ? 150 : $(left) )) python3 -m pytest packages/hstu-attn/tests/test_cutlass_gpu.py -q \
+timeout $(( $(left) > 150 ? 150 : $(left) - 5 )) python3 -m pytest packages/hstu-attn/tests/test_cutlass_gpu.py -q \
   -p no:cacheprovider -rs --durations=10 > "$out/cutlass-tests.log" 2>&1
 stamp "CUTLASS tests exit $?"
 tail -25 "$out/cutlass-tests.log"
