@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torchrec import EmbeddingCollection
@@ -56,6 +57,7 @@ def _train(model: nn.Module, steps: int, id_scale: int = 1) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_swapping_embedding_collection_for_the_dynamic_one_is_one_line_and_trains() -> None:
     device = torch.device("cpu")
     torch.manual_seed(0)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))  # the harness and its scenarios live beside this file
 from dynamicemb_sharded_harness import outcome
+
+pytestmark = pytest.mark.slow  # the multi-process sharded harness (all scenarios, 1-2 min)
 
 
 def test_dump_and_load_across_world_sizes_and_distributions() -> None:

@@ -74,6 +74,9 @@ print("RESULTS " + json.dumps(results))
 """
 
 
+pytestmark = pytest.mark.slow  # compiles the Triton kernels for sm_90 in a child process
+
+
 @pytest.fixture(scope="module")
 def compile_results() -> dict[str, str]:
     if "nvidia" not in triton.backends.backends:

@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
 import gr_checkpoint
 
 WORKER = Path(__file__).with_name("gr_checkpoint_worker.py")
+
+
+pytestmark = pytest.mark.slow  # 2-rank worker processes
 
 
 class BareModel(nn.Module):

@@ -8,11 +8,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 import gr_checkpoint
 
 WORKER = Path(__file__).with_name("gr_checkpoint_sharded_worker.py")
 
 
+@pytest.mark.slow
 def test_sharded_model_saved_on_two_ranks_loads_on_one(tmp_path: Path, run_ranks: Callable[..., None]) -> None:
     run_ranks(WORKER, 2, "save", str(tmp_path))
     run_ranks(WORKER, 1, "load", str(tmp_path))

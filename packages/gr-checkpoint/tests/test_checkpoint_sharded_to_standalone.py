@@ -11,7 +11,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 WORKER = Path(__file__).with_name("sharded_to_standalone_worker.py")
+
+
+pytestmark = pytest.mark.slow  # 2-rank worker processes
 
 
 def test_sharded_dynamic_table_loads_into_a_standalone_one(tmp_path: Path, run_ranks: Callable[..., None]) -> None:

@@ -28,6 +28,9 @@ WORKER = Path(__file__).with_name("crash_worker.py")
 SEED = int(os.environ.get("GR_CRASH_TEST_SEED", "0")) or random.randrange(1, 10**6)
 
 
+pytestmark = pytest.mark.slow  # worker processes killed with SIGKILL and resumed
+
+
 def _worker_module() -> ModuleType:
     spec = importlib.util.spec_from_file_location("crash_worker", WORKER)
     assert spec is not None and spec.loader is not None

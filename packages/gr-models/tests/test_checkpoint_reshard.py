@@ -32,6 +32,9 @@ from gr_checkpoint import read_manifest
 WORKER = Path(__file__).with_name("checkpoint_reshard_worker.py")
 
 
+pytestmark = pytest.mark.slow  # torchrun runs at several world sizes
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -96,6 +96,7 @@ def _score_in_fresh_process(tmp_path: Path, out: Path, batches: list) -> list:
     return torch.load(results)
 
 
+@pytest.mark.slow
 def test_ranking_export_reproduces_the_checkpoint_evaluation_exactly(tmp_path: Path) -> None:
     trainer, out = _train_and_export(tmp_path, RANKING)
     meta = json.loads((out / "metadata.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -10,6 +11,9 @@ from sklearn.metrics import log_loss, roc_auc_score
 from gr_models.metrics import MultiTaskBinaryMetrics, RetrievalMetrics
 
 ROWS_PER_RANK = (37, 80)
+
+
+pytestmark = pytest.mark.slow  # 2-rank worker processes
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

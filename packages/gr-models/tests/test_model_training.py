@@ -47,6 +47,7 @@ def _assert_loss_falls(trainer: Trainer, factor: float) -> None:
     assert last < factor * first, f"training loss went from {first:.3f} to {last:.3f}"
 
 
+@pytest.mark.slow
 def test_ranking_gr_learns_the_planted_click_signal(tmp_path: Path) -> None:
     trainer, before, after = _train(
         tmp_path,
@@ -65,6 +66,7 @@ def test_ranking_gr_learns_the_planted_click_signal(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("model", "model_class"), [("hstu", RetrievalGR), ("sasrec", SASRec)])
+@pytest.mark.slow
 def test_retrieval_models_learn_next_item_structure(tmp_path: Path, model: str, model_class: type) -> None:
     trainer, before, after = _train(
         tmp_path,

@@ -16,6 +16,9 @@ TESTS = Path(__file__).parent
 FP32 = 2e-5
 
 
+pytestmark = pytest.mark.slow  # torchrun tensor-parallel runs
+
+
 def _torchrun(worker: str, nproc: int, *args: str) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     run = subprocess.run(

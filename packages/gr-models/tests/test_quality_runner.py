@@ -90,6 +90,7 @@ def _brute_force_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 @needs_ml1m
+@pytest.mark.slow
 def test_dlrm_learns_on_a_slice_and_the_reported_auc_is_right(quality) -> None:
     config = quality.load_config(quality.CONFIGS / "ml1m_ranking.yaml", SMALL)
     train, valid, test = quality.ranking_splits(config, max_users=400)

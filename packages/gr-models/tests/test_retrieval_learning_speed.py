@@ -21,6 +21,9 @@ ML1M = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "ml-1m" 
 STEPS_AND_THRESHOLDS = {"ml1m_retrieval_hstu": (72, 0.07), "ml1m_retrieval_sasrec": (144, 0.08)}
 
 
+pytestmark = pytest.mark.slow  # trains on ML-1M for minutes
+
+
 def _short_run(tmp_path: Path, name: str, steps: int, *extra: str) -> dict[str, float]:
     overrides = [
         f"output_dir={tmp_path / name}", "device=cpu", f"data.path={ML1M}", "data.max_sequence_length=20",

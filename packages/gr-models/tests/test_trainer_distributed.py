@@ -42,6 +42,9 @@ train: {max_steps: 3, eval_every: 0, log_every: 1, progress_bar: false}
 PER_RANK_BATCH = 8
 
 
+pytestmark = pytest.mark.slow  # gr-train under torchrun on 2 and 4 ranks
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -83,6 +83,7 @@ def config_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_resume_on_two_ranks_continues_like_an_uninterrupted_run(config_file: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     common = ["data.batch_size=8", "hstu.dropout=0.2", f"output_dir={run_dir}", f"train.max_steps={STEPS}"]
@@ -102,6 +103,7 @@ def test_resume_on_two_ranks_continues_like_an_uninterrupted_run(config_file: Pa
     assert _losses(run_dir) == pytest.approx(straight, rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_checkpoints_resume_from_one_process_on_two_ranks_and_back(config_file: Path, tmp_path: Path) -> None:
     def one_process(output_dir: Path, checkpoint_every: int) -> Trainer:
         overrides = [f"output_dir={output_dir}", "data.batch_size=16", f"train.max_steps={STEPS + 1}"]
@@ -141,6 +143,7 @@ def test_a_tensor_parallel_size_the_model_cannot_take_is_refused(tmp_path: Path)
         Trainer(config)
 
 
+@pytest.mark.slow
 def test_resume_on_two_tensor_parallel_ranks_continues_like_an_uninterrupted_run(
     config_file: Path, tmp_path: Path
 ) -> None:

@@ -23,6 +23,9 @@ WORKER = Path(__file__).with_name("distribute_worker.py")
 DENSE_LR, STATIC_LR, DYNAMIC_LR, GAMMA, STEPS = 0.1, 0.05, 0.02, 0.5, 3
 
 
+pytestmark = pytest.mark.slow  # 2-process gloo runs
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict]]:
     root = tmp_path_factory.mktemp("distribute")

@@ -9,8 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 WORKER = Path(__file__).with_name("gr_parallel_worker.py")
 WORLD_SIZE = 2
+
+
+pytestmark = pytest.mark.slow  # 2-process gloo runs
 
 
 def _free_port() -> int:

@@ -7,11 +7,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))  # the launcher lives beside this file
 from gr_parallel_launch import run_ranks
 
 WORKER = Path(__file__).with_name("pipeline_worker.py")
 STEPS, SHARDED_MODULES = 4, 2
+
+
+pytestmark = pytest.mark.slow  # 2-process gloo runs
 
 
 def test_overlap_pipeline_matches_the_plain_loop_with_sharded_tables(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ def _checks(report: dict, prefix: str) -> dict[str, float]:
     return {k: v for k, v in report.items() if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 def test_mappings_forward_and_backward(reports: list[dict]) -> None:
     for report in reports:
         assert report["tp_size"] == 2
@@ -34,6 +35,7 @@ def test_mappings_forward_and_backward(reports: list[dict]) -> None:
         assert report["gather_rows"] == 0.0 and report["gather_rows_grad"] == 0.0
 
 
+@pytest.mark.slow
 def test_column_row_parallel_mlp_equals_full_layers(reports: list[dict]) -> None:
     for report in reports:
         fp32 = {k: v for k, v in _checks(report, "mlp_").items() if not k.startswith("mlp_bf16_")}
@@ -42,6 +44,7 @@ def test_column_row_parallel_mlp_equals_full_layers(reports: list[dict]) -> None
         assert len(bf16) == 6 and all(v < 0.05 for v in bf16.values()), bf16
 
 
+@pytest.mark.slow
 def test_layer_norm_over_split_features(reports: list[dict]) -> None:
     for report in reports:
         norm = _checks(report, "norm_")
@@ -49,6 +52,7 @@ def test_layer_norm_over_split_features(reports: list[dict]) -> None:
         assert all(v < FP32 for v in norm.values()), norm
 
 
+@pytest.mark.slow
 def test_clipping_uses_the_norm_of_the_whole_model(reports: list[dict]) -> None:
     for report in reports:
         for name in ("l2", "inf"):
@@ -57,6 +61,7 @@ def test_clipping_uses_the_norm_of_the_whole_model(reports: list[dict]) -> None:
         assert report["norm_without_grads"] == 0.0
 
 
+@pytest.mark.slow
 def test_dropout_stream_differs_per_rank_and_leaves_the_default_one(reports: list[dict]) -> None:
     assert reports[0]["forked"] != reports[1]["forked"]
     for report in reports:
@@ -64,6 +69,7 @@ def test_dropout_stream_differs_per_rank_and_leaves_the_default_one(reports: lis
         assert report["default_untouched"] == 0.0
 
 
+@pytest.mark.slow
 def test_embedding_lookup_split_matches_and_counts_each_gradient_once(reports: list[dict]) -> None:
     for report in reports:
         assert report["lookup_values"] == 0.0 and report["lookup_lengths"] == 0.0

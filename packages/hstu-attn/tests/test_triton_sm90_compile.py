@@ -19,6 +19,7 @@ import sys
 import pytest
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # compiles the Triton kernels for sm_90 in a child process
 
 CASES = {
     "bf16 d128 causal, fused bias, dq kernel": dict(dtype="bfloat16", dqk=128, dv=128, bias=True, atomic_dq=False),
