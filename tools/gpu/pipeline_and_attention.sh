@@ -10,7 +10,7 @@
 #      CUTLASS kernels beside Triton and cuDNN.
 #   run(command="cd .snapshot && COMMIT=$(cat COMMIT) bash tools/gpu/pipeline_and_attention.sh", carry=[".snapshot"])
 # Environment: COMMIT, BASE_COMMIT, STEPS / ROUNDS (pipeline), ATTN_TEST_TIMEOUT_S (default 150), DEADLINE_S (580),
-# CUTLASS_TESTS_S (time kept for the CUTLASS tests, default 80), PIPELINE_TEST_TIMEOUT_S (its pytest -m gpu, 60).
+# SKIP_CUTLASS=1 (no build, tests or bench of the CUTLASS kernels), CUTLASS_TESTS_S (time kept for the CUTLASS tests, default 80), PIPELINE_TEST_TIMEOUT_S (its pytest -m gpu, 60).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/pipeline-and-attention}
@@ -25,6 +25,7 @@ stamp "installed"; grep -E "^device|^torch|^triton" "$out/setup.log"
 site=${GR_GPU_SITE:-/tmp/gr-site}
 export CUTLASS_INCLUDE_DIR="$site/cutlass_library/source/include"
 arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}' + ('a' if m >= 9 else ''))")
+if [ -z "${SKIP_CUTLASS:-}" ]; then
 # A plain CMake build of the package's CMake project (no reinstall, so the tests running meanwhile keep their
 # imports); the library is then found through HSTU_ATTN_CUTLASS_LIB.
 ( cmake -S packages/hstu-attn -B /tmp/hstu-attn-build -G Ninja -DCMAKE_BUILD_TYPE=Release -DHSTU_ATTN_BUILD_CUDA=1 \
@@ -32,17 +33,19 @@ arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); prin
   cmake --build /tmp/hstu-attn-build -j "$(nproc)" -v >> "$out/cutlass-build.log" 2>&1
   echo "build exit $?" >> "$out/cutlass-build.log" ) &
 build_pid=$!
+fi
 
 stamp "hstu-attn tests on CUDA (CUTLASS build for sm_$arch in the background)"
 HSTU_ATTN_TRITON_AUTOTUNE=0 timeout "${ATTN_TEST_TIMEOUT_S:-150}" python3 -m pytest packages/hstu-attn/tests -q \
   -p no:cacheprovider -rs --durations=10 --deselect packages/hstu-attn/tests/test_cutlass_gpu.py > "$out/attn-tests.log" 2>&1
 stamp "hstu-attn tests exit $?"
 tail -15 "$out/attn-tests.log"
-wait "$build_pid"
-stamp "$(tail -1 "$out/cutlass-build.log")"
-grep -E "Compiling entry|registers|spill" "$out/cutlass-build.log" > "$out/cutlass-ptxas.txt"
-export HSTU_ATTN_CUTLASS_LIB=$(find /tmp/hstu-attn-build -name libhstu_attn_cutlass.so | head -1)
-python3 -c "from hstu_attn.cutlass import _library; print('CUTLASS library:', _library.load())"
+[ -n "${SKIP_CUTLASS:-}" ] || { wait "$build_pid"; stamp "$(tail -1 "$out/cutlass-build.log")"; }
+if [ -z "${SKIP_CUTLASS:-}" ]; then
+  grep -E "Compiling entry|registers|spill" "$out/cutlass-build.log" > "$out/cutlass-ptxas.txt"
+  export HSTU_ATTN_CUTLASS_LIB=$(find /tmp/hstu-attn-build -name libhstu_attn_cutlass.so | head -1)
+  python3 -c "from hstu_attn.cutlass import _library; print('CUTLASS library:', _library.load())"
+fi
 
 stamp "gr-train pipeline"
 pipeline_s=$(( $(left) - ${CUTLASS_TESTS_S:-80} ))
@@ -50,6 +53,7 @@ OUT="$out" STEPS=${STEPS:-200} ROUNDS=${ROUNDS:-2} TEST_TIMEOUT_S=${PIPELINE_TES
   bash tools/gpu/gr_train_pipeline.sh
 stamp "gr-train pipeline exit $?"
 
+[ -z "${SKIP_CUTLASS:-}" ] || { stamp "done (SKIP_CUTLASS)"; exit 0; }
 stamp "CUTLASS GPU tests"
 timeout $(( $(left) > 150 ? 150 : $(left) - 5 )) python3 -m pytest packages/hstu-attn/tests/test_cutlass_gpu.py -q \
   -p no:cacheprovider -rs --durations=10 > "$out/cutlass-tests.log" 2>&1
