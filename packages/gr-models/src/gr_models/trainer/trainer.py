@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import torch
 import torch.utils.data
+from torch import Tensor
 
 import gr_parallel
 from gr_models.data.batch import Batch
@@ -56,35 +57,42 @@ class _SkippingSampler(torch.utils.data.Sampler[int]):
 class StepStats:
     """What one optimizer step saw on this rank.
 
+    The loss and gradient norm stay on the device (0-d tensors): reading them is a host synchronization, which the
+    trainer does once per logged window, not per step.
+
     Attributes:
-        losses: one per micro-batch: the loss averaged over the global batch, divided by the data-parallel size
-            (summed over the ranks, the global value).
+        losses: one per micro-batch: the loss averaged over the global batch (a detached 0-d tensor); divided by the
+            data-parallel size and summed over the ranks when logged, the global value.
         samples: users of this rank's micro-batches; tokens: their `sequence_tokens`.
-        grad_norm: the dense gradient norm before clipping, or None when `optim.grad_clip` is off.
+        grad_norm: the dense gradient norm before clipping (0-d tensor), or None when `optim.grad_clip` is off.
     """
 
-    losses: list[float]
+    losses: list[Tensor]
     samples: int
     tokens: int
-    grad_norm: float | None
+    grad_norm: Tensor | None
 
 
 @dataclass
 class _LogWindow:
     """Training statistics since the last logged step (`start`: when the window's timing began)."""
 
-    loss: float = 0.0
-    micro_batches: int = 0
+    losses: list[Tensor] = field(default_factory=list)
     samples: int = 0
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
 
     def add(self, stats: StepStats) -> None:
-        for loss in stats.losses:
-            self.loss += loss
-        self.micro_batches += len(stats.losses)
+        self.losses.extend(stats.losses)
         self.samples += stats.samples
         self.tokens += stats.tokens
+
+    def loss_sum(self, dp_size: int) -> float:
+        """This rank's share of the window's micro-batch losses (each divided by `dp_size`), summed in order on the
+        host: one device read for the whole window."""
+        if not self.losses:
+            return 0.0
+        return sum(loss / dp_size for loss in torch.stack(self.losses).double().tolist())
 
 
 @dataclass
@@ -210,14 +218,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- training
 
-    def _optimizer_step(self) -> float | None:
+    def _optimizer_step(self) -> Tensor | None:
         grad_clip = self.config.optim.grad_clip
         for optimizer in self.optimizers.optimizers:
             self.scaler.unscale_(optimizer)
         grad_norm = None
         if grad_clip is not None and grad_clip > 0:
             # the norm of the whole model's dense gradient (tensor-parallel shards included), as in one process
-            grad_norm = float(clip_grad_norm_(list(self.model.dense_parameters()), grad_clip))
+            grad_norm = clip_grad_norm_(list(self.model.dense_parameters()), grad_clip).detach()
         for optimizer in self.optimizers.optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
@@ -245,15 +253,23 @@ class Trainer:
             stats = self.train_step(batches)
             window.add(stats)
             bar.update(1)
-            if self.step % settings.log_every == 0 or self.step == settings.max_steps:
+            log = self.step % settings.log_every == 0 or self.step == settings.max_steps
+            evaluate = (
+                settings.eval_every > 0 and self.step % settings.eval_every == 0 and self.step < settings.max_steps
+            )
+            checkpoint = settings.checkpoint_every > 0 and self.step % settings.checkpoint_every == 0
+            if log or evaluate or checkpoint:
+                self._drain_device()
+            if log:
                 self._log_window(window, stats.grad_norm, bar)
                 window = _LogWindow()
-            if settings.eval_every > 0 and self.step % settings.eval_every == 0 and self.step < settings.max_steps:
+            if evaluate:
                 self._evaluate_and_record(bar)
                 window.start = time.perf_counter()
-            if settings.checkpoint_every > 0 and self.step % settings.checkpoint_every == 0:
+            if checkpoint:
                 self.save_checkpoint()
                 window.start = time.perf_counter()
+        self._drain_device()
         self.pipeline.close()
         final = self._evaluate_and_record(bar)
         bar.close()
@@ -261,39 +277,48 @@ class Trainer:
 
     def train_step(self, batches: Iterator[Batch]) -> StepStats:
         """One optimizer step over the next `train.grad_accumulation` batches of `batches` (gradients accumulated,
-        loss-scaled in float16), counted in `step` and `train_seconds`."""
+        loss-scaled in float16), counted in `step` and `train_seconds`. Nothing here waits for the device: the
+        step's queued work is counted when `_drain_device` waits for it (at logs, evaluations, checkpoints)."""
         accumulation = self.config.train.grad_accumulation
         started = time.perf_counter()
-        losses: list[float] = []
+        losses: list[Tensor] = []
         samples = tokens = 0
         for _ in range(accumulation):
             batch = next(batches)
             row_losses, _ = self.model(batch)
             loss = self.world.mean_over_global_batch(row_losses)
             self.scaler.scale(loss / accumulation).backward()
-            losses.append(float(loss.detach()) / self.world.dp_size)  # summed over the ranks when logged
+            losses.append(loss.detach())
             samples += batch.batch_size
             tokens += sequence_tokens(batch)
         grad_norm = self._optimizer_step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         self.train_seconds += time.perf_counter() - started
         self.step += 1
         return StepStats(losses=losses, samples=samples, tokens=tokens, grad_norm=grad_norm)
 
-    def _log_window(self, window: _LogWindow, grad_norm: float | None, bar: ProgressLog) -> None:
+    def _drain_device(self) -> None:
+        """Wait for the training work queued on the device and count the wait in `train_seconds`, so that the
+        steps' device time is counted and evaluation or checkpoint time is not."""
+        if self.device.type == "cuda":
+            started = time.perf_counter()
+            torch.cuda.synchronize(self.device)
+            self.train_seconds += time.perf_counter() - started
+
+    def _log_window(self, window: _LogWindow, grad_norm: Tensor | None, bar: ProgressLog) -> None:
         """Log the window's loss, learning rate and throughput over every data-parallel rank (the last step's
         gradient norm too) to TensorBoard, the history and the progress log; count its samples and tokens."""
         elapsed = max(time.perf_counter() - window.start, 1e-9)
-        loss_sum, samples, tokens = self.world.sum_over_data_parallel([window.loss, window.samples, window.tokens])
+        loss_sum, samples, tokens = self.world.sum_over_data_parallel(
+            [window.loss_sum(self.world.dp_size), window.samples, window.tokens]
+        )
         stats = {
-            "loss": loss_sum / window.micro_batches,
+            "loss": loss_sum / len(window.losses),
             "lr": self.optimizers.learning_rate,
             "samples_per_s": samples / elapsed,
             "tokens_per_s": tokens / elapsed,
         }
         if grad_norm is not None:
-            stats["grad_norm"] = grad_norm
+            stats["grad_norm"] = float(grad_norm)
         self.recorder.scalars("train", stats, self.step)
         bar.log_step(self.step, stats)
         self.samples_seen += int(samples)
