@@ -46,6 +46,19 @@ def cutlass_unsupported(q: Tensor, v: Tensor, *, has_rab: bool, has_relative_bia
     return None
 
 
+def _check_same_layout(**tensors: Tensor) -> None:
+    """The compiled kernels read every tensor as q's dtype and [L, H, D] shape: say which one differs."""
+    (first_name, first), *others = tensors.items()
+    if first.dtype not in CUTLASS_DTYPES:
+        raise ValueError(f"the CUTLASS kernels take bfloat16 or float16; {first_name} is {first.dtype}")
+    for name, tensor in others:
+        if tensor.dtype != first.dtype or tensor.shape != first.shape:
+            raise ValueError(
+                f"{name} must have {first_name}'s dtype and shape ({first.dtype}, {tuple(first.shape)}); "
+                f"got {tensor.dtype}, {tuple(tensor.shape)}"
+            )
+
+
 def _rows(x: Tensor) -> Tensor:
     return x if x.stride(2) == 1 else x.contiguous()
 
@@ -69,6 +82,7 @@ def hstu_attn_cutlass_forward(
 
     Returns `[L, H, D]` in q's dtype.
     """
+    _check_same_layout(q=q, k=k, v=v)
     library = _library.load()
     if isinstance(library, str):
         raise NotImplementedError(library)
@@ -106,6 +120,7 @@ def hstu_attn_cutlass_backward(
     :func:`hstu_attn_cutlass_forward` takes plus `grad_out [L, H, D]`; D must be in `CUTLASS_BACKWARD_HEAD_DIMS`.
     dq is summed in fp32 (atomics over key blocks) and cast once at the end.
     """
+    _check_same_layout(q=q, k=k, v=v, grad_out=grad_out)
     library = _library.load()
     if isinstance(library, str):
         raise NotImplementedError(library)
