@@ -269,8 +269,7 @@ class Trainer:
             if checkpoint:
                 self.save_checkpoint()
                 window.start = time.perf_counter()
-        self._drain_device()
-        self.pipeline.close()
+        self.pipeline.close()  # the last step logged, so its device work is already counted
         final = self._evaluate_and_record(bar)
         bar.close()
         return self._finish(final)
