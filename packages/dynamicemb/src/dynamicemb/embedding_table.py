@@ -153,6 +153,7 @@ class DynamicEmbeddingTable:
             device_budget_bytes=device_budget_bytes,
             new_rows=self.new_rows,
             hash_backend=self.hash_backend,
+            warm_up_kernels=self.options.warm_up_kernels,
         )
 
     def _build_store(self) -> KeyValueTable | CachedKeyValueTable:

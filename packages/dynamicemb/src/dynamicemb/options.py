@@ -63,6 +63,9 @@ class DynamicEmbTableOptions:
         keys not admitted get initializer values in forward, are not stored, get no update.
     admission_counter: the counter table the admission strategy reads; ``None`` creates a
         built-in ``KVCounter`` of the table's capacity.
+    warm_up_kernels: on a GPU, compile the hash index's Triton kernels (lookup, insertion,
+        eviction, rehash) when the table is created, so the first full bucket does not pause
+        training for a compilation. Nothing happens on the CPU or under ``TRITON_INTERPRET=1``.
     """
 
     training: bool = True
@@ -80,6 +83,7 @@ class DynamicEmbTableOptions:
     index_type: torch.dtype | None = None
     admit_strategy: AdmissionStrategy | None = None
     admission_counter: Counter | None = None
+    warm_up_kernels: bool = True
 
     def __post_init__(self) -> None:
         self.score_strategy = DynamicEmbScoreStrategy(int(self.score_strategy))

@@ -30,25 +30,23 @@ def create_hash_table(
     score_strategy: DynamicEmbScoreStrategy = DynamicEmbScoreStrategy.TIMESTAMP,
     device: torch.device | str | None = None,
     backend: str = "auto",
+    warm_up: bool = True,
 ) -> ScoredHashTable:
     """A scored hash table of at least ``init_capacity`` slots, growing up to ``max_capacity``.
 
     Capacities are rounded up to a power-of-two number of buckets of ``bucket_capacity`` slots
     (itself a power of two >= 4). ``backend``: ``"torch"`` (vectorized torch ops, any device),
     ``"triton"`` (GPU kernels; on CPU only under ``TRITON_INTERPRET=1``, for tests) or ``"auto"``
-    (Triton on CUDA devices, torch elsewhere).
+    (Triton on CUDA devices, torch elsewhere). ``warm_up``: a Triton table on a GPU compiles its
+    kernels when created (:meth:`~dynamicemb.hash_index.triton_backend.TritonHashTable.warm_up`)
+    instead of at the first call that needs each of them (the first eviction stalled ~0.9 s).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown hash-table backend {backend!r}; choose one of {BACKENDS}")
     resolved = torch.device("cpu" if device is None else device)
     if backend == "auto":
         backend = "triton" if resolved.type == "cuda" else "torch"
-    table_class: type[BucketedHashTable] = TorchHashTable
-    if backend == "triton":
-        from dynamicemb.hash_index.triton_backend import TritonHashTable
-
-        table_class = TritonHashTable
-    return table_class(
+    arguments = dict(
         init_capacity=init_capacity,
         max_capacity=max_capacity,
         bucket_capacity=bucket_capacity,
@@ -56,6 +54,11 @@ def create_hash_table(
         score_strategy=score_strategy,
         device=resolved,
     )
+    if backend == "triton":
+        from dynamicemb.hash_index.triton_backend import TritonHashTable
+
+        return TritonHashTable(warm_up=warm_up, **arguments)
+    return TorchHashTable(**arguments)
 
 
 __all__ = [

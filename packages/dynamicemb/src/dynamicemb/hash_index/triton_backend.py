@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from dynamicemb.hash_index.base import InsertResult
+from dynamicemb.hash_index.base import DynamicEmbScoreStrategy, InsertResult
 from dynamicemb.hash_index.bucketed import BucketedHashTable, ScoreUpdate
 from dynamicemb.hash_index.layout import TableStorage, hash_keys
 from dynamicemb.hash_index.triton_grouped_eviction import evict_grouped_kernel, place_deferred_kernel
@@ -134,8 +134,38 @@ def _block_size(device: torch.device) -> int:
     return 256 if device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1" else 32 * _INSERT_WARPS
 
 
+def compiles_kernels(device: torch.device) -> bool:
+    """Whether launches on ``device`` compile GPU code (CUDA, not the ``TRITON_INTERPRET=1`` interpreter)."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+# (device, bucket capacity, score strategy) of the tables whose kernels ``warm_up`` has compiled.
+_WARMED_UP: set[tuple[torch.device, int, DynamicEmbScoreStrategy]] = set()
+
+
 class TritonHashTable(BucketedHashTable):
-    """:class:`BucketedHashTable` on Triton kernels."""
+    """:class:`BucketedHashTable` on Triton kernels.
+
+    ``warm_up`` (default on): the constructor compiles every kernel variant the table will launch
+    (:meth:`warm_up`), so the first full bucket does not stall training on a Triton compilation.
+    """
+
+    def __init__(self, *, warm_up: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if warm_up:
+            self.warm_up()
+
+    def warm_up(self) -> bool:
+        """Compile the lookup, insertion, eviction and rehash kernels this table launches, by running
+        them on a scratch table of two buckets with the same bucket capacity and score strategy
+        (:func:`exercise_kernels`). Once per process and configuration; nothing on the CPU or under
+        ``TRITON_INTERPRET=1``. Returns whether kernels were launched."""
+        config = (self.device, self.bucket_capacity, self.score_strategy)
+        if not compiles_kernels(self.device) or config in _WARMED_UP:
+            return False
+        exercise_kernels(self.device, self.bucket_capacity, self.score_strategy)
+        _WARMED_UP.add(config)
+        return True
 
     def _launch_lookup(
         self,
@@ -256,7 +286,9 @@ class TritonHashTable(BucketedHashTable):
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return empty, empty, empty
         flags = torch.zeros(n, dtype=torch.int8, device=device)
-        evicted = torch.empty(3, n, dtype=torch.int64, device=device)  # keys, slots, scores
+        # keys, slots, scores; rows of an even length keep every row 16-byte aligned, so the kernel
+        # compiled at creation (aligned pointers) serves every call.
+        evicted = torch.empty(3, n + (n & 1), dtype=torch.int64, device=device)
         evict_grouped_kernel[(segments,)](
             deferred.segment_buckets,
             deferred.num_segments,
@@ -281,7 +313,7 @@ class TritonHashTable(BucketedHashTable):
             CHUNK=16,
             num_warps=_EVICT_WARPS,
         )
-        evicted = evicted[:, positions(flags)]
+        evicted = evicted[:, positions(flags)]  # flags [n]: the padding column is never selected
         return evicted[0], evicted[1], evicted[2]
 
     def _evict_by_score(
@@ -370,3 +402,34 @@ class TritonHashTable(BucketedHashTable):
         slots = torch.full((keys.numel(),), -1, dtype=torch.int64, device=keys.device)
         self._launch_insert(storage, keys, found, slots, ScoreUpdate(values=scores), 0, defer_full=False)
         return slots
+
+
+def exercise_kernels(device: torch.device, bucket_capacity: int, strategy: DynamicEmbScoreStrategy) -> None:
+    """Launch every kernel variant a table of this bucket capacity and score strategy uses: lookups
+    (plain and score-updating), insertions that fill both buckets of a scratch table and evict
+    (one score for the call and per-key scores), and a rehash; the scalar scores once below and
+    once above ``2**31`` (Triton types them i32 or i64). The scratch table is dropped afterwards."""
+    keys = torch.arange(4 * bucket_capacity, dtype=torch.int64, device=device)  # 2x the scratch slots
+    for scalar in (1, 2**40):
+        scratch = TritonHashTable(
+            init_capacity=2 * bucket_capacity,
+            max_capacity=4 * bucket_capacity,
+            bucket_capacity=bucket_capacity,
+            score_strategy=strategy,
+            device=device,
+            warm_up=False,
+        )
+        scratch._clock = scratch._step = scalar
+        scratch.find(keys, update_score=True)
+        if strategy == DynamicEmbScoreStrategy.NO_EVICTION:
+            few = keys[:2]  # at most two keys per bucket: no bucket overflows
+            scratch.find_or_insert(few)
+            scratch.find_or_insert(few + 2, torch.full_like(few, scalar))
+        else:
+            if strategy != DynamicEmbScoreStrategy.CUSTOMIZED:
+                scratch.find_or_insert(keys)
+            scratch.find_or_insert(keys + keys.numel(), torch.full_like(keys, scalar))
+        scratch.find(keys)
+        scratch.reserve(scratch.capacity)  # doubles: the rehash's insertion
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -26,7 +26,7 @@ import triton.language as tl
 from dynamicemb.hash_index.triton_kernels import DEFERRED, FIRST_DIGEST, _claim_victims, _coordinates, _take_lowest
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "num_buckets"])
 def place_deferred_kernel(
     query_ptr,
     slots_ptr,
@@ -59,7 +59,7 @@ def _rank_among(selected, lanes):
     return tl.sum(before.to(tl.int32), axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_buckets", "score", "epoch"])
 def evict_grouped_kernel(
     segment_buckets_ptr,
     num_segments_ptr,

@@ -72,7 +72,9 @@ def _call_scores(offs, live, score_ptr, score_value, SCORE_MODE: tl.constexpr, B
     return scores
 
 
-@triton.jit
+# Scalars that change from call to call are not specialized (no variant for 1 or multiples of 16), so
+# the kernels compiled when a table is created (``TritonHashTable.warm_up``) serve every later call.
+@triton.jit(do_not_specialize=["n", "num_buckets", "score_value", "epoch"])
 def lookup_kernel(
     query_ptr,
     n,
@@ -139,7 +141,7 @@ def lookup_kernel(
     tl.store(out_found_ptr + offs, flag, mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "num_buckets", "score_value", "epoch"])
 def insert_kernel(
     query_ptr,
     n,
@@ -281,7 +283,7 @@ def _claim_victims(victim, won, key, score, digest, epoch, keys_ptr, scores_ptr,
     return victim_key
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_buckets", "epoch"])
 def evict_kernel(
     segment_bucket_ptr,
     segment_start_ptr,

@@ -77,7 +77,8 @@ class KeyValueTable(Storage):
     ``device_budget_bytes`` (``None``: all on ``device``). When the index grows it returns a
     :class:`~dynamicemb.hash_index.base.SlotRemap` and the rows move with their keys. New keys get
     ``new_rows(n)`` (``[n, value_dim]``). ``hash_backend`` picks the index implementation
-    (:func:`~dynamicemb.hash_index.create_hash_table`: ``"auto"``, ``"torch"`` or ``"triton"``).
+    (:func:`~dynamicemb.hash_index.create_hash_table`: ``"auto"``, ``"torch"`` or ``"triton"``);
+    ``warm_up_kernels``: a Triton index on a GPU compiles its kernels when created.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class KeyValueTable(Storage):
         device_budget_bytes: int | None,
         new_rows: NewRows,
         hash_backend: str = "auto",
+        warm_up_kernels: bool = True,
     ) -> None:
         self.dim = dim
         self._value_dim = value_dim
@@ -110,6 +112,7 @@ class KeyValueTable(Storage):
             score_strategy=score_strategy,
             device=device,
             backend=hash_backend,
+            warm_up=warm_up_kernels,
         )
         self.values = create_value_store(self.index.capacity, value_dim, dtype, device, device_budget_bytes)
         self.version = 0
