@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from dynamicemb.admission import KVCounter
+from dynamicemb.deterministic import is_deterministic
 from dynamicemb.hash_index.layout import next_power_of_two
 from dynamicemb.initializer import DynamicEmbInitializerArgs, EmbeddingInitializer
 from dynamicemb.masks import positions
@@ -154,6 +155,7 @@ class DynamicEmbeddingTable:
             new_rows=self.new_rows,
             hash_backend=self.hash_backend,
             warm_up_kernels=self.options.warm_up_kernels,
+            deterministic=self.options.deterministic,
         )
 
     def _build_store(self) -> KeyValueTable | CachedKeyValueTable:
@@ -262,6 +264,12 @@ class DynamicEmbeddingTable:
             self._last_timestamp = max(self._last_timestamp, clock)
 
     # --- lookup and update --------------------------------------------------------------------
+    @property
+    def deterministic(self) -> bool:
+        """Whether the table runs in deterministic mode now (``options.deterministic``, or torch's
+        global setting when that is ``None``; see :mod:`dynamicemb.deterministic`)."""
+        return is_deterministic(self.options.deterministic)
+
     @property
     def needs_counts(self) -> bool:
         """Whether :meth:`lookup` wants the occurrence count of each unique key (admission)."""

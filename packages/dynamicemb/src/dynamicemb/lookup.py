@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from dynamicemb.deterministic import ordered_segment_sum
 from dynamicemb.embedding_table import DynamicEmbeddingTable, LookupHandle
 
 __all__ = ["dynamic_embedding_lookup"]
@@ -22,8 +23,9 @@ def _unique(keys: torch.Tensor, with_counts: bool) -> tuple[torch.Tensor, torch.
 
 class _DynamicEmbeddingLookup(torch.autograd.Function):
     """Forward: deduplicate ids, look the unique keys up (inserting new ones), expand back.
-    Backward: sum the gradients of duplicate ids (``index_add_``) and apply the table's fused
-    optimizer to those rows; no gradient flows anywhere else.
+    Backward: sum the gradients of duplicate ids (``index_add_``; in deterministic mode
+    :func:`~dynamicemb.deterministic.ordered_segment_sum`, the same bits for any order of the ids)
+    and apply the table's fused optimizer to those rows; no gradient flows anywhere else.
 
     ``anchor`` is an empty tensor requiring grad: the table's rows are not autograd leaves, so the
     output needs an input that makes autograd call this backward.
@@ -37,12 +39,13 @@ class _DynamicEmbeddingLookup(torch.autograd.Function):
         ctx.table = None
         if keys.numel() == 0:
             return torch.zeros((0, table.dim), dtype=table.dtype, device=table.device)
-        unique, inverse, counts = _unique(keys, table.needs_counts)
-        embeddings, handle = table.lookup(unique, counts, training=True)
+        deterministic = table.deterministic
+        unique, inverse, counts = _unique(keys, table.needs_counts or deterministic)
+        embeddings, handle = table.lookup(unique, counts if table.needs_counts else None, training=True)
         ctx.table = table
         ctx.handle = handle
         ctx.num_unique = unique.numel()
-        ctx.save_for_backward(inverse)
+        ctx.save_for_backward(inverse, counts if deterministic else None)
         return embeddings.index_select(0, inverse)
 
     @staticmethod
@@ -51,10 +54,13 @@ class _DynamicEmbeddingLookup(torch.autograd.Function):
         table: DynamicEmbeddingTable | None = ctx.table
         if table is None:
             return None, None, None
-        (inverse,) = ctx.saved_tensors
+        inverse, counts = ctx.saved_tensors
         handle: LookupHandle = ctx.handle
-        grads = torch.zeros((ctx.num_unique, table.dim), dtype=torch.float32, device=grad_output.device)
-        grads.index_add_(0, inverse, grad_output.float())
+        if counts is not None:
+            grads = ordered_segment_sum(grad_output, inverse, counts)
+        else:
+            grads = torch.zeros((ctx.num_unique, table.dim), dtype=torch.float32, device=grad_output.device)
+            grads.index_add_(0, inverse, grad_output.float())
         table.apply_gradients(handle, grads)
         return None, None, None
 

@@ -66,6 +66,10 @@ class DynamicEmbTableOptions:
     warm_up_kernels: on a GPU, compile the hash index's Triton kernels (lookup, insertion,
         eviction, rehash) when the table is created, so the first full bucket does not pause
         training for a compilation. Nothing happens on the CPU or under ``TRITON_INTERPRET=1``.
+    deterministic: the same results run to run on one device, whatever the order of the ids of a
+        batch: gradients of duplicate ids summed in a fixed order, bags pooled by sequential sums,
+        new keys placed in an order that depends only on the table and the keys (slower; see
+        :mod:`dynamicemb.deterministic`). ``None``: follow ``torch.use_deterministic_algorithms``.
     """
 
     training: bool = True
@@ -84,6 +88,7 @@ class DynamicEmbTableOptions:
     admit_strategy: AdmissionStrategy | None = None
     admission_counter: Counter | None = None
     warm_up_kernels: bool = True
+    deterministic: bool | None = None
 
     def __post_init__(self) -> None:
         self.score_strategy = DynamicEmbScoreStrategy(int(self.score_strategy))

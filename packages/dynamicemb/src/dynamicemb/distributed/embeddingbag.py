@@ -20,26 +20,9 @@ from dynamicemb.distributed.sharded_collection import (
     ShardedDynamicCollection,
 )
 from dynamicemb.modules.common import FeatureIds
+from dynamicemb.pooling import pool_bags
 
 __all__ = ["DynamicEmbeddingBagCollectionSharder", "ShardedDynamicEmbeddingBagCollection", "pool_bags"]
-
-
-def pool_bags(
-    embeddings: torch.Tensor, lengths: torch.Tensor, weights: torch.Tensor | None, pooling: PoolingType
-) -> torch.Tensor:
-    """``embeddings [N, D]`` of ``len(lengths)`` bags (``lengths [B]``, summing to ``N``) ->
-    ``[B, D]`` float32: weighted (``weights [N]``) SUM, or MEAN over each bag (empty bags: zeros)."""
-    values = embeddings.float()
-    if weights is not None:
-        values = values * weights.unsqueeze(1).float()
-    bags = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=values.device), lengths, output_size=values.shape[0]
-    )
-    pooled = torch.zeros((lengths.numel(), values.shape[1]), dtype=torch.float32, device=values.device)
-    pooled = pooled.index_add(0, bags, values)
-    if pooling == PoolingType.MEAN:
-        pooled = pooled / lengths.clamp(min=1).unsqueeze(1)
-    return pooled
 
 
 class ShardedDynamicEmbeddingBagCollection(ShardedDynamicCollection[KeyedTensor]):
@@ -111,7 +94,8 @@ class ShardedDynamicEmbeddingBagCollection(ShardedDynamicCollection[KeyedTensor]
         ):
             for i, (name, values) in enumerate(zip(names, table_rows.split(batch.sizes))):
                 weights = batch.weights[i] if batch.weights is not None else None
-                pooled[name] = pool_bags(values, batch.lengths[i], weights, config.pooling)  # type: ignore[attr-defined]
+                deterministic = self._tables[config.name].deterministic
+                pooled[name] = pool_bags(values, batch.lengths[i], weights, config.pooling, deterministic)  # type: ignore[attr-defined]
         names = self.embedding_names()
         dims = [c.embedding_dim for c in self._configs for _ in c.feature_names]
         return KeyedTensor(

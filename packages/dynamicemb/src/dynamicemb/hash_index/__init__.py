@@ -31,6 +31,7 @@ def create_hash_table(
     device: torch.device | str | None = None,
     backend: str = "auto",
     warm_up: bool = True,
+    deterministic: bool | None = None,
 ) -> ScoredHashTable:
     """A scored hash table of at least ``init_capacity`` slots, growing up to ``max_capacity``.
 
@@ -40,6 +41,7 @@ def create_hash_table(
     (Triton on CUDA devices, torch elsewhere). ``warm_up``: a Triton table on a GPU compiles its
     kernels when created (:meth:`~dynamicemb.hash_index.triton_backend.TritonHashTable.warm_up`)
     instead of at the first call that needs each of them (the first eviction stalled ~0.9 s).
+    ``deterministic``: see :class:`~dynamicemb.hash_index.bucketed.BucketedHashTable`.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown hash-table backend {backend!r}; choose one of {BACKENDS}")
@@ -53,6 +55,7 @@ def create_hash_table(
         max_load_factor=max_load_factor,
         score_strategy=score_strategy,
         device=resolved,
+        deterministic=deterministic,
     )
     if backend == "triton":
         from dynamicemb.hash_index.triton_backend import TritonHashTable

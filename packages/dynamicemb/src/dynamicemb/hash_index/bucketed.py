@@ -61,6 +61,10 @@ class BucketedHashTable(ScoredHashTable):
     refused. Which of several new keys gets a contended free slot, and ties between equal scores,
     may differ between backends. NO_EVICTION never evicts: a key that finds no free slot raises
     ``RuntimeError`` naming the capacity (call :meth:`reserve` first).
+
+    ``deterministic``: ``True`` makes every backend place keys in an order that depends only on the
+    table and the set of keys of the call (see :mod:`dynamicemb.deterministic`); ``None`` follows
+    ``torch.are_deterministic_algorithms_enabled()`` at each call. The torch backend always does.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class BucketedHashTable(ScoredHashTable):
         max_load_factor: float = 0.5,
         score_strategy: DynamicEmbScoreStrategy = DynamicEmbScoreStrategy.TIMESTAMP,
         device: torch.device | str | None = None,
+        deterministic: bool | None = None,
     ) -> None:
         check_bucket_capacity(bucket_capacity)
         if init_capacity <= 0:
@@ -88,6 +93,7 @@ class BucketedHashTable(ScoredHashTable):
         self._storage = TableStorage.allocate(
             num_buckets_for(init_capacity, bucket_capacity), bucket_capacity, self.device
         )
+        self.deterministic = deterministic
         self._clock = 0
         self._step = 0
         self._epoch = 0

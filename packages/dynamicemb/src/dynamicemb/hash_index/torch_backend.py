@@ -160,7 +160,8 @@ def _evict_for(
     held = storage.scores.view(-1, width).index_select(0, buckets).masked_fill(~evictable, _INT64_MAX)
     counts = torch.bincount(which, minlength=buckets.numel())
     most = min(int(counts.max().item()), width)
-    victim_scores, victim_cols = torch.topk(held, most, dim=1, largest=False, sorted=True)
+    # Ascending (score, column): a stable sort settles equal scores by column on every device.
+    victim_scores, victim_cols = (part[:, :most] for part in torch.sort(held, dim=1, stable=True))
     order = _group_by_descending_score(which, scores[rows])
     rows, which = rows[order], which[order]
     rank = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[which]
@@ -195,6 +196,44 @@ def place_absent_keys(
     return out, empty, empty, empty
 
 
+def ordered_upsert(
+    storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
+) -> InsertResult:
+    """Find or insert ``keys [N]`` in ``storage`` by ordered torch ops: the keys are deduplicated and
+    sorted (``torch.unique``), and contenders for a slot are settled by score then key, so the result
+    depends only on the table and the set of keys (the torch backend, and the deterministic mode of
+    the Triton one)."""
+    unique, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+    if update.accumulate:
+        scores = counts
+    elif update.values is not None:
+        scores = torch.full_like(unique, _INT64_MIN).scatter_reduce(0, inverse, update.values, "amax")
+    else:
+        scores = torch.full_like(unique, update.value)
+    probe = _Probe(storage, unique)
+    slots, first_free = probe_keys(storage, probe)
+    found = slots >= 0
+    hit = slots[found]
+    if update.accumulate:
+        storage.scores[hit] += scores[found]
+    else:
+        storage.scores[hit] = scores[found]
+    storage.epochs[hit] = epoch
+    missing = positions(~found)
+    placed, ev_keys, ev_slots, ev_scores = place_absent_keys(
+        storage, probe.select(missing), scores[missing], first_free[missing], epoch, evict
+    )
+    slots[missing] = placed
+    return InsertResult(slots[inverse], found[inverse], ev_keys, ev_slots, ev_scores)
+
+
+def ordered_place_unique(storage: TableStorage, keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Insert distinct absent ``keys [M]`` with ``scores [M]`` without eviction: ``[M]`` slots (-1: no room)."""
+    probe = _Probe(storage, keys)
+    slots, *_ = place_absent_keys(storage, probe, scores, _first_free(storage, probe), 0, evict=False)
+    return slots
+
+
 class TorchHashTable(BucketedHashTable):
     """:class:`BucketedHashTable` in vectorized torch ops (CPU or CUDA tensors)."""
 
@@ -214,30 +253,7 @@ class TorchHashTable(BucketedHashTable):
     def _upsert(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
     ) -> InsertResult:
-        unique, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-        if update.accumulate:
-            scores = counts
-        elif update.values is not None:
-            scores = torch.full_like(unique, _INT64_MIN).scatter_reduce(0, inverse, update.values, "amax")
-        else:
-            scores = torch.full_like(unique, update.value)
-        probe = _Probe(storage, unique)
-        slots, first_free = probe_keys(storage, probe)
-        found = slots >= 0
-        hit = slots[found]
-        if update.accumulate:
-            storage.scores[hit] += scores[found]
-        else:
-            storage.scores[hit] = scores[found]
-        storage.epochs[hit] = epoch
-        missing = positions(~found)
-        placed, ev_keys, ev_slots, ev_scores = place_absent_keys(
-            storage, probe.select(missing), scores[missing], first_free[missing], epoch, evict
-        )
-        slots[missing] = placed
-        return InsertResult(slots[inverse], found[inverse], ev_keys, ev_slots, ev_scores)
+        return ordered_upsert(storage, keys, update, epoch, evict)
 
     def _place_unique(self, storage: TableStorage, keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probe = _Probe(storage, keys)
-        slots, *_ = place_absent_keys(storage, probe, scores, _first_free(storage, probe), 0, evict=False)
-        return slots
+        return ordered_place_unique(storage, keys, scores)

@@ -11,6 +11,12 @@ the insertion kernel) are grouped by bucket on the device without a sort
 key was deferred and, if so, once more to compact the evicted entries. Per-key scores (LFU counts,
 caller scores) are first reduced over duplicates with ``torch.unique`` and the deferred keys grouped
 by bucket and descending score with torch sorts.
+
+Deterministic mode (:mod:`dynamicemb.deterministic`): the kernels' insertion races (which key takes a
+contended free slot, which is deferred and possibly refused) make slots and, with per-key scores, the
+refused keys depend on thread scheduling; in that mode insertions and rehashes run the torch
+backend's ordered placement on the same storage, and lookups stay on the kernels (their only writes
+are scores and epochs of found keys: equal values, or integer additions).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from dynamicemb.deterministic import is_deterministic
 from dynamicemb.hash_index.base import DynamicEmbScoreStrategy, InsertResult
 from dynamicemb.hash_index.bucketed import BucketedHashTable, ScoreUpdate
 from dynamicemb.hash_index.layout import TableStorage, hash_keys
+from dynamicemb.hash_index.torch_backend import ordered_place_unique, ordered_upsert
 from dynamicemb.hash_index.triton_grouped_eviction import evict_grouped_kernel, place_deferred_kernel
 from dynamicemb.hash_index.triton_kernels import (
     DEFERRED,
@@ -366,6 +374,8 @@ class TritonHashTable(BucketedHashTable):
     def _upsert(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
     ) -> InsertResult:
+        if is_deterministic(self.deterministic):
+            return ordered_upsert(storage, keys, update, epoch, evict)
         if update.accumulate or update.values is not None:
             unique, inverse, per_key = _reduce_duplicates(keys, update)
             result = self._upsert_launches(storage, unique, per_key, epoch, evict)
@@ -396,6 +406,8 @@ class TritonHashTable(BucketedHashTable):
         return InsertResult(slots, flags == 1, evicted_keys, evicted_slots, evicted_scores)
 
     def _place_unique(self, storage: TableStorage, keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if is_deterministic(self.deterministic):
+            return ordered_place_unique(storage, keys, scores)
         if keys.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=keys.device)
         found = torch.zeros(keys.numel(), dtype=torch.int8, device=keys.device)

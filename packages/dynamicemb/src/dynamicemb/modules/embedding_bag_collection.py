@@ -17,6 +17,7 @@ from dynamicemb.modules.common import (
     build_tables,
     check_not_a_silent_replica,
 )
+from dynamicemb.pooling import pool_bags
 
 __all__ = ["DynamicEmbeddingBagCollection"]
 
@@ -54,20 +55,15 @@ class DynamicEmbeddingBagCollection(EmbeddingBagCollectionInterface, DynamicEmbM
         self._embedding_names_by_table = get_embedding_names_by_table(self._embedding_bag_configs)
 
     def _pool(self, ids: FeatureIds, config: EmbeddingBagConfig, embeddings: torch.Tensor) -> torch.Tensor:
-        """``embeddings [N, D]`` of the table's features -> ``[F, B, D]`` float32 pooled per bag."""
+        """``embeddings [N, D]`` of the table's features -> ``[F, B, D]`` float32 pooled per bag
+        (one sequential sum per bag when the table is deterministic)."""
         features = config.feature_names
         lengths = torch.cat([ids.feature_lengths(f) for f in features]).to(self._device)
-        values = embeddings.float()
+        weights = None
         if self._is_weighted:
             weights = torch.cat([ids.feature_weights(f) for f in features]).to(self._device)
-            values = values * weights.unsqueeze(1).float()
-        bags = torch.repeat_interleave(
-            torch.arange(lengths.numel(), device=self._device), lengths, output_size=values.shape[0]
-        )
-        pooled = torch.zeros((lengths.numel(), config.embedding_dim), dtype=torch.float32, device=self._device)
-        pooled = pooled.index_add(0, bags, values)
-        if config.pooling == PoolingType.MEAN:
-            pooled = pooled / lengths.clamp(min=1).unsqueeze(1)
+        deterministic = self._tables[config.name].deterministic
+        pooled = pool_bags(embeddings, lengths, weights, config.pooling, deterministic)
         return pooled.view(len(features), ids.batch_size, config.embedding_dim)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

@@ -78,7 +78,8 @@ class KeyValueTable(Storage):
     :class:`~dynamicemb.hash_index.base.SlotRemap` and the rows move with their keys. New keys get
     ``new_rows(n)`` (``[n, value_dim]``). ``hash_backend`` picks the index implementation
     (:func:`~dynamicemb.hash_index.create_hash_table`: ``"auto"``, ``"torch"`` or ``"triton"``);
-    ``warm_up_kernels``: a Triton index on a GPU compiles its kernels when created.
+    ``warm_up_kernels``: a Triton index on a GPU compiles its kernels when created;
+    ``deterministic``: the index's placement mode (:mod:`dynamicemb.deterministic`).
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class KeyValueTable(Storage):
         new_rows: NewRows,
         hash_backend: str = "auto",
         warm_up_kernels: bool = True,
+        deterministic: bool | None = None,
     ) -> None:
         self.dim = dim
         self._value_dim = value_dim
@@ -113,6 +115,7 @@ class KeyValueTable(Storage):
             device=device,
             backend=hash_backend,
             warm_up=warm_up_kernels,
+            deterministic=deterministic,
         )
         self.values = create_value_store(self.index.capacity, value_dim, dtype, device, device_budget_bytes)
         self.version = 0
