@@ -20,6 +20,11 @@ CUDA-event timings.
 CPU (``--device cpu``): the torch backend on one thread, 32k keys per call into a 1M-slot table at
 load factor 0.5.
 
+Fixed cost of a call (``find_or_insert_call`` rows, ``--call-sizes``, default 64K, 256K and 1M keys;
+``--only-call-sizes`` skips the rest): one ``find_or_insert`` of distinct keys, half present, into the
+table at load factor 0.5; ``ms`` from CUDA events (an idle device to the call's last kernel) and
+``host_ms`` the wall-clock time of the call (see :func:`bench_call_sizes`).
+
 Writes ``results/<device>.json``; ``--readme`` rebuilds ``README.md`` from every results file.
 If ``bench_train_step.py`` sits beside this file its ``run_train_step_benchmark`` rows are added.
 """
@@ -208,6 +213,60 @@ def bench_dim(
         return evicted_rows
 
     timed("insert_and_evict", lambda: table.insert_and_evict(fresh), evict_and_move, evict_and_move_torch)
+    return rows
+
+
+def bench_call_sizes(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """The fixed cost of one ``find_or_insert`` call (issue 21: <= 0.15 ms at about 100K keys on an
+    H100/H200): for each size in ``args.call_sizes``, distinct keys, half present and half new, into
+    a table of ``2**args.capacity_log2`` slots at load factor 0.5 (restored before every repetition).
+    ``ms``: CUDA-event time from an idle device to the end of the call's last kernel (so it includes
+    the host's launch time when the host is the slower side); ``host_ms``: wall-clock time of the call
+    alone (launches and any synchronization inside it). On the CPU: the torch backend, wall-clock."""
+    generator = torch.Generator(device=device).manual_seed(5)
+    capacity = 1 << args.capacity_log2
+    table = (
+        benchmark_table(capacity, device)
+        if device.type == "cuda"
+        else create_hash_table(init_capacity=capacity, max_capacity=capacity, device=device, backend="torch")
+    )
+    resident = fill(table, 0.5, generator)
+    saved = snapshot(table)
+    load_factor = round(table.load_factor(), 4)
+    rows = []
+    for n in args.call_sizes:
+        present = resident[torch.randperm(resident.numel(), device=device, generator=generator)[: n // 2]]
+        keys = torch.cat([present, random_keys(n - present.numel(), generator, device)])
+        keys = keys[torch.randperm(n, device=device, generator=generator)]
+        host = []
+
+        def call(keys=keys, host=host) -> None:
+            start = time.perf_counter()
+            table.find_or_insert(keys)
+            host.append((time.perf_counter() - start) * 1e3)
+
+        reset = lambda: restore(table, saved)
+        if device.type == "cuda":
+            ms = cuda_median_ms(call, reset, reps=args.reps)
+        else:
+            times = []
+            for _ in range(args.reps):
+                reset()
+                call()
+                times.append(host[-1])
+            ms = statistics.median(times)
+        rows.append(
+            {
+                "op": "find_or_insert_call",
+                "keys": n,
+                "capacity": capacity,
+                "load_factor": load_factor,
+                "dim": None,
+                "ms": ms,
+                "host_ms": statistics.median(host),
+                "gkeys_per_s": gkeys(n, ms),
+            }
+        )
     return rows
 
 
@@ -401,18 +460,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-train-step", action="store_true")
     parser.add_argument("--readme", action="store_true", help="only rebuild README.md from results/")
+    parser.add_argument(
+        "--call-sizes",
+        type=int,
+        nargs="*",
+        default=[1 << 16, 1 << 18, 1 << 20],
+        help="keys per find_or_insert call for the fixed-cost rows (none: skip them)",
+    )
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions of each fixed-cost row")
+    parser.add_argument("--only-call-sizes", action="store_true", help="only the fixed-cost rows")
     args = parser.parse_args()
     if args.readme:
         write_readme()
         return
+    device = torch.device(args.device)
+    rows = []
     if args.device == "cuda":
-        rows = bench_gpu(args)
-        if not args.no_train_step:
-            rows += train_step_rows(torch.device("cuda"), args.dims)
+        if not args.only_call_sizes:
+            rows = bench_gpu(args)
+            if not args.no_train_step:
+                rows += train_step_rows(device, args.dims)
         device_name = torch.cuda.get_device_name()
     else:
-        rows = bench_cpu(args)
+        if not args.only_call_sizes:
+            rows = bench_cpu(args)
         device_name = "cpu"
+    if args.call_sizes:
+        rows += bench_call_sizes(args, device)
     date = datetime.date.today().isoformat()
     for row in rows:
         row.setdefault("device", device_name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +36,9 @@ class SlotRemap:
     new_slots: torch.Tensor
 
 
-@dataclass(frozen=True)
+Evicted = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class InsertResult:
     """Result of an insertion over a batch of ``N`` keys.
 
@@ -46,13 +49,48 @@ class InsertResult:
     evicted_slots: ``[E]`` int64 the slots they held (now reused by inserted keys; value storage
                    must read the evicted rows from these slots *before* writing the new ones).
     evicted_scores:``[E]`` int64 their scores.
+
+    The evicted entries may be given as a function that compacts them (``evicted=``): it runs at
+    the first read of one of the three (its size ``E`` needs a device-to-host synchronization), so
+    a caller that never reads them never waits for the device.
     """
 
-    slots: torch.Tensor
-    existed: torch.Tensor
-    evicted_keys: torch.Tensor
-    evicted_slots: torch.Tensor
-    evicted_scores: torch.Tensor
+    __slots__ = ("_evicted", "existed", "slots")
+
+    def __init__(
+        self,
+        slots: torch.Tensor,
+        existed: torch.Tensor,
+        evicted_keys: torch.Tensor | None = None,
+        evicted_slots: torch.Tensor | None = None,
+        evicted_scores: torch.Tensor | None = None,
+        *,
+        evicted: Callable[[], Evicted] | None = None,
+    ) -> None:
+        given = (evicted_keys, evicted_slots, evicted_scores)
+        if (evicted is None) == any(t is None for t in given):
+            raise ValueError("InsertResult needs the three evicted tensors or an evicted= function, not both")
+        self.slots = slots
+        self.existed = existed
+        self._evicted: Evicted | Callable[[], Evicted] = evicted if evicted is not None else given  # type: ignore[assignment]
+
+    def evicted(self) -> Evicted:
+        """``(evicted_keys, evicted_slots, evicted_scores)``, compacted at the first call."""
+        if callable(self._evicted):
+            self._evicted = self._evicted()
+        return self._evicted
+
+    @property
+    def evicted_keys(self) -> torch.Tensor:
+        return self.evicted()[0]
+
+    @property
+    def evicted_slots(self) -> torch.Tensor:
+        return self.evicted()[1]
+
+    @property
+    def evicted_scores(self) -> torch.Tensor:
+        return self.evicted()[2]
 
     @property
     def refused(self) -> torch.Tensor:

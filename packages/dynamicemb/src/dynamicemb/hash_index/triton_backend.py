@@ -7,8 +7,8 @@ entries by one eviction launch (one program per bucket). With one score for the 
 (TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front: duplicate keys meet in the
 table itself or in the eviction program of their bucket, and the deferred keys (counted per bucket by
 the insertion kernel) are grouped by bucket on the device without a sort
-(:mod:`dynamicemb.hash_index.triton_grouped_eviction`); the call synchronizes once to learn whether any
-key was deferred and, if so, once more to compact the evicted entries. Per-key scores (LFU counts,
+(:mod:`dynamicemb.hash_index.triton_grouped_eviction`); the call does not synchronize with the host:
+the evicted entries are compacted (one synchronization) only when the caller reads them. Per-key scores (LFU counts,
 caller scores) are first reduced over duplicates with ``torch.unique`` and the deferred keys grouped
 by bucket and descending score with torch sorts.
 
@@ -22,13 +22,14 @@ are scores and epochs of found keys: equal values, or integer additions).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 
 from dynamicemb.deterministic import is_deterministic
-from dynamicemb.hash_index.base import DynamicEmbScoreStrategy, InsertResult
+from dynamicemb.hash_index.base import DynamicEmbScoreStrategy, Evicted, InsertResult
 from dynamicemb.hash_index.bucketed import BucketedHashTable, ScoreUpdate
 from dynamicemb.hash_index.layout import TableStorage, hash_keys
 from dynamicemb.hash_index.torch_backend import ordered_place_unique, ordered_upsert
@@ -105,36 +106,19 @@ class _DeferredBuckets:
         n, device = keys.numel(), keys.device
         if n >= 2**31:
             raise ValueError(f"at most 2**31 - 1 keys per call, got {n}")
+        # One zeroed buffer (one launch): num_segments in its first 16 bytes, the counts after them
+        # (both 16-byte aligned, as the kernels compiled at creation expect).
+        zeroed = torch.zeros(4 + storage.num_buckets, dtype=torch.int32, device=device)
         return _DeferredBuckets(
-            torch.zeros(storage.num_buckets, dtype=torch.int32, device=device),
+            zeroed[4:],
             torch.empty(min(n, storage.num_buckets), dtype=torch.int32, device=device),
-            torch.zeros(1, dtype=torch.int64, device=device),
+            zeroed[:2].view(torch.int64),
         )
 
     @staticmethod
     def placeholder(keys: torch.Tensor) -> _DeferredBuckets:
         """Stand-ins for the kernel's unused pointers (never read or written)."""
         return _DeferredBuckets(keys, keys, keys)
-
-
-class _HostCopy:
-    """A one-element device tensor copied to the host without blocking: on CUDA the copy goes to
-    pinned memory behind an event, so the host can queue more work before :meth:`wait`."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        self._event: torch.cuda.Event | None = None
-        if value.device.type == "cuda":
-            self._host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            self._host.copy_(value, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = value.clone()
-
-    def wait(self) -> int:
-        if self._event is not None:
-            self._event.synchronize()
-        return int(self._host[0])
 
 
 def _block_size(device: torch.device) -> int:
@@ -265,16 +249,15 @@ class TritonHashTable(BucketedHashTable):
         deferred: _DeferredBuckets,
         score: int,
         epoch: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Callable[[], Evicted]:
         """One score for the call (keys may repeat): places the lanes the insertion deferred and
         listed in ``deferred``, grouped on the device by a counting sort (see
-        :mod:`dynamicemb.hash_index.triton_grouped_eviction`); returns the evicted ``(keys, slots,
-        scores)``. Two synchronizations: whether anything was deferred (if not, nothing more is
-        launched: the common case below load factor 1) and the compaction of the evicted entries.
-        The first waits on a copy queued right after the insertion, while the ``cumsum`` and the
-        placing kernel (cheap when nothing was deferred) run, so the device does not idle there."""
+        :mod:`dynamicemb.hash_index.triton_grouped_eviction`); returns the function that compacts
+        the evicted ``(keys, slots, scores)``. No host synchronization: the eviction launches one
+        program per possible bucket (``min(N, num_buckets)``); those beyond the number of listed
+        buckets return at once (all of them when nothing was deferred, the common case below load
+        factor 1). The compaction, run only when the caller reads the evicted entries, waits once."""
         n, device = keys.numel(), keys.device
-        pending_count = _HostCopy(deferred.num_segments)
         starts = torch.cumsum(deferred.counts, 0, dtype=torch.int32)  # ends; place_deferred_kernel makes them starts
         grouped_lanes = torch.empty(n, dtype=torch.int32, device=device)
         grouped_keys = torch.empty_like(keys)
@@ -289,15 +272,17 @@ class TritonHashTable(BucketedHashTable):
             NUM_GROUPS=storage.num_groups,
             BLOCK=_GROUPING_BLOCK,
         )
-        segments = pending_count.wait()
-        if segments == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=device)
-            return empty, empty, empty
-        flags = torch.zeros(n, dtype=torch.int8, device=device)
+        # Flags are written for every grouped position below the number of deferred lanes, the only
+        # ones the compaction reads: no zeroing launch.
+        flags = torch.empty(n, dtype=torch.int8, device=device)
         # keys, slots, scores; rows of an even length keep every row 16-byte aligned, so the kernel
         # compiled at creation (aligned pointers) serves every call.
         evicted = torch.empty(3, n + (n & 1), dtype=torch.int64, device=device)
-        evict_grouped_kernel[(segments,)](
+        programs = deferred.segment_buckets.numel()
+        if not compiles_kernels(device):
+            # The interpreter pays per program: the listed buckets and one program that returns at once.
+            programs = min(programs, int(deferred.num_segments) + 1)
+        evict_grouped_kernel[(programs,)](
             deferred.segment_buckets,
             deferred.num_segments,
             deferred.counts,
@@ -321,8 +306,14 @@ class TritonHashTable(BucketedHashTable):
             CHUNK=16,
             num_warps=_EVICT_WARPS,
         )
-        evicted = evicted[:, positions(flags)]  # flags [n]: the padding column is never selected
-        return evicted[0], evicted[1], evicted[2]
+        counts = deferred.counts
+
+        def compact() -> Evicted:
+            total = int(counts.sum())  # deferred lanes: the grouped positions the eviction wrote
+            taken = evicted[:, positions(flags[:total])]
+            return taken[0], taken[1], taken[2]
+
+        return compact
 
     def _evict_by_score(
         self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, update: ScoreUpdate, epoch: int
@@ -379,13 +370,7 @@ class TritonHashTable(BucketedHashTable):
         if update.accumulate or update.values is not None:
             unique, inverse, per_key = _reduce_duplicates(keys, update)
             result = self._upsert_launches(storage, unique, per_key, epoch, evict)
-            return InsertResult(
-                result.slots[inverse],
-                result.existed[inverse],
-                result.evicted_keys,
-                result.evicted_slots,
-                result.evicted_scores,
-            )
+            return InsertResult(result.slots[inverse], result.existed[inverse], evicted=result.evicted)
         return self._upsert_launches(storage, keys, update, epoch, evict)
 
     def _upsert_launches(
@@ -396,10 +381,9 @@ class TritonHashTable(BucketedHashTable):
         deferred = _DeferredBuckets.allocate(storage, keys) if evict and one_score else None
         self._launch_insert(storage, keys, flags, slots, update, epoch, defer_full=evict, deferred=deferred)
         if deferred is not None:
-            evicted_keys, evicted_slots, evicted_scores = self._evict_grouped(
-                storage, keys, slots, deferred, update.value, epoch
-            )
-        elif evict:
+            compact = self._evict_grouped(storage, keys, slots, deferred, update.value, epoch)
+            return InsertResult(slots, flags == 1, evicted=compact)
+        if evict:
             evicted_keys, evicted_slots, evicted_scores = self._evict_by_score(storage, keys, slots, update, epoch)
         else:
             evicted_keys = evicted_slots = evicted_scores = torch.zeros(0, dtype=torch.int64, device=keys.device)

@@ -1,0 +1,83 @@
+"""The fixed cost of a table call (issue 21): find_or_insert with one score for the call waits for the
+device nowhere; the evicted entries are compacted (one synchronization) only when they are read.
+
+CPU: the compaction runs at the first read of the evicted entries, not in the call (the Triton index
+under the interpreter). GPU (``-m gpu``): ``torch.cuda.set_sync_debug_mode("error")`` around the
+calls, with and without evictions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dynamicemb.hash_index import DynamicEmbScoreStrategy, create_hash_table, triton_backend
+from dynamicemb.hash_index.base import InsertResult
+
+
+def _full_table(device: torch.device, capacity: int, bucket: int):
+    table = create_hash_table(
+        init_capacity=capacity,
+        max_capacity=capacity,
+        bucket_capacity=bucket,
+        score_strategy=DynamicEmbScoreStrategy.TIMESTAMP,
+        device=device,
+        backend="triton",
+    )
+    g = torch.Generator(device=device).manual_seed(0)
+    while table.size() < capacity:
+        table.find_or_insert(torch.randint(-(2**62), 2**62, (capacity,), device=device, generator=g))
+    return table, g
+
+
+def test_evicted_entries_are_compacted_when_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    table, g = _full_table(torch.device("cpu"), 64, 16)
+    compactions = []
+    original = triton_backend.positions
+    monkeypatch.setattr(triton_backend, "positions", lambda mask: compactions.append(1) or original(mask))
+    keys = torch.randint(-(2**62), 2**62, (24,), generator=g)
+    result = table.find_or_insert(keys)
+    assert compactions == [], "the call compacted the evicted entries before they were read"
+    evicted_keys = result.evicted_keys
+    assert compactions == [1]
+    assert evicted_keys.numel() == int((result.slots >= 0).sum()) > 0  # every new key evicted one entry
+    assert not bool(table.find(evicted_keys)[1].any())
+    assert torch.equal(result.evicted_slots.sort().values, result.slots[result.slots >= 0].sort().values)
+    assert result.evicted_scores.numel() == evicted_keys.numel()
+    assert compactions == [1], "the compaction ran twice"
+
+
+def test_insert_result_takes_tensors_or_a_function() -> None:
+    empty = torch.zeros(0, dtype=torch.int64)
+    done = InsertResult(empty, empty.bool(), empty, empty, empty)
+    assert done.evicted_keys is empty
+    late = InsertResult(empty, empty.bool(), evicted=lambda: (empty, empty + 1, empty))
+    assert late.evicted() == late.evicted()
+    with pytest.raises(ValueError, match="evicted"):
+        InsertResult(empty, empty.bool(), empty, empty, empty, evicted=lambda: (empty, empty, empty))
+    with pytest.raises(ValueError, match="evicted"):
+        InsertResult(empty, empty.bool())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("full", [False, True], ids=["free-slots", "evicting"])
+def test_cuda_find_or_insert_never_synchronizes(full: bool) -> None:
+    cuda = torch.device("cuda")
+    if full:
+        table, g = _full_table(cuda, 1 << 16, 128)
+    else:
+        table = create_hash_table(init_capacity=1 << 18, max_capacity=1 << 18, device=cuda, backend="triton")
+        g = torch.Generator(device=cuda).manual_seed(0)
+    batches = [torch.randint(-(2**62), 2**62, (100_000,), device=cuda, generator=g) for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [table.find_or_insert(keys) for keys in batches]
+        table.find(batches[0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    evicted = sum(result.evicted_keys.numel() for result in results)
+    assert (evicted > 0) == full
+    assert bool(table.find(batches[-1])[1].any())
