@@ -5,7 +5,11 @@
 # value rows in device and in host memory on 1 and 2 GPUs (part "sharded", kind nvidia-h200-x2). Logs, the profile and the results JSON go to $OUT. Each part has its own time
 # limit (PART_TIMEOUT seconds, default 240), so a hung kernel costs one part, not the whole call; pytest
 # dumps the stacks of a test that runs past 120 s.
-#   COMMIT=<sha> bash tools/gpu_dynamicemb_session.sh [profile|tests|bench|tiers|sharded ...]
+# Part "gaps" (issue 21's training gaps, about 150 s): the GPU tests of the kernels compiled at table
+# creation, the deterministic mode and the synchronization-free find_or_insert (JUnit XML and log), then
+# bench_table.py's fixed-cost rows only (one find_or_insert at 64K, 256K and 1M keys) as
+# $OUT/<device>.json.
+#   COMMIT=<sha> bash tools/gpu_dynamicemb_session.sh [profile|tests|bench|tiers|sharded|gaps ...]
 set -o pipefail
 export PYTHONUNBUFFERED=1
 GR_SKIP_TESTS=1 source tools/gpu/setup.sh
@@ -26,6 +30,13 @@ for part in $parts; do
     bench)
       timeout "$limit" python3 packages/dynamicemb/benchmarks/bench_table.py --commit "${COMMIT:-unknown}" --out "$out" ${BENCH_ARGS:-} \
         2>&1 | grep -v -E "fbgemm|cannot determine|WARNING:root|\x1b|^\s*$" | tee "$out/bench.log" || rc=1 ;;
+    gaps)
+      timeout "$limit" python3 -m pytest -q -p no:cacheprovider -m gpu -o faulthandler_timeout=120 \
+        --junitxml "$out/gaps-tests.xml" packages/dynamicemb/tests/test_table_warm_up.py \
+        packages/dynamicemb/tests/test_deterministic.py packages/dynamicemb/tests/test_table_call_cost.py 2>&1 \
+        | tee "$out/gaps-tests-full.log" | tail -30 | tee "$out/gaps-tests.log" || rc=1
+      timeout "$limit" python3 packages/dynamicemb/benchmarks/bench_table.py --only-call-sizes --commit "${COMMIT:-unknown}" \
+        --out "$out" 2>&1 | grep -v -E "fbgemm|cannot determine|WARNING:root|\x1b|^\s*$" | tee "$out/gaps-bench.log" || rc=1 ;;
     tiers)
       timeout "$limit" python3 packages/dynamicemb/benchmarks/bench_value_store.py --commit "${COMMIT:-unknown}" --out "$out/value_store.json" \
         2>&1 | grep -v -E "fbgemm|cannot determine|WARNING:root|\x1b|^\s*$" | tee "$out/value_store.log" || rc=1 ;;
