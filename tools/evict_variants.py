@@ -5,8 +5,8 @@ The setup of ``bench_table.py`` (16M slots, bucket 128, TIMESTAMP, load factor 1
 and the insertion run once; then, from the same saved state each time, the placing kernel and the eviction
 kernel of :mod:`dynamicemb.hash_index.triton_grouped_eviction` (``evict_grouped_kernel``) launched with the
 arguments of one variant: warps per program, lanes per chunk (``CHUNK``), a grid of exactly the listed buckets
-or of the whole list, the buckets in listed or sorted order; and the per-key-score ``evict_kernel`` of
-:mod:`dynamicemb.hash_index.triton_kernels` on the same keys (contiguous contenders). Every variant is
+or of the whole list, the buckets in listed or sorted order; and the per-key-score ``evict_ranked_kernel``
+of the same module on the same grouped keys (every key given the call's score). Every variant is
 correct eviction. Prints a table and writes ``<out>/evict_variants.json``.
 
 Variants that changed the kernel's code (key swap by a load and a store, one global counter for the
@@ -35,8 +35,11 @@ sys.path.insert(0, str(ROOT / "packages" / "dynamicemb" / "benchmarks"))
 from bench_table import benchmark_table, fill, random_keys  # noqa: E402
 
 from dynamicemb.hash_index import triton_backend  # noqa: E402
-from dynamicemb.hash_index.triton_grouped_eviction import evict_grouped_kernel, place_deferred_kernel  # noqa: E402
-from dynamicemb.hash_index.triton_kernels import evict_kernel  # noqa: E402
+from dynamicemb.hash_index.triton_grouped_eviction import (  # noqa: E402
+    evict_grouped_kernel,
+    evict_ranked_kernel,
+    place_deferred_kernel,
+)
 
 # Launch arguments of the library's eviction (triton_backend._evict_grouped); a variant overrides some.
 LIBRARY = {"num_warps": triton_backend._EVICT_WARPS, "CHUNK": 16, "exact_grid": True, "sorted": False}
@@ -48,7 +51,7 @@ VARIANTS = {
     "CHUNK 32": {"CHUNK": 32},
     "grid of the whole bucket list": {"exact_grid": False},
     "buckets in sorted order": {"sorted": True},
-    "per-key-score evict_kernel (contiguous contenders)": {"old": True},
+    "per-key-score evict_ranked_kernel": {"ranked": True},
 }  # fmt: skip
 
 
@@ -82,7 +85,7 @@ def main() -> None:
 
     def run(variant: dict) -> float:
         launch = {**LIBRARY, **variant}
-        old = launch.pop("old", False)
+        ranked = launch.pop("ranked", False)
         segment_buckets = sorted_segments if launch["sorted"] else deferred.segment_buckets
         times = []
         start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -98,22 +101,18 @@ def main() -> None:
             )
             evicted_flags = torch.zeros(n, dtype=torch.int8, device=device)
             evicted = torch.empty(3, n, dtype=torch.int64, device=device)
-            if old:
-                starts_at_sorted = starts.long()[sorted_segments[:segments].long()]
-                counts_at_sorted = deferred.counts.long()[sorted_segments[:segments].long()]
-                per_key_scores = torch.full_like(fresh, update.value)
-                placed = torch.empty_like(fresh)
+            per_key_scores = torch.full_like(fresh, update.value)
             torch.cuda.synchronize()
             start_event.record()
-            if old:
-                evict_kernel[(segments,)](
-                    sorted_segments, starts_at_sorted, counts_at_sorted, grouped_keys, per_key_scores, placed,
-                    evicted_flags, evicted[0], evicted[1], storage.keys, storage.digests, storage.scores,
-                    storage.epochs, storage.num_buckets, epoch, BUCKET=128, NUM_GROUPS=8, CHUNK=launch["CHUNK"],
-                    num_warps=launch["num_warps"],
+            grid = (segments if launch["exact_grid"] else segment_buckets.numel(),)
+            if ranked:
+                evict_ranked_kernel[grid](
+                    segment_buckets, deferred.num_segments, deferred.counts, starts, grouped_lanes, grouped_keys,
+                    per_key_scores, slots, evicted_flags, evicted[0], evicted[1], evicted[2], storage.keys,
+                    storage.digests, storage.scores, storage.epochs, storage.num_buckets, epoch, BUCKET=128,
+                    NUM_GROUPS=8, CHUNK=launch["CHUNK"], num_warps=launch["num_warps"],
                 )  # fmt: skip
             else:
-                grid = (segments if launch["exact_grid"] else segment_buckets.numel(),)
                 evict_grouped_kernel[grid](
                     segment_buckets, deferred.num_segments, deferred.counts, starts, grouped_lanes, grouped_keys,
                     slots, evicted_flags, evicted[0], evicted[1], evicted[2], storage.keys, storage.digests,

@@ -25,7 +25,6 @@ CASES = {
                                      "BUCKET": 128, "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
     "hash_index.triton_kernels:insert_kernel#listing": {"SCORE_MODE": 1, "DEFER_FULL": True, "LIST_DEFERRED": True,
                                              "BUCKET": 128, "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
-    "hash_index.triton_kernels:evict_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
     "storage.row_kernels:gather_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
     "storage.row_kernels:scatter_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
     "storage.row_kernels:gather_split_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
@@ -35,6 +34,7 @@ CASES = {
     "storage.row_kernels:scatter_split_rows_kernel#dim384": {"ROWS": 32, "BLOCK_D": 128},
     "hash_index.triton_grouped_eviction:place_deferred_kernel": {"NUM_GROUPS": 8, "BLOCK": 1024},
     "hash_index.triton_grouped_eviction:evict_grouped_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
+    "hash_index.triton_grouped_eviction:evict_ranked_kernel": {"BUCKET": 128, "NUM_GROUPS": 8, "CHUNK": 16},
 }  # fmt: skip
 
 _CHILD = r"""

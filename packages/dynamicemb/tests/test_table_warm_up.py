@@ -86,8 +86,8 @@ import torch
 from dynamicemb.hash_index import DynamicEmbScoreStrategy, create_hash_table
 from dynamicemb.hash_index import triton_grouped_eviction as grouped, triton_kernels as kernels
 
-KERNELS = [kernels.lookup_kernel, kernels.insert_kernel, kernels.evict_kernel,
-           grouped.place_deferred_kernel, grouped.evict_grouped_kernel]
+KERNELS = [kernels.lookup_kernel, kernels.insert_kernel, grouped.place_deferred_kernel,
+           grouped.evict_grouped_kernel, grouped.evict_ranked_kernel]
 
 def compiled():
     # device_caches[device][0] is the kernel cache of a JITFunction (one entry per compiled variant).

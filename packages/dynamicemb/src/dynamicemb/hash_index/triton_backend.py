@@ -9,8 +9,9 @@ table itself or in the eviction program of their bucket, and the deferred keys (
 the insertion kernel) are grouped by bucket on the device without a sort
 (:mod:`dynamicemb.hash_index.triton_grouped_eviction`); the call does not synchronize with the host:
 the evicted entries are compacted (one synchronization) only when the caller reads them. Per-key scores (LFU counts,
-caller scores) are first reduced over duplicates with ``torch.unique`` and the deferred keys grouped
-by bucket and descending score with torch sorts.
+caller scores) are first reduced over duplicates with ``torch.unique`` (one synchronization, for its
+size); their deferred keys are grouped the same way and ranked inside each bucket by the eviction
+kernel, without a sort.
 
 Deterministic mode (:mod:`dynamicemb.deterministic`): the kernels' insertion races (which key takes a
 contended free slot, which is deferred and possibly refused) make slots and, with per-key scores, the
@@ -31,16 +32,18 @@ import triton
 from dynamicemb.deterministic import is_deterministic
 from dynamicemb.hash_index.base import DynamicEmbScoreStrategy, Evicted, InsertResult
 from dynamicemb.hash_index.bucketed import BucketedHashTable, ScoreUpdate
-from dynamicemb.hash_index.layout import TableStorage, hash_keys
+from dynamicemb.hash_index.layout import TableStorage
 from dynamicemb.hash_index.torch_backend import ordered_place_unique, ordered_upsert
-from dynamicemb.hash_index.triton_grouped_eviction import evict_grouped_kernel, place_deferred_kernel
+from dynamicemb.hash_index.triton_grouped_eviction import (
+    evict_grouped_kernel,
+    evict_ranked_kernel,
+    place_deferred_kernel,
+)
 from dynamicemb.hash_index.triton_kernels import (
-    DEFERRED,
     SCORE_ADD,
     SCORE_NONE,
     SCORE_PER_KEY,
     SCORE_VALUE,
-    evict_kernel,
     insert_kernel,
     lookup_kernel,
 )
@@ -67,19 +70,6 @@ def _reduce_duplicates(keys: torch.Tensor, update: ScoreUpdate) -> tuple[torch.T
     assert update.values is not None
     largest = torch.full_like(unique, torch.iinfo(torch.int64).min).scatter_reduce(0, inverse, update.values, "amax")
     return unique, inverse, ScoreUpdate(values=largest)
-
-
-def _group_by_bucket_and_score(
-    storage: TableStorage, keys: torch.Tensor, scores: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct deferred ``keys [M]`` with per-key ``scores [M]``, grouped by bucket and by
-    descending score inside a bucket: ``(keys [M], buckets [M], scores [M], order [M])``, the
-    first three being ``keys[order]`` etc."""
-    mask = storage.num_buckets - 1
-    by_score = torch.argsort(scores, descending=True, stable=True)
-    by_bucket = torch.argsort((hash_keys(keys) & mask)[by_score], stable=True)
-    order = by_score[by_bucket]
-    return keys[order], hash_keys(keys[order]) & mask, scores[order], order
 
 
 # The insertion kernel needs BLOCK >= 32 * num_warps (see triton_kernels).
@@ -247,13 +237,14 @@ class TritonHashTable(BucketedHashTable):
         keys: torch.Tensor,
         slots: torch.Tensor,
         deferred: _DeferredBuckets,
-        score: int,
+        update: ScoreUpdate,
         epoch: int,
     ) -> Callable[[], Evicted]:
-        """One score for the call (keys may repeat): places the lanes the insertion deferred and
-        listed in ``deferred``, grouped on the device by a counting sort (see
-        :mod:`dynamicemb.hash_index.triton_grouped_eviction`); returns the function that compacts
-        the evicted ``(keys, slots, scores)``. No host synchronization: the eviction launches one
+        """Places the lanes the insertion deferred and listed in ``deferred``, grouped on the device
+        by a counting sort (see :mod:`dynamicemb.hash_index.triton_grouped_eviction`): with one score
+        for the call (keys may repeat) by ``evict_grouped_kernel``, with per-key scores
+        (``update.values``, distinct keys) by ``evict_ranked_kernel``. Returns the function that
+        compacts the evicted ``(keys, slots, scores)``. No host synchronization: the eviction launches one
         program per possible bucket (``min(N, num_buckets)``); those beyond the number of listed
         buckets return at once (all of them when nothing was deferred, the common case below load
         factor 1). The compaction, run only when the caller reads the evicted entries, waits once."""
@@ -282,30 +273,21 @@ class TritonHashTable(BucketedHashTable):
         if not compiles_kernels(device):
             # The interpreter pays per program: the listed buckets and one program that returns at once.
             programs = min(programs, int(deferred.num_segments) + 1)
-        evict_grouped_kernel[(programs,)](
+        grouping = (
             deferred.segment_buckets,
             deferred.num_segments,
             deferred.counts,
             starts,
             grouped_lanes,
             grouped_keys,
-            slots,
-            flags,
-            evicted[0],
-            evicted[1],
-            evicted[2],
-            storage.keys,
-            storage.digests,
-            storage.scores,
-            storage.epochs,
-            storage.num_buckets,
-            score,
-            epoch,
-            BUCKET=storage.bucket_capacity,
-            NUM_GROUPS=storage.num_groups,
-            CHUNK=16,
-            num_warps=_EVICT_WARPS,
         )
+        outputs = (slots, flags, evicted[0], evicted[1], evicted[2])
+        table = (storage.keys, storage.digests, storage.scores, storage.epochs, storage.num_buckets)
+        shape = dict(BUCKET=storage.bucket_capacity, NUM_GROUPS=storage.num_groups, CHUNK=16, num_warps=_EVICT_WARPS)
+        if update.values is None:
+            evict_grouped_kernel[(programs,)](*grouping, *outputs, *table, update.value, epoch, **shape)
+        else:
+            evict_ranked_kernel[(programs,)](*grouping, update.values, *outputs, *table, epoch, **shape)
         counts = deferred.counts
 
         def compact() -> Evicted:
@@ -314,47 +296,6 @@ class TritonHashTable(BucketedHashTable):
             return taken[0], taken[1], taken[2]
 
         return compact
-
-    def _evict_by_score(
-        self, storage: TableStorage, keys: torch.Tensor, slots: torch.Tensor, update: ScoreUpdate, epoch: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-key scores (distinct keys): grouped by bucket and descending score with torch sorts."""
-        lanes = positions(slots == DEFERRED.value)
-        if lanes.numel() == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=keys.device)
-            return empty, empty, empty
-        assert update.values is not None
-        contenders, buckets, scores, order = _group_by_bucket_and_score(storage, keys[lanes], update.values[lanes])
-        segment_bucket, segment_count = torch.unique_consecutive(buckets, return_counts=True)
-        segment_start = torch.cumsum(segment_count, 0) - segment_count
-        placed = torch.empty_like(contenders)
-        evicted = torch.empty(contenders.numel(), dtype=torch.int8, device=keys.device)
-        evicted_keys = torch.empty_like(contenders)
-        evicted_scores = torch.empty_like(contenders)
-        evict_kernel[(segment_bucket.numel(),)](
-            segment_bucket,
-            segment_start,
-            segment_count,
-            contenders,
-            scores,
-            placed,
-            evicted,
-            evicted_keys,
-            evicted_scores,
-            storage.keys,
-            storage.digests,
-            storage.scores,
-            storage.epochs,
-            storage.num_buckets,
-            epoch,
-            BUCKET=storage.bucket_capacity,
-            NUM_GROUPS=storage.num_groups,
-            CHUNK=16,
-            num_warps=_EVICT_WARPS,
-        )
-        slots[lanes[order]] = placed
-        won = positions(evicted)
-        return evicted_keys[won], placed[won], evicted_scores[won]
 
     def _lookup(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate | None
@@ -377,17 +318,14 @@ class TritonHashTable(BucketedHashTable):
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
     ) -> InsertResult:
         slots, flags = self._launch_lookup(storage, keys, update, epoch, report_full=True)
-        one_score = update.values is None and not update.accumulate
-        deferred = _DeferredBuckets.allocate(storage, keys) if evict and one_score else None
+        assert not update.accumulate or update.values is not None, "LFU counts are reduced per key first"
+        deferred = _DeferredBuckets.allocate(storage, keys) if evict else None
         self._launch_insert(storage, keys, flags, slots, update, epoch, defer_full=evict, deferred=deferred)
         if deferred is not None:
-            compact = self._evict_grouped(storage, keys, slots, deferred, update.value, epoch)
+            compact = self._evict_grouped(storage, keys, slots, deferred, update, epoch)
             return InsertResult(slots, flags == 1, evicted=compact)
-        if evict:
-            evicted_keys, evicted_slots, evicted_scores = self._evict_by_score(storage, keys, slots, update, epoch)
-        else:
-            evicted_keys = evicted_slots = evicted_scores = torch.zeros(0, dtype=torch.int64, device=keys.device)
-        return InsertResult(slots, flags == 1, evicted_keys, evicted_slots, evicted_scores)
+        empty = torch.zeros(0, dtype=torch.int64, device=keys.device)
+        return InsertResult(slots, flags == 1, empty, empty, empty)
 
     def _place_unique(self, storage: TableStorage, keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if is_deterministic(self.deterministic):

@@ -13,6 +13,10 @@ full, counts them per bucket (``counts [num_buckets]``) and lists every bucket t
    touched, lowest score first, writes each lane's slot, and writes each evicted entry at its lane's
    position in ``grouped``, flagged in ``evicted``.
 
+Calls with per-key scores (LFU counts, caller scores; the keys are distinct) use
+``evict_ranked_kernel`` instead: the same grouping, then each bucket's contenders ranked by descending
+score and key take the entries ranked by ascending score, without a sort.
+
 The host compacts the flagged entries. The order of the evicted entries, and which of
 several contenders wins when a bucket has fewer evictable entries than contenders, depend on thread
 scheduling.
@@ -143,6 +147,111 @@ def evict_grouped_kernel(
             tl.store(slots_ptr + lane, tl.where(copier, twin_slot, earlier_slot), mask=follower)
             # The evicted entries go where their lane sits in ``grouped`` (flagged in ``evicted``): one
             # counter for all programs would serialize them on its address.
+            out = start + idx
+            tl.store(evicted_ptr + out, won.to(tl.int8), mask=live)
+            tl.store(evicted_keys_ptr + out, victim_key, mask=won)
+            tl.store(evicted_slots_ptr + out, victim, mask=won)
+            tl.store(evicted_scores_ptr + out, victim_score, mask=won)
+
+
+@triton.jit
+def _available_rank(scores_ptr, digests_ptr, epochs_ptr, first_slot, held_scores, cols, epoch, BUCKET: tl.constexpr):
+    """For each column of the bucket, how many available entries (occupied, not touched by this call)
+    come before it in ascending (score, column) order: the rank at which it would be picked."""
+    rank = tl.zeros([BUCKET], tl.int32)
+    for c in range(0, BUCKET):  # one slot at a time, read before the program writes the bucket
+        other = tl.load(scores_ptr + first_slot + c)
+        usable = (tl.load(digests_ptr + first_slot + c).to(tl.int32) >= FIRST_DIGEST) & (
+            tl.load(epochs_ptr + first_slot + c) != epoch
+        )
+        before = usable & ((other < held_scores) | ((other == held_scores) & (c < cols)))
+        rank += before.to(tl.int32)
+    return rank
+
+
+@triton.jit
+def _contender_rank(
+    grouped_lanes_ptr, grouped_keys_ptr, lane_scores_ptr, start, count, key, score, CHUNK: tl.constexpr
+):
+    """For each lane (``key``, ``score`` of one chunk), how many of the bucket's ``count`` contenders
+    come before it in descending score, then ascending key order (keys are distinct)."""
+    lanes = tl.arange(0, CHUNK)
+    rank = tl.zeros([CHUNK], tl.int32)
+    for other_chunk in range(0, count, CHUNK):
+        idx = other_chunk + lanes
+        live = idx < count
+        lane = tl.load(grouped_lanes_ptr + start + idx, mask=live, other=0).to(tl.int64)
+        other_key = tl.load(grouped_keys_ptr + start + idx, mask=live, other=0)
+        other_score = tl.load(lane_scores_ptr + lane, mask=live, other=0)
+        higher = other_score[None, :] > score[:, None]
+        tie = (other_score[None, :] == score[:, None]) & (other_key[None, :] < key[:, None])
+        rank += tl.sum((live[None, :] & (higher | tie)).to(tl.int32), axis=1)
+    return rank
+
+
+@triton.jit(do_not_specialize=["num_buckets", "epoch"])
+def evict_ranked_kernel(
+    segment_buckets_ptr,
+    num_segments_ptr,
+    counts_ptr,
+    starts_ptr,
+    grouped_lanes_ptr,
+    grouped_keys_ptr,
+    lane_scores_ptr,
+    slots_ptr,
+    evicted_ptr,
+    evicted_keys_ptr,
+    evicted_slots_ptr,
+    evicted_scores_ptr,
+    keys_ptr,
+    digests_ptr,
+    scores_ptr,
+    epochs_ptr,
+    num_buckets,
+    epoch,
+    BUCKET: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Per-key scores (``lane_scores [N]``, by lane; the keys of the call are distinct): one program
+    per listed bucket, no sort. The bucket's contenders, ranked by descending score then ascending
+    key, take the entries not touched by this call ranked by ascending (score, column): the
+    contender of rank ``r`` gets the entry of rank ``r`` if its score is at least the entry's, else
+    it is refused (slot -1), as is every contender ranked beyond the available entries. Outputs as
+    :func:`evict_grouped_kernel`'s."""
+    pid = tl.program_id(0)
+    if pid < tl.load(num_segments_ptr):
+        bucket = tl.load(segment_buckets_ptr + pid).to(tl.int64)
+        count = tl.load(counts_ptr + bucket)
+        start = tl.load(starts_ptr + bucket)
+        cols = tl.arange(0, BUCKET)
+        lanes = tl.arange(0, CHUNK)
+        first_slot = bucket * BUCKET
+        held_scores = tl.load(scores_ptr + first_slot + cols)
+        available = (tl.load(digests_ptr + first_slot + cols).to(tl.int32) >= FIRST_DIGEST) & (
+            tl.load(epochs_ptr + first_slot + cols) != epoch
+        )
+        entry_rank = _available_rank(scores_ptr, digests_ptr, epochs_ptr, first_slot, held_scores, cols, epoch, BUCKET)
+        picks = tl.minimum(count, tl.sum(available.to(tl.int32), axis=0))
+        for chunk in range(0, count, CHUNK):
+            idx = chunk + lanes
+            live = idx < count
+            lane = tl.load(grouped_lanes_ptr + start + idx, mask=live, other=0).to(tl.int64)
+            key = tl.load(grouped_keys_ptr + start + idx, mask=live, other=0)
+            score = tl.load(lane_scores_ptr + lane, mask=live, other=0)
+            rank = _contender_rank(
+                grouped_lanes_ptr, grouped_keys_ptr, lane_scores_ptr, start, count, key, score, CHUNK
+            )
+            match = available[None, :] & (entry_rank[None, :] == rank[:, None])
+            victim_col = tl.min(tl.where(match, cols[None, :], BUCKET), axis=1)
+            victim_score = tl.sum(tl.where(match, held_scores[None, :], 0), axis=1)  # at most one match
+            won = live & (rank < picks) & (score >= victim_score)
+            victim = first_slot + victim_col
+            _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
+            victim_key = _claim_victims(
+                victim, won, key, score, digest, epoch, keys_ptr, scores_ptr, epochs_ptr, digests_ptr
+            )
+            tl.store(slots_ptr + lane, tl.where(won, victim, -1), mask=live)
             out = start + idx
             tl.store(evicted_ptr + out, won.to(tl.int8), mask=live)
             tl.store(evicted_keys_ptr + out, victim_key, mask=won)

@@ -6,9 +6,9 @@ claims a slot by a compare-and-swap of the 32-bit word holding four slots' state
 ``BUSY``), writes key, score and epoch, then publishes the digest with an atomic xor (release). A
 lane that sees a ``BUSY`` slot in its probe sequence retries on the next pass, because that slot may
 be receiving its own key from a duplicate lane; as free slots never come back within a call, a lane
-that finds no free slot and no copy of its key can defer it safely. ``evict_kernel`` then places the
-deferred keys (deduplicated and grouped by bucket on the host), one program per bucket, over the
-lowest-score entries the call has not touched.
+that finds no free slot and no copy of its key can defer it safely. The kernels of
+:mod:`dynamicemb.hash_index.triton_grouped_eviction` then place the deferred keys, one program per
+bucket, over the lowest-score entries the call has not touched.
 
 The insertion kernel keeps every per-lane value in a one-dimensional ``[BLOCK]`` layout (the probe
 reads four state bytes per 32-bit word instead of reducing ``[BLOCK, GROUP]`` tiles): an atomic's
@@ -281,66 +281,3 @@ def _claim_victims(victim, won, key, score, digest, epoch, keys_ptr, scores_ptr,
     tl.store(epochs_ptr + victim, tl.full(victim.shape, epoch, tl.int32), mask=won)
     tl.store(digests_ptr + victim, digest.to(tl.uint8), mask=won)
     return victim_key
-
-
-@triton.jit(do_not_specialize=["num_buckets", "epoch"])
-def evict_kernel(
-    segment_bucket_ptr,
-    segment_start_ptr,
-    segment_count_ptr,
-    query_ptr,
-    query_scores_ptr,
-    slots_ptr,
-    evicted_ptr,
-    evicted_keys_ptr,
-    evicted_scores_ptr,
-    keys_ptr,
-    digests_ptr,
-    scores_ptr,
-    epochs_ptr,
-    num_buckets,
-    epoch,
-    BUCKET: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    """One program per full bucket: its contenders (distinct keys, ordered by descending score)
-    take the entries not touched by this call in ascending (score, slot) order; a contender whose
-    score is lower than its entry's is refused. The program owns the bucket, so no atomics.
-
-    Victims are picked ``CHUNK`` contenders at a time by successive minimum searches over the
-    bucket held in registers (a call usually brings a few contenders per bucket); the chunk's
-    loads and stores are then vector operations. Contenders beyond the bucket's number of
-    candidate entries are refused."""
-    pid = tl.program_id(0)
-    bucket = tl.load(segment_bucket_ptr + pid)
-    start = tl.load(segment_start_ptr + pid)
-    count = tl.load(segment_count_ptr + pid)
-    cols = tl.arange(0, BUCKET)
-    lanes = tl.arange(0, CHUNK)
-    slots = bucket * BUCKET + cols
-    held_scores = tl.load(scores_ptr + slots)
-    available = (tl.load(digests_ptr + slots).to(tl.int32) >= FIRST_DIGEST) & (tl.load(epochs_ptr + slots) != epoch)
-    placed_count = tl.minimum(count, tl.sum(available.to(tl.int32), axis=0))
-    for chunk in range(0, count, CHUNK):
-        lane = chunk + lanes
-        live = lane < count
-        victim_col = tl.zeros([CHUNK], tl.int32)
-        victim_score = tl.zeros([CHUNK], tl.int64)
-        for j in range(0, tl.minimum(CHUNK, placed_count - chunk)):
-            lowest, col, available = _take_lowest(available, held_scores, cols, BUCKET)
-            victim_col = tl.where(lanes == j, col, victim_col)
-            victim_score = tl.where(lanes == j, lowest, victim_score)
-        has = lane < placed_count
-        victim = bucket * BUCKET + victim_col
-        key = tl.load(query_ptr + start + lane, mask=live, other=0)
-        score = tl.load(query_scores_ptr + start + lane, mask=live, other=0)
-        won = has & (score >= victim_score)
-        _, _, digest = _coordinates(key, num_buckets, NUM_GROUPS)
-        victim_key = _claim_victims(
-            victim, won, key, score, digest, epoch, keys_ptr, scores_ptr, epochs_ptr, digests_ptr
-        )
-        tl.store(slots_ptr + start + lane, tl.where(won, victim, -1), mask=live)
-        tl.store(evicted_ptr + start + lane, won.to(tl.int8), mask=live)
-        tl.store(evicted_keys_ptr + start + lane, victim_key, mask=won)
-        tl.store(evicted_scores_ptr + start + lane, tl.where(has, victim_score, 0), mask=live)
