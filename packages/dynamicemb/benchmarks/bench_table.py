@@ -216,10 +216,32 @@ def bench_dim(
     return rows
 
 
+def _time_call(
+    fn: Callable[[], object], reset: Callable[[], None], device: torch.device, reps: int
+) -> tuple[float, float]:
+    """``(ms, host_ms)`` medians of one call: CUDA-event time (wall-clock on the CPU) and the wall-clock
+    time the host spends in the call."""
+    host: list[float] = []
+
+    def call() -> None:
+        start = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - start) * 1e3)
+
+    if device.type == "cuda":
+        return cuda_median_ms(call, reset, reps=reps), statistics.median(host[3:])
+    for _ in range(reps):
+        reset()
+        call()
+    return statistics.median(host), statistics.median(host)
+
+
 def bench_call_sizes(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """The fixed cost of one ``find_or_insert`` call (issue 21: <= 0.15 ms at about 100K keys on an
     H100/H200): for each size in ``args.call_sizes``, distinct keys, half present and half new, into
-    a table of ``2**args.capacity_log2`` slots at load factor 0.5 (restored before every repetition).
+    a table of ``2**args.capacity_log2`` slots at load factor 0.5 (restored before every repetition);
+    ``find_or_insert_call_per_key_scores`` is the same call with a score per key and
+    ``unique_keys=True``, as ``KeyValueTable`` makes it in training.
     ``ms``: CUDA-event time from an idle device to the end of the call's last kernel (so it includes
     the host's launch time when the host is the slower side); ``host_ms``: wall-clock time of the call
     alone (launches and any synchronization inside it). On the CPU: the torch backend, wall-clock."""
@@ -238,35 +260,28 @@ def bench_call_sizes(args: argparse.Namespace, device: torch.device) -> list[dic
         present = resident[torch.randperm(resident.numel(), device=device, generator=generator)[: n // 2]]
         keys = torch.cat([present, random_keys(n - present.numel(), generator, device)])
         keys = keys[torch.randperm(n, device=device, generator=generator)]
-        host = []
-
-        def call(keys=keys, host=host) -> None:
-            start = time.perf_counter()
-            table.find_or_insert(keys)
-            host.append((time.perf_counter() - start) * 1e3)
-
-        reset = lambda: restore(table, saved)
-        if device.type == "cuda":
-            ms = cuda_median_ms(call, reset, reps=args.reps)
-        else:
-            times = []
-            for _ in range(args.reps):
-                reset()
-                call()
-                times.append(host[-1])
-            ms = statistics.median(times)
-        rows.append(
-            {
-                "op": "find_or_insert_call",
-                "keys": n,
-                "capacity": capacity,
-                "load_factor": load_factor,
-                "dim": None,
-                "ms": ms,
-                "host_ms": statistics.median(host),
-                "gkeys_per_s": gkeys(n, ms),
-            }
-        )
+        scores = torch.full_like(keys, 1 << 40)
+        variants = {
+            "find_or_insert_call": lambda keys=keys: table.find_or_insert(keys),
+            # As KeyValueTable calls it in training: a score per key, keys known to be distinct.
+            "find_or_insert_call_per_key_scores": lambda keys=keys, scores=scores: table.find_or_insert(
+                keys, scores, unique_keys=True
+            ),
+        }
+        for op, fn in variants.items():
+            ms, host_ms = _time_call(fn, lambda: restore(table, saved), device, args.reps)
+            rows.append(
+                {
+                    "op": op,
+                    "keys": n,
+                    "capacity": capacity,
+                    "load_factor": load_factor,
+                    "dim": None,
+                    "ms": ms,
+                    "host_ms": host_ms,
+                    "gkeys_per_s": gkeys(n, ms),
+                }
+            )
     return rows
 
 

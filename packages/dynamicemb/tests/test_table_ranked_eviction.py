@@ -102,3 +102,28 @@ def test_lfu_counts_rank_the_contenders() -> None:
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
     assert results[0][1].numel() > 0
+
+
+@pytest.mark.parametrize("strategy", [DynamicEmbScoreStrategy.CUSTOMIZED, DynamicEmbScoreStrategy.LFU], ids=str)
+def test_unique_keys_skip_the_reduction_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch, strategy: DynamicEmbScoreStrategy
+) -> None:
+    """``unique_keys=True`` (what KeyValueTable passes): no ``torch.unique`` in the Triton index, and the
+    table, slots and evicted entries of the reducing path."""
+    pytest.importorskip("triton")
+    from dynamicemb.hash_index import triton_backend
+
+    keys, scores = _call()
+    given = scores if strategy == DynamicEmbScoreStrategy.CUSTOMIZED else None
+    outcomes = []
+    for unique_keys in (False, True):
+        table = _full_table("triton")
+        table.score_strategy = strategy
+        if unique_keys:
+            monkeypatch.setattr(triton_backend, "_reduce_duplicates", lambda *a: pytest.fail("keys were reduced"))
+        result = table.find_or_insert(keys, given, unique_keys=unique_keys)
+        outcomes.append((result.slots, result.existed, result.evicted_keys.sort().values, table.export_batch(0, 64)))
+    (slots_a, existed_a, evicted_a, table_a), (slots_b, existed_b, evicted_b, table_b) = outcomes
+    assert torch.equal(slots_a, slots_b) and torch.equal(existed_a, existed_b) and torch.equal(evicted_a, evicted_b)
+    assert all(torch.equal(x, y) for x, y in zip(table_a, table_b))
+    assert evicted_a.numel() > 0

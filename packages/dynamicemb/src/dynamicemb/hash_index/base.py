@@ -134,16 +134,25 @@ class ScoredHashTable(ABC):
         """``keys [N]`` -> ``(slots [N] int64 (-1 if missing), found [N] bool)``."""
 
     @abstractmethod
-    def find_or_insert(self, keys: torch.Tensor, scores: torch.Tensor | None = None) -> InsertResult:
-        """Find each key; insert the missing ones (evicting the lowest score of a full bucket)."""
+    def find_or_insert(
+        self, keys: torch.Tensor, scores: torch.Tensor | None = None, *, unique_keys: bool = False
+    ) -> InsertResult:
+        """Find each key; insert the missing ones (evicting the lowest score of a full bucket).
+
+        ``unique_keys``: the caller guarantees the keys are distinct, so a backend may skip
+        deduplicating them (duplicate keys with this flag may corrupt the table)."""
 
     @abstractmethod
-    def insert_or_assign(self, keys: torch.Tensor, scores: torch.Tensor | None = None) -> InsertResult:
+    def insert_or_assign(
+        self, keys: torch.Tensor, scores: torch.Tensor | None = None, *, unique_keys: bool = False
+    ) -> InsertResult:
         """Insert missing keys, and for present keys assign the score (CUSTOMIZED) or refresh it."""
 
-    def insert_and_evict(self, keys: torch.Tensor, scores: torch.Tensor | None = None) -> InsertResult:
+    def insert_and_evict(
+        self, keys: torch.Tensor, scores: torch.Tensor | None = None, *, unique_keys: bool = False
+    ) -> InsertResult:
         """Like :meth:`insert_or_assign`; the evicted keys/slots/scores are the point of the call."""
-        return self.insert_or_assign(keys, scores)
+        return self.insert_or_assign(keys, scores, unique_keys=unique_keys)
 
     @abstractmethod
     def scores_at(self, slots: torch.Tensor) -> torch.Tensor:

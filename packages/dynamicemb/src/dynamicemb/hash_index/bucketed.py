@@ -7,6 +7,7 @@ A backend supplies three operations on a :class:`~dynamicemb.hash_index.layout.T
 
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 from dataclasses import dataclass
 
@@ -30,7 +31,8 @@ class ScoreUpdate:
     """How one call sets the scores of the keys it touches.
 
     ``accumulate``: LFU, each occurrence of a key adds 1 (a new key starts at its count); a backend
-    that has reduced duplicates itself passes the per-key counts as ``values``. Otherwise the score
+    that has reduced duplicates itself passes the per-key counts as ``values``. ``distinct``: the
+    caller guarantees distinct keys (``unique_keys=True``), so a backend may skip the reduction. Otherwise the score
     is assigned: ``values [N]`` per occurrence when given (a key occurring several times gets the
     largest), else the scalar ``value``.
     """
@@ -38,6 +40,7 @@ class ScoreUpdate:
     accumulate: bool = False
     values: torch.Tensor | None = None
     value: int = 0
+    distinct: bool = False  # the caller guarantees the keys of the call are distinct
 
 
 class BucketedHashTable(ScoredHashTable):
@@ -138,10 +141,14 @@ class BucketedHashTable(ScoredHashTable):
             return _empty_slots(self.device), torch.zeros(0, dtype=torch.bool, device=self.device)
         return self._lookup(self._storage, keys, update)
 
-    def find_or_insert(self, keys: torch.Tensor, scores: torch.Tensor | None = None) -> InsertResult:
-        """Find each key, inserting the missing ones; see the class docstring for scores/eviction."""
+    def find_or_insert(
+        self, keys: torch.Tensor, scores: torch.Tensor | None = None, *, unique_keys: bool = False
+    ) -> InsertResult:
+        """Find each key, inserting the missing ones; see the class docstring for scores/eviction.
+        ``unique_keys``: the caller guarantees distinct keys (the Triton backend then skips its
+        ``torch.unique`` for per-key scores; duplicates with this flag may corrupt the table)."""
         self._check_keys(keys)
-        update = self._insert_update(keys, scores)
+        update = dataclasses.replace(self._insert_update(keys, scores), distinct=unique_keys)
         epoch = self._next_epoch()
         if keys.numel() == 0:
             return _empty_result(self.device)
@@ -157,10 +164,12 @@ class BucketedHashTable(ScoredHashTable):
                 )
         return result
 
-    def insert_or_assign(self, keys: torch.Tensor, scores: torch.Tensor | None = None) -> InsertResult:
+    def insert_or_assign(
+        self, keys: torch.Tensor, scores: torch.Tensor | None = None, *, unique_keys: bool = False
+    ) -> InsertResult:
         """The index holds no values, so this is :meth:`find_or_insert`: missing keys are inserted
         and present keys get their score set; the caller assigns values at the returned slots."""
-        return self.find_or_insert(keys, scores)
+        return self.find_or_insert(keys, scores, unique_keys=unique_keys)
 
     def scores_at(self, slots: torch.Tensor) -> torch.Tensor:
         if slots.dtype != torch.int64 or slots.dim() != 1:

@@ -308,6 +308,13 @@ class TritonHashTable(BucketedHashTable):
     ) -> InsertResult:
         if is_deterministic(self.deterministic):
             return ordered_upsert(storage, keys, update, epoch, evict)
+        if update.distinct and update.accumulate and update.values is None:
+            # Distinct keys: each occurs once, so its LFU increment (and a new key's count) is 1.
+            return self._upsert_launches(
+                storage, keys, ScoreUpdate(accumulate=True, values=torch.ones_like(keys)), epoch, evict
+            )
+        if update.distinct:
+            return self._upsert_launches(storage, keys, update, epoch, evict)
         if update.accumulate or update.values is not None:
             unique, inverse, per_key = _reduce_duplicates(keys, update)
             result = self._upsert_launches(storage, unique, per_key, epoch, evict)

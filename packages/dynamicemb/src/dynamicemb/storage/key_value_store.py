@@ -154,12 +154,13 @@ class KeyValueTable(Storage):
     def insert_slots(
         self, keys: torch.Tensor, scores: torch.Tensor | None, *, assign: bool, read_evicted: bool
     ) -> tuple[InsertResult, EvictedRows | None]:
-        """Give unique ``keys`` slots (growing first); the rows of the new keys are not yet written."""
+        """Give unique ``keys`` slots (growing first); the rows of the new keys are not yet written.
+        The keys must be distinct: the index is told so (``unique_keys=True``) and skips deduplicating."""
         self._grow_for(keys)
         if assign:
-            result = self.index.insert_and_evict(keys, scores)
+            result = self.index.insert_and_evict(keys, scores, unique_keys=True)
         else:
-            result = self.index.find_or_insert(keys, scores)
+            result = self.index.find_or_insert(keys, scores, unique_keys=True)
         self.version += 1
         evicted = None
         if read_evicted:
