@@ -4,9 +4,10 @@ under different launch arguments (GPU only).
 The setup of ``bench_table.py`` (16M slots, bucket 128, TIMESTAMP, load factor 1.0, 1M new keys). The lookup
 and the insertion run once; then, from the same saved state each time, the placing kernel and the eviction
 kernel of :mod:`dynamicemb.hash_index.triton_grouped_eviction` (``evict_grouped_kernel``) launched with the
-arguments of one variant: warps per program, lanes per chunk (``CHUNK``), a grid of exactly the listed buckets
-or of the whole list, the buckets in listed or sorted order; and the per-key-score ``evict_ranked_kernel``
-of the same module on the same grouped keys (every key given the call's score). Every variant is
+arguments of one variant: warps per program, lanes per chunk (``CHUNK``), a grid of exactly the listed
+buckets, of the whole list or the library's fixed one (32 programs per SM, each looping over listed buckets),
+the buckets in listed or sorted order; and the per-key-score ``evict_ranked_kernel`` of the same module on
+the same grouped keys (every key given the call's score). Every variant is
 correct eviction. Prints a table and writes ``<out>/evict_variants.json``.
 
 Variants that changed the kernel's code (key swap by a load and a store, one global counter for the
@@ -42,14 +43,15 @@ from dynamicemb.hash_index.triton_grouped_eviction import (  # noqa: E402
 )
 
 # Launch arguments of the library's eviction (triton_backend._evict_grouped); a variant overrides some.
-LIBRARY = {"num_warps": triton_backend._EVICT_WARPS, "CHUNK": 16, "exact_grid": True, "sorted": False}
+LIBRARY = {"num_warps": triton_backend._EVICT_WARPS, "CHUNK": 16, "grid": "persistent", "sorted": False}
 VARIANTS = {
     "library launch": {},
     "2 warps": {"num_warps": 2},
     "4 warps": {"num_warps": 4},
     "CHUNK 8": {"CHUNK": 8},
     "CHUNK 32": {"CHUNK": 32},
-    "grid of the whole bucket list": {"exact_grid": False},
+    "grid of exactly the listed buckets": {"grid": "exact"},
+    "grid of the whole bucket list": {"grid": "whole list"},
     "buckets in sorted order": {"sorted": True},
     "per-key-score evict_ranked_kernel": {"ranked": True},
 }  # fmt: skip
@@ -104,7 +106,11 @@ def main() -> None:
             per_key_scores = torch.full_like(fresh, update.value)
             torch.cuda.synchronize()
             start_event.record()
-            grid = (segments if launch["exact_grid"] else segment_buckets.numel(),)
+            grid = {
+                "exact": (segments,),
+                "whole list": (segment_buckets.numel(),),
+                "persistent": (min(segment_buckets.numel(), triton_backend._eviction_programs(device)),),
+            }[launch["grid"]]
             if ranked:
                 evict_ranked_kernel[grid](
                     segment_buckets, deferred.num_segments, deferred.counts, starts, grouped_lanes, grouped_keys,

@@ -22,6 +22,7 @@ are scores and epochs of found keys: equal values, or integer additions).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,6 +110,15 @@ class _DeferredBuckets:
     def placeholder(keys: torch.Tensor) -> _DeferredBuckets:
         """Stand-ins for the kernel's unused pointers (never read or written)."""
         return _DeferredBuckets(keys, keys, keys)
+
+
+@functools.cache
+def _eviction_programs(device: torch.device) -> int:
+    """Programs of an eviction launch (each loops over listed buckets): as many one-warp programs as
+    the GPU keeps resident (32 per SM); two under the interpreter, which pays per program instance."""
+    if not compiles_kernels(device):
+        return 2
+    return 32 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _block_size(device: torch.device) -> int:
@@ -244,10 +254,10 @@ class TritonHashTable(BucketedHashTable):
         by a counting sort (see :mod:`dynamicemb.hash_index.triton_grouped_eviction`): with one score
         for the call (keys may repeat) by ``evict_grouped_kernel``, with per-key scores
         (``update.values``, distinct keys) by ``evict_ranked_kernel``. Returns the function that
-        compacts the evicted ``(keys, slots, scores)``. No host synchronization: the eviction launches one
-        program per possible bucket (``min(N, num_buckets)``); those beyond the number of listed
-        buckets return at once (all of them when nothing was deferred, the common case below load
-        factor 1). The compaction, run only when the caller reads the evicted entries, waits once."""
+        compacts the evicted ``(keys, slots, scores)``. No host synchronization: the eviction launches a
+        fixed number of programs that loop over the listed buckets (none when nothing was deferred,
+        the common case below load factor 1, and the programs return at once). The compaction, run
+        only when the caller reads the evicted entries, waits once."""
         n, device = keys.numel(), keys.device
         starts = torch.cumsum(deferred.counts, 0, dtype=torch.int32)  # ends; place_deferred_kernel makes them starts
         grouped_lanes = torch.empty(n, dtype=torch.int32, device=device)
@@ -269,10 +279,7 @@ class TritonHashTable(BucketedHashTable):
         # keys, slots, scores; rows of an even length keep every row 16-byte aligned, so the kernel
         # compiled at creation (aligned pointers) serves every call.
         evicted = torch.empty(3, n + (n & 1), dtype=torch.int64, device=device)
-        programs = deferred.segment_buckets.numel()
-        if not compiles_kernels(device):
-            # The interpreter pays per program: the listed buckets and one program that returns at once.
-            programs = min(programs, int(deferred.num_segments) + 1)
+        programs = min(deferred.segment_buckets.numel(), _eviction_programs(device))
         grouping = (
             deferred.segment_buckets,
             deferred.num_segments,

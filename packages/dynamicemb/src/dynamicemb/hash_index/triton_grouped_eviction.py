@@ -7,8 +7,10 @@ full, counts them per bucket (``counts [num_buckets]``) and lists every bucket t
 1. After an inclusive ``cumsum`` of the counts (``ends``), ``place_deferred_kernel`` writes each
    deferred lane into its bucket's range of ``grouped`` (a counting sort; lanes of one bucket land
    in any order). It leaves ``ends[b]`` at the start of bucket ``b``'s range.
-2. ``evict_grouped_kernel`` runs one program per listed bucket (the host launches ``num_segments``
-   programs; any beyond that return at once). Each deduplicates its
+2. ``evict_grouped_kernel`` places each listed bucket in one program: program ``p`` of ``P`` takes
+   the listed buckets ``p, p + P, ...`` (the host launches a fixed number of programs, enough to fill
+   the device, without reading ``num_segments``; with nothing listed they return at once). Each
+   deduplicates its
    bucket's lanes (equal keys share a slot), gives the distinct keys the entries the call has not
    touched, lowest score first, writes each lane's slot, and writes each evicted entry at its lane's
    position in ``grouped``, flagged in ``evicted``.
@@ -87,7 +89,8 @@ def evict_grouped_kernel(
     NUM_GROUPS: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """One program per listed bucket; the program owns the bucket, so no atomics on it.
+    """Each listed bucket is placed by one program (program ``p`` of ``P`` takes the listed buckets
+    ``p, p + P, ...``); the program owns the bucket, so no atomics on it.
 
     The bucket's lanes are taken ``CHUNK`` at a time. A lane whose key an earlier chunk placed
     (found by reading the bucket back; a bucket rarely gets more than one chunk), or an earlier lane
@@ -95,9 +98,8 @@ def evict_grouped_kernel(
     (one per distinct key) take the entries not touched by this call in ascending (score, column)
     order, picked by successive minimum searches over the bucket held in registers; a key whose
     call score is lower than its entry's, or that finds no entry left, is refused (slot -1)."""
-    pid = tl.program_id(0)
-    if pid < tl.load(num_segments_ptr):
-        bucket = tl.load(segment_buckets_ptr + pid).to(tl.int64)
+    for segment in range(tl.program_id(0), tl.load(num_segments_ptr), tl.num_programs(0)):
+        bucket = tl.load(segment_buckets_ptr + segment).to(tl.int64)
         count = tl.load(counts_ptr + bucket)
         start = tl.load(starts_ptr + bucket)
         cols = tl.arange(0, BUCKET)
@@ -213,15 +215,14 @@ def evict_ranked_kernel(
     NUM_GROUPS: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Per-key scores (``lane_scores [N]``, by lane; the keys of the call are distinct): one program
-    per listed bucket, no sort. The bucket's contenders, ranked by descending score then ascending
-    key, take the entries not touched by this call ranked by ascending (score, column): the
-    contender of rank ``r`` gets the entry of rank ``r`` if its score is at least the entry's, else
-    it is refused (slot -1), as is every contender ranked beyond the available entries. Outputs as
-    :func:`evict_grouped_kernel`'s."""
-    pid = tl.program_id(0)
-    if pid < tl.load(num_segments_ptr):
-        bucket = tl.load(segment_buckets_ptr + pid).to(tl.int64)
+    """Per-key scores (``lane_scores [N]``, by lane; the keys of the call are distinct): each listed
+    bucket placed by one program as in :func:`evict_grouped_kernel`, no sort. The bucket's
+    contenders, ranked by descending score then ascending key, take the entries not touched by this
+    call ranked by ascending (score, column): the contender of rank ``r`` gets the entry of rank
+    ``r`` if its score is at least the entry's, else it is refused (slot -1), as is every contender
+    ranked beyond the available entries. Outputs as :func:`evict_grouped_kernel`'s."""
+    for segment in range(tl.program_id(0), tl.load(num_segments_ptr), tl.num_programs(0)):
+        bucket = tl.load(segment_buckets_ptr + segment).to(tl.int64)
         count = tl.load(counts_ptr + bucket)
         start = tl.load(starts_ptr + bucket)
         cols = tl.arange(0, BUCKET)
