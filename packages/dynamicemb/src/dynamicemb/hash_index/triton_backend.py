@@ -2,16 +2,16 @@
 
 ``find_or_insert`` is a lookup that also refreshes the scores of present keys and marks their slots
 with the call's epoch, then a lock-free insertion of the rest into free slots (see
-:mod:`dynamicemb.hash_index.triton_kernels`); keys whose bucket is full are then placed over low-score
-entries by one eviction launch (one program per bucket). With one score for the whole call
-(TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front: duplicate keys meet in the
-table itself or in the eviction program of their bucket, and the deferred keys (counted per bucket by
-the insertion kernel) are grouped by bucket on the device without a sort
-(:mod:`dynamicemb.hash_index.triton_grouped_eviction`); the call does not synchronize with the host:
-the evicted entries are compacted (one synchronization) only when the caller reads them. Per-key scores (LFU counts,
+:mod:`dynamicemb.hash_index.triton_kernels`); keys whose bucket is full are counted per bucket by the
+insertion kernel, grouped by bucket on the device without a sort and placed over low-score entries,
+each bucket by one program (:mod:`dynamicemb.hash_index.triton_grouped_eviction`). With one score for
+the whole call (TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front: duplicate keys
+meet in the table itself or in the eviction program of their bucket. Per-key scores (LFU counts,
 caller scores) are first reduced over duplicates with ``torch.unique`` (one synchronization, for its
-size); their deferred keys are grouped the same way and ranked inside each bucket by the eviction
-kernel, without a sort.
+size) unless the caller passes ``unique_keys=True``; their contenders are ranked inside each bucket by
+the eviction kernel. Launches of a call that may evict: lookup, one zeroing, insertion, a ``cumsum``, the placing
+kernel, the eviction kernel and ``flags == 1``; no host synchronization: the evicted entries are
+compacted (one synchronization) only when the caller reads them.
 
 Deterministic mode (:mod:`dynamicemb.deterministic`): the kernels' insertion races (which key takes a
 contended free slot, which is deferred and possibly refused) make slots and, with per-key scores, the

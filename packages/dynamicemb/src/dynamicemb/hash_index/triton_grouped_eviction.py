@@ -1,4 +1,4 @@
-"""Eviction of deferred keys without a sort (calls with one score for all keys).
+"""Eviction of deferred keys without a sort.
 
 The insertion kernel (``LIST_DEFERRED``) leaves ``DEFERRED`` in the slots of lanes whose bucket was
 full, counts them per bucket (``counts [num_buckets]``) and lists every bucket that has some
@@ -10,8 +10,7 @@ full, counts them per bucket (``counts [num_buckets]``) and lists every bucket t
 2. ``evict_grouped_kernel`` places each listed bucket in one program: program ``p`` of ``P`` takes
    the listed buckets ``p, p + P, ...`` (the host launches a fixed number of programs, enough to fill
    the device, without reading ``num_segments``; with nothing listed they return at once). Each
-   deduplicates its
-   bucket's lanes (equal keys share a slot), gives the distinct keys the entries the call has not
+   deduplicates its bucket's lanes (equal keys share a slot), gives the distinct keys the entries the call has not
    touched, lowest score first, writes each lane's slot, and writes each evicted entry at its lane's
    position in ``grouped``, flagged in ``evicted``.
 
@@ -19,9 +18,9 @@ Calls with per-key scores (LFU counts, caller scores; the keys are distinct) use
 ``evict_ranked_kernel`` instead: the same grouping, then each bucket's contenders ranked by descending
 score and key take the entries ranked by ascending score, without a sort.
 
-The host compacts the flagged entries. The order of the evicted entries, and which of
-several contenders wins when a bucket has fewer evictable entries than contenders, depend on thread
-scheduling.
+The host compacts the flagged entries. With one score for the call, the order of the evicted
+entries, and which of several contenders wins when a bucket has fewer evictable entries than
+contenders, depend on thread scheduling (the ranked kernel settles the latter by key).
 """
 
 from __future__ import annotations
