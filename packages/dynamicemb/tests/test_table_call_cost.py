@@ -94,3 +94,11 @@ def test_cuda_find_or_insert_never_synchronizes(full: bool, per_key_scores: bool
     stored = table.find(batches[-1][0])[1]
     # Full: a bucket gets more new keys (about 195) than it has entries (128), so some are refused.
     assert bool(stored.any()) if full else bool(stored.all())
+
+
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_positions_counted_matches_positions(density: float) -> None:
+    from dynamicemb.masks import positions, positions_counted
+
+    mask = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < density
+    assert torch.equal(positions_counted(mask, int(mask.sum())), positions(mask))

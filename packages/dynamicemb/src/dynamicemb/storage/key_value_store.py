@@ -10,7 +10,7 @@ import torch
 
 from dynamicemb.hash_index import create_hash_table
 from dynamicemb.hash_index.base import DynamicEmbScoreStrategy, InsertResult
-from dynamicemb.masks import positions
+from dynamicemb.masks import positions, positions_counted
 from dynamicemb.optimizer import FusedOptimizer
 from dynamicemb.storage.base import Storage
 from dynamicemb.storage.value_store import DeviceValueStore, ValueStore, create_value_store, resize_value_store
@@ -236,13 +236,17 @@ class KeyValueTable(Storage):
         """Find or insert unique ``keys [U]`` and return their embeddings; refused keys read as zeros."""
         result, _ = self.insert_slots(keys, scores, assign=False, read_evicted=False)
         slots = result.slots
-        new_pos = positions(~result.existed & (slots >= 0))
-        if new_pos.numel():
-            self.values.write(slots[new_pos], self.new_rows(new_pos.numel()))
-        table_pos = positions(slots >= 0)
-        if table_pos.numel() == keys.numel():
+        placed = slots >= 0
+        new = placed & ~result.existed
+        # One synchronization for both counts (the initializer needs the number of new rows).
+        num_new, num_placed = torch.stack([new.sum(), placed.sum()]).tolist()
+        if num_new:
+            self.values.write(slots[positions_counted(new, num_new)], self.new_rows(num_new))
+        if num_placed == keys.numel():
+            table_pos = torch.arange(num_placed, device=slots.device)
             embeddings = self.values.read(slots, self.dim)
         else:
+            table_pos = positions_counted(placed, num_placed)
             embeddings = torch.zeros((keys.numel(), self.dim), dtype=self._dtype, device=self.device)
             embeddings[table_pos] = self.values.read(slots[table_pos], self.dim)
         empty = table_pos[:0]
