@@ -102,3 +102,30 @@ def test_positions_counted_matches_positions(density: float) -> None:
 
     mask = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < density
     assert torch.equal(positions_counted(mask, int(mask.sum())), positions(mask))
+
+
+@pytest.mark.gpu
+def test_cuda_training_lookup_synchronizes_once() -> None:
+    """A training lookup of unique keys on a table that cannot grow (init = max capacity) waits for
+    the device once: for the counts of new and stored keys (the initializer needs the first)."""
+    import warnings
+
+    from dynamicemb import DynamicEmbeddingTable, DynamicEmbTableOptions
+
+    cuda = torch.device("cuda")
+    options = DynamicEmbTableOptions(init_capacity=1 << 20, max_capacity=1 << 20, global_hbm_for_values=1 << 30)
+    table = DynamicEmbeddingTable(name="t", dim=32, num_embeddings=1 << 20, options=options, device=cuda)
+    g = torch.Generator(device=cuda).manual_seed(0)
+    batches = [torch.randint(0, 1 << 40, (100_000,), device=cuda, generator=g).unique() for _ in range(3)]
+    table.lookup(batches[0], training=True)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for keys in batches[1:]:
+                table.lookup(keys, training=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == len(batches) - 1, syncs
