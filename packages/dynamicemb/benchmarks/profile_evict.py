@@ -2,7 +2,8 @@
 
 The setup of ``bench_table.py`` (a 16M-slot TIMESTAMP table, bucket 128, filled to load factor 1.0, 1M new
 keys per call, the table restored between calls); the calls run under ``torch.profiler`` and the device time
-of each kernel / op inside the calls is printed (the restores are outside the profiled ranges) and written to
+of each kernel / op inside the calls (with the compaction of the evicted entries, which runs when
+they are read) is printed (the restores are outside the profiled ranges) and written to
 ``<out>/profile_evict.json``. Usage on a CUDA machine, from the repository root:
 
     python packages/dynamicemb/benchmarks/profile_evict.py --out /tmp/profile
@@ -44,22 +45,22 @@ def main() -> None:
     by_warps = {}
     for warps in args.evict_warps:
         triton_backend._EVICT_WARPS = warps
-        by_warps[warps] = cuda_median_ms(lambda: table.insert_and_evict(fresh), lambda: restore(table, saved))
+        by_warps[warps] = cuda_median_ms(lambda: table.insert_and_evict(fresh).evicted(), lambda: restore(table, saved))
         print(f"insert_and_evict, {args.keys} keys, load factor {table.load_factor():.4f}, eviction kernel with "
               f"{warps} warps: median {by_warps[warps]:.3f} ms")  # fmt: skip
     triton_backend._EVICT_WARPS = default_warps
-    median = cuda_median_ms(lambda: table.insert_and_evict(fresh), lambda: restore(table, saved))
+    median = cuda_median_ms(lambda: table.insert_and_evict(fresh).evicted(), lambda: restore(table, saved))
 
     for _ in range(3):  # warm-up outside the profile
         restore(table, saved)
-        table.insert_and_evict(fresh)
+        table.insert_and_evict(fresh).evicted()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(args.calls):
             restore(table, saved)
             torch.cuda.synchronize()
             with record_function("insert_and_evict_call"):
-                table.insert_and_evict(fresh)
+                table.insert_and_evict(fresh).evicted()
                 torch.cuda.synchronize()
     events = prof.key_averages()
     table_text = events.table(sort_by="device_time_total", row_limit=30)
