@@ -5,8 +5,11 @@
 //   dV += P^T dO, dK += dS^T Q                       (P^T and dS^T straight from the accumulators)
 //   dQ  = dS K  through shared memory, added with fp32 atomics into dq_accum (the caller casts it)
 // Rows past the sequence end are zero-filled in shared memory, so they add nothing, and are never stored.
-// Masked pairs are selected out (never multiplied by the mask), but a non-finite q/k/v/dO entry of a token that
-// only masked pairs link to can still reach a gradient through 0 * inf inside the products (no containment yet).
+// Masked pairs are selected out (never multiplied by the mask). In masked tiles a non-finite operand entry must not
+// meet an invalid pair's zero weight either (finite.cuh), as in hstu_attn.reference and the Triton kernels: such q and
+// dO entries are zeroed in shared memory after S^T and dP^T used them, before dK += dS^T Q and dV += P^T dO; the dV
+// entries that a valid pair links to a non-finite dO entry are stored NaN; dQ = dS K takes non-finite K entries as 0.
+// A valid pair with a non-finite q, k, v or dO entry already has a NaN S^T or dP^T, so its dS^T (and P^T) are NaN.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -55,9 +58,12 @@ struct BwdTraits {
   using GmemLoad = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, Elem>{}, GmemThreads{},
                                             Layout<Shape<_1, _8>>{}));
 
-  // sQ, sdO [kBlockM, D]; sK, sV [kBlockN, D]; sdS^T [kBlockN, kBlockM].
-  static constexpr int kSmemBytes = (2 * kBlockM * kHeadDim + 2 * kBlockN * kHeadDim + kBlockN * kBlockM) *
-                                    int(sizeof(Elem));
+  // sQ, sdO [kBlockM, D]; sK, sV [kBlockN, D]; sdS^T [kBlockN, kBlockM]. Then, for finite.cuh: the bitmap of dV
+  // entries marked NaN [kBlockN, D] and one 64-bit word for cta_or.
+  static constexpr int kSmemTileBytes = (2 * kBlockM * kHeadDim + 2 * kBlockN * kHeadDim + kBlockN * kBlockM) *
+                                        int(sizeof(Elem));
+  static constexpr int kSmemReachedBytes = kBlockN * kHeadDim / 8;
+  static constexpr int kSmemBytes = kSmemTileBytes + kSmemReachedBytes + 16;
 };
 
 __device__ __forceinline__ float silu_derivative(float x) {
@@ -65,14 +71,18 @@ __device__ __forceinline__ float silu_derivative(float x) {
   return sigmoid * (1.0f + x * (1.0f - sigmoid));
 }
 
-// Stores a [rows, D] fp32 accumulator tile of `mma` as Elem to global memory, rows at or past `rows_left` skipped.
-template <typename Elem, class Acc, class Coords>
+// Stores a [rows, D] fp32 accumulator tile of `mma` as Elem to global memory, rows at or past `rows_left` skipped;
+// with `nan_bits`, the entries whose bit is set are stored as NaN.
+template <typename Elem, class Acc, class Coords, class Bits>
 __device__ __forceinline__ void store_rows(Acc const& acc, Coords const& coords, Elem* base, int64_t row_stride,
-                                           int rows_left) {
+                                           int rows_left, Bits const* nan_bits) {
   CUTE_UNROLL
   for (int i = 0; i < size(acc); ++i) {
     const int row = get<0>(coords(i));
-    if (row < rows_left) base[row * row_stride + get<1>(coords(i))] = static_cast<Elem>(acc(i));
+    const int column = get<1>(coords(i));
+    float value = acc(i);
+    if (nan_bits != nullptr && nan_bits->test(row, column)) value = __int_as_float(0x7fc00000);
+    if (row < rows_left) base[row * row_stride + column] = static_cast<Elem>(value);
   }
 }
 
@@ -82,6 +92,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
 
   const int num_n_blocks = (p.max_seq_len + kBlockN - 1) / kBlockN;
   const int sequence = blockIdx.x % p.num_sequences;
@@ -119,6 +130,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   Tensor sdOt = make_tensor(sdO.data(), typename Traits::SmemLayoutQt{});
   Tensor sKt = make_tensor(sK.data(), typename Traits::SmemLayoutKt{});
   Tensor sdS = make_tensor(sdSt.data(), typename Traits::SmemLayoutdS{});
+  const ReachedBits<kBlockN, kHeadDim, kNThreads> reached{reinterpret_cast<uint32_t*>(smem + Traits::kSmemTileBytes)};
+  static_assert(decltype(reached)::kBytes == Traits::kSmemReachedBytes, "shared-memory plan");
+  auto* non_finite_word =
+      reinterpret_cast<unsigned long long*>(smem + Traits::kSmemTileBytes + Traits::kSmemReachedBytes);
+  bool any_reached = false;  // CTA-uniform: whether `reached` holds bits (cleared on first use)
+  int k_non_finite = -1;     // CTA-uniform: whether sK holds inf/nan; -1 = not scanned yet (masked tiles ask)
 
   const int tid = threadIdx.x;
   typename Traits::GmemLoad gmem_load;
@@ -202,6 +219,24 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
     }
     Tensor rPt = converted<Elem>(acc_s);
     Tensor rdSt = converted<Elem>(acc_dp);
+    if (!all_valid) {  // CTA-uniform
+      if (k_non_finite < 0) {
+        k_non_finite = __syncthreads_or(tile_non_finite<Elem, kBlockN, kHeadDim, kNThreads>(sK)) != 0 ? 1 : 0;
+      }
+      const uint64_t bad_do_rows = non_finite_rows<Elem, kBlockM, kHeadDim, kNThreads>(sdO);
+      const bool bad_q = tile_non_finite<Elem, kBlockM, kHeadDim, kNThreads>(sQ);
+      // This barrier also orders every warp's S^T and dP^T reads of sQ and sdO before the zeroing below.
+      if (__syncthreads_or(bad_do_rows != 0 || bad_q)) {  // sQ or sdO holds inf/nan (rare)
+        if (!any_reached) reached.clear();
+        any_reached = true;
+        const uint64_t rows = cta_or(bad_do_rows, non_finite_word);
+        reached.mark(sdO, rows, [&](int key_row, int query_row) { return mask.valid(m0 + query_row, n0 + key_row); });
+        __syncthreads();  // every thread has read the non-finite entries
+        zero_non_finite<kBlockM, kHeadDim, kNThreads>(sQ);
+        zero_non_finite<kBlockM, kHeadDim, kNThreads>(sdO);
+        __syncthreads();  // Q and dO are finite for dK += dS^T Q and dV += P^T dO
+      }
+    }
     gemm_reg_smem(acc_dv, make_tensor(rPt.data(), accumulator_as_operand_a(rPt.layout())), tKVrdOt, tKVsdOt, mma,
                   copy_bt);
     gemm_reg_smem(acc_dk, make_tensor(rdSt.data(), accumulator_as_operand_a(rdSt.layout())), tKVrQt, tKVsQt, mma,
@@ -211,7 +246,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
     __syncthreads();  // dS^T in shared memory
     Tensor acc_dq = partition_fragment_C(mma_q, tile_q);
     clear(acc_dq);
-    gemm_smem_smem(acc_dq, tQrdS, tQrKt, tQsdS, tQsKt, mma_q, copy_q_at, copy_q_bt);
+    if (!all_valid && k_non_finite > 0) {  // rows that may not attend a non-finite K entry take it as 0
+      gemm_smem_smem<true>(acc_dq, tQrdS, tQrKt, tQsdS, tQsKt, mma_q, copy_q_at, copy_q_bt);
+    } else {
+      gemm_smem_smem(acc_dq, tQrdS, tQrKt, tQsdS, tQsKt, mma_q, copy_q_at, copy_q_bt);
+    }
     float* dq = p.dq_accum + (start + m0) * p.dq_row_stride + head * p.dq_head_stride;
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dq); ++i) {
@@ -223,8 +262,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   Tensor tKVcKV = thr_mma.partition_C(make_identity_tensor(tile_kv));
   Elem* dk = static_cast<Elem*>(p.dk) + (start + n0) * p.dk_row_stride + head * p.dk_head_stride;
   Elem* dv = static_cast<Elem*>(p.dv) + (start + n0) * p.dv_row_stride + head * p.dv_head_stride;
-  store_rows(acc_dk, tKVcKV, dk, p.dk_row_stride, length - n0);
-  store_rows(acc_dv, tKVcKV, dv, p.dv_row_stride, length - n0);
+  // The barrier after reached.mark() ordered the bits of every thread before these reads.
+  store_rows(acc_dk, tKVcKV, dk, p.dk_row_stride, length - n0, static_cast<decltype(reached) const*>(nullptr));
+  store_rows(acc_dv, tKVcKV, dv, p.dv_row_stride, length - n0, any_reached ? &reached : nullptr);
 }
 
 template <class Traits>

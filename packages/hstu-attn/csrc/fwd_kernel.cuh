@@ -3,11 +3,13 @@
 // Per key tile: S = Q K^T (fp32), P = SiLU(alpha S) / scaling where the pair is valid, 0 where it is not (selected,
 // never multiplied), O += P V with P taken straight from the S accumulators. K/V tiles are single-buffered:
 // V[j] loads while Q K[j]^T runs, K[j-1] loads while P V[j] runs. Rows past the sequence end are zero-filled in
-// shared memory and never stored.
+// shared memory and never stored. Masked tiles keep a non-finite V entry away from the rows that may not attend its
+// token (finite.cuh): they zero it before P V, and the output entries that a valid pair links to it are stored NaN.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include "finite.cuh"
 #include "fwd_traits.cuh"
 #include "hstu_attn_cutlass.h"
 #include "mask.cuh"
@@ -39,8 +41,10 @@ __device__ __forceinline__ auto retiled(TiledCopy const&, Tensor_& registers) {
   return make_tensor(registers.data(), TiledCopy::retile(registers.layout()));
 }
 
-// acc += A B^T over the K mode, A and B fragments loaded from shared memory one k-block ahead of the MMAs.
-template <class Acc, class RegA, class RegB, class SmemA, class SmemB, class Mma, class CopyA, class CopyB>
+// acc += A B^T over the K mode, A and B fragments loaded from shared memory one k-block ahead of the MMAs. With
+// kZeroNonFiniteB, inf/nan entries of B enter the product as 0 (shared memory keeps them).
+template <bool kZeroNonFiniteB = false, class Acc, class RegA, class RegB, class SmemA, class SmemB, class Mma,
+          class CopyA, class CopyB>
 __device__ __forceinline__ void gemm_smem_smem(Acc& acc, RegA& reg_a, RegB& reg_b, SmemA const& smem_a,
                                                SmemB const& smem_b, Mma const& mma, CopyA const& copy_a,
                                                CopyB const& copy_b) {
@@ -54,6 +58,7 @@ __device__ __forceinline__ void gemm_smem_smem(Acc& acc, RegA& reg_a, RegB& reg_
       copy(copy_a, smem_a(_, _, k + 1), view_a(_, _, k + 1));
       copy(copy_b, smem_b(_, _, k + 1), view_b(_, _, k + 1));
     }
+    if constexpr (kZeroNonFiniteB) zero_non_finite_fragment(reg_b(_, _, k));
     gemm(mma, reg_a(_, _, k), reg_b(_, _, k), acc);
   }
 }
@@ -93,6 +98,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kNThreads = Traits::kNThreads;
 
   // Blocks are ordered by query block, last (heaviest under the causal mask) first, over all sequences.
   const int num_m_blocks = (p.max_seq_len + kBlockM - 1) / kBlockM;
@@ -127,6 +133,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
   Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
   Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
+  const ReachedBits<kBlockM, kHeadDim, kNThreads> reached{reinterpret_cast<uint32_t*>(smem + Traits::kSmemTileBytes)};
+  static_assert(decltype(reached)::kBytes == Traits::kSmemReachedBytes, "shared-memory plan");
+  auto* non_finite_word =
+      reinterpret_cast<unsigned long long*>(smem + Traits::kSmemTileBytes + Traits::kSmemReachedBytes);
+  bool any_reached = false;  // CTA-uniform: whether `reached` holds bits (cleared on first use)
 
   const int tid = threadIdx.x;
   typename Traits::GmemLoad gmem_load;
@@ -188,6 +199,18 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
       acc_s(i) = valid ? silu(acc_s(i) * p.alpha) * p.inv_scaling : 0.0f;
     }
     Tensor tOrP = converted<Elem>(acc_s);
+    if (!all_valid) {  // CTA-uniform
+      const uint64_t bad_rows = non_finite_rows<Elem, kBlockN, kHeadDim, kNThreads>(sV);
+      if (__syncthreads_or(bad_rows != 0)) {  // V[n_block] holds inf/nan (rare)
+        if (!any_reached) reached.clear();
+        any_reached = true;
+        const uint64_t rows = cta_or(bad_rows, non_finite_word);
+        reached.mark(sV, rows, [&](int row, int key) { return mask.valid(m0 + row, n0 + key); });
+        __syncthreads();  // every thread has read the non-finite entries
+        zero_non_finite<kBlockN, kHeadDim, kNThreads>(sV);
+        __syncthreads();  // V[n_block] is finite for P V
+      }
+    }
     Tensor tOrP_a = make_tensor(tOrP.data(), accumulator_as_operand_a(tOrP.layout()));
     gemm_reg_smem(acc_o, tOrP_a, tOrVt, tOsVt, mma, copy_vt);
   }
@@ -208,6 +231,12 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
   Tensor tOcO = gmem_store_thr.partition_D(make_identity_tensor(tile_q));
   Tensor tOrO = make_tensor<Elem>(shape(tOgO));
   copy(gmem_store, tOsO, tOrO);
+  if (any_reached) {  // the barrier after reached.mark() ordered the bits of every thread before these reads
+    CUTE_UNROLL
+    for (int i = 0; i < size(tOrO); ++i) {
+      if (reached.test(get<0>(tOcO(i)), get<1>(tOcO(i)))) tOrO(i) = Elem(__int_as_float(0x7fc00000));
+    }
+  }
   CUTE_UNROLL
   for (int m = 0; m < size<1>(tOgO); ++m) {
     if (get<0>(tOcO(0, m, 0)) < length - m0) copy(gmem_store, tOrO(_, m, _), tOgO(_, m, _));

@@ -51,7 +51,10 @@ struct FwdTraits {
   using GmemStore = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<uint128_t>, Elem>{}, GmemThreads{},
                                              Layout<Shape<_1, _8>>{}));
 
-  static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kHeadDim * int(sizeof(Elem));
+  static constexpr int kSmemTileBytes = (kBlockM + 2 * kBlockN) * kHeadDim * int(sizeof(Elem));
+  // Then, for finite.cuh: the bitmap of output entries marked NaN [kBlockM, kHeadDim], one 64-bit word for cta_or.
+  static constexpr int kSmemReachedBytes = kBlockM * kHeadDim / 8;
+  static constexpr int kSmemBytes = kSmemTileBytes + kSmemReachedBytes + 16;
 };
 
 }  // namespace hstu_attn
