@@ -67,6 +67,14 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _residual_add(x: Tensor, y: Tensor) -> Tensor:
+    """`x + y` in x's dtype. A lower-precision y (bf16 under autocast, float32 x) is widened inside the add, so
+    no separate float32 copy of y `[L, hidden]` is written; the result equals `x + y.to(x.dtype)` bit for bit."""
+    if torch.promote_types(x.dtype, y.dtype) != x.dtype:
+        y = y.to(x.dtype)
+    return x + y
+
+
 class HSTULayer(nn.Module):
     """See the module docstring. Input and output: `[L, hidden_size]` jagged by `sequence.offsets`."""
 
@@ -125,7 +133,7 @@ class HSTULayer(nn.Module):
         else:
             gated = normed_attn * u
         gated = self._dropout(gated)
-        return x + self.output(gated).to(x.dtype)
+        return _residual_add(x, self.output(gated))
 
     def _relative_bias(self, timestamps: Tensor | None) -> RelativeBias | None:
         return self.relative_bias(timestamps) if self.relative_bias is not None else None
