@@ -1,9 +1,11 @@
 """Python entry points of the Triton backend: argument preparation and kernel launches.
 
 `hstu_attn.interface` validates user input and calls these two functions; they assume shapes are consistent
-(q, k `[L, H, Dqk]`, v `[L, H, Dv]` on one CUDA device, or on CPU under `TRITON_INTERPRET=1`). The per-call host
-work is kept small (no host synchronization, few tensor operations): short jagged batches take only tens of
-microseconds on the GPU.
+(q, k `[L, H, Dqk]`, v `[L, H, Dv]` on one CUDA device, or on CPU under `TRITON_INTERPRET=1`). q, k, v and
+grad_out are read in place with any token and head strides (e.g. the u/v/q/k views split from one
+`[L, 4 * H * D]` projection); only a tensor whose last dim is not unit-stride is copied. Outputs and gradients
+are new contiguous tensors. The per-call host work is kept small (no host synchronization, few tensor
+operations): short jagged batches take only tens of microseconds on the GPU.
 """
 
 from __future__ import annotations
@@ -62,6 +64,17 @@ def _float32(x: float) -> float:
 
 def _contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    """`t` itself when its last dim is unit-stride (the kernels take the other strides as arguments), else a
+    contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _token_strides(*tensors: Tensor) -> tuple[int, ...]:
+    """(token stride, head stride) of each `[L, H, D]` tensor, flattened: the kernels' stride arguments."""
+    return tuple(stride for t in tensors for stride in (t.stride(0), t.stride(1)))
 
 
 def _broadcast_stride(t: Tensor, dim: int) -> int:
@@ -212,7 +225,7 @@ def hstu_attn_triton_forward(
     out = torch.empty((num_tokens, q.shape[1], v.shape[2]), dtype=q.dtype, device=q.device)
     if num_tokens == 0 or max_seq_len <= 0:
         return out
-    q, k, v = _contiguous(q), _contiguous(k), _contiguous(v)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     launch = _prepare(
         q,
         v,
@@ -235,7 +248,7 @@ def hstu_attn_triton_forward(
         launch.key,
         launch.head_dim,
         _query_grid(launch, max_seq_len),
-        (q, k, v, out, *launch.tensors, *launch.table_strides),
+        (q, k, v, out, *_token_strides(q, k, v), *launch.tensors, *launch.table_strides),
         {**launch.scalars, **launch.flags},
     )
     return out
@@ -277,7 +290,7 @@ def hstu_attn_triton_backward(
     has_rab_grad = rab is not None and rab_requires_grad
     if q.shape[0] == 0 or max_seq_len <= 0:
         return _zero_gradients(q, k, v, rab if has_rab_grad else None, position_weights, time_weights)
-    grad_out, q, k, v = _contiguous(grad_out), _contiguous(q), _contiguous(k), _contiguous(v)
+    grad_out, q, k, v = _unit_last(grad_out), _unit_last(q), _unit_last(k), _unit_last(v)
     launch = _prepare(
         q,
         v,
@@ -377,9 +390,11 @@ def _allocate_gradients(
     time_weights: Tensor | None,
 ) -> _Gradients:
     device = q.device
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=device) if plan.atomic_dq else torch.empty_like(q)
+    # contiguous whatever the inputs' strides (empty_like would keep a permuted dense layout)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=device)
+    dq_dtype = torch.float32 if plan.atomic_dq else q.dtype
+    dq = (torch.zeros if plan.atomic_dq else torch.empty)(q.shape, dtype=dq_dtype, device=device)
     grads = _Gradients(dq=dq, dk=dk, dv=dv)
     if plan.has_rab_grad:
         assert rab is not None
@@ -441,6 +456,7 @@ def _launch_dkdv(plan: _BackwardPlan, grads: _Gradients, q: Tensor, k: Tensor, v
         grads.dk,
         grads.dv,
         dq_atomic,
+        *_token_strides(q, k, v, grad_out),
         seq_offsets,
         num_targets,
         batch_order,
@@ -485,7 +501,7 @@ def _launch_dkdv(plan: _BackwardPlan, grads: _Gradients, q: Tensor, k: Tensor, v
 def _launch_dq(plan: _BackwardPlan, grads: _Gradients, q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor) -> None:
     """dQ by the separate kernel: one program per query block, written once."""
     launch = plan.launch
-    args = (q, k, v, grad_out, grads.dq, *launch.tensors, *launch.table_strides)
+    args = (q, k, v, grad_out, grads.dq, *_token_strides(q, k, v, grad_out), *launch.tensors, *launch.table_strides)
     kwargs = {**launch.scalars, **launch.flags}
     grid = _query_grid(launch, plan.max_seq_len)
     if plan.fixed is None:

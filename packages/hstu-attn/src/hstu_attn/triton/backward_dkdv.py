@@ -195,6 +195,14 @@ def hstu_attn_backward_dkdv_kernel(
     DK,
     DV_out,
     DQ,
+    stride_qm,
+    stride_qh,
+    stride_km,
+    stride_kh,
+    stride_vm,
+    stride_vh,
+    stride_dom,
+    stride_doh,
     seq_offsets,
     num_targets,
     batch_order,
@@ -251,24 +259,20 @@ def hstu_attn_backward_dkdv_kernel(
     num_n_blocks = tl.cdiv(max_seq_len, BLOCK_N)
     seq, head, block, seq_start, n = tile_sequence(pid, num_n_blocks, num_heads, seq_offsets, batch_order, HAS_ORDER)
     n0 = block * BLOCK_N
-    # q, k, v, grad_out and the gradients are contiguous [L, H, D]
-    stride_qm = num_heads * DQK
-    stride_km = stride_qm
-    stride_dqm = stride_qm
-    stride_dkm = stride_qm
-    stride_vm = num_heads * DV
-    stride_dom = stride_vm
-    stride_dvm = stride_vm
+    # q, k, v, grad_out: any token and head strides (passed); dk, dv and dq are contiguous [L, H, D]
+    stride_dqm = num_heads * DQK
+    stride_dkm = stride_dqm
+    stride_dvm = num_heads * DV
     if n0 >= n:
         return
     u = history_length(num_targets, seq, n, HAS_TARGETS)
 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     col_in = offs_n < n
-    k = tl.load(head_rows(K, seq_start, head, offs_n, stride_km, DQK), mask=col_in[:, None], other=0.0)
-    v = tl.load(head_rows(V, seq_start, head, offs_n, stride_vm, DV), mask=col_in[:, None], other=0.0)
-    q_ptr = head_start(Q, seq_start, head, stride_qm, DQK)
-    do_ptr = head_start(DO, seq_start, head, stride_dom, DV)
+    k = tl.load(head_rows(K, seq_start, head, offs_n, stride_km, stride_kh, DQK), mask=col_in[:, None], other=0.0)
+    v = tl.load(head_rows(V, seq_start, head, offs_n, stride_vm, stride_vh, DV), mask=col_in[:, None], other=0.0)
+    q_ptr = head_start(Q, seq_start, head, stride_qm, stride_qh)
+    do_ptr = head_start(DO, seq_start, head, stride_dom, stride_doh)
     dq_ptr = DQ
     if ATOMIC_DQ:
         dq_ptr = head_start(DQ, seq_start, head, stride_dqm, DQK)
@@ -367,8 +371,8 @@ def hstu_attn_backward_dkdv_kernel(
                 INPUT_PRECISION,
             )
 
-    dk_ptrs = head_rows(DK, seq_start, head, offs_n, stride_dkm, DQK)
-    dv_ptrs = head_rows(DV_out, seq_start, head, offs_n, stride_dvm, DV)
+    dk_ptrs = head_rows(DK, seq_start, head, offs_n, stride_dkm, DQK, DQK)
+    dv_ptrs = head_rows(DV_out, seq_start, head, offs_n, stride_dvm, DV, DV)
     tl.store(dk_ptrs, (dk * (alpha * scale)).to(DK.dtype.element_ty), mask=col_in[:, None])
     tl.store(dv_ptrs, (dv * scale).to(DV_out.dtype.element_ty), mask=col_in[:, None])
     if HAS_TIME:

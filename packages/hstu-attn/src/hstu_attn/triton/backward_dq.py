@@ -125,6 +125,14 @@ def hstu_attn_backward_dq_kernel(
     V,
     DO,
     DQ,
+    stride_qm,
+    stride_qh,
+    stride_km,
+    stride_kh,
+    stride_vm,
+    stride_vh,
+    stride_dom,
+    stride_doh,
     seq_offsets,
     num_targets,
     batch_order,
@@ -167,22 +175,18 @@ def hstu_attn_backward_dq_kernel(
     num_m_blocks = tl.cdiv(max_seq_len, BLOCK_M)
     seq, head, block, seq_start, n = tile_sequence(pid, num_m_blocks, num_heads, seq_offsets, batch_order, HAS_ORDER)
     m0 = (num_m_blocks - 1 - block) * BLOCK_M
-    # q, k, v, grad_out and dq are contiguous [L, H, D]
-    stride_qm = num_heads * DQK
-    stride_km = stride_qm
-    stride_dqm = stride_qm
-    stride_vm = num_heads * DV
-    stride_dom = stride_vm
+    # q, k, v, grad_out: any token and head strides (passed); dq is contiguous [L, H, DQK]
+    stride_dqm = num_heads * DQK
     if m0 >= n:
         return
     u = history_length(num_targets, seq, n, HAS_TARGETS)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_in = offs_m < n
-    q = tl.load(head_rows(Q, seq_start, head, offs_m, stride_qm, DQK), mask=row_in[:, None], other=0.0)
-    do = tl.load(head_rows(DO, seq_start, head, offs_m, stride_dom, DV), mask=row_in[:, None], other=0.0)
-    k_ptr = head_start(K, seq_start, head, stride_km, DQK)
-    v_ptr = head_start(V, seq_start, head, stride_vm, DV)
+    q = tl.load(head_rows(Q, seq_start, head, offs_m, stride_qm, stride_qh, DQK), mask=row_in[:, None], other=0.0)
+    do = tl.load(head_rows(DO, seq_start, head, offs_m, stride_dom, stride_doh, DV), mask=row_in[:, None], other=0.0)
+    k_ptr = head_start(K, seq_start, head, stride_km, stride_kh)
+    v_ptr = head_start(V, seq_start, head, stride_vm, stride_vh)
 
     rab_ptr = rab
     if HAS_RAB:
@@ -251,5 +255,5 @@ def hstu_attn_backward_dq_kernel(
                 INPUT_PRECISION,
             )
 
-    dq_ptrs = head_rows(DQ, seq_start, head, offs_m, stride_dqm, DQK)
+    dq_ptrs = head_rows(DQ, seq_start, head, offs_m, stride_dqm, DQK, DQK)
     tl.store(dq_ptrs, (dq * (alpha * scale)).to(DQ.dtype.element_ty), mask=row_in[:, None])

@@ -123,6 +123,12 @@ def hstu_attn_forward_kernel(
     K,
     V,
     Out,
+    stride_qm,
+    stride_qh,
+    stride_km,
+    stride_kh,
+    stride_vm,
+    stride_vh,
     seq_offsets,
     num_targets,
     batch_order,
@@ -165,20 +171,17 @@ def hstu_attn_forward_kernel(
     num_m_blocks = tl.cdiv(max_seq_len, BLOCK_M)
     seq, head, block, seq_start, n = tile_sequence(pid, num_m_blocks, num_heads, seq_offsets, batch_order, HAS_ORDER)
     m0 = (num_m_blocks - 1 - block) * BLOCK_M
-    # q, k, v and out are contiguous [L, H, D]
-    stride_qm = num_heads * DQK
-    stride_km = stride_qm
-    stride_vm = num_heads * DV
-    stride_om = stride_vm
+    # q, k, v: any token and head strides (passed); out is contiguous [L, H, DV]
+    stride_om = num_heads * DV
     if m0 >= n:
         return
     u = history_length(num_targets, seq, n, HAS_TARGETS)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     row_in = offs_m < n
-    q = tl.load(head_rows(Q, seq_start, head, offs_m, stride_qm, DQK), mask=row_in[:, None], other=0.0)
-    k_ptr = head_start(K, seq_start, head, stride_km, DQK)
-    v_ptr = head_start(V, seq_start, head, stride_vm, DV)
+    q = tl.load(head_rows(Q, seq_start, head, offs_m, stride_qm, stride_qh, DQK), mask=row_in[:, None], other=0.0)
+    k_ptr = head_start(K, seq_start, head, stride_km, stride_kh)
+    v_ptr = head_start(V, seq_start, head, stride_vm, stride_vh)
 
     rab_ptr = rab
     if HAS_RAB:
@@ -246,5 +249,5 @@ def hstu_attn_forward_kernel(
                 INPUT_PRECISION,
             )
 
-    out_ptrs = head_rows(Out, seq_start, head, offs_m, stride_om, DV)
+    out_ptrs = head_rows(Out, seq_start, head, offs_m, stride_om, DV, DV)
     tl.store(out_ptrs, (acc * scale).to(Out.dtype.element_ty), mask=row_in[:, None])

@@ -1,5 +1,6 @@
 """Tile setup shared by the forward and backward kernels: which (sequence, head, block) a program computes, the
-sequence's bounds, and pointers into the contiguous `[L, H, D]` tensors for that head. (The bias pointers stay in
+sequence's bounds, and pointers into `[L, H, D]` tensors for that head (any token and head strides; the last dim
+unit-stride). (The bias pointers stay in
 each kernel: a jit function cannot return an input that is None, as rab and the tables are when absent.)
 
 Every kernel is launched on `B * H * ceil(max_seq_len / BLOCK)` programs, so the grid is sized without a host
@@ -38,15 +39,17 @@ def history_length(num_targets, seq, n, HAS_TARGETS: tl.constexpr):
 
 
 @triton.jit
-def head_start(base, seq_start, head, stride_m, D: tl.constexpr):
-    """Pointer to the sequence's first token, head `head`, of a contiguous `[L, H, D]` tensor with token stride
-    `stride_m` (= H * D)."""
-    return base + seq_start * stride_m + head * D
+def head_start(base, seq_start, head, stride_m, stride_h):
+    """Pointer to the sequence's first token, head `head`, of an `[L, H, D]` tensor with token stride `stride_m`
+    and head stride `stride_h` (H * D and D when contiguous; 4 * H * D and D for a u/v/q/k split of one
+    `[L, 4 * H * D]` projection)."""
+    return base + seq_start * stride_m + head.to(tl.int64) * stride_h
 
 
 @triton.jit
-def head_rows(base, seq_start, head, offs, stride_m, D: tl.constexpr):
-    """Pointers `[len(offs), D]` to the rows `offs` (positions in the sequence) of one head of a contiguous
-    `[L, H, D]` tensor with token stride `stride_m`."""
+def head_rows(base, seq_start, head, offs, stride_m, stride_h, D: tl.constexpr):
+    """Pointers `[len(offs), D]` to the rows `offs` (positions in the sequence) of one head of an `[L, H, D]`
+    tensor with token stride `stride_m`, head stride `stride_h` and unit-stride last dim."""
     offs_d = tl.arange(0, D)
-    return head_start(base, seq_start, head, stride_m, D) + offs[:, None].to(tl.int64) * stride_m + offs_d[None, :]
+    start = head_start(base, seq_start, head, stride_m, stride_h)
+    return start + offs[:, None].to(tl.int64) * stride_m + offs_d[None, :]
