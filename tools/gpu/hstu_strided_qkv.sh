@@ -6,7 +6,7 @@
 #   run(command="PART=tests bash tools/gpu/hstu_strided_qkv.sh", carry=[".gpu-wheels"])
 #   run(command="PART=bench bash tools/gpu/hstu_strided_qkv.sh", carry=[".gpu-wheels"])
 #
-# tests: the whole hstu-attn test directory on CUDA (GPU-marked tests included; the new strided-view tests in
+# tests: the hstu-attn test directory on CUDA but the sm_90 AOT compile test (GPU-marked tests included; the new strided-view tests in
 #   test_hstu_triton_strided.py run at their sizes on the GPU; CUTLASS tests skip unless the library is built),
 #   then the gr-models HSTU layer tests. Logs and JUnit XML under $OUT.
 # bench: tools/bench_e2e.py --configs nvidia twice on the same machine: "copies" restores the old behaviour by
@@ -26,8 +26,9 @@ grep -E "^device|^torch|^triton" "$out/setup.log"
 
 case "${PART:-tests}" in
   tests)
-    HSTU_ATTN_TRITON_AUTOTUNE=0 timeout 540 python3 -m pytest packages/hstu-attn/tests -q -p no:cacheprovider \
-      --junitxml="$out/hstu-attn-tests.xml" 2>&1 | tee "$out/hstu-attn-tests.log" | tail -15
+    # -m "not slow": test_triton_sm90_compile only compiles ahead of time (passes on CPU; minutes here)
+    HSTU_ATTN_TRITON_AUTOTUNE=0 timeout 480 python3 -m pytest packages/hstu-attn/tests -m "not slow" -q \
+      -p no:cacheprovider --junitxml="$out/hstu-attn-tests.xml" 2>&1 | tee "$out/hstu-attn-tests.log" | tail -15
     timeout 120 python3 -m pytest packages/gr-models/tests/test_modules_hstu_layer.py -q -p no:cacheprovider \
       2>&1 | tee "$out/gr-models-layer-tests.log" | tail -3
     ;;
