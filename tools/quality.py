@@ -493,13 +493,26 @@ def merge(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------------------- plot
 
 
+def _curve_name(row: dict[str, Any]) -> str:
+    """A per-epoch row's curve: its model, and its tie order where the row names one other than "file"."""
+    name = str(row.get("model", row.get("variant", "ours")))
+    tie_order = row.get("tie_order", "file")
+    return name if tie_order == "file" else f"{name} ({tie_order} tie order)"
+
+
 def _mean_curves(entries: list[dict[str, Any]], metric: str) -> dict[str, tuple[list[int], list[float]]]:
-    """{model: (epochs, mean of `metric` over the seeds that reached each epoch)} from `run`-style curve entries."""
+    """{curve: (epochs, mean of `metric` over the seeds that reached each epoch)}.
+
+    `entries` are `run`-style curve entries (`{'model', 'seed', 'valid': [per-epoch points]}`) or per-epoch rows
+    as `curves` writes them (`{'epoch', metric, 'seed', 'model' or 'variant'[, 'tie_order']}`).
+    """
     by_model: dict[str, dict[int, list[float]]] = {}
     for entry in entries:
-        for point in entry["valid"]:
+        points = entry.get("valid", [entry])
+        name = entry["model"] if "valid" in entry else _curve_name(entry)
+        for point in points:
             if metric in point:
-                by_model.setdefault(entry["model"], {}).setdefault(int(point["epoch"]), []).append(point[metric])
+                by_model.setdefault(name, {}).setdefault(int(point["epoch"]), []).append(point[metric])
     return {
         model: (sorted(points), [float(np.mean(points[e])) for e in sorted(points)])
         for model, points in by_model.items()
@@ -541,7 +554,7 @@ def plot(args: argparse.Namespace) -> None:
     for name, (epochs, values) in curves.items():
         axis.plot(epochs, values, label=name, linestyle="--" if name.startswith("reference") else "-")
     axis.set_xlabel("epoch")
-    axis.set_ylabel(f"validation {args.metric.upper()}")
+    axis.set_ylabel(f"{args.split} {args.metric.upper()}")
     axis.set_title(args.title)
     axis.grid(alpha=0.3)
     axis.legend()
@@ -587,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curves", required=True, help="curves JSON of `run`")
     p.add_argument("--reference", default=None, help="reference curves JSON (see the module docstring)")
     p.add_argument("--metric", default="ndcg@10")
+    p.add_argument("--split", default="validation", help="the split the curves were evaluated on (axis label)")
     p.add_argument("--title", default="ML-1M (users 1-2999), validation")
     p.add_argument("--out", required=True, help="image file (.png, .svg, ...)")
     m = sub.add_parser("merge", help="merge the JSONs of several run / ranking processes (or their curves)")

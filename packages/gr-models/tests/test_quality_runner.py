@@ -138,3 +138,19 @@ def test_run_and_ranking_write_their_rows_and_plot_draws_the_curves(quality, tmp
     quality.main(["plot", "--curves", str(tmp_path / "curves.json"), "--reference", str(tmp_path / "reference.json"),
                   "--out", str(tmp_path / "plot.png")])  # fmt: skip
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mean_curves_average_per_epoch_rows_over_seeds_per_model_and_tie_order(quality) -> None:
+    rows = [
+        {"variant": "shipped", "model": "hstu", "seed": 1, "epoch": 1, "hr@10": 0.10},
+        {"variant": "shipped", "model": "hstu", "seed": 2, "epoch": 1, "hr@10": 0.20},
+        {"variant": "shipped", "model": "hstu", "seed": 1, "epoch": 2, "hr@10": 0.30},
+        {"model": "hstu", "tie_order": "reference", "seed": 1, "epoch": 1, "hr@10": 0.40},
+        {"variant": "xavier", "seed": 1, "epoch": 1, "ndcg@10": 0.5},
+    ]
+    curves = quality._mean_curves(rows, "hr@10")
+    assert set(curves) == {"hstu", "hstu (reference tie order)"}
+    assert curves["hstu"][0] == [1, 2] and curves["hstu"][1] == pytest.approx([0.15, 0.30])
+    assert curves["hstu (reference tie order)"] == ([1], [0.40])
+    run_entries = [{"model": "sasrec", "seed": 1, "valid": [{"epoch": 1, "hr@10": 0.2}, {"epoch": 2, "hr@10": 0.4}]}]
+    assert quality._mean_curves(run_entries, "hr@10") == {"sasrec": ([1, 2], [0.2, 0.4])}
