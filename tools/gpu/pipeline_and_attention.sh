@@ -10,7 +10,8 @@
 #      CUTLASS kernels beside Triton and cuDNN.
 #   run(command="cd .snapshot && COMMIT=$(cat COMMIT) bash tools/gpu/pipeline_and_attention.sh", carry=[".snapshot"])
 # Environment: COMMIT, BASE_COMMIT, STEPS / ROUNDS (pipeline), ATTN_TEST_TIMEOUT_S (default 150), DEADLINE_S (580),
-# SKIP_CUTLASS=1 (no build, tests or bench of the CUTLASS kernels), CUTLASS_TESTS_S (time kept for the CUTLASS tests, default 80), PIPELINE_TEST_TIMEOUT_S (its pytest -m gpu, 60).
+# SKIP_CUTLASS=1 (no build, tests or bench of the CUTLASS kernels), CUTLASS_TESTS_S (time kept for the CUTLASS tests, default 80), PIPELINE_TEST_TIMEOUT_S (its pytest -m gpu, 60),
+# ATTN_TEST_MARKS (a pytest -m expression for the hstu-attn tests, e.g. "not slow" in a short call).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/pipeline-and-attention}
@@ -37,7 +38,7 @@ fi
 
 stamp "hstu-attn tests on CUDA (CUTLASS build for sm_$arch in the background)"
 HSTU_ATTN_TRITON_AUTOTUNE=0 timeout "${ATTN_TEST_TIMEOUT_S:-150}" python3 -m pytest packages/hstu-attn/tests -q \
-  -p no:cacheprovider -rs --durations=10 --deselect packages/hstu-attn/tests/test_cutlass_gpu.py > "$out/attn-tests.log" 2>&1
+  ${ATTN_TEST_MARKS:+-m "$ATTN_TEST_MARKS"} -p no:cacheprovider -rs --durations=10 --deselect packages/hstu-attn/tests/test_cutlass_gpu.py > "$out/attn-tests.log" 2>&1
 stamp "hstu-attn tests exit $?"
 tail -15 "$out/attn-tests.log"
 [ -n "${SKIP_CUTLASS:-}" ] || { wait "$build_pid"; stamp "$(tail -1 "$out/cutlass-build.log")"; }
