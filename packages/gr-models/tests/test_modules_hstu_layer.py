@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -122,6 +123,54 @@ def test_layer_matches_from_scratch_with_relative_position_and_time_bias() -> No
         ]
     )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_next_token_query_time_buckets_the_time_of_the_next_token() -> None:
+    torch.manual_seed(2)
+    layer = _layer(
+        relative_bias=RelativeBiasConfig(max_relative_position=3, num_time_buckets=5, query_time="next_token")
+    )
+    with torch.no_grad():
+        layer.relative_bias.position_weights.normal_()
+        layer.relative_bias.time_weights.normal_()
+    timestamps = torch.tensor([1, 3, 30, 300, 3000, 7, 5, 6, 60, 9000])
+    lengths, starts = [5, 1, 4], [0, 5, 6]
+    pos, tim = layer.relative_bias.position_weights[0], layer.relative_bias.time_weights[0]
+
+    def bias_of(sequence_index: int, length: int):
+        def bias(i: int, j: int) -> torch.Tensor:
+            start = starts[sequence_index]
+            query_time = timestamps[start + min(i + 1, length - 1)]
+            delta = abs(int(timestamps[start + j] - query_time))
+            bucket = min(int(torch.floor(torch.log(torch.tensor(float(max(delta, 1)))) / 0.301)), 4)
+            return pos[max(-2, min(2, j - i)) + 2] + tim[bucket]
+
+        return bias
+
+    x = torch.randn(10, HIDDEN, requires_grad=True)
+    out = layer(x, _sequence(lengths, [0, 0, 0], 0, timestamps))
+    expected = torch.cat(
+        [
+            _from_scratch(layer, x[s : s + n], [n], [0], 0, bias_of(b, n))
+            for b, (s, n) in enumerate(zip(starts, lengths))
+        ]
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(out)
+    tables = [layer.relative_bias.position_weights, layer.relative_bias.time_weights]
+    grads = torch.autograd.grad((out * weights).sum(), [x, *tables])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [x, *tables])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert grads[2].abs().sum() > 0
+
+
+def test_query_time_must_be_known() -> None:
+    with pytest.raises(ValueError, match="query_time must be one of"):
+        RelativeBiasConfig(query_time="next")
+    layer = _layer(relative_bias=RelativeBiasConfig(use_time=False, query_time="next_token"))
+    with pytest.raises(ValueError, match="needs the time bias"):
+        layer(torch.randn(3, HIDDEN), _sequence([3], [0], 0, torch.tensor([1, 2, 3])))
 
 
 def test_recompute_keeps_outputs_and_gradients_and_saves_fewer_bytes() -> None:

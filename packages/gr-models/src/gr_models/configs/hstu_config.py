@@ -66,6 +66,9 @@ class PositionEncodingConfig:
             raise ValueError(f"time_bucket_divisor must be > 0, got {self.time_bucket_divisor}")
 
 
+QUERY_TIMES = ("own", "next_token")
+
+
 @dataclass
 class RelativeBiasConfig:
     """Learned relative attention bias, fused into the attention kernel (`hstu_attn.RelativeBias`).
@@ -73,12 +76,20 @@ class RelativeBiasConfig:
     One table pair per layer, shared by all heads: a position bias for key-minus-query distances up to
     `max_relative_position - 1` (larger distances clamped), and with `use_time` a time bias over
     `num_time_buckets` buckets `floor(log(|t_j - t_i|) / time_bucket_divisor)` (needs timestamps in the batch).
+
+    `query_time` says which time `t_i` a query token uses: "own" (its own timestamp) or "next_token" (the timestamp
+    of the next token of its sequence; the last token keeps its own). In a sequence of item events, as in the
+    retrieval models, "next_token" is the time of the event the query predicts (at evaluation the held-out event's
+    time, i.e. the request time), as the HSTU paper's public code buckets `t(next event) - t(key)`. The fused kernels
+    take one time per token, so with "next_token" the bias is materialized as a dense `rab` `[B, 1, N, N]`
+    (O(B * N^2) memory: fine for sequences of a few hundred tokens, not for thousands).
     """
 
     max_relative_position: int = 256
     use_time: bool = True
     num_time_buckets: int = 128
     time_bucket_divisor: float = 0.301
+    query_time: str = "own"
 
     def __post_init__(self) -> None:
         if self.max_relative_position < 1:
@@ -87,6 +98,8 @@ class RelativeBiasConfig:
             raise ValueError(f"num_time_buckets must be >= 1, got {self.num_time_buckets}")
         if self.time_bucket_divisor <= 0:
             raise ValueError(f"time_bucket_divisor must be > 0, got {self.time_bucket_divisor}")
+        if self.query_time not in QUERY_TIMES:
+            raise ValueError(f"relative_bias.query_time must be one of {QUERY_TIMES}, got {self.query_time!r}")
 
 
 @dataclass

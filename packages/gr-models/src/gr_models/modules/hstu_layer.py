@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gr_models.configs.hstu_config import HSTUConfig, RelativeBiasConfig
+from gr_models.modules.jagged import token_coordinates
 from gr_models.modules.preprocessing import HSTUSequence
 from gr_models.modules.recompute import recompute_in_backward
 from gr_parallel import (
@@ -35,6 +36,7 @@ from gr_parallel.tensor_parallel import (
     fork_tensor_parallel_rng,
 )
 from hstu_attn import RelativeBias, hstu_attn_varlen_func
+from hstu_attn.relative_bias import bucketize_time_delta
 
 
 class RelativeAttentionBias(nn.Module):
@@ -59,6 +61,32 @@ class RelativeAttentionBias(nn.Module):
             timestamps=timestamps if self.time_weights is not None else None,
             time_bucket_divisor=self.config.time_bucket_divisor,
         )
+
+    def dense(self, sequence: HSTUSequence, dtype: torch.dtype) -> Tensor:
+        """The bias as a dense `rab [B, 1, N, N]` (N = `sequence.max_len`) with each query at its next token's time.
+
+        Entry `[b, 0, i, j]` = position term of `j - i` + time term of `t_j - t'_i`, where `t'_i` is the time of
+        token `i + 1` of sequence `b` (token `i`'s own time for the last token). Padded entries are arbitrary.
+        """
+        if self.time_weights is None:
+            raise ValueError("relative_bias.query_time='next_token' needs the time bias (use_time=True)")
+        if sequence.timestamps is None:
+            raise ValueError("the relative time bias needs timestamps: give the batch a timestamp_feature_name")
+        times, max_len = sequence.timestamps, sequence.max_len
+        offsets = sequence.offsets.to(device=times.device, dtype=torch.int64)
+        lengths = offsets[1:] - offsets[:-1]
+        num_sequences = lengths.numel()
+        sequence_ids, positions = token_coordinates(lengths)
+        is_last = positions == lengths[sequence_ids] - 1
+        query_times = torch.where(is_last, times, times.roll(-1)) if times.numel() else times
+        padded = times.new_zeros(2, num_sequences, max_len)
+        padded[0].index_put_((sequence_ids, positions), times)
+        padded[1].index_put_((sequence_ids, positions), query_times)
+        delta = padded[0][:, None, :] - padded[1][:, :, None]
+        buckets = bucketize_time_delta(delta, self.config.time_bucket_divisor, self.config.num_time_buckets)
+        columns = RelativeBias(position_weights=self.position_weights).position_columns(max_len, times.device)
+        bias = self.time_weights[0][buckets] + self.position_weights[0][columns]
+        return bias.unsqueeze(1).to(dtype)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -111,6 +139,7 @@ class HSTULayer(nn.Module):
         width = self.num_heads * self.head_dim
         u, v, q, k = F.silu(uvqk).split([width] * 4, dim=-1)
         shape = (-1, self.num_heads, self.head_dim)
+        rab, relative_bias = self._attention_bias(sequence, q.dtype)
         attn = hstu_attn_varlen_func(
             q.reshape(shape),
             k.reshape(shape),
@@ -123,7 +152,8 @@ class HSTULayer(nn.Module):
             contextual_seq_len=sequence.contextual_len,
             max_attn_len=self.config.max_attn_len,
             scaling_seqlen=sequence.scaling_seqlen,
-            relative_bias=self._relative_bias(sequence.timestamps),
+            rab=rab,
+            relative_bias=relative_bias,
             backend=self.config.kernel_backend,
         ).reshape(-1, width)
         normed_attn = self._normalize(self.attention_norm, attn, dtype)
@@ -134,6 +164,12 @@ class HSTULayer(nn.Module):
             gated = normed_attn * u
         gated = self._dropout(gated)
         return _residual_add(x, self.output(gated))
+
+    def _attention_bias(self, sequence: HSTUSequence, dtype: torch.dtype) -> tuple[Tensor | None, RelativeBias | None]:
+        """(dense `rab`, fused `RelativeBias`) for the attention call: at most one of them, or neither."""
+        if self.relative_bias is not None and self.relative_bias.config.query_time == "next_token":
+            return self.relative_bias.dense(sequence, dtype), None
+        return None, self._relative_bias(sequence.timestamps)
 
     def _relative_bias(self, timestamps: Tensor | None) -> RelativeBias | None:
         return self.relative_bias(timestamps) if self.relative_bias is not None else None
@@ -171,6 +207,14 @@ class TensorParallelHSTULayer(HSTULayer):
         self.attention_norm = TensorParallelLayerNorm.from_layer_norm(self.attention_norm, group=group)
         self.output = RowParallelLinear.from_linear(self.output, group=group)
         self.group = group
+
+    def _attention_bias(self, sequence: HSTUSequence, dtype: torch.dtype) -> tuple[Tensor | None, RelativeBias | None]:
+        if self.relative_bias is not None and self.relative_bias.config.query_time == "next_token":
+            raise NotImplementedError(
+                "relative_bias.query_time='next_token' is not implemented with tensor parallelism (its dense bias "
+                "would need its table gradients summed over the group); use query_time='own' or TP size 1"
+            )
+        return super()._attention_bias(sequence, dtype)
 
     def _relative_bias(self, timestamps: Tensor | None) -> RelativeBias | None:
         bias = super()._relative_bias(timestamps)
