@@ -43,8 +43,8 @@ def _allowed(i: int, j: int, n: int, t: int, c: int) -> bool:
 
 def _from_scratch(layer: HSTULayer, x: torch.Tensor, lengths, targets, contextual_len, bias=None) -> torch.Tensor:
     p = dict(layer.named_parameters())
-    normed = F.layer_norm(x, (HIDDEN,), p["input_norm.weight"], p["input_norm.bias"], eps=1e-5)
-    uvqk = F.silu(normed @ p["uvqk.weight"].t() + p["uvqk.bias"])
+    normed = F.layer_norm(x, (HIDDEN,), p.get("input_norm.weight"), p.get("input_norm.bias"), eps=1e-5)
+    uvqk = F.silu(normed @ p["uvqk.weight"].t() + p.get("uvqk.bias", 0.0))
     w = HEADS * HEAD_DIM
     u, v, q, k = uvqk[:, :w], uvqk[:, w : 2 * w], uvqk[:, 2 * w : 3 * w], uvqk[:, 3 * w :]
     outputs, start = [], 0
@@ -66,7 +66,7 @@ def _from_scratch(layer: HSTULayer, x: torch.Tensor, lengths, targets, contextua
         outputs.append(torch.stack(rows))
         start += n
     attn = torch.cat(outputs)
-    normed_attn = F.layer_norm(attn, (w,), p["attention_norm.weight"], p["attention_norm.bias"], eps=1e-5)
+    normed_attn = F.layer_norm(attn, (w,), p.get("attention_norm.weight"), p.get("attention_norm.bias"), eps=1e-5)
     return x + (normed_attn * u) @ p["output.weight"].t() + p["output.bias"]
 
 
@@ -171,6 +171,14 @@ def test_query_time_must_be_known() -> None:
     layer = _layer(relative_bias=RelativeBiasConfig(use_time=False, query_time="next_token"))
     with pytest.raises(ValueError, match="needs the time bias"):
         layer(torch.randn(3, HIDDEN), _sequence([3], [0], 0, torch.tensor([1, 2, 3])))
+
+
+def test_layer_without_norm_affine_and_uvqk_bias_matches_from_scratch() -> None:
+    torch.manual_seed(3)
+    layer = _layer(layer_norm_affine=False, uvqk_bias=False)
+    names = {name for name, _ in layer.named_parameters()}
+    assert names == {"uvqk.weight", "output.weight", "output.bias"}
+    _compare(layer, lengths=[4, 1, 3], targets=[1, 0, 0], contextual_len=0)
 
 
 def test_recompute_keeps_outputs_and_gradients_and_saves_fewer_bytes() -> None:

@@ -111,7 +111,9 @@ class HSTUConfig:
     when set (0.02 in the HSTU paper's public code: u, v, q and k start small, so every layer starts close to the
     identity; on ML-1M retrieval this learns several times faster per epoch than Xavier, README "ML-1M retrieval:
     learning speed"). `dtype` is the compute precision of the block (float32, or bfloat16 /
-    float16 through autocast with float32 master weights).
+    float16 through autocast with float32 master weights). `layer_norm_affine=False` gives both layer norms of a
+    layer no weight and bias, and `uvqk_bias=False` gives the UVQK projection no bias, as in the HSTU paper's public
+    code (both on by default).
     """
 
     hidden_size: int
@@ -131,6 +133,8 @@ class HSTUConfig:
     relative_bias: RelativeBiasConfig | None = None
     recompute_cheap_activations: bool = False
     uvqk_init_std: float | None = None
+    layer_norm_affine: bool = True
+    uvqk_bias: bool = True
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "kv_channels", "num_attention_heads", "num_layers"):
@@ -193,6 +197,8 @@ def get_hstu_config(
     relative_bias: RelativeBiasConfig | None = None,
     recompute_cheap_activations: bool = False,
     uvqk_init_std: float | None = None,
+    layer_norm_affine: bool = True,
+    uvqk_bias: bool = True,
 ) -> HSTUConfig:
     """Build an `HSTUConfig`.
 
@@ -219,4 +225,6 @@ def get_hstu_config(
         relative_bias=relative_bias,
         recompute_cheap_activations=recompute_cheap_activations,
         uvqk_init_std=uvqk_init_std,
+        layer_norm_affine=layer_norm_affine,
+        uvqk_bias=uvqk_bias,
     )

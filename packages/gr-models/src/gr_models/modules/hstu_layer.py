@@ -111,15 +111,17 @@ class HSTULayer(nn.Module):
         heads, head_dim = config.num_attention_heads, config.kv_channels
         self.num_heads, self.head_dim = heads, head_dim
         self.config = config
-        self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.uvqk = nn.Linear(config.hidden_size, 4 * heads * head_dim)
-        self.attention_norm = nn.LayerNorm(heads * head_dim, eps=config.layer_norm_eps)
+        affine = config.layer_norm_affine
+        self.input_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, elementwise_affine=affine)
+        self.uvqk = nn.Linear(config.hidden_size, 4 * heads * head_dim, bias=config.uvqk_bias)
+        self.attention_norm = nn.LayerNorm(heads * head_dim, eps=config.layer_norm_eps, elementwise_affine=affine)
         self.output = nn.Linear(heads * head_dim, config.hidden_size)
         self.relative_bias = RelativeAttentionBias(config.relative_bias) if config.relative_bias is not None else None
         self.alpha = config.alpha if config.alpha is not None else 1.0 / math.sqrt(head_dim)
         for linear in (self.uvqk, self.output):
             config.init_method(linear.weight)
-            nn.init.zeros_(linear.bias)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
         if config.uvqk_init_std is not None:
             nn.init.normal_(self.uvqk.weight, std=config.uvqk_init_std)
 
@@ -196,6 +198,11 @@ class TensorParallelHSTULayer(HSTULayer):
     def __init__(self, config: HSTUConfig) -> None:
         group = get_tensor_model_parallel_group()
         size = group.size()
+        if not (config.layer_norm_affine and config.uvqk_bias):
+            raise NotImplementedError(
+                "layer_norm_affine=False / uvqk_bias=False are not implemented with tensor parallelism (its split "
+                "layer norm and column-parallel UVQK expect a weight and bias); use the defaults or TP size 1"
+            )
         if config.num_attention_heads % size:
             raise ValueError(
                 f"num_attention_heads={config.num_attention_heads} is not divisible by the tensor-parallel size "

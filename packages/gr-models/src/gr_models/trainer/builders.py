@@ -206,6 +206,8 @@ def build_hstu_config(config: RunConfig, device: torch.device) -> HSTUConfig:
         scaling_seqlen=section.scaling_seqlen,
         alpha=section.alpha,
         uvqk_init_std=section.uvqk_init_std,
+        layer_norm_affine=section.layer_norm_affine,
+        uvqk_bias=section.uvqk_bias,
         position_encoding=position,
         use_position_encoding=position is not None,
         relative_bias=RelativeBiasConfig(**section.relative_bias) if section.relative_bias is not None else None,

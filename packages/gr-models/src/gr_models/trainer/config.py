@@ -55,6 +55,8 @@ class HSTUSection:
     scaling_seqlen: int | None = None
     alpha: float | None = None
     uvqk_init_std: float | None = None
+    layer_norm_affine: bool = True
+    uvqk_bias: bool = True
     position_encoding: dict[str, Any] | None = field(default_factory=dict)
     relative_bias: dict[str, Any] | None = None
     recompute_cheap_activations: bool = False

@@ -111,6 +111,8 @@ RULES: dict[str, Rule] = {
     "hstu.scaling_seqlen": _AT_LEAST_1,
     "hstu.alpha": _POSITIVE,
     "hstu.uvqk_init_std": _POSITIVE,
+    "hstu.layer_norm_affine": _ANY,
+    "hstu.uvqk_bias": _ANY,
     "hstu.position_encoding": _ANY,  # PositionEncodingConfig's fields, checked when the model is built
     "hstu.relative_bias": _ANY,  # RelativeBiasConfig's fields, checked when the model is built
     "hstu.recompute_cheap_activations": _ANY,
