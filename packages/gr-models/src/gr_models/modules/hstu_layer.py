@@ -76,7 +76,7 @@ class RelativeAttentionBias(nn.Module):
         offsets = sequence.offsets.to(device=times.device, dtype=torch.int64)
         lengths = offsets[1:] - offsets[:-1]
         num_sequences = lengths.numel()
-        sequence_ids, positions = token_coordinates(lengths)
+        sequence_ids, positions = token_coordinates(lengths, times.numel())
         is_last = positions == lengths[sequence_ids] - 1
         query_times = torch.where(is_last, times, times.roll(-1)) if times.numel() else times
         padded = times.new_zeros(2, num_sequences, max_len)

@@ -12,10 +12,13 @@ def lengths_to_offsets(lengths: Tensor) -> Tensor:
     return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)])
 
 
-def token_coordinates(lengths: Tensor) -> tuple[Tensor, Tensor]:
-    """For every token of sequences with `lengths [B]`: (its sequence index `[N]`, its position in it `[N]`)."""
+def token_coordinates(lengths: Tensor, total: int | None = None) -> tuple[Tensor, Tensor]:
+    """For every token of sequences with `lengths [B]`: (its sequence index `[N]`, its position in it `[N]`).
+
+    Pass `total` (= `lengths.sum()`) when it is known to skip reading it back from the device.
+    """
     lengths = lengths.to(torch.int64)
-    total = int(lengths.sum())
+    total = int(lengths.sum()) if total is None else total
     sequence_ids = torch.repeat_interleave(
         torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total
     )
