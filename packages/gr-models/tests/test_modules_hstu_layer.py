@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gr_models.configs import KernelBackend, RelativeBiasConfig, get_hstu_config
-from gr_models.modules.hstu_layer import HSTULayer
+from gr_models.modules.hstu_layer import HSTULayer, RelativeAttentionBias
 from gr_models.modules.preprocessing import HSTUSequence
 
 HIDDEN, HEADS, HEAD_DIM = 12, 2, 8
@@ -171,6 +171,20 @@ def test_query_time_must_be_known() -> None:
     layer = _layer(relative_bias=RelativeBiasConfig(use_time=False, query_time="next_token"))
     with pytest.raises(ValueError, match="needs the time bias"):
         layer(torch.randn(3, HIDDEN), _sequence([3], [0], 0, torch.tensor([1, 2, 3])))
+
+
+def test_relative_bias_tables_start_at_zero_or_from_init_std() -> None:
+    def bias(**kwargs) -> RelativeAttentionBias:
+        return RelativeAttentionBias(RelativeBiasConfig(max_relative_position=300, num_time_buckets=400, **kwargs))
+
+    zero = bias()
+    assert not zero.position_weights.any() and not zero.time_weights.any()
+    torch.manual_seed(0)
+    drawn = bias(init_std=0.02)
+    for table in (drawn.position_weights, drawn.time_weights):
+        assert 0.017 < float(table.std()) < 0.023 and abs(float(table.mean())) < 0.004
+    with pytest.raises(ValueError, match="init_std must be >= 0"):
+        RelativeBiasConfig(init_std=-0.1)
 
 
 def test_layer_without_norm_affine_and_uvqk_bias_matches_from_scratch() -> None:

@@ -83,6 +83,9 @@ class RelativeBiasConfig:
     time, i.e. the request time), as the HSTU paper's public code buckets `t(next event) - t(key)`. The fused kernels
     take one time per token, so with "next_token" the bias is materialized as a dense `rab` `[B, 1, N, N]`
     (O(B * N^2) memory: fine for sequences of a few hundred tokens, not for thousands).
+
+    `init_std`: the tables start at zero (0.0, the default) or are drawn from N(0, init_std^2) (the HSTU paper's
+    public code draws them with std 0.02).
     """
 
     max_relative_position: int = 256
@@ -90,8 +93,11 @@ class RelativeBiasConfig:
     num_time_buckets: int = 128
     time_bucket_divisor: float = 0.301
     query_time: str = "own"
+    init_std: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.init_std < 0:
+            raise ValueError(f"relative_bias.init_std must be >= 0, got {self.init_std}")
         if self.max_relative_position < 1:
             raise ValueError(f"max_relative_position must be >= 1, got {self.max_relative_position}")
         if self.num_time_buckets < 1:

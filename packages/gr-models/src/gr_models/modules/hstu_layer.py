@@ -51,6 +51,9 @@ class RelativeAttentionBias(nn.Module):
         self.config = config
         self.position_weights = nn.Parameter(torch.zeros(1, 2 * config.max_relative_position - 1))
         self.time_weights = nn.Parameter(torch.zeros(1, config.num_time_buckets)) if config.use_time else None
+        for table in (self.position_weights, self.time_weights):
+            if table is not None and config.init_std > 0:
+                nn.init.normal_(table, std=config.init_std)
 
     def forward(self, timestamps: Tensor | None) -> RelativeBias:
         if self.time_weights is not None and timestamps is None:
