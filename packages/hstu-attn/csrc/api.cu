@@ -29,7 +29,7 @@ int hstu_attn_cutlass_bwd_params_size(void) { return int(sizeof(HstuAttnBwdParam
 
 int hstu_attn_cutlass_backward(const HstuAttnBwdParams* params, void* stream) {
   if (params == nullptr || params->num_sequences < 0 || params->num_heads < 0 || params->max_seq_len < 0 ||
-      params->dq_accum == nullptr) {
+      params->dq_accum == nullptr || (params->drab != nullptr && params->rab == nullptr)) {
     return HSTU_ATTN_BAD_ARGUMENT;
   }
   if (params->dtype != HSTU_ATTN_FP16 && params->dtype != HSTU_ATTN_BF16) return HSTU_ATTN_UNSUPPORTED_DTYPE;
@@ -46,7 +46,7 @@ const char* hstu_attn_cutlass_status_string(int status) {
     case HSTU_ATTN_OK: return "ok";
     case HSTU_ATTN_UNSUPPORTED_DTYPE: return "unsupported dtype (float16 and bfloat16 only)";
     case HSTU_ATTN_UNSUPPORTED_HEAD_DIM: return "unsupported head dim (forward: 64, 128, 256; backward: 64, 128)";
-    case HSTU_ATTN_BAD_ARGUMENT: return "bad argument (null params or negative sizes)";
+    case HSTU_ATTN_BAD_ARGUMENT: return "bad argument (null params, negative sizes, no dq_accum, or drab without rab)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }
 }

@@ -1,10 +1,14 @@
 // Backward of jagged HSTU attention: one CTA owns a kBlockN x D tile of dK and dV for one (sequence, head) and
 // walks the query blocks that can attend its keys. Per query block, with warps stacked along the key rows:
 //   S^T = K Q^T, dP^T = V dO^T                      (fp32 accumulators, [kBlockN, kBlockM])
-//   P^T = SiLU(alpha S^T) / scaling, dS^T = dP^T * alpha / scaling * SiLU'(alpha S^T)   (0 where the pair is invalid)
+//   P^T = SiLU(X) / scaling, dS^T = dP^T * alpha / scaling * SiLU'(X), X = alpha S^T + rab^T   (0 where invalid)
 //   dV += P^T dO, dK += dS^T Q                       (P^T and dS^T straight from the accumulators)
 //   dQ  = dS K  through shared memory, added with fp32 atomics into dq_accum (the caller casts it)
 // Rows past the sequence end are zero-filled in shared memory, so they add nothing, and are never stored.
+// With a rab (kHasRab), each element of the S^T accumulators loads its rab entry from global memory as it is turned
+// into P^T and dS^T, after the two products (the backward has no registers to spare for a rab fragment), and rab's
+// gradient dS / alpha of every valid pair is stored (per head) or added with fp32 atomics (rab shared by the heads)
+// right there: no extra shared memory.
 // Masked pairs are selected out (never multiplied by the mask). In masked tiles a non-finite operand entry must not
 // meet an invalid pair's zero weight either (finite.cuh), as in hstu_attn.reference and the Triton kernels: such q and
 // dO entries are zeroed in shared memory after S^T and dP^T used them, before dK += dS^T Q and dV += P^T dO; the dV
@@ -66,6 +70,17 @@ struct BwdTraits {
   static constexpr int kSmemBytes = kSmemTileBytes + kSmemReachedBytes + 16;
 };
 
+// Writes rab's gradient `value` of one valid pair at `offset` of drab: a store in the input dtype (drab per head) or
+// an fp32 atomic add (drab shared by the heads).
+template <typename Elem>
+__device__ __forceinline__ void write_rab_gradient(void* drab, bool atomic, int64_t offset, float value) {
+  if (atomic) {
+    atomicAdd(static_cast<float*>(drab) + offset, value);
+  } else {
+    static_cast<Elem*>(drab)[offset] = static_cast<Elem>(value);
+  }
+}
+
 __device__ __forceinline__ float silu_derivative(float x) {
   const float sigmoid = __frcp_rn(1.0f + __expf(-x));
   return sigmoid * (1.0f + x * (1.0f - sigmoid));
@@ -86,7 +101,7 @@ __device__ __forceinline__ void store_rows(Acc const& acc, Coords const& coords,
   }
 }
 
-template <class Traits>
+template <class Traits, bool kHasRab>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(const HstuAttnBwdParams p) {
   using Elem = typename Traits::Elem;
   constexpr int kBlockM = Traits::kBlockM;
@@ -108,6 +123,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   const int m_block_begin = (mask.causal && mask.contextual == 0) ? n0 / kBlockM : 0;
   const int m_block_end = (length + kBlockM - 1) / kBlockM;
   const float scale = p.alpha * p.inv_scaling;
+  const Elem* rab = nullptr;
+  void* drab = nullptr;  // offset to this (sequence, head) in elements of its type
+  if constexpr (kHasRab) {
+    rab = static_cast<const Elem*>(p.rab) + sequence * p.rab_batch_stride + head * p.rab_head_stride;
+    if (p.drab != nullptr) {
+      const int64_t offset = sequence * p.drab_batch_stride + head * p.drab_head_stride;
+      drab = p.drab_atomic ? static_cast<void*>(static_cast<float*>(p.drab) + offset)
+                           : static_cast<void*>(static_cast<Elem*>(p.drab) + offset);
+    }
+  }
 
   auto tile_q = Shape<Int<kBlockM>, Int<kHeadDim>>{};
   auto tile_kv = Shape<Int<kBlockN>, Int<kHeadDim>>{};
@@ -212,10 +237,22 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
     const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN);
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
-      const bool valid = all_valid || mask.valid(m0 + get<1>(tScS(i)), n0 + get<0>(tScS(i)));
-      const float x = acc_s(i) * p.alpha;
-      acc_dp(i) = valid ? acc_dp(i) * scale * silu_derivative(x) : 0.0f;  // dS^T
-      acc_s(i) = valid ? silu(x) * p.inv_scaling : 0.0f;                  // P^T
+      const int query = m0 + get<1>(tScS(i));
+      const int key = n0 + get<0>(tScS(i));
+      const bool valid = all_valid || mask.valid(query, key);
+      float x = acc_s(i) * p.alpha;
+      if constexpr (kHasRab) {
+        if (query < length && key < length) x += static_cast<float>(rab[query * p.rab_row_stride + key]);
+        const float ds = valid ? acc_dp(i) * p.inv_scaling * silu_derivative(x) : 0.0f;  // d rab
+        // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
+        if (drab != nullptr && valid && query < length) {
+          write_rab_gradient<Elem>(drab, p.drab_atomic, query * p.drab_row_stride + key, ds);
+        }
+        acc_dp(i) = ds * p.alpha;  // dS^T
+      } else {
+        acc_dp(i) = valid ? acc_dp(i) * scale * silu_derivative(x) : 0.0f;  // dS^T
+      }
+      acc_s(i) = valid ? silu(x) * p.inv_scaling : 0.0f;  // P^T
     }
     Tensor rPt = converted<Elem>(acc_s);
     Tensor rdSt = converted<Elem>(acc_dp);
@@ -267,10 +304,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   store_rows(acc_dv, tKVcKV, dv, p.dv_row_stride, length - n0, any_reached ? &reached : nullptr);
 }
 
-template <class Traits>
-cudaError_t launch_bwd(const HstuAttnBwdParams& p, cudaStream_t stream) {
+template <class Traits, bool kHasRab>
+cudaError_t launch_bwd_kernel(const HstuAttnBwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &hstu_attn_bwd_kernel<Traits>;
+  auto kernel = &hstu_attn_bwd_kernel<Traits, kHasRab>;
   if (kSmem > 48 * 1024) {
     const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (error != cudaSuccess) return error;
@@ -281,6 +318,12 @@ cudaError_t launch_bwd(const HstuAttnBwdParams& p, cudaStream_t stream) {
   if (blocks > 0x7fffffff || p.num_heads > 65535) return cudaErrorInvalidConfiguration;
   kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The backward with or without rab (a separate instantiation, so the kernel without rab is unchanged by it).
+template <class Traits>
+cudaError_t launch_bwd(const HstuAttnBwdParams& p, cudaStream_t stream) {
+  return p.rab != nullptr ? launch_bwd_kernel<Traits, true>(p, stream) : launch_bwd_kernel<Traits, false>(p, stream);
 }
 
 }  // namespace hstu_attn

@@ -1,7 +1,9 @@
 // Forward of jagged HSTU attention: one CTA computes a kBlockM x D output tile of one (sequence, head).
 //
-// Per key tile: S = Q K^T (fp32), P = SiLU(alpha S) / scaling where the pair is valid, 0 where it is not (selected,
-// never multiplied), O += P V with P taken straight from the S accumulators. K/V tiles are single-buffered:
+// Per key tile: S = Q K^T (fp32), P = SiLU(alpha S + rab) / scaling where the pair is valid, 0 where it is not
+// (selected, never multiplied), O += P V with P taken straight from the S accumulators. With a rab (kHasRab), each
+// thread loads the rab entries at its own accumulator coordinates straight from global memory into registers, issued
+// before Q K^T so that the loads overlap it; entries past the sequence end are not read. K/V tiles are single-buffered:
 // V[j] loads while Q K[j]^T runs, K[j-1] loads while P V[j] runs. Rows past the sequence end are zero-filled in
 // shared memory and never stored. Masked tiles keep a non-finite V entry away from the rows that may not attend its
 // token (finite.cuh): they zero it before P V, and the output entries that a valid pair links to it are stored NaN.
@@ -33,6 +35,20 @@ __device__ __forceinline__ void load_rows(TiledCopy const& tiled_copy, Src const
       CUTE_UNROLL
       for (int k = 0; k < size<2>(dst); ++k) clear(dst(_, m, k));
     }
+  }
+}
+
+// The rab entries of one score tile at this thread's accumulator coordinates: fragment(i) = rab[query, key] with
+// (query, key) = (query0 + row, key0 + column) of coords(i). Entries whose query or key is at or past `length` are 0
+// and not read.
+template <class Fragment, class Coords, typename Elem>
+__device__ __forceinline__ void load_rab(Fragment& fragment, Coords const& coords, const Elem* rab, int64_t row_stride,
+                                         int query0, int key0, int length) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(fragment); ++i) {
+    const int query = query0 + get<0>(coords(i));
+    const int key = key0 + get<1>(coords(i));
+    fragment(i) = (query < length && key < length) ? rab[query * row_stride + key] : Elem(0.0f);
   }
 }
 
@@ -92,7 +108,7 @@ __device__ __forceinline__ auto converted(Tensor<Engine, Layout> const& from) {
   return to;
 }
 
-template <class Traits>
+template <class Traits, bool kHasRab>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(const HstuAttnFwdParams p) {
   using Elem = typename Traits::Elem;
   constexpr int kBlockM = Traits::kBlockM;
@@ -113,6 +129,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
   const SequenceMask mask{length, length - targets, p.contextual_seq_len, p.max_attn_len, p.causal != 0};
   const int n_block_begin = mask.column_begin(m0) / kBlockN;
   const int n_block_end = (mask.column_end(m0, kBlockM) + kBlockN - 1) / kBlockN;
+  const Elem* rab = nullptr;
+  if constexpr (kHasRab) {
+    rab = static_cast<const Elem*>(p.rab) + sequence * p.rab_batch_stride + head * p.rab_head_stride;
+  }
 
   auto tile_q = Shape<Int<kBlockM>, Int<kHeadDim>>{};
   auto tile_kv = Shape<Int<kBlockN>, Int<kHeadDim>>{};
@@ -182,6 +202,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
     __syncthreads();  // K[n_block] (and Q) arrived; every warp is done with V[n_block + 1]
     load_rows(gmem_load, tVgV(_, _, _, n_block), tVsV, tKcK, length - n0);
     cp_async_fence();
+    Tensor rRab = make_tensor<Elem>(acc_s.layout());  // used only with kHasRab
+    if constexpr (kHasRab) load_rab(rRab, tScS, rab, p.rab_row_stride, m0, n0, length);
 
     gemm_smem_smem(acc_s, tSrQ, tSrK, tSsQ, tSsK, mma, copy_q, copy_k);
 
@@ -196,7 +218,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
       const bool valid = all_valid || mask.valid(m0 + get<0>(tScS(i)), n0 + get<1>(tScS(i)));
-      acc_s(i) = valid ? silu(acc_s(i) * p.alpha) * p.inv_scaling : 0.0f;
+      float score = acc_s(i) * p.alpha;
+      if constexpr (kHasRab) score += static_cast<float>(rRab(i));
+      acc_s(i) = valid ? silu(score) * p.inv_scaling : 0.0f;
     }
     Tensor tOrP = converted<Elem>(acc_s);
     if (!all_valid) {  // CTA-uniform
@@ -243,10 +267,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
   }
 }
 
-template <class Traits>
-cudaError_t launch_fwd(const HstuAttnFwdParams& p, cudaStream_t stream) {
+template <class Traits, bool kHasRab>
+cudaError_t launch_fwd_kernel(const HstuAttnFwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &hstu_attn_fwd_kernel<Traits>;
+  auto kernel = &hstu_attn_fwd_kernel<Traits, kHasRab>;
   if (kSmem > 48 * 1024) {
     const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (error != cudaSuccess) return error;
@@ -257,6 +281,12 @@ cudaError_t launch_fwd(const HstuAttnFwdParams& p, cudaStream_t stream) {
   if (blocks > 0x7fffffff || p.num_heads > 65535) return cudaErrorInvalidConfiguration;
   kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The forward with or without rab (a separate instantiation, so the kernel without rab is unchanged by it).
+template <class Traits>
+cudaError_t launch_fwd(const HstuAttnFwdParams& p, cudaStream_t stream) {
+  return p.rab != nullptr ? launch_fwd_kernel<Traits, true>(p, stream) : launch_fwd_kernel<Traits, false>(p, stream);
 }
 
 }  // namespace hstu_attn

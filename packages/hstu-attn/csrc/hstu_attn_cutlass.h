@@ -11,7 +11,7 @@
 extern "C" {
 #endif
 
-#define HSTU_ATTN_CUTLASS_ABI_VERSION 2
+#define HSTU_ATTN_CUTLASS_ABI_VERSION 3
 #define HSTU_ATTN_API __attribute__((visibility("default")))
 
 enum HstuAttnDtype { HSTU_ATTN_FP16 = 0, HSTU_ATTN_BF16 = 1 };
@@ -26,6 +26,9 @@ enum HstuAttnStatus {
 
 // Forward of jagged HSTU attention for one batch. Tensors are [L, H, D] with unit stride along D;
 // seq_offsets [B+1] and num_targets [B] (NULL: no targets) are int32 or int64 as the flags say.
+// rab (NULL: none) is the bias [B, H or 1, N, N] in the input dtype, indexed by in-sequence positions (query row,
+// key column) with unit stride along the key column, added to alpha * q k^T before SiLU; a rab shared by the heads
+// has rab_head_stride 0. Entries at invalid pairs are never used, entries past a sequence's end never read.
 typedef struct HstuAttnFwdParams {
   const void* q;
   const void* k;
@@ -33,10 +36,12 @@ typedef struct HstuAttnFwdParams {
   void* out;
   const void* seq_offsets;
   const void* num_targets;
+  const void* rab;
   int64_t q_row_stride, q_head_stride;
   int64_t k_row_stride, k_head_stride;
   int64_t v_row_stride, v_head_stride;
   int64_t o_row_stride, o_head_stride;
+  int64_t rab_batch_stride, rab_head_stride, rab_row_stride;
   int32_t num_sequences;
   int32_t num_heads;
   int32_t head_dim;
@@ -53,6 +58,10 @@ typedef struct HstuAttnFwdParams {
 
 // Backward for one batch: dq_accum [L, H, D] fp32 must be zero on entry (the kernel adds into it; the caller
 // casts it to the input dtype); dk, dv [L, H, D] in the input dtype are written for every token. Head dims 64, 128.
+// rab as in HstuAttnFwdParams. drab (NULL: not wanted) is rab's gradient, indexed like rab with unit stride along the
+// key column, zero on entry; the kernel writes only the valid pairs. drab_atomic = 0: drab is per head (any head
+// stride) in the input dtype and each valid pair's entry is stored once. drab_atomic = 1: drab is fp32, shared by the
+// heads (drab_head_stride 0), and every head adds its gradient with fp32 atomics (the caller casts it).
 typedef struct HstuAttnBwdParams {
   const void* q;
   const void* k;
@@ -63,6 +72,8 @@ typedef struct HstuAttnBwdParams {
   void* dv;
   const void* seq_offsets;
   const void* num_targets;
+  const void* rab;
+  void* drab;
   int64_t q_row_stride, q_head_stride;
   int64_t k_row_stride, k_head_stride;
   int64_t v_row_stride, v_head_stride;
@@ -70,6 +81,8 @@ typedef struct HstuAttnBwdParams {
   int64_t dq_row_stride, dq_head_stride;
   int64_t dk_row_stride, dk_head_stride;
   int64_t dv_row_stride, dv_head_stride;
+  int64_t rab_batch_stride, rab_head_stride, rab_row_stride;
+  int64_t drab_batch_stride, drab_head_stride, drab_row_stride;
   int32_t num_sequences;
   int32_t num_heads;
   int32_t head_dim;
@@ -80,6 +93,7 @@ typedef struct HstuAttnBwdParams {
   int32_t causal;
   int32_t contextual_seq_len;
   int32_t max_attn_len;  // 0 = unlimited
+  int32_t drab_atomic;   // see above
   float alpha;
   float inv_scaling;  // 1 / scaling_seqlen
 } HstuAttnBwdParams;

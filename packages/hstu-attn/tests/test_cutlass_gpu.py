@@ -2,7 +2,8 @@
 
 The forward and the backward (head dims 64 and 128; 256 and deterministic=True run the Triton backward) run the
 compiled kernels (`libhstu_attn_cutlass.so`), on every mask option, both offset dtypes, bf16 and fp16 (fp32 is
-refused with a message), odd lengths, length 1 and empty sequences. Errors are judged as in
+refused with a message), odd lengths, length 1 and empty sequences; with a materialized rab (per head or shared by
+the heads) the same, plus rab's gradient. Errors are judged as in
 test_hstu_triton.py: the kernel's error against the fp32 reference may exceed the error that rounding the inputs
 causes by at most 2x (relative L2) / 4x (relative max) the error of the reference run in the input dtype.
 Non-finite containment is tested as in test_hstu_nan_containment.py: an inf/nan at a token a row may not attend never
@@ -15,9 +16,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from hstu_attn import KernelBackend, hstu_attn_reference, hstu_attn_varlen_func
+from hstu_attn import KernelBackend, RelativeBias, hstu_attn_reference, hstu_attn_varlen_func
 from hstu_attn.cutlass import cutlass_available, hstu_attn_cutlass_backward, hstu_attn_cutlass_forward
-from hstu_attn.reference import hstu_attn_valid_mask
+from hstu_attn.reference import hstu_attn_reference_backward, hstu_attn_valid_mask
 
 pytestmark = [
     pytest.mark.gpu,
@@ -189,10 +190,11 @@ def test_backward_strided_heads_view_direct_call() -> None:
     packed = torch.randn(sum(lengths), heads, 4 * dim, device="cuda").to(torch.bfloat16)
     q, k, v, grad_out = packed.split(dim, dim=2)
     offsets = torch.tensor([0, 100, 100, 133], device="cuda")
-    dq, dk, dv = hstu_attn_cutlass_backward(
+    dq, dk, dv, drab = hstu_attn_cutlass_backward(
         grad_out, q, k, v, offsets, 100, alpha=0.125, scale=0.01, causal=True, num_targets=None,
         contextual_seq_len=0, max_attn_len=0,
     )  # fmt: skip
+    assert drab is None
     leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
     hstu_attn_reference(*leaves, offsets, 100, alpha=0.125, scaling_seqlen=100).backward(grad_out.float())
     for got, leaf in zip((dq, dk, dv), leaves):
@@ -324,6 +326,205 @@ def test_unsupported_inputs_raise_naming_why() -> None:
     with pytest.raises(NotImplementedError, match="Dqk == Dv in"):
         hstu_attn_varlen_func(q, k, v, offsets, 5, backend=KernelBackend.CUTLASS)
     q, k, v, offsets = _inputs((5, 3), 2, 64, torch.bfloat16)
-    rab = torch.zeros(2, 1, 5, 5, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="no rab or relative_bias"):
-        hstu_attn_varlen_func(q, k, v, offsets, 5, rab=rab, backend=KernelBackend.CUTLASS)
+    bias = RelativeBias(position_weights=torch.zeros(1, 9, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(NotImplementedError, match="no fused relative_bias"):
+        hstu_attn_varlen_func(q, k, v, offsets, 5, relative_bias=bias, backend=KernelBackend.CUTLASS)
+
+
+# ---- materialized rab [B, H or 1, N, N] ------------------------------------------------------------------------
+
+
+def _rab(lengths, heads, dtype, *, max_seq_len, seed, padding=float("nan")):
+    """A random rab of `heads` heads, with `padding` past each sequence's end (the kernels must never read it)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    rab = torch.randn(len(lengths), heads, max_seq_len, max_seq_len, device="cuda", generator=gen).to(dtype)
+    for b, n in enumerate(lengths):
+        rab[b, :, n:, :] = padding
+        rab[b, :, :, n:] = padding
+    return rab
+
+
+def _judge(name: str, got: Tensor, want: Tensor, low: Tensor) -> None:
+    """Kernel error against the fp32 reference within 2x (L2) / 4x (max) the bf16/fp16 reference's error."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"non-finite {name}"
+    low_max, low_l2 = _errors(low.float(), want)
+    err_max, err_l2 = _errors(got.float(), want)
+    assert err_l2 <= 2.0 * low_l2 + 1e-4, f"{name}: relative L2 error {err_l2:.3g} > 2 x {low_l2:.3g}"
+    assert err_max <= 4.0 * low_max + 1e-3, f"{name}: relative max error {err_max:.3g} > 4 x {low_max:.3g}"
+
+
+def _check_rab(lengths, *, rab_heads, heads=2, dim=64, dtype=torch.bfloat16, backward=True, **options):
+    """Forward (and backward with drab) of backend=CUTLASS with a rab, against the reference run in fp32 and in the
+    input dtype; rab holds NaN past each sequence's end, which must stay out (the reference zeroes those scores)."""
+    q, k, v, offsets = _inputs(lengths, heads, dim, dtype, seed=len(options) + dim + rab_heads)
+    max_seq_len = options.pop("max_seq_len", max(lengths, default=0))
+    targets = options.pop("targets", None)
+    num_targets = None if targets is None else torch.tensor(targets, device="cuda")
+    kwargs = dict(num_targets=num_targets, **options)
+    rab = _rab(lengths, rab_heads, dtype, max_seq_len=max_seq_len, seed=len(lengths) + rab_heads)
+    grad_out = torch.randn(q.shape, device="cuda").to(dtype)
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, rab)]
+    out = hstu_attn_varlen_func(
+        *leaves[:3], offsets, max_seq_len, rab=leaves[3], backend=KernelBackend.CUTLASS, **kwargs
+    )
+    assert out.dtype == dtype
+    want = hstu_attn_reference(q.float(), k.float(), v.float(), offsets, max_seq_len, rab=rab.float(), **kwargs)
+    low = hstu_attn_reference(q, k, v, offsets, max_seq_len, rab=rab, **kwargs)
+    _judge("out", out, want, low)
+    if not backward:
+        return
+    out.backward(grad_out)
+    want_grads = hstu_attn_reference_backward(
+        grad_out.float(), q.float(), k.float(), v.float(), offsets, max_seq_len, rab=rab.float(), **kwargs
+    )
+    low_grads = hstu_attn_reference_backward(grad_out, q, k, v, offsets, max_seq_len, rab=rab, **kwargs)
+    for name, leaf, w, lo in zip(("dq", "dk", "dv", "drab"), leaves, want_grads, low_grads):
+        assert leaf.grad.dtype == dtype, name
+        _judge(name, leaf.grad, w, lo)
+
+
+RAB_HEADS = {"shared": 1, "per_head": 2}
+
+
+@pytest.mark.parametrize("rab_heads", RAB_HEADS.values(), ids=RAB_HEADS.keys())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mask", MASKS.keys())
+def test_rab_forward_backward_match_reference(mask: str, dtype: torch.dtype, rab_heads: int) -> None:
+    """Every mask option (causal, targets, contextual, window, alpha/scaling), odd lengths, length 1 and empty
+    sequences; out, dq, dk, dv and drab (summed over heads for a shared rab)."""
+    options = dict(MASKS[mask])
+    if options.pop("targets", False):
+        options["targets"] = _targets(LENGTHS)
+    _check_rab(LENGTHS, rab_heads=rab_heads, dtype=dtype, **options)
+
+
+@pytest.mark.parametrize("rab_heads", [1, 3], ids=["shared", "per_head"])
+@pytest.mark.parametrize("dim", [64, 128, 256])  # 256: CUTLASS forward, Triton backward (with drab)
+def test_rab_head_dims(dim: int, rab_heads: int) -> None:
+    _check_rab(LENGTHS, rab_heads=rab_heads, heads=3, dim=dim, targets=_targets(LENGTHS), contextual_seq_len=3)
+
+
+def test_rab_single_tokens_empty_and_padded_batches() -> None:
+    _check_rab(LENGTHS, rab_heads=2, max_seq_len=600)  # rab padded beyond the longest sequence
+    _check_rab((1, 1, 1), rab_heads=1, heads=1)
+    _check_rab((0, 0), rab_heads=2)
+    _check_rab((0, 5, 0), rab_heads=1, heads=4, causal=False)
+
+
+def test_rab_long_jagged_batch() -> None:
+    gen = torch.Generator().manual_seed(6)
+    lengths = tuple(torch.randint(1, 1025, (3,), generator=gen).tolist())
+    _check_rab(lengths, rab_heads=1, heads=2, dim=128, targets=tuple(min(n, 9) for n in lengths), max_seq_len=1024)
+
+
+def test_rab_strided_and_expanded_views() -> None:
+    """A rab view with padded rows (row stride > N) and a per-head rab expanded from one head (head stride 0)
+    give what their contiguous copies give."""
+    lengths, heads, dim = (100, 0, 33), 2, 64
+    q, k, v, offsets = _inputs(lengths, heads, dim, torch.bfloat16, seed=11)
+    base = _rab(lengths, heads, torch.bfloat16, max_seq_len=128, seed=12)
+    views = {"strided": base[:, :, :100, :100], "expanded": base[:, :1, :100, :100].expand(-1, heads, -1, -1)}
+    grad_out = torch.randn(q.shape, device="cuda").to(torch.bfloat16)
+    for name, view in views.items():
+        results = []
+        for rab in (view, view.contiguous()):
+            # detach() keeps the view's strides (clone() would make it contiguous)
+            leaves = [*(t.clone().requires_grad_() for t in (q, k, v)), rab.detach().requires_grad_()]
+            out = hstu_attn_varlen_func(*leaves[:3], offsets, 100, rab=leaves[3], backend=KernelBackend.CUTLASS)
+            out.backward(grad_out)
+            results.append([out, *(leaf.grad for leaf in leaves)])
+        for got, want in zip(*results):
+            torch.testing.assert_close(got, want, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_rab_without_gradient_and_direct_call() -> None:
+    """rab that needs no gradient: dq, dk, dv as with one that does; the direct backward returns drab None then."""
+    lengths = (77, 0, 129)
+    q, k, v, offsets = _inputs(lengths, 2, 64, torch.float16, seed=13)
+    rab = _rab(lengths, 1, torch.float16, max_seq_len=129, seed=14)
+    grad_out = torch.randn(q.shape, device="cuda").to(torch.float16)
+    options = dict(alpha=0.125, scale=1 / 129, causal=True, num_targets=None, contextual_seq_len=0, max_attn_len=0)
+    dq, dk, dv, drab = hstu_attn_cutlass_backward(
+        grad_out, q, k, v, offsets, 129, rab=rab, rab_requires_grad=False, **options
+    )
+    assert drab is None
+    *with_rab_grad, drab = hstu_attn_cutlass_backward(grad_out, q, k, v, offsets, 129, rab=rab, **options)
+    assert drab is not None and drab.shape == rab.shape and drab.dtype == rab.dtype
+    for got, want in zip((dq, dk, dv), with_rab_grad):
+        torch.testing.assert_close(got, want)
+
+
+def _rab_poison_runs(poison_valid: bool, rab_heads: int, mask: str):
+    """One clean and one poisoned CUTLASS run (out, dq, dk, dv, drab as float on CPU) plus the reference's poisoned
+    forward and backward. Poison: nan/inf/-inf at invalid pairs of every sequence (and, with `poison_valid`, at one
+    valid pair (i, j) of one head)."""
+    options = _mask_options(mask)
+    lengths, heads, dim = LENGTHS, 2, 64
+    q, k, v, offsets = _inputs(lengths, heads, dim, torch.bfloat16, seed=21 + rab_heads)
+    max_seq_len = max(lengths)
+    rab = _rab(lengths, rab_heads, torch.bfloat16, max_seq_len=max_seq_len, seed=22, padding=float("inf"))
+    grad_out = torch.randn(q.shape, device="cuda").to(torch.bfloat16)
+    poisoned = rab.clone()
+    targets = options.get("num_targets") or (0,) * len(lengths)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        valid = hstu_attn_valid_mask(
+            n, causal=options.get("causal", True), num_targets=targets[b],
+            contextual_seq_len=options.get("contextual_seq_len", 0), max_attn_len=options.get("max_attn_len", 0),
+        ).cuda()  # fmt: skip
+        block = poisoned[b, :, :n, :n]
+        block[:, ~valid] = NON_FINITE[b % len(NON_FINITE)]
+        if poison_valid and b == 0:
+            i, j = valid.nonzero()[len(valid.nonzero()) // 2].tolist()
+            block[0, i, j] = float("nan")
+    kwargs = dict(options)
+    if kwargs.get("num_targets") is not None:
+        kwargs["num_targets"] = torch.tensor(kwargs["num_targets"], device="cuda")
+
+    def run(bias):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = hstu_attn_varlen_func(
+            *leaves[:3], offsets, max_seq_len, rab=leaves[3], backend=KernelBackend.CUTLASS, **kwargs
+        )
+        out.backward(grad_out)
+        return [t.detach().float().cpu() for t in (out, *(leaf.grad for leaf in leaves))]
+
+    reference = [
+        hstu_attn_reference(q.float(), k.float(), v.float(), offsets, max_seq_len, rab=poisoned.float(), **kwargs),
+        *hstu_attn_reference_backward(
+            grad_out.float(), q.float(), k.float(), v.float(), offsets, max_seq_len, rab=poisoned.float(), **kwargs
+        )[:4],
+    ]
+    return run(rab), run(poisoned), [t.cpu() for t in reference]
+
+
+RESULTS = ("out", "dq", "dk", "dv", "drab")
+# bf16 results compared as float: dq (and a shared rab's drab) are summed with fp32 atomics in no fixed order, so two
+# runs may round to neighbouring bf16 values.
+BF16_ATOMICS = dict(rtol=1.6e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("rab_heads", RAB_HEADS.values(), ids=RAB_HEADS.keys())
+@pytest.mark.parametrize("mask", ["causal", "targets_noncausal", "everything_causal", "window_noncausal"])
+def test_rab_non_finite_at_invalid_pairs_stays_out(mask: str, rab_heads: int) -> None:
+    """inf/nan in rab at every invalid pair and past every sequence's end: every result equals the clean run's."""
+    clean, poisoned, _ = _rab_poison_runs(False, rab_heads, mask)
+    for name, got, want in zip(RESULTS, poisoned, clean):
+        assert torch.isfinite(got).all(), f"{name}: a non-finite rab entry of an invalid pair leaked"
+        torch.testing.assert_close(got, want, **BF16_ATOMICS, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("rab_heads", RAB_HEADS.values(), ids=RAB_HEADS.keys())
+@pytest.mark.parametrize("mask", ["causal", "everything_noncausal"])
+def test_rab_nan_at_a_valid_pair_reaches_what_the_reference_says(mask: str, rab_heads: int) -> None:
+    """A NaN in rab at one valid pair (i, j): out and dq of row i, dk and dv of key j and drab[i, j] are NaN
+    exactly where the reference's are; the finite entries match the clean run's."""
+    clean, poisoned, reference = _rab_poison_runs(True, rab_heads, mask)
+    for name, got, want, ref in zip(RESULTS, poisoned, clean, reference):
+        assert ref.isnan().any(), f"{name}: the reference has no NaN (bad poison)"
+        assert torch.equal(got.isfinite(), ref.isfinite()), f"{name}: non-finite pattern differs from the reference's"
+        finite = ref.isfinite()
+        torch.testing.assert_close(got[finite], want[finite], **BF16_ATOMICS, msg=lambda m, name=name: f"{name}: {m}")

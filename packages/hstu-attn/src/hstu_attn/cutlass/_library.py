@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 LIBRARY_NAME = "libhstu_attn_cutlass.so"
 LIBRARY_ENV = "HSTU_ATTN_CUTLASS_LIB"
 BUILD_HINT = (
@@ -32,7 +32,9 @@ class FwdParams(ctypes.Structure):
         ("out", ctypes.c_void_p),
         ("seq_offsets", ctypes.c_void_p),
         ("num_targets", ctypes.c_void_p),
+        ("rab", ctypes.c_void_p),
         *((name, ctypes.c_int64) for t in "qkvo" for name in (f"{t}_row_stride", f"{t}_head_stride")),
+        *((f"rab_{kind}_stride", ctypes.c_int64) for kind in ("batch", "head", "row")),
         ("num_sequences", ctypes.c_int32),
         ("num_heads", ctypes.c_int32),
         ("head_dim", ctypes.c_int32),
@@ -54,12 +56,13 @@ class BwdParams(ctypes.Structure):
     _fields_ = [
         *((name, ctypes.c_void_p) for name in ("q", "k", "v", "dout")),
         ("dq_accum", ctypes.c_void_p),
-        *((name, ctypes.c_void_p) for name in ("dk", "dv", "seq_offsets", "num_targets")),
+        *((name, ctypes.c_void_p) for name in ("dk", "dv", "seq_offsets", "num_targets", "rab", "drab")),
         *(
             (name, ctypes.c_int64)
             for t in ("q", "k", "v", "do", "dq", "dk", "dv")
             for name in (f"{t}_row_stride", f"{t}_head_stride")
         ),
+        *((f"{t}_{kind}_stride", ctypes.c_int64) for t in ("rab", "drab") for kind in ("batch", "head", "row")),
         *(
             (name, ctypes.c_int32)
             for name in (
@@ -73,6 +76,7 @@ class BwdParams(ctypes.Structure):
                 "causal",
                 "contextual_seq_len",
                 "max_attn_len",
+                "drab_atomic",
             )
         ),
         ("alpha", ctypes.c_float),

@@ -31,7 +31,10 @@ def cutlass_available() -> bool:
 
 
 def cutlass_unsupported(q: Tensor, v: Tensor, *, has_rab: bool, has_relative_bias: bool) -> str | None:
-    """Why the CUTLASS backend cannot take these inputs (a sentence), or None when it can."""
+    """Why the CUTLASS backend cannot take these inputs (a sentence), or None when it can.
+
+    A materialized `rab` is supported (`has_rab` never makes it refuse); the fused `relative_bias` is not.
+    """
     library = _library.load()
     if isinstance(library, str):
         return library
@@ -39,8 +42,11 @@ def cutlass_unsupported(q: Tensor, v: Tensor, *, has_rab: bool, has_relative_bia
         return f"the CUTLASS backend supports bfloat16 and float16; got {q.dtype}"
     if q.shape[2] != v.shape[2] or q.shape[2] not in CUTLASS_HEAD_DIMS:
         return f"the CUTLASS backend supports Dqk == Dv in {CUTLASS_HEAD_DIMS}; got Dqk={q.shape[2]}, Dv={v.shape[2]}"
-    if has_rab or has_relative_bias:
-        return "the CUTLASS backend has no rab or relative_bias yet; use backend=KernelBackend.TRITON"
+    if has_relative_bias:
+        return (
+            "the CUTLASS backend has no fused relative_bias yet; use backend=KernelBackend.TRITON, or materialize "
+            "the bias as rab [B, H or 1, N, N], which the CUTLASS backend takes"
+        )
     if not q.is_cuda:
         return f"the CUTLASS backend needs CUDA tensors; got {q.device}"
     return None
@@ -60,7 +66,37 @@ def _check_same_layout(**tensors: Tensor) -> None:
 
 
 def _rows(x: Tensor) -> Tensor:
-    return x if x.stride(2) == 1 else x.contiguous()
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_rab(rab: Tensor, q: Tensor, num_sequences: int, max_seq_len: int) -> None:
+    """rab must be `[B, H or 1, >= N, >= N]` in q's dtype on q's device: say what differs."""
+    heads = q.shape[1]
+    if rab.dtype != q.dtype:
+        raise ValueError(f"rab must have q's dtype {q.dtype}; got {rab.dtype}")
+    if (
+        rab.dim() != 4
+        or rab.shape[0] != num_sequences
+        or rab.shape[1] not in (1, heads)
+        or min(rab.shape[2:]) < max_seq_len
+    ):
+        raise ValueError(
+            f"rab must be [B={num_sequences}, H={heads} or 1, >={max_seq_len}, >={max_seq_len}]; got {tuple(rab.shape)}"
+        )
+    if rab.device != q.device:
+        raise ValueError(f"rab must be on q's device {q.device}; got {rab.device}")
+
+
+def _bias_strides(name: str, bias: Tensor | None) -> dict[str, int]:
+    """`{name}_batch/head/row_stride` of a `[B, H or 1, N, N]` bias (head stride 0 when shared by the heads)."""
+    if bias is None:
+        return {f"{name}_{kind}_stride": 0 for kind in ("batch", "head", "row")}
+    head_stride = 0 if bias.shape[1] == 1 else bias.stride(1)
+    return {
+        f"{name}_batch_stride": bias.stride(0),
+        f"{name}_head_stride": head_stride,
+        f"{name}_row_stride": bias.stride(2),
+    }
 
 
 def hstu_attn_cutlass_forward(
@@ -76,22 +112,28 @@ def hstu_attn_cutlass_forward(
     num_targets: Tensor | None,
     contextual_seq_len: int,
     max_attn_len: int,
+    rab: Tensor | None = None,
 ) -> Tensor:
     """Forward on the compiled kernels. q, k, v `[L, H, D]` (bf16/fp16, D in 64/128/256, one CUDA device),
-    `seq_offsets [B+1]`, `num_targets [B]` or None (int32/int64, already validated); `scale` = 1 / scaling_seqlen.
+    `seq_offsets [B+1]`, `num_targets [B]` or None (int32/int64, already validated); `scale` = 1 / scaling_seqlen;
+    `rab [B, H or 1, >= N, >= N]` in q's dtype (indexed by in-sequence positions, added to alpha q k^T) or None.
 
     Returns `[L, H, D]` in q's dtype.
     """
     _check_same_layout(q=q, k=k, v=v)
+    if rab is not None:
+        _check_rab(rab, q, seq_offsets.numel() - 1, max_seq_len)
     library = _library.load()
     if isinstance(library, str):
         raise NotImplementedError(library)
     q, k, v = _rows(q), _rows(k), _rows(v)
+    rab = None if rab is None else _rows(rab)
     seq_offsets = seq_offsets.contiguous()
     num_targets = None if num_targets is None else num_targets.contiguous()
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     params = _library.FwdParams(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+        rab=None if rab is None else rab.data_ptr(), **_bias_strides("rab", rab),
         **_strides(q=q, k=k, v=v, o=out),
         **_common_fields(q, seq_offsets, num_targets, max_seq_len, alpha, scale, causal, contextual_seq_len,
                          max_attn_len),
@@ -115,16 +157,27 @@ def hstu_attn_cutlass_backward(
     num_targets: Tensor | None,
     contextual_seq_len: int,
     max_attn_len: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward on the compiled kernels: `(dq, dk, dv)`, each `[L, H, D]` in q's dtype. Takes what
+    rab: Tensor | None = None,
+    rab_requires_grad: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Backward on the compiled kernels: `(dq, dk, dv, drab)`, dq/dk/dv `[L, H, D]` in q's dtype. Takes what
     :func:`hstu_attn_cutlass_forward` takes plus `grad_out [L, H, D]`; D must be in `CUTLASS_BACKWARD_HEAD_DIMS`.
     dq is summed in fp32 (atomics over key blocks) and cast once at the end.
+
+    drab is rab's gradient, shaped like rab in its dtype (zero at invalid pairs and past each sequence's end), or None
+    without rab or with `rab_requires_grad=False`. A per-head rab's gradient is stored by the kernel once per entry; a
+    rab shared by the heads (`[B, 1, N, N]`, H > 1) gets the sum over heads, added with fp32 atomics into an fp32
+    `[B, 1, N, N]` buffer (the Triton backend's non-deterministic scheme; so its bits may vary between runs) and cast.
     """
     _check_same_layout(q=q, k=k, v=v, grad_out=grad_out)
+    if rab is not None:
+        _check_rab(rab, q, seq_offsets.numel() - 1, max_seq_len)
     library = _library.load()
     if isinstance(library, str):
         raise NotImplementedError(library)
     grad_out, q, k, v = _rows(grad_out), _rows(q), _rows(k), _rows(v)
+    rab = None if rab is None else _rows(rab)
+    drab_target, drab_atomic = _rab_gradient_target(rab if rab_requires_grad else None, q.shape[1])
     seq_offsets = seq_offsets.contiguous()
     num_targets = None if num_targets is None else num_targets.contiguous()
     dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -132,13 +185,27 @@ def hstu_attn_cutlass_backward(
     params = _library.BwdParams(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), dout=grad_out.data_ptr(), dq_accum=dq_accum.data_ptr(),
         dk=dk.data_ptr(), dv=dv.data_ptr(),
+        rab=None if rab is None else rab.data_ptr(), **_bias_strides("rab", rab),
+        drab=None if drab_target is None else drab_target.data_ptr(), **_bias_strides("drab", drab_target),
+        drab_atomic=drab_atomic,
         **_strides(q=q, k=k, v=v, do=grad_out, dq=dq_accum, dk=dk, dv=dv),
         **_common_fields(q, seq_offsets, num_targets, max_seq_len, alpha, scale, causal, contextual_seq_len,
                          max_attn_len),
     )  # fmt: skip
     if q.shape[0] > 0:
         _launch(library, "backward", params, q.device)
-    return dq_accum.to(q.dtype), dk, dv
+    drab = None if drab_target is None or rab is None else drab_target.to(rab.dtype)
+    return dq_accum.to(q.dtype), dk, dv, drab
+
+
+def _rab_gradient_target(rab: Tensor | None, num_heads: int) -> tuple[Tensor | None, bool]:
+    """The zeroed buffer the backward kernel writes rab's gradient into, and whether it adds with atomics: rab's
+    shape and dtype for a per-head rab (or H == 1), else fp32 `[B, 1, N, N]` that every head adds into."""
+    if rab is None:
+        return None, False
+    if rab.shape[1] == num_heads:
+        return torch.zeros(rab.shape, dtype=rab.dtype, device=rab.device), False
+    return torch.zeros(rab.shape, dtype=torch.float32, device=rab.device), True
 
 
 def _strides(**tensors: Tensor) -> dict[str, int]:
