@@ -127,6 +127,7 @@ def main(mode: str, out_dir: Path) -> None:
     else:
         assert gr_checkpoint.load(out_dir / "ckpt", model, dense_optimizer) == {"step": 3}
     (out_dir / f"{mode}.rank{rank}.json").write_text(json.dumps(_observe(model, dense_optimizer)))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -64,6 +64,7 @@ def main(out_dir: Path) -> None:
     }
     if rank == 0:
         torch.save(expected, out_dir / "expected.pt")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -106,6 +106,7 @@ def main(mode: str, out_dir: Path) -> None:
             model(_kjt(keys)).backward()
         gr_checkpoint.save(out_dir / "ckpt", model)
         record = _observe(_table(model))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
     else:
         rank = 0
