@@ -83,7 +83,7 @@ def hstu_attn_varlen_func(
     Returns:
         `[L, H, Dv]` in q's dtype; differentiable w.r.t. q, k, v, rab and the relative-bias tables.
     """
-    backend = KernelBackend(backend)
+    backend = backend if isinstance(backend, KernelBackend) else KernelBackend(backend)
     check_arguments(
         q, k, v, seq_offsets, max_seq_len, alpha=alpha, num_targets=num_targets,
         contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, scaling_seqlen=scaling_seqlen,
