@@ -3,7 +3,8 @@ events, reach a stated HR@10 on ML-1M (users 1-2999) within a few epochs on the 
 
 Without the fixes of issue 26 (token embeddings x sqrt(d); the HSTU's UVQK drawn from N(0, 0.02^2)) the same runs
 stay near the popularity level. Calibration (seeds 1-3, CPU, README "ML-1M retrieval: learning speed"): HSTU after
-72 steps .092-.102 with the position table at std 0.1 (.084-.086 at 0.1414; without the scaling .034-.051, with
+72 steps .091-.104 with the position table at std 0.1, divisor 211, bias tables from N(0, .02^2)
+(.084-.086 at 0.1414; without the scaling .034-.051, with
 Xavier UVQK .031-.043); SASRec after 144 steps
 .100-.115 (without the scaling .034-.041). The thresholds sit between.
 """
