@@ -169,6 +169,15 @@ def main(out_dir: Path) -> None:
         report["bad_heads_error"] = None
     except ValueError as error:
         report["bad_heads_error"] = str(error)
+    for name, overrides in (
+        ("plain_norm_error", dict(layer_norm_affine=False)),
+        ("next_token_error", dict(relative_bias=RelativeBiasConfig(query_time="next_token"))),
+    ):
+        try:
+            TensorParallelHSTULayer(_config(**overrides))
+            report[name] = None
+        except NotImplementedError as error:
+            report[name] = str(error)
     gr_parallel.destroy_global_state()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
 

@@ -77,6 +77,12 @@ def test_head_count_not_divisible_by_tp_size_is_a_clear_error(reports: list[dict
         assert "num_attention_heads=3 is not divisible by the tensor-parallel size 2" in report["bad_heads_error"]
 
 
+def test_options_without_a_tensor_parallel_form_are_refused_when_the_layer_is_built(reports: list[dict]) -> None:
+    for report in reports:
+        assert "layer_norm_affine=False / uvqk_bias=False are not implemented" in report["plain_norm_error"]
+        assert "query_time='next_token' is not implemented with tensor parallelism" in report["next_token_error"]
+
+
 def test_data_and_tensor_parallel_model_matches_one_process(tmp_path: Path) -> None:
     """distribute() + lookup_split_over_tensor_parallel + TP HSTU layers + clip_grad_norm_ on 2 DP x 2 TP ranks:
     losses, clipped norms, dense parameters (TP shards reassembled) and the row-sharded item table after 3 steps

@@ -206,6 +206,11 @@ class TensorParallelHSTULayer(HSTULayer):
                 "layer_norm_affine=False / uvqk_bias=False are not implemented with tensor parallelism (its split "
                 "layer norm and column-parallel UVQK expect a weight and bias); use the defaults or TP size 1"
             )
+        if config.relative_bias is not None and config.relative_bias.query_time == "next_token":
+            raise NotImplementedError(
+                "relative_bias.query_time='next_token' is not implemented with tensor parallelism (its dense bias "
+                "would need its table gradients summed over the group); use query_time='own' or TP size 1"
+            )
         if config.num_attention_heads % size:
             raise ValueError(
                 f"num_attention_heads={config.num_attention_heads} is not divisible by the tensor-parallel size "
@@ -217,14 +222,6 @@ class TensorParallelHSTULayer(HSTULayer):
         self.attention_norm = TensorParallelLayerNorm.from_layer_norm(self.attention_norm, group=group)
         self.output = RowParallelLinear.from_linear(self.output, group=group)
         self.group = group
-
-    def _attention_bias(self, sequence: HSTUSequence, dtype: torch.dtype) -> tuple[Tensor | None, RelativeBias | None]:
-        if self.relative_bias is not None and self.relative_bias.config.query_time == "next_token":
-            raise NotImplementedError(
-                "relative_bias.query_time='next_token' is not implemented with tensor parallelism (its dense bias "
-                "would need its table gradients summed over the group); use query_time='own' or TP size 1"
-            )
-        return super()._attention_bias(sequence, dtype)
 
     def _relative_bias(self, timestamps: Tensor | None) -> RelativeBias | None:
         bias = super()._relative_bias(timestamps)

@@ -194,7 +194,7 @@ def hstu_attn_cutlass_backward(
     )  # fmt: skip
     if q.shape[0] > 0:
         _launch(library, "backward", params, q.device)
-    drab = None if drab_target is None or rab is None else drab_target.to(rab.dtype)
+    drab = None if drab_target is None else drab_target.to(q.dtype)  # rab has q's dtype (_check_rab)
     return dq_accum.to(q.dtype), dk, dv, drab
 
 
