@@ -4,7 +4,9 @@ Two trainings see the same batches, the second with every batch shuffled (each i
 gradient weight), on a table small enough to evict; in deterministic mode the stored keys, slots,
 embeddings, optimizer states and scores must be bit-identical. CPU: the torch index and the Triton
 index under the interpreter (tiny sizes); GPU (``-m gpu``): the Triton index on CUDA at larger sizes,
-twice in the same order and once shuffled.
+twice in the same order and once shuffled. With an admission strategy, the admission counter's index
+(:class:`~dynamicemb.admission.KVCounter`) follows the same switch: the admitted keys and the counter's
+keys, slots and counts must be bit-identical too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dynamicemb import (
     DynamicEmbOptimizerArgs,
     DynamicEmbOptimizerType,
     DynamicEmbTableOptions,
+    FrequencyAdmissionStrategy,
+    KVCounter,
     dynamic_embedding_lookup,
 )
 from dynamicemb.deterministic import ordered_segment_sum
@@ -176,6 +180,99 @@ def test_index_placement_ignores_key_order(backend: str) -> None:
         exported.append(table.export_batch(0, table.capacity))
     for a, b in zip(*exported):
         assert torch.equal(a, b)
+
+
+def _admission_table(device: torch.device, backend: str, deterministic: bool, size: int) -> DynamicEmbeddingTable:
+    """A table admitting a key at its 2nd sighting; its counter has ``size`` slots (the table's capacity)."""
+    options = DynamicEmbTableOptions(
+        initializer_args=DynamicEmbInitializerArgs(mode=DynamicEmbInitializerMode.NORMAL, std_dev=0.05),
+        max_capacity=size,
+        bucket_capacity=16,
+        score_strategy=DynamicEmbScoreStrategy.STEP,
+        admit_strategy=FrequencyAdmissionStrategy(2),
+        deterministic=deterministic,
+        global_hbm_for_values=1 << 30,
+    )
+    optimizer = DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.SGD, learning_rate=0.01)
+    return DynamicEmbeddingTable(
+        name="t", dim=8, num_embeddings=size, options=options, optimizer=optimizer, device=device, hash_backend=backend
+    )
+
+
+def _counter_state(table: DynamicEmbeddingTable) -> dict[str, torch.Tensor]:
+    """The counter's keys, slots and counts in slot order, and the keys the table admitted (slot order)."""
+    counter = table.counter
+    assert isinstance(counter, KVCounter)
+    keys, slots, _ = counter.index.export_batch(0, counter.index.capacity)
+    admitted, _, _ = table.store.index.export_batch(0, table.store.index.capacity)
+    return {"counted_keys": keys, "counter_slots": slots, "counts": counter.counts[slots], "admitted": admitted}
+
+
+def _admission_runs(
+    device: torch.device, backend: str, size: int, batches: list[tuple], shuffles: tuple
+) -> dict[str, torch.Tensor]:
+    """Train a fresh deterministic admission table once per entry of ``shuffles`` (a shuffle seed or
+    ``None``), assert the :func:`_counter_state` of every run equals the first one's, and return it."""
+    runs = []
+    for shuffle in shuffles:
+        table = _admission_table(device, backend, True, size)
+        assert table.counter.index.deterministic is True, "the counter's index must follow the table's switch"
+        _train(table, batches, shuffle_seed=shuffle)
+        runs.append(_counter_state(table))
+    for other in runs[1:]:
+        for name in runs[0]:
+            assert torch.equal(runs[0][name], other[name]), f"{name} differ between the runs"
+    return runs[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_admission_counter_ignores_the_order_of_ids(backend: str) -> None:
+    """Shuffled duplicates, a counter too small for the keys it sees (full buckets forget their lowest
+    counts): the same admitted keys, and the same counted keys in the same slots with the same counts."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    cpu = torch.device("cpu")
+    batches = _batches(cpu, steps=3, ids=96, distinct=90, dim=8)
+    first = _admission_runs(cpu, backend, 64, batches, shuffles=(None, 10, 20))
+    seen = torch.cat([ids for ids, _ in batches]).unique().numel()
+    admitted, counted = first["admitted"].numel(), first["counted_keys"].numel()
+    assert 0 < admitted < seen, "some keys should be admitted, not all"
+    assert counted > 0 and admitted + counted < seen, "the counter should hold keys and have forgotten some"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_kv_counter_ignores_the_order_of_keys(backend: str) -> None:
+    """A deterministic counter given the same unique keys and increments in different orders (tied
+    counts competing for full buckets) keeps the same keys in the same slots with the same counts."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(0)
+    calls = [(torch.randperm(200, generator=g)[:80] * 13, torch.randint(1, 3, (80,), generator=g)) for _ in range(3)]
+    states = []
+    for shuffle in (None, 1, 2):
+        counter = KVCounter(32, 16, backend=backend, deterministic=True)
+        accumulated = []
+        for i, (keys, increments) in enumerate(calls):
+            order = torch.arange(80)
+            if shuffle is not None:
+                order = torch.randperm(80, generator=torch.Generator().manual_seed(shuffle + i))
+            back = torch.empty_like(order)
+            back[order] = torch.arange(80)
+            accumulated.append(counter.add(keys[order], increments[order])[back])
+        keys, slots, _ = counter.index.export_batch(0, counter.index.capacity)
+        states.append((keys, slots, counter.counts[slots], torch.cat(accumulated)))
+    assert states[0][0].numel() == 32, "the counter should be full"
+    for other in states[1:]:
+        for a, b in zip(states[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_admission_counter_runs_are_bit_identical() -> None:
+    cuda = torch.device("cuda")
+    batches = _batches(cuda, steps=4, ids=200_000, distinct=150_000, dim=8)  # 150K keys, a 64K-slot counter
+    first = _admission_runs(cuda, "auto", 1 << 16, batches, shuffles=(None, None, 10))
+    assert first["admitted"].numel() > 0 and first["counted_keys"].numel() > 0
 
 
 @pytest.mark.gpu

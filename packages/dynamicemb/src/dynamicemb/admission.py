@@ -39,10 +39,24 @@ class Counter(ABC):
 class KVCounter(Counter):
     """A bucketed hash table of counts with a fixed capacity; a full bucket forgets its lowest count.
 
-    ``capacity`` slots on ``device`` (one int64 count per slot beside the index).
+    ``capacity`` slots on ``device`` (one int64 count per slot beside the index). ``backend``: the
+    index implementation (:func:`~dynamicemb.hash_index.create_hash_table`). ``deterministic``: the
+    index's placement mode (:mod:`dynamicemb.deterministic`; ``None`` follows
+    ``torch.are_deterministic_algorithms_enabled()``): when on, which keys keep a count when buckets
+    are full, and their counts, depend only on the counter and the set of keys of each call, not on
+    their order or on thread scheduling. A table with an admission strategy creates its counter with
+    its own ``deterministic`` option and hash backend.
     """
 
-    def __init__(self, capacity: int, bucket_capacity: int = 128, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        bucket_capacity: int = 128,
+        device: torch.device | str | None = None,
+        *,
+        backend: str = "auto",
+        deterministic: bool | None = None,
+    ) -> None:
         self.index = create_hash_table(
             init_capacity=capacity,
             max_capacity=capacity,
@@ -50,6 +64,8 @@ class KVCounter(Counter):
             max_load_factor=1.0,
             score_strategy=DynamicEmbScoreStrategy.CUSTOMIZED,
             device=device,
+            backend=backend,
+            deterministic=deterministic,
         )
         self.device = self.index.device
         self.counts = torch.zeros(self.index.capacity, dtype=torch.int64, device=self.device)

@@ -117,7 +117,11 @@ class DynamicEmbeddingTable:
         self.rejected_initializer = self.initializer
         if self.admission is not None:
             self.counter = options.admission_counter or KVCounter(
-                self.max_capacity, options.bucket_capacity, device=self.device
+                self.max_capacity,
+                options.bucket_capacity,
+                device=self.device,
+                backend=hash_backend,
+                deterministic=options.deterministic,
             )
             rejected_args = self.admission.initializer_args()
             if rejected_args is not None:
