@@ -4,7 +4,8 @@
 # alternating (none, overlap, none, overlap) so drift of the machine falls on both. Everything lands in $OUT.
 #   run(command="bash tools/gpu/gr_train_pipeline.sh", carry=[".gpu-wheels"])
 # STEPS sets train.max_steps (default 300), ROUNDS the rounds (default 2), TEST_TIMEOUT_S the tests' limit
-# (default 150); COMMIT names the commit measured.
+# (default 150); WARMUP_STEPS (default 20, 0 = none) an untimed run first, so JIT compilation lands on neither
+# mode; COMMIT names the commit measured.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/gr-train-pipeline}
@@ -37,6 +38,12 @@ result = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().
 print(json.dumps(rows))
 PY
 }
+if [ "${WARMUP_STEPS:-20}" -gt 0 ]; then  # untimed: compiles the Triton kernels into the cache the timed runs share
+  echo "== gr-train warm-up (${WARMUP_STEPS:-20} steps, not recorded)"
+  timeout 150 python3 -m gr_models.cli --config "$config" device=cuda parallel.pipeline=none \
+    train.max_steps="${WARMUP_STEPS:-20}" train.eval_every=100000 output_dir="$out/warmup" > "$out/train-warmup.log" 2>&1 \
+    || tail -20 "$out/train-warmup.log"
+fi
 for round in $(seq 1 "${ROUNDS:-2}"); do
   for mode in none overlap; do
     echo "== gr-train pipeline=$mode (round $round)"
