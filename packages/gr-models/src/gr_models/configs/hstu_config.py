@@ -120,6 +120,13 @@ class HSTUConfig:
     float16 through autocast with float32 master weights). `layer_norm_affine=False` gives both layer norms of a
     layer no weight and bias, and `uvqk_bias=False` gives the UVQK projection no bias, as in the HSTU paper's public
     code (both on by default).
+
+    `fused_norm_gate` picks how a layer computes `dropout(LayerNorm(attn) * u)` after attention: True runs
+    `hstu_attn.norm_gate.layer_norm_gate` (one Triton kernel forward and one backward; needs CUDA tensors, or CPU
+    under `TRITON_INTERPRET=1`, else the forward raises), False the plain PyTorch ops, None (the default) the fused
+    kernel for CUDA inputs when Triton imports and the plain ops otherwise. The two compute the same function (the
+    fused one rounds once to the compute dtype; its dropout mask comes from its own Philox draw, so with dropout the
+    masks differ from the plain path's for the same seed). `TensorParallelHSTULayer` always uses the plain ops.
     """
 
     hidden_size: int
@@ -141,6 +148,7 @@ class HSTUConfig:
     uvqk_init_std: float | None = None
     layer_norm_affine: bool = True
     uvqk_bias: bool = True
+    fused_norm_gate: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "kv_channels", "num_attention_heads", "num_layers"):
@@ -159,6 +167,8 @@ class HSTUConfig:
             raise ValueError(f"scaling_seqlen must be >= 1 or None, got {self.scaling_seqlen}")
         if not isinstance(self.kernel_backend, KernelBackend):
             raise TypeError(f"kernel_backend must be a hstu_attn.KernelBackend, got {self.kernel_backend!r}")
+        if not (self.fused_norm_gate is None or isinstance(self.fused_norm_gate, bool)):
+            raise ValueError(f"fused_norm_gate must be True, False or None (auto), got {self.fused_norm_gate!r}")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -205,6 +215,7 @@ def get_hstu_config(
     uvqk_init_std: float | None = None,
     layer_norm_affine: bool = True,
     uvqk_bias: bool = True,
+    fused_norm_gate: bool | None = None,
 ) -> HSTUConfig:
     """Build an `HSTUConfig`.
 
@@ -233,4 +244,5 @@ def get_hstu_config(
         uvqk_init_std=uvqk_init_std,
         layer_norm_affine=layer_norm_affine,
         uvqk_bias=uvqk_bias,
+        fused_norm_gate=fused_norm_gate,
     )

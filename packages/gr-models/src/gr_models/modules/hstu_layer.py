@@ -6,6 +6,9 @@ attn     = hstu_attention(q, k, v)                            # [L, H * kv_chann
 y        = Dropout(LayerNorm(attn) * u) @ W_o + b_o
 out      = x + y
 
+`HSTUConfig.fused_norm_gate` runs `Dropout(LayerNorm(attn) * u)` as one Triton kernel (`hstu_attn.norm_gate`) on
+CUDA inputs; the plain PyTorch ops otherwise.
+
 `TensorParallelHSTULayer` splits the heads across the tensor-parallel group (`build_hstu_layer` picks it when
 that group has more than one rank).
 """
@@ -36,6 +39,8 @@ from gr_parallel.tensor_parallel import (
     fork_tensor_parallel_rng,
 )
 from hstu_attn import RelativeBias, hstu_attn_varlen_func
+from hstu_attn.norm_gate import MAX_WIDTH as NORM_GATE_MAX_WIDTH
+from hstu_attn.norm_gate import layer_norm_gate, layer_norm_gate_supported
 from hstu_attn.relative_bias import bucketize_time_delta
 
 
@@ -161,14 +166,35 @@ class HSTULayer(nn.Module):
             relative_bias=relative_bias,
             backend=self.config.kernel_backend,
         ).reshape(-1, width)
+        return _residual_add(x, self.output(self._norm_gate(attn, u, dtype)))
+
+    def _norm_gate(self, attn: Tensor, u: Tensor, dtype: torch.dtype) -> Tensor:
+        """`Dropout(LayerNorm(attn) * u)` `[L, H * kv_channels]` in `dtype`: fused or plain, see `fused_norm_gate`."""
+        if self._use_fused_norm_gate(attn, u, dtype):
+            norm = self.attention_norm
+            return layer_norm_gate(attn, u, norm.weight, norm.bias, norm.eps, self.config.dropout, self.training)
         normed_attn = self._normalize(self.attention_norm, attn, dtype)
-        if recompute:
+        if self.config.recompute_cheap_activations:
             with recompute_in_backward(normed_attn, lambda: self._normalize(self.attention_norm, attn, dtype)):
                 gated = normed_attn * u
         else:
             gated = normed_attn * u
-        gated = self._dropout(gated)
-        return _residual_add(x, self.output(gated))
+        return self._dropout(gated)
+
+    def _use_fused_norm_gate(self, attn: Tensor, u: Tensor, dtype: torch.dtype) -> bool:
+        """`config.fused_norm_gate`: True (the kernel must run here), False, or None (CUDA inputs it supports)."""
+        switch = self.config.fused_norm_gate
+        if switch is False or (switch is None and not attn.is_cuda):
+            return False
+        supported = attn.dtype == dtype and layer_norm_gate_supported(attn, u)
+        if switch and not supported:
+            raise ValueError(
+                f"fused_norm_gate=True, but layer_norm_gate does not run on attn {attn.dtype} / u {u.dtype} "
+                f"(compute dtype {dtype}) of width {attn.shape[-1]} on {attn.device}: it needs CUDA tensors (or "
+                "TRITON_INTERPRET=1 on CPU), Triton, float32/bfloat16/float16 and width <= "
+                f"{NORM_GATE_MAX_WIDTH}; set fused_norm_gate to None or False"
+            )
+        return supported
 
     def _attention_bias(self, sequence: HSTUSequence, dtype: torch.dtype) -> tuple[Tensor | None, RelativeBias | None]:
         """(dense `rab`, fused `RelativeBias`) for the attention call: at most one of them, or neither."""
@@ -191,7 +217,8 @@ class TensorParallelHSTULayer(HSTULayer):
     all heads (statistics all-reduced; weight and bias split by heads), and the output projection is row-parallel
     (all-reduced output, replicated bias). The input LayerNorm and the relative-bias tables are replicated; the
     tables' gradients, partial per rank, are all-reduced in backward. Dropout draws from the rank's own stream
-    (`gr_parallel.tensor_parallel.fork_tensor_parallel_rng`).
+    (`gr_parallel.tensor_parallel.fork_tensor_parallel_rng`). The LayerNorm-gate-dropout step is never fused here
+    (`config.fused_norm_gate` is ignored): its statistics are all-reduced between the normalization and the gate.
 
     The full one-rank layer is built first and each rank keeps its slices, so for the same seed the layer equals
     `HSTULayer(config)`. Parameter names are `HSTULayer`'s; sharded parameters carry Megatron's
@@ -236,6 +263,9 @@ class TensorParallelHSTULayer(HSTULayer):
     def _full_gradient(self, table: Tensor | None) -> Tensor | None:
         """A replicated table used by this rank's heads only: identity forward, gradient summed over the group."""
         return copy_to_tensor_parallel_region(table, self.group) if table is not None else None
+
+    def _use_fused_norm_gate(self, attn: Tensor, u: Tensor, dtype: torch.dtype) -> bool:
+        return False  # the attention LayerNorm's statistics span the group: no fused kernel for that
 
     def _dropout(self, gated: Tensor) -> Tensor:
         if not self.training or self.config.dropout == 0.0:
