@@ -4,9 +4,13 @@ Trains `gr_models.RankingGR` (dynamic item and user tables through dynamicemb, a
 layers, `hstu_attn` AUTO backend, AdamW) on synthetic batches with its own step loop, at NVIDIA's per-GPU
 configuration ("nvidia": hidden 1024, 8 layers, 4 heads x 256, batch 32, up to 4096 tokens) and at the demo's
 model size ("small"). Each variant of the step (see VARIANTS) runs on the same model and batches, one after the
-other, so each row shows what one change is worth. Reported per variant: median step time, tokens/s, achieved
+other, so each row shows what one change is worth. The rows before "+ fused LayerNorm gate" run the HSTU layers'
+post-attention `dropout(LayerNorm(attn) * u)` as plain PyTorch ops (`fused_norm_gate=False`, as measured before
+that kernel existed), and so does the torch.compile variant; that row runs it as one Triton kernel
+(`hstu_attn.norm_gate`) forward and one backward. Reported per variant: median step time, tokens/s, achieved
 TFLOP/s, MFU against 989 TFLOP/s and against a bf16 8192^3 matmul measured in the same run, a step breakdown
-from CUDA events, peak memory; then a torch.profiler summary of the last variant (kernel classes, GPU busy share).
+from CUDA events, peak memory; then a torch.profiler summary of the last variant, or of those named by
+--profile-variants (kernel classes, GPU busy share; the fused kernels count as "norm").
 
 FLOPs per step (the units of NVIDIA's figures; ../shared/ANCHORS.md counts attention this way):
     attention: 3.5 * 4 * sum_b(l_b (l_b + 1) / 2) * H * D    (causal forward, backward 2.5 x forward)
@@ -15,6 +19,7 @@ Embedding lookups, norms and elementwise work are not counted.
 
     python tools/bench_e2e.py --configs small nvidia --out results.json      (CUDA machine)
     python tools/bench_e2e.py --configs tiny --device cpu --steps 2          (CPU smoke run)
+    python tools/bench_e2e.py --configs nvidia --variants 4 5 --profile-variants 4 5   (plain vs fused norm gate)
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -192,6 +198,7 @@ class Variant:
     fused_adam: bool
     prefetch: bool  # next batch copied to the GPU on a side stream while this step runs
     compile_layers: bool = False
+    fused_norm_gate: bool = False  # HSTUConfig.fused_norm_gate of every layer during this variant
 
 
 VARIANTS = [
@@ -200,8 +207,31 @@ VARIANTS = [
     Variant("+ no per-step host sync", "new", False, False, False),
     Variant("+ fused AdamW", "new", False, True, False),
     Variant("+ prefetch to device", "new", False, True, True),
+    Variant("+ fused LayerNorm gate", "new", False, True, True, fused_norm_gate=True),
 ]
 COMPILED = Variant("+ torch.compile HSTU layers", "new", False, True, True, compile_layers=True)
+
+
+def norm_gate_setting(variant: Variant, device: torch.device) -> bool | None:
+    """The layers' `fused_norm_gate` for a variant: as asked on CUDA and under TRITON_INTERPRET=1, else None (the
+    plain path: the kernel needs CUDA or the interpreter)."""
+    if variant.fused_norm_gate and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    return variant.fused_norm_gate
+
+
+@contextlib.contextmanager
+def norm_gate_fusion(model: RankingGR, fused: bool | None) -> Iterator[None]:
+    """Every HSTU layer's `config.fused_norm_gate` set to `fused` inside the block, restored after."""
+    configs = {id(layer.config): layer.config for layer in model.hstu_block.layers}
+    previous = {key: config.fused_norm_gate for key, config in configs.items()}
+    for config in configs.values():
+        config.fused_norm_gate = fused
+    try:
+        yield
+    finally:
+        for key, config in configs.items():
+            config.fused_norm_gate = previous[key]
 
 
 @contextlib.contextmanager
@@ -354,7 +384,8 @@ def run_variant(
     timelines: list[Timeline] = []
     step_ms: list[float] = []
     flops = tokens = 0.0
-    with attention_host_path(variant.attention_host):
+    fused = norm_gate_setting(variant, device)
+    with attention_host_path(variant.attention_host), norm_gate_fusion(trainer.model, fused):
         for i in range(args.warmup + args.steps):
             host_batch = batches[i % len(batches)]
             batch = prefetcher.next() if prefetcher is not None else host_batch
@@ -390,6 +421,7 @@ def run_variant(
     tflops = flops / seconds / 1e12
     row = {
         "variant": variant.name,
+        "fused_norm_gate": fused,
         "steps": args.steps,
         "step_ms_wall": step_ms_wall,
         "step_ms_median_events": statistics.median(step_ms) if step_ms else None,
@@ -434,7 +466,8 @@ def profile_steps(trainer: Trainer, batches: list[RankingBatch], variant: Varian
 
     device = trainer.device
     prefetcher = Prefetcher(batches, device) if variant.prefetch else None
-    with attention_host_path(variant.attention_host):
+    fused = norm_gate_setting(variant, device)
+    with attention_host_path(variant.attention_host), norm_gate_fusion(trainer.model, fused):
         for i in range(2):
             trainer.step(prefetcher.next() if prefetcher else batches[i % len(batches)], variant, None)
         torch.cuda.synchronize(device)
@@ -514,6 +547,13 @@ def measure_variant(entry: dict, name: str, trainer: Trainer, batches: list, var
     )
 
 
+def profiled_variants(variants: list[Variant], chosen: list[str] | None) -> list[Variant]:
+    """The variants named (or indexed in VARIANTS) by --profile-variants, in run order; by default the last one."""
+    if not chosen:
+        return variants[-1:]
+    return [v for v in variants if v.name in chosen or str(VARIANTS.index(v)) in chosen]
+
+
 def bench_config(name: str, args: argparse.Namespace, device: torch.device, result: dict, save: Callable) -> None:
     config = dataclasses.replace(CONFIGS[name])
     if name == "nvidia" and device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory < 100e9:
@@ -542,14 +582,18 @@ def bench_config(name: str, args: argparse.Namespace, device: torch.device, resu
         measure_variant(entry, name, trainer, batches, variant, args, config, params, result.get("matmul_tflops"))
         save()
     if args.profile and device.type == "cuda" and variants:
-        try:
-            out = args.out.with_name(f"{args.out.stem}-{name}") if args.out else None
-            entry["profile"] = profile_steps(trainer, batches, variants[-1], args.profile, out)
-            print(json.dumps(entry["profile"], indent=1), flush=True)
-        except Exception as error:
-            entry["profile"] = {"error": f"{type(error).__name__}: {error}"}
-            traceback.print_exc()
-        save()
+        for index, variant in enumerate(profiled_variants(variants, args.profile_variants)):
+            key = "profile" if index == 0 else f"profile_{index}"  # "profile": the first profiled variant
+            try:
+                out = (
+                    args.out.with_name(f"{args.out.stem}-{name}" + (f"-{index}" if index else "")) if args.out else None
+                )
+                entry[key] = profile_steps(trainer, batches, variant, args.profile, out)
+                print(json.dumps(entry[key], indent=1), flush=True)
+            except Exception as error:
+                entry[key] = {"variant": variant.name, "error": f"{type(error).__name__}: {error}"}
+                traceback.print_exc()
+            save()
     if args.compile:  # last: compiling changes the layers in place
         measure_variant(entry, name, trainer, batches, COMPILED, args, config, params, result.get("matmul_tflops"))
         save()
@@ -571,7 +615,13 @@ def main() -> None:
         "--variants", nargs="*", default=None, help="names or indexes of the variants to run (default all)"
     )
     parser.add_argument("--compile", action="store_true", help="also run the torch.compile variant last")
-    parser.add_argument("--profile", type=int, default=3, help="profiled steps of the last variant (0: none)")
+    parser.add_argument("--profile", type=int, default=3, help="profiled steps per profiled variant (0: none)")
+    parser.add_argument(
+        "--profile-variants",
+        nargs="*",
+        default=None,
+        help="names or indexes of the variants to profile (default the last run), e.g. 4 5: plain and fused norm gate",
+    )
     parser.add_argument("--item-rows", type=int, default=None)
     parser.add_argument("--user-rows", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
