@@ -133,6 +133,20 @@ def test_fused_layer_under_bf16_autocast_is_close_to_plain() -> None:
 
 
 @needs_triton
+def test_fused_layer_compiles_without_graph_breaks() -> None:
+    """torch.compile(fullgraph=True) traces the fused layer: the kernels' custom ops stay opaque."""
+    torch.manual_seed(5)
+    plain, fused = _layers()
+    x, weights = torch.randn(sum(LENGTHS), HIDDEN), torch.randn(sum(LENGTHS), HIDDEN)
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True, dynamic=True)
+    out_plain, grads_plain, _ = _run(plain, x, weights)
+    out_compiled, grads_compiled, _ = _run(compiled, x, weights)  # type: ignore[arg-type]
+    torch.testing.assert_close(out_compiled, out_plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads_compiled, grads_plain):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@needs_triton
 def test_fused_dropout_acts_in_training_only() -> None:
     torch.manual_seed(3)
     plain, fused = _layers(dropout=0.5)

@@ -9,12 +9,16 @@ masks come from different generators in the two, so p > 0 is checked through the
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import Tensor
 
+from hstu_attn.norm_gate import launch as norm_gate_launch
 from hstu_attn.norm_gate import layer_norm_gate, layer_norm_gate_reference, layer_norm_gate_supported
 from hstu_attn.norm_gate import ops as norm_gate_ops
 
@@ -146,6 +150,12 @@ def test_dropout_mask_is_revealed_and_reused(dtype: torch.dtype) -> None:
     dropout_case(rows=64, width=100, dtype=dtype, p=0.3, seed=5)
 
 
+def test_dropout_mask_does_not_depend_on_the_block_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backward programs of 1 row (forward: 32) regenerate the forward's mask; fp16 columns of every class mod 4."""
+    monkeypatch.setattr(norm_gate_launch, "_BACKWARD_ELEMENTS", 64)
+    dropout_case(rows=40, width=50, dtype=torch.float16, p=0.5, seed=6)
+
+
 def test_dropout_seed_comes_from_torch_generator() -> None:
     attn, _, u, weight, bias = make_inputs(8, 50, torch.float32, True, True, seed=2)
     with torch.no_grad():
@@ -205,6 +215,73 @@ def test_custom_ops_pass_opcheck() -> None:
     attn, _, u, weight, bias = make_inputs(5, 50, torch.float32, True, True, seed=9)
     args = (attn.detach().requires_grad_(), u.detach(), weight, bias, None, 1e-5, 0.0)
     torch.library.opcheck(norm_gate_ops._forward_op, args)
+
+
+_SM90_CHILD = r"""
+import json, os, sys, traceback
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hstu_attn.norm_gate import kernels, launch
+
+POINTERS = {"X", "U", "Y", "DY", "DX", "DU", "WEIGHT", "BIAS", "MEAN", "RSTD", "DWEIGHT", "DBIAS", "SEED"}
+FLOATS = {"eps", "p", "scale"}
+
+def compile_kernel(kernel, elements, case):
+    block_l, block_w, num_warps = launch._block_shape(case["width"], elements)
+    constexprs = dict(HAS_WEIGHT=case["weight"], HAS_BIAS=case["bias"], DROPOUT=case["dropout"],
+                      BLOCK_L=block_l, BLOCK_W=block_w)
+    pointee = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}[case["dtype"]]
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            fp32 = name in ("WEIGHT", "BIAS", "MEAN", "RSTD", "DWEIGHT", "DBIAS")
+            signature[name] = "*i64" if name == "SEED" else "*fp32" if fp32 else pointee
+            attrs[(index,)] = [["tt.divisibility", 16]]  # as a launch on fresh allocations specializes
+        elif name in FLOATS:
+            signature[name] = "fp32"
+        else:  # rows, width, row strides: divisible by 16 when the width is
+            signature[name] = "i32"
+            if case["width"] % 16 == 0 and name != "rows":
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return bool(compiled.asm.get("cubin"))
+
+results = {}
+for name, case in json.loads(sys.argv[1]).items():
+    try:
+        ok = [compile_kernel(kernels.layer_norm_gate_forward_kernel, launch._FORWARD_ELEMENTS, case),
+              compile_kernel(kernels.layer_norm_gate_backward_kernel, launch._BACKWARD_ELEMENTS, case)]
+        results[name] = "ok" if all(ok) else f"no cubin: {ok}"
+    except Exception:
+        results[name] = traceback.format_exc()[-2000:]
+print("RESULTS " + json.dumps(results))
+"""
+SM90_CASES = {
+    "bf16 W1024 affine dropout": dict(dtype="bfloat16", width=1024, weight=True, bias=True, dropout=True),
+    "fp32 W50 plain": dict(dtype="float32", width=50, weight=False, bias=False, dropout=False),
+    "fp16 W1000 weight only, dropout": dict(dtype="float16", width=1000, weight=True, bias=False, dropout=True),
+}
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90() -> None:
+    """The interpreter accepts code the compiler rejects: compile both kernels for sm_90 in a child process."""
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run(
+        [sys.executable, "-c", _SM90_CHILD, json.dumps(SM90_CASES)], env=env, capture_output=True, text=True
+    )
+    line = next((x for x in child.stdout.splitlines() if x.startswith("RESULTS ")), None)
+    assert line is not None, child.stderr[-3000:]
+    results = json.loads(line[len("RESULTS ") :])
+    assert results == dict.fromkeys(SM90_CASES, "ok"), results
 
 
 @pytest.mark.gpu

@@ -8,7 +8,6 @@ not need Triton).
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from types import ModuleType
@@ -24,14 +23,20 @@ __all__ = ["MAX_WIDTH", "layer_norm_gate", "layer_norm_gate_supported", "norm_ga
 MAX_WIDTH = 16384  # launch.MAX_WIDTH, repeated so that this module does not import Triton
 
 
-@functools.cache
+_triton_available: bool | None = None
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing instead of tracing the import
 def norm_gate_triton_available() -> bool:
-    """Whether the fused kernels (and so Triton itself) import in this process."""
-    try:
-        _launch()
-    except ImportError:
-        return False
-    return True
+    """Whether the fused kernels (and so Triton itself) import in this process (tried once)."""
+    global _triton_available
+    if _triton_available is None:
+        try:
+            _launch()
+            _triton_available = True
+        except ImportError:
+            _triton_available = False
+    return _triton_available
 
 
 def layer_norm_gate_supported(attn: Tensor, u: Tensor) -> bool:
