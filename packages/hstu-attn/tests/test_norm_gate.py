@@ -188,6 +188,10 @@ def test_clear_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         layer_norm_gate(attn, attn, torch.ones(9, device=DEVICE))
     with pytest.raises(ValueError, match="dropout_p"):
         layer_norm_gate(attn, attn, dropout_p=1.5)
+    wide = torch.zeros(1, norm_gate_ops.MAX_WIDTH + 1, device=DEVICE)
+    assert not layer_norm_gate_supported(wide, wide)
+    with pytest.raises(ValueError, match="whole rows"):
+        layer_norm_gate(wide, wide)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not layer_norm_gate_supported(attn.cpu(), attn.cpu())
     with pytest.raises(ValueError, match="CUDA tensors"):
@@ -265,6 +269,7 @@ SM90_CASES = {
     "bf16 W1024 affine dropout": dict(dtype="bfloat16", width=1024, weight=True, bias=True, dropout=True),
     "fp32 W50 plain": dict(dtype="float32", width=50, weight=False, bias=False, dropout=False),
     "fp16 W1000 weight only, dropout": dict(dtype="float16", width=1000, weight=True, bias=False, dropout=True),
+    "bf16 W8192 (16 warps) bias only": dict(dtype="bfloat16", width=8192, weight=False, bias=True, dropout=False),
 }
 
 

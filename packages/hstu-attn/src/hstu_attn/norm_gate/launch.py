@@ -1,11 +1,12 @@
 """Launches of the fused LayerNorm-gate-dropout kernels (imports Triton; `hstu_attn.norm_gate.ops` loads it lazily).
 
 Block shapes: `BLOCK_W` is W rounded up to a power of two (at least 4; whole rows per program, W at most
-`MAX_WIDTH`); `BLOCK_L` rows fill about 4096 (forward) or 2048 (backward) fp32 values per program. The backward
+`ops.MAX_WIDTH`); `BLOCK_L` rows fill about 4096 (forward) or 2048 (backward) fp32 values per program. The backward
 runs at most 12 programs per streaming multiprocessor (2 under `TRITON_INTERPRET=1`, where each program costs
 milliseconds), each summing dweight/dbias over its row blocks into a `[programs, W]` fp32 buffer that is summed
 here (for W = 1024 on 132 SMs: 6.5 MB, against 3 x 2 bytes x L x W read by the kernel).
-These shapes are chosen from register counts of the sm_90 compile (no spills at W = 1024), not from GPU timings.
+These shapes are chosen from register counts of the sm_90 compile (no spills for W up to 8192), not from GPU
+timings.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from torch import Tensor
 
 from hstu_attn.norm_gate.kernels import layer_norm_gate_backward_kernel, layer_norm_gate_forward_kernel
 
-MAX_WIDTH = 16384
 _FORWARD_ELEMENTS = 4096
 _BACKWARD_ELEMENTS = 2048
 _INTERPRETER_PROGRAMS = 2
@@ -31,7 +31,8 @@ def _block_shape(width: int, elements: int) -> tuple[int, int, int]:
     """(BLOCK_L, BLOCK_W, num_warps) for rows of `width` values and about `elements` values per program."""
     block_w = max(triton.next_power_of_2(width), 4)  # whole groups of 4 columns: one Philox call each
     block_l = max(1, min(64, elements // block_w))
-    num_warps = 8 if block_l * block_w >= 4096 else 4
+    values = block_l * block_w
+    num_warps = 16 if values >= 8192 else 8 if values >= 4096 else 4  # rows wider than 4096 get more threads
     return block_l, block_w, num_warps
 
 

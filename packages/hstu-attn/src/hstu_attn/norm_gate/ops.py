@@ -20,7 +20,7 @@ from hstu_attn.backend import TRITON_DTYPES
 
 __all__ = ["MAX_WIDTH", "layer_norm_gate", "layer_norm_gate_supported", "norm_gate_triton_available"]
 
-MAX_WIDTH = 16384  # launch.MAX_WIDTH, repeated so that this module does not import Triton
+MAX_WIDTH = 8192  # whole rows per program (`launch`): the sm_90 backward spills registers at 16384
 
 
 _triton_available: bool | None = None
