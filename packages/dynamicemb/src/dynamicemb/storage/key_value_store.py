@@ -210,7 +210,11 @@ class KeyValueTable(Storage):
         return evicted, result.refused
 
     def insert(self, keys: torch.Tensor, values: torch.Tensor, scores: torch.Tensor | None = None) -> None:
-        self.insert_and_evict(keys, values, scores)
+        """Insert or overwrite unique ``keys [N]`` with ``values [N, value_dim]``; rows evicted to make
+        room are dropped unread (no compaction of the evicted entries, so no host synchronization for
+        them: a cache writing its evicted rows back here waits for none)."""
+        result, _ = self.insert_slots(keys, scores, assign=True, read_evicted=False)
+        self.values.write_placed(result.slots, values)
 
     def erase(self, keys: torch.Tensor) -> torch.Tensor:
         """Remove keys; ``[N]`` bool, True where a key was present."""
