@@ -1,7 +1,8 @@
 """`HSTUConfig.fused_norm_gate`: the HSTU layer with the fused LayerNorm-gate-dropout kernel equals the plain layer.
 
-The fused kernel (`hstu_attn.norm_gate`) runs under the Triton interpreter on CPU (`TRITON_INTERPRET=1`, set by the
-root conftest) at tiny sizes, forced on with `fused_norm_gate=True`; the attention uses the PyTorch backend.
+The fused kernel (`hstu_attn.norm_gate`) runs on the GPU when there is one, else under the Triton interpreter on CPU
+(`TRITON_INTERPRET=1`, set by the root conftest), at tiny sizes, forced on with `fused_norm_gate=True`; the
+attention uses the PyTorch backend.
 """
 
 from __future__ import annotations
@@ -18,38 +19,39 @@ from gr_models.modules.preprocessing import HSTUSequence
 
 HIDDEN, HEADS, HEAD_DIM = 12, 3, 6  # attention width 18: not a power of two
 LENGTHS, TARGETS = [6, 1, 4], [2, 0, 1]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="the fused kernel on CPU needs TRITON_INTERPRET=1",
 )
 
 
-def _sequence(lengths: list[int], targets: list[int]) -> HSTUSequence:
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    empty = torch.zeros(0, dtype=torch.int64)
+def _sequence(lengths: list[int], targets: list[int], device: torch.device = DEVICE) -> HSTUSequence:
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
     return HSTUSequence(
-        values=torch.zeros(0),
+        values=torch.zeros(0, device=device),
         offsets=offsets,
         max_len=max(lengths),
         scaling_seqlen=max(lengths),
-        num_candidates=torch.tensor(targets),
+        num_candidates=torch.tensor(targets, device=device),
         contextual_len=0,
         timestamps=None,
-        history_lengths=torch.tensor(lengths) - torch.tensor(targets),
+        history_lengths=torch.tensor(lengths, device=device) - torch.tensor(targets, device=device),
         history_item_index=empty,
         history_event_end_index=empty,
         candidate_index=empty,
     )
 
 
-def _layers(**kwargs) -> tuple[HSTULayer, HSTULayer]:
-    """(plain, fused) layers with equal, non-trivial parameters."""
+def _layers(device: torch.device = DEVICE, **kwargs) -> tuple[HSTULayer, HSTULayer]:
+    """(plain, fused) layers on `device` with equal, non-trivial parameters."""
 
     def build(fused: bool) -> HSTULayer:
         config = get_hstu_config(
             HIDDEN, HEAD_DIM, HEADS, 1, kernel_backend=KernelBackend.PYTORCH, fused_norm_gate=fused, **kwargs
         )
-        return HSTULayer(config)
+        return HSTULayer(config).to(device)
 
     plain, fused = build(False), build(True)
     with torch.no_grad():
@@ -79,10 +81,10 @@ def _run(layer: HSTULayer, x: torch.Tensor, weights: torch.Tensor) -> tuple[torc
         saved.append(t.numel() * t.element_size())
         return t
 
-    x = x.clone().requires_grad_(True)
+    x = x.detach().to(DEVICE).clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = layer(x, _sequence(LENGTHS, TARGETS))
-    grads = torch.autograd.grad((out.float() * weights).sum(), [x, *layer.parameters()])
+    grads = torch.autograd.grad((out.float() * weights.to(DEVICE)).sum(), [x, *layer.parameters()])
     return out, list(grads), sum(saved)
 
 
@@ -123,7 +125,7 @@ def test_fused_layer_under_bf16_autocast_is_close_to_plain() -> None:
     torch.manual_seed(2)
     plain, fused = _layers()
     x, weights = torch.randn(sum(LENGTHS), HIDDEN), torch.randn(sum(LENGTHS), HIDDEN)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out_plain, grads_plain, _ = _run(plain, x, weights)
         out_fused, grads_fused, _ = _run(fused, x, weights)
     torch.testing.assert_close(out_fused, out_plain, rtol=2e-2, atol=2e-2)
@@ -150,7 +152,7 @@ def test_fused_layer_compiles_without_graph_breaks() -> None:
 def test_fused_dropout_acts_in_training_only() -> None:
     torch.manual_seed(3)
     plain, fused = _layers(dropout=0.5)
-    x, sequence = torch.randn(sum(LENGTHS), HIDDEN), _sequence(LENGTHS, TARGETS)
+    x, sequence = torch.randn(sum(LENGTHS), HIDDEN, device=DEVICE), _sequence(LENGTHS, TARGETS)
     plain.eval()
     fused.eval()
     torch.testing.assert_close(fused(x, sequence), plain(x, sequence), rtol=1e-5, atol=1e-6)
@@ -165,15 +167,16 @@ def test_default_keeps_the_plain_path_on_cpu(monkeypatch: pytest.MonkeyPatch) ->
     assert layer.config.fused_norm_gate is None
     counter = _CountingGate()
     monkeypatch.setattr(hstu_layer_module, "layer_norm_gate", counter)
-    layer(torch.randn(sum(LENGTHS), HIDDEN), _sequence(LENGTHS, TARGETS))
+    layer(torch.randn(sum(LENGTHS), HIDDEN), _sequence(LENGTHS, TARGETS, torch.device("cpu")))
     assert counter.calls == 0
 
 
 def test_forced_fusion_without_a_triton_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    _, fused = _layers()
+    cpu = torch.device("cpu")
+    _, fused = _layers(cpu)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="fused_norm_gate=True"):
-        fused(torch.randn(sum(LENGTHS), HIDDEN), _sequence(LENGTHS, TARGETS))
+        fused(torch.randn(sum(LENGTHS), HIDDEN), _sequence(LENGTHS, TARGETS, cpu))
 
 
 def test_config_switch_is_checked_and_tensor_parallel_layer_never_fuses() -> None:
