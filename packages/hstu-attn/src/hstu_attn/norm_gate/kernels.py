@@ -40,7 +40,7 @@ def _dropout_scale(SEED, row, width, p, scale, BLOCK_L: tl.constexpr, BLOCK_W: t
     return tl.where(random >= p, scale, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])  # the token count changes every batch: one compile, not two
 def layer_norm_gate_forward_kernel(
     X,  # [L, W], row stride stride_x, column stride 1
     U,  # [L, W], row stride stride_u, column stride 1
@@ -83,7 +83,7 @@ def layer_norm_gate_forward_kernel(
     tl.store(RSTD + row, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def layer_norm_gate_backward_kernel(
     DY,  # [L, W] gradient of y, row stride stride_dy
     X,
