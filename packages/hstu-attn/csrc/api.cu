@@ -5,6 +5,23 @@
 #include "fwd_launch.h"
 #include "hstu_attn_cutlass.h"
 
+namespace {
+
+// The fused relative bias's fields are consistent: a time table needs timestamps of a known type and >= 1 bucket, a
+// position table a reach >= 0, and a table gradient its table (gradients NULL for the forward).
+bool relative_bias_ok(const HstuAttnRelativeBias& bias, const float* dposition, const float* dtime) {
+  if (bias.position_weights != nullptr && bias.position_reach < 0) return false;
+  if (bias.time_weights != nullptr &&
+      (bias.timestamps == nullptr || bias.num_time_buckets < 1 || bias.timestamps_dtype < HSTU_ATTN_TIMESTAMPS_INT32 ||
+       bias.timestamps_dtype > HSTU_ATTN_TIMESTAMPS_BF16)) {
+    return false;
+  }
+  const bool position_grad_ok = dposition == nullptr || bias.position_weights != nullptr;
+  return position_grad_ok && (dtime == nullptr || bias.time_weights != nullptr);
+}
+
+}  // namespace
+
 extern "C" {
 
 int hstu_attn_cutlass_abi_version(void) { return HSTU_ATTN_CUTLASS_ABI_VERSION; }
@@ -12,7 +29,8 @@ int hstu_attn_cutlass_abi_version(void) { return HSTU_ATTN_CUTLASS_ABI_VERSION; 
 int hstu_attn_cutlass_fwd_params_size(void) { return int(sizeof(HstuAttnFwdParams)); }
 
 int hstu_attn_cutlass_forward(const HstuAttnFwdParams* params, void* stream) {
-  if (params == nullptr || params->num_sequences < 0 || params->num_heads < 0 || params->max_seq_len < 0) {
+  if (params == nullptr || params->num_sequences < 0 || params->num_heads < 0 || params->max_seq_len < 0 ||
+      !relative_bias_ok(params->relative_bias, nullptr, nullptr)) {
     return HSTU_ATTN_BAD_ARGUMENT;
   }
   if (params->dtype != HSTU_ATTN_FP16 && params->dtype != HSTU_ATTN_BF16) return HSTU_ATTN_UNSUPPORTED_DTYPE;
@@ -29,7 +47,8 @@ int hstu_attn_cutlass_bwd_params_size(void) { return int(sizeof(HstuAttnBwdParam
 
 int hstu_attn_cutlass_backward(const HstuAttnBwdParams* params, void* stream) {
   if (params == nullptr || params->num_sequences < 0 || params->num_heads < 0 || params->max_seq_len < 0 ||
-      params->dq_accum == nullptr || (params->drab != nullptr && params->rab == nullptr)) {
+      params->dq_accum == nullptr || (params->drab != nullptr && params->rab == nullptr) ||
+      !relative_bias_ok(params->relative_bias, params->dposition_weights, params->dtime_weights)) {
     return HSTU_ATTN_BAD_ARGUMENT;
   }
   if (params->dtype != HSTU_ATTN_FP16 && params->dtype != HSTU_ATTN_BF16) return HSTU_ATTN_UNSUPPORTED_DTYPE;
@@ -46,7 +65,10 @@ const char* hstu_attn_cutlass_status_string(int status) {
     case HSTU_ATTN_OK: return "ok";
     case HSTU_ATTN_UNSUPPORTED_DTYPE: return "unsupported dtype (float16 and bfloat16 only)";
     case HSTU_ATTN_UNSUPPORTED_HEAD_DIM: return "unsupported head dim (forward: 64, 128, 256; backward: 64, 128)";
-    case HSTU_ATTN_BAD_ARGUMENT: return "bad argument (null params, negative sizes, no dq_accum, or drab without rab)";
+    case HSTU_ATTN_BAD_ARGUMENT:
+      return "bad argument (null params, negative sizes, no dq_accum, drab without rab, a time table without "
+             "timestamps, buckets or a known timestamp type, a negative position reach, or a table gradient without "
+             "its table)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }
 }

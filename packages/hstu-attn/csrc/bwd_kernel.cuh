@@ -1,14 +1,17 @@
 // Backward of jagged HSTU attention: one CTA owns a kBlockN x D tile of dK and dV for one (sequence, head) and
 // walks the query blocks that can attend its keys. Per query block, with warps stacked along the key rows:
 //   S^T = K Q^T, dP^T = V dO^T                      (fp32 accumulators, [kBlockN, kBlockM])
-//   P^T = SiLU(X) / scaling, dS^T = dP^T * alpha / scaling * SiLU'(X), X = alpha S^T + rab^T   (0 where invalid)
+//   P^T = SiLU(X) / scaling, dS^T = dP^T * alpha / scaling * SiLU'(X), X = alpha S^T + bias^T  (0 where invalid)
 //   dV += P^T dO, dK += dS^T Q                       (P^T and dS^T straight from the accumulators)
 //   dQ  = dS K  through shared memory, added with fp32 atomics into dq_accum (the caller casts it)
 // Rows past the sequence end are zero-filled in shared memory, so they add nothing, and are never stored.
 // With a rab (kHasRab), each element of the S^T accumulators loads its rab entry from global memory as it is turned
 // into P^T and dS^T, after the two products (the backward has no registers to spare for a rab fragment), and rab's
 // gradient dS / alpha of every valid pair is stored (per head) or added with fp32 atomics (rab shared by the heads)
-// right there: no extra shared memory.
+// right there: no extra shared memory. With the fused relative bias (kRelative, relative_bias.cuh), each valid pair's
+// bias is computed there from the tables and timestamps (a rab given beside it read as above), and its dS is summed in
+// shared memory per relative distance (per tile) and per time bucket (per CTA), then added into the fp32 table
+// gradients with global atomics.
 // Masked pairs are selected out (never multiplied by the mask). In masked tiles a non-finite operand entry must not
 // meet an invalid pair's zero weight either (finite.cuh), as in hstu_attn.reference and the Triton kernels: such q and
 // dO entries are zeroed in shared memory after S^T and dP^T used them, before dK += dS^T Q and dV += P^T dO; the dV
@@ -101,9 +104,11 @@ __device__ __forceinline__ void store_rows(Acc const& acc, Coords const& coords,
   }
 }
 
-template <class Traits, bool kHasRab>
+template <class Traits, int kBias>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(const HstuAttnBwdParams p) {
   using Elem = typename Traits::Elem;
+  constexpr bool kHasRab = kBias == kRabBias;
+  constexpr bool kRelative = kBias == kRelativeBias;  // fused relative bias, and rab if given
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
@@ -125,8 +130,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   const float scale = p.alpha * p.inv_scaling;
   const Elem* rab = nullptr;
   void* drab = nullptr;  // offset to this (sequence, head) in elements of its type
-  if constexpr (kHasRab) {
-    rab = static_cast<const Elem*>(p.rab) + sequence * p.rab_batch_stride + head * p.rab_head_stride;
+  if constexpr (kHasRab || kRelative) {
+    if (kHasRab || p.rab != nullptr) {
+      rab = static_cast<const Elem*>(p.rab) + sequence * p.rab_batch_stride + head * p.rab_head_stride;
+    }
     if (p.drab != nullptr) {
       const int64_t offset = sequence * p.drab_batch_stride + head * p.drab_head_stride;
       drab = p.drab_atomic ? static_cast<void*>(static_cast<float*>(p.drab) + offset)
@@ -163,6 +170,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   int k_non_finite = -1;     // CTA-uniform: whether sK holds inf/nan; -1 = not scanned yet (masked tiles ask)
 
   const int tid = threadIdx.x;
+  // With kRelative, the shared sums of the table gradients, zeroed here (the first tile's barrier orders that
+  // before its adds); an unused int otherwise.
+  const auto bias_grads = [&] {
+    if constexpr (kRelative) {
+      return RelativeBiasGradients<kBlockM, kBlockN, kNThreads>(reinterpret_cast<float*>(smem + Traits::kSmemBytes),
+                                                                p, head, tid);
+    } else {
+      return 0;
+    }
+  }();
   typename Traits::GmemLoad gmem_load;
   auto gmem_thr = gmem_load.get_thread_slice(tid);
   Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D, m_blocks)
@@ -249,6 +266,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
           write_rab_gradient<Elem>(drab, p.drab_atomic, query * p.drab_row_stride + key, ds);
         }
         acc_dp(i) = ds * p.alpha;  // dS^T
+      } else if constexpr (kRelative) {
+        // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
+        const bool inside = valid && query < length;
+        int bucket = 0;
+        if (inside) {
+          x += RelativeBiasRows(p.relative_bias, start, head).value(query, key, bucket);
+          if (rab != nullptr) x += static_cast<float>(rab[query * p.rab_row_stride + key]);
+        }
+        const float ds = inside ? acc_dp(i) * p.inv_scaling * silu_derivative(x) : 0.0f;  // d bias
+        if (inside) {
+          if (drab != nullptr) write_rab_gradient<Elem>(drab, p.drab_atomic, query * p.drab_row_stride + key, ds);
+          bias_grads.add(query, key, m0, n0, bucket, ds);
+        }
+        acc_dp(i) = ds * p.alpha;  // dS^T
       } else {
         acc_dp(i) = valid ? acc_dp(i) * scale * silu_derivative(x) : 0.0f;  // dS^T
       }
@@ -280,7 +311,8 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
                   copy_bt);
 
     copy(store_ds, retiled(store_ds, rdSt), tdSsdSt);
-    __syncthreads();  // dS^T in shared memory
+    __syncthreads();  // dS^T in shared memory (and this tile's bias-gradient sums)
+    if constexpr (kRelative) bias_grads.flush_tile(m0, n0, tid);
     Tensor acc_dq = partition_fragment_C(mma_q, tile_q);
     clear(acc_dq);
     if (!all_valid && k_non_finite > 0) {  // rows that may not attend a non-finite K entry take it as 0
@@ -302,28 +334,39 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   // The barrier after reached.mark() ordered the bits of every thread before these reads.
   store_rows(acc_dk, tKVcKV, dk, p.dk_row_stride, length - n0, static_cast<decltype(reached) const*>(nullptr));
   store_rows(acc_dv, tKVcKV, dv, p.dv_row_stride, length - n0, any_reached ? &reached : nullptr);
+  if constexpr (kRelative) {
+    __syncthreads();  // every thread's time-bucket sums
+    bias_grads.flush_time(tid);
+  }
 }
 
-template <class Traits, bool kHasRab>
+template <class Traits, int kBias>
 cudaError_t launch_bwd_kernel(const HstuAttnBwdParams& p, cudaStream_t stream) {
-  constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &hstu_attn_bwd_kernel<Traits, kHasRab>;
-  if (kSmem > 48 * 1024) {
-    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  int smem_bytes = Traits::kSmemBytes;
+  if constexpr (kBias == kRelativeBias) {
+    smem_bytes += RelativeBiasGradients<Traits::kBlockM, Traits::kBlockN, Traits::kNThreads>::shared_bytes(
+        p.relative_bias.num_time_buckets);
+  }
+  auto kernel = &hstu_attn_bwd_kernel<Traits, kBias>;
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (error != cudaSuccess) return error;
   }
   const int64_t num_n_blocks = (int64_t(p.max_seq_len) + Traits::kBlockN - 1) / Traits::kBlockN;
   const int64_t blocks = num_n_blocks * p.num_sequences;
   if (blocks == 0 || p.num_heads == 0) return cudaSuccess;
   if (blocks > 0x7fffffff || p.num_heads > 65535) return cudaErrorInvalidConfiguration;
-  kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, kSmem, stream>>>(p);
+  kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, smem_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-// The backward with or without rab (a separate instantiation, so the kernel without rab is unchanged by it).
+// The backward without bias, with rab, or with the fused relative bias (and rab if given): separate instantiations,
+// so the kernels without the fused bias are unchanged by it.
 template <class Traits>
 cudaError_t launch_bwd(const HstuAttnBwdParams& p, cudaStream_t stream) {
-  return p.rab != nullptr ? launch_bwd_kernel<Traits, true>(p, stream) : launch_bwd_kernel<Traits, false>(p, stream);
+  if (has_relative_bias(p.relative_bias)) return launch_bwd_kernel<Traits, kRelativeBias>(p, stream);
+  if (p.rab != nullptr) return launch_bwd_kernel<Traits, kRabBias>(p, stream);
+  return launch_bwd_kernel<Traits, kNoBias>(p, stream);
 }
 
 }  // namespace hstu_attn

@@ -3,7 +3,9 @@
 // Per key tile: S = Q K^T (fp32), P = SiLU(alpha S + rab) / scaling where the pair is valid, 0 where it is not
 // (selected, never multiplied), O += P V with P taken straight from the S accumulators. With a rab (kHasRab), each
 // thread loads the rab entries at its own accumulator coordinates straight from global memory into registers, issued
-// before Q K^T so that the loads overlap it; entries past the sequence end are not read. K/V tiles are single-buffered:
+// before Q K^T so that the loads overlap it; entries past the sequence end are not read. With the fused relative bias
+// (relative_bias.cuh), each valid pair's bias is computed from the tables and timestamps as its score is turned into
+// P, after Q K^T, and a rab given beside it is read there too. K/V tiles are single-buffered:
 // V[j] loads while Q K[j]^T runs, K[j-1] loads while P V[j] runs. Rows past the sequence end are zero-filled in
 // shared memory and never stored. Masked tiles keep a non-finite V entry away from the rows that may not attend its
 // token (finite.cuh): they zero it before P V, and the output entries that a valid pair links to it are stored NaN.
@@ -15,6 +17,7 @@
 #include "fwd_traits.cuh"
 #include "hstu_attn_cutlass.h"
 #include "mask.cuh"
+#include "relative_bias.cuh"
 
 namespace hstu_attn {
 
@@ -108,9 +111,11 @@ __device__ __forceinline__ auto converted(Tensor<Engine, Layout> const& from) {
   return to;
 }
 
-template <class Traits, bool kHasRab>
+template <class Traits, int kBias>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(const HstuAttnFwdParams p) {
   using Elem = typename Traits::Elem;
+  constexpr bool kHasRab = kBias == kRabBias;  // rab prefetched into registers
+  constexpr bool kRelative = kBias == kRelativeBias;  // fused relative bias, and rab read per element if given
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
@@ -132,6 +137,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
   const Elem* rab = nullptr;
   if constexpr (kHasRab) {
     rab = static_cast<const Elem*>(p.rab) + sequence * p.rab_batch_stride + head * p.rab_head_stride;
+  }
+  if constexpr (kRelative) {
+    if (p.rab != nullptr) {
+      rab = static_cast<const Elem*>(p.rab) + sequence * p.rab_batch_stride + head * p.rab_head_stride;
+    }
   }
 
   auto tile_q = Shape<Int<kBlockM>, Int<kHeadDim>>{};
@@ -220,6 +230,16 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
       const bool valid = all_valid || mask.valid(m0 + get<0>(tScS(i)), n0 + get<1>(tScS(i)));
       float score = acc_s(i) * p.alpha;
       if constexpr (kHasRab) score += static_cast<float>(rRab(i));
+      if constexpr (kRelative) {
+        const int query = m0 + get<0>(tScS(i));
+        const int key = n0 + get<1>(tScS(i));
+        // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
+        if (valid && query < length) {
+          int bucket;
+          score += RelativeBiasRows(p.relative_bias, start, head).value(query, key, bucket);
+          if (rab != nullptr) score += static_cast<float>(rab[query * p.rab_row_stride + key]);
+        }
+      }
       acc_s(i) = valid ? silu(score) * p.inv_scaling : 0.0f;
     }
     Tensor tOrP = converted<Elem>(acc_s);
@@ -267,10 +287,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
   }
 }
 
-template <class Traits, bool kHasRab>
+template <class Traits, int kBias>
 cudaError_t launch_fwd_kernel(const HstuAttnFwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &hstu_attn_fwd_kernel<Traits, kHasRab>;
+  auto kernel = &hstu_attn_fwd_kernel<Traits, kBias>;
   if (kSmem > 48 * 1024) {
     const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (error != cudaSuccess) return error;
@@ -283,10 +303,17 @@ cudaError_t launch_fwd_kernel(const HstuAttnFwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The forward with or without rab (a separate instantiation, so the kernel without rab is unchanged by it).
+__host__ __device__ inline bool has_relative_bias(const HstuAttnRelativeBias& bias) {
+  return bias.position_weights != nullptr || bias.time_weights != nullptr;
+}
+
+// The forward without bias, with rab, or with the fused relative bias (and rab if given): separate instantiations, so
+// the kernels without the fused bias are unchanged by it.
 template <class Traits>
 cudaError_t launch_fwd(const HstuAttnFwdParams& p, cudaStream_t stream) {
-  return p.rab != nullptr ? launch_fwd_kernel<Traits, true>(p, stream) : launch_fwd_kernel<Traits, false>(p, stream);
+  if (has_relative_bias(p.relative_bias)) return launch_fwd_kernel<Traits, kRelativeBias>(p, stream);
+  if (p.rab != nullptr) return launch_fwd_kernel<Traits, kRabBias>(p, stream);
+  return launch_fwd_kernel<Traits, kNoBias>(p, stream);
 }
 
 }  // namespace hstu_attn

@@ -1,6 +1,7 @@
 """The CUTLASS entry points name a tensor whose dtype or shape the compiled kernels cannot read (runs on CPU: the
-checks come before the library is loaded); which options the backend refuses (rab is taken, the fused relative bias
-is not), with a stand-in for the loaded library; the rab gradient buffers; the ctypes mirror of the C ABI structs."""
+checks come before the library is loaded); which options the backend refuses (rab and the fused relative bias are
+taken, timestamps of a dtype the kernels cannot read are not), with a stand-in for the loaded library; the rab gradient
+buffers; the ctypes mirror of the C ABI structs."""
 
 from __future__ import annotations
 
@@ -75,26 +76,36 @@ def library_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("library_loaded")
-def test_rab_is_supported_and_relative_bias_is_refused_naming_why() -> None:
+def test_rab_and_relative_bias_are_supported_and_unreadable_timestamps_refused_naming_why() -> None:
     q, _, v = _qkv()
     cuda = "the CUTLASS backend needs CUDA tensors; got cpu"
-    assert cutlass_unsupported(q, v, has_rab=False, has_relative_bias=False) == cuda
-    assert cutlass_unsupported(q, v, has_rab=True, has_relative_bias=False) == cuda  # rab is not the reason
-    reason = cutlass_unsupported(q, v, has_rab=True, has_relative_bias=True)
-    assert reason is not None and "no fused relative_bias" in reason and "materialize the bias as rab" in reason
-    assert "bfloat16 and float16" in cutlass_unsupported(q.float(), v.float(), has_rab=True, has_relative_bias=False)
+    assert cutlass_unsupported(q, v, has_rab=False) == cuda
+    assert cutlass_unsupported(q, v, has_rab=True) == cuda  # rab is not the reason
+    times = torch.arange(7)
+    bias = RelativeBias(position_weights=torch.zeros(2, 15), time_weights=torch.zeros(1, 4), timestamps=times)
+    assert cutlass_unsupported(q, v, has_rab=True, relative_bias=bias) == cuda  # nor is the relative bias
+    bias.timestamps = times.to(torch.int16)
+    reason = cutlass_unsupported(q, v, has_rab=False, relative_bias=bias)
+    assert reason is not None and "timestamps of dtype int32, int64" in reason and "torch.int16" in reason
+    # timestamps that no time table reads are not looked at
+    bias = RelativeBias(position_weights=torch.zeros(2, 15), timestamps=times.to(torch.int16))
+    assert cutlass_unsupported(q, v, has_rab=False, relative_bias=bias) == cuda
+    assert "bfloat16 and float16" in cutlass_unsupported(q.float(), v.float(), has_rab=True)
 
 
 @pytest.mark.usefixtures("library_loaded")
-def test_backend_cutlass_with_rab_reaches_the_device_check_and_relative_bias_raises() -> None:
-    """Through hstu_attn_varlen_func: a rab passes the support check (CPU tensors then fail the CUDA one); a fused
-    relative bias raises NotImplementedError naming it."""
+def test_backend_cutlass_with_rab_or_relative_bias_reaches_the_device_check() -> None:
+    """Through hstu_attn_varlen_func: a rab and a fused relative bias pass the support check (CPU tensors then fail
+    the CUDA one); int16 timestamps raise NotImplementedError naming them."""
     q, k, v = _qkv()
     offsets = torch.tensor([0, 7])
     with pytest.raises(NotImplementedError, match="needs CUDA tensors"):
         hstu_attn_varlen_func(q, k, v, offsets, 7, rab=_rab(1), backend=KernelBackend.CUTLASS)
     bias = RelativeBias(position_weights=torch.zeros(2, 15, dtype=torch.bfloat16))
-    with pytest.raises(NotImplementedError, match="no fused relative_bias"):
+    with pytest.raises(NotImplementedError, match="needs CUDA tensors"):
+        hstu_attn_varlen_func(q, k, v, offsets, 7, relative_bias=bias, backend=KernelBackend.CUTLASS)
+    bias = RelativeBias(time_weights=torch.zeros(1, 4), timestamps=torch.arange(7, dtype=torch.int16))
+    with pytest.raises(NotImplementedError, match=r"timestamps of dtype .* got torch\.int16"):
         hstu_attn_varlen_func(q, k, v, offsets, 7, relative_bias=bias, backend=KernelBackend.CUTLASS)
 
 
@@ -126,12 +137,20 @@ def test_ctypes_params_mirror_the_c_header(tmp_path: Path) -> None:
     header_dir = Path(__file__).resolve().parents[1] / "csrc"
     lines = ["#include <stdio.h>", "#include <stddef.h>", '#include "hstu_attn_cutlass.h"', "int main(void) {"]
     expected = []
-    for struct, c_name in ((_library.FwdParams, "HstuAttnFwdParams"), (_library.BwdParams, "HstuAttnBwdParams")):
+    structs = (
+        (_library.FwdParams, "HstuAttnFwdParams"),
+        (_library.BwdParams, "HstuAttnBwdParams"),
+        (_library.RelativeBiasParams, "HstuAttnRelativeBias"),
+    )
+    for struct, c_name in structs:
         lines.append(f'printf("size %zu\\n", sizeof({c_name}));')
         expected.append(f"size {ctypes.sizeof(struct)}")
-        for name, _ in struct._fields_:
+        for name, field_type in struct._fields_:
             lines.append(f'printf("{name} %zu\\n", offsetof({c_name}, {name}));')
             expected.append(f"{name} {getattr(struct, name).offset}")
+            if field_type is _library.RelativeBiasParams:  # nested: its size here, its fields checked on their own
+                lines.append(f'printf("sizeof_{name} %zu\\n", sizeof((({c_name}*)0)->{name}));')
+                expected.append(f"sizeof_{name} {ctypes.sizeof(field_type)}")
     lines.append("return 0; }")
     (tmp_path / "layout.c").write_text("\n".join(lines))
     subprocess.run(["cc", f"-I{header_dir}", "layout.c", "-o", "layout"], cwd=tmp_path, check=True)

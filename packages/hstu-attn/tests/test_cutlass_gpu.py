@@ -3,9 +3,11 @@
 The forward and the backward (head dims 64 and 128; 256 and deterministic=True run the Triton backward) run the
 compiled kernels (`libhstu_attn_cutlass.so`), on every mask option, both offset dtypes, bf16 and fp16 (fp32 is
 refused with a message), odd lengths, length 1 and empty sequences; with a materialized rab (per head or shared by
-the heads) the same, plus rab's gradient. Errors are judged as in
-test_hstu_triton.py: the kernel's error against the fp32 reference may exceed the error that rounding the inputs
-causes by at most 2x (relative L2) / 4x (relative max) the error of the reference run in the input dtype.
+the heads) the same, plus rab's gradient; with the fused relative bias (position and log-bucketed time tables, shared
+or per head, every timestamp dtype the kernels read, alone or beside a rab) the same, plus both table gradients.
+Errors are judged as in test_hstu_triton.py: the kernel's error against the fp32 reference may exceed the error that
+rounding the inputs causes by at most 2x (relative L2) / 4x (relative max) the error of the reference run in the input
+dtype.
 Non-finite containment is tested as in test_hstu_nan_containment.py: an inf/nan at a token a row may not attend never
 reaches that row's output or gradients; the entries that do attend it come out non-finite.
 """
@@ -87,12 +89,18 @@ MASKS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("mask", MASKS.keys())
-def test_forward_masks_match_reference(mask: str, dtype: torch.dtype) -> None:
+def _mask_options(mask: str) -> dict:
+    """MASKS[mask] as keyword arguments of the _check_* helpers: `targets=True` becomes LENGTHS' targets."""
     options = dict(MASKS[mask])
     if options.pop("targets", False):
         options["targets"] = _targets(LENGTHS)
+    return options
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mask", MASKS.keys())
+def test_forward_masks_match_reference(mask: str, dtype: torch.dtype) -> None:
+    options = _mask_options(mask)
     _check_forward(LENGTHS, dtype=dtype, **options)
 
 
@@ -163,9 +171,7 @@ def _check_backward(lengths, *, heads=2, dim=128, dtype=torch.bfloat16, offsets_
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mask", MASKS.keys())
 def test_backward_masks_match_reference(mask: str, dtype: torch.dtype) -> None:
-    options = dict(MASKS[mask])
-    if options.pop("targets", False):
-        options["targets"] = _targets(LENGTHS)
+    options = _mask_options(mask)
     _check_backward(LENGTHS, dtype=dtype, **options)
 
 
@@ -190,11 +196,11 @@ def test_backward_strided_heads_view_direct_call() -> None:
     packed = torch.randn(sum(lengths), heads, 4 * dim, device="cuda").to(torch.bfloat16)
     q, k, v, grad_out = packed.split(dim, dim=2)
     offsets = torch.tensor([0, 100, 100, 133], device="cuda")
-    dq, dk, dv, drab = hstu_attn_cutlass_backward(
+    dq, dk, dv, drab, dposition, dtime = hstu_attn_cutlass_backward(
         grad_out, q, k, v, offsets, 100, alpha=0.125, scale=0.01, causal=True, num_targets=None,
         contextual_seq_len=0, max_attn_len=0,
     )  # fmt: skip
-    assert drab is None
+    assert drab is None and dposition is None and dtime is None
     leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
     hstu_attn_reference(*leaves, offsets, 100, alpha=0.125, scaling_seqlen=100).backward(grad_out.float())
     for got, leaf in zip((dq, dk, dv), leaves):
@@ -326,8 +332,9 @@ def test_unsupported_inputs_raise_naming_why() -> None:
     with pytest.raises(NotImplementedError, match="Dqk == Dv in"):
         hstu_attn_varlen_func(q, k, v, offsets, 5, backend=KernelBackend.CUTLASS)
     q, k, v, offsets = _inputs((5, 3), 2, 64, torch.bfloat16)
-    bias = RelativeBias(position_weights=torch.zeros(1, 9, device="cuda", dtype=torch.bfloat16))
-    with pytest.raises(NotImplementedError, match="no fused relative_bias"):
+    times = torch.arange(8, device="cuda", dtype=torch.int16)
+    bias = RelativeBias(time_weights=torch.zeros(1, 9, device="cuda"), timestamps=times)
+    with pytest.raises(NotImplementedError, match="timestamps of dtype int32, int64"):
         hstu_attn_varlen_func(q, k, v, offsets, 5, relative_bias=bias, backend=KernelBackend.CUTLASS)
 
 
@@ -394,9 +401,7 @@ RAB_HEADS = {"shared": 1, "per_head": 2}
 def test_rab_forward_backward_match_reference(mask: str, dtype: torch.dtype, rab_heads: int) -> None:
     """Every mask option (causal, targets, contextual, window, alpha/scaling), odd lengths, length 1 and empty
     sequences; out, dq, dk, dv and drab (summed over heads for a shared rab)."""
-    options = dict(MASKS[mask])
-    if options.pop("targets", False):
-        options["targets"] = _targets(LENGTHS)
+    options = _mask_options(mask)
     _check_rab(LENGTHS, rab_heads=rab_heads, dtype=dtype, **options)
 
 
@@ -446,11 +451,11 @@ def test_rab_without_gradient_and_direct_call() -> None:
     rab = _rab(lengths, 1, torch.float16, max_seq_len=129, seed=14)
     grad_out = torch.randn(q.shape, device="cuda").to(torch.float16)
     options = dict(alpha=0.125, scale=1 / 129, causal=True, num_targets=None, contextual_seq_len=0, max_attn_len=0)
-    dq, dk, dv, drab = hstu_attn_cutlass_backward(
+    dq, dk, dv, drab, _, _ = hstu_attn_cutlass_backward(
         grad_out, q, k, v, offsets, 129, rab=rab, rab_requires_grad=False, **options
     )
     assert drab is None
-    *with_rab_grad, drab = hstu_attn_cutlass_backward(grad_out, q, k, v, offsets, 129, rab=rab, **options)
+    *with_rab_grad, drab, _, _ = hstu_attn_cutlass_backward(grad_out, q, k, v, offsets, 129, rab=rab, **options)
     assert drab is not None and drab.shape == rab.shape and drab.dtype == rab.dtype
     for got, want in zip((dq, dk, dv), with_rab_grad):
         torch.testing.assert_close(got, want)
@@ -528,3 +533,262 @@ def test_rab_nan_at_a_valid_pair_reaches_what_the_reference_says(mask: str, rab_
         assert torch.equal(got.isfinite(), ref.isfinite()), f"{name}: non-finite pattern differs from the reference's"
         finite = ref.isfinite()
         torch.testing.assert_close(got[finite], want[finite], **BF16_ATOMICS, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ---- fused relative bias (RelativeBias: position and time tables) ---------------------------------------------
+
+
+def _timestamps(lengths, dtype: torch.dtype, *, seed: int, max_gap: int) -> Tensor:
+    """Per sequence, non-decreasing times (random gaps in [0, max_gap], repeats included) from a random start, so
+    that |t_j - t_i| spans many log buckets; in `dtype` (float16/bfloat16 from small integers, exact there)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for n in lengths:
+        gaps = torch.randint(0, max_gap + 1, (n,), generator=gen)
+        start = torch.randint(0, 10 * max_gap + 1, (1,), generator=gen)
+        parts.append(start + gaps.cumsum(0))
+    times = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    return times.to(dtype).cuda()
+
+
+def _bias(lengths, *, position_heads, time_heads, reach, num_buckets, divisor, timestamps_dtype, max_gap,
+          table_dtype, seed) -> RelativeBias:  # fmt: skip
+    """Random tables (0 heads: no such table) and timestamps as a RelativeBias of leaf tensors needing gradients."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def table(rows: int, width: int) -> Tensor | None:
+        if rows == 0:
+            return None
+        return (0.5 * torch.randn(rows, width, device="cuda", generator=gen)).to(table_dtype).requires_grad_()
+
+    time = table(time_heads, num_buckets)
+    return RelativeBias(
+        position_weights=table(position_heads, 2 * reach + 1),
+        time_weights=time,
+        timestamps=None if time is None else _timestamps(lengths, timestamps_dtype, seed=seed, max_gap=max_gap),
+        time_bucket_divisor=divisor,
+    )
+
+
+def _detached(bias: RelativeBias, dtype: torch.dtype | None = None) -> RelativeBias:
+    """The same bias with detached tables needing gradients, cast to `dtype` when given."""
+
+    def leaf(t: Tensor | None) -> Tensor | None:
+        if t is None:
+            return None
+        return t.detach().to(dtype or t.dtype).requires_grad_()
+
+    return RelativeBias(leaf(bias.position_weights), leaf(bias.time_weights), bias.timestamps, bias.time_bucket_divisor)
+
+
+def _check_relative(
+    lengths,
+    *,
+    heads=2,
+    dim=64,
+    dtype=torch.bfloat16,
+    position_heads=2,
+    time_heads=2,
+    reach=40,
+    num_buckets=32,
+    divisor=0.301,
+    timestamps_dtype=torch.int64,
+    max_gap=5000,
+    table_dtype=torch.float32,
+    with_rab=False,
+    backward=True,
+    deterministic=False,
+    **options,
+) -> None:
+    """Forward and backward of backend=CUTLASS with a fused relative bias (and optionally a rab), against the reference
+    run in fp32 and in the input dtype: out, dq, dk, dv, drab (with a rab) and the table gradients."""
+    seed = len(lengths) + dim + 3 * position_heads + 5 * time_heads + reach + num_buckets
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, dim, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    offsets = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], device="cuda")
+    max_seq_len = options.pop("max_seq_len", max(lengths, default=0))
+    targets = options.pop("targets", None)
+    kwargs = dict(num_targets=None if targets is None else torch.tensor(targets, device="cuda"), **options)
+    bias = _bias(
+        lengths, position_heads=position_heads, time_heads=time_heads, reach=reach, num_buckets=num_buckets,
+        divisor=divisor, timestamps_dtype=timestamps_dtype, max_gap=max_gap, table_dtype=table_dtype, seed=seed,
+    )  # fmt: skip
+    rab = None
+    if with_rab:
+        rab = torch.randn(len(lengths), 1, max_seq_len, max_seq_len, device="cuda", generator=gen).to(dtype)
+        rab.requires_grad_()
+    grad_out = torch.randn(q.shape, device="cuda", generator=gen).to(dtype)
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = hstu_attn_varlen_func(
+        *leaves, offsets, max_seq_len, rab=rab, relative_bias=bias, backend=KernelBackend.CUTLASS,
+        deterministic=deterministic, **kwargs,
+    )  # fmt: skip
+    assert out.dtype == dtype and out.shape == q.shape
+    fp32_bias = _detached(bias, torch.float32)
+    fp32_rab = None if rab is None else rab.detach().float()
+    want = hstu_attn_reference(
+        q.float(), k.float(), v.float(), offsets, max_seq_len, rab=fp32_rab, relative_bias=fp32_bias, **kwargs
+    )
+    low_rab = None if rab is None else rab.detach()
+    low = hstu_attn_reference(q, k, v, offsets, max_seq_len, rab=low_rab, relative_bias=_detached(bias), **kwargs)
+    _judge("out", out, want, low)
+    if not backward:
+        return
+    out.backward(grad_out)
+    want_grads = hstu_attn_reference_backward(
+        grad_out.float(), q.float(), k.float(), v.float(), offsets, max_seq_len, rab=fp32_rab,
+        relative_bias=fp32_bias, **kwargs,
+    )  # fmt: skip
+    low_grads = hstu_attn_reference_backward(
+        grad_out, q, k, v, offsets, max_seq_len, rab=low_rab, relative_bias=_detached(bias), **kwargs
+    )
+    got_grads = [
+        *(leaf.grad for leaf in leaves),
+        None if rab is None else rab.grad,
+        None if bias.position_weights is None else bias.position_weights.grad,
+        None if bias.time_weights is None else bias.time_weights.grad,
+    ]
+    names = ("dq", "dk", "dv", "drab", "dposition_weights", "dtime_weights")
+    for name, got, w, lo in zip(names, got_grads, want_grads, low_grads):
+        if w is None:
+            assert got is None, f"{name} given without its input"
+            continue
+        assert got is not None, f"no {name}"
+        _judge(name, got, w, lo)
+    for table in (bias.position_weights, bias.time_weights):
+        if table is not None:
+            assert table.grad.dtype == table.dtype and table.grad.shape == table.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("mask", MASKS.keys())
+def test_relative_bias_masks_match_reference(mask: str, dtype: torch.dtype) -> None:
+    """Every mask option with per-head position and time tables: out, dq, dk, dv and both table gradients."""
+    options = _mask_options(mask)
+    _check_relative(LENGTHS, dtype=dtype, **options)
+
+
+TABLES = {
+    "position_shared": dict(position_heads=1, time_heads=0),
+    "position_per_head": dict(position_heads=3, time_heads=0),
+    "time_shared": dict(position_heads=0, time_heads=1),
+    "time_per_head": dict(position_heads=0, time_heads=3),
+    "both_shared": dict(position_heads=1, time_heads=1),
+    "position_shared_time_per_head": dict(position_heads=1, time_heads=3),
+    "position_per_head_time_shared": dict(position_heads=3, time_heads=1),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("tables", TABLES.keys())
+def test_relative_bias_tables_shared_or_per_head(tables: str, dtype: torch.dtype) -> None:
+    _check_relative(LENGTHS, heads=3, dim=128, dtype=dtype, targets=_targets(LENGTHS), **TABLES[tables])
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])  # 256: CUTLASS forward, Triton backward (with table gradients)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_relative_bias_head_dims(dim: int, dtype: torch.dtype) -> None:
+    _check_relative(LENGTHS, heads=3, dim=dim, dtype=dtype, position_heads=3, time_heads=1, contextual_seq_len=3)
+
+
+@pytest.mark.parametrize(
+    "timestamps_dtype",
+    [torch.int32, torch.int64, torch.float32, torch.float64, torch.float16, torch.bfloat16],
+    ids=["int32", "int64", "fp32", "fp64", "fp16", "bf16"],
+)
+def test_relative_bias_timestamp_dtypes(timestamps_dtype: torch.dtype) -> None:
+    """t_j - t_i taken in the timestamps' dtype as the reference takes it (small gaps: fp16/bf16 stay finite)."""
+    max_gap = 3 if timestamps_dtype in (torch.float16, torch.bfloat16) else 5000
+    options = dict(timestamps_dtype=timestamps_dtype, max_gap=max_gap, divisor=0.1)
+    _check_relative(LENGTHS, position_heads=0, time_heads=2, **options)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        dict(reach=0, num_buckets=1),  # one column each: every pair in it
+        dict(reach=3, num_buckets=4),  # most distances and times clamped
+        dict(reach=600, num_buckets=64),  # no distance clamped (reach > the longest sequence)
+        dict(reach=10, num_buckets=3000, divisor=0.004),  # more buckets than the kernel sums in shared memory
+    ],
+    ids=["single_columns", "clamped", "unclamped", "many_buckets"],
+)
+def test_relative_bias_clamping_and_bucket_counts(sizes: dict) -> None:
+    _check_relative(LENGTHS, targets=_targets(LENGTHS), **sizes)
+
+
+def test_relative_bias_single_tokens_empty_and_padded_batches() -> None:
+    _check_relative(LENGTHS, max_seq_len=600)  # max_seq_len beyond the longest sequence
+    _check_relative((1, 1, 1), heads=1, position_heads=1, time_heads=1)
+    _check_relative((0, 0))
+    _check_relative((0, 5, 0), heads=4, position_heads=1, time_heads=4, causal=False)
+
+
+def test_relative_bias_long_jagged_batch() -> None:
+    gen = torch.Generator().manual_seed(7)
+    lengths = tuple(torch.randint(1, 2049, (3,), generator=gen).tolist())
+    _check_relative(lengths, heads=2, dim=128, targets=tuple(min(n, 9) for n in lengths), max_seq_len=2048)
+
+
+def test_relative_bias_beside_rab_and_low_precision_tables() -> None:
+    """A shared rab beside the tables (drab too), and bf16/fp16 tables (their gradients cast to their dtype)."""
+    _check_relative(LENGTHS, with_rab=True, targets=_targets(LENGTHS))
+    _check_relative(LENGTHS, table_dtype=torch.bfloat16)
+    _check_relative(LENGTHS, dtype=torch.float16, table_dtype=torch.float16, causal=False)
+
+
+def test_relative_bias_deterministic_backward_matches_and_repeats() -> None:
+    """deterministic=True runs the Triton backward after the CUTLASS forward: it matches the reference and repeats
+    its bits."""
+    _check_relative(LENGTHS, deterministic=True)
+    lengths = (300, 77)
+    q, k, v = (torch.randn(377, 2, 64, device="cuda").to(torch.bfloat16) for _ in range(3))
+    offsets = torch.tensor([0, 300, 377], device="cuda")
+    bias = _bias(
+        lengths, position_heads=2, time_heads=1, reach=20, num_buckets=16, divisor=0.301,
+        timestamps_dtype=torch.int64, max_gap=1000, table_dtype=torch.float32, seed=1,
+    )  # fmt: skip
+    grad = torch.randn(q.shape, device="cuda").to(torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        run_bias = _detached(bias)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = hstu_attn_varlen_func(
+            *leaves, offsets, 300, relative_bias=run_bias, backend=KernelBackend.CUTLASS, deterministic=True
+        )
+        out.backward(grad)
+        runs.append([*(leaf.grad for leaf in leaves), run_bias.position_weights.grad, run_bias.time_weights.grad])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_relative_bias_direct_calls() -> None:
+    """The direct entry points: the forward equals the one through hstu_attn_varlen_func; the backward returns
+    (dq, dk, dv, drab, dposition_weights, dtime_weights) with None for the absent rab and time table."""
+    lengths = (77, 0, 129)
+    q, k, v = (torch.randn(206, 2, 64, device="cuda").to(torch.float16) for _ in range(3))
+    offsets = torch.tensor([0, 77, 77, 206], device="cuda", dtype=torch.int32)
+    bias = _bias(
+        lengths, position_heads=1, time_heads=0, reach=30, num_buckets=1, divisor=0.301,
+        timestamps_dtype=torch.int64, max_gap=1, table_dtype=torch.float32, seed=2,
+    )  # fmt: skip
+    options = dict(alpha=0.125, scale=1 / 129, causal=True, num_targets=None, contextual_seq_len=0, max_attn_len=0)
+    out = hstu_attn_cutlass_forward(q, k, v, offsets, 129, relative_bias=bias, **options)
+    through = hstu_attn_varlen_func(
+        q, k, v, offsets, 129, alpha=0.125, scaling_seqlen=129, relative_bias=_detached(bias),
+        backend=KernelBackend.CUTLASS,
+    )  # fmt: skip
+    torch.testing.assert_close(out, through, rtol=0, atol=0)
+    grad_out = torch.randn(q.shape, device="cuda").to(torch.float16)
+    dq, dk, dv, drab, dposition, dtime = hstu_attn_cutlass_backward(
+        grad_out, q, k, v, offsets, 129, relative_bias=bias, **options
+    )
+    assert drab is None and dtime is None
+    assert dposition is not None and dposition.shape == (1, 61) and dposition.dtype == torch.float32
+    want = hstu_attn_reference_backward(
+        grad_out.float(), q.float(), k.float(), v.float(), offsets, 129, alpha=0.125, scaling_seqlen=129,
+        relative_bias=_detached(bias),
+    )  # fmt: skip
+    for got, w in zip((dq, dk, dv, dposition), (*want[:3], want[4])):
+        assert _errors(got.float(), w.float())[1] < 2e-2

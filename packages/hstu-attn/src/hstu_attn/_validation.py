@@ -95,7 +95,7 @@ def _check_backend_support(
 ) -> None:
     """The dtypes, head dims and options that an explicitly chosen CUTLASS or TRITON backend cannot take."""
     if backend is KernelBackend.CUTLASS:
-        reason = cutlass_unsupported(q, v, has_rab=rab is not None, has_relative_bias=relative_bias is not None)
+        reason = cutlass_unsupported(q, v, has_rab=rab is not None, relative_bias=relative_bias)
         if reason is not None:
             raise NotImplementedError(f"{reason} (or use backend=KernelBackend.TRITON, PYTORCH or AUTO)")
     if backend is KernelBackend.TRITON:

@@ -240,6 +240,7 @@ def _forward_values(
         out = hstu_attn_cutlass_forward(
             q, k, v, seq_offsets, max_seq_len, alpha=alpha, scale=1.0 / scaling_seqlen, causal=causal,
             num_targets=num_targets, contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, rab=rab,
+            relative_bias=_relative_bias(position_weights, time_weights, timestamps, time_bucket_divisor),
         )  # fmt: skip
     else:
         out = hstu_attn_reference(
@@ -287,14 +288,11 @@ def _backward_values(
         check_finite_tokens("grad_out", grad_out, seq_offsets)
     concrete = _concrete_backend(backend, q, v)
     if concrete is KernelBackend.CUTLASS and q.shape[2] in CUTLASS_BACKWARD_HEAD_DIMS and not deterministic:
-        all_grads = (
-            *hstu_attn_cutlass_backward(
-                grad_out, q, k, v, seq_offsets, max_seq_len, alpha=alpha, scale=1.0 / scaling_seqlen, causal=causal,
-                num_targets=num_targets, contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, rab=rab,
-                rab_requires_grad=rab_needs_grad,
-            ),
-            None,  # the fused relative bias is refused for CUTLASS: no table gradients
-            None,
+        all_grads = hstu_attn_cutlass_backward(
+            grad_out, q, k, v, seq_offsets, max_seq_len, alpha=alpha, scale=1.0 / scaling_seqlen, causal=causal,
+            num_targets=num_targets, contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, rab=rab,
+            rab_requires_grad=rab_needs_grad,
+            relative_bias=_relative_bias(position_weights, time_weights, timestamps, time_bucket_divisor),
         )  # fmt: skip
     elif concrete in (KernelBackend.TRITON, KernelBackend.CUTLASS):  # CUTLASS: head dim 256 or deterministic
         all_grads = _import_triton_kernels().hstu_attn_triton_backward(

@@ -1,7 +1,8 @@
 """Finding and binding `libhstu_attn_cutlass.so` (built from `csrc/` with HSTU_ATTN_BUILD_CUDA=1) through ctypes.
 
-The library has a C ABI (`csrc/hstu_attn_cutlass.h`); `FwdParams` mirrors its `HstuAttnFwdParams` field by field,
-and the library's ABI version and struct size are checked when it is loaded.
+The library has a C ABI (`csrc/hstu_attn_cutlass.h`); `FwdParams`, `BwdParams` and `RelativeBiasParams` mirror its
+`HstuAttnFwdParams`, `HstuAttnBwdParams` and `HstuAttnRelativeBias` field by field, and the library's ABI version and
+struct sizes are checked when it is loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 LIBRARY_NAME = "libhstu_attn_cutlass.so"
 LIBRARY_ENV = "HSTU_ATTN_CUTLASS_LIB"
 BUILD_HINT = (
@@ -20,6 +21,22 @@ BUILD_HINT = (
     "`pip install nvidia-cutlass==4.2.0.0`, or CUTLASS_INCLUDE_DIR), or point HSTU_ATTN_CUTLASS_LIB at a built "
     f"{LIBRARY_NAME}"
 )
+
+
+class RelativeBiasParams(ctypes.Structure):
+    """`HstuAttnRelativeBias` of `csrc/hstu_attn_cutlass.h` (the fused relative bias; NULL tables: none)."""
+
+    _fields_ = [
+        ("position_weights", ctypes.c_void_p),
+        ("time_weights", ctypes.c_void_p),
+        ("timestamps", ctypes.c_void_p),
+        ("position_head_stride", ctypes.c_int64),
+        ("time_head_stride", ctypes.c_int64),
+        ("position_reach", ctypes.c_int32),
+        ("num_time_buckets", ctypes.c_int32),
+        ("timestamps_dtype", ctypes.c_int32),
+        ("inv_time_bucket_divisor", ctypes.c_float),
+    ]
 
 
 class FwdParams(ctypes.Structure):
@@ -47,6 +64,7 @@ class FwdParams(ctypes.Structure):
         ("max_attn_len", ctypes.c_int32),
         ("alpha", ctypes.c_float),
         ("inv_scaling", ctypes.c_float),
+        ("relative_bias", RelativeBiasParams),
     ]
 
 
@@ -81,6 +99,9 @@ class BwdParams(ctypes.Structure):
         ),
         ("alpha", ctypes.c_float),
         ("inv_scaling", ctypes.c_float),
+        ("relative_bias", RelativeBiasParams),
+        ("dposition_weights", ctypes.c_void_p),
+        ("dtime_weights", ctypes.c_void_p),
     ]
 
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import ctypes
+import struct
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from hstu_attn.cutlass import _library
+from hstu_attn.relative_bias import RelativeBias
 
 __all__ = [
     "CUTLASS_BACKWARD_HEAD_DIMS",
     "CUTLASS_DTYPES",
     "CUTLASS_HEAD_DIMS",
+    "CUTLASS_TIMESTAMP_DTYPES",
     "cutlass_available",
     "cutlass_unsupported",
     "hstu_attn_cutlass_backward",
@@ -23,6 +27,16 @@ CUTLASS_HEAD_DIMS = (64, 128, 256)
 CUTLASS_BACKWARD_HEAD_DIMS = (64, 128)
 CUTLASS_DTYPES = (torch.bfloat16, torch.float16)
 _DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1}
+# HstuAttnTimestampDtype of csrc/hstu_attn_cutlass.h.
+_TIMESTAMP_DTYPE_CODES = {
+    torch.int32: 0,
+    torch.int64: 1,
+    torch.float32: 2,
+    torch.float64: 3,
+    torch.float16: 4,
+    torch.bfloat16: 5,
+}
+CUTLASS_TIMESTAMP_DTYPES = tuple(_TIMESTAMP_DTYPE_CODES)
 
 
 def cutlass_available() -> bool:
@@ -30,10 +44,13 @@ def cutlass_available() -> bool:
     return not isinstance(_library.load(), str)
 
 
-def cutlass_unsupported(q: Tensor, v: Tensor, *, has_rab: bool, has_relative_bias: bool) -> str | None:
+def cutlass_unsupported(
+    q: Tensor, v: Tensor, *, has_rab: bool, relative_bias: RelativeBias | None = None
+) -> str | None:
     """Why the CUTLASS backend cannot take these inputs (a sentence), or None when it can.
 
-    A materialized `rab` is supported (`has_rab` never makes it refuse); the fused `relative_bias` is not.
+    A materialized `rab` is supported (`has_rab` never makes it refuse), and so is the fused `relative_bias`, alone or
+    beside rab, with timestamps of a dtype in `CUTLASS_TIMESTAMP_DTYPES`.
     """
     library = _library.load()
     if isinstance(library, str):
@@ -42,10 +59,13 @@ def cutlass_unsupported(q: Tensor, v: Tensor, *, has_rab: bool, has_relative_bia
         return f"the CUTLASS backend supports bfloat16 and float16; got {q.dtype}"
     if q.shape[2] != v.shape[2] or q.shape[2] not in CUTLASS_HEAD_DIMS:
         return f"the CUTLASS backend supports Dqk == Dv in {CUTLASS_HEAD_DIMS}; got Dqk={q.shape[2]}, Dv={v.shape[2]}"
-    if has_relative_bias:
+    # (a relative_bias that is no RelativeBias is named by the argument checks that follow)
+    has_times = isinstance(relative_bias, RelativeBias) and relative_bias.time_weights is not None
+    timestamps = relative_bias.timestamps if has_times else None
+    if timestamps is not None and timestamps.dtype not in CUTLASS_TIMESTAMP_DTYPES:
         return (
-            "the CUTLASS backend has no fused relative_bias yet; use backend=KernelBackend.TRITON, or materialize "
-            "the bias as rab [B, H or 1, N, N], which the CUTLASS backend takes"
+            f"the CUTLASS backend takes relative_bias.timestamps of dtype int32, int64, float32, float64, float16 or "
+            f"bfloat16; got {timestamps.dtype}"
         )
     if not q.is_cuda:
         return f"the CUTLASS backend needs CUDA tensors; got {q.device}"
@@ -87,6 +107,72 @@ def _check_rab(rab: Tensor, q: Tensor, num_sequences: int, max_seq_len: int) -> 
         raise ValueError(f"rab must be on q's device {q.device}; got {rab.device}")
 
 
+def _float32(x: float) -> float:
+    """`x` rounded to the nearest float32."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+@dataclass
+class _KernelRelativeBias:
+    """The fused relative bias as the kernels read it: fp32 contiguous tables `[Hb, width]` and contiguous timestamps
+    `[L]` on q's device (None when absent; they must outlive the launch), and the params that point at them."""
+
+    position: Tensor | None
+    time: Tensor | None
+    timestamps: Tensor | None
+    params: _library.RelativeBiasParams
+
+    def gradient_buffers(self) -> tuple[Tensor | None, Tensor | None]:
+        """Zeroed fp32 buffers shaped and strided like the fp32 tables, which the backward kernel adds into."""
+        return tuple(None if table is None else torch.zeros_like(table) for table in (self.position, self.time))
+
+
+def _check_relative_bias(bias: RelativeBias, q: Tensor) -> None:
+    """The tables must have 1 or H rows, and they and the timestamps `[L]` of a supported dtype must be on q's
+    device: say what differs."""
+    bias.check_num_heads(q.shape[1])
+    for name in ("position_weights", "time_weights", "timestamps"):
+        tensor = getattr(bias, name)
+        if tensor is not None and tensor.device != q.device:
+            raise ValueError(f"relative_bias.{name} must be on q's device {q.device}; got {tensor.device}")
+    if bias.time_weights is None:
+        return
+    assert bias.timestamps is not None  # RelativeBias.__post_init__
+    if bias.timestamps.dtype not in CUTLASS_TIMESTAMP_DTYPES:
+        raise ValueError(
+            f"relative_bias.timestamps must be one of {CUTLASS_TIMESTAMP_DTYPES} for the CUTLASS kernels; got "
+            f"{bias.timestamps.dtype}"
+        )
+    if tuple(bias.timestamps.shape) != (q.shape[0],):
+        raise ValueError(f"relative_bias.timestamps must be [L] = [{q.shape[0]}]; got {tuple(bias.timestamps.shape)}")
+
+
+def _fp32_table(table: Tensor | None) -> Tensor | None:
+    return None if table is None else table.detach().to(torch.float32).contiguous()
+
+
+def _kernel_relative_bias(bias: RelativeBias | None, q: Tensor) -> _KernelRelativeBias:
+    """The checked `relative_bias` (or None: all-zero params, no bias) prepared for the kernels."""
+    if bias is None:
+        return _KernelRelativeBias(None, None, None, _library.RelativeBiasParams())
+    _check_relative_bias(bias, q)
+    position, time = _fp32_table(bias.position_weights), _fp32_table(bias.time_weights)
+    timestamps = None if time is None or bias.timestamps is None else bias.timestamps.contiguous()
+    params = _library.RelativeBiasParams(
+        position_weights=None if position is None else position.data_ptr(),
+        time_weights=None if time is None else time.data_ptr(),
+        timestamps=None if timestamps is None else timestamps.data_ptr(),
+        position_head_stride=0 if position is None or position.shape[0] == 1 else position.stride(0),
+        time_head_stride=0 if time is None or time.shape[0] == 1 else time.stride(0),
+        position_reach=bias.max_relative_distance,
+        num_time_buckets=bias.num_time_buckets,
+        timestamps_dtype=0 if timestamps is None else _TIMESTAMP_DTYPE_CODES[timestamps.dtype],
+        # the reference divides by the divisor the way PyTorch's CUDA kernel does: times its fp32 reciprocal
+        inv_time_bucket_divisor=1.0 / _float32(bias.time_bucket_divisor),
+    )
+    return _KernelRelativeBias(position, time, timestamps, params)
+
+
 def _bias_strides(name: str, bias: Tensor | None) -> dict[str, int]:
     """`{name}_batch/head/row_stride` of a `[B, H or 1, N, N]` bias (head stride 0 when shared by the heads)."""
     if bias is None:
@@ -113,16 +199,20 @@ def hstu_attn_cutlass_forward(
     contextual_seq_len: int,
     max_attn_len: int,
     rab: Tensor | None = None,
+    relative_bias: RelativeBias | None = None,
 ) -> Tensor:
     """Forward on the compiled kernels. q, k, v `[L, H, D]` (bf16/fp16, D in 64/128/256, one CUDA device),
     `seq_offsets [B+1]`, `num_targets [B]` or None (int32/int64, already validated); `scale` = 1 / scaling_seqlen;
-    `rab [B, H or 1, >= N, >= N]` in q's dtype (indexed by in-sequence positions, added to alpha q k^T) or None.
+    `rab [B, H or 1, >= N, >= N]` in q's dtype (indexed by in-sequence positions, added to alpha q k^T) or None;
+    `relative_bias` (tables `[1 or H, width]`, any floating dtype, read as fp32; timestamps `[L]` of a dtype in
+    `CUTLASS_TIMESTAMP_DTYPES`) computed inside the kernel and added beside rab, or None.
 
     Returns `[L, H, D]` in q's dtype.
     """
     _check_same_layout(q=q, k=k, v=v)
     if rab is not None:
         _check_rab(rab, q, seq_offsets.numel() - 1, max_seq_len)
+    fused = _kernel_relative_bias(relative_bias, q)
     library = _library.load()
     if isinstance(library, str):
         raise NotImplementedError(library)
@@ -137,6 +227,7 @@ def hstu_attn_cutlass_forward(
         **_strides(q=q, k=k, v=v, o=out),
         **_common_fields(q, seq_offsets, num_targets, max_seq_len, alpha, scale, causal, contextual_seq_len,
                          max_attn_len),
+        relative_bias=fused.params,
     )  # fmt: skip
     if q.shape[0] > 0:
         _launch(library, "forward", params, q.device)
@@ -159,19 +250,25 @@ def hstu_attn_cutlass_backward(
     max_attn_len: int,
     rab: Tensor | None = None,
     rab_requires_grad: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Backward on the compiled kernels: `(dq, dk, dv, drab)`, dq/dk/dv `[L, H, D]` in q's dtype. Takes what
-    :func:`hstu_attn_cutlass_forward` takes plus `grad_out [L, H, D]`; D must be in `CUTLASS_BACKWARD_HEAD_DIMS`.
-    dq is summed in fp32 (atomics over key blocks) and cast once at the end.
+    relative_bias: RelativeBias | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Backward on the compiled kernels: `(dq, dk, dv, drab, dposition_weights, dtime_weights)`, dq/dk/dv `[L, H, D]`
+    in q's dtype. Takes what :func:`hstu_attn_cutlass_forward` takes plus `grad_out [L, H, D]`; D must be in
+    `CUTLASS_BACKWARD_HEAD_DIMS`. dq is summed in fp32 (atomics over key blocks) and cast once at the end.
 
     drab is rab's gradient, shaped like rab in its dtype (zero at invalid pairs and past each sequence's end), or None
     without rab or with `rab_requires_grad=False`. A per-head rab's gradient is stored by the kernel once per entry; a
     rab shared by the heads (`[B, 1, N, N]`, H > 1) gets the sum over heads, added with fp32 atomics into an fp32
     `[B, 1, N, N]` buffer (the Triton backend's non-deterministic scheme; so its bits may vary between runs) and cast.
+
+    dposition_weights / dtime_weights are the relative-bias tables' gradients in their shapes and dtypes (None without
+    that table): the sum of dS over the valid pairs of each column (and over heads for a shared row), summed per CTA in
+    shared memory, added with fp32 atomics into fp32 buffers (bits may vary between runs) and cast.
     """
     _check_same_layout(q=q, k=k, v=v, grad_out=grad_out)
     if rab is not None:
         _check_rab(rab, q, seq_offsets.numel() - 1, max_seq_len)
+    fused = _kernel_relative_bias(relative_bias, q)
     library = _library.load()
     if isinstance(library, str):
         raise NotImplementedError(library)
@@ -182,6 +279,7 @@ def hstu_attn_cutlass_backward(
     num_targets = None if num_targets is None else num_targets.contiguous()
     dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk, dv = torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v)
+    dposition, dtime = fused.gradient_buffers()
     params = _library.BwdParams(
         q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), dout=grad_out.data_ptr(), dq_accum=dq_accum.data_ptr(),
         dk=dk.data_ptr(), dv=dv.data_ptr(),
@@ -191,11 +289,27 @@ def hstu_attn_cutlass_backward(
         **_strides(q=q, k=k, v=v, do=grad_out, dq=dq_accum, dk=dk, dv=dv),
         **_common_fields(q, seq_offsets, num_targets, max_seq_len, alpha, scale, causal, contextual_seq_len,
                          max_attn_len),
+        relative_bias=fused.params,
+        dposition_weights=None if dposition is None else dposition.data_ptr(),
+        dtime_weights=None if dtime is None else dtime.data_ptr(),
     )  # fmt: skip
     if q.shape[0] > 0:
         _launch(library, "backward", params, q.device)
     drab = None if drab_target is None else drab_target.to(q.dtype)  # rab has q's dtype (_check_rab)
-    return dq_accum.to(q.dtype), dk, dv, drab
+    table_grads = _cast_table_gradients(relative_bias, dposition, dtime)
+    return dq_accum.to(q.dtype), dk, dv, drab, *table_grads
+
+
+def _cast_table_gradients(
+    bias: RelativeBias | None, dposition: Tensor | None, dtime: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The fp32 table gradients in their tables' dtypes (None for an absent table)."""
+    if bias is None:
+        return None, None
+    return (
+        None if dposition is None or bias.position_weights is None else dposition.to(bias.position_weights.dtype),
+        None if dtime is None or bias.time_weights is None else dtime.to(bias.time_weights.dtype),
+    )
 
 
 def _rab_gradient_target(rab: Tensor | None, num_heads: int) -> tuple[Tensor | None, bool]:
