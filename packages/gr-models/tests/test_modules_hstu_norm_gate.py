@@ -161,10 +161,12 @@ def test_fused_dropout_acts_in_training_only() -> None:
     assert not torch.allclose(first, second)
 
 
-def test_default_keeps_the_plain_path_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("switch", ["default", None])
+def test_default_and_auto_keep_the_plain_path_on_cpu(monkeypatch: pytest.MonkeyPatch, switch: str | None) -> None:
     torch.manual_seed(4)
-    layer = HSTULayer(get_hstu_config(HIDDEN, HEAD_DIM, HEADS, 1, kernel_backend=KernelBackend.PYTORCH))
-    assert layer.config.fused_norm_gate is None
+    kwargs = {} if switch == "default" else {"fused_norm_gate": switch}
+    layer = HSTULayer(get_hstu_config(HIDDEN, HEAD_DIM, HEADS, 1, kernel_backend=KernelBackend.PYTORCH, **kwargs))
+    assert layer.config.fused_norm_gate is (False if switch == "default" else None)
     counter = _CountingGate()
     monkeypatch.setattr(hstu_layer_module, "layer_norm_gate", counter)
     layer(torch.randn(sum(LENGTHS), HIDDEN), _sequence(LENGTHS, TARGETS, torch.device("cpu")))
