@@ -47,6 +47,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from gr_models.data.host_view import HostCopy
+
 __all__ = ["Batch", "FeatureConfig", "RankingBatch", "RetrievalBatch"]
 
 _BatchT = TypeVar("_BatchT", bound="Batch")
@@ -102,6 +104,8 @@ class Batch(Pipelineable):
         max_num_candidates: upper bound of ``num_candidates`` (0 when there are no candidates).
         num_candidates: int64 ``[B]``, candidates at the end of each user's item sequence, or None.
         timestamp_feature_name: key of the per-item Unix-second timestamps, or None.
+        host: set by `to()`: the host tensors a batch moved to a device came from (read it through
+            `host_copy()`, which checks that it still describes `features`).
     """
 
     features: KeyedJaggedTensor
@@ -113,6 +117,7 @@ class Batch(Pipelineable):
     max_num_candidates: int = 0
     num_candidates: torch.Tensor | None = None
     timestamp_feature_name: str | None = None
+    host: HostCopy | None = field(default=None, kw_only=True, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         key_list = self.features.keys()
@@ -159,13 +164,28 @@ class Batch(Pipelineable):
         updates: dict[str, Any] = {name: fn_tensor(t) for name, t in self._tensor_fields().items()}
         return dataclasses.replace(self, features=fn_kjt(self.features), **updates)
 
+    def host_copy(self) -> HostCopy | None:
+        """The batch's features and candidate counts on the host: the batch itself when it is on the host, else the
+        tensors it was moved from by `to()`; None for a batch built on a device (or whose features were replaced)."""
+        if self.features.device().type == "cpu":
+            if self.num_candidates is not None and self.num_candidates.device.type != "cpu":
+                return None
+            return HostCopy(self.features, self.num_candidates, describes=self.features)
+        if self.host is not None and self.host.describes is self.features:
+            return self.host
+        return None
+
     def to(self: _BatchT, device: torch.device | str, non_blocking: bool = False) -> _BatchT:
-        """A copy of the batch on ``device`` (every tensor, KJT included)."""
+        """A copy of the batch on ``device`` (every tensor, KJT included) that keeps its host copy (`host_copy()`)."""
         device = torch.device(device)
-        return self._map(
+        host = self.host_copy()
+        moved = self._map(
             lambda kjt: kjt.to(device=device, non_blocking=non_blocking),
             lambda t: t.to(device=device, non_blocking=non_blocking),
         )
+        if host is not None:
+            moved.host = dataclasses.replace(host, describes=moved.features)
+        return moved
 
     def pin_memory(self: _BatchT) -> _BatchT:
         """A copy with every host tensor in page-locked memory (needs an accelerator build of torch)."""

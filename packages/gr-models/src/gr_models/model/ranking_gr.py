@@ -52,7 +52,7 @@ class RankingGR(GRModel):
     def logits(self, batch: RankingBatch) -> Tensor:
         """`[num scored items, num_tasks]` logits, rows in the order of `batch.labels`."""
         batch = self._on_device(batch)
-        sequence = self.hstu_block(self.embedding(batch.features), batch)
+        sequence = self.hstu_block(self.embedding(batch.features, batch.host_copy()), batch)
         if batch.num_candidates is not None:
             hidden = candidate_outputs(sequence)
         else:

@@ -15,6 +15,7 @@ and dynamic tables apply their fused optimizer inside backward.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -30,6 +31,7 @@ from gr_models.configs.embedding_config import (
     EmbeddingOptimizerParam,
     ShardedEmbeddingConfig,
 )
+from gr_models.data.host_view import HostCopy, host_id_range
 from gr_models.modules.sparse_optimizer import SparseRowOptimizer
 
 __all__ = ["EmbeddingOptimizerParam", "ShardedEmbedding"]
@@ -45,15 +47,27 @@ def _torchrec_config(config: BaseEmbeddingConfig) -> EmbeddingConfig:
     )
 
 
-def _select(jagged: dict[str, JaggedTensor], names: Sequence[str], wanted: set[str], stride: int) -> KeyedJaggedTensor:
+def _select(
+    jagged: dict[str, JaggedTensor], names: Sequence[str], wanted: set[str], stride: int, ids_per_key: dict[str, int]
+) -> KeyedJaggedTensor:
     """A KJT of every feature in `names` (a collection needs all of its features): the wanted ones from `jagged`,
-    the others empty."""
+    the others empty. `ids_per_key`: the number of ids of each wanted feature (the source KJT's `length_per_key`,
+    known on the host), so that building the KJT reads nothing back from the device."""
     device = next(iter(jagged.values())).values().device
     empty = JaggedTensor(
         values=torch.empty(0, dtype=torch.int64, device=device),
         lengths=torch.zeros(stride, dtype=torch.int64, device=device),
     )
-    return KeyedJaggedTensor.from_jt_dict({name: jagged[name] if name in wanted else empty for name in names})
+    parts = {name: jagged[name] if name in wanted else empty for name in names}
+    per_key = [ids_per_key[name] if name in wanted else 0 for name in names]
+    return KeyedJaggedTensor(
+        keys=list(names),
+        values=torch.cat([jt.values() for jt in parts.values()]),
+        lengths=torch.cat([jt.lengths() for jt in parts.values()]),
+        stride=stride,
+        length_per_key=per_key,
+        offset_per_key=[0, *itertools.accumulate(per_key)],
+    )
 
 
 def _tensor_parallel_size() -> int:
@@ -147,23 +161,35 @@ class ShardedEmbedding(nn.Module):
             raise KeyError(f"feature {feature_name!r} has no embedding table; tables serve {self.feature_names}")
         return self._configs[self._feature_to_table[feature_name]]
 
-    def _check_static_ids(self, jagged: dict[str, JaggedTensor], names: Sequence[str]) -> None:
+    def _check_static_ids(self, jagged: dict[str, JaggedTensor], names: Sequence[str], host: HostCopy | None) -> None:
+        """Every id of a static table's feature lies in the table: checked on the host copy when there is one, else
+        on the lookup's device (one synchronization per feature)."""
         for name in names:
             config = self.table_of(name)
             if isinstance(config, DynamicShardedEmbeddingConfig):
                 continue
-            ids = jagged[name].values()
-            if ids.numel() == 0:
+            if host is not None:
+                id_range = host_id_range(host, name)
+            else:
+                ids = jagged[name].values()
+                id_range = tuple(torch.stack(torch.aminmax(ids)).tolist()) if ids.numel() else None
+            if id_range is None:
                 continue
-            low, high = int(ids.min()), int(ids.max())
+            low, high = id_range
             if low < 0 or high >= config.vocab_size:
                 raise ValueError(
                     f"feature {name!r}: ids must lie in [0, {config.vocab_size}) of table {config.table_name!r}; "
                     f"got min {low}, max {high}"
                 )
 
-    def lookup(self, features: KeyedJaggedTensor, names: Sequence[str]) -> dict[str, JaggedTensor]:
-        """Embeddings of the features `names` only (each must have a table and be a key of `features`)."""
+    def lookup(
+        self, features: KeyedJaggedTensor, names: Sequence[str], host: HostCopy | None = None
+    ) -> dict[str, JaggedTensor]:
+        """Embeddings of the features `names` only (each must have a table and be a key of `features`).
+
+        `host`: the host copy of `features` (`Batch.host_copy()`), or None: with it the static ids are checked on
+        the host, without it on the device (a synchronization).
+        """
         keys = set(features.keys())
         missing = [f for f in names if f not in keys]
         if missing:
@@ -171,13 +197,14 @@ class ShardedEmbedding(nn.Module):
         for name in names:
             self.table_of(name)
         jagged = features.to_dict()
-        self._check_static_ids(jagged, names)
+        self._check_static_ids(jagged, names, host)
+        ids_per_key = dict(zip(features.keys(), features.length_per_key()))
         wanted = set(names)
         embeddings: dict[str, JaggedTensor] = {}
         sharded = set(gr_parallel.find_sharded_modules(self)) if self.is_sharded else set()
         for path, served in self._groups:
             if any(f in wanted for f in served):
-                selected = _select(jagged, served, wanted, features.stride())
+                selected = _select(jagged, served, wanted, features.stride(), ids_per_key)
                 module = self.get_submodule(path)
                 if path in sharded and selected.stride() >= _tensor_parallel_size():
                     # a tensor-parallel group reads the same samples: each rank looks up its part of them only
@@ -187,12 +214,13 @@ class ShardedEmbedding(nn.Module):
                 embeddings.update({f: looked_up[f] for f in served if f in wanted})
         return embeddings
 
-    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+    def forward(self, features: KeyedJaggedTensor, host: HostCopy | None = None) -> dict[str, JaggedTensor]:
         """Embeddings `{feature: JaggedTensor(values [N_f, dim], lengths [B])}` for every feature with a table.
 
-        Raises ValueError if a feature with a table is missing from `features` or a static id is out of range.
+        `host`: see `lookup`. Raises ValueError if a feature with a table is missing from `features` or a static id
+        is out of range.
         """
-        return self.lookup(features, self.feature_names)
+        return self.lookup(features, self.feature_names, host)
 
     def static_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(table name, weight) of every unsharded static table (the parameters `sparse_optimizers` trains)."""
@@ -212,8 +240,9 @@ class ShardedEmbedding(nn.Module):
         starts their input all-to-alls ahead (`gr_parallel.make_train_pipeline(..., sparse_inputs=...)`)."""
         sharded = gr_parallel.find_sharded_modules(self)
         jagged = features.to_dict()
+        ids_per_key = dict(zip(features.keys(), features.length_per_key()))
         return {
-            sharded[path]: _select(jagged, served, set(served), features.stride())
+            sharded[path]: _select(jagged, served, set(served), features.stride(), ids_per_key)
             for path, served in self._groups
             if path in sharded
         }

@@ -24,7 +24,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from gr_models.configs.hstu_config import HSTUConfig
 from gr_models.data.batch import Batch
-from gr_models.modules.jagged import lengths_to_offsets, scatter_rows, tail_mask, token_coordinates
+from gr_models.data.host_view import HostCopy, SequenceCounts, host_sequence_counts, sequence_counts
+from gr_models.modules.jagged import lengths_to_offsets, scatter_rows, token_coordinates
 from gr_models.modules.position_encoding import PositionTimeEncoder
 
 
@@ -74,6 +75,9 @@ class SequenceInputs:
         num_candidates: `[B]` int64 candidates at the end of each user's items, or None (no candidates).
         timestamps: per-item int64 Unix seconds with the item feature's per-user lengths (`[N]` values), or None.
         max_sequence_len: longest token sequence the feature bounds allow (the default attention normalizer).
+        host: the batch's host copy (`Batch.host_copy()`), or None: with it the sizes of the sequences come from the
+            host, without it they are read from the device (one synchronization).
+        timestamp_feature_name: key of the timestamps in the batch (checked against the item lengths on the host).
     """
 
     item_feature_name: str
@@ -82,6 +86,8 @@ class SequenceInputs:
     num_candidates: Tensor | None
     timestamps: JaggedTensor | None
     max_sequence_len: int
+    host: HostCopy | None = None
+    timestamp_feature_name: str | None = None
 
     @classmethod
     def from_batch(cls, batch: Batch) -> SequenceInputs:
@@ -99,6 +105,25 @@ class SequenceInputs:
             num_candidates=batch.num_candidates,
             timestamps=timestamps,
             max_sequence_len=max(1, contextual_bound + stride * bounds[batch.item_feature_name]),
+            host=batch.host_copy(),
+            timestamp_feature_name=batch.timestamp_feature_name,
+        )
+
+    def counts(self, embedded_features: list[str]) -> SequenceCounts | None:
+        """The batch's `SequenceCounts` from its host copy (None without one), after checking on the host that the
+        action, timestamp and side features (`embedded_features` other than the item and contextual ones) have the
+        item feature's per-user lengths."""
+        if self.host is None:
+            return None
+        excluded = {self.item_feature_name, *self.contextual_feature_names}
+        aligned = [name for name in embedded_features if name not in excluded]
+        if self.action_feature_name is not None and self.action_feature_name not in aligned:
+            aligned.append(self.action_feature_name)
+        if self.timestamp_feature_name is not None:
+            aligned.append(self.timestamp_feature_name)
+        with_actions = self.action_feature_name is not None
+        return host_sequence_counts(
+            self.host, self.item_feature_name, self.contextual_feature_names, aligned, with_actions
         )
 
 
@@ -109,7 +134,9 @@ class _TokenLayout:
     Attributes:
         lengths: `[B]` tokens per user; offsets: `[B+1]`.
         num_candidates / history_lengths / contextual_total: `[B]` per user.
-        is_candidate: `[N]` bool over the item rows, True for the candidates.
+        counts: the sizes as Python ints.
+        history_rows / candidate_rows: `[H]` / `[C]` index into the item rows (`[N]`) of the history items and of
+            the candidates.
         contextual_index: one `[N_f]` destination per contextual feature.
         history_ids / event: `[H]` user and index within the user's history of each history event.
         history_item_index / history_event_end_index: `[H]` destinations of an event's item and last token.
@@ -121,7 +148,9 @@ class _TokenLayout:
     num_candidates: Tensor
     history_lengths: Tensor
     contextual_total: Tensor
-    is_candidate: Tensor
+    counts: SequenceCounts
+    history_rows: Tensor
+    candidate_rows: Tensor
     contextual_index: list[Tensor]
     history_ids: Tensor
     event: Tensor
@@ -133,34 +162,44 @@ class _TokenLayout:
 
 
 def _token_layout(
-    item_lengths: Tensor, num_candidates: Tensor, contextual_lengths: list[Tensor], with_actions: bool
+    item_lengths: Tensor,
+    num_candidates: Tensor,
+    contextual_lengths: list[Tensor],
+    with_actions: bool,
+    counts: SequenceCounts | None = None,
 ) -> _TokenLayout:
-    """The layout `[ctx.., item_0, (action_0), .., cand..]` per user from `[B]` int64 lengths (module docstring)."""
+    """The layout `[ctx.., item_0, (action_0), .., cand..]` per user from `[B]` int64 lengths (module docstring).
+
+    `counts`: the sizes known on the host; None reads them from the lengths (one synchronization on a device).
+    """
+    if counts is None:
+        counts = sequence_counts(item_lengths, num_candidates, contextual_lengths, with_actions)
     history_lengths = item_lengths - num_candidates
-    if bool((history_lengths < 0).any()):
-        raise ValueError("num_candidates exceeds the item sequence length of some user")
     stride = 2 if with_actions else 1
     contextual_total = sum(contextual_lengths, torch.zeros_like(item_lengths))
     lengths = contextual_total + stride * history_lengths + num_candidates
     offsets = lengths_to_offsets(lengths)
     starts = offsets[:-1]
     contextual_index, consumed = [], torch.zeros_like(item_lengths)
-    for ctx_lengths in contextual_lengths:
-        ids, pos = token_coordinates(ctx_lengths)
+    for ctx_lengths, ctx_total in zip(contextual_lengths, counts.contextual_totals):
+        ids, pos = token_coordinates(ctx_lengths, ctx_total)
         contextual_index.append(starts[ids] + consumed[ids] + pos)
         consumed = consumed + ctx_lengths
-    history_ids, event = token_coordinates(history_lengths)
+    history_ids, event = token_coordinates(history_lengths, counts.total_history)
     history_item_index = starts[history_ids] + contextual_total[history_ids] + stride * event
-    candidate_ids, candidate_pos = token_coordinates(num_candidates)
+    candidate_ids, candidate_pos = token_coordinates(num_candidates, counts.total_candidates)
     candidate_starts = starts + contextual_total + stride * history_lengths
     candidate_index = candidate_starts[candidate_ids] + candidate_pos
+    item_starts = lengths_to_offsets(item_lengths)[:-1]
     return _TokenLayout(
         lengths=lengths,
         offsets=offsets,
         num_candidates=num_candidates,
         history_lengths=history_lengths,
         contextual_total=contextual_total,
-        is_candidate=tail_mask(item_lengths, num_candidates),
+        counts=counts,
+        history_rows=item_starts[history_ids] + event,
+        candidate_rows=(item_starts + history_lengths)[candidate_ids] + candidate_pos,
         contextual_index=contextual_index,
         history_ids=history_ids,
         event=event,
@@ -180,24 +219,25 @@ def _positions(layout: _TokenLayout, count_from: str) -> tuple[Tensor, Tensor]:
     return layout.history_lengths[layout.history_ids] - layout.event, torch.zeros_like(layout.candidate_pos)
 
 
-def _item_times(inputs: SequenceInputs, item_lengths: Tensor) -> Tensor | None:
-    """`[N]` int64 item timestamps on the items' device, or None without timestamps; checks their alignment."""
+def _item_times(inputs: SequenceInputs, item_lengths: Tensor, checked: bool) -> Tensor | None:
+    """`[N]` int64 item timestamps on the items' device, or None without timestamps; checks their alignment unless
+    it was `checked` on the host."""
     if inputs.timestamps is None:
         return None
-    if not torch.equal(inputs.timestamps.lengths().to(torch.int64), item_lengths):
+    if not checked and not torch.equal(inputs.timestamps.lengths().to(torch.int64), item_lengths):
         raise ValueError(f"the timestamps must align with the item feature {inputs.item_feature_name!r}")
     return inputs.timestamps.values().to(device=item_lengths.device, dtype=torch.int64)
 
 
 def _query_times(item_times: Tensor, item_lengths: Tensor) -> Tensor:
     """`[B]` latest item time per user (0 for a user without items)."""
-    item_ids, _ = token_coordinates(item_lengths)
+    item_ids, _ = token_coordinates(item_lengths, item_times.shape[0])
     return torch.zeros_like(item_lengths).scatter_reduce(0, item_ids, item_times, reduce="amax", include_self=False)
 
 
 def _ages(item_times: Tensor, query_times: Tensor, layout: _TokenLayout, time_from: str) -> tuple[Tensor, Tensor]:
     """`[H]` history and `[C]` candidate ages: query time minus token time, or since the previous event."""
-    history_times, candidate_times = item_times[~layout.is_candidate], item_times[layout.is_candidate]
+    history_times, candidate_times = _split_items(item_times, layout)
     if time_from == "previous":
         history_ids, candidate_ids = layout.history_ids, layout.candidate_ids
         return _times_since_previous_event(
@@ -211,11 +251,16 @@ def _ages(item_times: Tensor, query_times: Tensor, layout: _TokenLayout, time_fr
 
 def _token_times(item_times: Tensor, query_times: Tensor, layout: _TokenLayout, total: int) -> Tensor:
     """`[L]` token times: an item (and its action) its own time, a contextual token the user's latest time."""
-    history_times, candidate_times = item_times[~layout.is_candidate], item_times[layout.is_candidate]
+    history_times, candidate_times = _split_items(item_times, layout)
     token_times = query_times.repeat_interleave(layout.lengths, output_size=total)
     token_times = token_times.index_put((layout.history_item_index,), history_times)
     token_times = token_times.index_put((layout.history_event_end_index,), history_times)
     return token_times.index_put((layout.candidate_index,), candidate_times)
+
+
+def _split_items(rows: Tensor, layout: _TokenLayout) -> tuple[Tensor, Tensor]:
+    """(`[H, ...]` history rows, `[C, ...]` candidate rows) of per-item `rows [N, ...]`, user by user."""
+    return rows.index_select(0, layout.history_rows), rows.index_select(0, layout.candidate_rows)
 
 
 def _check_aligned(name: str, jagged: JaggedTensor, lengths: Tensor, item_name: str) -> None:
@@ -253,8 +298,13 @@ class HSTUPreprocessor(nn.Module):
         return self.position_encoder(values, positions, ages) if self.position_encoder is not None else values
 
     def forward(self, embeddings: dict[str, JaggedTensor], inputs: SequenceInputs) -> HSTUSequence:
-        """Assemble tokens, add encodings and dropout. `embeddings` maps feature name -> `[N_f, D]` lookups."""
-        item_lengths, item_values = self._item_rows(embeddings, inputs)
+        """Assemble tokens, add encodings and dropout. `embeddings` maps feature name -> `[N_f, D]` lookups.
+
+        With a host copy in `inputs` no value is read back from the embeddings' device (sizes and checks come from
+        the host); without one, the sizes are read in one synchronization (the alignment checks add one per
+        aligned feature)."""
+        counts = inputs.counts(list(embeddings))
+        item_lengths, item_values = self._item_rows(embeddings, inputs, checked=counts is not None)
         contextual = [embeddings[name] for name in inputs.contextual_feature_names]
         for name, jagged in zip(inputs.contextual_feature_names, contextual):
             self._check_width(name, jagged.values())
@@ -262,13 +312,14 @@ class HSTUPreprocessor(nn.Module):
         if inputs.num_candidates is not None:
             num_candidates = inputs.num_candidates.to(device=item_lengths.device, dtype=torch.int64)
         contextual_lengths = [jt.lengths().to(torch.int64) for jt in contextual]
-        layout = _token_layout(item_lengths, num_candidates, contextual_lengths, inputs.action_feature_name is not None)
-        item_times = _item_times(inputs, item_lengths)
+        with_actions = inputs.action_feature_name is not None
+        layout = _token_layout(item_lengths, num_candidates, contextual_lengths, with_actions, counts)
+        item_times = _item_times(inputs, item_lengths, checked=counts is not None)
         query_times = _query_times(item_times, item_lengths) if item_times is not None else None
         positions, ages = self._positions_and_ages(layout, item_times, query_times)
         sources = [(self._scaled(jt.values()), index) for jt, index in zip(contextual, layout.contextual_index)]
         sources += self._event_rows(embeddings, inputs, item_lengths, item_values, layout, positions, ages)
-        total = int(layout.offsets[-1])
+        total = layout.counts.total_tokens
         values = scatter_rows(sources, total) if total > 0 else item_values.new_zeros(0, self.hidden_size)
         values = F.dropout(values, p=self.dropout, training=self.training)
         timestamps = None
@@ -276,8 +327,11 @@ class HSTUPreprocessor(nn.Module):
             timestamps = _token_times(item_times, query_times, layout, total)
         return self._sequence(values, layout, timestamps, inputs.max_sequence_len)
 
-    def _item_rows(self, embeddings: dict[str, JaggedTensor], inputs: SequenceInputs) -> tuple[Tensor, Tensor]:
-        """`[B]` int64 item lengths and `[N, D]` scaled item embeddings with the per-item side features added."""
+    def _item_rows(
+        self, embeddings: dict[str, JaggedTensor], inputs: SequenceInputs, checked: bool
+    ) -> tuple[Tensor, Tensor]:
+        """`[B]` int64 item lengths and `[N, D]` scaled item embeddings with the per-item side features added (their
+        alignment with the items checked here unless it was `checked` on the host)."""
         item_name = inputs.item_feature_name
         if item_name not in embeddings:
             raise ValueError(f"no embeddings for the item feature {item_name!r}")
@@ -288,7 +342,8 @@ class HSTUPreprocessor(nn.Module):
         excluded = {item_name, inputs.action_feature_name, *inputs.contextual_feature_names}
         for name, jagged in embeddings.items():
             if name not in excluded:
-                _check_aligned(name, jagged, item_lengths, item_name)
+                if not checked:
+                    _check_aligned(name, jagged, item_lengths, item_name)
                 item_values = item_values + jagged.values()
         return item_lengths, self._scaled(item_values)
 
@@ -314,15 +369,17 @@ class HSTUPreprocessor(nn.Module):
         ages: tuple[Tensor | None, Tensor | None],
     ) -> list[tuple[Tensor, Tensor]]:
         """Encoded history item, history action and candidate rows with their destinations in the sequence."""
-        history = self._encoded(item_values[~layout.is_candidate], positions[0], ages[0])
-        candidates = self._encoded(item_values[layout.is_candidate], positions[1], ages[1])
+        history_values, candidate_values = _split_items(item_values, layout)
+        history = self._encoded(history_values, positions[0], ages[0])
+        candidates = self._encoded(candidate_values, positions[1], ages[1])
         rows = [(history, layout.history_item_index)]
         action_name = inputs.action_feature_name
         if action_name is not None:
             actions = embeddings[action_name]
-            _check_aligned(action_name, actions, item_lengths, inputs.item_feature_name)
+            if inputs.host is None:
+                _check_aligned(action_name, actions, item_lengths, inputs.item_feature_name)
             self._check_width(action_name, actions.values())
-            action_values = self._scaled(actions.values()[~layout.is_candidate])
+            action_values = self._scaled(actions.values().index_select(0, layout.history_rows))
             rows.append((self._encoded(action_values, positions[0], ages[0]), layout.history_event_end_index))
         rows.append((candidates, layout.candidate_index))
         return rows
@@ -330,17 +387,13 @@ class HSTUPreprocessor(nn.Module):
     def _sequence(
         self, values: Tensor, layout: _TokenLayout, timestamps: Tensor | None, max_sequence_len: int
     ) -> HSTUSequence:
-        contextual_total = layout.contextual_total
-        contextual_len = 0
-        if layout.contextual_index and bool((contextual_total == contextual_total[0]).all()):
-            contextual_len = int(contextual_total[0])
         return HSTUSequence(
             values=values,
             offsets=layout.offsets,
-            max_len=int(layout.lengths.max()) if layout.lengths.numel() > 0 else 0,
+            max_len=layout.counts.max_len,
             scaling_seqlen=self.scaling_seqlen or max_sequence_len,
             num_candidates=layout.num_candidates,
-            contextual_len=contextual_len,
+            contextual_len=layout.counts.contextual_len,
             timestamps=timestamps,
             history_lengths=layout.history_lengths,
             history_item_index=layout.history_item_index,
