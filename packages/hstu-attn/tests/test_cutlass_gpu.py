@@ -14,6 +14,8 @@ reaches that row's output or gradients; the entries that do attend it come out n
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import Tensor
@@ -538,7 +540,7 @@ def test_rab_nan_at_a_valid_pair_reaches_what_the_reference_says(mask: str, rab_
 # ---- fused relative bias (RelativeBias: position and time tables) ---------------------------------------------
 
 
-def _timestamps(lengths, dtype: torch.dtype, *, seed: int, max_gap: int) -> Tensor:
+def _timestamps(lengths: tuple[int, ...], dtype: torch.dtype, *, seed: int, max_gap: int) -> Tensor:
     """Per sequence, non-decreasing times (random gaps in [0, max_gap], repeats included) from a random start, so
     that |t_j - t_i| spans many log buckets; in `dtype` (float16/bfloat16 from small integers, exact there)."""
     gen = torch.Generator().manual_seed(seed)
@@ -551,8 +553,10 @@ def _timestamps(lengths, dtype: torch.dtype, *, seed: int, max_gap: int) -> Tens
     return times.to(dtype).cuda()
 
 
-def _bias(lengths, *, position_heads, time_heads, reach, num_buckets, divisor, timestamps_dtype, max_gap,
-          table_dtype, seed) -> RelativeBias:  # fmt: skip
+def _bias(
+    lengths: tuple[int, ...], *, position_heads: int, time_heads: int, reach: int, num_buckets: int, divisor: float,
+    timestamps_dtype: torch.dtype, max_gap: int, table_dtype: torch.dtype, seed: int,
+) -> RelativeBias:  # fmt: skip
     """Random tables (0 heads: no such table) and timestamps as a RelativeBias of leaf tensors needing gradients."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
 
@@ -582,23 +586,23 @@ def _detached(bias: RelativeBias, dtype: torch.dtype | None = None) -> RelativeB
 
 
 def _check_relative(
-    lengths,
+    lengths: tuple[int, ...],
     *,
-    heads=2,
-    dim=64,
-    dtype=torch.bfloat16,
-    position_heads=2,
-    time_heads=2,
-    reach=40,
-    num_buckets=32,
-    divisor=0.301,
-    timestamps_dtype=torch.int64,
-    max_gap=5000,
-    table_dtype=torch.float32,
-    with_rab=False,
-    backward=True,
-    deterministic=False,
-    **options,
+    heads: int = 2,
+    dim: int = 64,
+    dtype: torch.dtype = torch.bfloat16,
+    position_heads: int = 2,
+    time_heads: int = 2,
+    reach: int = 40,
+    num_buckets: int = 32,
+    divisor: float = 0.301,
+    timestamps_dtype: torch.dtype = torch.int64,
+    max_gap: int = 5000,
+    table_dtype: torch.dtype = torch.float32,
+    with_rab: bool = False,
+    backward: bool = True,
+    deterministic: bool = False,
+    **options: Any,
 ) -> None:
     """Forward and backward of backend=CUTLASS with a fused relative bias (and optionally a rab), against the reference
     run in fp32 and in the input dtype: out, dq, dk, dv, drab (with a rab) and the table gradients."""

@@ -124,7 +124,8 @@ class _KernelRelativeBias:
 
     def gradient_buffers(self) -> tuple[Tensor | None, Tensor | None]:
         """Zeroed fp32 buffers shaped and strided like the fp32 tables, which the backward kernel adds into."""
-        return tuple(None if table is None else torch.zeros_like(table) for table in (self.position, self.time))
+        position = None if self.position is None else torch.zeros_like(self.position)
+        return position, None if self.time is None else torch.zeros_like(self.time)
 
 
 def _check_relative_bias(bias: RelativeBias, q: Tensor) -> None:
