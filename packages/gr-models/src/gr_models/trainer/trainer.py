@@ -16,6 +16,7 @@ import gr_parallel
 from gr_models.data.batch import Batch
 from gr_models.data.collate import BatchCollator, collate_samples
 from gr_models.data.dataset import SequenceDataset
+from gr_models.data.host_view import host_sequence_counts, sequence_counts
 from gr_models.data.pipeline import UserShardSampler
 from gr_models.model.base import GRModel
 from gr_models.trainer import checkpointing
@@ -31,12 +32,20 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def sequence_tokens(batch: Batch) -> int:
-    """Tokens the model sees for `batch`: contextual ids + 2 per history event (1 without actions) + candidates."""
-    items = int(batch.item_lengths().sum())
-    candidates = int(batch.num_candidates.sum()) if batch.num_candidates is not None else 0
-    contextual = sum(int(batch.feature_lengths(n).sum()) for n in batch.contextual_feature_names)
-    stride = 2 if batch.action_feature_name is not None else 1
-    return contextual + stride * (items - candidates) + candidates
+    """Tokens the model sees for `batch`: contextual ids + 2 per history event (1 without actions) + candidates.
+
+    Counted on the batch's host copy (`Batch.host_copy()`) when it has one, else read from its device in one read.
+    """
+    with_actions = batch.action_feature_name is not None
+    host = batch.host_copy()
+    if host is not None:
+        return host_sequence_counts(
+            host, batch.item_feature_name, batch.contextual_feature_names, [], with_actions
+        ).total_tokens
+    items = batch.item_lengths()
+    candidates = batch.num_candidates if batch.num_candidates is not None else torch.zeros_like(items)
+    contextual = [batch.feature_lengths(n) for n in batch.contextual_feature_names]
+    return sequence_counts(items, candidates, contextual, with_actions).total_tokens
 
 
 class _SkippingSampler(torch.utils.data.Sampler[int]):
