@@ -88,7 +88,7 @@ class RetrievalGR(GRModel):
 
     def _encode(self, batch: RetrievalBatch) -> tuple[HSTUSequence, Tensor, Tensor, Tensor]:
         """(sequence, item ids [N], item embeddings [N, D], item offsets [B+1])."""
-        embeddings = self.embedding(batch.features)
+        embeddings = self.embedding(batch.features, batch.host_copy())
         sequence = self.backbone(embeddings, batch)
         items = embeddings[batch.item_feature_name]
         item_ids = batch.features[batch.item_feature_name].values().to(torch.int64)
