@@ -114,7 +114,7 @@ def host_lengths(copy: HostCopy, name: str) -> Tensor:
     keys = features.keys()
     if name not in keys:
         raise ValueError(f"the batch has no feature {name!r}; its features are {keys}")
-    return features.lengths().view(len(keys), -1)[keys.index(name)].to(torch.int64)
+    return features.lengths().view(len(keys), features.stride())[keys.index(name)].to(torch.int64)
 
 
 def host_sequence_counts(
