@@ -10,8 +10,8 @@
 // gradient dS / alpha of every valid pair is stored (per head) or added with fp32 atomics (rab shared by the heads)
 // right there: no extra shared memory. With the fused relative bias (kRelative, relative_bias.cuh), each valid pair's
 // bias is computed there from the tables and timestamps (a rab given beside it read as above), and its dS is summed in
-// shared memory per relative distance (per tile) and per time bucket (per CTA), then added into the fp32 table
-// gradients with global atomics.
+// shared memory per relative distance (per tile) and per time bucket (per CTA, after a shuffle sum over the lanes of a
+// warp that share a bucket), then added into the fp32 table gradients with global atomics.
 // Masked pairs are selected out (never multiplied by the mask). In masked tiles a non-finite operand entry must not
 // meet an invalid pair's zero weight either (finite.cuh), as in hstu_attn.reference and the Triton kernels: such q and
 // dO entries are zeroed in shared memory after S^T and dP^T used them, before dK += dS^T Q and dV += P^T dO; the dV
@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
       } else if constexpr (kRelative) {
         // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
         const bool inside = valid && query < length;
-        int bucket = 0;
+        int bucket = -1;  // set by value() when there is a time table
         if (inside) {
           x += RelativeBiasRows(p.relative_bias, start, head).value(query, key, bucket);
           if (rab != nullptr) x += static_cast<float>(rab[query * p.rab_row_stride + key]);
@@ -277,8 +277,9 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
         const float ds = inside ? acc_dp(i) * p.inv_scaling * silu_derivative(x) : 0.0f;  // d bias
         if (inside) {
           if (drab != nullptr) write_rab_gradient<Elem>(drab, p.drab_atomic, query * p.drab_row_stride + key, ds);
-          bias_grads.add(query, key, m0, n0, bucket, ds);
+          bias_grads.add_position(query, key, m0, n0, ds);
         }
+        bias_grads.add_time(inside ? bucket : -1, ds);  // warp-collective
         acc_dp(i) = ds * p.alpha;  // dS^T
       } else {
         acc_dp(i) = valid ? acc_dp(i) * scale * silu_derivative(x) : 0.0f;  // dS^T

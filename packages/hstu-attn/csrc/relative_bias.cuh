@@ -57,6 +57,22 @@ __device__ __forceinline__ float time_magnitude(const void* timestamps, int dtyp
   }
 }
 
+// Warp-collective: the sum of x over the lanes in `peers` (this lane's group, from __match_any_sync), complete at the
+// group's lowest lane (a tree over the group's ranks; every lane of the warp takes part in every shuffle).
+__device__ __forceinline__ float sum_over_peers(unsigned peers, float x) {
+  const int lane = int(threadIdx.x % 32);
+  int rank = __popc(peers & ((1u << lane) - 1u));  // this lane's rank in its group
+  unsigned higher = peers & ~((2u << lane) - 1u);  // the group's lanes above this one (for lane 31: none)
+  while (__any_sync(0xffffffffu, higher != 0)) {
+    const int next = __ffs(higher);  // 1 + the next remaining lane above, 0 if none
+    const float above = __shfl_sync(0xffffffffu, x, next > 0 ? next - 1 : lane);
+    if (next > 0) x += above;
+    higher &= ~__ballot_sync(0xffffffffu, rank & 1);  // odd ranks were added into the lane below: done
+    rank >>= 1;
+  }
+  return x;
+}
+
 struct RelativeBiasRows {
   const float* position;   // this head's row of the position table, or nullptr
   const float* time;       // this head's row of the time table, or nullptr
@@ -104,7 +120,8 @@ struct RelativeBiasRows {
 // The backward's sums of dS per table column before they reach the fp32 gradients in global memory: per score tile,
 // one shared float per relative distance key - query of the tile (kBlockM + kBlockN - 1 of them), added into the
 // position gradient after the tile; per CTA, one float per time bucket (in shared memory up to kMaxSharedBuckets
-// buckets, else the global row itself), added into the time gradient at the end.
+// buckets, else the global row itself; each warp first sums its lanes of one bucket), added into the time gradient at
+// the end.
 template <int kBlockM, int kBlockN, int kNThreads>
 struct RelativeBiasGradients {
   static constexpr int kMaxSharedBuckets = 2048;
@@ -142,10 +159,20 @@ struct RelativeBiasGradients {
 
   __device__ __forceinline__ bool time_in_shared() const { return num_buckets <= kMaxSharedBuckets; }
 
-  // dS of one valid pair of the tile whose first query is m0 and first key n0.
-  __device__ __forceinline__ void add(int query, int key, int m0, int n0, int bucket, float ds) const {
+  // dS of one valid pair of the tile whose first query is m0 and first key n0, into its distance's sum. (Lanes of a
+  // warp hold at most a few pairs of one distance, so plain shared atomics.)
+  __device__ __forceinline__ void add_position(int query, int key, int m0, int n0, float ds) const {
     if (position_window != nullptr) atomicAdd(position_window + (key - n0) - (query - m0) + kBlockM - 1, ds);
-    if (time_sums != nullptr) atomicAdd(time_sums + bucket, ds);
+  }
+
+  // Warp-collective (every lane of the warp calls it, converged): each lane's dS into its time bucket's sum, bucket
+  // < 0 for a lane without a valid pair. Lanes of one bucket are summed with shuffles first and their lowest lane adds
+  // the sum, one atomic per bucket and warp (neighbouring pairs often share a log bucket).
+  __device__ __forceinline__ void add_time(int bucket, float ds) const {
+    if (time_sums == nullptr) return;  // CTA-uniform
+    const unsigned peers = __match_any_sync(0xffffffffu, bucket);
+    const float sum = sum_over_peers(peers, ds);
+    if (bucket >= 0 && int(threadIdx.x % 32) == __ffs(peers) - 1) atomicAdd(time_sums + bucket, sum);
   }
 
   // After a barrier that follows the tile's adds: the tile's distance sums into the position gradient (clamped
