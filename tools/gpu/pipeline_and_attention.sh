@@ -11,7 +11,8 @@
 #   run(command="cd .snapshot && COMMIT=$(cat COMMIT) bash tools/gpu/pipeline_and_attention.sh", carry=[".snapshot"])
 # Environment: COMMIT, BASE_COMMIT, STEPS / ROUNDS (pipeline), ATTN_TEST_TIMEOUT_S (default 150), DEADLINE_S (580),
 # SKIP_CUTLASS=1 (no build, tests or bench of the CUTLASS kernels), CUTLASS_TESTS_S (time kept for the CUTLASS tests, default 80), PIPELINE_TEST_TIMEOUT_S (its pytest -m gpu, 60),
-# ATTN_TEST_MARKS (a pytest -m expression for the hstu-attn tests, e.g. "not slow" in a short call).
+# ATTN_TEST_MARKS (a pytest -m expression for the hstu-attn tests, e.g. "not slow" in a short call),
+# PIPELINE_FIRST=1 (the pipeline run right after the install, within PIPELINE_S seconds, default 240; then the rest).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/pipeline-and-attention}
@@ -25,6 +26,15 @@ GR_SKIP_TESTS=1 source tools/gpu/setup.sh > "$out/setup.log" 2>&1 || { tail -20 
 stamp "installed"; grep -E "^device|^torch|^triton" "$out/setup.log"
 site=${GR_GPU_SITE:-/tmp/gr-site}
 export CUTLASS_INCLUDE_DIR="$site/cutlass_library/source/include"
+pipeline() {  # the gr-train pipeline run, nothing else running; keeps CUTLASS_TESTS_S for later unless PIPELINE_FIRST
+  stamp "gr-train pipeline"
+  local pipeline_s=$(( $(left) - ${CUTLASS_TESTS_S:-80} ))
+  [ -z "${PIPELINE_FIRST:-}" ] || pipeline_s=${PIPELINE_S:-240}
+  OUT="$out" STEPS=${STEPS:-200} ROUNDS=${ROUNDS:-2} TEST_TIMEOUT_S=${PIPELINE_TEST_TIMEOUT_S:-60} timeout "$pipeline_s" \
+    bash tools/gpu/gr_train_pipeline.sh
+  stamp "gr-train pipeline exit $?"
+}
+[ -z "${PIPELINE_FIRST:-}" ] || pipeline
 arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}' + ('a' if m >= 9 else ''))")
 if [ -z "${SKIP_CUTLASS:-}" ]; then
 # A plain CMake build of the package's CMake project (no reinstall, so the tests running meanwhile keep their
@@ -48,11 +58,7 @@ if [ -z "${SKIP_CUTLASS:-}" ]; then
   python3 -c "from hstu_attn.cutlass import _library; print('CUTLASS library:', _library.load())"
 fi
 
-stamp "gr-train pipeline"
-pipeline_s=$(( $(left) - ${CUTLASS_TESTS_S:-80} ))
-OUT="$out" STEPS=${STEPS:-200} ROUNDS=${ROUNDS:-2} TEST_TIMEOUT_S=${PIPELINE_TEST_TIMEOUT_S:-60} timeout "$pipeline_s" \
-  bash tools/gpu/gr_train_pipeline.sh
-stamp "gr-train pipeline exit $?"
+[ -n "${PIPELINE_FIRST:-}" ] || pipeline
 
 [ -z "${SKIP_CUTLASS:-}" ] || { stamp "done (SKIP_CUTLASS)"; exit 0; }
 stamp "CUTLASS GPU tests"
