@@ -9,6 +9,7 @@ not need Triton).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 from typing import Any
@@ -23,20 +24,15 @@ __all__ = ["MAX_WIDTH", "layer_norm_gate", "layer_norm_gate_supported", "norm_ga
 MAX_WIDTH = 8192  # whole rows per program (`launch`): the sm_90 backward spills registers at 16384
 
 
-_triton_available: bool | None = None
+# Looked up once without importing Triton (`import hstu_attn` must not load it, nor torch._dynamo, which would);
+# a read of a module-level bool is also what torch.compile traces as a constant.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it while tracing instead of tracing the import
 def norm_gate_triton_available() -> bool:
-    """Whether the fused kernels (and so Triton itself) import in this process (tried once)."""
-    global _triton_available
-    if _triton_available is None:
-        try:
-            _launch()
-            _triton_available = True
-        except ImportError:
-            _triton_available = False
-    return _triton_available
+    """Whether Triton is installed in this environment (found, not imported: a broken install raises its
+    ImportError at the first fused call)."""
+    return _TRITON_INSTALLED
 
 
 def layer_norm_gate_supported(attn: Tensor, u: Tensor) -> bool:
