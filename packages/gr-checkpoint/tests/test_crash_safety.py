@@ -116,7 +116,9 @@ def test_killed_while_saving_the_newest_complete_checkpoint_loads(tmp_path: Path
     worker = _worker_module()
     rng = random.Random(SEED)
     steps_seen, mid_save_kills = [], 0
-    for _attempt in range(5):
+    # Kills go on until 3 landed inside a save (whether one does depends on how long this machine's saves take
+    # against the random delay), at most 12.
+    while mid_save_kills < 3 and len(steps_seen) < 12:
         pid = forker.start(mode="single", root=str(tmp_path))
         _wait_for_the_second_save_to_begin(tmp_path, "single.0", [pid])
         time.sleep(rng.uniform(0.0, 0.1))  # a step's two saves take 0.05 to 0.2 s here
@@ -134,9 +136,10 @@ def test_killed_while_saving_the_newest_complete_checkpoint_loads(tmp_path: Path
             assert gr_checkpoint.read_manifest(path).step == extra["step"]
         steps_seen.append(gr_checkpoint.read_manifest(latest).step)
         assert len(list((tmp_path / "steps").glob("step_*"))) <= 3  # keep_last=2, plus one killed mid-prune
-    print(f"seed {SEED}: newest complete steps {steps_seen}, {mid_save_kills} of 5 kills inside a save")
-    assert steps_seen == sorted(steps_seen) and steps_seen[-1] >= len(steps_seen), f"seed {SEED}: {steps_seen}"
-    assert mid_save_kills >= 3, f"seed {SEED}: only {mid_save_kills} of 5 kills landed inside a save"
+    kills = len(steps_seen)
+    print(f"seed {SEED}: newest complete steps {steps_seen}, {mid_save_kills} of {kills} kills inside a save")
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] >= kills, f"seed {SEED}: {steps_seen}"
+    assert mid_save_kills >= 3, f"seed {SEED}: only {mid_save_kills} of {kills} kills landed inside a save"
 
 
 def _free_port() -> int:
