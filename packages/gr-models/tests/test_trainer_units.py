@@ -120,6 +120,17 @@ def test_retrieval_runs_count_positions_from_the_start_unless_told_otherwise() -
     assert build_hstu_config(explicit, cpu).position_encoding.count_from == "end"
 
 
+def test_fused_norm_gate_reaches_the_hstu_config_from_yaml() -> None:
+    from gr_models.trainer.builders import build_hstu_config
+
+    cpu = torch.device("cpu")
+    assert build_hstu_config(load_config(None, []), cpu).fused_norm_gate is False
+    assert build_hstu_config(load_config(None, ["hstu.fused_norm_gate=true"]), cpu).fused_norm_gate is True
+    assert build_hstu_config(load_config(None, ["hstu.fused_norm_gate=null"]), cpu).fused_norm_gate is None
+    with pytest.raises(ValueError, match=r"hstu\.fused_norm_gate"):
+        load_config(None, ["hstu.fused_norm_gate=sometimes"])
+
+
 def test_retrieval_gr_warns_when_positions_count_from_the_end() -> None:
     from gr_models.configs import PositionEncodingConfig, get_hstu_config
     from gr_models.model import RetrievalGR
