@@ -150,3 +150,13 @@ def _synthetic_schema(config) -> DatasetSchema:
     from gr_models.trainer.builders import build_train_dataset
 
     return build_train_dataset(config.data, config.task).schema
+
+
+def test_output_bias_init_reaches_the_hstu_config_from_yaml() -> None:
+    from gr_models.trainer.builders import build_hstu_config
+
+    cpu = torch.device("cpu")
+    assert build_hstu_config(load_config(None, []), cpu).output_bias_init == "zeros"
+    assert build_hstu_config(load_config(None, ["hstu.output_bias_init=uniform"]), cpu).output_bias_init == "uniform"
+    with pytest.raises(ValueError, match=r"hstu\.output_bias_init"):
+        load_config(None, ["hstu.output_bias_init=normal"])

@@ -108,6 +108,9 @@ class RelativeBiasConfig:
             raise ValueError(f"relative_bias.query_time must be one of {QUERY_TIMES}, got {self.query_time!r}")
 
 
+OUTPUT_BIAS_INITS = ("zeros", "uniform")
+
+
 @dataclass
 class HSTUConfig:
     """Everything that shapes the HSTU block. Build it with `get_hstu_config`.
@@ -119,7 +122,9 @@ class HSTUConfig:
     learning speed"). `dtype` is the compute precision of the block (float32, or bfloat16 /
     float16 through autocast with float32 master weights). `layer_norm_affine=False` gives both layer norms of a
     layer no weight and bias, and `uvqk_bias=False` gives the UVQK projection no bias, as in the HSTU paper's public
-    code (both on by default).
+    code (both on by default). `output_bias_init` starts the output projection's bias at "zeros" (the default) or
+    at "uniform", U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = `num_attention_heads * kv_channels` (PyTorch's
+    `nn.Linear` default, which the HSTU paper's public code keeps).
 
     `fused_norm_gate` picks how a layer computes `dropout(LayerNorm(attn) * u)` after attention: True runs
     `hstu_attn.norm_gate.layer_norm_gate` (one Triton kernel forward and one backward; needs CUDA tensors, or CPU
@@ -150,6 +155,7 @@ class HSTUConfig:
     layer_norm_affine: bool = True
     uvqk_bias: bool = True
     fused_norm_gate: bool | None = False
+    output_bias_init: str = "zeros"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "kv_channels", "num_attention_heads", "num_layers"):
@@ -170,6 +176,8 @@ class HSTUConfig:
             raise TypeError(f"kernel_backend must be a hstu_attn.KernelBackend, got {self.kernel_backend!r}")
         if not (self.fused_norm_gate is None or isinstance(self.fused_norm_gate, bool)):
             raise ValueError(f"fused_norm_gate must be True, False or None (auto), got {self.fused_norm_gate!r}")
+        if self.output_bias_init not in OUTPUT_BIAS_INITS:
+            raise ValueError(f"output_bias_init must be one of {OUTPUT_BIAS_INITS}, got {self.output_bias_init!r}")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -217,6 +225,7 @@ def get_hstu_config(
     layer_norm_affine: bool = True,
     uvqk_bias: bool = True,
     fused_norm_gate: bool | None = False,
+    output_bias_init: str = "zeros",
 ) -> HSTUConfig:
     """Build an `HSTUConfig`.
 
@@ -246,4 +255,5 @@ def get_hstu_config(
         layer_norm_affine=layer_norm_affine,
         uvqk_bias=uvqk_bias,
         fused_norm_gate=fused_norm_gate,
+        output_bias_init=output_bias_init,
     )

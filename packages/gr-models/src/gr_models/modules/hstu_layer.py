@@ -132,6 +132,9 @@ class HSTULayer(nn.Module):
                 nn.init.zeros_(linear.bias)
         if config.uvqk_init_std is not None:
             nn.init.normal_(self.uvqk.weight, std=config.uvqk_init_std)
+        if config.output_bias_init == "uniform":
+            bound = 1.0 / math.sqrt(heads * head_dim)
+            nn.init.uniform_(self.output.bias, -bound, bound)
 
     def _normalize(self, norm: nn.LayerNorm, x: Tensor, dtype: torch.dtype) -> Tensor:
         return norm(x).to(dtype)

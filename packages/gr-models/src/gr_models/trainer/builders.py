@@ -213,6 +213,7 @@ def build_hstu_config(config: RunConfig, device: torch.device) -> HSTUConfig:
         relative_bias=RelativeBiasConfig(**section.relative_bias) if section.relative_bias is not None else None,
         recompute_cheap_activations=section.recompute_cheap_activations,
         fused_norm_gate=section.fused_norm_gate,
+        output_bias_init=section.output_bias_init,
     )
 
 

@@ -61,6 +61,7 @@ class HSTUSection:
     relative_bias: dict[str, Any] | None = None
     recompute_cheap_activations: bool = False
     fused_norm_gate: bool | None = False
+    output_bias_init: str = "zeros"
 
 
 @dataclass
