@@ -245,7 +245,9 @@ POISONED = ("q", "k", "v", "grad_out")
 NON_FINITE = (float("nan"), float("inf"), float("-inf"))
 
 
-def _mask_options(mask: str) -> dict:
+def _poison_options(mask: str) -> dict:
+    """MASKS[mask] as the poison tests' options: `targets=True` becomes `num_targets` (a tuple, LENGTHS' targets).
+    (Named apart from `_mask_options`: sharing its name, it replaced that one for every test in this module.)"""
     options = dict(MASKS[mask])
     if options.pop("targets", False):
         options["num_targets"] = _targets(LENGTHS)
@@ -306,7 +308,7 @@ def test_masked_non_finite_values_stay_out(mask: str, dtype: torch.dtype, tensor
     """nan/inf/-inf in q, k, v or grad_out at one token per sequence (head 0): every (token, head) of out, dq, dk, dv
     that cannot depend on it equals the clean run and is finite; every one that does is non-finite."""
     seed = list(MASKS).index(mask) + POISONED.index(tensor)
-    options = _mask_options(mask)
+    options = _poison_options(mask)
     heads = 2
     gen = torch.Generator(device="cuda").manual_seed(seed)
     clean = {name: torch.randn(sum(LENGTHS), heads, dim, device="cuda", generator=gen).to(dtype) for name in POISONED}
@@ -467,7 +469,7 @@ def _rab_poison_runs(poison_valid: bool, rab_heads: int, mask: str):
     """One clean and one poisoned CUTLASS run (out, dq, dk, dv, drab as float on CPU) plus the reference's poisoned
     forward and backward. Poison: nan/inf/-inf at invalid pairs of every sequence (and, with `poison_valid`, at one
     valid pair (i, j) of one head)."""
-    options = _mask_options(mask)
+    options = _poison_options(mask)
     lengths, heads, dim = LENGTHS, 2, 64
     q, k, v, offsets = _inputs(lengths, heads, dim, torch.bfloat16, seed=21 + rab_heads)
     max_seq_len = max(lengths)
