@@ -224,8 +224,11 @@ def test_deterministic_backward_equals_itself() -> None:
 @pytest.mark.parametrize("tensor", ["v", "k"])
 @pytest.mark.parametrize("position", [150, 197, 0])  # a history token, a target token, the first token
 def test_non_finite_values_reach_only_rows_that_attend_them(tensor: str, position: int) -> None:
-    """Forward: the non-finite entries equal the reference's (NaN there; the kernel may give inf where IEEE
-    arithmetic does, in key tiles without masked pairs), the finite ones match it."""
+    """Forward: the (token, head) rows holding a non-finite entry are the reference's, the other rows match it.
+
+    Compared per row, not per entry: the reference makes a row that attends a non-finite v entry NaN in all its
+    columns, the kernel only in the columns of the non-finite v entries (NaN in masked key tiles, IEEE inf or NaN in
+    key tiles without masked pairs; the other columns are computed with those entries as 0 or stay finite)."""
     lengths, targets = (200, 0, 70), (5, 0, 3)
     q, k, v, offsets = _inputs(lengths, 2, 64, torch.bfloat16, seed=position)
     poisoned = {"v": v, "k": k}[tensor]
@@ -236,9 +239,9 @@ def test_non_finite_values_reach_only_rows_that_attend_them(tensor: str, positio
     got = hstu_attn_varlen_func(q, k, v, offsets, 200, backend=KernelBackend.CUTLASS, **kwargs).float()
     want = hstu_attn_reference(q.float(), k.float(), v.float(), offsets, 200, **kwargs)
     assert want.isnan().any() and not want.isnan().all()
-    assert torch.equal(got.isfinite(), want.isfinite()), "non-finite pattern differs from the reference's"
-    finite = want.isfinite()
-    assert _errors(got[finite], want[finite])[1] < 2e-2
+    finite_rows = want.isfinite().all(dim=-1)  # [L, H]
+    assert torch.equal(got.isfinite().all(dim=-1), finite_rows), "non-finite (token, head) rows differ from reference's"
+    assert _errors(got[finite_rows], want[finite_rows])[1] < 2e-2
 
 
 POISONED = ("q", "k", "v", "grad_out")
@@ -300,6 +303,16 @@ def _run_cutlass(tensors: dict[str, Tensor], options: dict, offsets: Tensor) -> 
     return {key: value.detach().float().cpu() for key, value in results.items()}
 
 
+def _run_to_run_tolerance(key: str, dtype: torch.dtype) -> dict[str, float]:
+    """assert_close tolerances between two CUTLASS runs: exact for out, dk, dv (each entry is written once); two
+    units of `dtype`'s last place for dq, whose fp32 atomic adds from several key blocks arrive in a varying order
+    (key blocks that reach a query block in the same loop step, e.g. non-causal or contextual rows), so its sum can
+    round to a neighbouring `dtype` value from one run to the next."""
+    if key != "dq":
+        return {"rtol": 1.3e-6, "atol": 1e-5}  # assert_close's float32 defaults
+    return {"rtol": 2 * torch.finfo(dtype).eps, "atol": 1e-5}
+
+
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("tensor", POISONED)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -323,7 +336,9 @@ def test_masked_non_finite_values_stay_out(mask: str, dtype: torch.dtype, tensor
         kept = ~reached[key]
         assert torch.isfinite(want[key]).all(), f"{key}: the clean run is not finite"
         assert torch.isfinite(got[key][kept]).all(), f"{key}: a non-finite value leaked to a pair that cannot see it"
-        torch.testing.assert_close(got[key][kept], want[key][kept], msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            got[key][kept], want[key][kept], **_run_to_run_tolerance(key, dtype), msg=lambda m, key=key: f"{key}: {m}"
+        )
         finite_rows = torch.isfinite(got[key]).all(dim=-1)
         assert not finite_rows[reached[key]].any(), f"{key}: a pair that attends a non-finite value came out finite"
 
