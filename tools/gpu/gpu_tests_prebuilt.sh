@@ -36,7 +36,7 @@ for spec in "$@"; do
   [ "$limit" -le "$left" ] || limit=$left
   stamp "part $part (${limit}s): pytest $args"
   # the arguments are shell words (quote a -k expression inside them)
-  eval "timeout $limit python3 -m pytest -q -p no:cacheprovider -rfE --tb=line $args" > "$out/part-$part.log" 2>&1
+  eval "timeout -s INT -k 10 $limit python3 -m pytest -q -p no:cacheprovider -rfE --tb=line $args" > "$out/part-$part.log" 2>&1
   stamp "part $part exit $?"
   grep -E "^(FAILED|ERROR)|passed|failed|skipped|no tests ran" "$out/part-$part.log" | cut -c1-300 | tail -25
 done

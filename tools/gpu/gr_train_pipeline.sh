@@ -14,7 +14,7 @@ GR_SKIP_TESTS=1 source tools/gpu/setup.sh > "$out/setup.log" 2>&1 || { tail -20 
 grep -E "^device|^torch|^triton|^megatron|^torchrec" "$out/setup.log"
 
 echo "== pytest -m gpu (gr-parallel, gr-models)"
-timeout "${TEST_TIMEOUT_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider packages/gr-parallel packages/gr-models 2>&1 \
+timeout -s INT -k 10 "${TEST_TIMEOUT_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=line packages/gr-parallel packages/gr-models 2>&1 \
   | tee "$out/pytest-gpu.log" | tail -15
 
 config=packages/gr-models/configs/synthetic_ranking_dynamic.yaml

@@ -47,8 +47,8 @@ build_pid=$!
 fi
 
 stamp "hstu-attn tests on CUDA (CUTLASS build for sm_$arch in the background)"
-HSTU_ATTN_TRITON_AUTOTUNE=0 timeout "${ATTN_TEST_TIMEOUT_S:-150}" python3 -m pytest packages/hstu-attn/tests -q \
-  ${ATTN_TEST_MARKS:+-m "$ATTN_TEST_MARKS"} -p no:cacheprovider -rs --durations=10 --deselect packages/hstu-attn/tests/test_cutlass_gpu.py > "$out/attn-tests.log" 2>&1
+HSTU_ATTN_TRITON_AUTOTUNE=0 timeout -s INT -k 10 "${ATTN_TEST_TIMEOUT_S:-150}" python3 -m pytest packages/hstu-attn/tests -q -rfEs --tb=line \
+  ${ATTN_TEST_MARKS:+-m "$ATTN_TEST_MARKS"} -p no:cacheprovider --durations=10 --deselect packages/hstu-attn/tests/test_cutlass_gpu.py > "$out/attn-tests.log" 2>&1
 stamp "hstu-attn tests exit $?"
 tail -15 "$out/attn-tests.log"
 [ -n "${SKIP_CUTLASS:-}" ] || { wait "$build_pid"; stamp "$(tail -1 "$out/cutlass-build.log")"; }
@@ -62,8 +62,8 @@ fi
 
 [ -z "${SKIP_CUTLASS:-}" ] || { stamp "done (SKIP_CUTLASS)"; exit 0; }
 stamp "CUTLASS GPU tests"
-timeout $(( $(left) > 150 ? 150 : $(left) - 5 )) python3 -m pytest packages/hstu-attn/tests/test_cutlass_gpu.py -q \
-  -p no:cacheprovider -rs --durations=10 > "$out/cutlass-tests.log" 2>&1
+timeout -s INT -k 10 $(( $(left) > 150 ? 150 : $(left) - 15 )) python3 -m pytest packages/hstu-attn/tests/test_cutlass_gpu.py -q -rfEs --tb=line \
+  -p no:cacheprovider --durations=10 > "$out/cutlass-tests.log" 2>&1
 stamp "CUTLASS tests exit $?"
 tail -25 "$out/cutlass-tests.log"
 
