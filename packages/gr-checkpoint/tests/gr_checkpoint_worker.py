@@ -7,7 +7,6 @@ row-sharded (DTensor) table for two Adam steps, saves it with ``gr_checkpoint.sa
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import cast
@@ -18,6 +17,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
+from worker_exit import exit_without_teardown
 
 import gr_checkpoint
 
@@ -71,8 +71,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
-    # Everything this rank must do is done and its process group destroyed. Skip interpreter teardown: it
-    # aborted once on the 2-core CI machine ("terminate called without an active exception", exit -6)
-    # after a complete, correct run, inside torch's native teardown rather than in this code.
-    sys.stdout.flush()
-    os._exit(0)
+    exit_without_teardown()

@@ -12,7 +12,6 @@ of key 200 admits it.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from torchrec.distributed.planner import Topology
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from worker_exit import exit_without_teardown
 
 import gr_checkpoint
 from dynamicemb import (
@@ -123,8 +123,4 @@ def main(mode: str, out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
-    # Everything this rank must do is done and its process group destroyed. Skip interpreter teardown: it
-    # aborted once on the 2-core CI machine ("terminate called without an active exception", exit -6)
-    # after a complete, correct run, inside torch's native teardown rather than in this code.
-    sys.stdout.flush()
-    os._exit(0)
+    exit_without_teardown()

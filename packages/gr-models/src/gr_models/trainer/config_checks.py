@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from gr_models.configs.hstu_config import OUTPUT_BIAS_INITS
+
 __all__ = ["RULES", "ConfigError", "Rule", "check_config", "check_dataset_options", "check_key", "describe_config"]
 
 
@@ -117,7 +119,7 @@ RULES: dict[str, Rule] = {
     "hstu.relative_bias": _ANY,  # RelativeBiasConfig's fields, checked when the model is built
     "hstu.recompute_cheap_activations": _ANY,
     "hstu.fused_norm_gate": _ANY,  # True, False or null (auto: fused on CUDA); the type is checked
-    "hstu.output_bias_init": Rule(choices=("zeros", "uniform")),
+    "hstu.output_bias_init": Rule(choices=OUTPUT_BIAS_INITS),
     "embeddings.default": _ANY,  # table options, checked against the dataset's features when the model is built
     "embeddings.tables": _ANY,
     "ranking.prediction_head_hidden": Rule(low=1, each=True),
