@@ -1,6 +1,9 @@
 // The C ABI of hstu_attn_cutlass.h: argument checks and dispatch by head dim.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "bwd_launch.h"
 #include "fwd_launch.h"
 #include "hstu_attn_cutlass.h"
@@ -20,6 +23,19 @@ bool relative_bias_ok(const HstuAttnRelativeBias& bias, const float* dposition, 
   return position_grad_ok && (dtime == nullptr || bias.time_weights != nullptr);
 }
 
+// Whether the forward takes the Hopper kernel (fwd_sm90_kernel.cuh): head dim 64 or 128, no rab, no relative bias,
+// its sm_90a code runs on the current device, and the environment does not say HSTU_ATTN_CUTLASS_SM90=0 (read on
+// every call, so a process can switch between the kernels).
+bool use_fwd_sm90(const HstuAttnFwdParams& params) {
+  const char* env = std::getenv("HSTU_ATTN_CUTLASS_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  const HstuAttnRelativeBias& bias = params.relative_bias;
+  if (params.rab != nullptr || bias.position_weights != nullptr || bias.time_weights != nullptr) return false;
+  if (params.head_dim == 64) return hstu_attn::fwd_sm90_hdim64_runs_here(params.dtype);
+  if (params.head_dim == 128) return hstu_attn::fwd_sm90_hdim128_runs_here(params.dtype);
+  return false;
+}
+
 }  // namespace
 
 extern "C" {
@@ -35,9 +51,14 @@ int hstu_attn_cutlass_forward(const HstuAttnFwdParams* params, void* stream) {
   }
   if (params->dtype != HSTU_ATTN_FP16 && params->dtype != HSTU_ATTN_BF16) return HSTU_ATTN_UNSUPPORTED_DTYPE;
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  const bool sm90 = use_fwd_sm90(*params);
   switch (params->head_dim) {
-    case 64: return int(hstu_attn::run_fwd_hdim64(*params, cuda_stream));
-    case 128: return int(hstu_attn::run_fwd_hdim128(*params, cuda_stream));
+    case 64:
+      return int(sm90 ? hstu_attn::run_fwd_sm90_hdim64(*params, cuda_stream)
+                      : hstu_attn::run_fwd_hdim64(*params, cuda_stream));
+    case 128:
+      return int(sm90 ? hstu_attn::run_fwd_sm90_hdim128(*params, cuda_stream)
+                      : hstu_attn::run_fwd_hdim128(*params, cuda_stream));
     case 256: return int(hstu_attn::run_fwd_hdim256(*params, cuda_stream));
     default: return HSTU_ATTN_UNSUPPORTED_HEAD_DIM;
   }
