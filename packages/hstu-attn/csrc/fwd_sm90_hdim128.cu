@@ -1,12 +1,12 @@
-// Hopper forward (fwd_sm90_kernel.cuh), head dim 128: 128 x 64 tiles, two consumer warpgroups.
+// Hopper forward (fwd_sm90_kernel.cuh), head dim 128: 128 x 64 tiles, two consumer warpgroups and a TMA producer.
 #include "fwd_launch.h"
 #include "fwd_sm90_kernel.cuh"
 
 namespace hstu_attn {
 
-bool fwd_sm90_hdim128_runs_here(int dtype) {
-  if (dtype == HSTU_ATTN_BF16) return fwd_sm90_runs_here<FwdSm90Traits<128, cutlass::bfloat16_t>>();
-  return fwd_sm90_runs_here<FwdSm90Traits<128, cutlass::half_t>>();
+bool fwd_sm90_hdim128_takes(const HstuAttnFwdParams& params) {
+  if (params.dtype == HSTU_ATTN_BF16) return fwd_sm90_takes<FwdSm90Traits<128, cutlass::bfloat16_t>>(params);
+  return fwd_sm90_takes<FwdSm90Traits<128, cutlass::half_t>>(params);
 }
 
 cudaError_t run_fwd_sm90_hdim128(const HstuAttnFwdParams& params, cudaStream_t stream) {

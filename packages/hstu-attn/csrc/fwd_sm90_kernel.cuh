@@ -1,18 +1,25 @@
 // Hopper (sm_90a) forward of jagged HSTU attention without rab or relative bias: one CTA computes a 128 x D output
-// tile of one (sequence, head) with two consumer warpgroups of 128 threads, each owning 64 query rows.
+// tile of one (sequence, head). Warp-specialized: a producer warpgroup (one thread issues the loads, the group gives
+// its registers away with setmaxnreg) and two consumer warpgroups of 128 threads, each owning 64 query rows.
 //
+// Loads: TMA over the whole jagged [L, H, D] tensors (one descriptor per tensor, rows = L tokens; a tile is addressed
+// at the sequence's first token + its offset, so it may reach into the next sequence, whose rows the mask drops, or
+// past L, which TMA fills with zeros). Q arrives once on its own mbarrier; K and V tiles go through a two-stage
+// mbarrier pipeline (PipelineTmaAsync: full barriers with transaction counts, empty barriers the consumers release).
 // Per key tile: S = Q K^T with wgmma reading both operands from shared memory (SS), P = SiLU(alpha S) / scaling
-// where the pair is valid and 0 where it is not (selected, never multiplied; mask.cuh), P converted to the input
-// dtype in registers, O += P V with wgmma taking P from registers and V from shared memory (RS). The tiles sit in
-// shared memory in the GMMA 128-byte-swizzled K-major layout (V is read as V^T through the same bytes, MN-major).
-// Loads are cp.async by every thread (K/V single-buffered as in fwd_kernel.cuh: V[j] loads while Q K[j]^T runs,
-// K[j-1] while P V[j] runs); rows past the sequence end are zero-filled and never stored, rows of the next sequence
-// are never read. Masked tiles keep a non-finite V entry away from the rows that may not attend its token with
-// finite.cuh (zeroed before P V; output entries a valid pair links to it stored NaN), as the SM80 kernel does.
+// where the pair is valid and 0 where it is not (selected, never multiplied; mask.cuh drops keys and queries at or
+// past the sequence end), P converted to the input dtype in registers, O += P V with wgmma taking P from registers
+// and V from shared memory (RS). The tiles sit in shared memory in the GMMA 128-byte-swizzled K-major layout (V is
+// read as V^T through the same bytes, MN-major). Output rows past the sequence end are never stored. Masked tiles
+// (every tile that reaches past the sequence end is one) keep a non-finite V entry away from the rows that may not
+// attend its token with finite.cuh (zeroed in shared memory before P V; output entries a valid pair links to it
+// stored NaN), as the SM80 kernel does, with the consumer warpgroups' own barriers instead of __syncthreads.
 //
-// The kernel body exists for sm_90a only (wgmma); other targets compile an empty body that the host never launches
-// (fwd_sm90_launch checks that the loaded binary is sm_90 code).
+// The kernel body exists for sm_90a only (wgmma, TMA, setmaxnreg); other targets compile an empty body that the
+// host never launches (fwd_sm90_runs_here checks that the loaded binary is sm_90 code).
 #pragma once
+
+#include <stdint.h>
 
 #include <cuda_runtime.h>
 
@@ -21,8 +28,11 @@
 #include <cute/atom/copy_atom.hpp>
 #include <cute/arch/mma_sm90.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "finite.cuh"
 #include "fwd_kernel.cuh"
@@ -46,7 +56,11 @@ struct FwdSm90Traits {
   static constexpr int kWarpgroups = 2;  // consumer warpgroups, 64 query rows each
   static constexpr int kBlockM = 64 * kWarpgroups;
   static constexpr int kBlockN = 64;  // finite.cuh's row masks hold <= 64 rows
-  static constexpr int kNThreads = 128 * kWarpgroups;
+  static constexpr int kStages = 2;   // K/V pipeline depth
+  static constexpr int kConsumerThreads = 128 * kWarpgroups;  // threads 0 .. 255 (finite.cuh indexes by threadIdx.x)
+  static constexpr int kNThreads = kConsumerThreads + 128;     // + the producer warpgroup
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;  // 2 x 128 x 240 + 128 x 24 <= 64K registers
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
 
   using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
@@ -64,22 +78,63 @@ struct FwdSm90Traits {
 
   using SmemAtom = GMMA::Layout_K_SW128_Atom<Elem>;  // 8 x 64 elements, 128-byte swizzle
   using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, TileQ{}));
-  using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, TileKV{}));
-  using SmemLayoutVt =
-      decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+  using SmemLayoutKVTile = decltype(tile_to_shape(SmemAtom{}, TileKV{}));
+  using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
-  // Global -> shared: 16-byte cp.async vectors, 8 threads per 64-element row segment.
-  using GmemThreads = Layout<Shape<Int<kNThreads / 8>, _8>, Stride<_8, _1>>;
-  using GmemLoad = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, Elem>{}, GmemThreads{},
-                                            Layout<Shape<_1, _8>>{}));
+  // TMA over a whole [L, H, D] tensor seen as (token, d, head) with unit stride along d.
+  using GmemShape = Shape<int32_t, int32_t, int32_t>;
+  using GmemStride = Stride<int64_t, _1, int64_t>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Elem*>(nullptr)), GmemShape{}, GmemStride{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}, TileQ{}, _1{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKVTile{}, TileKV{}, _1{}));
+  static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Elem);
+  static constexpr uint32_t kBytesKV = 2 * kBlockN * kHeadDim * sizeof(Elem);  // one K tile and one V tile
 
-  static constexpr int kSmemTileBytes = (kBlockM + 2 * kBlockN) * kHeadDim * int(sizeof(Elem));
-  // Then, for finite.cuh: the bitmap of output entries marked NaN [kBlockM, kHeadDim], one 64-bit word for cta_or.
-  static constexpr int kSmemReachedBytes = kBlockM * kHeadDim / 8;
-  static constexpr int kSmemBytes = kSmemTileBytes + kSmemReachedBytes + 16;
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  struct SharedStorage {
+    alignas(1024) Elem q[cosize_v<SmemLayoutQ>];  // 128-byte swizzle atoms repeat every 1024 bytes
+    alignas(1024) Elem k[cosize_v<SmemLayoutKV>];
+    alignas(1024) Elem v[cosize_v<SmemLayoutKV>];
+    uint32_t reached[kBlockM * kHeadDim / 32];  // finite.cuh's bitmap of output entries stored NaN
+    unsigned long long non_finite_word;          // consumers_or's word
+    cutlass::arch::ClusterTransactionBarrier q_full;
+    typename Pipeline::SharedStorage pipeline;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage));
 };
 
 #if HSTU_ATTN_SM90_DEVICE
+// Barriers of the consumer warpgroups only (threads 0 .. kThreads - 1); ids 1 and 2 (0 is __syncthreads).
+template <int kThreads>
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
+}
+
+// Whether `x` holds in one of the consumer threads (all of them call it), as __syncthreads_or.
+template <int kThreads>
+__device__ __forceinline__ bool consumers_any(bool x) {
+  uint32_t result;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 q, %1, 0;\n bar.red.or.pred p, 2, %2, q;\n selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(result)
+      : "r"(uint32_t(x)), "n"(kThreads)
+      : "memory");
+  return result != 0;
+}
+
+// finite.cuh's cta_or over the consumer threads: the OR of every consumer's `rows` through the shared `word`. The
+// caller passes a consumers_sync after reading the result before it calls again.
+template <int kThreads>
+__device__ __forceinline__ uint64_t consumers_or(uint64_t rows, unsigned long long* word) {
+  if (threadIdx.x == 0) *word = 0ull;
+  consumers_sync<kThreads>();
+  if (rows != 0) atomicOr(word, static_cast<unsigned long long>(rows));
+  consumers_sync<kThreads>();
+  return *word;
+}
+
 // acc (+)= A B^T over every k-block with wgmma, waited for. zero_init: acc = A B^T. kRegisterA: A is a register
 // fragment (RS), else a shared-memory descriptor fragment (SS).
 template <bool kRegisterA, class Mma, class FragA, class FragB, class Acc>
@@ -99,104 +154,102 @@ __device__ __forceinline__ void wgmma_gemm(Mma& mma, FragA& frag_a, FragB const&
   if constexpr (kRegisterA) warpgroup_fence_operand(frag_a);
 }
 
-// cp.async writes (and generic zero fills) become visible to wgmma's async-proxy reads of shared memory.
-__device__ __forceinline__ void wait_loads_for_wgmma() {
-  cp_async_wait<0>();
-  cutlass::arch::fence_view_async_shared();
-  __syncthreads();
-}
-#endif
+// The tile geometry that producer and consumers share: one (sequence, head, query block) and its key blocks.
+struct Sm90Block {
+  int64_t start;  // first token of the sequence
+  int length, m0, head, n_block_begin, n_block_end;
+  SequenceMask mask;
+};
 
-template <class Traits>
-__global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_sm90_kernel(const HstuAttnFwdParams p) {
-#if HSTU_ATTN_SM90_DEVICE
-  using Elem = typename Traits::Elem;
-  constexpr int kBlockM = Traits::kBlockM;
-  constexpr int kBlockN = Traits::kBlockN;
-  constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kNThreads = Traits::kNThreads;
-
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ bool sm90_block(const HstuAttnFwdParams& p, Sm90Block& b) {
   // Blocks are ordered by query block, last (heaviest under the causal mask) first, over all sequences.
   const int num_m_blocks = (p.max_seq_len + kBlockM - 1) / kBlockM;
   const int sequence = blockIdx.x % p.num_sequences;
-  const int m_block = num_m_blocks - 1 - int(blockIdx.x / p.num_sequences);
-  const int head = blockIdx.y;
-  const int64_t start = load_index(p.seq_offsets, p.offsets_int64, sequence);
-  const int length = int(load_index(p.seq_offsets, p.offsets_int64, sequence + 1) - start);
-  const int m0 = m_block * kBlockM;
-  if (m0 >= length) return;
+  b.m0 = (num_m_blocks - 1 - int(blockIdx.x / p.num_sequences)) * kBlockM;
+  b.head = blockIdx.y;
+  b.start = load_index(p.seq_offsets, p.offsets_int64, sequence);
+  b.length = int(load_index(p.seq_offsets, p.offsets_int64, sequence + 1) - b.start);
+  if (b.m0 >= b.length) return false;
   const int targets = p.num_targets == nullptr ? 0 : int(load_index(p.num_targets, p.targets_int64, sequence));
-  const SequenceMask mask{length, length - targets, p.contextual_seq_len, p.max_attn_len, p.causal != 0};
-  const int n_block_begin = mask.column_begin(m0) / kBlockN;
-  const int n_block_end = (mask.column_end(m0, kBlockM) + kBlockN - 1) / kBlockN;
+  b.mask = SequenceMask{b.length, b.length - targets, p.contextual_seq_len, p.max_attn_len, p.causal != 0};
+  b.n_block_begin = b.mask.column_begin(b.m0) / kBlockN;
+  b.n_block_end = (b.mask.column_end(b.m0, kBlockM) + kBlockN - 1) / kBlockN;
+  return true;
+}
 
-  auto sequence_tensor = [&](const void* base, int64_t row_stride, int64_t head_stride) {
-    const Elem* ptr = static_cast<const Elem*>(base) + start * row_stride + head * head_stride;
-    return make_tensor(make_gmem_ptr(ptr), make_shape(length, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
-  };
-  const auto tile_q = typename Traits::TileQ{};
-  const auto tile_kv = typename Traits::TileKV{};
-  Tensor gQ = local_tile(sequence_tensor(p.q, p.q_row_stride, p.q_head_stride), tile_q, make_coord(m_block, 0));
-  Tensor gK = local_tile(sequence_tensor(p.k, p.k_row_stride, p.k_head_stride), tile_kv, make_coord(_, 0));
-  Tensor gV = local_tile(sequence_tensor(p.v, p.v_row_stride, p.v_head_stride), tile_kv, make_coord(_, 0));
+// Producer: one thread loads Q, then the key blocks from last to first into the pipeline's stages.
+template <class Traits>
+__device__ __forceinline__ void sm90_produce(const HstuAttnFwdParams& p, const Sm90Block& b,
+                                             typename Traits::SharedStorage& shared, typename Traits::Pipeline& pipeline,
+                                             typename Traits::TmaQ const& tma_q, typename Traits::TmaKV const& tma_k,
+                                             typename Traits::TmaKV const& tma_v) {
+  const auto shape = make_shape(int32_t(p.num_tokens), int32_t(Traits::kHeadDim), int32_t(p.num_heads));
+  // The sequence's rows from its first token on (a TMA coordinate tensor: no memory is touched here).
+  auto rows = [&](auto const& tma) { return domain_offset(make_coord(b.start, _0{}), tma.get_tma_tensor(shape)(_, _, b.head)); };
+  Tensor gQ = local_tile(rows(tma_q), typename Traits::TileQ{}, make_coord(b.m0 / Traits::kBlockM, _0{}));
+  Tensor gK = local_tile(rows(tma_k), typename Traits::TileKV{}, make_coord(_, _0{}));  // (N, D, n_blocks)
+  Tensor gV = local_tile(rows(tma_v), typename Traits::TileKV{}, make_coord(_, _0{}));
+  Tensor sQ = make_tensor(make_smem_ptr(shared.q), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(shared.k), typename Traits::SmemLayoutKV{});  // (N, D, stages)
+  Tensor sV = make_tensor(make_smem_ptr(shared.v), typename Traits::SmemLayoutKV{});
+  auto [tQgQ, tQsQ] = tma_partition(tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+  auto [tKgK, tKsK] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+  auto [tVgV, tVsV] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
 
-  extern __shared__ __align__(1024) char smem[];  // 128-byte swizzle atoms repeat every 1024 bytes
-  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Elem*>(smem)), typename Traits::SmemLayoutQ{});
-  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Traits::SmemLayoutKV{});
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
-  Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
-  const ReachedBits<kBlockM, kHeadDim, kNThreads> reached{reinterpret_cast<uint32_t*>(smem + Traits::kSmemTileBytes)};
-  static_assert(decltype(reached)::kBytes == Traits::kSmemReachedBytes, "shared-memory plan");
-  auto* non_finite_word =
-      reinterpret_cast<unsigned long long*>(smem + Traits::kSmemTileBytes + Traits::kSmemReachedBytes);
-  bool any_reached = false;  // CTA-uniform: whether `reached` holds bits (cleared on first use)
+  shared.q_full.arrive_and_expect_tx(Traits::kBytesQ);
+  copy(tma_q.with(reinterpret_cast<uint64_t&>(shared.q_full), 0), tQgQ, tQsQ);
+  auto state = cutlass::make_producer_start_state<typename Traits::Pipeline>();
+  for (int n_block = b.n_block_end - 1; n_block >= b.n_block_begin; --n_block) {
+    pipeline.producer_acquire(state);  // the stage is free; its full barrier expects kBytesKV
+    uint64_t* full = pipeline.producer_get_barrier(state);
+    copy(tma_k.with(*full, 0), tKgK(_, n_block), tKsK(_, state.index()));
+    copy(tma_v.with(*full, 0), tVgV(_, n_block), tVsV(_, state.index()));
+    ++state;
+  }
+}
 
+// Consumers: both warpgroups walk the key blocks of the pipeline and store their 64 output rows each.
+template <class Traits>
+__device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const Sm90Block& b,
+                                             typename Traits::SharedStorage& shared,
+                                             typename Traits::Pipeline& pipeline) {
+  using Elem = typename Traits::Elem;
+  constexpr int kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kThreads = Traits::kConsumerThreads;
   const int tid = threadIdx.x;
-  typename Traits::GmemLoad gmem_load;
-  auto gmem_thr = gmem_load.get_thread_slice(tid);
-  Tensor tQgQ = gmem_thr.partition_S(gQ);
-  Tensor tQsQ = gmem_thr.partition_D(sQ);
-  Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_N, CPY_D, n_blocks)
-  Tensor tKsK = gmem_thr.partition_D(sK);
-  Tensor tVgV = gmem_thr.partition_S(gV);
-  Tensor tVsV = gmem_thr.partition_D(sV);
-  Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(tile_q));
-  Tensor tKcK = gmem_thr.partition_S(make_identity_tensor(tile_kv));
+  const int m0 = b.m0;
+  const SequenceMask& mask = b.mask;
+
+  Tensor sQ = make_tensor(make_smem_ptr(shared.q), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(shared.k), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(shared.v), typename Traits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(make_smem_ptr(shared.v), typename Traits::SmemLayoutVt{});
+  const ReachedBits<Traits::kBlockM, kHeadDim, kThreads> reached{shared.reached};
+  bool any_reached = false;  // uniform over the consumers: whether `reached` holds bits (cleared on first use)
 
   typename Traits::MmaQK mma_qk;
   typename Traits::MmaPV mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(tid);
   auto thr_pv = mma_pv.get_thread_slice(tid);
   Tensor tSrQ = thr_qk.partition_fragment_A(sQ);  // shared-memory descriptors
-  Tensor tSrK = thr_qk.partition_fragment_B(sK);
+  Tensor tSrK = thr_qk.partition_fragment_B(sK);  // (MMA, MMA_N, MMA_K, stages)
   Tensor tOrVt = thr_pv.partition_fragment_B(sVt);
   Tensor tScS = thr_qk.partition_C(make_identity_tensor(typename Traits::TileS{}));
-  Tensor acc_o = partition_fragment_C(mma_pv, tile_q);
+  Tensor acc_o = partition_fragment_C(mma_pv, typename Traits::TileQ{});
   clear(acc_o);
 
-  load_rows(gmem_load, tQgQ, tQsQ, tQcQ, length - m0);
-  if (n_block_end > n_block_begin) {
-    const int last = n_block_end - 1;
-    load_rows(gmem_load, tKgK(_, _, _, last), tKsK, tKcK, length - last * kBlockN);
-  }
-  cp_async_fence();
-
-  for (int n_block = n_block_end - 1; n_block >= n_block_begin; --n_block) {
+  shared.q_full.wait(0);
+  typename Traits::Pipeline::PipelineState state;  // stage 0, phase 0: the producer's order
+  for (int n_block = b.n_block_end - 1; n_block >= b.n_block_begin; --n_block) {
     const int n0 = n_block * kBlockN;
-    wait_loads_for_wgmma();  // K[n_block] (and Q) arrived; every warpgroup is done with V[n_block + 1]
-    load_rows(gmem_load, tVgV(_, _, _, n_block), tVsV, tKcK, length - n0);
-    cp_async_fence();
-
+    const int stage = state.index();
+    pipeline.consumer_wait(state);  // K[n_block] and V[n_block] arrived
     Tensor acc_s = partition_fragment_C(mma_qk, typename Traits::TileS{});
-    wgmma_gemm<false>(mma_qk, tSrQ, tSrK, acc_s, /*zero_init=*/true);
+    wgmma_gemm<false>(mma_qk, tSrQ, tSrK(_, _, _, stage), acc_s, /*zero_init=*/true);
 
-    wait_loads_for_wgmma();  // V[n_block] arrived; every warpgroup is done with K[n_block]
-    if (n_block > n_block_begin) {
-      load_rows(gmem_load, tKgK(_, _, _, n_block - 1), tKsK, tKcK, length - (n0 - kBlockN));
-      cp_async_fence();
-    }
-
-    const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN);
+    const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN);  // false for tiles reaching past the end
     // P in the register layout of the P V A operand: the m64nNk16 A fragment holds, in order, the values of two
     // neighbouring n8 column groups of the m64nN accumulator, so the flat orders agree.
     Tensor tOrP = make_tensor<Elem>(partition_shape_A(mma_pv, typename Traits::TileS{}));
@@ -206,38 +259,80 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_sm90_kerne
       const bool valid = all_valid || mask.valid(m0 + get<0>(tScS(i)), n0 + get<1>(tScS(i)));
       tOrP(i) = static_cast<Elem>(valid ? silu(acc_s(i) * p.alpha) * p.inv_scaling : 0.0f);
     }
-    if (!all_valid) {  // CTA-uniform
-      const uint64_t bad_rows = non_finite_rows<Elem, kBlockN, kHeadDim, kNThreads>(sV);
-      if (__syncthreads_or(bad_rows != 0)) {  // V[n_block] holds inf/nan (rare)
+    if (!all_valid) {  // uniform over the consumers
+      Tensor sVs = sV(_, _, stage);
+      const uint64_t bad_rows = non_finite_rows<Elem, kBlockN, kHeadDim, kThreads>(sVs);
+      if (consumers_any<kThreads>(bad_rows != 0)) {  // V[n_block] holds inf/nan (rare), maybe another sequence's
         if (!any_reached) reached.clear();
         any_reached = true;
-        const uint64_t rows = cta_or(bad_rows, non_finite_word);
-        reached.mark(sV, rows, [&](int row, int key) { return mask.valid(m0 + row, n0 + key); });
-        __syncthreads();  // every thread has read the non-finite entries
-        zero_non_finite<kBlockN, kHeadDim, kNThreads>(sV);
-        cutlass::arch::fence_view_async_shared();  // the zeros are visible to wgmma
-        __syncthreads();  // V[n_block] is finite for P V
+        const uint64_t rows = consumers_or<kThreads>(bad_rows, &shared.non_finite_word);
+        reached.mark(sVs, rows, [&](int row, int key) { return mask.valid(m0 + row, n0 + key); });
+        consumers_sync<kThreads>();  // every consumer has read the non-finite entries
+        zero_non_finite<kBlockN, kHeadDim, kThreads>(sVs);
+        cutlass::arch::fence_view_async_shared();  // the zeros are visible to wgmma (async proxy)
+        consumers_sync<kThreads>();                // V[n_block] is finite for P V
       }
     }
-    wgmma_gemm<true>(mma_pv, tOrP, tOrVt, acc_o, /*zero_init=*/false);
+    wgmma_gemm<true>(mma_pv, tOrP, tOrVt(_, _, _, stage), acc_o, /*zero_init=*/false);
+    pipeline.consumer_release(state);  // both products have read the stage
+    ++state;
   }
 
   // Epilogue: each thread stores its accumulator pairs (two neighbouring columns) of the rows inside the sequence.
-  // (reached: the barrier after the last mark() ordered every thread's bits before these reads.)
-  Tensor tOcO = thr_pv.partition_C(make_identity_tensor(tile_q));
-  Elem* out = static_cast<Elem*>(p.out) + (start + m0) * p.o_row_stride + head * p.o_head_stride;
+  // (reached: the consumers_sync after the last mark() ordered every thread's bits before these reads.)
+  Tensor tOcO = thr_pv.partition_C(make_identity_tensor(typename Traits::TileQ{}));
+  Elem* out = static_cast<Elem*>(p.out) + (b.start + m0) * p.o_row_stride + b.head * p.o_head_stride;
   const Elem nan = Elem(__int_as_float(0x7fc00000));
   CUTE_UNROLL
   for (int i = 0; i < size(acc_o); i += 2) {
     const int row = get<0>(tOcO(i));
     const int column = get<1>(tOcO(i));
-    if (row >= length - m0) continue;
+    if (row >= b.length - m0) continue;
     Elem pair[2] = {static_cast<Elem>(acc_o(i)), static_cast<Elem>(acc_o(i + 1))};
     if (any_reached) {
       if (reached.test(row, column)) pair[0] = nan;
       if (reached.test(row, column + 1)) pair[1] = nan;
     }
     *reinterpret_cast<uint32_t*>(out + row * p.o_row_stride + column) = *reinterpret_cast<const uint32_t*>(pair);
+  }
+}
+#endif
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    hstu_attn_fwd_sm90_kernel(const HstuAttnFwdParams p, const __grid_constant__ typename Traits::TmaQ tma_q,
+                              const __grid_constant__ typename Traits::TmaKV tma_k,
+                              const __grid_constant__ typename Traits::TmaKV tma_v) {
+#if HSTU_ATTN_SM90_DEVICE
+  using Pipeline = typename Traits::Pipeline;
+  Sm90Block block;
+  if (!sm90_block<Traits::kBlockM, Traits::kBlockN>(p, block)) return;  // the whole CTA
+
+  extern __shared__ __align__(1024) char smem[];
+  auto& shared = *reinterpret_cast<typename Traits::SharedStorage*>(smem);
+  const bool producer = threadIdx.x >= Traits::kConsumerThreads;
+  const bool leader = threadIdx.x == Traits::kConsumerThreads;  // the one producer thread that issues loads
+  if (leader) {
+    cute::prefetch_tma_descriptor(tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(tma_v.get_tma_descriptor());
+    shared.q_full.init(1);
+  }
+  typename Pipeline::Params pipeline_params;
+  pipeline_params.transaction_bytes = Traits::kBytesKV;
+  pipeline_params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipeline_params.is_leader = leader;
+  pipeline_params.num_consumers = Traits::kConsumerThreads;
+  pipeline_params.initializing_warp = Traits::kConsumerThreads / 32;  // the leader's warp
+  Pipeline pipeline(shared.pipeline, pipeline_params, Shape<_1, _1, _1>{});  // initializes the barriers
+  __syncthreads();  // barrier initialization visible to every thread
+
+  if (producer) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+    if (leader) sm90_produce<Traits>(p, block, shared, pipeline, tma_q, tma_k, tma_v);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
+    sm90_consume<Traits>(p, block, shared, pipeline);
   }
 #endif
 }
@@ -254,8 +349,27 @@ bool fwd_sm90_runs_here() {
   return attributes.binaryVersion == 90;
 }
 
+// What TMA needs of a [L, H, D] tensor (cuTensorMapEncodeTiled): a 16-byte-aligned base and strides that are
+// multiples of 16 bytes, below 2^40 bytes; L and H within 32 bits.
+template <typename Elem>
+bool tma_compatible(const void* base, int64_t row_stride, int64_t head_stride) {
+  constexpr int64_t kVector = 16 / sizeof(Elem);
+  const auto in_range = [](int64_t stride) { return stride >= 0 && stride * int64_t(sizeof(Elem)) < (int64_t(1) << 40); };
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && row_stride % kVector == 0 && head_stride % kVector == 0 &&
+         in_range(row_stride) && in_range(head_stride);
+}
+
+template <class Traits>
+bool fwd_sm90_takes(const HstuAttnFwdParams& p) {
+  using Elem = typename Traits::Elem;
+  return p.num_tokens > 0 && p.num_tokens <= 0x7fffffff && tma_compatible<Elem>(p.q, p.q_row_stride, p.q_head_stride) &&
+         tma_compatible<Elem>(p.k, p.k_row_stride, p.k_head_stride) &&
+         tma_compatible<Elem>(p.v, p.v_row_stride, p.v_head_stride) && fwd_sm90_runs_here<Traits>();
+}
+
 template <class Traits>
 cudaError_t launch_fwd_sm90(const HstuAttnFwdParams& p, cudaStream_t stream) {
+  using Elem = typename Traits::Elem;
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = &hstu_attn_fwd_sm90_kernel<Traits>;
   const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
@@ -264,7 +378,17 @@ cudaError_t launch_fwd_sm90(const HstuAttnFwdParams& p, cudaStream_t stream) {
   const int64_t blocks = num_m_blocks * p.num_sequences;
   if (blocks == 0 || p.num_heads == 0) return cudaSuccess;
   if (blocks > 0x7fffffff || p.num_heads > 65535) return cudaErrorInvalidConfiguration;
-  kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, kSmem, stream>>>(p);
+  const auto shape = make_shape(int32_t(p.num_tokens), int32_t(Traits::kHeadDim), int32_t(p.num_heads));
+  auto tensor = [&](const void* base, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(static_cast<const Elem*>(base)), shape, make_stride(row_stride, _1{}, head_stride));
+  };
+  const typename Traits::TmaQ tma_q = make_tma_copy(SM90_TMA_LOAD{}, tensor(p.q, p.q_row_stride, p.q_head_stride),
+                                                    typename Traits::SmemLayoutQ{}, typename Traits::TileQ{}, _1{});
+  const typename Traits::TmaKV tma_k = make_tma_copy(SM90_TMA_LOAD{}, tensor(p.k, p.k_row_stride, p.k_head_stride),
+                                                     typename Traits::SmemLayoutKVTile{}, typename Traits::TileKV{}, _1{});
+  const typename Traits::TmaKV tma_v = make_tma_copy(SM90_TMA_LOAD{}, tensor(p.v, p.v_row_stride, p.v_head_stride),
+                                                     typename Traits::SmemLayoutKVTile{}, typename Traits::TileKV{}, _1{});
+  kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, kSmem, stream>>>(p, tma_q, tma_k, tma_v);
   return cudaGetLastError();
 }
 

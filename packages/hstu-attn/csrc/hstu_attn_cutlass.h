@@ -11,7 +11,7 @@
 extern "C" {
 #endif
 
-#define HSTU_ATTN_CUTLASS_ABI_VERSION 4
+#define HSTU_ATTN_CUTLASS_ABI_VERSION 5
 #define HSTU_ATTN_API __attribute__((visibility("default")))
 
 enum HstuAttnDtype { HSTU_ATTN_FP16 = 0, HSTU_ATTN_BF16 = 1 };
@@ -85,6 +85,7 @@ typedef struct HstuAttnFwdParams {
   float alpha;
   float inv_scaling;  // 1 / scaling_seqlen
   HstuAttnRelativeBias relative_bias;
+  int64_t num_tokens;  // L, the rows of q, k, v and out (the Hopper forward's TMA descriptors span them)
 } HstuAttnFwdParams;
 
 // Backward for one batch: dq_accum [L, H, D] fp32 must be zero on entry (the kernel adds into it; the caller

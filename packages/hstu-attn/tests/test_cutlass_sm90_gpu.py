@@ -1,4 +1,4 @@
-"""The Hopper forward of the CUTLASS backend (`csrc/fwd_sm90_kernel.cuh`: wgmma) against the PyTorch reference.
+"""The Hopper forward of the CUTLASS backend (`csrc/fwd_sm90_kernel.cuh`: TMA, wgmma) against the PyTorch reference.
 
 GPU only: skipped unless the device is sm_90 (H100/H200) and `libhstu_attn_cutlass.so` is built (with sm_90a code,
 as the default `80;90a` build has). The forward takes that kernel for head dims 64 and 128 without rab or relative
@@ -180,6 +180,33 @@ def test_sm90_not_taken_with_rab_or_head_dim_256() -> None:
         q, k, v, offsets = _base._inputs((70, 5), 2, 256, torch.bfloat16, seed=3)
         _, names = _forward_kernels(lambda: hstu_attn_varlen_func(q, k, v, offsets, 70, backend=KernelBackend.CUTLASS))
         _assert_ran(names, SM80_KERNEL + "<")
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_sm90_next_sequence_stays_out(causal: bool, dim: int) -> None:
+    """TMA tiles reach past a sequence's end into the next sequence's tokens: those rows must never contribute. With
+    every token of the other sequences nan/inf in q, k and v, each sequence's output equals its own run alone."""
+    lengths = (70, 1, 129, 64, 33)
+    q, k, v, offsets = _base._inputs(lengths, 2, dim, torch.bfloat16, seed=9)
+    bounds = offsets.tolist()
+    options = dict(causal=causal, backend=KernelBackend.CUTLASS)
+    with _sm90_env(None):
+        for b, n in enumerate(lengths):
+            lo, hi = bounds[b], bounds[b + 1]
+            poisoned = [t.clone() for t in (q, k, v)]
+            for i, t in enumerate(poisoned):
+                t[:lo] = float("nan") if i % 2 else float("inf")
+                t[hi:] = float("-inf") if i % 2 else float("nan")
+            got, names = _forward_kernels(
+                lambda inputs=poisoned: hstu_attn_varlen_func(*inputs, offsets, max(lengths), **options)
+            )
+            _assert_ran(names, SM90_KERNEL)
+            alone = hstu_attn_varlen_func(
+                q[lo:hi], k[lo:hi], v[lo:hi], torch.tensor([0, n], device="cuda"), max(lengths), **options
+            )
+            assert torch.isfinite(got[lo:hi]).all(), f"sequence {b}: a neighbour's non-finite token leaked in"
+            torch.testing.assert_close(got[lo:hi], alone, msg=lambda m, b=b: f"sequence {b}: {m}")
 
 
 @pytest.mark.parametrize("dim", [64, 128])

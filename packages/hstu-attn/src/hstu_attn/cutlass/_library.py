@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 LIBRARY_NAME = "libhstu_attn_cutlass.so"
 LIBRARY_ENV = "HSTU_ATTN_CUTLASS_LIB"
 BUILD_HINT = (
@@ -65,6 +65,7 @@ class FwdParams(ctypes.Structure):
         ("alpha", ctypes.c_float),
         ("inv_scaling", ctypes.c_float),
         ("relative_bias", RelativeBiasParams),
+        ("num_tokens", ctypes.c_int64),
     ]
 
 

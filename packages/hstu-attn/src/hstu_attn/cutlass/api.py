@@ -228,7 +228,7 @@ def hstu_attn_cutlass_forward(
         **_strides(q=q, k=k, v=v, o=out),
         **_common_fields(q, seq_offsets, num_targets, max_seq_len, alpha, scale, causal, contextual_seq_len,
                          max_attn_len),
-        relative_bias=fused.params,
+        relative_bias=fused.params, num_tokens=q.shape[0],
     )  # fmt: skip
     if q.shape[0] > 0:
         _launch(library, "forward", params, q.device)
