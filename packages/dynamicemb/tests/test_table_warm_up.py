@@ -104,8 +104,9 @@ evicted = 0
 for step in range(6):
     keys = torch.randint(-(2**62), 2**62, (5000 + step,), device=device, generator=g)
     scores = torch.full_like(keys, 10**12 + step)
-    if strategy != DynamicEmbScoreStrategy.CUSTOMIZED:
-        evicted += table.find_or_insert(keys).evicted_keys.numel()
+    # CUSTOMIZED inserts only with scores; both strategies insert more keys than max_capacity over the steps
+    full_scores = scores if strategy == DynamicEmbScoreStrategy.CUSTOMIZED else None
+    evicted += table.find_or_insert(keys, full_scores).evicted_keys.numel()
     evicted += table.find_or_insert(keys[: keys.numel() // 2] + 1, scores[: keys.numel() // 2]).evicted_keys.numel()
     table.find(keys, update_score=True)
     if step == 0:
