@@ -1,4 +1,4 @@
-// The C ABI of hstu_attn_cutlass.h: argument checks and dispatch by head dim.
+// The C ABI of hstu_attn_cutlass.h: argument checks and dispatch by head dim (and to the Hopper forward on sm_90).
 #include <cuda_runtime.h>
 
 #include <cstdlib>
