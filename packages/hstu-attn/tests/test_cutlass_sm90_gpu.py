@@ -2,10 +2,11 @@
 
 GPU only: skipped unless the device is sm_90 (H100/H200) and `libhstu_attn_cutlass.so` is built (with sm_90a code,
 as the default `80;90a` build has). The forward takes that kernel for head dims 64 and 128 without rab or relative
-bias unless `HSTU_ATTN_CUTLASS_SM90=0`; every test here checks with the profiler which forward kernel ran, so a
-dispatch that falls back to the SM80 kernel fails instead of passing unnoticed. Errors are judged as in
-test_cutlass_gpu.py (whose input and judging helpers this file loads): the kernel's error against the fp32 reference
-may exceed the error of the reference run in the input dtype by at most 2x (relative L2) / 4x (relative max).
+bias only with `HSTU_ATTN_CUTLASS_SM90=1` (opt-in until these tests have passed on a GPU); every test here checks
+with the profiler which forward kernel ran, so a dispatch that falls back to the SM80 kernel fails instead of passing
+unnoticed. Errors are judged as in test_cutlass_gpu.py (whose input and judging helpers this file loads): the
+kernel's error against the fp32 reference may exceed the error of the reference run in the input dtype by at most 2x
+(relative L2) / 4x (relative max).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _assert_ran(names: set[str], kernel: re.Pattern[str]) -> None:
 
 def _check_sm90_forward(lengths, **kwargs) -> None:
     """_base._check_forward (fresh inputs, judged against the reference) on the Hopper kernel, which must run."""
-    with _sm90_env(None):
+    with _sm90_env("1"):
         _, names = _forward_kernels(lambda: _base._check_forward(lengths, **kwargs))
     _assert_ran(names, SM90_KERNEL)
 
@@ -118,7 +119,7 @@ def test_sm90_forward_short_empty_and_padded_batches(dim: int) -> None:
     _check_sm90_forward(LENGTHS, dim=dim, max_seq_len=1000)
     _check_sm90_forward((1, 1, 1), heads=1, dim=dim)
     _check_sm90_forward((63, 65, 127, 128, 129, 191, 255, 257), dim=dim, causal=False)
-    with _sm90_env(None):  # only empty sequences: nothing to launch, an all-empty output
+    with _sm90_env("1"):  # only empty sequences: nothing to launch, an all-empty output
         _base._check_forward((0, 0), dim=dim)
 
 
@@ -136,7 +137,7 @@ def test_sm90_forward_strided_heads_view(dim: int) -> None:
     packed = torch.randn(sum(lengths), 2, 3 * dim, device="cuda").to(torch.bfloat16)
     q, k, v = packed.split(dim, dim=2)
     options = dict(causal=True, num_targets=None, contextual_seq_len=0, max_attn_len=0)
-    with _sm90_env(None):
+    with _sm90_env("1"):
         got, names = _forward_kernels(
             lambda: hstu_attn_cutlass_forward(q, k, v, offsets, 200, alpha=0.125, scale=0.01, **options)
         )
@@ -150,7 +151,7 @@ def test_sm90_forward_strided_heads_view(dim: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mask", ["causal", "everything_noncausal", "alpha_scaling"])
 def test_sm90_env_switch_agrees_with_sm80_forward(mask: str, dtype: torch.dtype, dim: int) -> None:
-    """HSTU_ATTN_CUTLASS_SM90=0 runs the SM80 kernel, the default the Hopper one; both agree within rounding."""
+    """HSTU_ATTN_CUTLASS_SM90=0 (and unset) runs the SM80 kernel, =1 the Hopper one; both agree within rounding."""
     q, k, v, offsets = _base._inputs(LENGTHS, 2, dim, dtype, seed=11)
     options = _base._mask_options(mask)
     targets = options.pop("targets", None)
@@ -161,7 +162,10 @@ def test_sm90_env_switch_agrees_with_sm80_forward(mask: str, dtype: torch.dtype,
 
     with _sm90_env("0"):
         sm80, sm80_names = _forward_kernels(forward)
-    with _sm90_env(None):
+    with _sm90_env(None):  # the default while the Hopper kernel is opt-in
+        _, default_names = _forward_kernels(forward)
+    _assert_ran(default_names, SM80_KERNEL)
+    with _sm90_env("1"):
         sm90, sm90_names = _forward_kernels(forward)
     _assert_ran(sm80_names, SM80_KERNEL)
     _assert_ran(sm90_names, SM90_KERNEL)
@@ -174,7 +178,7 @@ def test_sm90_not_taken_with_rab_or_head_dim_256() -> None:
     """rab and head dim 256 stay on the SM80 forward (the Hopper kernel has neither)."""
     q, k, v, offsets = _base._inputs((70, 5), 2, 64, torch.bfloat16, seed=3)
     rab = torch.randn(2, 2, 70, 70, device="cuda").to(torch.bfloat16)
-    with _sm90_env(None):
+    with _sm90_env("1"):
         _, names = _forward_kernels(
             lambda: hstu_attn_varlen_func(q, k, v, offsets, 70, backend=KernelBackend.CUTLASS, rab=rab)
         )
@@ -193,7 +197,7 @@ def test_sm90_next_sequence_stays_out(causal: bool, dim: int) -> None:
     q, k, v, offsets = _base._inputs(lengths, 2, dim, torch.bfloat16, seed=9)
     bounds = offsets.tolist()
     options = dict(causal=causal, backend=KernelBackend.CUTLASS)
-    with _sm90_env(None):
+    with _sm90_env("1"):
         for b, n in enumerate(lengths):
             lo, hi = bounds[b], bounds[b + 1]
             poisoned = [t.clone() for t in (q, k, v)]
@@ -232,7 +236,7 @@ def test_sm90_masked_non_finite_v_stays_out(mask: str, dtype: torch.dtype, dim: 
         out = hstu_attn_varlen_func(q, k, values, offsets, max(LENGTHS), backend=KernelBackend.CUTLASS, **options)
         return out.float().cpu()
 
-    with _sm90_env(None):
+    with _sm90_env("1"):
         want, _ = _forward_kernels(lambda: forward(v))
         got, names = _forward_kernels(lambda: forward(poisoned_v))
     _assert_ran(names, SM90_KERNEL)
