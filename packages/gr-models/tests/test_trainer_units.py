@@ -124,7 +124,8 @@ def test_fused_norm_gate_reaches_the_hstu_config_from_yaml() -> None:
     from gr_models.trainer.builders import build_hstu_config
 
     cpu = torch.device("cpu")
-    assert build_hstu_config(load_config(None, []), cpu).fused_norm_gate is False
+    assert build_hstu_config(load_config(None, []), cpu).fused_norm_gate is None
+    assert build_hstu_config(load_config(None, ["hstu.fused_norm_gate=false"]), cpu).fused_norm_gate is False
     assert build_hstu_config(load_config(None, ["hstu.fused_norm_gate=true"]), cpu).fused_norm_gate is True
     assert build_hstu_config(load_config(None, ["hstu.fused_norm_gate=null"]), cpu).fused_norm_gate is None
     with pytest.raises(ValueError, match=r"hstu\.fused_norm_gate"):

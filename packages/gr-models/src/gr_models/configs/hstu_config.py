@@ -128,8 +128,8 @@ class HSTUConfig:
 
     `fused_norm_gate` picks how a layer computes `dropout(LayerNorm(attn) * u)` after attention: True runs
     `hstu_attn.norm_gate.layer_norm_gate` (one Triton kernel forward and one backward; needs CUDA tensors, or CPU
-    under `TRITON_INTERPRET=1`, else the forward raises), False (the default, until the kernel has run on a GPU)
-    the plain PyTorch ops, None the fused kernel for CUDA inputs when Triton imports and the plain ops otherwise.
+    under `TRITON_INTERPRET=1`, else the forward raises), False the plain PyTorch ops, None (the default) the fused
+    kernel for CUDA inputs when Triton imports and the plain ops otherwise.
     The two compute the same function (the fused one rounds once to the compute dtype; its dropout mask comes from
     its own Philox draw, so with dropout the masks differ from the plain path's for the same seed).
     `TensorParallelHSTULayer` always uses the plain ops.
@@ -154,7 +154,7 @@ class HSTUConfig:
     uvqk_init_std: float | None = None
     layer_norm_affine: bool = True
     uvqk_bias: bool = True
-    fused_norm_gate: bool | None = False
+    fused_norm_gate: bool | None = None
     output_bias_init: str = "zeros"
 
     def __post_init__(self) -> None:
@@ -224,7 +224,7 @@ def get_hstu_config(
     uvqk_init_std: float | None = None,
     layer_norm_affine: bool = True,
     uvqk_bias: bool = True,
-    fused_norm_gate: bool | None = False,
+    fused_norm_gate: bool | None = None,
     output_bias_init: str = "zeros",
 ) -> HSTUConfig:
     """Build an `HSTUConfig`.

@@ -6,8 +6,8 @@ attn     = hstu_attention(q, k, v)                            # [L, H * kv_chann
 y        = Dropout(LayerNorm(attn) * u) @ W_o + b_o
 out      = x + y
 
-`HSTUConfig.fused_norm_gate` (off by default) runs `Dropout(LayerNorm(attn) * u)` as one Triton kernel
-(`hstu_attn.norm_gate`) on CUDA inputs; the plain PyTorch ops otherwise.
+`HSTUConfig.fused_norm_gate` (None, the default: auto) runs `Dropout(LayerNorm(attn) * u)` as one Triton kernel
+(`hstu_attn.norm_gate`) on CUDA inputs; the plain PyTorch ops otherwise (or always with False).
 
 `TensorParallelHSTULayer` splits the heads across the tensor-parallel group (`build_hstu_layer` picks it when
 that group has more than one rank).

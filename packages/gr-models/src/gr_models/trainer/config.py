@@ -60,7 +60,7 @@ class HSTUSection:
     position_encoding: dict[str, Any] | None = field(default_factory=dict)
     relative_bias: dict[str, Any] | None = None
     recompute_cheap_activations: bool = False
-    fused_norm_gate: bool | None = False
+    fused_norm_gate: bool | None = None
     output_bias_init: str = "zeros"
 
 
