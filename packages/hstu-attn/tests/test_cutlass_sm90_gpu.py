@@ -216,32 +216,37 @@ def test_sm90_next_sequence_stays_out(causal: bool, dim: int) -> None:
 
 
 @pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("tensor", ["q", "k", "v"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mask", MASKS.keys())
-def test_sm90_masked_non_finite_v_stays_out(mask: str, dtype: torch.dtype, dim: int) -> None:
-    """nan/inf/-inf in v at one token per sequence (head 0): every (token, head) output row that may not attend it
-    equals the clean run and is finite; every row that does attend it is non-finite (test_cutlass_gpu.py's plan)."""
-    seed = list(MASKS).index(mask) + 2
+def test_sm90_masked_non_finite_stays_out(mask: str, dtype: torch.dtype, tensor: str, dim: int) -> None:
+    """nan/inf/-inf in q, k or v at one token per sequence (head 0): every (token, head) output row that may not
+    depend on it equals the clean run and is finite; every row that does is non-finite (test_cutlass_gpu.py's plan).
+    q and k reach the output through the scores (an invalid pair's score is selected away, never multiplied), v
+    through finite.cuh's zeroing and NaN bitmap in masked tiles."""
+    seed = list(MASKS).index(mask) + _base.POISONED.index(tensor)
     options = _base._poison_options(mask)
     heads = 2
     q, k, v, offsets = _base._inputs(LENGTHS, heads, dim, dtype, seed=seed)
-    poisons, reached = _base._poison_plan("v", options, seed, heads)
-    poisoned_v = v.clone()
+    inputs = {"q": q, "k": k, "v": v}
+    poisons, reached = _base._poison_plan(tensor, options, seed, heads)
+    poisoned = dict(inputs, **{tensor: inputs[tensor].clone()})
     for token, value in poisons:
-        poisoned_v[token, 0, 5] = value
+        poisoned[tensor][token, 0, 5] = value
     if options.get("num_targets") is not None:
         options["num_targets"] = torch.tensor(options["num_targets"], device="cuda")
 
-    def forward(values: torch.Tensor) -> torch.Tensor:
-        out = hstu_attn_varlen_func(q, k, values, offsets, max(LENGTHS), backend=KernelBackend.CUTLASS, **options)
+    def forward(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        q, k, v = (tensors[name] for name in "qkv")
+        out = hstu_attn_varlen_func(q, k, v, offsets, max(LENGTHS), backend=KernelBackend.CUTLASS, **options)
         return out.float().cpu()
 
     with _sm90_env("1"):
-        want, _ = _forward_kernels(lambda: forward(v))
-        got, names = _forward_kernels(lambda: forward(poisoned_v))
+        want, _ = _forward_kernels(lambda: forward(inputs))
+        got, names = _forward_kernels(lambda: forward(poisoned))
     _assert_ran(names, SM90_KERNEL)
     kept = ~reached["out"]
     assert torch.isfinite(want).all(), "the clean run is not finite"
-    assert torch.isfinite(got[kept]).all(), "a non-finite v entry leaked to a row that may not attend it"
+    assert torch.isfinite(got[kept]).all(), f"a non-finite {tensor} entry leaked to a row that may not see it"
     torch.testing.assert_close(got[kept], want[kept])
-    assert not torch.isfinite(got).all(dim=-1)[reached["out"]].any(), "a row that attends a non-finite v is finite"
+    assert not torch.isfinite(got).all(dim=-1)[reached["out"]].any(), f"a row that sees a non-finite {tensor} is finite"
