@@ -288,7 +288,7 @@ __device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const S
     const int row = get<0>(tOcO(i));
     const int column = get<1>(tOcO(i));
     if (row >= b.length - m0) continue;
-    Elem pair[2] = {static_cast<Elem>(acc_o(i)), static_cast<Elem>(acc_o(i + 1))};
+    alignas(4) Elem pair[2] = {static_cast<Elem>(acc_o(i)), static_cast<Elem>(acc_o(i + 1))};
     if (any_reached) {
       if (reached.test(row, column)) pair[0] = nan;
       if (reached.test(row, column + 1)) pair[1] = nan;
@@ -354,7 +354,8 @@ bool fwd_sm90_runs_here() {
 template <typename Elem>
 bool tma_compatible(const void* base, int64_t row_stride, int64_t head_stride) {
   constexpr int64_t kVector = 16 / sizeof(Elem);
-  const auto in_range = [](int64_t stride) { return stride >= 0 && stride * int64_t(sizeof(Elem)) < (int64_t(1) << 40); };
+  // TMA needs positive strides (an expand()ed view has 0, which cuTensorMapEncodeTiled rejects) below 2^40 bytes
+  const auto in_range = [](int64_t stride) { return stride > 0 && stride * int64_t(sizeof(Elem)) < (int64_t(1) << 40); };
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && row_stride % kVector == 0 && head_stride % kVector == 0 &&
          in_range(row_stride) && in_range(head_stride);
 }
