@@ -133,6 +133,10 @@ class HSTUConfig:
     The two compute the same function (the fused one rounds once to the compute dtype; its dropout mask comes from
     its own Philox draw, so with dropout the masks differ from the plain path's for the same seed).
     `TensorParallelHSTULayer` always uses the plain ops.
+
+    `compile_layers` compiles each layer of the block (`nn.Module.compile(dynamic=True)`, TorchInductor) when the
+    block is built: the same function, with elementwise ops fused; the first steps pay the compilation (and a
+    recompilation when the shapes first change), and autograd, state dicts and checkpoints are unchanged.
     """
 
     hidden_size: int
@@ -156,6 +160,7 @@ class HSTUConfig:
     uvqk_bias: bool = True
     fused_norm_gate: bool | None = None
     output_bias_init: str = "zeros"
+    compile_layers: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "kv_channels", "num_attention_heads", "num_layers"):
@@ -178,6 +183,8 @@ class HSTUConfig:
             raise ValueError(f"fused_norm_gate must be True, False or None (auto), got {self.fused_norm_gate!r}")
         if self.output_bias_init not in OUTPUT_BIAS_INITS:
             raise ValueError(f"output_bias_init must be one of {OUTPUT_BIAS_INITS}, got {self.output_bias_init!r}")
+        if not isinstance(self.compile_layers, bool):
+            raise ValueError(f"compile_layers must be True or False, got {self.compile_layers!r}")
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -226,6 +233,7 @@ def get_hstu_config(
     uvqk_bias: bool = True,
     fused_norm_gate: bool | None = None,
     output_bias_init: str = "zeros",
+    compile_layers: bool = False,
 ) -> HSTUConfig:
     """Build an `HSTUConfig`.
 
@@ -256,4 +264,5 @@ def get_hstu_config(
         uvqk_bias=uvqk_bias,
         fused_norm_gate=fused_norm_gate,
         output_bias_init=output_bias_init,
+        compile_layers=compile_layers,
     )

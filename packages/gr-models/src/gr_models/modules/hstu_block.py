@@ -26,6 +26,8 @@ class HSTUBlock(nn.Module):
         self.config = config
         self.preprocessor = HSTUPreprocessor(config)
         self.layers = nn.ModuleList(build_hstu_layer(config) for _ in range(config.num_layers))
+        if config.compile_layers:
+            compile_layers(self.layers)
 
     def forward(self, embeddings: dict[str, JaggedTensor], batch: Batch) -> HSTUSequence:
         sequence = self.preprocessor(embeddings, SequenceInputs.from_batch(batch))
@@ -35,6 +37,12 @@ class HSTUBlock(nn.Module):
             for layer in self.layers:
                 x = layer(x, sequence)
         return dataclasses.replace(sequence, values=x.float())
+
+
+def compile_layers(layers: nn.ModuleList) -> None:
+    """Compile each layer in place (`HSTUConfig.compile_layers`): TorchInductor, shapes dynamic."""
+    for layer in layers:
+        layer.compile(dynamic=True)
 
 
 def candidate_outputs(sequence: HSTUSequence) -> Tensor:

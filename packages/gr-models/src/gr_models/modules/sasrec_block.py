@@ -15,6 +15,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from gr_models.configs.hstu_config import HSTUConfig
 from gr_models.data.batch import Batch
+from gr_models.modules.hstu_block import compile_layers
 from gr_models.modules.jagged import token_coordinates
 from gr_models.modules.preprocessing import HSTUPreprocessor, HSTUSequence, SequenceInputs
 
@@ -76,6 +77,8 @@ class SASRecBlock(nn.Module):
         self.config = config
         self.preprocessor = HSTUPreprocessor(config)
         self.layers = nn.ModuleList(SASRecLayer(config) for _ in range(config.num_layers))
+        if config.compile_layers:
+            compile_layers(self.layers)
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, embeddings: dict[str, JaggedTensor], batch: Batch) -> HSTUSequence:

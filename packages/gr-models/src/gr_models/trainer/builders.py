@@ -214,6 +214,7 @@ def build_hstu_config(config: RunConfig, device: torch.device) -> HSTUConfig:
         recompute_cheap_activations=section.recompute_cheap_activations,
         fused_norm_gate=section.fused_norm_gate,
         output_bias_init=section.output_bias_init,
+        compile_layers=section.compile_layers,
     )
 
 

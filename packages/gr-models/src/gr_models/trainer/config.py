@@ -62,6 +62,7 @@ class HSTUSection:
     recompute_cheap_activations: bool = False
     fused_norm_gate: bool | None = None
     output_bias_init: str = "zeros"
+    compile_layers: bool = False
 
 
 @dataclass

@@ -120,6 +120,7 @@ RULES: dict[str, Rule] = {
     "hstu.recompute_cheap_activations": _ANY,
     "hstu.fused_norm_gate": _ANY,  # True, False or null (auto: fused on CUDA); the type is checked
     "hstu.output_bias_init": Rule(choices=OUTPUT_BIAS_INITS),
+    "hstu.compile_layers": _ANY,  # a bool (the type is checked)
     "embeddings.default": _ANY,  # table options, checked against the dataset's features when the model is built
     "embeddings.tables": _ANY,
     "ranking.prediction_head_hidden": Rule(low=1, each=True),
