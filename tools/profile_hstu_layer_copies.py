@@ -66,21 +66,7 @@ class Call:
 
 
 def _sequence(lengths: list[int], targets: list[int]) -> HSTUSequence:
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    empty = torch.zeros(0, dtype=torch.int64)
-    return HSTUSequence(
-        values=torch.zeros(0),
-        offsets=offsets,
-        max_len=max(lengths),
-        scaling_seqlen=max(lengths),
-        num_candidates=torch.tensor(targets),
-        contextual_len=0,
-        timestamps=None,
-        history_lengths=torch.tensor(lengths) - torch.tensor(targets),
-        history_item_index=empty,
-        history_event_end_index=empty,
-        candidate_index=empty,
-    )
+    return HSTUSequence.for_layers(lengths, targets)
 
 
 def _origin(parents: list[str]) -> list[str]:

@@ -35,21 +35,8 @@ def _config(heads: int = HEADS, **overrides):
 
 def _sequence() -> HSTUSequence:
     lengths, targets = [5, 3, 6], [1, 0, 2]
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    empty = torch.zeros(0, dtype=torch.int64)
-    return HSTUSequence(
-        values=torch.zeros(0),
-        offsets=offsets,
-        max_len=max(lengths),
-        scaling_seqlen=7,
-        num_candidates=torch.tensor(targets),
-        contextual_len=1,
-        timestamps=torch.arange(sum(lengths)) * 3 + 1,
-        history_lengths=torch.tensor(lengths) - torch.tensor(targets),
-        history_item_index=empty,
-        history_event_end_index=empty,
-        candidate_index=empty,
-    )
+    timestamps = torch.arange(sum(lengths)) * 3 + 1
+    return HSTUSequence.for_layers(lengths, targets, scaling_seqlen=7, contextual_len=1, timestamps=timestamps)
 
 
 def _shard_like(full: Tensor, local: Tensor, rank: int, size: int) -> Tensor:

@@ -21,24 +21,6 @@ def _config(compile_layers: bool, **kwargs):
     )  # fmt: skip
 
 
-def _sequence(lengths: list[int], targets: list[int]) -> HSTUSequence:
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    empty = torch.zeros(0, dtype=torch.int64)
-    return HSTUSequence(
-        values=torch.zeros(0),
-        offsets=offsets,
-        max_len=max(lengths),
-        scaling_seqlen=max(lengths),
-        num_candidates=torch.tensor(targets),
-        contextual_len=0,
-        timestamps=None,
-        history_lengths=torch.tensor(lengths) - torch.tensor(targets),
-        history_item_index=empty,
-        history_event_end_index=empty,
-        candidate_index=empty,
-    )
-
-
 @pytest.mark.parametrize("block_class", [HSTUBlock, SASRecBlock])
 def test_blocks_compile_their_layers_only_when_asked(block_class: type) -> None:
     eager, compiled = block_class(_config(False)), block_class(_config(True))
@@ -62,7 +44,7 @@ def test_compiled_hstu_layers_match_eager_forward_and_backward() -> None:
     compiled = HSTUBlock(_config(True))
     compiled.load_state_dict(eager.state_dict())
     for lengths, targets in (([5, 1, 7], [1, 0, 2]), ([9, 3, 4, 2], [2, 1, 0, 1])):
-        sequence = _sequence(lengths, targets)
+        sequence = HSTUSequence.for_layers(lengths, targets)
         x = torch.randn(sum(lengths), HIDDEN)
         outputs = []
         for block in (eager, compiled):

@@ -14,20 +14,8 @@ HIDDEN, HEADS, HEAD_DIM = 12, 2, 8
 
 
 def _sequence(lengths: list[int], targets: list[int], contextual_len: int = 0, timestamps=None) -> HSTUSequence:
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    empty = torch.zeros(0, dtype=torch.int64)
-    return HSTUSequence(
-        values=torch.zeros(0),
-        offsets=offsets,
-        max_len=max(lengths),
-        scaling_seqlen=11,
-        num_candidates=torch.tensor(targets),
-        contextual_len=contextual_len,
-        timestamps=timestamps,
-        history_lengths=torch.tensor(lengths) - torch.tensor(targets),
-        history_item_index=empty,
-        history_event_end_index=empty,
-        candidate_index=empty,
+    return HSTUSequence.for_layers(
+        lengths, targets, scaling_seqlen=11, contextual_len=contextual_len, timestamps=timestamps
     )
 
 

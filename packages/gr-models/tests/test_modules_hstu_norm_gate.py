@@ -27,21 +27,7 @@ needs_triton = pytest.mark.skipif(
 
 
 def _sequence(lengths: list[int], targets: list[int], device: torch.device = DEVICE) -> HSTUSequence:
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
-    empty = torch.zeros(0, dtype=torch.int64, device=device)
-    return HSTUSequence(
-        values=torch.zeros(0, device=device),
-        offsets=offsets,
-        max_len=max(lengths),
-        scaling_seqlen=max(lengths),
-        num_candidates=torch.tensor(targets, device=device),
-        contextual_len=0,
-        timestamps=None,
-        history_lengths=torch.tensor(lengths, device=device) - torch.tensor(targets, device=device),
-        history_item_index=empty,
-        history_event_end_index=empty,
-        candidate_index=empty,
-    )
+    return HSTUSequence.for_layers(lengths, targets, device=device)
 
 
 def _layers(device: torch.device = DEVICE, **kwargs) -> tuple[HSTULayer, HSTULayer]:

@@ -63,6 +63,38 @@ class HSTUSequence:
     history_event_end_index: Tensor
     candidate_index: Tensor
 
+    @classmethod
+    def for_layers(
+        cls,
+        lengths: list[int],
+        num_candidates: list[int],
+        *,
+        scaling_seqlen: int | None = None,
+        contextual_len: int = 0,
+        timestamps: Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> HSTUSequence:
+        """The sequence layout alone, for calling HSTU layers directly (`layer(x, sequence)` with `x [sum lengths,
+        D]`): `lengths` tokens per user, the last `num_candidates` of each are targets; `scaling_seqlen` defaults to
+        the longest length. Empty `values` and no history/candidate indices (postprocessing cannot run on it)."""
+        device = torch.device(device)
+        sizes = torch.tensor(lengths, dtype=torch.int64, device=device)
+        targets = torch.tensor(num_candidates, dtype=torch.int64, device=device)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return cls(
+            values=torch.zeros(0, device=device),
+            offsets=torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]),
+            max_len=max(lengths, default=0),
+            scaling_seqlen=max(lengths, default=0) if scaling_seqlen is None else scaling_seqlen,
+            num_candidates=targets,
+            contextual_len=contextual_len,
+            timestamps=timestamps,
+            history_lengths=sizes - targets,
+            history_item_index=empty,
+            history_event_end_index=empty,
+            candidate_index=empty,
+        )
+
 
 @dataclass(frozen=True)
 class SequenceInputs:
