@@ -1,4 +1,5 @@
-// The C ABI of hstu_attn_cutlass.h: argument checks and dispatch by head dim (and to the Hopper forward on sm_90).
+// The C ABI of hstu_attn_cutlass.h: argument checks and dispatch by head dim (and to the Hopper forward and backward
+// on sm_90 when opted in).
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -7,6 +8,16 @@
 #include "bwd_launch.h"
 #include "fwd_launch.h"
 #include "hstu_attn_cutlass.h"
+
+namespace hstu_attn {
+
+// The Hopper backward (bwd_sm90_hdim64.cu, bwd_sm90_hdim128.cu).
+bool bwd_sm90_hdim64_takes(const HstuAttnBwdParams& params);
+bool bwd_sm90_hdim128_takes(const HstuAttnBwdParams& params);
+cudaError_t run_bwd_sm90_hdim64(const HstuAttnBwdParams& params, cudaStream_t stream);
+cudaError_t run_bwd_sm90_hdim128(const HstuAttnBwdParams& params, cudaStream_t stream);
+
+}  // namespace hstu_attn
 
 namespace {
 
@@ -34,6 +45,21 @@ bool use_fwd_sm90(const HstuAttnFwdParams& params) {
   if (params.rab != nullptr || bias.position_weights != nullptr || bias.time_weights != nullptr) return false;
   if (params.head_dim == 64) return hstu_attn::fwd_sm90_hdim64_takes(params);
   if (params.head_dim == 128) return hstu_attn::fwd_sm90_hdim128_takes(params);
+  return false;
+}
+
+// Whether the backward takes the Hopper kernel (bwd_sm90_kernel.cuh): the same opt-in switch and conditions as
+// use_fwd_sm90 (HSTU_ATTN_CUTLASS_SM90=1, head dim 64 or 128, no rab, no relative bias, its sm_90a code runs on the
+// current device) and q, k, v, dO with 16-byte-aligned bases and positive strides that are multiples of 16 bytes
+// (bwd_sm90_hdim*_takes). This backward is non-deterministic (fp32 atomics into dq_accum), as the SM80 one; the
+// deterministic backward never reaches this library (hstu_attn.interface routes it to Triton).
+bool use_bwd_sm90(const HstuAttnBwdParams& params) {
+  const char* env = std::getenv("HSTU_ATTN_CUTLASS_SM90");
+  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
+  const HstuAttnRelativeBias& bias = params.relative_bias;
+  if (params.rab != nullptr || bias.position_weights != nullptr || bias.time_weights != nullptr) return false;
+  if (params.head_dim == 64) return hstu_attn::bwd_sm90_hdim64_takes(params);
+  if (params.head_dim == 128) return hstu_attn::bwd_sm90_hdim128_takes(params);
   return false;
 }
 
@@ -75,9 +101,14 @@ int hstu_attn_cutlass_backward(const HstuAttnBwdParams* params, void* stream) {
   }
   if (params->dtype != HSTU_ATTN_FP16 && params->dtype != HSTU_ATTN_BF16) return HSTU_ATTN_UNSUPPORTED_DTYPE;
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
+  const bool sm90 = use_bwd_sm90(*params);
   switch (params->head_dim) {
-    case 64: return int(hstu_attn::run_bwd_hdim64(*params, cuda_stream));
-    case 128: return int(hstu_attn::run_bwd_hdim128(*params, cuda_stream));
+    case 64:
+      return int(sm90 ? hstu_attn::run_bwd_sm90_hdim64(*params, cuda_stream)
+                      : hstu_attn::run_bwd_hdim64(*params, cuda_stream));
+    case 128:
+      return int(sm90 ? hstu_attn::run_bwd_sm90_hdim128(*params, cuda_stream)
+                      : hstu_attn::run_bwd_hdim128(*params, cuda_stream));
     default: return HSTU_ATTN_UNSUPPORTED_HEAD_DIM;
   }
 }
