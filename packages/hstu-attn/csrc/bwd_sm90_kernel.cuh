@@ -14,6 +14,7 @@
 // dK += dS^T Q and dV += P^T dO; the dV entries that a valid pair links to a non-finite dO entry are stored NaN; dQ
 // = dS K takes non-finite K entries as 0 (a zeroed copy of K, made once when K holds inf/nan). Generic-proxy writes
 // to shared memory (cp.async, zero fills, dS) are made visible to wgmma with fence.proxy.async before the barrier.
+// S^T and dP^T are issued as one wgmma batch, dV and dK as another; each batch is waited for before the next step.
 //
 // The kernel body exists for sm_90a only; other targets compile an empty body that the host never launches
 // (bwd_sm90_runs_here checks that the loaded binary is sm_90 code).
@@ -95,6 +96,41 @@ __device__ __forceinline__ void bwd_sm90_wait_loads() {
   cp_async_wait<0>();
   cutlass::arch::fence_view_async_shared();
   __syncthreads();
+}
+
+// Issues acc (+)= A B^T over every k-block as wgmmas of the open batch (zero_init: acc = A B^T), not waited for.
+template <class Mma, class FragA, class FragB, class Acc>
+__device__ __forceinline__ void wgmma_issue(Mma& mma, FragA& a, FragB const& b, Acc& acc, bool zero_init) {
+  mma.accumulate_ = zero_init ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    gemm(mma, a(_, _, k), b(_, _, k), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+}
+
+// acc1 (+)= A1 B1^T and acc2 (+)= A2 B2^T with wgmma, issued as one batch and waited for once (zero_init: acc = A B^T).
+// kRegisterA: the A operands are register fragments (RS), else shared-memory descriptor fragments (SS).
+template <bool kRegisterA, class Mma, class FragA1, class FragB1, class Acc1, class FragA2, class FragB2, class Acc2>
+__device__ __forceinline__ void wgmma_gemm_pair(Mma& mma, FragA1& a1, FragB1 const& b1, Acc1& acc1, FragA2& a2,
+                                                FragB2 const& b2, Acc2& acc2, bool zero_init) {
+  if constexpr (kRegisterA) {
+    warpgroup_fence_operand(a1);
+    warpgroup_fence_operand(a2);
+  }
+  warpgroup_fence_operand(acc1);
+  warpgroup_fence_operand(acc2);
+  warpgroup_arrive();
+  wgmma_issue(mma, a1, b1, acc1, zero_init);
+  wgmma_issue(mma, a2, b2, acc2, zero_init);
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc1);
+  warpgroup_fence_operand(acc2);
+  if constexpr (kRegisterA) {
+    warpgroup_fence_operand(a1);
+    warpgroup_fence_operand(a2);
+  }
 }
 
 // dst = src with its inf/nan entries replaced by 0 (two [kRows, kCols] shared-memory tiles; the CTA shares the work).
@@ -218,8 +254,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_sm90_kerne
 
     Tensor acc_s = partition_fragment_C(mma_st, typename Traits::TileSt{});   // S^T
     Tensor acc_dp = partition_fragment_C(mma_st, typename Traits::TileSt{});  // dP^T
-    wgmma_gemm<false>(mma_st, tSrK, tSrQ, acc_s, /*zero_init=*/true);
-    wgmma_gemm<false>(mma_st, tSrV, tSrdO, acc_dp, /*zero_init=*/true);
+    wgmma_gemm_pair<false>(mma_st, tSrK, tSrQ, acc_s, tSrV, tSrdO, acc_dp, /*zero_init=*/true);
 
     // P^T and dS^T in the register layout of the RS A operand: the m64nNk16 A fragment holds, in order, the values
     // of two neighbouring n8 column groups of the m64nN accumulator, so the flat orders agree (as the forward's P).
@@ -252,8 +287,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_sm90_kerne
         __syncthreads();                           // Q and dO are finite for dK += dS^T Q and dV += P^T dO
       }
     }
-    wgmma_gemm<true>(mma_kv, rPt, tKVrdOt, acc_dv, /*zero_init=*/false);
-    wgmma_gemm<true>(mma_kv, rdSt, tKVrQt, acc_dk, /*zero_init=*/false);
+    wgmma_gemm_pair<true>(mma_kv, rPt, tKVrdOt, acc_dv, rdSt, tKVrQt, acc_dk, /*zero_init=*/false);
 
     // dS^T to shared memory for dQ = dS K (the registers of rdSt seen in the S^T accumulator layout).
     Tensor rdSt_c = make_tensor(rdSt.data(), acc_dp.layout());
