@@ -1,4 +1,5 @@
-// Hopper backward (bwd_sm90_kernel.cuh), head dim 128: 64 key rows per CTA, 64 query rows per step, one warpgroup.
+// Hopper backward (bwd_sm90_kernel.cuh), head dim 128: 128 key rows per CTA (two consumer warpgroups), 64 query rows
+// per step, a TMA producer warpgroup.
 #include "bwd_sm90_kernel.cuh"
 
 namespace hstu_attn {

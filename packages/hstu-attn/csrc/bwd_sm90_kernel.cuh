@@ -1,20 +1,25 @@
-// Hopper (sm_90a) backward of jagged HSTU attention without rab or relative bias, first step: wgmma for every
-// product, cp.async loads (no TMA, no warp specialization yet). One CTA of one warpgroup (128 threads) owns a 64 x D
-// tile of dK and dV for one (sequence, head), held in registers, and walks the 64-row query blocks that can attend
-// its keys (the block range of bwd_kernel.cuh). Per query block:
-//   S^T = K Q^T, dP^T = V dO^T               wgmma SS (K, V, Q, dO in shared memory), fp32 [64 keys, 64 queries]
+// Hopper (sm_90a) backward of jagged HSTU attention without rab or relative bias. Warp-specialized: one CTA of 384
+// threads owns a 128 x D tile of dK and dV for one (sequence, head) and walks the 64-row query blocks that can attend
+// its keys (the block range of bwd_kernel.cuh). Two consumer warpgroups of 128 threads own 64 key rows each (their dK,
+// dV in registers, setmaxnreg up to 240); a producer warpgroup (setmaxnreg down to 24), in which one thread issues
+// TMA loads: K and V once on their own mbarrier, Q and dO per query block through a two-stage mbarrier pipeline
+// (PipelineTmaAsync). Per query block, in each consumer warpgroup:
+//   S^T = K Q^T, dP^T = V dO^T               wgmma SS, one batch, fp32 [64 keys, 64 queries]
 //   P^T = SiLU(alpha S^T) / scaling, dS^T = dP^T * alpha / scaling * SiLU'(alpha S^T)  (0 where the pair is invalid:
 //                                            selected, never multiplied; the math of bwd_kernel.cuh)
-//   dV += P^T dO, dK += dS^T Q               wgmma RS: P^T, dS^T from registers, dO^T, Q^T read MN-major
-//   dQ  = dS K                               wgmma SS: dS^T stored to shared memory with stmatrix, read as dS
-//                                            MN-major, K^T read MN-major; added with fp32 atomics into dq_accum
-// Every tile sits in shared memory in the GMMA 128-byte-swizzled K-major layout. Rows past the sequence end are
-// zero-filled, so they add nothing, and never stored. Non-finite containment as bwd_kernel.cuh implements finite.cuh:
-// in masked tiles the non-finite q and dO entries are zeroed in shared memory after S^T and dP^T used them, before
-// dK += dS^T Q and dV += P^T dO; the dV entries that a valid pair links to a non-finite dO entry are stored NaN; dQ
-// = dS K takes non-finite K entries as 0 (a zeroed copy of K, made once when K holds inf/nan). Generic-proxy writes
-// to shared memory (cp.async, zero fills, dS) are made visible to wgmma with fence.proxy.async before the barrier.
-// S^T and dP^T are issued as one wgmma batch, dV and dK as another; each batch is waited for before the next step.
+//   dV += P^T dO, dK += dS^T Q               wgmma RS, one batch: P^T, dS^T from registers, dO^T, Q^T read MN-major;
+//                                            then the Q/dO stage is released to the producer
+//   dQ  = dS K                               dS^T of both warpgroups stored to shared memory with stmatrix; wgmma SS
+//                                            over the 128 keys, each warpgroup D/2 columns, added with fp32 atomics
+// Every tile sits in shared memory in the GMMA 128-byte-swizzled K-major layout. The TMA descriptors span the whole
+// jagged [L, H, D] tensors: a tile starts at the sequence's first token plus its offset, so it may reach into the next
+// sequence (rows the mask drops) or past L (TMA fills zeros). A tile reaching past the sequence end is therefore always
+// treated as masked, and dK, dV, dQ rows past the end are never stored. Non-finite containment as bwd_kernel.cuh
+// implements finite.cuh: in masked tiles the non-finite q and dO entries are zeroed in the stage after S^T and dP^T
+// used them, before dK += dS^T Q and dV += P^T dO; the dV entries that a valid pair links to a non-finite dO entry are
+// stored NaN; dQ = dS K takes non-finite K entries as 0 in masked tiles (a zeroed copy of K, made once when K holds
+// inf/nan, the next sequence's rows included). Generic-proxy writes to shared memory (zeroing, dS) are made visible to
+// wgmma with fence.proxy.async; the consumers synchronize on their own named barriers.
 //
 // The kernel body exists for sm_90a only; other targets compile an empty body that the host never launches
 // (bwd_sm90_runs_here checks that the loaded binary is sm_90 code).
@@ -38,66 +43,74 @@ template <int kHeadDim_, typename Elem_>
 struct BwdSm90Traits {
   using Elem = Elem_;
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarpgroups = 2;  // consumer warpgroups, 64 key rows each
   static constexpr int kBlockM = 64;  // query rows per step (finite.cuh's row masks hold <= 64 rows)
-  static constexpr int kBlockN = 64;  // key rows per CTA (one wgmma M tile)
-  static constexpr int kNThreads = 128;  // one warpgroup
+  static constexpr int kBlockN = 64 * kWarpgroups;  // key rows per CTA
+  static constexpr int kStages = 2;  // Q/dO pipeline depth
+  static constexpr int kConsumerThreads = 128 * kWarpgroups;  // threads 0 .. 255 (finite.cuh indexes by threadIdx.x)
+  static constexpr int kNThreads = kConsumerThreads + 128;     // + the producer warpgroup
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;  // 2 x 128 x 240 + 128 x 24 <= 64K registers
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims 64 and 128");
 
   using TileQ = Shape<Int<kBlockM>, Int<kHeadDim>>;
   using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
   using TileSt = Shape<Int<kBlockN>, Int<kBlockM>>;  // S^T, dP^T: [keys, queries]
-  // S^T = K Q^T and dP^T = V dO^T: A = K or V [N, D], B = Q or dO [M, D], both K-major.
+  using WarpgroupsAlongM = Layout<Shape<Int<kWarpgroups>, _1, _1>>;
+  using WarpgroupsAlongN = Layout<Shape<_1, Int<kWarpgroups>, _1>>;
+  // S^T = K Q^T and dP^T = V dO^T: A = K or V [N, D], B = Q or dO [M, D], both K-major; warpgroups along the keys.
   using MmaSt = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Elem, Elem, float, Shape<Int<kBlockN>, Int<kBlockM>, Int<kHeadDim>>>()));
+      GMMA::ss_op_selector<Elem, Elem, float, Shape<_64, Int<kBlockM>, Int<kHeadDim>>>(), WarpgroupsAlongM{}));
   // dV += P^T dO and dK += dS^T Q: A = P^T or dS^T [N, M] in registers, B = dO^T or Q^T [D, M] MN-major.
   using MmaKV = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Elem, Elem, float, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kBlockM>>, GMMA::Major::K,
-                           GMMA::Major::MN>()));
-  // dQ = dS K: A = dS [M, N] read MN-major from dS^T in shared memory, B = K^T [D, N] MN-major.
+      GMMA::rs_op_selector<Elem, Elem, float, Shape<_64, Int<kHeadDim>, Int<kBlockM>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      WarpgroupsAlongM{}));
+  // dQ = dS K: A = dS [M, N] read MN-major from dS^T in shared memory, B = K^T [D, N] MN-major; the warpgroups split D.
   using MmaQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Elem, Elem, float, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::MN,
-                           GMMA::Major::MN>()));
+      GMMA::ss_op_selector<Elem, Elem, float, Shape<_64, Int<kHeadDim / kWarpgroups>, Int<kBlockN>>, GMMA::Major::MN,
+                           GMMA::Major::MN>(),
+      WarpgroupsAlongN{}));
   // dS^T from registers to shared memory with stmatrix (four 8 x 8 matrices per instruction).
   using SmemStoredS = Copy_Atom<SM90_U32x4_STSM_N, Elem>;
 
   using SmemAtom = GMMA::Layout_K_SW128_Atom<Elem>;  // 8 x 64 elements, 128-byte swizzle
-  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, TileQ{}));
+  using SmemLayoutQTile = decltype(tile_to_shape(SmemAtom{}, TileQ{}));
+  using SmemLayoutQ = decltype(tile_to_shape(SmemAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
   using SmemLayoutKV = decltype(tile_to_shape(SmemAtom{}, TileKV{}));
   using SmemLayoutdSt = decltype(tile_to_shape(SmemAtom{}, TileSt{}));
   // Transposed views: the same bytes, coordinates swapped.
-  using SmemLayoutQt =
-      decltype(composition(SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
   using SmemLayoutKt =
       decltype(composition(SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
   using SmemLayoutdS =
       decltype(composition(SmemLayoutdSt{}, make_layout(Shape<Int<kBlockM>, Int<kBlockN>>{}, GenRowMajor{})));
 
-  // Global -> shared: 16-byte cp.async vectors, 8 threads per 64-element row segment.
-  using GmemThreads = Layout<Shape<Int<kNThreads / 8>, _8>, Stride<_8, _1>>;
-  using GmemLoad = decltype(make_tiled_copy(Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, Elem>{}, GmemThreads{},
-                                            Layout<Shape<_1, _8>>{}));
+  // TMA over a whole [L, H, D] tensor seen as (token, d, head) with unit stride along d (as FwdSm90Traits).
+  using GmemTensor = typename FwdSm90Traits<kHeadDim, Elem>::GmemTensor;
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQTile{}, TileQ{}, _1{}));
+  using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKV{}, TileKV{}, _1{}));
+  static constexpr uint32_t kBytesQdO = 2 * kBlockM * kHeadDim * sizeof(Elem);  // one Q tile and one dO tile
+  static constexpr uint32_t kBytesKV = 2 * kBlockN * kHeadDim * sizeof(Elem);
 
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   struct SharedStorage {
     alignas(1024) Elem q[cosize_v<SmemLayoutQ>];  // 128-byte swizzle atoms repeat every 1024 bytes
     alignas(1024) Elem dout[cosize_v<SmemLayoutQ>];
     alignas(1024) Elem k[cosize_v<SmemLayoutKV>];
     alignas(1024) Elem v[cosize_v<SmemLayoutKV>];
     alignas(1024) Elem k_finite[cosize_v<SmemLayoutKV>];  // K with inf/nan entries as 0, for dQ in masked tiles
-    alignas(1024) Elem ds[cosize_v<SmemLayoutdSt>];  // dS^T [keys, queries]
+    alignas(1024) Elem ds[cosize_v<SmemLayoutdSt>];        // dS^T [keys, queries]
     uint32_t reached[kBlockN * kHeadDim / 32];  // finite.cuh's bitmap of dV entries stored NaN
-    unsigned long long non_finite_word;          // cta_or's word
+    unsigned long long non_finite_word;          // consumers_or's word
+    cutlass::arch::ClusterTransactionBarrier kv_full;
+    typename Pipeline::SharedStorage pipeline;
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
 };
 
 #if HSTU_ATTN_SM90_DEVICE
-// cp.async writes (and generic zero fills) become visible to wgmma's async-proxy reads of shared memory.
-__device__ __forceinline__ void bwd_sm90_wait_loads() {
-  cp_async_wait<0>();
-  cutlass::arch::fence_view_async_shared();
-  __syncthreads();
-}
-
 // Issues acc (+)= A B^T over every k-block as wgmmas of the open batch (zero_init: acc = A B^T), not waited for.
 template <class Mma, class FragA, class FragB, class Acc>
 __device__ __forceinline__ void wgmma_issue(Mma& mma, FragA& a, FragB const& b, Acc& acc, bool zero_init) {
@@ -133,7 +146,8 @@ __device__ __forceinline__ void wgmma_gemm_pair(Mma& mma, FragA1& a1, FragB1 con
   }
 }
 
-// dst = src with its inf/nan entries replaced by 0 (two [kRows, kCols] shared-memory tiles; the CTA shares the work).
+// dst = src with its inf/nan entries replaced by 0 (two [kRows, kCols] shared-memory tiles; kThreads threads, from
+// thread 0, share the work).
 template <int kRows, int kCols, int kThreads, class Src, class Dst>
 __device__ __forceinline__ void copy_finite(Src const& src, Dst& dst) {
   using Elem = typename Dst::value_type;
@@ -143,80 +157,121 @@ __device__ __forceinline__ void copy_finite(Src const& src, Dst& dst) {
     dst(i / kCols, i % kCols) = non_finite(x) ? Elem(0.0f) : x;
   }
 }
-#endif
 
+// The geometry that producer and consumers share: one (sequence, head, key block) and its query blocks.
+struct Sm90BwdBlock {
+  int64_t start;  // first token of the sequence
+  int length, n0, head, m_block_begin, m_block_end;
+  SequenceMask mask;
+};
+
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ bool sm90_bwd_block(const HstuAttnBwdParams& p, Sm90BwdBlock& b) {
+  // Blocks are ordered by key block, last first, over all sequences (as bwd_kernel.cuh).
+  const int num_n_blocks = (p.max_seq_len + kBlockN - 1) / kBlockN;
+  const int sequence = blockIdx.x % p.num_sequences;
+  b.n0 = (num_n_blocks - 1 - int(blockIdx.x / p.num_sequences)) * kBlockN;
+  b.head = blockIdx.y;
+  b.start = load_index(p.seq_offsets, p.offsets_int64, sequence);
+  b.length = int(load_index(p.seq_offsets, p.offsets_int64, sequence + 1) - b.start);
+  if (b.n0 >= b.length) return false;
+  const int targets = p.num_targets == nullptr ? 0 : int(load_index(p.num_targets, p.targets_int64, sequence));
+  const SequenceMask mask{b.length, b.length - targets, p.contextual_seq_len, p.max_attn_len, p.causal != 0};
+  b.mask = mask;
+  const int n0 = b.n0;
+  const int length = b.length;
+  // Under a causal mask with no contextual rows every valid pair has query >= key.
+  const int m_block_begin = (mask.causal && mask.contextual == 0) ? n0 / kBlockM : 0;
+  const int m_block_end = (length + kBlockM - 1) / kBlockM;
+  b.m_block_begin = m_block_begin;
+  b.m_block_end = m_block_end;
+  return true;
+}
+
+// Whether the query block at m0 holds a valid pair with the key block at n0 (the same test in producer and consumers).
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ bool sm90_bwd_visits(const SequenceMask& mask, int m0, int n0) {
+  return !(n0 >= mask.column_end(m0, kBlockM) || n0 + kBlockN <= mask.column_begin(m0));
+}
+
+// Producer: one thread loads K and V, then Q and dO of each visited query block into the pipeline's stages.
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_sm90_kernel(const HstuAttnBwdParams p) {
-#if HSTU_ATTN_SM90_DEVICE
+__device__ __forceinline__ void sm90_bwd_produce(const HstuAttnBwdParams& p, const Sm90BwdBlock& b,
+                                                 typename Traits::SharedStorage& shared,
+                                                 typename Traits::Pipeline& pipeline, typename Traits::TmaQ const& tma_q,
+                                                 typename Traits::TmaQ const& tma_do,
+                                                 typename Traits::TmaKV const& tma_k,
+                                                 typename Traits::TmaKV const& tma_v) {
+  constexpr int kBlockM = Traits::kBlockM;
+  constexpr int kBlockN = Traits::kBlockN;
+  const auto shape = make_shape(int32_t(p.num_tokens), int32_t(Traits::kHeadDim), int32_t(p.num_heads));
+  // The sequence's rows from its first token on (a TMA coordinate tensor: no memory is touched here).
+  auto rows = [&](auto const& tma) { return domain_offset(make_coord(b.start, _0{}), tma.get_tma_tensor(shape)(_, _, b.head)); };
+  Tensor gQ = local_tile(rows(tma_q), typename Traits::TileQ{}, make_coord(_, _0{}));  // (M, D, m_blocks)
+  Tensor gdO = local_tile(rows(tma_do), typename Traits::TileQ{}, make_coord(_, _0{}));
+  Tensor gK = local_tile(rows(tma_k), typename Traits::TileKV{}, make_coord(b.n0 / kBlockN, _0{}));
+  Tensor gV = local_tile(rows(tma_v), typename Traits::TileKV{}, make_coord(b.n0 / kBlockN, _0{}));
+  Tensor sQ = make_tensor(make_smem_ptr(shared.q), typename Traits::SmemLayoutQ{});  // (M, D, stages)
+  Tensor sdO = make_tensor(make_smem_ptr(shared.dout), typename Traits::SmemLayoutQ{});
+  Tensor sK = make_tensor(make_smem_ptr(shared.k), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(shared.v), typename Traits::SmemLayoutKV{});
+  auto [tQgQ, tQsQ] = tma_partition(tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+  auto [tdOgdO, tdOsdO] = tma_partition(tma_do, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+  auto [tKgK, tKsK] = tma_partition(tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+  auto [tVgV, tVsV] = tma_partition(tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+
+  shared.kv_full.arrive_and_expect_tx(Traits::kBytesKV);
+  copy(tma_k.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0), tKgK, tKsK);
+  copy(tma_v.with(reinterpret_cast<uint64_t&>(shared.kv_full), 0), tVgV, tVsV);
+  auto state = cutlass::make_producer_start_state<typename Traits::Pipeline>();
+  for (int m_block = b.m_block_begin; m_block < b.m_block_end; ++m_block) {
+    if (!sm90_bwd_visits<kBlockM, kBlockN>(b.mask, m_block * kBlockM, b.n0)) continue;
+    pipeline.producer_acquire(state);  // the stage is free; its full barrier expects kBytesQdO
+    uint64_t* full = pipeline.producer_get_barrier(state);
+    copy(tma_q.with(*full, 0), tQgQ(_, m_block), tQsQ(_, state.index()));
+    copy(tma_do.with(*full, 0), tdOgdO(_, m_block), tdOsdO(_, state.index()));
+    ++state;
+  }
+}
+
+// Consumers: both warpgroups walk the query blocks of the pipeline, then store their 64 dK and dV rows each.
+template <class Traits>
+__device__ __forceinline__ void sm90_bwd_consume(const HstuAttnBwdParams& p, const Sm90BwdBlock& b,
+                                                 typename Traits::SharedStorage& shared,
+                                                 typename Traits::Pipeline& pipeline) {
   using Elem = typename Traits::Elem;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kHeadDim = Traits::kHeadDim;
-  constexpr int kNThreads = Traits::kNThreads;
-
-  // Blocks are ordered by key block, last first, over all sequences (as bwd_kernel.cuh).
-  const int num_n_blocks = (p.max_seq_len + kBlockN - 1) / kBlockN;
-  const int sequence = blockIdx.x % p.num_sequences;
-  const int n_block = num_n_blocks - 1 - int(blockIdx.x / p.num_sequences);
-  const int head = blockIdx.y;
-  const int64_t start = load_index(p.seq_offsets, p.offsets_int64, sequence);
-  const int length = int(load_index(p.seq_offsets, p.offsets_int64, sequence + 1) - start);
-  const int n0 = n_block * kBlockN;
-  if (n0 >= length) return;
-  const int targets = p.num_targets == nullptr ? 0 : int(load_index(p.num_targets, p.targets_int64, sequence));
-  const SequenceMask mask{length, length - targets, p.contextual_seq_len, p.max_attn_len, p.causal != 0};
-  // Under a causal mask with no contextual rows every valid pair has query >= key.
-  const int m_block_begin = (mask.causal && mask.contextual == 0) ? n0 / kBlockM : 0;
-  const int m_block_end = (length + kBlockM - 1) / kBlockM;
+  constexpr int kThreads = Traits::kConsumerThreads;
+  const int tid = threadIdx.x;
+  const int n0 = b.n0;
+  const int length = b.length;
+  const SequenceMask& mask = b.mask;
   const float scale = p.alpha * p.inv_scaling;
-
   const auto tile_q = typename Traits::TileQ{};
   const auto tile_kv = typename Traits::TileKV{};
-  auto sequence_tensor = [&](const void* base, int64_t row_stride, int64_t head_stride) {
-    const Elem* ptr = static_cast<const Elem*>(base) + start * row_stride + head * head_stride;
-    return make_tensor(make_gmem_ptr(ptr), make_shape(length, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
-  };
-  Tensor gQ = local_tile(sequence_tensor(p.q, p.q_row_stride, p.q_head_stride), tile_q, make_coord(_, 0));
-  Tensor gdO = local_tile(sequence_tensor(p.dout, p.do_row_stride, p.do_head_stride), tile_q, make_coord(_, 0));
-  Tensor gK = local_tile(sequence_tensor(p.k, p.k_row_stride, p.k_head_stride), tile_kv, make_coord(n_block, 0));
-  Tensor gV = local_tile(sequence_tensor(p.v, p.v_row_stride, p.v_head_stride), tile_kv, make_coord(n_block, 0));
 
-  extern __shared__ __align__(1024) char smem[];
-  auto& shared = *reinterpret_cast<typename Traits::SharedStorage*>(smem);
-  Tensor sQ = make_tensor(make_smem_ptr(shared.q), typename Traits::SmemLayoutQ{});
+  Tensor sQ = make_tensor(make_smem_ptr(shared.q), typename Traits::SmemLayoutQ{});  // (M, D, stages)
   Tensor sdO = make_tensor(make_smem_ptr(shared.dout), typename Traits::SmemLayoutQ{});
   Tensor sK = make_tensor(make_smem_ptr(shared.k), typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(make_smem_ptr(shared.v), typename Traits::SmemLayoutKV{});
   Tensor sKfinite = make_tensor(make_smem_ptr(shared.k_finite), typename Traits::SmemLayoutKV{});
   Tensor sdSt = make_tensor(make_smem_ptr(shared.ds), typename Traits::SmemLayoutdSt{});
   Tensor sdS = make_tensor(make_smem_ptr(shared.ds), typename Traits::SmemLayoutdS{});
-  Tensor sQt = make_tensor(make_smem_ptr(shared.q), typename Traits::SmemLayoutQt{});
+  Tensor sQt = make_tensor(make_smem_ptr(shared.q), typename Traits::SmemLayoutQt{});  // (D, M, stages)
   Tensor sdOt = make_tensor(make_smem_ptr(shared.dout), typename Traits::SmemLayoutQt{});
-  const ReachedBits<kBlockN, kHeadDim, kNThreads> reached{shared.reached};
-  bool any_reached = false;  // CTA-uniform: whether `reached` holds bits (cleared on first use)
+  const ReachedBits<kBlockN, kHeadDim, kThreads> reached{shared.reached};
+  bool any_reached = false;  // uniform over the consumers: whether `reached` holds bits (cleared on first use)
 
-  const int tid = threadIdx.x;
-  typename Traits::GmemLoad gmem_load;
-  auto gmem_thr = gmem_load.get_thread_slice(tid);
-  Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D, m_blocks)
-  Tensor tQsQ = gmem_thr.partition_D(sQ);
-  Tensor tdOgdO = gmem_thr.partition_S(gdO);
-  Tensor tdOsdO = gmem_thr.partition_D(sdO);
-  Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(tile_q));
-  Tensor tKcK = gmem_thr.partition_S(make_identity_tensor(tile_kv));
-
-  // K and V of this CTA, once; K scanned once for inf/nan (then dQ in masked tiles reads a zeroed copy).
-  Tensor tKsK = gmem_thr.partition_D(sK);
-  Tensor tVsV = gmem_thr.partition_D(sV);
-  load_rows(gmem_load, gmem_thr.partition_S(gK), tKsK, tKcK, length - n0);
-  load_rows(gmem_load, gmem_thr.partition_S(gV), tVsV, tKcK, length - n0);
-  cp_async_fence();
-  bwd_sm90_wait_loads();
-  const bool k_non_finite = __syncthreads_or(tile_non_finite<Elem, kBlockN, kHeadDim, kNThreads>(sK)) != 0;
+  // K (with the next sequence's rows when the block reaches past the end) scanned once for inf/nan: dQ in masked
+  // tiles then reads a zeroed copy.
+  shared.kv_full.wait(0);
+  const bool k_non_finite = consumers_any<kThreads>(tile_non_finite<Elem, kBlockN, kHeadDim, kThreads>(sK));
   if (k_non_finite) {  // rare
-    copy_finite<kBlockN, kHeadDim, kNThreads>(sK, sKfinite);
+    copy_finite<kBlockN, kHeadDim, kThreads>(sK, sKfinite);
     cutlass::arch::fence_view_async_shared();
-    __syncthreads();
+    consumers_sync<kThreads>();
   }
 
   typename Traits::MmaSt mma_st;
@@ -227,7 +282,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_sm90_kerne
   auto thr_q = mma_q.get_thread_slice(tid);
   Tensor tSrK = thr_st.partition_fragment_A(sK);  // shared-memory descriptors
   Tensor tSrV = thr_st.partition_fragment_A(sV);
-  Tensor tSrQ = thr_st.partition_fragment_B(sQ);
+  Tensor tSrQ = thr_st.partition_fragment_B(sQ);  // (MMA, MMA_N, MMA_K, stages)
   Tensor tSrdO = thr_st.partition_fragment_B(sdO);
   Tensor tKVrQt = thr_kv.partition_fragment_B(sQt);
   Tensor tKVrdOt = thr_kv.partition_fragment_B(sdOt);
@@ -243,22 +298,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_sm90_kerne
   clear(acc_dk);
   clear(acc_dv);
 
-  for (int m_block = m_block_begin; m_block < m_block_end; ++m_block) {
+  typename Traits::Pipeline::PipelineState state;  // stage 0, phase 0: the producer's order
+  for (int m_block = b.m_block_begin; m_block < b.m_block_end; ++m_block) {
     const int m0 = m_block * kBlockM;
-    if (n0 >= mask.column_end(m0, kBlockM) || n0 + kBlockN <= mask.column_begin(m0)) continue;  // CTA-uniform
-    __syncthreads();  // every warp is done with the previous sQ, sdO and sdS (its wgmmas were waited for)
-    load_rows(gmem_load, tQgQ(_, _, _, m_block), tQsQ, tQcQ, length - m0);
-    load_rows(gmem_load, tdOgdO(_, _, _, m_block), tdOsdO, tQcQ, length - m0);
-    cp_async_fence();
-    bwd_sm90_wait_loads();
-
+    if (!sm90_bwd_visits<kBlockM, kBlockN>(mask, m0, n0)) continue;  // uniform
+    const int stage = state.index();
+    pipeline.consumer_wait(state);  // Q[m_block] and dO[m_block] arrived
     Tensor acc_s = partition_fragment_C(mma_st, typename Traits::TileSt{});   // S^T
     Tensor acc_dp = partition_fragment_C(mma_st, typename Traits::TileSt{});  // dP^T
-    wgmma_gemm_pair<false>(mma_st, tSrK, tSrQ, acc_s, tSrV, tSrdO, acc_dp, /*zero_init=*/true);
+    wgmma_gemm_pair<false>(mma_st, tSrK, tSrQ(_, _, _, stage), acc_s, tSrV, tSrdO(_, _, _, stage), acc_dp,
+                           /*zero_init=*/true);
 
     // P^T and dS^T in the register layout of the RS A operand: the m64nNk16 A fragment holds, in order, the values
     // of two neighbouring n8 column groups of the m64nN accumulator, so the flat orders agree (as the forward's P).
-    const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN);
+    // A tile whose query rows reach past the sequence end holds the next sequence's (or TMA's zero) rows: masked.
+    const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN) && m0 + kBlockM <= length;
     Tensor rPt = make_tensor<Elem>(partition_shape_A(mma_kv, typename Traits::TileSt{}));
     Tensor rdSt = make_tensor<Elem>(partition_shape_A(mma_kv, typename Traits::TileSt{}));
     static_assert(decltype(size(rPt))::value == decltype(size(acc_s))::value, "P^T fragment vs S^T accumulator");
@@ -271,35 +325,42 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_sm90_kerne
       rdSt(i) = static_cast<Elem>(valid ? acc_dp(i) * scale * silu_derivative(x) : 0.0f);
       rPt(i) = static_cast<Elem>(valid ? silu(x) * p.inv_scaling : 0.0f);
     }
-    if (!all_valid) {  // CTA-uniform
-      const uint64_t bad_do_rows = non_finite_rows<Elem, kBlockM, kHeadDim, kNThreads>(sdO);
-      const bool bad_q = tile_non_finite<Elem, kBlockM, kHeadDim, kNThreads>(sQ);
-      // The wgmmas of S^T and dP^T were waited for, so sQ and sdO may be rewritten after this barrier.
-      if (__syncthreads_or(bad_do_rows != 0 || bad_q)) {  // sQ or sdO holds inf/nan (rare)
+    if (!all_valid) {  // uniform over the consumers
+      Tensor sQs = sQ(_, _, stage);
+      Tensor sdOs = sdO(_, _, stage);
+      const uint64_t bad_do_rows = non_finite_rows<Elem, kBlockM, kHeadDim, kThreads>(sdOs);
+      const bool bad_q = tile_non_finite<Elem, kBlockM, kHeadDim, kThreads>(sQs);
+      // Both warpgroups waited for their S^T and dP^T wgmmas, so after this barrier the stage may be rewritten.
+      if (consumers_any<kThreads>(bad_do_rows != 0 || bad_q)) {  // Q or dO holds inf/nan (rare)
         if (!any_reached) reached.clear();
         any_reached = true;
-        const uint64_t rows = cta_or(bad_do_rows, &shared.non_finite_word);
-        reached.mark(sdO, rows, [&](int key_row, int query_row) { return mask.valid(m0 + query_row, n0 + key_row); });
-        __syncthreads();  // every thread has read the non-finite entries
-        zero_non_finite<kBlockM, kHeadDim, kNThreads>(sQ);
-        zero_non_finite<kBlockM, kHeadDim, kNThreads>(sdO);
+        const uint64_t rows = consumers_or<kThreads>(bad_do_rows, &shared.non_finite_word);
+        reached.mark(sdOs, rows, [&](int key_row, int query_row) { return mask.valid(m0 + query_row, n0 + key_row); });
+        consumers_sync<kThreads>();  // every consumer has read the non-finite entries
+        zero_non_finite<kBlockM, kHeadDim, kThreads>(sQs);
+        zero_non_finite<kBlockM, kHeadDim, kThreads>(sdOs);
         cutlass::arch::fence_view_async_shared();  // the zeros are visible to wgmma (async proxy)
-        __syncthreads();                           // Q and dO are finite for dK += dS^T Q and dV += P^T dO
+        consumers_sync<kThreads>();                // Q and dO are finite for dK += dS^T Q and dV += P^T dO
       }
     }
-    wgmma_gemm_pair<true>(mma_kv, rPt, tKVrdOt, acc_dv, rdSt, tKVrQt, acc_dk, /*zero_init=*/false);
+    wgmma_gemm_pair<true>(mma_kv, rPt, tKVrdOt(_, _, _, stage), acc_dv, rdSt, tKVrQt(_, _, _, stage), acc_dk,
+                          /*zero_init=*/false);
+    pipeline.consumer_release(state);  // both products have read the stage
+    ++state;
 
-    // dS^T to shared memory for dQ = dS K (the registers of rdSt seen in the S^T accumulator layout).
+    // dS^T of both warpgroups to shared memory for dQ = dS K (the registers of rdSt seen in the S^T accumulator
+    // layout), after every consumer's previous dQ wgmma has read the previous dS^T.
+    consumers_sync<kThreads>();
     Tensor rdSt_c = make_tensor(rdSt.data(), acc_dp.layout());
     copy(store_ds, thr_store_ds.retile_S(rdSt_c), tdSsdSt);
     cutlass::arch::fence_view_async_shared();
-    __syncthreads();  // dS in shared memory
+    consumers_sync<kThreads>();  // dS^T in shared memory
     // In masked tiles, rows that may not attend a non-finite K entry take it as 0 (the zeroed copy of K).
     Elem* k_for_dq = (!all_valid && k_non_finite) ? shared.k_finite : shared.k;
     Tensor tQrKt = thr_q.partition_fragment_B(make_tensor(make_smem_ptr(k_for_dq), typename Traits::SmemLayoutKt{}));
     Tensor acc_dq = partition_fragment_C(mma_q, tile_q);
     wgmma_gemm<false>(mma_q, tQrdS, tQrKt, acc_dq, /*zero_init=*/true);
-    float* dq = p.dq_accum + (start + m0) * p.dq_row_stride + head * p.dq_head_stride;
+    float* dq = p.dq_accum + (b.start + m0) * p.dq_row_stride + b.head * p.dq_head_stride;
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dq); ++i) {
       const int row = get<0>(tQcdQ(i));
@@ -308,11 +369,52 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_sm90_kerne
   }
 
   Tensor tKVcKV = thr_kv.partition_C(make_identity_tensor(tile_kv));
-  Elem* dk = static_cast<Elem*>(p.dk) + (start + n0) * p.dk_row_stride + head * p.dk_head_stride;
-  Elem* dv = static_cast<Elem*>(p.dv) + (start + n0) * p.dv_row_stride + head * p.dv_head_stride;
-  // The barrier after reached.mark() ordered the bits of every thread before these reads.
+  Elem* dk = static_cast<Elem*>(p.dk) + (b.start + n0) * p.dk_row_stride + b.head * p.dk_head_stride;
+  Elem* dv = static_cast<Elem*>(p.dv) + (b.start + n0) * p.dv_row_stride + b.head * p.dv_head_stride;
+  // The consumers_sync after the last mark() ordered every consumer's bits before these reads.
   store_rows(acc_dk, tKVcKV, dk, p.dk_row_stride, length - n0, static_cast<decltype(reached) const*>(nullptr));
   store_rows(acc_dv, tKVcKV, dv, p.dv_row_stride, length - n0, any_reached ? &reached : nullptr);
+}
+#endif
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNThreads, 1)
+    hstu_attn_bwd_sm90_kernel(const HstuAttnBwdParams p, const __grid_constant__ typename Traits::TmaQ tma_q,
+                              const __grid_constant__ typename Traits::TmaQ tma_do,
+                              const __grid_constant__ typename Traits::TmaKV tma_k,
+                              const __grid_constant__ typename Traits::TmaKV tma_v) {
+#if HSTU_ATTN_SM90_DEVICE
+  using Pipeline = typename Traits::Pipeline;
+  Sm90BwdBlock block;
+  if (!sm90_bwd_block<Traits::kBlockM, Traits::kBlockN>(p, block)) return;  // the whole CTA
+
+  extern __shared__ __align__(1024) char smem[];
+  auto& shared = *reinterpret_cast<typename Traits::SharedStorage*>(smem);
+  const bool producer = threadIdx.x >= Traits::kConsumerThreads;
+  const bool leader = threadIdx.x == Traits::kConsumerThreads;  // the one producer thread that issues loads
+  if (leader) {
+    cute::prefetch_tma_descriptor(tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(tma_do.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(tma_v.get_tma_descriptor());
+    shared.kv_full.init(1);
+  }
+  typename Pipeline::Params pipeline_params;
+  pipeline_params.transaction_bytes = Traits::kBytesQdO;
+  pipeline_params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipeline_params.is_leader = leader;
+  pipeline_params.num_consumers = Traits::kConsumerThreads;
+  pipeline_params.initializing_warp = Traits::kConsumerThreads / 32;  // the leader's warp
+  Pipeline pipeline(shared.pipeline, pipeline_params, Shape<_1, _1, _1>{});  // initializes the barriers
+  __syncthreads();  // barrier initialization visible to every thread
+
+  if (producer) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
+    if (leader) sm90_bwd_produce<Traits>(p, block, shared, pipeline, tma_q, tma_do, tma_k, tma_v);
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
+    sm90_bwd_consume<Traits>(p, block, shared, pipeline);
+  }
 #endif
 }
 
@@ -327,12 +429,12 @@ bool bwd_sm90_runs_here() {
   return attributes.binaryVersion == 90;
 }
 
-// The forward's conditions (fwd_sm90_takes) for the tensors the Hopper backward loads with 16-byte vectors: q, k,
-// v and dO with 16-byte-aligned bases and strides, positive strides (not expand()ed views).
+// The forward's conditions (fwd_sm90_takes) for the tensors the Hopper backward loads with TMA: q, k, v and dO with
+// 16-byte-aligned bases and strides, positive strides (not expand()ed views), L within 32 bits.
 template <class Traits>
 bool bwd_sm90_takes(const HstuAttnBwdParams& p) {
   using Elem = typename Traits::Elem;
-  return tma_compatible<Elem>(p.q, p.q_row_stride, p.q_head_stride) &&
+  return p.num_tokens > 0 && p.num_tokens <= 0x7fffffff && tma_compatible<Elem>(p.q, p.q_row_stride, p.q_head_stride) &&
          tma_compatible<Elem>(p.k, p.k_row_stride, p.k_head_stride) &&
          tma_compatible<Elem>(p.v, p.v_row_stride, p.v_head_stride) &&
          tma_compatible<Elem>(p.dout, p.do_row_stride, p.do_head_stride) && bwd_sm90_runs_here<Traits>();
@@ -340,6 +442,7 @@ bool bwd_sm90_takes(const HstuAttnBwdParams& p) {
 
 template <class Traits>
 cudaError_t launch_bwd_sm90(const HstuAttnBwdParams& p, cudaStream_t stream) {
+  using Elem = typename Traits::Elem;
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = &hstu_attn_bwd_sm90_kernel<Traits>;
   const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
@@ -348,7 +451,24 @@ cudaError_t launch_bwd_sm90(const HstuAttnBwdParams& p, cudaStream_t stream) {
   const int64_t blocks = num_n_blocks * p.num_sequences;
   if (blocks == 0 || p.num_heads == 0) return cudaSuccess;
   if (blocks > 0x7fffffff || p.num_heads > 65535) return cudaErrorInvalidConfiguration;
-  kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, kSmem, stream>>>(p);
+  const auto shape = make_shape(int32_t(p.num_tokens), int32_t(Traits::kHeadDim), int32_t(p.num_heads));
+  auto tensor = [&](const void* base, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(static_cast<const Elem*>(base)), shape, make_stride(row_stride, _1{}, head_stride));
+  };
+  auto tma_rows = [&](const void* base, int64_t row_stride, int64_t head_stride) {
+    return make_tma_copy(SM90_TMA_LOAD{}, tensor(base, row_stride, head_stride), typename Traits::SmemLayoutQTile{},
+                         typename Traits::TileQ{}, _1{});
+  };
+  auto tma_keys = [&](const void* base, int64_t row_stride, int64_t head_stride) {
+    return make_tma_copy(SM90_TMA_LOAD{}, tensor(base, row_stride, head_stride), typename Traits::SmemLayoutKV{},
+                         typename Traits::TileKV{}, _1{});
+  };
+  const typename Traits::TmaQ tma_q = tma_rows(p.q, p.q_row_stride, p.q_head_stride);
+  const typename Traits::TmaQ tma_do = tma_rows(p.dout, p.do_row_stride, p.do_head_stride);
+  const typename Traits::TmaKV tma_k = tma_keys(p.k, p.k_row_stride, p.k_head_stride);
+  const typename Traits::TmaKV tma_v = tma_keys(p.v, p.v_row_stride, p.v_head_stride);
+  kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, kSmem, stream>>>(p, tma_q, tma_do, tma_k,
+                                                                                              tma_v);
   return cudaGetLastError();
 }
 

@@ -11,7 +11,7 @@
 extern "C" {
 #endif
 
-#define HSTU_ATTN_CUTLASS_ABI_VERSION 5
+#define HSTU_ATTN_CUTLASS_ABI_VERSION 6
 #define HSTU_ATTN_API __attribute__((visibility("default")))
 
 enum HstuAttnDtype { HSTU_ATTN_FP16 = 0, HSTU_ATTN_BF16 = 1 };
@@ -135,6 +135,7 @@ typedef struct HstuAttnBwdParams {
   // atomics (summed per CTA in shared memory first), so their bits may vary between runs. The caller casts them.
   float* dposition_weights;
   float* dtime_weights;
+  int64_t num_tokens;  // L, the rows of q, k, v, dout (the Hopper backward's TMA descriptors span them)
 } HstuAttnBwdParams;
 
 HSTU_ATTN_API int hstu_attn_cutlass_abi_version(void);

@@ -1,4 +1,4 @@
-"""The Hopper backward of the CUTLASS backend (`csrc/bwd_sm90_kernel.cuh`: wgmma) against the PyTorch reference.
+"""The Hopper backward of the CUTLASS backend (`csrc/bwd_sm90_kernel.cuh`: TMA, wgmma) against the PyTorch reference.
 
 GPU only: skipped unless the device is sm_90 (H100/H200) and `libhstu_attn_cutlass.so` is built with sm_90a code.
 The backward takes that kernel for head dims 64 and 128 without rab or relative bias, non-deterministic, only with
@@ -96,7 +96,8 @@ def test_sm90_backward_offset_dtypes(dim: int, offsets_dtype: torch.dtype) -> No
 
 @pytest.mark.parametrize("dim", [64, 128])
 def test_sm90_backward_short_empty_and_padded_batches(dim: int) -> None:
-    """max_seq_len above the longest sequence, single tokens, only empty sequences, lengths around the 64-row tiles."""
+    """max_seq_len above the longest sequence, single tokens, only empty sequences, lengths around the tiles (64 query
+    rows, 128 keys)."""
     _check_sm90_backward(LENGTHS, dim=dim, max_seq_len=1000)
     _check_sm90_backward((1, 1, 1), heads=1, dim=dim)
     _check_sm90_backward((63, 65, 127, 128, 129, 191, 255, 257), dim=dim, causal=False)
@@ -190,8 +191,8 @@ def test_sm90_backward_not_taken_with_rab_head_dim_256_or_deterministic() -> Non
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 def test_sm90_backward_next_sequence_stays_out(causal: bool, dim: int) -> None:
-    """With every token of the other sequences nan/inf in q, k, v and grad_out, each sequence's dq, dk, dv are finite
-    and equal its own run alone (tiles past a sequence's end must never bring in a neighbour's tokens)."""
+    """TMA tiles reach past a sequence's end into the next sequence's tokens: with every token of the other sequences
+    nan/inf in q, k, v and grad_out, each sequence's dq, dk, dv are finite and equal its own run alone."""
     lengths = (70, 1, 129, 64, 33)
     q, k, v, offsets = _base._inputs(lengths, 2, dim, torch.bfloat16, seed=9)
     grad_out = torch.randn(q.shape, device="cuda").to(torch.bfloat16)
@@ -226,8 +227,8 @@ def test_sm90_backward_next_sequence_stays_out(causal: bool, dim: int) -> None:
 def test_sm90_backward_masked_non_finite_stays_out(mask: str, dtype: torch.dtype, tensor: str, dim: int) -> None:
     """test_cutlass_gpu.py's containment test on the Hopper backward: nan/inf/-inf in q, k, v or grad_out at one token
     per sequence (head 0); every (token, head) of dq, dk, dv that cannot depend on it equals the clean run and is
-    finite, every one that does is non-finite (masked tiles: q/dO entries zeroed before dK/dV, the dV NaN bitmap,
-    dQ from a zeroed copy of K)."""
+    finite, every one that does is non-finite (masked tiles: q/dO entries zeroed in the pipeline stage before dK/dV,
+    the dV NaN bitmap, dQ from a zeroed copy of K)."""
     with _sm90_env("1"):
         _, names = _backward_kernels(lambda: _base.test_masked_non_finite_values_stay_out(mask, dtype, tensor, dim))
     _assert_ran(names, SM90_BWD)

@@ -1,16 +1,17 @@
-"""The tile plan of the Hopper CUTLASS backward (`csrc/bwd_sm90_kernel.cuh`, 64 keys x 64 query rows), on the CPU.
+"""The tile plan of the Hopper CUTLASS backward (`csrc/bwd_sm90_kernel.cuh`, 128 keys x 64 query rows), on the CPU.
 
-Each CTA owns one 64-key block `[n0, n0 + 64)` of a sequence and walks the query blocks `m_block` from
-`m_block_begin` (`n0 / 64` under a causal mask without contextual rows, else 0) to the sequence end, skipping those
-whose key range `[column_begin(m0), column_end(m0, 64))` (`csrc/mask.cuh`) misses the key block. This file mirrors
-those lines in Python (a drift guard checks that the C++ still reads so; test_cutlass_sm90_plan.py guards the
-mask.cuh lines and provides the mask mirrors and cases) and checks, against `hstu_attn_valid_mask`, for every mask
-option and lengths around the tile sizes:
+Each CTA owns one 128-key block `[n0, n0 + 128)` of a sequence; its producer loads, and its consumers walk, the query
+blocks `m_block` from `m_block_begin` (`n0 / 64` under a causal mask without contextual rows, else 0) to the sequence
+end, skipping those whose key range `[column_begin(m0), column_end(m0, 64))` (`csrc/mask.cuh`) misses the key block.
+This file mirrors those lines in Python (a drift guard checks that the C++ still reads so; test_cutlass_sm90_plan.py
+guards the mask.cuh lines and provides the mask mirrors and cases) and checks, against `hstu_attn_valid_mask`, for
+every mask option and lengths around the tile sizes:
 
 - every query block that holds a valid pair with the key block is visited (no dK, dV or dQ contribution dropped);
 - no visited query block starts at or past the sequence end;
-- a tile that skips the per-element mask (`tile_all_valid`) holds only valid pairs for the query rows inside the
-  sequence and no key past its end, so finite.cuh's path (masked tiles only) sees every tile with invalid pairs.
+- a tile that skips the per-element mask (`tile_all_valid` and its query rows inside the sequence) holds only valid
+  pairs, no query row and no key past the sequence end: TMA tiles that reach into the next sequence (or past L) are
+  always masked, so finite.cuh's path sees every tile with invalid pairs or a neighbour's rows.
 """
 
 from __future__ import annotations
@@ -23,17 +24,20 @@ import torch
 
 from hstu_attn.reference import hstu_attn_valid_mask
 
-BLOCK_M, BLOCK_N = 64, 64  # BwdSm90Traits::kBlockM, kBlockN
+BLOCK_M, BLOCK_N = 64, 128  # BwdSm90Traits::kBlockM, kBlockN
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 # The C++ lines mirrored below: if one changes, update the mirror with it.
 MIRRORED = [
+    "static constexpr int kWarpgroups = 2;",
     "static constexpr int kBlockM = 64;",
-    "static constexpr int kBlockN = 64;",
+    "static constexpr int kBlockN = 64 * kWarpgroups;",
     "const int m_block_begin = (mask.causal && mask.contextual == 0) ? n0 / kBlockM : 0;",
     "const int m_block_end = (length + kBlockM - 1) / kBlockM;",
-    "if (n0 >= mask.column_end(m0, kBlockM) || n0 + kBlockN <= mask.column_begin(m0)) continue;",
-    "const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN);",
+    "return !(n0 >= mask.column_end(m0, kBlockM) || n0 + kBlockN <= mask.column_begin(m0));",
+    "if (!sm90_bwd_visits<kBlockM, kBlockN>(b.mask, m_block * kBlockM, b.n0)) continue;",  # producer
+    "if (!sm90_bwd_visits<kBlockM, kBlockN>(mask, m0, n0)) continue;",  # consumers
+    "const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN) && m0 + kBlockM <= length;",
 ]
 
 
@@ -46,7 +50,6 @@ def _load_sibling(name: str) -> Any:
 
 
 _fwd_plan = _load_sibling("test_cutlass_sm90_plan")
-assert _fwd_plan.BLOCK_N == BLOCK_N, "the forward plan's tile_all_valid mirror assumes 64-key tiles"
 
 
 def _column_end(m0: int, rows: int, n: int, u: int, c: int, causal: bool) -> int:
@@ -55,6 +58,12 @@ def _column_end(m0: int, rows: int, n: int, u: int, c: int, causal: bool) -> int
     if not causal or m0 < c:
         end = max(end, u)
     return min(end, n)
+
+
+def _all_valid(m0: int, n0: int, n: int, u: int, w: int, causal: bool) -> bool:
+    """The consumers' all_valid: SequenceMask::tile_all_valid(m0, n0, 128) and the query rows inside the sequence."""
+    last_column = n0 + BLOCK_N - 1
+    return w == 0 and last_column < u and (not causal or last_column < m0) and m0 + BLOCK_M <= n
 
 
 def _visited_query_blocks(n0: int, n: int, u: int, c: int, w: int, causal: bool) -> list[int]:
@@ -90,7 +99,7 @@ def test_query_block_plan_covers_every_valid_pair() -> None:
             assert all(m_block * BLOCK_M < n for m_block in visited), f"n0={n0}: visits past n: {case}"
             for m_block in visited:
                 m0 = m_block * BLOCK_M
-                if _fwd_plan._tile_all_valid(m0, n0, u, w, causal):
-                    assert n0 + BLOCK_N <= n, f"unmasked tile ({m0}, {n0}) reaches past the end: {case}"
+                if _all_valid(m0, n0, n, u, w, causal):
+                    assert max(m0 + BLOCK_M, n0 + BLOCK_N) <= n, f"unmasked tile ({m0}, {n0}) reaches past n: {case}"
                     tile = valid[m0 : m0 + BLOCK_M, n0 : n0 + BLOCK_N]
                     assert tile.all(), f"unmasked tile ({m0}, {n0}) holds invalid pairs: {case}"

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 LIBRARY_NAME = "libhstu_attn_cutlass.so"
 LIBRARY_ENV = "HSTU_ATTN_CUTLASS_LIB"
 BUILD_HINT = (
@@ -103,6 +103,7 @@ class BwdParams(ctypes.Structure):
         ("relative_bias", RelativeBiasParams),
         ("dposition_weights", ctypes.c_void_p),
         ("dtime_weights", ctypes.c_void_p),
+        ("num_tokens", ctypes.c_int64),
     ]
 
 

@@ -292,7 +292,7 @@ def hstu_attn_cutlass_backward(
                          max_attn_len),
         relative_bias=fused.params,
         dposition_weights=None if dposition is None else dposition.data_ptr(),
-        dtime_weights=None if dtime is None else dtime.data_ptr(),
+        dtime_weights=None if dtime is None else dtime.data_ptr(), num_tokens=q.shape[0],
     )  # fmt: skip
     if q.shape[0] > 0:
         _launch(library, "backward", params, q.device)
