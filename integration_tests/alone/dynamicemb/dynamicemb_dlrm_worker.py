@@ -33,6 +33,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.models.dlrm import DLRM
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from worker_exit import exit_without_teardown
 
 from dynamicemb import (
     DynamicEmbDump,
@@ -188,6 +189,7 @@ def main() -> None:
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
+    exit_without_teardown()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from torchrec.distributed.planner.constants import CROSS_NODE_BANDWIDTH, INTRA_N
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import DataType
+from worker_exit import exit_without_teardown
 
 from dynamicemb import (
     DynamicEmbDump,
@@ -234,3 +235,4 @@ report = {
 # was seen to abort at exit ("terminate called without an active exception").
 dist.barrier()
 dist.destroy_process_group()
+exit_without_teardown()
