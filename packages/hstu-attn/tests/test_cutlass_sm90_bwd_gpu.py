@@ -20,24 +20,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from hstu_attn import KernelBackend, hstu_attn_reference, hstu_attn_varlen_func
-from hstu_attn.cutlass import cutlass_available, hstu_attn_cutlass_backward
-
-
-def _is_sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not _is_sm90() or not cutlass_available(),
-        reason="needs an sm_90 GPU (H100/H200) and libhstu_attn_cutlass.so built with sm_90a code "
-        "(HSTU_ATTN_BUILD_CUDA=1, HSTU_ATTN_CUDA_ARCHS including 90a)",
-    ),
-]
+from hstu_attn.cutlass import hstu_attn_cutlass_backward
 
 
 def _load_sibling(name: str) -> Any:
@@ -48,8 +33,9 @@ def _load_sibling(name: str) -> Any:
     return module
 
 
-_base = _load_sibling("test_cutlass_gpu")
-_sm90_env = _load_sibling("test_cutlass_sm90_gpu")._sm90_env
+_sm90 = _load_sibling("test_cutlass_sm90_gpu")
+_base, _sm90_env = _sm90._base, _sm90._sm90_env
+pytestmark = _sm90.pytestmark
 LENGTHS, MASKS = _base.LENGTHS, _base.MASKS
 # Kernel names as the profiler reports them, demangled (`hstu_attn_bwd_kernel<...>`) or not (`...kernelI...`).
 SM90_BWD = re.compile(r"hstu_attn_bwd_sm90_kernel")
@@ -57,20 +43,12 @@ SM80_BWD = re.compile(r"hstu_attn_bwd_kernel[<I]")
 
 
 def _backward_kernels(fn: Callable[[], Any]) -> tuple[Any, set[str]]:
-    """fn()'s result and the names of the CUTLASS backward kernels it launched (CUDA kernel events of the profiler)."""
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        result = fn()
-        torch.cuda.synchronize()
-    names = {event.name for event in prof.events() if "hstu_attn_bwd" in event.name}
-    return result, names
+    """fn()'s result and the names of the CUTLASS backward kernels it launched."""
+    return _sm90._kernels_launched(fn, "hstu_attn_bwd")
 
 
 def _assert_ran(names: set[str], kernel: re.Pattern[str]) -> None:
-    if not names:
-        pytest.skip("the profiler recorded no CUTLASS backward kernel (CUPTI unavailable?): cannot tell which ran")
-    assert any(kernel.search(name) for name in names), f"expected {kernel.pattern}, the backward launched {names}"
-    other = SM80_BWD if kernel is SM90_BWD else SM90_BWD
-    assert not any(other.search(name) for name in names), f"the backward also launched {sorted(names)}"
+    _sm90._assert_launched(names, kernel, (SM90_BWD, SM80_BWD), "backward")
 
 
 def _check_sm90_backward(lengths, **kwargs) -> None:

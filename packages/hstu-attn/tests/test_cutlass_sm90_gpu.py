@@ -75,21 +75,33 @@ def _sm90_env(value: str | None) -> Iterator[None]:
             os.environ[SM90_ENV] = old
 
 
-def _forward_kernels(fn: Callable[[], Any]) -> tuple[Any, set[str]]:
-    """fn()'s result and the names of the hstu forward kernels it launched (CUDA kernel events of the profiler)."""
+def _kernels_launched(fn: Callable[[], Any], prefix: str) -> tuple[Any, set[str]]:
+    """fn()'s result and the names of the CUDA kernels it launched whose name holds `prefix` (profiler events)."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         result = fn()
         torch.cuda.synchronize()
-    names = {event.name for event in prof.events() if "hstu_attn_fwd" in event.name}
+    names = {event.name for event in prof.events() if prefix in event.name}
     return result, names
 
 
-def _assert_ran(names: set[str], kernel: re.Pattern[str]) -> None:
+def _forward_kernels(fn: Callable[[], Any]) -> tuple[Any, set[str]]:
+    """fn()'s result and the names of the hstu forward kernels it launched."""
+    return _kernels_launched(fn, "hstu_attn_fwd")
+
+
+def _assert_launched(
+    names: set[str], kernel: re.Pattern[str], pair: tuple[re.Pattern[str], re.Pattern[str]], what: str
+) -> None:
+    """`kernel`, one of the two patterns of `pair`, ran and the other did not (skip when the profiler saw nothing)."""
     if not names:
-        pytest.skip("the profiler recorded no CUDA kernels (CUPTI unavailable?): cannot tell which forward ran")
-    assert any(kernel.search(name) for name in names), f"expected {kernel.pattern}, the forward launched {names}"
-    other = SM80_KERNEL if kernel is SM90_KERNEL else SM90_KERNEL
-    assert not any(other.search(name) for name in names), f"the forward also launched {sorted(names)}"
+        pytest.skip(f"the profiler recorded no CUDA kernels (CUPTI unavailable?): cannot tell which {what} ran")
+    assert any(kernel.search(name) for name in names), f"expected {kernel.pattern}, the {what} launched {names}"
+    other = pair[1] if kernel is pair[0] else pair[0]
+    assert not any(other.search(name) for name in names), f"the {what} also launched {sorted(names)}"
+
+
+def _assert_ran(names: set[str], kernel: re.Pattern[str]) -> None:
+    _assert_launched(names, kernel, (SM90_KERNEL, SM80_KERNEL), "forward")
 
 
 def _check_sm90_forward(lengths, **kwargs) -> None:
