@@ -523,6 +523,18 @@ def attention_launch_configs() -> dict:
     return {name: {str(key[:2]): dataclasses.asdict(c) for key, c in k.chosen.items()} for name, k in kernels.items()}
 
 
+def _portable_argument(argument: str) -> str:
+    """A command-line argument as the results JSON records it: a path under $OUT (the device call's output folder)
+    as `$OUT/...`, an absolute path inside the repository relative to it, anything else unchanged."""
+    out = os.environ.get("OUT")
+    if out and argument.startswith(out.rstrip("/") + "/"):
+        return "$OUT/" + argument[len(out.rstrip("/")) + 1 :]
+    root = Path(__file__).resolve().parents[1]
+    if argument.startswith("/") and Path(argument).resolve().is_relative_to(root):
+        return str(Path(argument).resolve().relative_to(root))
+    return argument
+
+
 def git_state() -> dict:
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], capture_output=True, text=True).stdout.strip()
@@ -637,7 +649,7 @@ def main() -> None:
         **({"commit": args.commit} if args.commit else {}),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "command": "python tools/bench_e2e.py " + " ".join(sys.argv[1:]),
+        "command": "python tools/bench_e2e.py " + " ".join(_portable_argument(a) for a in sys.argv[1:]),
         "peak_tflops": PEAK_TFLOPS,
         "configs": {},
     }

@@ -70,7 +70,14 @@ from gr_models.trainer import OptimizerBundle, Trainer
 from gr_models.trainer.builders import build_model, build_train_dataset
 from gr_models.trainer.config import RunConfig, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "packages" / "gr-models" / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "packages" / "gr-models" / "configs"
+
+
+def _shown_path(path: str | Path) -> str:
+    """`path` as a result row records it: relative to the repository when inside it (rows name no machine path)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def _commit() -> str:
@@ -443,7 +450,7 @@ def ranking(args: argparse.Namespace) -> None:
                 "seed": seed, "epochs": best_epoch, "epochs_trained": curve[-1]["epoch"],
                 "steps_per_epoch": steps, "max_epochs": args.max_epochs, "patience": args.patience,
                 "stopped": stopped, "device": _device_name(_device(config)), "date": date, "commit": commit,
-                "seconds": round(time.perf_counter() - started, 1), "config": str(args.config),
+                "seconds": round(time.perf_counter() - started, 1), "config": _shown_path(args.config),
                 **({"max_users": args.max_users} if args.max_users is not None else {}),
             })  # fmt: skip
         curves_out.append({"model": rows[-1]["model"], "seed": seed, "valid": curve})

@@ -134,6 +134,7 @@ def test_run_and_ranking_write_their_rows_and_plot_draws_the_curves(quality, tmp
     ranking = json.loads((tmp_path / "ranking.json").read_text())["rows"]
     assert [(r["model"], r["task"]) for r in ranking] == [("dlrm", "rating>=4"), ("dlrm", "rating==5")]
     assert all(0 < r["auc"] < 1 for r in ranking)
+    assert {r["config"] for r in ranking} == {"packages/gr-models/configs/ml1m_ranking.yaml"}  # no machine path
     (tmp_path / "reference.json").write_text(json.dumps([{"epoch": 0, "ndcg@10": 0.0}, {"epoch": 1, "ndcg@10": 0.1}]))
     quality.main(["plot", "--curves", str(tmp_path / "curves.json"), "--reference", str(tmp_path / "reference.json"),
                   "--out", str(tmp_path / "plot.png")])  # fmt: skip
