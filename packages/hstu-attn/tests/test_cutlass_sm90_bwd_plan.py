@@ -52,18 +52,9 @@ def _load_sibling(name: str) -> Any:
 _fwd_plan = _load_sibling("test_cutlass_sm90_plan")
 
 
-def _column_end(m0: int, rows: int, n: int, u: int, c: int, causal: bool) -> int:
-    """SequenceMask::column_end(m0, rows)."""
-    end = min(m0 + rows, n)
-    if not causal or m0 < c:
-        end = max(end, u)
-    return min(end, n)
-
-
 def _all_valid(m0: int, n0: int, n: int, u: int, w: int, causal: bool) -> bool:
     """The consumers' all_valid: SequenceMask::tile_all_valid(m0, n0, 128) and the query rows inside the sequence."""
-    last_column = n0 + BLOCK_N - 1
-    return w == 0 and last_column < u and (not causal or last_column < m0) and m0 + BLOCK_M <= n
+    return _fwd_plan._tile_all_valid(m0, n0, u, w, causal, columns=BLOCK_N) and m0 + BLOCK_M <= n
 
 
 def _visited_query_blocks(n0: int, n: int, u: int, c: int, w: int, causal: bool) -> list[int]:
@@ -74,7 +65,7 @@ def _visited_query_blocks(n0: int, n: int, u: int, c: int, w: int, causal: bool)
         m_block
         for m_block in range(begin, end)
         if not (
-            n0 >= _column_end(m_block * BLOCK_M, BLOCK_M, n, u, c, causal)
+            n0 >= _fwd_plan._column_end(m_block * BLOCK_M, n, u, c, causal, rows=BLOCK_M)
             or n0 + BLOCK_N <= _fwd_plan._column_begin(m_block * BLOCK_M, u, c, w)
         )
     ]

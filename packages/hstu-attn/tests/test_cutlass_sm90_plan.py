@@ -52,15 +52,17 @@ def _column_begin(m0: int, u: int, c: int, w: int) -> int:
     return max(0, min(m0, u) - w) if w > 0 and c == 0 else 0
 
 
-def _column_end(m0: int, n: int, u: int, c: int, causal: bool) -> int:
-    end = min(m0 + BLOCK_M, n)
+def _column_end(m0: int, n: int, u: int, c: int, causal: bool, rows: int = BLOCK_M) -> int:
+    """SequenceMask::column_end(m0, rows)."""
+    end = min(m0 + rows, n)
     if not causal or m0 < c:
         end = max(end, u)
     return min(end, n)
 
 
-def _tile_all_valid(m0: int, n0: int, u: int, w: int, causal: bool) -> bool:
-    last_column = n0 + BLOCK_N - 1
+def _tile_all_valid(m0: int, n0: int, u: int, w: int, causal: bool, columns: int = BLOCK_N) -> bool:
+    """SequenceMask::tile_all_valid(m0, n0, columns)."""
+    last_column = n0 + columns - 1
     return w == 0 and last_column < u and (not causal or last_column < m0)
 
 
