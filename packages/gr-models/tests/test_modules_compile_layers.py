@@ -60,3 +60,12 @@ def test_compiled_hstu_layers_match_eager_forward_and_backward() -> None:
         for name in want_grads:
             torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0, "nothing was compiled"
+
+
+def test_sequence_for_layers_checks_lengths_and_candidates() -> None:
+    sequence = HSTUSequence.for_layers([3, 0, 2], [1, 0, 2])
+    assert sequence.offsets.tolist() == [0, 3, 3, 5] and sequence.history_lengths.tolist() == [2, 0, 0]
+    with pytest.raises(ValueError, match="num_candidates has 1 entries for 2 sequences"):
+        HSTUSequence.for_layers([3, 2], [1])
+    with pytest.raises(ValueError, match=r"\(n, k\) = \[\(2, 3\)\]"):
+        HSTUSequence.for_layers([3, 2], [1, 3])

@@ -77,6 +77,11 @@ class HSTUSequence:
         """The sequence layout alone, for calling HSTU layers directly (`layer(x, sequence)` with `x [sum lengths,
         D]`): `lengths` tokens per user, the last `num_candidates` of each are targets; `scaling_seqlen` defaults to
         the longest length. Empty `values` and no history/candidate indices (postprocessing cannot run on it)."""
+        if len(num_candidates) != len(lengths):
+            raise ValueError(f"num_candidates has {len(num_candidates)} entries for {len(lengths)} sequences")
+        bad = [(n, k) for n, k in zip(lengths, num_candidates) if n < 0 or not 0 <= k <= n]
+        if bad:
+            raise ValueError(f"each length must be >= 0 and hold its candidates (0 <= k <= n); got (n, k) = {bad[:3]}")
         device = torch.device(device)
         sizes = torch.tensor(lengths, dtype=torch.int64, device=device)
         targets = torch.tensor(num_candidates, dtype=torch.int64, device=device)
