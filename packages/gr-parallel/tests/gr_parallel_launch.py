@@ -55,3 +55,12 @@ def run_ranks(worker: Path, world_size: int, out_dir: Path, *args: str, timeout_
         f"rank {rank} exited with {processes[rank].returncode}:\n{outputs[rank]}" for rank in failed
     )
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world_size)]
+
+
+def exit_without_teardown() -> None:
+    """End a worker (run as a script) with exit code 0 now, skipping interpreter teardown. Call it after the rank's
+    report is written and its groups destroyed: on the 2-core CI machine teardown aborted after complete, correct
+    runs ("terminate called without an active exception", exit -6, inside torch's native teardown)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from gr_parallel_launch import exit_without_teardown
 from torch import Tensor, nn
 from torchrec.distributed.comm_ops import set_gradient_division
 from torchrec.modules.embedding_configs import EmbeddingConfig
@@ -232,3 +233,4 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_without_teardown()
