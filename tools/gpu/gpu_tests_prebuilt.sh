@@ -8,6 +8,8 @@
 #   cmake --build /tmp/hab && cp /tmp/hab/csrc/libhstu_attn_cutlass.so .snapshot/
 #   run(command="cd .snapshot && bash tools/gpu/gpu_tests_prebuilt.sh 'SECONDS|PYTEST ARGS' ...", carry=[".snapshot"])
 # Each argument is "limit in seconds|pytest arguments" (shell words: quote a -k expression inside); a part starts only while DEADLINE_S (default 180) allows.
+# "limit*N|pytest arguments" splits the collected tests round-robin over N pytest processes run side by side (Triton
+# compiles on the CPU, so shards cut the wall time); "limit|!command" runs a shell command (e.g. a benchmark) instead.
 # Logs under $OUT (or /tmp/gpu-tests): part-N.log (pytest -rfE: the failures' one-line reasons), steps.txt.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -33,11 +35,38 @@ for spec in "$@"; do
   args=${spec#*|}
   left=$(( deadline - ($(date +%s) - started) - 3 ))
   [ "$left" -gt 10 ] || { stamp "part $part skipped (no time left): $args"; continue; }
+  shards=1
+  case "$limit" in *\**) shards=${limit#*\*}; limit=${limit%%\**} ;; esac
   [ "$limit" -le "$left" ] || limit=$left
-  stamp "part $part (${limit}s): pytest $args"
-  # the arguments are shell words (quote a -k expression inside them)
-  eval "timeout -s INT -k 10 $limit python3 -m pytest -q -p no:cacheprovider -rfE --tb=line $args" > "$out/part-$part.log" 2>&1
-  stamp "part $part exit $?"
-  grep -E "^(FAILED|ERROR)|passed|failed|skipped|no tests ran" "$out/part-$part.log" | cut -c1-300 | tail -25
+  log="$out/part-$part.log"
+  if [ "${args:0:1}" = "!" ]; then
+    stamp "part $part (${limit}s): ${args:1}"
+    eval "timeout -s INT -k 10 $limit ${args:1}" > "$log" 2>&1
+    stamp "part $part exit $?"
+    tail -25 "$log" | cut -c1-300
+    continue
+  fi
+  stamp "part $part (${limit}s, $shards shard(s)): pytest $args"
+  if [ "$shards" -gt 1 ]; then
+    eval "python3 -m pytest -q -p no:cacheprovider --collect-only $args" 2>/dev/null | grep "::" > "$out/part-$part.ids"
+    options=()  # the arguments without their paths: each shard names its own tests
+    eval "set -- $args"
+    for word in "$@"; do case "$word" in packages/*|integration_tests/*) ;; *) options+=("$word") ;; esac; done
+    for shard in $(seq 0 $((shards - 1))); do
+      awk -v n="$shards" -v i="$shard" 'NR % n == i' "$out/part-$part.ids" > "$out/part-$part.shard-$shard.ids"
+      [ -s "$out/part-$part.shard-$shard.ids" ] || continue
+      mapfile -t ids < "$out/part-$part.shard-$shard.ids"
+      timeout -s INT -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider -rfE --tb=line "${options[@]}" "${ids[@]}" \
+        > "$out/part-$part.shard-$shard.log" 2>&1 &
+    done
+    wait
+    cat "$out"/part-$part.shard-*.log > "$log"
+    stamp "part $part done ($(wc -l < "$out/part-$part.ids") tests in $shards shards)"
+  else
+    # the arguments are shell words (quote a -k expression inside them)
+    eval "timeout -s INT -k 10 $limit python3 -m pytest -q -p no:cacheprovider -rfE --tb=line $args" > "$log" 2>&1
+    stamp "part $part exit $?"
+  fi
+  grep -E "^(FAILED|ERROR)|passed|failed|skipped|no tests ran" "$log" | cut -c1-300 | tail -25
 done
 stamp done

@@ -154,6 +154,22 @@ def bench_cutlass(shape: Shape) -> tuple[float, float | None]:
     return fwd_tflops, 2.5 * flops / median_ms(bwd) / 1e9
 
 
+def bench_cutlass_sm90(shape: Shape) -> tuple[float | None, float | None]:
+    """bench_cutlass with HSTU_ATTN_CUTLASS_SM90=1: the Hopper (wgmma/TMA, warp-specialized) kernels, head dims 64 and
+    128 only (other head dims would silently time the sm_80 kernels, so they give no row)."""
+    if shape.head_dim not in (64, 128):
+        return None, None
+    previous = os.environ.get("HSTU_ATTN_CUTLASS_SM90")
+    os.environ["HSTU_ATTN_CUTLASS_SM90"] = "1"  # api.cu reads it on every call
+    try:
+        return bench_cutlass(shape)
+    finally:
+        if previous is None:
+            del os.environ["HSTU_ATTN_CUTLASS_SM90"]
+        else:
+            os.environ["HSTU_ATTN_CUTLASS_SM90"] = previous
+
+
 def bench_sdpa(shape: Shape, backend_name: str) -> tuple[float, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -400,7 +416,7 @@ def main() -> None:
         "--backends",
         nargs="*",
         default=["ours", "meta", "sdpa_cudnn", "sdpa_flash"],
-        help="ours (Triton), cutlass (forward only; needs the HSTU_ATTN_BUILD_CUDA=1 build), meta, sdpa_cudnn, "
+        help="ours (Triton), cutlass (needs the HSTU_ATTN_BUILD_CUDA=1 build), cutlass_sm90 (its Hopper kernels), meta, sdpa_cudnn, "
         "sdpa_flash",
     )
     parser.add_argument("--variants", action="store_true", help="also time our scheduling/dq variants")
@@ -459,6 +475,8 @@ def main() -> None:
                 add(shape.name, "ours_triton_dq_kernel", *bench_ours(shape, atomic_dq=False))
         if "cutlass" in args.backends:
             add(shape.name, "ours_cutlass", *bench_cutlass(shape))
+        if "cutlass_sm90" in args.backends and shape.head_dim in (64, 128):
+            add(shape.name, "ours_cutlass_sm90", *bench_cutlass_sm90(shape))
         if not shape.jagged:
             for name in ("cudnn", "flash"):
                 if f"sdpa_{name}" in args.backends:
