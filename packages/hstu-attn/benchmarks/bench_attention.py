@@ -416,8 +416,8 @@ def main() -> None:
         "--backends",
         nargs="*",
         default=["ours", "meta", "sdpa_cudnn", "sdpa_flash"],
-        help="ours (Triton), cutlass (needs the HSTU_ATTN_BUILD_CUDA=1 build), cutlass_sm90 (its Hopper kernels), meta, sdpa_cudnn, "
-        "sdpa_flash",
+        help="ours (Triton), cutlass (needs the HSTU_ATTN_BUILD_CUDA=1 build), cutlass_sm90 (Hopper kernels), meta, "
+        "sdpa_cudnn, sdpa_flash",
     )
     parser.add_argument("--variants", action="store_true", help="also time our scheduling/dq variants")
     parser.add_argument("--memory-shape", default="jagged B32 N1024", help="shape (name substring) of the memory row")
