@@ -60,7 +60,8 @@ for spec in "$@"; do
         > "$out/part-$part.shard-$shard.log" 2>&1 &
     done
     wait
-    cat "$out"/part-$part.shard-*.log > "$log"
+    for shard_log in "$out"/part-$part.shard-*.log; do echo "== $shard_log"; cat "$shard_log"; done > "$log"
+    rm -f "$out"/part-$part.shard-*  # one log per part comes back (the device tool returns a bounded number of files)
     stamp "part $part done ($(wc -l < "$out/part-$part.ids") tests in $shards shards)"
   else
     # the arguments are shell words (quote a -k expression inside them)

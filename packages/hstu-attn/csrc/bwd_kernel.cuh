@@ -84,11 +84,6 @@ __device__ __forceinline__ void write_rab_gradient(void* drab, bool atomic, int6
   }
 }
 
-__device__ __forceinline__ float silu_derivative(float x) {
-  const float sigmoid = __frcp_rn(1.0f + __expf(-x));
-  return sigmoid * (1.0f + x * (1.0f - sigmoid));
-}
-
 // Stores a [rows, D] fp32 accumulator tile of `mma` as Elem to global memory, rows at or past `rows_left` skipped;
 // with `nan_bits`, the entries whose bit is set are stored as NaN.
 template <typename Elem, class Acc, class Coords, class Bits>
@@ -252,40 +247,42 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
     gemm_smem_smem(acc_dp, tSrV, tSrdO, tSsV, tSsdO, mma, copy_a, copy_b);
 
     const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN);
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) {
-      const int query = m0 + get<1>(tScS(i));
-      const int key = n0 + get<0>(tScS(i));
-      const bool valid = all_valid || mask.valid(query, key);
-      float x = acc_s(i) * p.alpha;
-      if constexpr (kHasRab) {
-        if (query < length && key < length) x += static_cast<float>(rab[query * p.rab_row_stride + key]);
-        const float ds = valid ? acc_dp(i) * p.inv_scaling * silu_derivative(x) : 0.0f;  // d rab
-        // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
-        if (drab != nullptr && valid && query < length) {
-          write_rab_gradient<Elem>(drab, p.drab_atomic, query * p.drab_row_stride + key, ds);
+    with_tile_mask(all_valid, [&](auto unmasked) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        const int query = m0 + get<1>(tScS(i));
+        const int key = n0 + get<0>(tScS(i));
+        const bool valid = decltype(unmasked)::value || mask.valid(query, key);
+        float x = acc_s(i) * p.alpha;
+        if constexpr (kHasRab) {
+          if (query < length && key < length) x += static_cast<float>(rab[query * p.rab_row_stride + key]);
+          const float ds = valid ? acc_dp(i) * p.inv_scaling * silu_derivative(x) : 0.0f;  // d rab
+          // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
+          if (drab != nullptr && valid && query < length) {
+            write_rab_gradient<Elem>(drab, p.drab_atomic, query * p.drab_row_stride + key, ds);
+          }
+          acc_dp(i) = ds * p.alpha;  // dS^T
+        } else if constexpr (kRelative) {
+          // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
+          const bool inside = valid && query < length;
+          int bucket = -1;  // set by value() when there is a time table
+          if (inside) {
+            x += RelativeBiasRows(p.relative_bias, start, head).value(query, key, bucket);
+            if (rab != nullptr) x += static_cast<float>(rab[query * p.rab_row_stride + key]);
+          }
+          const float ds = inside ? acc_dp(i) * p.inv_scaling * silu_derivative(x) : 0.0f;  // d bias
+          if (inside) {
+            if (drab != nullptr) write_rab_gradient<Elem>(drab, p.drab_atomic, query * p.drab_row_stride + key, ds);
+            bias_grads.add_position(query, key, m0, n0, ds);
+          }
+          bias_grads.add_time(inside ? bucket : -1, ds);  // warp-collective
+          acc_dp(i) = ds * p.alpha;  // dS^T
+        } else {
+          acc_dp(i) = valid ? acc_dp(i) * scale * silu_derivative(x) : 0.0f;  // dS^T
         }
-        acc_dp(i) = ds * p.alpha;  // dS^T
-      } else if constexpr (kRelative) {
-        // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
-        const bool inside = valid && query < length;
-        int bucket = -1;  // set by value() when there is a time table
-        if (inside) {
-          x += RelativeBiasRows(p.relative_bias, start, head).value(query, key, bucket);
-          if (rab != nullptr) x += static_cast<float>(rab[query * p.rab_row_stride + key]);
-        }
-        const float ds = inside ? acc_dp(i) * p.inv_scaling * silu_derivative(x) : 0.0f;  // d bias
-        if (inside) {
-          if (drab != nullptr) write_rab_gradient<Elem>(drab, p.drab_atomic, query * p.drab_row_stride + key, ds);
-          bias_grads.add_position(query, key, m0, n0, ds);
-        }
-        bias_grads.add_time(inside ? bucket : -1, ds);  // warp-collective
-        acc_dp(i) = ds * p.alpha;  // dS^T
-      } else {
-        acc_dp(i) = valid ? acc_dp(i) * scale * silu_derivative(x) : 0.0f;  // dS^T
+        acc_s(i) = valid ? silu(x) * p.inv_scaling : 0.0f;  // P^T
       }
-      acc_s(i) = valid ? silu(x) * p.inv_scaling : 0.0f;  // P^T
-    }
+    });
     Tensor rPt = converted<Elem>(acc_s);
     Tensor rdSt = converted<Elem>(acc_dp);
     if (!all_valid) {  // CTA-uniform

@@ -316,15 +316,18 @@ __device__ __forceinline__ void sm90_bwd_consume(const HstuAttnBwdParams& p, con
     Tensor rPt = make_tensor<Elem>(partition_shape_A(mma_kv, typename Traits::TileSt{}));
     Tensor rdSt = make_tensor<Elem>(partition_shape_A(mma_kv, typename Traits::TileSt{}));
     static_assert(decltype(size(rPt))::value == decltype(size(acc_s))::value, "P^T fragment vs S^T accumulator");
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) {
-      const int query = m0 + get<1>(tScS(i));
-      const int key = n0 + get<0>(tScS(i));
-      const bool valid = all_valid || mask.valid(query, key);
-      const float x = acc_s(i) * p.alpha;
-      rdSt(i) = static_cast<Elem>(valid ? acc_dp(i) * scale * silu_derivative(x) : 0.0f);
-      rPt(i) = static_cast<Elem>(valid ? silu(x) * p.inv_scaling : 0.0f);
-    }
+    with_tile_mask(all_valid, [&](auto unmasked) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        const int query = m0 + get<1>(tScS(i));
+        const int key = n0 + get<0>(tScS(i));
+        const bool valid = decltype(unmasked)::value || mask.valid(query, key);
+        const float x = acc_s(i) * p.alpha;
+        const float s = sigmoid(x);  // silu(x) = x s, silu'(x) = s (1 + x (1 - s))
+        rdSt(i) = static_cast<Elem>(valid ? acc_dp(i) * scale * (s * (1.0f + x * (1.0f - s))) : 0.0f);
+        rPt(i) = static_cast<Elem>(valid ? x * s * p.inv_scaling : 0.0f);
+      }
+    });
     if (!all_valid) {  // uniform over the consumers
       Tensor sQs = sQ(_, _, stage);
       Tensor sdOs = sdO(_, _, stage);

@@ -225,23 +225,25 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_fwd_kernel(con
     }
 
     const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN);
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) {
-      const bool valid = all_valid || mask.valid(m0 + get<0>(tScS(i)), n0 + get<1>(tScS(i)));
-      float score = acc_s(i) * p.alpha;
-      if constexpr (kHasRab) score += static_cast<float>(rRab(i));
-      if constexpr (kRelative) {
-        const int query = m0 + get<0>(tScS(i));
-        const int key = n0 + get<1>(tScS(i));
-        // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
-        if (valid && query < length) {
-          int bucket;
-          score += RelativeBiasRows(p.relative_bias, start, head).value(query, key, bucket);
-          if (rab != nullptr) score += static_cast<float>(rab[query * p.rab_row_stride + key]);
+    with_tile_mask(all_valid, [&](auto unmasked) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        const bool valid = decltype(unmasked)::value || mask.valid(m0 + get<0>(tScS(i)), n0 + get<1>(tScS(i)));
+        float score = acc_s(i) * p.alpha;
+        if constexpr (kHasRab) score += static_cast<float>(rRab(i));
+        if constexpr (kRelative) {
+          const int query = m0 + get<0>(tScS(i));
+          const int key = n0 + get<1>(tScS(i));
+          // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
+          if (valid && query < length) {
+            int bucket;
+            score += RelativeBiasRows(p.relative_bias, start, head).value(query, key, bucket);
+            if (rab != nullptr) score += static_cast<float>(rab[query * p.rab_row_stride + key]);
+          }
         }
+        acc_s(i) = valid ? silu(score) * p.inv_scaling : 0.0f;
       }
-      acc_s(i) = valid ? silu(score) * p.inv_scaling : 0.0f;
-    }
+    });
     Tensor tOrP = converted<Elem>(acc_s);
     if (!all_valid) {  // CTA-uniform
       const uint64_t bad_rows = non_finite_rows<Elem, kBlockN, kHeadDim, kNThreads>(sV);

@@ -254,11 +254,13 @@ __device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const S
     // neighbouring n8 column groups of the m64nN accumulator, so the flat orders agree.
     Tensor tOrP = make_tensor<Elem>(partition_shape_A(mma_pv, typename Traits::TileS{}));
     static_assert(decltype(size(tOrP))::value == decltype(size(acc_s))::value, "P fragment vs S accumulator");
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_s); ++i) {
-      const bool valid = all_valid || mask.valid(m0 + get<0>(tScS(i)), n0 + get<1>(tScS(i)));
-      tOrP(i) = static_cast<Elem>(valid ? silu(acc_s(i) * p.alpha) * p.inv_scaling : 0.0f);
-    }
+    with_tile_mask(all_valid, [&](auto unmasked) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        const bool valid = decltype(unmasked)::value || mask.valid(m0 + get<0>(tScS(i)), n0 + get<1>(tScS(i)));
+        tOrP(i) = static_cast<Elem>(valid ? silu(acc_s(i) * p.alpha) * p.inv_scaling : 0.0f);
+      }
+    });
     if (!all_valid) {  // uniform over the consumers
       Tensor sVs = sV(_, _, stage);
       const uint64_t bad_rows = non_finite_rows<Elem, kBlockN, kHeadDim, kThreads>(sVs);
