@@ -9,7 +9,8 @@
 // Per key tile: S = Q K^T with wgmma reading both operands from shared memory (SS), P = SiLU(alpha S) / scaling
 // where the pair is valid and 0 where it is not (selected, never multiplied; mask.cuh drops keys and queries at or
 // past the sequence end), P converted to the input dtype in registers, O += P V with wgmma taking P from registers
-// and V from shared memory (RS). The tiles sit in shared memory in the GMMA 128-byte-swizzled K-major layout (V is
+// and V from shared memory (RS); S of the next key tile is issued together with P V of the current one and turned
+// into P while P V runs (see sm90_consume). The tiles sit in shared memory in the GMMA 128-byte-swizzled K-major layout (V is
 // read as V^T through the same bytes, MN-major). Output rows past the sequence end are never stored. Masked tiles
 // (every tile that reaches past the sequence end is one) keep a non-finite V entry away from the rows that may not
 // attend its token with finite.cuh (zeroed in shared memory before P V; output entries a valid pair links to it
@@ -135,10 +136,11 @@ __device__ __forceinline__ uint64_t consumers_or(uint64_t rows, unsigned long lo
   return *word;
 }
 
-// acc (+)= A B^T over every k-block with wgmma, waited for. zero_init: acc = A B^T. kRegisterA: A is a register
-// fragment (RS), else a shared-memory descriptor fragment (SS).
+// Issues acc (+)= A B^T over every k-block with wgmma as one committed batch, not waited for: neither acc nor a
+// register A may be touched until a warpgroup_wait covers the batch (then wgmma_fence the operands). zero_init:
+// acc = A B^T. kRegisterA: A is a register fragment (RS), else a shared-memory descriptor fragment (SS).
 template <bool kRegisterA, class Mma, class FragA, class FragB, class Acc>
-__device__ __forceinline__ void wgmma_gemm(Mma& mma, FragA& frag_a, FragB const& frag_b, Acc& acc, bool zero_init) {
+__device__ __forceinline__ void wgmma_issue(Mma& mma, FragA& frag_a, FragB const& frag_b, Acc& acc, bool zero_init) {
   if constexpr (kRegisterA) warpgroup_fence_operand(frag_a);
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
@@ -149,6 +151,12 @@ __device__ __forceinline__ void wgmma_gemm(Mma& mma, FragA& frag_a, FragB const&
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+}
+
+// wgmma_issue, waited for.
+template <bool kRegisterA, class Mma, class FragA, class FragB, class Acc>
+__device__ __forceinline__ void wgmma_gemm(Mma& mma, FragA& frag_a, FragB const& frag_b, Acc& acc, bool zero_init) {
+  wgmma_issue<kRegisterA>(mma, frag_a, frag_b, acc, zero_init);
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
   if constexpr (kRegisterA) warpgroup_fence_operand(frag_a);
@@ -240,20 +248,12 @@ __device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const S
   Tensor acc_o = partition_fragment_C(mma_pv, typename Traits::TileQ{});
   clear(acc_o);
 
-  shared.q_full.wait(0);
-  typename Traits::Pipeline::PipelineState state;  // stage 0, phase 0: the producer's order
-  for (int n_block = b.n_block_end - 1; n_block >= b.n_block_begin; --n_block) {
+  // S tile -> P in registers, in the register layout of the P V A operand (the m64nNk16 A fragment holds, in order,
+  // the values of two neighbouring n8 column groups of the m64nN accumulator, so the flat orders agree); in a masked
+  // tile, V's non-finite entries are zeroed in the stage before any P V reads it (finite.cuh).
+  auto scores_to_p = [&](int n_block, int stage, auto const& acc_s, auto& tOrP) {
     const int n0 = n_block * kBlockN;
-    const int stage = state.index();
-    pipeline.consumer_wait(state);  // K[n_block] and V[n_block] arrived
-    Tensor acc_s = partition_fragment_C(mma_qk, typename Traits::TileS{});
-    wgmma_gemm<false>(mma_qk, tSrQ, tSrK(_, _, _, stage), acc_s, /*zero_init=*/true);
-
     const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN);  // false for tiles reaching past the end
-    // P in the register layout of the P V A operand: the m64nNk16 A fragment holds, in order, the values of two
-    // neighbouring n8 column groups of the m64nN accumulator, so the flat orders agree.
-    Tensor tOrP = make_tensor<Elem>(partition_shape_A(mma_pv, typename Traits::TileS{}));
-    static_assert(decltype(size(tOrP))::value == decltype(size(acc_s))::value, "P fragment vs S accumulator");
     with_tile_mask(all_valid, [&](auto unmasked) {
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) {
@@ -275,9 +275,41 @@ __device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const S
         consumers_sync<kThreads>();                // V[n_block] is finite for P V
       }
     }
-    wgmma_gemm<true>(mma_pv, tOrP, tOrVt(_, _, _, stage), acc_o, /*zero_init=*/false);
-    pipeline.consumer_release(state);  // both products have read the stage
-    ++state;
+  };
+
+  // Key blocks from last to first (the producer's order). Each step issues S = Q K^T of the next block and then
+  // O += P V of the current one, waits for S only, turns it into P while P V runs, then waits for P V and releases
+  // the current stage: the per-element math of one block overlaps the tensor-core work of the other.
+  Tensor acc_s = partition_fragment_C(mma_qk, typename Traits::TileS{});
+  Tensor tOrP = make_tensor<Elem>(partition_shape_A(mma_pv, typename Traits::TileS{}));
+  Tensor tOrP_next = make_tensor<Elem>(partition_shape_A(mma_pv, typename Traits::TileS{}));
+  static_assert(decltype(size(tOrP))::value == decltype(size(acc_s))::value, "P fragment vs S accumulator");
+  shared.q_full.wait(0);
+  typename Traits::Pipeline::PipelineState state;  // stage 0, phase 0: the producer's order
+  int n_block = b.n_block_end - 1;
+  if (n_block >= b.n_block_begin) {
+    pipeline.consumer_wait(state);  // K[n_block] and V[n_block] arrived
+    wgmma_gemm<false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), acc_s, /*zero_init=*/true);
+    scores_to_p(n_block, state.index(), acc_s, tOrP);
+    for (--n_block; n_block >= b.n_block_begin; --n_block) {
+      auto next = state;
+      ++next;
+      pipeline.consumer_wait(next);  // K[n_block] and V[n_block] arrived
+      wgmma_issue<false>(mma_qk, tSrQ, tSrK(_, _, _, next.index()), acc_s, /*zero_init=*/true);
+      wgmma_issue<true>(mma_pv, tOrP, tOrVt(_, _, _, state.index()), acc_o, /*zero_init=*/false);
+      warpgroup_wait<1>();  // S is complete (batches complete in order); P V may still run
+      warpgroup_fence_operand(acc_s);
+      scores_to_p(n_block, next.index(), acc_s, tOrP_next);
+      warpgroup_wait<0>();  // P V is complete: tOrP and the current stage are free
+      warpgroup_fence_operand(acc_o);
+      warpgroup_fence_operand(tOrP);
+      pipeline.consumer_release(state);
+      CUTE_UNROLL
+      for (int i = 0; i < size(tOrP); ++i) tOrP(i) = tOrP_next(i);
+      state = next;
+    }
+    wgmma_gemm<true>(mma_pv, tOrP, tOrVt(_, _, _, state.index()), acc_o, /*zero_init=*/false);
+    pipeline.consumer_release(state);
   }
 
   // Epilogue: each thread stores its accumulator pairs (two neighbouring columns) of the rows inside the sequence.
