@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from worker_exit import exit_without_teardown
 
 import gr_checkpoint
 import gr_parallel
@@ -130,8 +131,11 @@ def main(out_dir: Path, tp: int, mode: str, names: list[str]) -> None:
             _train_step(model, optimizers, world, dataset, step + 1)
             record = {"logits": after_save, "logits_after_step": _logits(model, dataset)}
             _record(out_dir, world, tp, "save", then_save, model, record)
+    del model, dense, sparse, optimizers  # while the model lives, destroy_global_state defers teardown to the exit
+    import gc; gc.collect(); from gr_parallel.initialize import _group_holders; print("HOLDERS", len(_group_holders), flush=True)
     gr_parallel.destroy_global_state()
 
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:])
+    exit_without_teardown()

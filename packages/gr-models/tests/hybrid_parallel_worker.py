@@ -21,6 +21,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import Tensor, nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+from worker_exit import exit_without_teardown
 
 import gr_parallel
 from gr_models.configs import KernelBackend, get_hstu_config
@@ -171,3 +172,4 @@ def main(out_dir: Path, tp_size: int) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]))
+    exit_without_teardown()
