@@ -14,6 +14,7 @@ records the logits, trains that same further step and records them again. Global
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -131,8 +132,10 @@ def main(out_dir: Path, tp: int, mode: str, names: list[str]) -> None:
             _train_step(model, optimizers, world, dataset, step + 1)
             record = {"logits": after_save, "logits_after_step": _logits(model, dataset)}
             _record(out_dir, world, tp, "save", then_save, model, record)
-    del model, dense, sparse, optimizers  # while the model lives, destroy_global_state defers teardown to the exit
-    import gc; gc.collect(); from gr_parallel.initialize import _group_holders; print("HOLDERS", len(_group_holders), flush=True)
+    # While the distributed model lives (it sits in reference cycles), destroy_global_state defers the teardown to
+    # the interpreter exit, which exit_without_teardown skips: free it first.
+    del model, dense, sparse, optimizers
+    gc.collect()
     gr_parallel.destroy_global_state()
 
 
