@@ -10,6 +10,7 @@ saw.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -31,6 +32,18 @@ from gr_models.data.utils import FeatureConfig, RankingBatch
 from gr_models.model.ranking_gr import RankingGR
 from gr_models.modules.embedding import EmbeddingOptimizerParam
 from gr_models.utils.tensor_initializer import UniformInitializer
+
+
+def exit_without_teardown() -> None:
+    """Exit 0 now, skipping interpreter teardown: the script's last statement, after its report is written and its
+    process groups destroyed. On the 2-core CI machine gloo workers aborted in teardown after a complete, correct run
+    ("terminate called without an active exception", exit -6, inside torch's native teardown)."""
+    if torch.distributed.is_initialized():
+        raise RuntimeError("exit_without_teardown: the default process group is still up; destroy it first")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
 
 init.initialize_distributed()
 init.initialize_model_parallel()
@@ -107,3 +120,10 @@ report = {
     "load_restored_outputs": torch.equal(after, before),
 }
 Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(report))
+
+# The model lives in reference cycles; while it is alive, destroy_global_state above deferred the teardown to the
+# interpreter exit, which exit_without_teardown skips: free it, then tear down now.
+del ranking_model_train
+gc.collect()
+init.destroy_global_state()
+exit_without_teardown()
