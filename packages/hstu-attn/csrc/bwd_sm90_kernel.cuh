@@ -122,11 +122,12 @@ __device__ __forceinline__ void wgmma_issue(Mma& mma, FragA& a, FragB const& b, 
   }
 }
 
-// acc1 (+)= A1 B1^T and acc2 (+)= A2 B2^T with wgmma, issued as one batch and waited for once (zero_init: acc = A B^T).
+// acc1 (+)= A1 B1^T and acc2 (+)= A2 B2^T with wgmma, issued as one committed batch, not waited for (as
+// wgmma_batch: no operand may be read or written until a warpgroup_wait covers it). zero_init: acc = A B^T.
 // kRegisterA: the A operands are register fragments (RS), else shared-memory descriptor fragments (SS).
 template <bool kRegisterA, class Mma, class FragA1, class FragB1, class Acc1, class FragA2, class FragB2, class Acc2>
-__device__ __forceinline__ void wgmma_gemm_pair(Mma& mma, FragA1& a1, FragB1 const& b1, Acc1& acc1, FragA2& a2,
-                                                FragB2 const& b2, Acc2& acc2, bool zero_init) {
+__device__ __forceinline__ void wgmma_pair_batch(Mma& mma, FragA1& a1, FragB1 const& b1, Acc1& acc1, FragA2& a2,
+                                                 FragB2 const& b2, Acc2& acc2, bool zero_init) {
   if constexpr (kRegisterA) {
     warpgroup_fence_operand(a1);
     warpgroup_fence_operand(a2);
@@ -137,6 +138,13 @@ __device__ __forceinline__ void wgmma_gemm_pair(Mma& mma, FragA1& a1, FragB1 con
   wgmma_issue(mma, a1, b1, acc1, zero_init);
   wgmma_issue(mma, a2, b2, acc2, zero_init);
   warpgroup_commit_batch();
+}
+
+// wgmma_pair_batch, waited for.
+template <bool kRegisterA, class Mma, class FragA1, class FragB1, class Acc1, class FragA2, class FragB2, class Acc2>
+__device__ __forceinline__ void wgmma_gemm_pair(Mma& mma, FragA1& a1, FragB1 const& b1, Acc1& acc1, FragA2& a2,
+                                                FragB2 const& b2, Acc2& acc2, bool zero_init) {
+  wgmma_pair_batch<kRegisterA>(mma, a1, b1, acc1, a2, b2, acc2, zero_init);
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc1);
   warpgroup_fence_operand(acc2);
@@ -346,23 +354,31 @@ __device__ __forceinline__ void sm90_bwd_consume(const HstuAttnBwdParams& p, con
         consumers_sync<kThreads>();                // Q and dO are finite for dK += dS^T Q and dV += P^T dO
       }
     }
-    wgmma_gemm_pair<true>(mma_kv, rPt, tKVrdOt(_, _, _, stage), acc_dv, rdSt, tKVrQt(_, _, _, stage), acc_dk,
-                          /*zero_init=*/false);
-    pipeline.consumer_release(state);  // both products have read the stage
-    ++state;
-
     // dS^T of both warpgroups to shared memory for dQ = dS K (the registers of rdSt seen in the S^T accumulator
-    // layout), after every consumer's previous dQ wgmma has read the previous dS^T.
+    // layout), after every consumer's previous dQ wgmma (waited for) has read the previous dS^T; stored before the
+    // dV/dK batch is issued, since the registers of an in-flight wgmma's A operand may not be read.
     consumers_sync<kThreads>();
     Tensor rdSt_c = make_tensor(rdSt.data(), acc_dp.layout());
     copy(store_ds, thr_store_ds.retile_S(rdSt_c), tdSsdSt);
     cutlass::arch::fence_view_async_shared();
+    // dV += P^T dO and dK += dS^T Q, then dQ = dS K once both warpgroups' dS^T are in shared memory, queued behind
+    // them without a wait in between; one wait covers the three products.
+    wgmma_pair_batch<true>(mma_kv, rPt, tKVrdOt(_, _, _, stage), acc_dv, rdSt, tKVrQt(_, _, _, stage), acc_dk,
+                           /*zero_init=*/false);
     consumers_sync<kThreads>();  // dS^T in shared memory
     // In masked tiles, rows that may not attend a non-finite K entry take it as 0 (the zeroed copy of K).
     Elem* k_for_dq = (!all_valid && k_non_finite) ? shared.k_finite : shared.k;
     Tensor tQrKt = thr_q.partition_fragment_B(make_tensor(make_smem_ptr(k_for_dq), typename Traits::SmemLayoutKt{}));
     Tensor acc_dq = partition_fragment_C(mma_q, tile_q);
-    wgmma_gemm<false>(mma_q, tQrdS, tQrKt, acc_dq, /*zero_init=*/true);
+    wgmma_batch<false>(mma_q, tQrdS, tQrKt, acc_dq, /*zero_init=*/true);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc_dv);
+    warpgroup_fence_operand(acc_dk);
+    warpgroup_fence_operand(rPt);
+    warpgroup_fence_operand(rdSt);
+    warpgroup_fence_operand(acc_dq);
+    pipeline.consumer_release(state);  // the dV/dK products have read the stage
+    ++state;
     float* dq = p.dq_accum + (b.start + m0) * p.dq_row_stride + b.head * p.dq_head_stride;
     CUTE_UNROLL
     for (int i = 0; i < size(acc_dq); ++i) {

@@ -137,10 +137,10 @@ __device__ __forceinline__ uint64_t consumers_or(uint64_t rows, unsigned long lo
 }
 
 // Issues acc (+)= A B^T over every k-block with wgmma as one committed batch, not waited for: neither acc nor a
-// register A may be touched until a warpgroup_wait covers the batch (then wgmma_fence the operands). zero_init:
+// register A may be read or written until a warpgroup_wait covers the batch (then fence the operands). zero_init:
 // acc = A B^T. kRegisterA: A is a register fragment (RS), else a shared-memory descriptor fragment (SS).
 template <bool kRegisterA, class Mma, class FragA, class FragB, class Acc>
-__device__ __forceinline__ void wgmma_issue(Mma& mma, FragA& frag_a, FragB const& frag_b, Acc& acc, bool zero_init) {
+__device__ __forceinline__ void wgmma_batch(Mma& mma, FragA& frag_a, FragB const& frag_b, Acc& acc, bool zero_init) {
   if constexpr (kRegisterA) warpgroup_fence_operand(frag_a);
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
@@ -153,10 +153,10 @@ __device__ __forceinline__ void wgmma_issue(Mma& mma, FragA& frag_a, FragB const
   warpgroup_commit_batch();
 }
 
-// wgmma_issue, waited for.
+// wgmma_batch, waited for.
 template <bool kRegisterA, class Mma, class FragA, class FragB, class Acc>
 __device__ __forceinline__ void wgmma_gemm(Mma& mma, FragA& frag_a, FragB const& frag_b, Acc& acc, bool zero_init) {
-  wgmma_issue<kRegisterA>(mma, frag_a, frag_b, acc, zero_init);
+  wgmma_batch<kRegisterA>(mma, frag_a, frag_b, acc, zero_init);
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
   if constexpr (kRegisterA) warpgroup_fence_operand(frag_a);
@@ -295,8 +295,8 @@ __device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const S
       auto next = state;
       ++next;
       pipeline.consumer_wait(next);  // K[n_block] and V[n_block] arrived
-      wgmma_issue<false>(mma_qk, tSrQ, tSrK(_, _, _, next.index()), acc_s, /*zero_init=*/true);
-      wgmma_issue<true>(mma_pv, tOrP, tOrVt(_, _, _, state.index()), acc_o, /*zero_init=*/false);
+      wgmma_batch<false>(mma_qk, tSrQ, tSrK(_, _, _, next.index()), acc_s, /*zero_init=*/true);
+      wgmma_batch<true>(mma_pv, tOrP, tOrVt(_, _, _, state.index()), acc_o, /*zero_init=*/false);
       warpgroup_wait<1>();  // S is complete (batches complete in order); P V may still run
       warpgroup_fence_operand(acc_s);
       scores_to_p(n_block, next.index(), acc_s, tOrP_next);
