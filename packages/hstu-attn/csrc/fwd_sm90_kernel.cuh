@@ -68,9 +68,11 @@ struct FwdSm90Traits {
   using TileKV = Shape<Int<kBlockN>, Int<kHeadDim>>;
   using TileS = Shape<Int<kBlockM>, Int<kBlockN>>;
   using WarpgroupsAlongM = Layout<Shape<Int<kWarpgroups>, _1, _1>>;
-  // S = Q K^T: A = Q [M, D] and B = K [N, D], both K-major in shared memory.
+  // S = Q K^T: A = Q [M, D] in registers (loaded once from shared memory with ldmatrix), B = K [N, D] K-major in
+  // shared memory. With both operands in shared memory (SS) a m64n64k16 wgmma reads as many bytes as the SM's shared
+  // memory delivers in the time of its math, so Q K^T would be bound by shared memory; RS halves the bytes.
   using MmaQK = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Elem, Elem, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>(), WarpgroupsAlongM{}));
+      GMMA::rs_op_selector<Elem, Elem, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>>(), WarpgroupsAlongM{}));
   // O = P V: A = P [M, N] in registers, B = V^T [D, N] MN-major (V's rows are contiguous along D).
   using MmaPV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Elem, Elem, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
@@ -241,7 +243,7 @@ __device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const S
   typename Traits::MmaPV mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(tid);
   auto thr_pv = mma_pv.get_thread_slice(tid);
-  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);  // shared-memory descriptors
+  Tensor tSrQ = thr_qk.partition_fragment_A(sQ);  // registers, filled once Q has arrived
   Tensor tSrK = thr_qk.partition_fragment_B(sK);  // (MMA, MMA_N, MMA_K, stages)
   Tensor tOrVt = thr_pv.partition_fragment_B(sVt);
   Tensor tScS = thr_qk.partition_C(make_identity_tensor(typename Traits::TileS{}));
@@ -285,17 +287,20 @@ __device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const S
   Tensor tOrP_next = make_tensor<Elem>(partition_shape_A(mma_pv, typename Traits::TileS{}));
   static_assert(decltype(size(tOrP))::value == decltype(size(acc_s))::value, "P fragment vs S accumulator");
   shared.q_full.wait(0);
+  auto load_q = make_tiled_copy_A(Copy_Atom<SM75_U32x4_LDSM_N, Elem>{}, mma_qk);
+  auto thr_load_q = load_q.get_thread_slice(tid);
+  copy(load_q, thr_load_q.partition_S(sQ), thr_load_q.retile_D(tSrQ));
   typename Traits::Pipeline::PipelineState state;  // stage 0, phase 0: the producer's order
   int n_block = b.n_block_end - 1;
   if (n_block >= b.n_block_begin) {
     pipeline.consumer_wait(state);  // K[n_block] and V[n_block] arrived
-    wgmma_gemm<false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), acc_s, /*zero_init=*/true);
+    wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), acc_s, /*zero_init=*/true);
     scores_to_p(n_block, state.index(), acc_s, tOrP);
     for (--n_block; n_block >= b.n_block_begin; --n_block) {
       auto next = state;
       ++next;
       pipeline.consumer_wait(next);  // K[n_block] and V[n_block] arrived
-      wgmma_batch<false>(mma_qk, tSrQ, tSrK(_, _, _, next.index()), acc_s, /*zero_init=*/true);
+      wgmma_batch<true>(mma_qk, tSrQ, tSrK(_, _, _, next.index()), acc_s, /*zero_init=*/true);
       wgmma_batch<true>(mma_pv, tOrP, tOrVt(_, _, _, state.index()), acc_o, /*zero_init=*/false);
       warpgroup_wait<1>();  // S is complete (batches complete in order); P V may still run
       warpgroup_fence_operand(acc_s);
