@@ -31,6 +31,7 @@ bench() {  # bench <name> <seconds> <extra bench_attention.py flag, or -> <backe
   grep -E "ours_|sdpa_" "$out/$name/bench.log"
 }
 for library in "$@"; do
-  HSTU_ATTN_CUTLASS_LIB=$PWD/$library bench "$(basename "$library" .so)" 90 --no-precompile cutlass cutlass_sm90
+  case "$library" in /*) ;; *) library=$PWD/$library ;; esac
+  HSTU_ATTN_CUTLASS_LIB=$library bench "$(basename "$library" .so)" 90 --no-precompile cutlass cutlass_sm90
 done
 [ "${BASELINE:-1}" = 0 ] || HSTU_ATTN_TRITON_AUTOTUNE=1 bench baseline 200 - ours sdpa_cudnn
