@@ -1,4 +1,5 @@
-// Hopper (sm_90a) forward of jagged HSTU attention without rab or relative bias: one CTA computes a 128 x D output
+// Hopper (sm_90a) forward of jagged HSTU attention without rab (with or without the fused relative bias of
+// relative_bias.cuh, added per valid pair before SiLU as in the SM80 kernel): one CTA computes a 128 x D output
 // tile of one (sequence, head). Warp-specialized: a producer warpgroup (one thread issues the loads, the group gives
 // its registers away with setmaxnreg) and two consumer warpgroups of 128 threads, each owning 64 query rows.
 //
@@ -219,8 +220,9 @@ __device__ __forceinline__ void sm90_produce(const HstuAttnFwdParams& p, const S
   }
 }
 
-// Consumers: both warpgroups walk the key blocks of the pipeline and store their 64 output rows each.
-template <class Traits>
+// Consumers: both warpgroups walk the key blocks of the pipeline and store their 64 output rows each. kRelative: the
+// fused relative bias (relative_bias.cuh) is added to alpha S of every valid pair inside the sequence.
+template <class Traits, bool kRelative>
 __device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const Sm90Block& b,
                                              typename Traits::SharedStorage& shared,
                                              typename Traits::Pipeline& pipeline) {
@@ -253,14 +255,25 @@ __device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const S
   // S tile -> P in registers, in the register layout of the P V A operand (the m64nNk16 A fragment holds, in order,
   // the values of two neighbouring n8 column groups of the m64nN accumulator, so the flat orders agree); in a masked
   // tile, V's non-finite entries are zeroed in the stage before any P V reads it (finite.cuh).
+  const RelativeBiasRows bias_rows(p.relative_bias, b.start, b.head);  // read only with kRelative
   auto scores_to_p = [&](int n_block, int stage, auto const& acc_s, auto& tOrP) {
     const int n0 = n_block * kBlockN;
     const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN);  // false for tiles reaching past the end
     with_tile_mask(all_valid, [&](auto unmasked) {
       CUTE_UNROLL
       for (int i = 0; i < size(acc_s); ++i) {
-        const bool valid = decltype(unmasked)::value || mask.valid(m0 + get<0>(tScS(i)), n0 + get<1>(tScS(i)));
-        tOrP(i) = static_cast<Elem>(valid ? silu(acc_s(i) * p.alpha) * p.inv_scaling : 0.0f);
+        const int query = m0 + get<0>(tScS(i));
+        const int key = n0 + get<1>(tScS(i));
+        const bool valid = decltype(unmasked)::value || mask.valid(query, key);
+        float score = acc_s(i) * p.alpha;
+        if constexpr (kRelative) {
+          // All-valid tiles may hold rows past the sequence end (valid elsewhere implies inside it).
+          if (valid && query < b.length) {
+            int bucket;
+            score += bias_rows.value(query, key, bucket);
+          }
+        }
+        tOrP(i) = static_cast<Elem>(valid ? silu(score) * p.inv_scaling : 0.0f);
       }
     });
     if (!all_valid) {  // uniform over the consumers
@@ -337,7 +350,7 @@ __device__ __forceinline__ void sm90_consume(const HstuAttnFwdParams& p, const S
 }
 #endif
 
-template <class Traits>
+template <class Traits, bool kRelative>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     hstu_attn_fwd_sm90_kernel(const HstuAttnFwdParams p, const __grid_constant__ typename Traits::TmaQ tma_q,
                               const __grid_constant__ typename Traits::TmaKV tma_k,
@@ -371,7 +384,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (leader) sm90_produce<Traits>(p, block, shared, pipeline, tma_q, tma_k, tma_v);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
-    sm90_consume<Traits>(p, block, shared, pipeline);
+    sm90_consume<Traits, kRelative>(p, block, shared, pipeline);
   }
 #endif
 }
@@ -381,7 +394,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 template <class Traits>
 bool fwd_sm90_runs_here() {
   cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, &hstu_attn_fwd_sm90_kernel<Traits>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, &hstu_attn_fwd_sm90_kernel<Traits, false>) != cudaSuccess) {
     (void)cudaGetLastError();  // no image for this device: clear the error, use the SM80 kernel
     return false;
   }
@@ -411,7 +424,8 @@ template <class Traits>
 cudaError_t launch_fwd_sm90(const HstuAttnFwdParams& p, cudaStream_t stream) {
   using Elem = typename Traits::Elem;
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &hstu_attn_fwd_sm90_kernel<Traits>;
+  auto kernel = has_relative_bias(p.relative_bias) ? &hstu_attn_fwd_sm90_kernel<Traits, true>
+                                                   : &hstu_attn_fwd_sm90_kernel<Traits, false>;
   const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (error != cudaSuccess) return error;
   const int64_t num_m_blocks = (int64_t(p.max_seq_len) + Traits::kBlockM - 1) / Traits::kBlockM;

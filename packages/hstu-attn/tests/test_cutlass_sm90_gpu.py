@@ -1,10 +1,10 @@
 """The Hopper forward of the CUTLASS backend (`csrc/fwd_sm90_kernel.cuh`: TMA, wgmma) against the PyTorch reference.
 
 GPU only: skipped unless the device is sm_90 (H100/H200) and `libhstu_attn_cutlass.so` is built (with sm_90a code,
-as the default `80;90a` build has). The forward takes that kernel for head dims 64 and 128 without rab or relative
-bias only with `HSTU_ATTN_CUTLASS_SM90=1` (opt-in until these tests have passed on a GPU); every test here checks
-with the profiler which forward kernel ran, so a dispatch that falls back to the SM80 kernel fails instead of passing
-unnoticed. Errors are judged as in test_cutlass_gpu.py (whose input and judging helpers this file loads): the
+as the default `80;90a` build has). The forward takes that kernel for head dims 64 and 128 without rab (with or
+without the fused relative bias) only with `HSTU_ATTN_CUTLASS_SM90=1` (opt-in until these tests pass on the current
+code); every test here checks with the profiler which forward kernel ran, so a dispatch that falls back to the SM80
+kernel fails instead of passing unnoticed. Errors are judged as in test_cutlass_gpu.py (whose input and judging helpers this file loads): the
 kernel's error against the fp32 reference may exceed the error of the reference run in the input dtype by at most 2x
 (relative L2) / 4x (relative max).
 """
@@ -184,6 +184,41 @@ def test_sm90_env_switch_agrees_with_sm80_forward(mask: str, dtype: torch.dtype,
     assert torch.isfinite(sm90).all()
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(sm90.float(), sm80.float(), rtol=4 * eps, atol=4 * eps * sm80.float().abs().max().item())
+
+
+RELATIVE = {
+    "position_and_time": dict(),
+    "position_only": dict(time_heads=0),
+    "time_only_per_head": dict(position_heads=0, time_heads=2),
+    "shared_tables_clamped": dict(position_heads=1, time_heads=1, reach=5, num_buckets=8),
+}
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("tables", RELATIVE.keys())
+def test_sm90_forward_with_relative_bias(tables: str, dtype: torch.dtype, dim: int) -> None:
+    """The fused relative bias on the Hopper forward (the backward runs the SM80 kernel): out and every gradient
+    against the reference (test_cutlass_gpu's _check_relative), with targets and the Hopper kernel checked to run."""
+    with _sm90_env("1"):
+        _, names = _forward_kernels(
+            lambda: _base._check_relative(
+                LENGTHS, dim=dim, dtype=dtype, targets=_base._targets(LENGTHS), **RELATIVE[tables]
+            )
+        )
+    _assert_ran(names, SM90_KERNEL)
+
+
+@pytest.mark.parametrize("options", [dict(causal=False), dict(contextual_seq_len=3), dict(max_attn_len=7)],
+                         ids=["noncausal", "contextual", "window"])  # fmt: skip
+def test_sm90_forward_relative_bias_masks_and_edges(options: dict) -> None:
+    """Mask options with the relative bias, then lengths 1 and empty sequences."""
+    with _sm90_env("1"):
+        _, names = _forward_kernels(lambda: _base._check_relative(LENGTHS, dim=128, **options))
+        _assert_ran(names, SM90_KERNEL)
+        edges = (1, 0, 1, 3)
+        _, names = _forward_kernels(lambda: _base._check_relative(edges, heads=1, position_heads=1, time_heads=1))
+        _assert_ran(names, SM90_KERNEL)
 
 
 def test_sm90_not_taken_with_rab_or_head_dim_256() -> None:
