@@ -49,15 +49,14 @@ bool use_fwd_sm90(const HstuAttnFwdParams& params) {
 }
 
 // Whether the backward takes the Hopper kernel (bwd_sm90_kernel.cuh): the same opt-in switch and conditions as
-// use_fwd_sm90 (HSTU_ATTN_CUTLASS_SM90=1, head dim 64 or 128, no rab, no relative bias, its sm_90a code runs on the
-// current device) and q, k, v, dO suit TMA: 16-byte-aligned bases, positive strides that are multiples of 16 bytes,
+// use_fwd_sm90 (HSTU_ATTN_CUTLASS_SM90=1, head dim 64 or 128, no rab (a fused relative bias is fine), its sm_90a code
+// runs on the current device) and q, k, v, dO suit TMA: 16-byte-aligned bases, positive strides that are multiples of 16 bytes,
 // L (num_tokens) < 2^31 (bwd_sm90_hdim*_takes). This backward is non-deterministic (fp32 atomics into dq_accum), as the SM80 one; the
 // deterministic backward never reaches this library (hstu_attn.interface routes it to Triton).
 bool use_bwd_sm90(const HstuAttnBwdParams& params) {
   const char* env = std::getenv("HSTU_ATTN_CUTLASS_SM90");
   if (env == nullptr || std::strcmp(env, "1") != 0) return false;
-  const HstuAttnRelativeBias& bias = params.relative_bias;
-  if (params.rab != nullptr || bias.position_weights != nullptr || bias.time_weights != nullptr) return false;
+  if (params.rab != nullptr) return false;
   if (params.head_dim == 64) return hstu_attn::bwd_sm90_hdim64_takes(params);
   if (params.head_dim == 128) return hstu_attn::bwd_sm90_hdim128_takes(params);
   return false;

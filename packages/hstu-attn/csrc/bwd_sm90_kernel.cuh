@@ -95,6 +95,7 @@ struct BwdSm90Traits {
   static constexpr uint32_t kBytesKV = 2 * kBlockN * kHeadDim * sizeof(Elem);
 
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using BiasGradients = RelativeBiasGradients<kBlockM, kBlockN, kConsumerThreads>;
   struct SharedStorage {
     alignas(1024) Elem q[cosize_v<SmemLayoutQ>];  // 128-byte swizzle atoms repeat every 1024 bytes
     alignas(1024) Elem dout[cosize_v<SmemLayoutQ>];
@@ -103,6 +104,8 @@ struct BwdSm90Traits {
     alignas(1024) Elem k_finite[cosize_v<SmemLayoutKV>];  // K with inf/nan entries as 0, for dQ in masked tiles
     alignas(1024) Elem ds[cosize_v<SmemLayoutdSt>];        // dS^T [keys, queries]
     uint32_t reached[kBlockN * kHeadDim / 32];  // finite.cuh's bitmap of dV entries stored NaN
+    // RelativeBiasGradients' sums (the position window, then the time buckets when they fit in shared memory)
+    float bias_sums[BiasGradients::kWindowFloats + BiasGradients::kMaxSharedBuckets];
     unsigned long long non_finite_word;          // consumers_or's word
     cutlass::arch::ClusterTransactionBarrier kv_full;
     typename Pipeline::SharedStorage pipeline;
@@ -243,7 +246,9 @@ __device__ __forceinline__ void sm90_bwd_produce(const HstuAttnBwdParams& p, con
 }
 
 // Consumers: both warpgroups walk the query blocks of the pipeline, then store their 64 dK and dV rows each.
-template <class Traits>
+// kRelative: the fused relative bias is added to alpha S^T of every valid pair before SiLU, and its tables' gradients
+// (the d bias of those pairs) are summed per distance and per time bucket (RelativeBiasGradients) into the fp32 rows.
+template <class Traits, bool kRelative>
 __device__ __forceinline__ void sm90_bwd_consume(const HstuAttnBwdParams& p, const Sm90BwdBlock& b,
                                                  typename Traits::SharedStorage& shared,
                                                  typename Traits::Pipeline& pipeline) {
@@ -271,6 +276,9 @@ __device__ __forceinline__ void sm90_bwd_consume(const HstuAttnBwdParams& p, con
   Tensor sdOt = make_tensor(make_smem_ptr(shared.dout), typename Traits::SmemLayoutQt{});
   const ReachedBits<kBlockN, kHeadDim, kThreads> reached{shared.reached};
   bool any_reached = false;  // uniform over the consumers: whether `reached` holds bits (cleared on first use)
+  const RelativeBiasRows bias_rows(p.relative_bias, b.start, b.head);  // read only with kRelative
+  const typename Traits::BiasGradients bias_grads(shared.bias_sums, p, b.head, tid);  // zeroes its shared sums
+  if constexpr (kRelative) consumers_sync<kThreads>();  // the sums are zeroed before any add or flush
 
   // K (with the next sequence's rows when the block reaches past the end) scanned once for inf/nan: dQ in masked
   // tiles then reads a zeroed copy.
@@ -330,9 +338,21 @@ __device__ __forceinline__ void sm90_bwd_consume(const HstuAttnBwdParams& p, con
         const int query = m0 + get<1>(tScS(i));
         const int key = n0 + get<0>(tScS(i));
         const bool valid = decltype(unmasked)::value || mask.valid(query, key);
-        const float x = acc_s(i) * p.alpha;
+        float x = acc_s(i) * p.alpha;
+        [[maybe_unused]] int bucket = -1;  // set by value() when there is a time table
+        if constexpr (kRelative) {
+          if (valid) x += bias_rows.value(query, key, bucket);  // valid pairs lie inside the sequence
+        }
         const float s = sigmoid(x);  // silu(x) = x s, silu'(x) = s (1 + x (1 - s))
-        rdSt(i) = static_cast<Elem>(valid ? acc_dp(i) * scale * (s * (1.0f + x * (1.0f - s))) : 0.0f);
+        const float silu_grad = s * (1.0f + x * (1.0f - s));
+        if constexpr (kRelative) {
+          const float ds = valid ? acc_dp(i) * p.inv_scaling * silu_grad : 0.0f;  // d bias
+          if (valid) bias_grads.add_position(query, key, m0, n0, ds);
+          bias_grads.add_time(valid ? bucket : -1, ds);  // warp-collective
+          rdSt(i) = static_cast<Elem>(ds * p.alpha);
+        } else {
+          rdSt(i) = static_cast<Elem>(valid ? acc_dp(i) * scale * silu_grad : 0.0f);
+        }
         rPt(i) = static_cast<Elem>(valid ? x * s * p.inv_scaling : 0.0f);
       }
     });
@@ -358,6 +378,7 @@ __device__ __forceinline__ void sm90_bwd_consume(const HstuAttnBwdParams& p, con
     // layout), after every consumer's previous dQ wgmma (waited for) has read the previous dS^T; stored before the
     // dV/dK batch is issued, since the registers of an in-flight wgmma's A operand may not be read.
     consumers_sync<kThreads>();
+    if constexpr (kRelative) bias_grads.flush_tile(m0, n0, tid);  // the sync above follows this tile's adds
     Tensor rdSt_c = make_tensor(rdSt.data(), acc_dp.layout());
     copy(store_ds, thr_store_ds.retile_S(rdSt_c), tdSsdSt);
     cutlass::arch::fence_view_async_shared();
@@ -365,7 +386,7 @@ __device__ __forceinline__ void sm90_bwd_consume(const HstuAttnBwdParams& p, con
     // them without a wait in between; one wait covers the three products.
     wgmma_pair_batch<true>(mma_kv, rPt, tKVrdOt(_, _, _, stage), acc_dv, rdSt, tKVrQt(_, _, _, stage), acc_dk,
                            /*zero_init=*/false);
-    consumers_sync<kThreads>();  // dS^T in shared memory
+    consumers_sync<kThreads>();  // dS^T in shared memory (and the position window flushed before the next adds)
     // In masked tiles, rows that may not attend a non-finite K entry take it as 0 (the zeroed copy of K).
     Elem* k_for_dq = (!all_valid && k_non_finite) ? shared.k_finite : shared.k;
     Tensor tQrKt = thr_q.partition_fragment_B(make_tensor(make_smem_ptr(k_for_dq), typename Traits::SmemLayoutKt{}));
@@ -391,12 +412,14 @@ __device__ __forceinline__ void sm90_bwd_consume(const HstuAttnBwdParams& p, con
   Elem* dk = static_cast<Elem*>(p.dk) + (b.start + n0) * p.dk_row_stride + b.head * p.dk_head_stride;
   Elem* dv = static_cast<Elem*>(p.dv) + (b.start + n0) * p.dv_row_stride + b.head * p.dv_head_stride;
   // The consumers_sync after the last mark() ordered every consumer's bits before these reads.
+  // (After the last tile's two consumers_syncs, every add to the time sums is done.)
+  if constexpr (kRelative) bias_grads.flush_time(tid);
   store_rows(acc_dk, tKVcKV, dk, p.dk_row_stride, length - n0, static_cast<decltype(reached) const*>(nullptr));
   store_rows(acc_dv, tKVcKV, dv, p.dv_row_stride, length - n0, any_reached ? &reached : nullptr);
 }
 #endif
 
-template <class Traits>
+template <class Traits, bool kRelative>
 __global__ void __launch_bounds__(Traits::kNThreads, 1)
     hstu_attn_bwd_sm90_kernel(const HstuAttnBwdParams p, const __grid_constant__ typename Traits::TmaQ tma_q,
                               const __grid_constant__ typename Traits::TmaQ tma_do,
@@ -432,7 +455,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
     if (leader) sm90_bwd_produce<Traits>(p, block, shared, pipeline, tma_q, tma_do, tma_k, tma_v);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
-    sm90_bwd_consume<Traits>(p, block, shared, pipeline);
+    sm90_bwd_consume<Traits, kRelative>(p, block, shared, pipeline);
   }
 #endif
 }
@@ -441,7 +464,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 template <class Traits>
 bool bwd_sm90_runs_here() {
   cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, &hstu_attn_bwd_sm90_kernel<Traits>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attributes, &hstu_attn_bwd_sm90_kernel<Traits, false>) != cudaSuccess) {
     (void)cudaGetLastError();  // no image for this device: clear the error, use the SM80 kernel
     return false;
   }
@@ -463,7 +486,8 @@ template <class Traits>
 cudaError_t launch_bwd_sm90(const HstuAttnBwdParams& p, cudaStream_t stream) {
   using Elem = typename Traits::Elem;
   constexpr int kSmem = Traits::kSmemBytes;
-  auto kernel = &hstu_attn_bwd_sm90_kernel<Traits>;
+  auto kernel = has_relative_bias(p.relative_bias) ? &hstu_attn_bwd_sm90_kernel<Traits, true>
+                                                   : &hstu_attn_bwd_sm90_kernel<Traits, false>;
   const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (error != cudaSuccess) return error;
   const int64_t num_n_blocks = (int64_t(p.max_seq_len) + Traits::kBlockN - 1) / Traits::kBlockN;

@@ -1,8 +1,9 @@
 """The Hopper backward of the CUTLASS backend (`csrc/bwd_sm90_kernel.cuh`: TMA, wgmma) against the PyTorch reference.
 
 GPU only: skipped unless the device is sm_90 (H100/H200) and `libhstu_attn_cutlass.so` is built with sm_90a code.
-The backward takes that kernel for head dims 64 and 128 without rab or relative bias, non-deterministic, only with
-`HSTU_ATTN_CUTLASS_SM90=1` (opt-in until these tests have passed on a GPU); every test here checks with the profiler
+The backward takes that kernel for head dims 64 and 128 without rab (with or without the fused relative bias),
+non-deterministic, only with `HSTU_ATTN_CUTLASS_SM90=1` (opt-in until these tests pass on the current code); every
+test here checks with the profiler
 which backward kernel ran, so a dispatch that falls back to the SM80 kernel fails instead of passing unnoticed.
 dq, dk, dv are judged by test_cutlass_gpu.py's own helpers (loaded here): the kernel's error against the fp32
 reference (`hstu_attn_reference_backward` through autograd) may exceed the error of the reference run in the input
@@ -147,6 +148,36 @@ def test_sm90_env_switch_agrees_with_sm80_backward(mask: str, dtype: torch.dtype
         torch.testing.assert_close(
             got.float(), want.float(), rtol=8 * eps, atol=8 * eps * scale, msg=lambda m, name=name: f"d{name}: {m}"
         )
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("tables", _sm90.RELATIVE.keys())
+def test_sm90_backward_with_relative_bias(tables: str, dtype: torch.dtype, dim: int) -> None:
+    """The fused relative bias on the Hopper backward: dq, dk, dv and both tables' gradients against the reference
+    (test_cutlass_gpu's _check_relative), with targets, and the Hopper backward checked to run."""
+    with _sm90_env("1"):
+        _, names = _backward_kernels(
+            lambda: _base._check_relative(
+                LENGTHS, dim=dim, dtype=dtype, targets=_base._targets(LENGTHS), **_sm90.RELATIVE[tables]
+            )
+        )
+    _assert_ran(names, SM90_BWD)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(causal=False), dict(contextual_seq_len=3), dict(max_attn_len=7), dict(num_buckets=3000, divisor=0.004)],
+    ids=["noncausal", "contextual", "window", "time_sums_in_global_memory"],
+)
+def test_sm90_backward_relative_bias_masks_and_edges(options: dict) -> None:
+    """Mask options and more time buckets than the shared sums hold, then lengths 1 and empty sequences."""
+    with _sm90_env("1"):
+        _, names = _backward_kernels(lambda: _base._check_relative(LENGTHS, dim=128, **options))
+        _assert_ran(names, SM90_BWD)
+        edges = (1, 0, 1, 3)
+        _, names = _backward_kernels(lambda: _base._check_relative(edges, heads=1, position_heads=1, time_heads=1))
+        _assert_ran(names, SM90_BWD)
 
 
 def test_sm90_backward_not_taken_with_rab_head_dim_256_or_deterministic() -> None:

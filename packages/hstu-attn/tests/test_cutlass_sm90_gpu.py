@@ -1,12 +1,12 @@
 """The Hopper forward of the CUTLASS backend (`csrc/fwd_sm90_kernel.cuh`: TMA, wgmma) against the PyTorch reference.
 
-GPU only: skipped unless the device is sm_90 (H100/H200) and `libhstu_attn_cutlass.so` is built (with sm_90a code,
-as the default `80;90a` build has). The forward takes that kernel for head dims 64 and 128 without rab (with or
-without the fused relative bias) only with `HSTU_ATTN_CUTLASS_SM90=1` (opt-in until these tests pass on the current
-code); every test here checks with the profiler which forward kernel ran, so a dispatch that falls back to the SM80
-kernel fails instead of passing unnoticed. Errors are judged as in test_cutlass_gpu.py (whose input and judging helpers this file loads): the
-kernel's error against the fp32 reference may exceed the error of the reference run in the input dtype by at most 2x
-(relative L2) / 4x (relative max).
+GPU only: skipped unless the device is sm_90 (H100/H200) and `libhstu_attn_cutlass.so` is built (with sm_90a code, as
+the default `80;90a` build has). The forward takes that kernel for head dims 64 and 128 without rab (with or without
+the fused relative bias) only with `HSTU_ATTN_CUTLASS_SM90=1` (opt-in until these tests pass on the current code);
+every test here checks with the profiler which forward kernel ran, so a dispatch that falls back to the SM80 kernel
+fails instead of passing unnoticed. Errors are judged as in test_cutlass_gpu.py (whose input and judging helpers this
+file loads): the kernel's error against the fp32 reference may exceed the error of the reference run in the input
+dtype by at most 2x (relative L2) / 4x (relative max).
 """
 
 from __future__ import annotations
@@ -198,8 +198,8 @@ RELATIVE = {
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("tables", RELATIVE.keys())
 def test_sm90_forward_with_relative_bias(tables: str, dtype: torch.dtype, dim: int) -> None:
-    """The fused relative bias on the Hopper forward (the backward runs the SM80 kernel): out and every gradient
-    against the reference (test_cutlass_gpu's _check_relative), with targets and the Hopper kernel checked to run."""
+    """The fused relative bias on the Hopper forward: out and every gradient against the reference (test_cutlass_gpu's
+    _check_relative), with targets, and the Hopper forward checked to run."""
     with _sm90_env("1"):
         _, names = _forward_kernels(
             lambda: _base._check_relative(
