@@ -5,7 +5,7 @@
 //
 // Loads: TMA over the whole jagged [L, H, D] tensors (one descriptor per tensor, rows = L tokens; a tile is addressed
 // at the sequence's first token + its offset, so it may reach into the next sequence, whose rows the mask drops, or
-// past L, which TMA fills with zeros). Q arrives once on its own mbarrier; K and V tiles go through a two-stage
+// past L, which TMA fills with zeros). Q arrives once on its own mbarrier; K and V tiles go through a three-stage
 // mbarrier pipeline (PipelineTmaAsync: full barriers with transaction counts, empty barriers the consumers release).
 // Per key tile: S = Q K^T with wgmma reading both operands from shared memory (SS), P = SiLU(alpha S) / scaling
 // where the pair is valid and 0 where it is not (selected, never multiplied; mask.cuh drops keys and queries at or
@@ -58,7 +58,9 @@ struct FwdSm90Traits {
   static constexpr int kWarpgroups = 2;  // consumer warpgroups, 64 query rows each
   static constexpr int kBlockM = 64 * kWarpgroups;
   static constexpr int kBlockN = 64;  // finite.cuh's row masks hold <= 64 rows
-  static constexpr int kStages = 2;   // K/V pipeline depth
+  // K/V pipeline depth: the overlapped consumer loop holds two stages at once (this block's V, the next block's K), so
+  // a third lets the producer load the block after next while both are held.
+  static constexpr int kStages = 3;
   static constexpr int kConsumerThreads = 128 * kWarpgroups;  // threads 0 .. 255 (finite.cuh indexes by threadIdx.x)
   static constexpr int kNThreads = kConsumerThreads + 128;     // + the producer warpgroup
   static constexpr int kProducerRegisters = 24;
