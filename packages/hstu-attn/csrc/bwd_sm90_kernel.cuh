@@ -1,16 +1,19 @@
-// Hopper (sm_90a) backward of jagged HSTU attention without rab or relative bias. Warp-specialized: one CTA of 384
+// Hopper (sm_90a) backward of jagged HSTU attention without rab, with or without the fused relative bias (b = the
+// position and time tables' value of the pair, added to alpha S^T before SiLU; its d b summed per relative distance
+// and time bucket into the tables' gradients, as bwd_kernel.cuh does). Warp-specialized: one CTA of 384
 // threads owns a 128 x D tile of dK and dV for one (sequence, head) and walks the 64-row query blocks that can attend
 // its keys (the block range of bwd_kernel.cuh). Two consumer warpgroups of 128 threads own 64 key rows each (their dK,
 // dV in registers, setmaxnreg up to 240); a producer warpgroup (setmaxnreg down to 24), in which one thread issues
 // TMA loads: K and V once on their own mbarrier, Q and dO per query block through a two-stage mbarrier pipeline
 // (PipelineTmaAsync). Per query block, in each consumer warpgroup:
 //   S^T = K Q^T, dP^T = V dO^T               wgmma SS, one batch, fp32 [64 keys, 64 queries]
-//   P^T = SiLU(alpha S^T) / scaling, dS^T = dP^T * alpha / scaling * SiLU'(alpha S^T)  (0 where the pair is invalid:
+//   P^T = SiLU(alpha S^T + b) / scaling, dS^T = dP^T * alpha / scaling * SiLU'(alpha S^T + b)  (0 where invalid:
 //                                            selected, never multiplied; the math of bwd_kernel.cuh)
-//   dV += P^T dO, dK += dS^T Q               wgmma RS, one batch: P^T, dS^T from registers, dO^T, Q^T read MN-major;
-//                                            then the Q/dO stage is released to the producer
-//   dQ  = dS K                               dS^T of both warpgroups stored to shared memory with stmatrix; wgmma SS
-//                                            over the 128 keys, each warpgroup D/2 columns, added with fp32 atomics
+//   dV += P^T dO, dK += dS^T Q               wgmma RS, one batch: P^T, dS^T from registers, dO^T, Q^T read MN-major
+//   dQ  = dS K                               dS^T of both warpgroups stored to shared memory with stmatrix before the
+//                                            dV/dK batch is issued; wgmma SS over the 128 keys, each warpgroup D/2
+//                                            columns, queued behind that batch; one wait for the three products, the
+//                                            Q/dO stage released, dQ added with fp32 atomics
 // Every tile sits in shared memory in the GMMA 128-byte-swizzled K-major layout. The TMA descriptors span the whole
 // jagged [L, H, D] tensors: a tile starts at the sequence's first token plus its offset, so it may reach into the next
 // sequence (rows the mask drops) or past L (TMA fills zeros). A tile reaching past the sequence end is therefore always
