@@ -248,6 +248,14 @@ __device__ __forceinline__ void sm90_bwd_produce(const HstuAttnBwdParams& p, con
   }
 }
 
+// The plain kernel's stand-in for RelativeBiasGradients: no shared sums to zero, nothing to add or flush.
+struct NoBiasGradients {
+  __device__ __forceinline__ void add_position(int, int, int, int, float) const {}
+  __device__ __forceinline__ void add_time(int, float) const {}
+  __device__ __forceinline__ void flush_tile(int, int, int) const {}
+  __device__ __forceinline__ void flush_time(int) const {}
+};
+
 // Consumers: both warpgroups walk the query blocks of the pipeline, then store their 64 dK and dV rows each.
 // kRelative: the fused relative bias is added to alpha S^T of every valid pair before SiLU, and its tables' gradients
 // (the d bias of those pairs) are summed per distance and per time bucket (RelativeBiasGradients) into the fp32 rows.
@@ -280,7 +288,13 @@ __device__ __forceinline__ void sm90_bwd_consume(const HstuAttnBwdParams& p, con
   const ReachedBits<kBlockN, kHeadDim, kThreads> reached{shared.reached};
   bool any_reached = false;  // uniform over the consumers: whether `reached` holds bits (cleared on first use)
   const RelativeBiasRows bias_rows(p.relative_bias, b.start, b.head);  // read only with kRelative
-  const typename Traits::BiasGradients bias_grads(shared.bias_sums, p, b.head, tid);  // zeroes its shared sums
+  const auto bias_grads = [&] {
+    if constexpr (kRelative) {
+      return typename Traits::BiasGradients(shared.bias_sums, p, b.head, tid);  // zeroes its shared sums
+    } else {
+      return NoBiasGradients{};
+    }
+  }();
   if constexpr (kRelative) consumers_sync<kThreads>();  // the sums are zeroed before any add or flush
 
   // K (with the next sequence's rows when the block reaches past the end) scanned once for inf/nan: dQ in masked
