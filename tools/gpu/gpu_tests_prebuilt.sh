@@ -56,11 +56,16 @@ for spec in "$@"; do
       awk -v n="$shards" -v i="$shard" 'NR % n == i' "$out/part-$part.ids" > "$out/part-$part.shard-$shard.ids"
       [ -s "$out/part-$part.shard-$shard.ids" ] || continue
       mapfile -t ids < "$out/part-$part.shard-$shard.ids"
-      timeout -s INT -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider -rfE --tb=line "${options[@]}" "${ids[@]}" \
-        > "$out/part-$part.shard-$shard.log" 2>&1 &
+      (timeout -s INT -k 10 "$limit" python3 -m pytest -q -p no:cacheprovider -rfE --tb=line "${options[@]}" "${ids[@]}" \
+        > "$out/part-$part.shard-$shard.log" 2>&1
+       echo "shard $shard exit $? ($(wc -l < "$out/part-$part.shard-$shard.ids") tests)" >> "$out/part-$part.shard-$shard.log") &
     done
     wait
-    for shard_log in "$out"/part-$part.shard-*.log; do echo "== $shard_log"; cat "$shard_log"; done > "$log"
+    for shard_log in "$out"/part-$part.shard-*.log; do  # each shard's ids, then its log (a killed shard's ids tell
+      echo "== $shard_log"                                # which tests never finished)
+      sed 's/^/id /' "${shard_log%.log}.ids"
+      cat "$shard_log"
+    done > "$log"
     rm -f "$out"/part-$part.shard-*  # one log per part comes back (the device tool returns a bounded number of files)
     stamp "part $part done ($(wc -l < "$out/part-$part.ids") tests in $shards shards)"
   else
@@ -68,6 +73,6 @@ for spec in "$@"; do
     eval "timeout -s INT -k 10 $limit python3 -m pytest -q -p no:cacheprovider -rfE --tb=line $args" > "$log" 2>&1
     stamp "part $part exit $?"
   fi
-  grep -E "^(FAILED|ERROR)|passed|failed|skipped|no tests ran" "$log" | cut -c1-300 | tail -25
+  grep -E "^(FAILED|ERROR)|passed|failed|skipped|no tests ran|^shard [0-9]+ exit" "$log" | cut -c1-300 | tail -25
 done
 stamp done
