@@ -150,19 +150,30 @@ def test_sm90_env_switch_agrees_with_sm80_backward(mask: str, dtype: torch.dtype
         )
 
 
+# Table layouts of the fused relative bias (test_cutlass_gpu's _bias: 0 heads is no such table).
+RELATIVE = {
+    "position_and_time": dict(),
+    "position_only": dict(time_heads=0),
+    "time_only_per_head": dict(position_heads=0, time_heads=2),
+    "shared_tables_clamped": dict(position_heads=1, time_heads=1, reach=5, num_buckets=8),
+}
+
+
+def _check_sm90_relative(lengths, **kwargs) -> None:
+    """_base._check_relative (forward and backward with the fused relative bias: out, dq, dk, dv and both tables'
+    gradients judged against the reference), with the Hopper forward and the Hopper backward both required to run."""
+    with _sm90_env("1"):
+        _, names = _sm90._kernels_launched(lambda: _base._check_relative(lengths, **kwargs), "hstu_attn_")
+    _sm90._assert_ran({name for name in names if "hstu_attn_fwd" in name}, _sm90.SM90_KERNEL)
+    _assert_ran({name for name in names if "hstu_attn_bwd" in name}, SM90_BWD)
+
+
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("tables", _sm90.RELATIVE.keys())
-def test_sm90_backward_with_relative_bias(tables: str, dtype: torch.dtype, dim: int) -> None:
-    """The fused relative bias on the Hopper backward: dq, dk, dv and both tables' gradients against the reference
-    (test_cutlass_gpu's _check_relative), with targets, and the Hopper backward checked to run."""
-    with _sm90_env("1"):
-        _, names = _backward_kernels(
-            lambda: _base._check_relative(
-                LENGTHS, dim=dim, dtype=dtype, targets=_base._targets(LENGTHS), **_sm90.RELATIVE[tables]
-            )
-        )
-    _assert_ran(names, SM90_BWD)
+@pytest.mark.parametrize("tables", RELATIVE.keys())
+def test_sm90_relative_bias(tables: str, dtype: torch.dtype, dim: int) -> None:
+    """The fused relative bias on the Hopper forward and backward, every table layout, with targets."""
+    _check_sm90_relative(LENGTHS, dim=dim, dtype=dtype, targets=_base._targets(LENGTHS), **RELATIVE[tables])
 
 
 @pytest.mark.parametrize(
@@ -170,14 +181,10 @@ def test_sm90_backward_with_relative_bias(tables: str, dtype: torch.dtype, dim: 
     [dict(causal=False), dict(contextual_seq_len=3), dict(max_attn_len=7), dict(num_buckets=3000, divisor=0.004)],
     ids=["noncausal", "contextual", "window", "time_sums_in_global_memory"],
 )
-def test_sm90_backward_relative_bias_masks_and_edges(options: dict) -> None:
-    """Mask options and more time buckets than the shared sums hold, then lengths 1 and empty sequences."""
-    with _sm90_env("1"):
-        _, names = _backward_kernels(lambda: _base._check_relative(LENGTHS, dim=128, **options))
-        _assert_ran(names, SM90_BWD)
-        edges = (1, 0, 1, 3)
-        _, names = _backward_kernels(lambda: _base._check_relative(edges, heads=1, position_heads=1, time_heads=1))
-        _assert_ran(names, SM90_BWD)
+def test_sm90_relative_bias_masks_and_edges(options: dict) -> None:
+    """Mask options and more time buckets than the backward's shared sums hold, then lengths 1 and empty sequences."""
+    _check_sm90_relative(LENGTHS, dim=128, **options)
+    _check_sm90_relative((1, 0, 1, 3), heads=1, position_heads=1, time_heads=1)
 
 
 def test_sm90_backward_not_taken_with_rab_head_dim_256_or_deterministic() -> None:

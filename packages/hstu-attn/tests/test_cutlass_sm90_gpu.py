@@ -6,7 +6,8 @@ the fused relative bias) only with `HSTU_ATTN_CUTLASS_SM90=1` (opt-in until thes
 every test here checks with the profiler which forward kernel ran, so a dispatch that falls back to the SM80 kernel
 fails instead of passing unnoticed. Errors are judged as in test_cutlass_gpu.py (whose input and judging helpers this
 file loads): the kernel's error against the fp32 reference may exceed the error of the reference run in the input
-dtype by at most 2x (relative L2) / 4x (relative max).
+dtype by at most 2x (relative L2) / 4x (relative max). The relative-bias cases are in test_cutlass_sm90_bwd_gpu.py,
+which checks the forward and the backward kernel of each call.
 """
 
 from __future__ import annotations
@@ -184,41 +185,6 @@ def test_sm90_env_switch_agrees_with_sm80_forward(mask: str, dtype: torch.dtype,
     assert torch.isfinite(sm90).all()
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(sm90.float(), sm80.float(), rtol=4 * eps, atol=4 * eps * sm80.float().abs().max().item())
-
-
-RELATIVE = {
-    "position_and_time": dict(),
-    "position_only": dict(time_heads=0),
-    "time_only_per_head": dict(position_heads=0, time_heads=2),
-    "shared_tables_clamped": dict(position_heads=1, time_heads=1, reach=5, num_buckets=8),
-}
-
-
-@pytest.mark.parametrize("dim", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("tables", RELATIVE.keys())
-def test_sm90_forward_with_relative_bias(tables: str, dtype: torch.dtype, dim: int) -> None:
-    """The fused relative bias on the Hopper forward: out and every gradient against the reference (test_cutlass_gpu's
-    _check_relative), with targets, and the Hopper forward checked to run."""
-    with _sm90_env("1"):
-        _, names = _forward_kernels(
-            lambda: _base._check_relative(
-                LENGTHS, dim=dim, dtype=dtype, targets=_base._targets(LENGTHS), **RELATIVE[tables]
-            )
-        )
-    _assert_ran(names, SM90_KERNEL)
-
-
-@pytest.mark.parametrize("options", [dict(causal=False), dict(contextual_seq_len=3), dict(max_attn_len=7)],
-                         ids=["noncausal", "contextual", "window"])  # fmt: skip
-def test_sm90_forward_relative_bias_masks_and_edges(options: dict) -> None:
-    """Mask options with the relative bias, then lengths 1 and empty sequences."""
-    with _sm90_env("1"):
-        _, names = _forward_kernels(lambda: _base._check_relative(LENGTHS, dim=128, **options))
-        _assert_ran(names, SM90_KERNEL)
-        edges = (1, 0, 1, 3)
-        _, names = _forward_kernels(lambda: _base._check_relative(edges, heads=1, position_heads=1, time_heads=1))
-        _assert_ran(names, SM90_KERNEL)
 
 
 def test_sm90_not_taken_with_rab_or_head_dim_256() -> None:
