@@ -187,6 +187,24 @@ def test_sm90_relative_bias_masks_and_edges(options: dict) -> None:
     _check_sm90_relative((1, 0, 1, 3), heads=1, position_heads=1, time_heads=1)
 
 
+@pytest.mark.parametrize(
+    "timestamps_dtype",
+    [torch.int32, torch.int64, torch.float32, torch.float64, torch.float16, torch.bfloat16],
+    ids=["int32", "int64", "fp32", "fp64", "fp16", "bf16"],
+)
+def test_sm90_relative_bias_timestamp_dtypes(timestamps_dtype: torch.dtype) -> None:
+    """t_j - t_i in the timestamps' dtype, as test_cutlass_gpu's test_relative_bias_timestamp_dtypes on SM80."""
+    max_gap = 3 if timestamps_dtype in (torch.float16, torch.bfloat16) else 5000
+    options = dict(timestamps_dtype=timestamps_dtype, max_gap=max_gap, divisor=0.1)
+    _check_sm90_relative(LENGTHS, dim=64, position_heads=0, time_heads=2, **options)
+
+
+def test_sm90_relative_bias_low_precision_tables() -> None:
+    """bf16 and fp16 tables (their gradients cast to their dtype)."""
+    _check_sm90_relative(LENGTHS, dim=128, table_dtype=torch.bfloat16)
+    _check_sm90_relative(LENGTHS, dim=64, dtype=torch.float16, table_dtype=torch.float16, causal=False)
+
+
 def test_sm90_backward_not_taken_with_rab_head_dim_256_or_deterministic() -> None:
     """rab stays on the SM80 backward; head dim 256 and deterministic=True run the Triton backward (neither
     CUTLASS backward kernel)."""
