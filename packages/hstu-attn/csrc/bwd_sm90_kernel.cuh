@@ -34,9 +34,9 @@
 
 #include "bwd_kernel.cuh"
 #include "finite.cuh"
-#include "fwd_sm90_kernel.cuh"
 #include "hstu_attn_cutlass.h"
 #include "mask.cuh"
+#include "sm90_common.cuh"
 
 namespace hstu_attn {
 
@@ -90,8 +90,8 @@ struct BwdSm90Traits {
   using SmemLayoutdS =
       decltype(composition(SmemLayoutdSt{}, make_layout(Shape<Int<kBlockM>, Int<kBlockN>>{}, GenRowMajor{})));
 
-  // TMA over a whole [L, H, D] tensor seen as (token, d, head) with unit stride along d (as FwdSm90Traits).
-  using GmemTensor = typename FwdSm90Traits<kHeadDim, Elem>::GmemTensor;
+  // TMA over a whole [L, H, D] tensor seen as (token, d, head) with unit stride along d.
+  using GmemTensor = JaggedTmaView<Elem>;
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQTile{}, TileQ{}, _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKV{}, TileKV{}, _1{}));
   static constexpr uint32_t kBytesQdO = 2 * kBlockM * kHeadDim * sizeof(Elem);  // one Q tile and one dO tile
@@ -449,27 +449,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   extern __shared__ __align__(1024) char smem[];
   auto& shared = *reinterpret_cast<typename Traits::SharedStorage*>(smem);
-  const bool producer = threadIdx.x >= Traits::kConsumerThreads;
-  const bool leader = threadIdx.x == Traits::kConsumerThreads;  // the one producer thread that issues loads
-  if (leader) {
+  if (threadIdx.x == Traits::kConsumerThreads) {  // the producer's leader, the one thread that issues loads
     cute::prefetch_tma_descriptor(tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(tma_do.get_tma_descriptor());
     cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(tma_v.get_tma_descriptor());
     shared.kv_full.init(1);
   }
-  typename Pipeline::Params pipeline_params;
-  pipeline_params.transaction_bytes = Traits::kBytesQdO;
-  pipeline_params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pipeline_params.is_leader = leader;
-  pipeline_params.num_consumers = Traits::kConsumerThreads;
-  pipeline_params.initializing_warp = Traits::kConsumerThreads / 32;  // the leader's warp
-  Pipeline pipeline(shared.pipeline, pipeline_params, Shape<_1, _1, _1>{});  // initializes the barriers
+  const auto params = sm90_pipeline_params<Pipeline, Traits::kConsumerThreads>(Traits::kBytesQdO);
+  Pipeline pipeline(shared.pipeline, params, Shape<_1, _1, _1>{});  // initializes the barriers
   __syncthreads();  // barrier initialization visible to every thread
-
-  if (producer) {
+  // Warp specialization, written out here: passed as lambdas to a helper, the relative consumer was not inlined (a
+  // 384-byte stack frame, every wgmma waited for alone)
+  if (threadIdx.x >= Traits::kConsumerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    if (leader) sm90_bwd_produce<Traits>(p, block, shared, pipeline, tma_q, tma_do, tma_k, tma_v);
+    if (threadIdx.x == Traits::kConsumerThreads) sm90_bwd_produce<Traits>(p, block, shared, pipeline, tma_q, tma_do, tma_k, tma_v);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     sm90_bwd_consume<Traits, kRelative>(p, block, shared, pipeline);
@@ -477,26 +471,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #endif
 }
 
-// Whether the Hopper backward's sm_90a code is the binary that runs on the current device.
-template <class Traits>
-bool bwd_sm90_runs_here() {
-  cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, &hstu_attn_bwd_sm90_kernel<Traits, false>) != cudaSuccess) {
-    (void)cudaGetLastError();  // no image for this device: clear the error, use the SM80 kernel
-    return false;
-  }
-  return attributes.binaryVersion == 90;
-}
-
-// The forward's conditions (fwd_sm90_takes) for the tensors the Hopper backward loads with TMA: q, k, v and dO with
-// 16-byte-aligned bases and strides, positive strides (not expand()ed views), L within 32 bits.
+// Whether the Hopper backward takes `p`: q, k, v and dO suit TMA (as fwd_sm90_takes: 16-byte-aligned bases and
+// strides, positive strides, L within 32 bits) and the backward's sm_90a code runs on the current device.
 template <class Traits>
 bool bwd_sm90_takes(const HstuAttnBwdParams& p) {
   using Elem = typename Traits::Elem;
-  return p.num_tokens > 0 && p.num_tokens <= 0x7fffffff && tma_compatible<Elem>(p.q, p.q_row_stride, p.q_head_stride) &&
-         tma_compatible<Elem>(p.k, p.k_row_stride, p.k_head_stride) &&
-         tma_compatible<Elem>(p.v, p.v_row_stride, p.v_head_stride) &&
-         tma_compatible<Elem>(p.dout, p.do_row_stride, p.do_head_stride) && bwd_sm90_runs_here<Traits>();
+  return qkv_suit_tma<Elem>(p) && tma_compatible<Elem>(p.dout, p.do_row_stride, p.do_head_stride) &&
+         sm90_code_runs_here(&hstu_attn_bwd_sm90_kernel<Traits, false>);
 }
 
 template <class Traits>
@@ -505,30 +486,25 @@ cudaError_t launch_bwd_sm90(const HstuAttnBwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = has_relative_bias(p.relative_bias) ? &hstu_attn_bwd_sm90_kernel<Traits, true>
                                                    : &hstu_attn_bwd_sm90_kernel<Traits, false>;
-  const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (error != cudaSuccess) return error;
-  const int64_t num_n_blocks = (int64_t(p.max_seq_len) + Traits::kBlockN - 1) / Traits::kBlockN;
-  const int64_t blocks = num_n_blocks * p.num_sequences;
-  if (blocks == 0 || p.num_heads == 0) return cudaSuccess;
-  if (blocks > 0x7fffffff || p.num_heads > 65535) return cudaErrorInvalidConfiguration;
-  const auto shape = make_shape(int32_t(p.num_tokens), int32_t(Traits::kHeadDim), int32_t(p.num_heads));
-  auto tensor = [&](const void* base, int64_t row_stride, int64_t head_stride) {
-    return make_tensor(make_gmem_ptr(static_cast<const Elem*>(base)), shape, make_stride(row_stride, _1{}, head_stride));
+  cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  dim3 grid;
+  if (error == cudaSuccess) error = sm90_grid(p.max_seq_len, Traits::kBlockN, p.num_sequences, p.num_heads, &grid);
+  if (error != cudaSuccess || grid.x == 0 || grid.y == 0) return error;
+  auto tma = [&](const void* base, int64_t row_stride, int64_t head_stride, auto smem_layout, auto tile) {
+    const auto view = jagged_tma_view<Elem, Traits::kHeadDim>(base, p.num_tokens, p.num_heads, row_stride, head_stride);
+    return make_tma_copy(SM90_TMA_LOAD{}, view, smem_layout, tile, _1{});
   };
-  auto tma_rows = [&](const void* base, int64_t row_stride, int64_t head_stride) {
-    return make_tma_copy(SM90_TMA_LOAD{}, tensor(base, row_stride, head_stride), typename Traits::SmemLayoutQTile{},
-                         typename Traits::TileQ{}, _1{});
+  const auto rows = [&](const void* base, int64_t row_stride, int64_t head_stride) {
+    return tma(base, row_stride, head_stride, typename Traits::SmemLayoutQTile{}, typename Traits::TileQ{});
   };
-  auto tma_keys = [&](const void* base, int64_t row_stride, int64_t head_stride) {
-    return make_tma_copy(SM90_TMA_LOAD{}, tensor(base, row_stride, head_stride), typename Traits::SmemLayoutKV{},
-                         typename Traits::TileKV{}, _1{});
+  const auto keys = [&](const void* base, int64_t row_stride, int64_t head_stride) {
+    return tma(base, row_stride, head_stride, typename Traits::SmemLayoutKV{}, typename Traits::TileKV{});
   };
-  const typename Traits::TmaQ tma_q = tma_rows(p.q, p.q_row_stride, p.q_head_stride);
-  const typename Traits::TmaQ tma_do = tma_rows(p.dout, p.do_row_stride, p.do_head_stride);
-  const typename Traits::TmaKV tma_k = tma_keys(p.k, p.k_row_stride, p.k_head_stride);
-  const typename Traits::TmaKV tma_v = tma_keys(p.v, p.v_row_stride, p.v_head_stride);
-  kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, kSmem, stream>>>(p, tma_q, tma_do, tma_k,
-                                                                                              tma_v);
+  const typename Traits::TmaQ tma_q = rows(p.q, p.q_row_stride, p.q_head_stride);
+  const typename Traits::TmaQ tma_do = rows(p.dout, p.do_row_stride, p.do_head_stride);
+  const typename Traits::TmaKV tma_k = keys(p.k, p.k_row_stride, p.k_head_stride);
+  const typename Traits::TmaKV tma_v = keys(p.v, p.v_row_stride, p.v_head_stride);
+  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(p, tma_q, tma_do, tma_k, tma_v);
   return cudaGetLastError();
 }
 

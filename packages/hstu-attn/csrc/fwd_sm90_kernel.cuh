@@ -25,27 +25,11 @@
 
 #include <cuda_runtime.h>
 
-#include <cute/tensor.hpp>
-#include <cute/atom/mma_atom.hpp>
-#include <cute/atom/copy_atom.hpp>
-#include <cute/arch/mma_sm90.hpp>
-#include <cute/atom/mma_traits_sm90_gmma.hpp>
-#include <cute/atom/copy_traits_sm90_tma.hpp>
-#include <cutlass/arch/barrier.h>
-#include <cutlass/arch/reg_reconfig.h>
-#include <cutlass/numeric_types.h>
-#include <cutlass/pipeline/sm90_pipeline.hpp>
-
 #include "finite.cuh"
 #include "fwd_kernel.cuh"
 #include "hstu_attn_cutlass.h"
 #include "mask.cuh"
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define HSTU_ATTN_SM90_DEVICE 1
-#else
-#define HSTU_ATTN_SM90_DEVICE 0
-#endif
+#include "sm90_common.cuh"
 
 namespace hstu_attn {
 
@@ -90,9 +74,7 @@ struct FwdSm90Traits {
       SmemLayoutKV{}, make_ordered_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{}, Step<_2, _1, _3>{})));
 
   // TMA over a whole [L, H, D] tensor seen as (token, d, head) with unit stride along d.
-  using GmemShape = Shape<int32_t, int32_t, int32_t>;
-  using GmemStride = Stride<int64_t, _1, int64_t>;
-  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<const Elem*>(nullptr)), GmemShape{}, GmemStride{}));
+  using GmemTensor = JaggedTmaView<Elem>;
   using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutQ{}, TileQ{}, _1{}));
   using TmaKV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutKVTile{}, TileKV{}, _1{}));
   static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Elem);
@@ -112,61 +94,6 @@ struct FwdSm90Traits {
 };
 
 #if HSTU_ATTN_SM90_DEVICE
-// Barriers of the consumer warpgroups only (threads 0 .. kThreads - 1); ids 1 and 2 (0 is __syncthreads).
-template <int kThreads>
-__device__ __forceinline__ void consumers_sync() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kThreads) : "memory");
-}
-
-// Whether `x` holds in one of the consumer threads (all of them call it), as __syncthreads_or.
-template <int kThreads>
-__device__ __forceinline__ bool consumers_any(bool x) {
-  uint32_t result;
-  asm volatile(
-      "{\n .reg .pred p, q;\n setp.ne.u32 q, %1, 0;\n bar.red.or.pred p, 2, %2, q;\n selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(result)
-      : "r"(uint32_t(x)), "n"(kThreads)
-      : "memory");
-  return result != 0;
-}
-
-// finite.cuh's cta_or over the consumer threads: the OR of every consumer's `rows` through the shared `word`. The
-// caller passes a consumers_sync after reading the result before it calls again.
-template <int kThreads>
-__device__ __forceinline__ uint64_t consumers_or(uint64_t rows, unsigned long long* word) {
-  if (threadIdx.x == 0) *word = 0ull;
-  consumers_sync<kThreads>();
-  if (rows != 0) atomicOr(word, static_cast<unsigned long long>(rows));
-  consumers_sync<kThreads>();
-  return *word;
-}
-
-// Issues acc (+)= A B^T over every k-block with wgmma as one committed batch, not waited for: neither acc nor a
-// register A may be read or written until a warpgroup_wait covers the batch (then fence the operands). zero_init:
-// acc = A B^T. kRegisterA: A is a register fragment (RS), else a shared-memory descriptor fragment (SS).
-template <bool kRegisterA, class Mma, class FragA, class FragB, class Acc>
-__device__ __forceinline__ void wgmma_batch(Mma& mma, FragA& frag_a, FragB const& frag_b, Acc& acc, bool zero_init) {
-  if constexpr (kRegisterA) warpgroup_fence_operand(frag_a);
-  warpgroup_fence_operand(acc);
-  warpgroup_arrive();
-  mma.accumulate_ = zero_init ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
-  CUTE_UNROLL
-  for (int k = 0; k < size<2>(frag_a); ++k) {
-    gemm(mma, frag_a(_, _, k), frag_b(_, _, k), acc);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-}
-
-// wgmma_batch, waited for.
-template <bool kRegisterA, class Mma, class FragA, class FragB, class Acc>
-__device__ __forceinline__ void wgmma_gemm(Mma& mma, FragA& frag_a, FragB const& frag_b, Acc& acc, bool zero_init) {
-  wgmma_batch<kRegisterA>(mma, frag_a, frag_b, acc, zero_init);
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(acc);
-  if constexpr (kRegisterA) warpgroup_fence_operand(frag_a);
-}
-
 // The tile geometry that producer and consumers share: one (sequence, head, query block) and its key blocks.
 struct Sm90Block {
   int64_t start;  // first token of the sequence
@@ -364,26 +291,20 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 
   extern __shared__ __align__(1024) char smem[];
   auto& shared = *reinterpret_cast<typename Traits::SharedStorage*>(smem);
-  const bool producer = threadIdx.x >= Traits::kConsumerThreads;
-  const bool leader = threadIdx.x == Traits::kConsumerThreads;  // the one producer thread that issues loads
-  if (leader) {
+  if (threadIdx.x == Traits::kConsumerThreads) {  // the producer's leader, the one thread that issues loads
     cute::prefetch_tma_descriptor(tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(tma_v.get_tma_descriptor());
     shared.q_full.init(1);
   }
-  typename Pipeline::Params pipeline_params;
-  pipeline_params.transaction_bytes = Traits::kBytesKV;
-  pipeline_params.role = producer ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pipeline_params.is_leader = leader;
-  pipeline_params.num_consumers = Traits::kConsumerThreads;
-  pipeline_params.initializing_warp = Traits::kConsumerThreads / 32;  // the leader's warp
-  Pipeline pipeline(shared.pipeline, pipeline_params, Shape<_1, _1, _1>{});  // initializes the barriers
+  const auto params = sm90_pipeline_params<Pipeline, Traits::kConsumerThreads>(Traits::kBytesKV);
+  Pipeline pipeline(shared.pipeline, params, Shape<_1, _1, _1>{});  // initializes the barriers
   __syncthreads();  // barrier initialization visible to every thread
-
-  if (producer) {
+  // Warp specialization, written out here: passed as lambdas to a helper, the relative consumer was not inlined (a
+  // 384-byte stack frame, every wgmma waited for alone)
+  if (threadIdx.x >= Traits::kConsumerThreads) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegisters>();
-    if (leader) sm90_produce<Traits>(p, block, shared, pipeline, tma_q, tma_k, tma_v);
+    if (threadIdx.x == Traits::kConsumerThreads) sm90_produce<Traits>(p, block, shared, pipeline, tma_q, tma_k, tma_v);
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegisters>();
     sm90_consume<Traits, kRelative>(p, block, shared, pipeline);
@@ -391,35 +312,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1)
 #endif
 }
 
-// Whether the Hopper forward's sm_90a code is the binary that runs on the current device (compiled for sm_90a and
-// the device is sm_90).
-template <class Traits>
-bool fwd_sm90_runs_here() {
-  cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, &hstu_attn_fwd_sm90_kernel<Traits, false>) != cudaSuccess) {
-    (void)cudaGetLastError();  // no image for this device: clear the error, use the SM80 kernel
-    return false;
-  }
-  return attributes.binaryVersion == 90;
-}
-
-// What TMA needs of a [L, H, D] tensor (cuTensorMapEncodeTiled): a 16-byte-aligned base and strides that are
-// multiples of 16 bytes, below 2^40 bytes; L and H within 32 bits.
-template <typename Elem>
-bool tma_compatible(const void* base, int64_t row_stride, int64_t head_stride) {
-  constexpr int64_t kVector = 16 / sizeof(Elem);
-  // TMA needs positive strides (an expand()ed view has 0, which cuTensorMapEncodeTiled rejects) below 2^40 bytes
-  const auto in_range = [](int64_t stride) { return stride > 0 && stride * int64_t(sizeof(Elem)) < (int64_t(1) << 40); };
-  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && row_stride % kVector == 0 && head_stride % kVector == 0 &&
-         in_range(row_stride) && in_range(head_stride);
-}
-
+// Whether the Hopper forward takes `p`: q, k, v suit TMA and the forward's sm_90a code runs on the current device.
 template <class Traits>
 bool fwd_sm90_takes(const HstuAttnFwdParams& p) {
-  using Elem = typename Traits::Elem;
-  return p.num_tokens > 0 && p.num_tokens <= 0x7fffffff && tma_compatible<Elem>(p.q, p.q_row_stride, p.q_head_stride) &&
-         tma_compatible<Elem>(p.k, p.k_row_stride, p.k_head_stride) &&
-         tma_compatible<Elem>(p.v, p.v_row_stride, p.v_head_stride) && fwd_sm90_runs_here<Traits>();
+  return qkv_suit_tma<typename Traits::Elem>(p) && sm90_code_runs_here(&hstu_attn_fwd_sm90_kernel<Traits, false>);
 }
 
 template <class Traits>
@@ -428,23 +324,21 @@ cudaError_t launch_fwd_sm90(const HstuAttnFwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
   auto kernel = has_relative_bias(p.relative_bias) ? &hstu_attn_fwd_sm90_kernel<Traits, true>
                                                    : &hstu_attn_fwd_sm90_kernel<Traits, false>;
-  const cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  if (error != cudaSuccess) return error;
-  const int64_t num_m_blocks = (int64_t(p.max_seq_len) + Traits::kBlockM - 1) / Traits::kBlockM;
-  const int64_t blocks = num_m_blocks * p.num_sequences;
-  if (blocks == 0 || p.num_heads == 0) return cudaSuccess;
-  if (blocks > 0x7fffffff || p.num_heads > 65535) return cudaErrorInvalidConfiguration;
-  const auto shape = make_shape(int32_t(p.num_tokens), int32_t(Traits::kHeadDim), int32_t(p.num_heads));
-  auto tensor = [&](const void* base, int64_t row_stride, int64_t head_stride) {
-    return make_tensor(make_gmem_ptr(static_cast<const Elem*>(base)), shape, make_stride(row_stride, _1{}, head_stride));
+  cudaError_t error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  dim3 grid;
+  if (error == cudaSuccess) error = sm90_grid(p.max_seq_len, Traits::kBlockM, p.num_sequences, p.num_heads, &grid);
+  if (error != cudaSuccess || grid.x == 0 || grid.y == 0) return error;
+  auto tma = [&](const void* base, int64_t row_stride, int64_t head_stride, auto smem_layout, auto tile) {
+    const auto view = jagged_tma_view<Elem, Traits::kHeadDim>(base, p.num_tokens, p.num_heads, row_stride, head_stride);
+    return make_tma_copy(SM90_TMA_LOAD{}, view, smem_layout, tile, _1{});
   };
-  const typename Traits::TmaQ tma_q = make_tma_copy(SM90_TMA_LOAD{}, tensor(p.q, p.q_row_stride, p.q_head_stride),
-                                                    typename Traits::SmemLayoutQ{}, typename Traits::TileQ{}, _1{});
-  const typename Traits::TmaKV tma_k = make_tma_copy(SM90_TMA_LOAD{}, tensor(p.k, p.k_row_stride, p.k_head_stride),
-                                                     typename Traits::SmemLayoutKVTile{}, typename Traits::TileKV{}, _1{});
-  const typename Traits::TmaKV tma_v = make_tma_copy(SM90_TMA_LOAD{}, tensor(p.v, p.v_row_stride, p.v_head_stride),
-                                                     typename Traits::SmemLayoutKVTile{}, typename Traits::TileKV{}, _1{});
-  kernel<<<dim3(unsigned(blocks), unsigned(p.num_heads)), Traits::kNThreads, kSmem, stream>>>(p, tma_q, tma_k, tma_v);
+  const typename Traits::TmaQ tma_q =
+      tma(p.q, p.q_row_stride, p.q_head_stride, typename Traits::SmemLayoutQ{}, typename Traits::TileQ{});
+  const typename Traits::TmaKV tma_k =
+      tma(p.k, p.k_row_stride, p.k_head_stride, typename Traits::SmemLayoutKVTile{}, typename Traits::TileKV{});
+  const typename Traits::TmaKV tma_v =
+      tma(p.v, p.v_row_stride, p.v_head_stride, typename Traits::SmemLayoutKVTile{}, typename Traits::TileKV{});
+  kernel<<<grid, Traits::kNThreads, kSmem, stream>>>(p, tma_q, tma_k, tma_v);
   return cudaGetLastError();
 }
 
