@@ -54,11 +54,12 @@ def _cuobjdump() -> str | None:
 
 
 def _compile(nvcc: str, include: Path, unit: str, out: Path) -> tuple[Path, str]:
-    """nvcc -c of one unit for sm_90a with the library's flags; the object and ptxas's -v report."""
+    """nvcc -c of one unit for sm_90a with the library's flags (its Release build: -O3 -DNDEBUG); the object and
+    ptxas's -v report."""
     obj = out / f"{unit}.o"
     command = [
         nvcc, "-c", str(CSRC / unit), "-o", str(obj), "-gencode=arch=compute_90a,code=sm_90a", "-std=c++17",
-        "--expt-relaxed-constexpr", "-O3", "-Xptxas=-v", "-I", str(CSRC), "-I", str(include),
+        "--expt-relaxed-constexpr", "-O3", "-DNDEBUG", "-Xptxas=-v", "-I", str(CSRC), "-I", str(include),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, f"nvcc failed on {unit}:\n{result.stderr[-4000:]}"
