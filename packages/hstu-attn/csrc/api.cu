@@ -34,15 +34,19 @@ bool relative_bias_ok(const HstuAttnRelativeBias& bias, const float* dposition, 
   return position_grad_ok && (dtime == nullptr || bias.time_weights != nullptr);
 }
 
+// Whether the environment opts into the Hopper kernels: HSTU_ATTN_CUTLASS_SM90=1, read on every call.
+bool sm90_opted_in() {
+  const char* env = std::getenv("HSTU_ATTN_CUTLASS_SM90");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
 // Whether the forward takes the Hopper kernel (fwd_sm90_kernel.cuh): head dim 64 or 128, no rab (a fused relative
 // bias is fine), its sm_90a code runs on the current device, q/k/v suit TMA (fwd_sm90_hdim*_takes), and the
 // environment says HSTU_ATTN_CUTLASS_SM90=1 (read on every call, so a process can switch between the kernels).
 // Opt-in until the kernel's GPU tests (tests/test_cutlass_sm90_gpu.py) pass on the current code; unset or any other
 // value: the SM80 kernel.
 bool use_fwd_sm90(const HstuAttnFwdParams& params) {
-  const char* env = std::getenv("HSTU_ATTN_CUTLASS_SM90");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
-  if (params.rab != nullptr) return false;
+  if (!sm90_opted_in() || params.rab != nullptr) return false;
   if (params.head_dim == 64) return hstu_attn::fwd_sm90_hdim64_takes(params);
   if (params.head_dim == 128) return hstu_attn::fwd_sm90_hdim128_takes(params);
   return false;
@@ -50,13 +54,12 @@ bool use_fwd_sm90(const HstuAttnFwdParams& params) {
 
 // Whether the backward takes the Hopper kernel (bwd_sm90_kernel.cuh): the same opt-in switch and conditions as
 // use_fwd_sm90 (HSTU_ATTN_CUTLASS_SM90=1, head dim 64 or 128, no rab (a fused relative bias is fine), its sm_90a code
-// runs on the current device) and q, k, v, dO suit TMA: 16-byte-aligned bases, positive strides that are multiples of 16 bytes,
-// L (num_tokens) < 2^31 (bwd_sm90_hdim*_takes). This backward is non-deterministic (fp32 atomics into dq_accum), as the SM80 one; the
-// deterministic backward never reaches this library (hstu_attn.interface routes it to Triton).
+// runs on the current device) and q, k, v, dO suit TMA: 16-byte-aligned bases, positive strides that are multiples of
+// 16 bytes, L (num_tokens) < 2^31 (bwd_sm90_hdim*_takes). This backward is non-deterministic (fp32 atomics into
+// dq_accum), as the SM80 one; the deterministic backward never reaches this library (hstu_attn.interface routes it to
+// Triton).
 bool use_bwd_sm90(const HstuAttnBwdParams& params) {
-  const char* env = std::getenv("HSTU_ATTN_CUTLASS_SM90");
-  if (env == nullptr || std::strcmp(env, "1") != 0) return false;
-  if (params.rab != nullptr) return false;
+  if (!sm90_opted_in() || params.rab != nullptr) return false;
   if (params.head_dim == 64) return hstu_attn::bwd_sm90_hdim64_takes(params);
   if (params.head_dim == 128) return hstu_attn::bwd_sm90_hdim128_takes(params);
   return false;
