@@ -5,6 +5,8 @@
 
 #include <stdint.h>
 
+#include <atomic>
+
 #include <cuda_runtime.h>
 
 #include <cute/tensor.hpp>
@@ -100,15 +102,25 @@ __device__ __forceinline__ typename Pipeline::Params sm90_pipeline_params(uint32
 #endif
 
 // Whether `kernel`'s code that runs on the current device is sm_90 code (compiled for sm_90a and the device is
-// sm_90); false, with the error cleared, where the library holds no image for the device.
+// sm_90); false, with the error cleared, where the library holds no image for the device. Asked of the driver once per
+// kernel and device (the dispatch calls it on every forward and backward), then read from a cache.
 template <class Kernel>
 bool sm90_code_runs_here(Kernel* kernel) {
-  cudaFuncAttributes attributes;
-  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();  // no image for this device: the caller uses the SM80 kernel
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int8_t> cached[kCachedDevices];  // per kernel (one per instantiation): 0 unknown, 1 yes, 2 no
+  int device = -1;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
     return false;
   }
-  return attributes.binaryVersion == 90;
+  const bool cacheable = device >= 0 && device < kCachedDevices;
+  if (cacheable && cached[device].load(std::memory_order_relaxed) != 0) return cached[device] == 1;
+  cudaFuncAttributes attributes;
+  const cudaError_t error = cudaFuncGetAttributes(&attributes, kernel);
+  if (error != cudaSuccess) (void)cudaGetLastError();  // no image for this device: the caller uses the SM80 kernel
+  const bool runs = error == cudaSuccess && attributes.binaryVersion == 90;
+  if (cacheable) cached[device].store(runs ? 1 : 2, std::memory_order_relaxed);
+  return runs;
 }
 
 // What TMA needs of a [L, H, D] tensor (cuTensorMapEncodeTiled): a 16-byte-aligned base and strides that are
