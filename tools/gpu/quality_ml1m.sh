@@ -11,7 +11,8 @@
 #   bash tools/gpu/quality_ml1m.sh
 # Under $OUT (or /tmp/quality): quality-ml1m.json, quality-ml1m-curves.json, quality-ml1m-ranking.json,
 # quality-ml1m-ranking-curves.json, logs.tgz.
-# RETRIEVAL_MODELS, RANKING_MODELS (default "hstu hstu_all_positions") and SEEDS (default "1 2 3") narrow the runs.
+# RETRIEVAL_MODELS, RANKING_MODELS (default "hstu hstu_all_positions") and SEEDS (default "1 2 3") narrow the runs;
+# RANKING_MODELS= (set and empty) runs no ranking at all, the DLRM baseline included (more CPU for retrieval).
 # CPU smoke of this script's logic (no install, first 60 users, 1 epoch, short sequences, seed 1; dlrm seeds 1 2):
 #   QUALITY_SMOKE=1 bash tools/gpu/quality_ml1m.sh
 set -uo pipefail
@@ -56,7 +57,7 @@ launch() {  # log name, quality.py subcommand, its arguments
     --end-at "$end_at" "$@" >"$out/$name.log" 2>&1 &
 }
 retrieval_models=${RETRIEVAL_MODELS:-sasrec sasrec_full_softmax hstu hstu_large}
-ranking_models=${RANKING_MODELS:-hstu hstu_all_positions}  # the DLRM baseline always runs (all seeds, one process)
+ranking_models=${RANKING_MODELS-hstu hstu_all_positions}  # the DLRM baseline runs (all seeds, one process) beside any
 for seed in $seeds; do
   for model in $retrieval_models; do
     launch "run-$model-$seed" run --models "$model" --seeds "$seed" "${retrieval_limits[@]}" \
@@ -68,7 +69,7 @@ for seed in $seeds; do
   done
 done
 # shellcheck disable=SC2086  # the seeds are separate arguments
-launch ranking-dlrm ranking --models dlrm --seeds $dlrm_seeds "${ranking_limits[@]}" \
+[ -z "$ranking_models" ] || launch ranking-dlrm ranking --models dlrm --seeds $dlrm_seeds "${ranking_limits[@]}" \
   --out "$out/ranking-dlrm.json" --curves "$out/ranking-curves-dlrm.json" -- "${common[@]}"
 wait
 echo "training finished $(date -u +%H:%M:%S), $(($(date +%s) - started)) s after the start"
@@ -84,13 +85,15 @@ expected() {  # file prefix, model list, seed list
 # shellcheck disable=SC2046
 "$py" tools/quality.py merge --kind curves --out "$out/quality-ml1m-curves.json" \
   $(expected run-curves "$retrieval_models" "$seeds") >"$out/merge-curves.log" 2>&1 &
-# shellcheck disable=SC2046
-"$py" tools/quality.py merge --kind ranking --out "$out/quality-ml1m-ranking.json" \
-  $(expected ranking "$ranking_models" "$seeds") "$out/ranking-dlrm.json" >"$out/merge-ranking.log" 2>&1 &
-# shellcheck disable=SC2046
-"$py" tools/quality.py merge --kind curves --out "$out/quality-ml1m-ranking-curves.json" \
-  $(expected ranking-curves "$ranking_models" "$seeds") "$out/ranking-curves-dlrm.json" \
-  >"$out/merge-ranking-curves.log" 2>&1 &
+[ -z "$ranking_models" ] || {
+  # shellcheck disable=SC2046
+  "$py" tools/quality.py merge --kind ranking --out "$out/quality-ml1m-ranking.json" \
+    $(expected ranking "$ranking_models" "$seeds") "$out/ranking-dlrm.json" >"$out/merge-ranking.log" 2>&1 &
+  # shellcheck disable=SC2046
+  "$py" tools/quality.py merge --kind curves --out "$out/quality-ml1m-ranking-curves.json" \
+    $(expected ranking-curves "$ranking_models" "$seeds") "$out/ranking-curves-dlrm.json" \
+    >"$out/merge-ranking-curves.log" 2>&1 &
+}
 wait
 cat "$out"/merge-*.log
 rm -f "$out"/run-*.json "$out"/ranking-*.json
