@@ -34,6 +34,14 @@ bool relative_bias_ok(const HstuAttnRelativeBias& bias, const float* dposition, 
   return position_grad_ok && (dtime == nullptr || bias.time_weights != nullptr);
 }
 
+// A deterministic dQ (dq_semaphore) has a counter per 64-row query block and no atomic gradient beside it.
+bool dq_semaphore_ok(const HstuAttnBwdParams& params) {
+  if (params.dq_semaphore == nullptr) return true;
+  const bool atomic_beside = (params.drab != nullptr && params.drab_atomic != 0) ||
+                             params.dposition_weights != nullptr || params.dtime_weights != nullptr;
+  return !atomic_beside && params.dq_semaphore_stride >= (int64_t(params.max_seq_len) + 63) / 64;
+}
+
 // Whether the environment opts into the Hopper kernels: HSTU_ATTN_CUTLASS_SM90=1, read on every call.
 bool sm90_opted_in() {
   const char* env = std::getenv("HSTU_ATTN_CUTLASS_SM90");
@@ -56,10 +64,9 @@ bool use_fwd_sm90(const HstuAttnFwdParams& params) {
 // use_fwd_sm90 (HSTU_ATTN_CUTLASS_SM90=1, head dim 64 or 128, no rab (a fused relative bias is fine), its sm_90a code
 // runs on the current device) and q, k, v, dO suit TMA: 16-byte-aligned bases, positive strides that are multiples of
 // 16 bytes, L (num_tokens) < 2^31 (bwd_sm90_hdim*_takes). This backward is non-deterministic (fp32 atomics into
-// dq_accum), as the SM80 one; the deterministic backward never reaches this library (hstu_attn.interface routes it to
-// Triton).
+// dq_accum); a deterministic dQ (dq_semaphore) takes the SM80 kernel.
 bool use_bwd_sm90(const HstuAttnBwdParams& params) {
-  if (!sm90_opted_in() || params.rab != nullptr) return false;
+  if (!sm90_opted_in() || params.rab != nullptr || params.dq_semaphore != nullptr) return false;
   if (params.head_dim == 64) return hstu_attn::bwd_sm90_hdim64_takes(params);
   if (params.head_dim == 128) return hstu_attn::bwd_sm90_hdim128_takes(params);
   return false;
@@ -98,7 +105,8 @@ int hstu_attn_cutlass_bwd_params_size(void) { return int(sizeof(HstuAttnBwdParam
 int hstu_attn_cutlass_backward(const HstuAttnBwdParams* params, void* stream) {
   if (params == nullptr || params->num_sequences < 0 || params->num_heads < 0 || params->max_seq_len < 0 ||
       params->dq_accum == nullptr || (params->drab != nullptr && params->rab == nullptr) ||
-      !relative_bias_ok(params->relative_bias, params->dposition_weights, params->dtime_weights)) {
+      !relative_bias_ok(params->relative_bias, params->dposition_weights, params->dtime_weights) ||
+      !dq_semaphore_ok(*params)) {
     return HSTU_ATTN_BAD_ARGUMENT;
   }
   if (params->dtype != HSTU_ATTN_FP16 && params->dtype != HSTU_ATTN_BF16) return HSTU_ATTN_UNSUPPORTED_DTYPE;
@@ -123,7 +131,7 @@ const char* hstu_attn_cutlass_status_string(int status) {
     case HSTU_ATTN_BAD_ARGUMENT:
       return "bad argument (null params, negative sizes, no dq_accum, drab without rab, a time table without "
              "timestamps, buckets or a known timestamp type, a negative position reach, or a table gradient without "
-             "its table)";
+             "its table, or a deterministic dQ beside atomic drab or table gradients or with too few counters)";
     default: return status > 0 ? cudaGetErrorString(static_cast<cudaError_t>(status)) : "unknown status";
   }
 }

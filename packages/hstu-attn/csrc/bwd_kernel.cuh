@@ -3,7 +3,8 @@
 //   S^T = K Q^T, dP^T = V dO^T                      (fp32 accumulators, [kBlockN, kBlockM])
 //   P^T = SiLU(X) / scaling, dS^T = dP^T * alpha / scaling * SiLU'(X), X = alpha S^T + bias^T  (0 where invalid)
 //   dV += P^T dO, dK += dS^T Q                       (P^T and dS^T straight from the accumulators)
-//   dQ  = dS K  through shared memory, added with fp32 atomics into dq_accum (the caller casts it)
+//   dQ  = dS K  through shared memory, added with fp32 atomics into dq_accum (the caller casts it), or, for a
+//         deterministic dQ (p.dq_semaphore), in a fixed order of key blocks with plain loads and stores (DqTurns)
 // Rows past the sequence end are zero-filled in shared memory, so they add nothing, and are never stored.
 // With a rab (kHasRab), each element of the S^T accumulators loads its rab entry from global memory as it is turned
 // into P^T and dS^T, after the two products (the backward has no registers to spare for a rab fragment), and rab's
@@ -99,6 +100,46 @@ __device__ __forceinline__ void store_rows(Acc const& acc, Coords const& coords,
   }
 }
 
+// Deterministic dQ: the CTA of key block n_block adds into query block m_block's dQ rows only after the CTAs of every
+// higher key block of its (sequence, head) that visit m_block have added theirs; each counter counts them. Those CTAs
+// have lower blockIdx.x (the grid runs key blocks from the last), so they were launched before this one and never
+// wait on it. A CTA passes its turn at every query block it visits, with or without pairs to add.
+template <int kBlockM, int kBlockN>
+struct DqTurns {
+  int* counters;     // this (sequence, head)'s counters, one per query block; nullptr: fp32 atomics instead
+  int n_block;       // this CTA's key block
+  int last_n_block;  // the sequence's last key block
+  bool causal_start; // whether key block n visits only query blocks from n * kBlockN / kBlockM on
+
+  // The number of CTAs that add into query block m_block before this one.
+  __device__ __forceinline__ int turn(int m_block) const {
+    int last = last_n_block;
+    if (causal_start) last = min(last, ((m_block + 1) * kBlockM - 1) / kBlockN);
+    return max(last - n_block, 0);
+  }
+
+  // Every thread of the CTA returns once the CTAs before this one have added into query block m_block.
+  __device__ __forceinline__ void wait(int m_block, int tid) const {
+    if (tid == 0) {
+      const int want = turn(m_block);
+      int seen;
+      do {
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(seen) : "l"(counters + m_block) : "memory");
+      } while (seen != want);
+    }
+    __syncthreads();
+  }
+
+  // After every thread's dQ stores for query block m_block: the next CTA may add.
+  __device__ __forceinline__ void pass(int m_block, int tid) const {
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(counters + m_block) : "memory");
+    }
+  }
+};
+
 template <class Traits, int kBias>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(const HstuAttnBwdParams p) {
   using Elem = typename Traits::Elem;
@@ -123,6 +164,10 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   const int m_block_begin = (mask.causal && mask.contextual == 0) ? n0 / kBlockM : 0;
   const int m_block_end = (length + kBlockM - 1) / kBlockM;
   const float scale = p.alpha * p.inv_scaling;
+  const DqTurns<kBlockM, kBlockN> dq_turns{
+      p.dq_semaphore == nullptr ? nullptr
+                                : p.dq_semaphore + (int64_t(sequence) * p.num_heads + head) * p.dq_semaphore_stride,
+      n_block, (length - 1) / kBlockN, mask.causal && mask.contextual == 0};
   const Elem* rab = nullptr;
   void* drab = nullptr;  // offset to this (sequence, head) in elements of its type
   if constexpr (kHasRab || kRelative) {
@@ -231,7 +276,13 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
 
   for (int m_block = m_block_begin; m_block < m_block_end; ++m_block) {
     const int m0 = m_block * kBlockM;
-    if (n0 >= mask.column_end(m0, kBlockM) || n0 + kBlockN <= mask.column_begin(m0)) continue;  // CTA-uniform
+    if (n0 >= mask.column_end(m0, kBlockM) || n0 + kBlockN <= mask.column_begin(m0)) {  // CTA-uniform
+      if (dq_turns.counters != nullptr) {
+        dq_turns.wait(m_block, tid);
+        dq_turns.pass(m_block, tid);
+      }
+      continue;
+    }
     __syncthreads();  // every warp is done with the previous sQ, sdO and sdS^T
     load_rows(gmem_load, tQgQ(_, _, _, m_block), tQsQ, tQcQ, length - m0);
     load_rows(gmem_load, tdOgdO(_, _, _, m_block), tdOsdO, tQcQ, length - m0);
@@ -319,10 +370,21 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
       gemm_smem_smem(acc_dq, tQrdS, tQrKt, tQsdS, tQsKt, mma_q, copy_q_at, copy_q_bt);
     }
     float* dq = p.dq_accum + (start + m0) * p.dq_row_stride + head * p.dq_head_stride;
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_dq); ++i) {
-      const int row = get<0>(tQcdQ(i));
-      if (row < length - m0) atomicAdd(dq + row * p.dq_row_stride + get<1>(tQcdQ(i)), acc_dq(i));
+    if (dq_turns.counters == nullptr) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dq); ++i) {
+        const int row = get<0>(tQcdQ(i));
+        if (row < length - m0) atomicAdd(dq + row * p.dq_row_stride + get<1>(tQcdQ(i)), acc_dq(i));
+      }
+    } else {  // in turn, through L2 (__ldcg/__stcg: no stale L1 line of another CTA's sum)
+      dq_turns.wait(m_block, tid);
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dq); ++i) {
+        const int row = get<0>(tQcdQ(i));
+        float* entry = dq + row * p.dq_row_stride + get<1>(tQcdQ(i));
+        if (row < length - m0) __stcg(entry, __ldcg(entry) + acc_dq(i));
+      }
+      dq_turns.pass(m_block, tid);
     }
   }
 

@@ -11,7 +11,7 @@
 extern "C" {
 #endif
 
-#define HSTU_ATTN_CUTLASS_ABI_VERSION 6
+#define HSTU_ATTN_CUTLASS_ABI_VERSION 7
 #define HSTU_ATTN_API __attribute__((visibility("default")))
 
 enum HstuAttnDtype { HSTU_ATTN_FP16 = 0, HSTU_ATTN_BF16 = 1 };
@@ -136,6 +136,14 @@ typedef struct HstuAttnBwdParams {
   float* dposition_weights;
   float* dtime_weights;
   int64_t num_tokens;  // L, the rows of q, k, v, dout (the Hopper backward's TMA descriptors span them)
+  // Deterministic dQ (NULL: dQ is added with fp32 atomics, in an order that varies between runs): one zeroed int32
+  // counter per (sequence, head, 64-row query block), [num_sequences, num_heads, dq_semaphore_stride] with
+  // dq_semaphore_stride >= ceil(max_seq_len / 64). The CTA of each key block then adds its dQ tile of a query block
+  // with plain loads and stores after the CTAs of every higher key block of that sequence (launched before it), so
+  // dq_accum's bits repeat. SM80-style kernels only (the Hopper backward is not used); not with drab_atomic or table
+  // gradients (their atomics would stay).
+  int* dq_semaphore;
+  int64_t dq_semaphore_stride;
 } HstuAttnBwdParams;
 
 HSTU_ATTN_API int hstu_attn_cutlass_abi_version(void);

@@ -1,6 +1,7 @@
 """CUTLASS/CuTe backend against the PyTorch reference (GPU only; skipped without CUDA or without the built library).
 
-The forward and the backward (head dims 64 and 128; 256 and deterministic=True run the Triton backward) run the
+The forward and the backward (head dims 64 and 128; 256 runs the Triton backward; deterministic=True:
+test_cutlass_deterministic_gpu.py) run the
 compiled kernels (`libhstu_attn_cutlass.so`), on every mask option, both offset dtypes, bf16 and fp16 (fp32 is
 refused with a message), odd lengths, length 1 and empty sequences; with a materialized rab (per head or shared by
 the heads) the same, plus rab's gradient; with the fused relative bias (position and log-bucketed time tables, shared
@@ -210,7 +211,7 @@ def test_backward_strided_heads_view_direct_call() -> None:
 
 
 def test_deterministic_backward_equals_itself() -> None:
-    """deterministic=True runs the Triton backward (no atomics): two runs give the same bits."""
+    """deterministic=True (the CUTLASS backward adding dQ in a fixed order): two runs give the same bits."""
     q, k, v, offsets = _inputs((300, 77), 2, 64, torch.bfloat16, seed=3)
     grad = torch.randn(q.shape, device="cuda").to(torch.bfloat16)
     runs = []

@@ -72,10 +72,11 @@ def hstu_attn_varlen_func(
         rab: `[B, H or 1, N, N]` bias of q's dtype, or None.
         relative_bias: learnable position/time bias tables (`RelativeBias`), or None.
         backend: a `KernelBackend` (or its string value). CUTLASS (forward for head dims 64/128/256, backward for
-            64/128; head dim 256 and deterministic backwards run the Triton kernels) raises NotImplementedError when
-            the library is not built or does not support the inputs.
-        deterministic: make the backward deterministic (no floating-point atomics; with CUTLASS the Triton
-            backward runs); ignored by PYTORCH.
+            64/128; head dim 256, and deterministic backwards with a fused relative bias or a rab shared by the
+            heads, run the Triton kernels) raises NotImplementedError when the library is not built or does not
+            support the inputs.
+        deterministic: make the backward deterministic (every gradient repeats its bits: no floating-point atomics,
+            or sums in a fixed order); ignored by PYTORCH.
         check_finite: raise ValueError naming the tensor (q, k, v, rab at an attended pair, a bias table; in the
             backward grad_out) and its first token (sequence index, position, head) holding inf or nan. Off by
             default: it reads the inputs on the host (one synchronization per tensor).
@@ -287,14 +288,16 @@ def _backward_values(
     if check_finite:
         check_finite_tokens("grad_out", grad_out, seq_offsets)
     concrete = _concrete_backend(backend, q, v)
-    if concrete is KernelBackend.CUTLASS and q.shape[2] in CUTLASS_BACKWARD_HEAD_DIMS and not deterministic:
+    fused_bias = position_weights is not None or time_weights is not None
+    if concrete is KernelBackend.CUTLASS and _cutlass_backward_takes(q, rab, rab_needs_grad, fused_bias, deterministic):
         all_grads = hstu_attn_cutlass_backward(
             grad_out, q, k, v, seq_offsets, max_seq_len, alpha=alpha, scale=1.0 / scaling_seqlen, causal=causal,
             num_targets=num_targets, contextual_seq_len=contextual_seq_len, max_attn_len=max_attn_len, rab=rab,
             rab_requires_grad=rab_needs_grad,
             relative_bias=_relative_bias(position_weights, time_weights, timestamps, time_bucket_divisor),
+            deterministic=deterministic,
         )  # fmt: skip
-    elif concrete in (KernelBackend.TRITON, KernelBackend.CUTLASS):  # CUTLASS: head dim 256 or deterministic
+    elif concrete in (KernelBackend.TRITON, KernelBackend.CUTLASS):  # CUTLASS: see _cutlass_backward_takes
         all_grads = _import_triton_kernels().hstu_attn_triton_backward(
             grad_out, q, k, v, seq_offsets, max_seq_len,
             **_triton_options(
@@ -323,6 +326,17 @@ def _backward_values(
                 raise RuntimeError(f"the {concrete.value} backward returned no gradient for the given {name}")
             grads.append(grad)
     return [grad.contiguous() for grad in grads]
+
+
+def _cutlass_backward_takes(
+    q: Tensor, rab: Tensor | None, rab_needs_grad: bool, fused_bias: bool, deterministic: bool
+) -> bool:
+    """Whether backend=CUTLASS runs its own backward (else Triton's): head dims 64/128, and when deterministic, no
+    fused relative bias and no rab shared by several heads that needs its gradient (their sums are atomic there)."""
+    if q.shape[2] not in CUTLASS_BACKWARD_HEAD_DIMS:
+        return False
+    shared_rab_grad = rab is not None and rab_needs_grad and rab.shape[1] != q.shape[1]
+    return not deterministic or not (fused_bias or shared_rab_grad)
 
 
 _hstu_attn_backward = torch.library.custom_op("hstu_attn::backward", _backward_values, mutates_args=())

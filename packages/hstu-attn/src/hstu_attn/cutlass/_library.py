@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 LIBRARY_NAME = "libhstu_attn_cutlass.so"
 LIBRARY_ENV = "HSTU_ATTN_CUTLASS_LIB"
 BUILD_HINT = (
@@ -104,6 +104,8 @@ class BwdParams(ctypes.Structure):
         ("dposition_weights", ctypes.c_void_p),
         ("dtime_weights", ctypes.c_void_p),
         ("num_tokens", ctypes.c_int64),
+        ("dq_semaphore", ctypes.c_void_p),
+        ("dq_semaphore_stride", ctypes.c_int64),
     ]
 
 

@@ -252,6 +252,7 @@ def hstu_attn_cutlass_backward(
     rab: Tensor | None = None,
     rab_requires_grad: bool = True,
     relative_bias: RelativeBias | None = None,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Backward on the compiled kernels: `(dq, dk, dv, drab, dposition_weights, dtime_weights)`, dq/dk/dv `[L, H, D]`
     in q's dtype. Takes what :func:`hstu_attn_cutlass_forward` takes plus `grad_out [L, H, D]`; D must be in
@@ -265,6 +266,11 @@ def hstu_attn_cutlass_backward(
     dposition_weights / dtime_weights are the relative-bias tables' gradients in their shapes and dtypes (None without
     that table): the sum of dS over the valid pairs of each column (and over heads for a shared row), summed per CTA in
     shared memory, added with fp32 atomics into fp32 buffers (bits may vary between runs) and cast.
+
+    `deterministic=True` adds each key block's dQ in a fixed order instead (plain loads and stores in turn, one int32
+    counter per sequence, head and 64-row query block), so every result repeats its bits; the SM80-style kernel runs
+    (not the Hopper one). It raises NotImplementedError beside a fused relative bias or a shared rab that needs its
+    gradient, whose sums stay atomic (`hstu_attn_varlen_func` runs the Triton backward for those).
     """
     _check_same_layout(q=q, k=k, v=v, grad_out=grad_out)
     if rab is not None:
@@ -276,6 +282,13 @@ def hstu_attn_cutlass_backward(
     grad_out, q, k, v = _rows(grad_out), _rows(q), _rows(k), _rows(v)
     rab = None if rab is None else _rows(rab)
     drab_target, drab_atomic = _rab_gradient_target(rab if rab_requires_grad else None, q.shape[1])
+    if deterministic and (relative_bias is not None or drab_atomic):
+        raise NotImplementedError(
+            "the deterministic CUTLASS backward has no fixed-order sum for "
+            + ("the relative-bias tables' gradients" if relative_bias is not None else "a rab shared by the heads")
+            + " (hstu_attn_varlen_func(..., deterministic=True) runs the Triton backward for it)"
+        )
+    dq_semaphore = _dq_semaphore(seq_offsets.numel() - 1, q.shape[1], max_seq_len, q.device) if deterministic else None
     seq_offsets = seq_offsets.contiguous()
     num_targets = None if num_targets is None else num_targets.contiguous()
     dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -293,12 +306,19 @@ def hstu_attn_cutlass_backward(
         relative_bias=fused.params,
         dposition_weights=None if dposition is None else dposition.data_ptr(),
         dtime_weights=None if dtime is None else dtime.data_ptr(), num_tokens=q.shape[0],
+        dq_semaphore=None if dq_semaphore is None else dq_semaphore.data_ptr(),
+        dq_semaphore_stride=0 if dq_semaphore is None else dq_semaphore.shape[-1],
     )  # fmt: skip
     if q.shape[0] > 0:
         _launch(library, "backward", params, q.device)
     drab = None if drab_target is None else drab_target.to(q.dtype)  # rab has q's dtype (_check_rab)
     table_grads = _cast_table_gradients(relative_bias, dposition, dtime)
     return dq_accum.to(q.dtype), dk, dv, drab, *table_grads
+
+
+def _dq_semaphore(num_sequences: int, num_heads: int, max_seq_len: int, device: torch.device) -> Tensor:
+    """Zeroed int32 counters `[B, H, ceil(N / 64)]` of the deterministic dQ (one per 64-row query block)."""
+    return torch.zeros(num_sequences, num_heads, max(1, -(-max_seq_len // 64)), dtype=torch.int32, device=device)
 
 
 def _cast_table_gradients(
