@@ -118,16 +118,28 @@ struct DqTurns {
     return max(last - n_block, 0);
   }
 
-  // Every thread of the CTA returns once the CTAs before this one have added into query block m_block.
+  // Every thread of the CTA returns once the CTAs before this one have added into query block m_block. A wait past
+  // kMaxWaitNs (far longer than any backward takes) can only be a broken turn order: it traps (the launch fails with
+  // an error) instead of hanging the device.
+  static constexpr unsigned long long kMaxWaitNs = 30ull * 1000 * 1000 * 1000;
   __device__ __forceinline__ void wait(int m_block, int tid) const {
     if (tid == 0) {
       const int want = turn(m_block);
+      const unsigned long long started = global_nanoseconds();
       int seen;
-      do {
+      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(seen) : "l"(counters + m_block) : "memory");
+      while (seen != want) {
+        if (global_nanoseconds() - started > kMaxWaitNs) __trap();
         asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(seen) : "l"(counters + m_block) : "memory");
-      } while (seen != want);
+      }
     }
     __syncthreads();
+  }
+
+  static __device__ __forceinline__ unsigned long long global_nanoseconds() {
+    unsigned long long now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    return now;
   }
 
   // After every thread's dQ stores for query block m_block: the next CTA may add.
