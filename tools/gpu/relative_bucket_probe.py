@@ -12,7 +12,9 @@ out[i, d] = silu(table[bucket(i, key0 + d)]) ~ table[...] (fp16; silu(x) = x wit
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import torch
 
@@ -25,14 +27,12 @@ NUM_BUCKETS, DIVISOR, MAX_GAP = 3000, 0.004, 5000
 
 
 def timestamps(seed: int) -> torch.Tensor:
-    """The test's `_timestamps` for int64 (same generator calls)."""
-    gen = torch.Generator().manual_seed(seed)
-    parts = []
-    for n in LENGTHS:
-        gaps = torch.randint(0, MAX_GAP + 1, (n,), generator=gen)
-        start = torch.randint(0, 10 * MAX_GAP + 1, (1,), generator=gen)
-        parts.append(start + gaps.cumsum(0))
-    return torch.cat(parts).cuda()
+    """The test's own `_timestamps` (tests/test_cutlass_gpu.py, loaded from its file) for int64."""
+    path = Path(__file__).resolve().parents[2] / "packages/hstu-attn/tests/test_cutlass_gpu.py"
+    spec = importlib.util.spec_from_file_location("_probe_test_cutlass_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._timestamps(LENGTHS, torch.int64, seed=seed, max_gap=MAX_GAP)
 
 
 def kernel_columns(times: torch.Tensor, column_values: torch.Tensor) -> list[torch.Tensor]:
