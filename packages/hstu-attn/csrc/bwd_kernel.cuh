@@ -22,6 +22,7 @@
 
 #include <cuda_runtime.h>
 
+#include "dq_turns.cuh"
 #include "fwd_kernel.cuh"
 
 namespace hstu_attn {
@@ -100,58 +101,6 @@ __device__ __forceinline__ void store_rows(Acc const& acc, Coords const& coords,
   }
 }
 
-// Deterministic dQ: the CTA of key block n_block adds into query block m_block's dQ rows only after the CTAs of every
-// higher key block of its (sequence, head) that visit m_block have added theirs; each counter counts them. Those CTAs
-// have lower blockIdx.x (the grid runs key blocks from the last), so they were launched before this one and never
-// wait on it. A CTA passes its turn at every query block it visits, with or without pairs to add.
-template <int kBlockM, int kBlockN>
-struct DqTurns {
-  int* counters;     // this (sequence, head)'s counters, one per query block; nullptr: fp32 atomics instead
-  int n_block;       // this CTA's key block
-  int last_n_block;  // the sequence's last key block
-  bool causal_start; // whether key block n visits only query blocks from n * kBlockN / kBlockM on
-
-  // The number of CTAs that add into query block m_block before this one.
-  __device__ __forceinline__ int turn(int m_block) const {
-    int last = last_n_block;
-    if (causal_start) last = min(last, ((m_block + 1) * kBlockM - 1) / kBlockN);
-    return max(last - n_block, 0);
-  }
-
-  // Every thread of the CTA returns once the CTAs before this one have added into query block m_block. A wait past
-  // kMaxWaitNs (far longer than any backward takes) can only be a broken turn order: it traps (the launch fails with
-  // an error) instead of hanging the device.
-  static constexpr unsigned long long kMaxWaitNs = 30ull * 1000 * 1000 * 1000;
-  __device__ __forceinline__ void wait(int m_block, int tid) const {
-    if (tid == 0) {
-      const int want = turn(m_block);
-      const unsigned long long started = global_nanoseconds();
-      int seen;
-      asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(seen) : "l"(counters + m_block) : "memory");
-      while (seen != want) {
-        if (global_nanoseconds() - started > kMaxWaitNs) __trap();
-        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(seen) : "l"(counters + m_block) : "memory");
-      }
-    }
-    __syncthreads();
-  }
-
-  static __device__ __forceinline__ unsigned long long global_nanoseconds() {
-    unsigned long long now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    return now;
-  }
-
-  // After every thread's dQ stores for query block m_block: the next CTA may add.
-  __device__ __forceinline__ void pass(int m_block, int tid) const {
-    __syncthreads();
-    if (tid == 0) {
-      __threadfence();
-      asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(counters + m_block) : "memory");
-    }
-  }
-};
-
 template <class Traits, int kBias>
 __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(const HstuAttnBwdParams p) {
   using Elem = typename Traits::Elem;
@@ -172,8 +121,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   if (n0 >= length) return;
   const int targets = p.num_targets == nullptr ? 0 : int(load_index(p.num_targets, p.targets_int64, sequence));
   const SequenceMask mask{length, length - targets, p.contextual_seq_len, p.max_attn_len, p.causal != 0};
-  // Under a causal mask with no contextual rows every valid pair has query >= key.
-  const int m_block_begin = (mask.causal && mask.contextual == 0) ? n0 / kBlockM : 0;
+  const int m_block_begin = first_m_block<kBlockM, kBlockN>(n_block, mask.causal && mask.contextual == 0);
   const int m_block_end = (length + kBlockM - 1) / kBlockM;
   const float scale = p.alpha * p.inv_scaling;
   const DqTurns<kBlockM, kBlockN> dq_turns{
