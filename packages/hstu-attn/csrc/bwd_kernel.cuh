@@ -121,13 +121,14 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) hstu_attn_bwd_kernel(con
   if (n0 >= length) return;
   const int targets = p.num_targets == nullptr ? 0 : int(load_index(p.num_targets, p.targets_int64, sequence));
   const SequenceMask mask{length, length - targets, p.contextual_seq_len, p.max_attn_len, p.causal != 0};
-  const int m_block_begin = first_m_block<kBlockM, kBlockN>(n_block, mask.causal && mask.contextual == 0);
+  const bool causal_start = mask.causal && mask.contextual == 0;  // every valid pair has query >= key
+  const int m_block_begin = first_m_block<kBlockM, kBlockN>(n_block, causal_start);
   const int m_block_end = (length + kBlockM - 1) / kBlockM;
   const float scale = p.alpha * p.inv_scaling;
   const DqTurns<kBlockM, kBlockN> dq_turns{
       p.dq_semaphore == nullptr ? nullptr
                                 : p.dq_semaphore + (int64_t(sequence) * p.num_heads + head) * p.dq_semaphore_stride,
-      n_block, (length - 1) / kBlockN, mask.causal && mask.contextual == 0};
+      n_block, (length - 1) / kBlockN, causal_start};
   const Elem* rab = nullptr;
   void* drab = nullptr;  // offset to this (sequence, head) in elements of its type
   if constexpr (kHasRab || kRelative) {

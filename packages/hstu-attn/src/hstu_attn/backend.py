@@ -23,9 +23,8 @@ class KernelBackend(str, enum.Enum):
         under `TRITON_INTERPRET=1`).
     CUTLASS: the compiled CUTLASS/CuTe kernels (bfloat16/float16, head dims 64/128/256, backward 64/128 with the
         Triton backward for 256 and for deterministic=True beside a fused relative bias or a rab shared by the heads;
-        materialized rab and fused relative bias supported) when
-        the package was built with HSTU_ATTN_BUILD_CUDA=1, else NotImplementedError saying how to build it. Not yet
-        verified on a GPU; AUTO never picks it.
+        materialized rab and fused relative bias supported) when the package was built with HSTU_ATTN_BUILD_CUDA=1,
+        else NotImplementedError saying how to build it. AUTO never picks it.
     AUTO: TRITON when the inputs are CUDA tensors it supports and Triton imports, else PYTORCH.
     """
 
