@@ -9,6 +9,7 @@ relative max error by 4x) the same error of ref_lowprec, the reference run in th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -368,3 +369,60 @@ def test_gpu_benchmark_shape_matches_reference() -> None:
     gen = torch.Generator().manual_seed(9)
     lengths = tuple(torch.randint(512, 4097, (16,), generator=gen).tolist())
     check_case(Case(lengths=lengths, heads=4, dqk=128, dv=128, dtype=torch.bfloat16, max_seq_len=4096), seed=9)
+
+
+# ---- split dK/dV (LaunchConfig.split_dkdv): dV in one launch, dK with dQ and the bias gradients in a second ----
+
+
+class _PassRecorder:
+    """Stands in for a Triton kernel: records the PASS of every launch, then launches the kernel."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.passes = kernel, []
+        self.__name__ = kernel.__name__
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.passes.append(kwargs.get("PASS", 0))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def split_dkdv(monkeypatch: pytest.MonkeyPatch) -> _PassRecorder:
+    """Every tuned dK/dV launch split in two passes: the interpreter's config and, on a GPU, every candidate."""
+    from hstu_attn.triton import api
+
+    tuned = api._backward_dkdv
+    recorder = _PassRecorder(tuned.kernel)
+    monkeypatch.setattr(tuned, "kernel", recorder)
+    monkeypatch.setattr(tuned, "chosen", {})
+    monkeypatch.setattr(tuned, "interpreter", dataclasses.replace(tuned.interpreter, split_dkdv=True))
+    split = {dim: [(*c[:4], True) for c in configs] for dim, configs in tuned.candidates.items()}
+    monkeypatch.setattr(tuned, "candidates", split)
+    return recorder
+
+
+SPLIT_CASES = {
+    **{f"{name}_fp32": dict(mask, dtype=torch.float32) for name, mask in MASK_CASES.items()},
+    **{f"{name}_bf16": dict(bias, dtype=torch.bfloat16) for name, bias in BIAS_CASES.items()},
+    "dq_kernel_targets_bf16": dict(targets=(2, 5, 0, 1, 20), atomic_dq=False, dtype=torch.bfloat16),
+    "dq_kernel_position_time_fp32": dict(position_rows=2, time_rows=1, atomic_dq=False),
+    "dqk64_dv16": dict(dqk=64, dv=16, rab_heads=2),
+}
+
+
+@pytest.mark.parametrize("name", SPLIT_CASES.keys())
+def test_split_dkdv_matches_reference(name: str, split_dkdv: _PassRecorder) -> None:
+    check_case(Case(**SPLIT_CASES[name]), seed=11)
+    assert split_dkdv.passes == [1, 2], f"expected a dV launch then a dK launch, got PASS {split_dkdv.passes}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bf16_d256_causal", "bf16_fused_position_time", "bf16_causal_everything_rab_shared"])
+def test_gpu_split_dkdv_real_sizes_match_reference(name: str, split_dkdv: _PassRecorder) -> None:
+    test_gpu_real_sizes_match_reference(name)
+    assert split_dkdv.passes and set(split_dkdv.passes) == {1, 2}, split_dkdv.passes

@@ -13,7 +13,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,6 +26,7 @@ from hstu_attn.triton.configs import (
     LaunchConfig,
     TunedKernel,
     deterministic_config,
+    launch_config,
     next_power_of_two,
 )
 from hstu_attn.triton.forward import hstu_attn_forward_kernel
@@ -485,7 +485,7 @@ def _launch_dkdv(plan: _BackwardPlan, grads: _Gradients, q: Tensor, k: Tensor, v
     }
     grid = _key_grid(launch, plan.max_seq_len)
     if plan.fixed is not None:
-        _launch_fixed(hstu_attn_backward_dkdv_kernel, plan.fixed, grid, args, kwargs)
+        launch_config(hstu_attn_backward_dkdv_kernel, plan.fixed, grid, args, kwargs)
         return
     drab_accumulator = grads.drab_target if grads.drab_atomic else None
     _backward_dkdv.launch(
@@ -507,7 +507,7 @@ def _launch_dq(plan: _BackwardPlan, grads: _Gradients, q: Tensor, k: Tensor, v: 
     if plan.fixed is None:
         _backward_dq.launch(launch.key, launch.head_dim, grid, args, kwargs)
     else:
-        _launch_fixed(hstu_attn_backward_dq_kernel, plan.fixed, grid, args, kwargs)
+        launch_config(hstu_attn_backward_dq_kernel, plan.fixed, grid, args, kwargs)
 
 
 def _finish_gradients(
@@ -548,12 +548,6 @@ def _reduce_rab_gradient(drab: Tensor, drab_target: Tensor, rab: Tensor, determi
     if deterministic and rab.shape[0] == 1:
         reduced = reduced.sum(dim=0, keepdim=True)
     drab.copy_(reduced)
-
-
-def _launch_fixed(
-    kernel: Any, config: LaunchConfig, grid: Callable[[LaunchConfig], tuple[int]], args: tuple, kwargs: dict
-) -> None:
-    kernel[grid(config)](*args, **kwargs, **config.meta())
 
 
 def _fold_position_partials(

@@ -10,6 +10,8 @@ No softmax, so nothing from the forward is needed beyond the inputs.
 `hstu_attn_backward_dkdv_kernel`: one program per block of BLOCK_N keys of one (sequence, head); it walks the
 query blocks that attend those keys, accumulates dK and dV in registers, and adds the bias gradients. It also
 adds dQ with fp32 atomics when ATOMIC_DQ; the deterministic alternative is `hstu_attn.triton.backward_dq`.
+With `PASS` 1 and 2 (two launches, `LaunchConfig.split_dkdv`) a program accumulates dV only, then dK only (with
+dQ and the bias gradients): one `[BLOCK_N, D]` accumulator per program instead of two, for one more product.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def _backward_dkdv_span(
     FAST_SILU: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    WANT_DV: tl.constexpr,
+    WANT_DK: tl.constexpr,
 ):
     offs_dqk = tl.arange(0, DQK)
     offs_dv = tl.arange(0, DV)
@@ -146,43 +150,47 @@ def _backward_dkdv_span(
             value = tl.where(valid, value, 0.0)
         else:
             do = tl.load(do_ptrs)
-        dv = mma(value.to(do.dtype), do, dv, UPCAST_DOT, INPUT_PRECISION)
-        dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
-        ds_t = dp_t * grad
-        if MASKED:
-            ds_t = tl.where(valid, ds_t, 0.0)
-        dk = mma(ds_t.to(q.dtype), q, dk, UPCAST_DOT, INPUT_PRECISION)
-        if ATOMIC_DQ:
-            dq = mma(
-                tl.trans(ds_t).to(k.dtype),
-                k_for_dq,
-                tl.zeros([BLOCK_M, DQK], dtype=tl.float32),
-                UPCAST_DOT,
-                INPUT_PRECISION,
-            )
-            dq_ptrs = dq_ptr + offs_m[:, None].to(tl.int64) * stride_dqm + offs_dqk[None, :]
-            tl.atomic_add(dq_ptrs, dq * (alpha * scale), mask=row_in[:, None], sem="relaxed")
-        if HAS_DRAB or HAS_POS or HAS_TIME:
-            ds_scaled = ds_t * scale
-            if HAS_DRAB:
-                drab_ptrs = drab_ptr + offs_m[None, :].to(tl.int64) * stride_drab_m + offs_n[:, None] * stride_drab_n
-                drab_mask = row_in[None, :] & col_in[:, None]
-                if DRAB_ATOMIC:
-                    tl.atomic_add(drab_ptrs, ds_scaled, mask=drab_mask, sem="relaxed")
-                else:
-                    tl.store(drab_ptrs, ds_scaled.to(drab_ptr.dtype.element_ty), mask=drab_mask)
-            if HAS_POS:
-                accumulate_position_grad_transposed(
-                    ds_scaled, n0 - m0, dpos_ptr, pos_reach, max_seq_len, BLOCK_N, BLOCK_M, DETERMINISTIC
+        if WANT_DV:
+            dv = mma(value.to(do.dtype), do, dv, UPCAST_DOT, INPUT_PRECISION)
+        if WANT_DK:
+            dp_t = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), UPCAST_DOT, INPUT_PRECISION)
+            ds_t = dp_t * grad
+            if MASKED:
+                ds_t = tl.where(valid, ds_t, 0.0)
+            dk = mma(ds_t.to(q.dtype), q, dk, UPCAST_DOT, INPUT_PRECISION)
+            if ATOMIC_DQ:
+                dq = mma(
+                    tl.trans(ds_t).to(k.dtype),
+                    k_for_dq,
+                    tl.zeros([BLOCK_M, DQK], dtype=tl.float32),
+                    UPCAST_DOT,
+                    INPUT_PRECISION,
                 )
-            if HAS_TIME:
-                if MASKED:
-                    first = tl.min(tl.min(tl.where(valid, buckets, num_buckets), axis=1), axis=0)
-                    last = tl.max(tl.max(tl.where(valid, buckets, -1), axis=1), axis=0)
-                else:
-                    first = tl.min(tl.min(buckets, axis=1), axis=0)
-                    last = tl.max(tl.max(buckets, axis=1), axis=0)
-                time_acc = accumulate_time_grad(time_acc, ds_scaled, buckets, first, last, NUM_BUCKETS_P2)
+                dq_ptrs = dq_ptr + offs_m[:, None].to(tl.int64) * stride_dqm + offs_dqk[None, :]
+                tl.atomic_add(dq_ptrs, dq * (alpha * scale), mask=row_in[:, None], sem="relaxed")
+            if HAS_DRAB or HAS_POS or HAS_TIME:
+                ds_scaled = ds_t * scale
+                if HAS_DRAB:
+                    drab_ptrs = (
+                        drab_ptr + offs_m[None, :].to(tl.int64) * stride_drab_m + offs_n[:, None] * stride_drab_n
+                    )
+                    drab_mask = row_in[None, :] & col_in[:, None]
+                    if DRAB_ATOMIC:
+                        tl.atomic_add(drab_ptrs, ds_scaled, mask=drab_mask, sem="relaxed")
+                    else:
+                        tl.store(drab_ptrs, ds_scaled.to(drab_ptr.dtype.element_ty), mask=drab_mask)
+                if HAS_POS:
+                    accumulate_position_grad_transposed(
+                        ds_scaled, n0 - m0, dpos_ptr, pos_reach, max_seq_len, BLOCK_N, BLOCK_M, DETERMINISTIC
+                    )
+                if HAS_TIME:
+                    if MASKED:
+                        first = tl.min(tl.min(tl.where(valid, buckets, num_buckets), axis=1), axis=0)
+                        last = tl.max(tl.max(tl.where(valid, buckets, -1), axis=1), axis=0)
+                    else:
+                        first = tl.min(tl.min(buckets, axis=1), axis=0)
+                        last = tl.max(tl.max(buckets, axis=1), axis=0)
+                    time_acc = accumulate_time_grad(time_acc, ds_scaled, buckets, first, last, NUM_BUCKETS_P2)
     return dk, dv, time_acc
 
 
@@ -254,7 +262,11 @@ def hstu_attn_backward_dkdv_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PASS: tl.constexpr = 0,
 ):
+    # PASS 0: dK, dV and the rest in one launch; 1: dV only; 2: dK, dQ (atomics) and the bias gradients only
+    want_dv: tl.constexpr = PASS != 2
+    want_dk: tl.constexpr = PASS != 1
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(max_seq_len, BLOCK_N)
     seq, head, block, seq_start, n = tile_sequence(pid, num_n_blocks, num_heads, seq_offsets, batch_order, HAS_ORDER)
@@ -369,13 +381,17 @@ def hstu_attn_backward_dkdv_kernel(
                 FAST_SILU,
                 UPCAST_DOT,
                 INPUT_PRECISION,
+                want_dv,
+                want_dk,
             )
 
     dk_ptrs = head_rows(DK, seq_start, head, offs_n, stride_dkm, DQK, DQK)
     dv_ptrs = head_rows(DV_out, seq_start, head, offs_n, stride_dvm, DV, DV)
-    tl.store(dk_ptrs, (dk * (alpha * scale)).to(DK.dtype.element_ty), mask=col_in[:, None])
-    tl.store(dv_ptrs, (dv * scale).to(DV_out.dtype.element_ty), mask=col_in[:, None])
-    if HAS_TIME:
+    if want_dk:
+        tl.store(dk_ptrs, (dk * (alpha * scale)).to(DK.dtype.element_ty), mask=col_in[:, None])
+    if want_dv:
+        tl.store(dv_ptrs, (dv * scale).to(DV_out.dtype.element_ty), mask=col_in[:, None])
+    if HAS_TIME and want_dk:
         bucket_ids = tl.arange(0, NUM_BUCKETS_P2)
         if DETERMINISTIC:
             tl.store(dtime + pid.to(tl.int64) * stride_dtime_h + bucket_ids, time_acc, mask=bucket_ids < num_buckets)

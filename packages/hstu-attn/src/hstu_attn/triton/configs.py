@@ -28,6 +28,7 @@ __all__ = [
     "LaunchConfig",
     "TunedKernel",
     "deterministic_config",
+    "launch_config",
     "next_power_of_two",
 ]
 
@@ -43,6 +44,9 @@ class LaunchConfig:
     block_n: int  # key columns per tile
     num_warps: int
     num_stages: int
+    # dK/dV kernel only: dV in one launch (PASS=1) and dK with everything else in a second (PASS=2), so a program
+    # holds one [BLOCK_N, D] accumulator instead of two (fewer registers at head dim 256, one more product).
+    split_dkdv: bool = False
 
     def meta(self) -> dict[str, int]:
         return {
@@ -51,6 +55,12 @@ class LaunchConfig:
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
         }
+
+    def launches(self) -> list[dict[str, int]]:
+        """Meta-parameters of each launch this config makes: one, or the dV and dK passes when `split_dkdv`."""
+        if not self.split_dkdv:
+            return [self.meta()]
+        return [{**self.meta(), "PASS": 1}, {**self.meta(), "PASS": 2}]
 
 
 _INTERPRETER = LaunchConfig(16, 16, 1, 1)
@@ -63,7 +73,16 @@ FORWARD_CANDIDATES = {
 }
 BACKWARD_CANDIDATES = {
     64: [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2)],
-    128: [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 1), (128, 128, 8, 1)],
+    128: [
+        (64, 128, 8, 2),
+        (32, 128, 8, 2),
+        (64, 64, 4, 2),
+        (32, 64, 4, 2),
+        (64, 128, 8, 1),
+        (128, 128, 8, 1),
+        (64, 128, 8, 2, True),
+        (128, 128, 8, 2, True),
+    ],
     256: [
         (64, 64, 8, 1),
         (32, 64, 4, 1),
@@ -74,6 +93,11 @@ BACKWARD_CANDIDATES = {
         (64, 32, 8, 1),
         (64, 32, 8, 2),
         (128, 32, 8, 1),
+        # split dK/dV (LaunchConfig.split_dkdv): one accumulator per program in each of two launches
+        (64, 64, 8, 2, True),
+        (64, 64, 8, 1, True),
+        (32, 64, 4, 2, True),
+        (128, 64, 8, 1, True),
     ],
 }
 _DETERMINISTIC = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2), 256: (32, 64, 4, 1)}
@@ -97,9 +121,15 @@ def deterministic_config(head_dim: int) -> LaunchConfig:
 class TunedKernel:
     """A Triton kernel plus the launch configuration chosen for each tuning key."""
 
-    def __init__(self, kernel: Any, candidates: dict[int, list[tuple[int, int, int, int]]]) -> None:
+    def __init__(
+        self,
+        kernel: Any,
+        candidates: dict[int, list[tuple[int, int, int, int] | tuple[int, int, int, int, bool]]],
+        interpreter: LaunchConfig = _INTERPRETER,
+    ) -> None:
         self.kernel = kernel
         self.candidates = candidates
+        self.interpreter = interpreter  # the one config under TRITON_INTERPRET=1
         self.chosen: dict[tuple, LaunchConfig] = {}
 
     def launch(
@@ -119,11 +149,11 @@ class TunedKernel:
         if config is None:
             config = self._choose(head_dim, grid, args, kwargs, accumulators)
             self.chosen[key] = config
-        self.kernel[grid(config)](*args, **kwargs, **config.meta())
+        launch_config(self.kernel, config, grid, args, kwargs)
 
     def _choose(self, head_dim, grid, args, kwargs, accumulators) -> LaunchConfig:
         if INTERPRET:
-            return _INTERPRETER
+            return self.interpreter
         candidates = [LaunchConfig(*c) for c in self.candidates[_head_dim_class(head_dim)]]
         if ONLY_CANDIDATE is not None:
             return candidates[int(ONLY_CANDIDATE) % len(candidates)]
@@ -132,7 +162,7 @@ class TunedKernel:
 
             def run(config: LaunchConfig = config) -> None:
                 _zero(accumulators)
-                self.kernel[grid(config)](*args, **kwargs, **config.meta())
+                launch_config(self.kernel, config, grid, args, kwargs)
 
             try:
                 run()  # compiles; raises OutOfResources when the config needs more shared memory than the GPU has
@@ -146,6 +176,14 @@ class TunedKernel:
         if not timings:
             raise RuntimeError(f"no launch configuration of {self.kernel.__name__} fits this GPU")
         return min(timings, key=timings.__getitem__)
+
+
+def launch_config(
+    kernel: Any, config: LaunchConfig, grid: Callable[[LaunchConfig], tuple[int]], args: Sequence[Any], kwargs: dict
+) -> None:
+    """Launch `kernel` on `grid(config)` once per entry of `config.launches()` (twice for a split dK/dV)."""
+    for meta in config.launches():
+        kernel[grid(config)](*args, **kwargs, **meta)
 
 
 def _zero(accumulators: Sequence[torch.Tensor | None]) -> None:

@@ -1,0 +1,147 @@
+"""Registers and spills of the Triton dK/dV kernel for each backward launch config, compiled for sm_90a on any machine.
+
+Records the launches `hstu_attn_triton_backward` makes (no GPU: kernel launches are intercepted), compiles each
+for sm_90a, and reads the cubin's registers and stack (spills land there) with cuobjdump. Spills suggest a slow
+config; the GPU timing (tools/gpu/dkdv_split_timing.py, autotuning) decides. Needs triton's NVIDIA backend (its
+cuobjdump, or one on PATH).
+
+    python tools/triton_dkdv_registers.py --head-dim 256 --out /tmp/dkdv-registers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["HSTU_ATTN_TRITON_AUTOTUNE"] = "0"
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from hstu_attn.triton import api, hstu_attn_triton_backward
+from hstu_attn.triton.configs import LaunchConfig
+
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
+_LAUNCHES: list[tuple[JITFunction, tuple, dict]] = []
+
+
+def _record(self, *args, grid, warmup, **kwargs):
+    _LAUNCHES.append((self, args, kwargs))
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unexpected argument {value!r}")
+
+
+def _cubin(kernel: JITFunction, args: tuple, kwargs: dict) -> bytes:
+    kwargs = dict(kwargs)
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+    values = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    constexpr_names = {kernel.arg_names[i] for i in kernel.constexprs}
+    signature, constexprs = {}, {}
+    for name in kernel.arg_names:
+        value = values.get(name, kernel.params[kernel.arg_names.index(name)].default)
+        if name in constexpr_names or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        else:
+            signature[name] = _arg_type(value)
+    compiled = triton.compile(
+        ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options
+    )
+    return compiled.asm["cubin"]
+
+
+def _resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, int]:
+    """REG (registers per thread), LOCAL (bytes of local memory per thread: spills) and SHARED of the cubin."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        done = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"cuobjdump failed: {done.stderr[-2000:]}")
+    usage = {name.lower(): int(value) for name, value in re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", done.stdout)}
+    return {
+        "registers": usage.get("reg", -1),
+        "local_bytes": usage.get("local", -1),
+        "stack_bytes": usage.get("stack", -1),
+    }
+
+
+def _backward_inputs(head_dim: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    lengths = [0, 1, 300, 77]
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+    total, heads = int(offsets[-1]), 2
+    q, k, v, grad = (torch.randn(total, heads, head_dim, generator=gen).to(dtype) for _ in range(4))
+    return grad, q, k, v, offsets, max(lengths)
+
+
+def measure(head_dim: int, dtype: torch.dtype, tool: str) -> list[dict]:
+    JITFunction.run = _record
+    grad, q, k, v, offsets, n = _backward_inputs(head_dim, dtype)
+    rows = []
+    for candidate in api._backward_dkdv.candidates[head_dim]:
+        config = LaunchConfig(*candidate)
+        api._backward_dkdv.candidates = {**api._backward_dkdv.candidates, head_dim: [candidate]}
+        api._backward_dkdv.chosen.clear()
+        _LAUNCHES.clear()
+        hstu_attn_triton_backward(
+            grad, q, k, v, offsets, n, alpha=0.1, scale=1.0 / n, causal=True, num_targets=None,
+            contextual_seq_len=0, max_attn_len=0, rab=None, position_weights=None, time_weights=None,
+            timestamps=None, time_bucket_divisor=1.0, deterministic=False, atomic_dq=False,
+        )  # fmt: skip
+        seen = set()
+        for kernel, args, kwargs in _LAUNCHES:
+            if kernel.__name__ != "hstu_attn_backward_dkdv_kernel" or kwargs.get("PASS", 0) in seen:
+                continue  # the untuned path launches a config twice (once to compile it)
+            seen.add(kwargs.get("PASS", 0))
+            row = {
+                "config": list(candidate),
+                "pass": kwargs.get("PASS", 0),
+                **_resource_usage(_cubin(kernel, args, kwargs), tool),
+            }
+            print(f"{config}  PASS {row['pass']}: {row['registers']} registers, local {row['local_bytes']} B, "
+                  f"stack {row['stack_bytes']} B", flush=True)  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dim", type=int, default=256, choices=sorted(api._backward_dkdv.candidates))
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    cuobjdump = bundled if os.path.exists(bundled) else shutil.which("cuobjdump") or ""
+    if not os.path.exists(cuobjdump):
+        print("error: no cuobjdump in triton's NVIDIA backend or on PATH", file=sys.stderr)
+        return 1
+    rows = measure(args.head_dim, getattr(torch, args.dtype), cuobjdump)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"head_dim": args.head_dim, "dtype": args.dtype, "arch": "sm_90a", "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
