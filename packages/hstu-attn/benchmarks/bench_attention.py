@@ -19,6 +19,7 @@ The result rows go to `<out>/<device>.json` (keys case, backend, fwd_tflops, bwd
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -27,7 +28,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -133,8 +134,37 @@ def bench_ours(shape: Shape, **variant: Any) -> tuple[float, float]:
 
 
 def bench_cutlass(shape: Shape) -> tuple[float, float | None]:
-    """Forward and backward of the CUTLASS/CuTe kernels (hstu_attn.cutlass, built with HSTU_ATTN_BUILD_CUDA=1); the
-    backward column stays empty at head dims without a CUTLASS backward kernel (256)."""
+    """Forward and backward of the SM80-style CUTLASS/CuTe kernels (hstu_attn.cutlass, built with
+    HSTU_ATTN_BUILD_CUDA=1; HSTU_ATTN_CUTLASS_SM90=0, so an sm_90 device runs them too); the backward column stays
+    empty at head dims without a CUTLASS backward kernel (256)."""
+    with _cutlass_sm90_env("0"):
+        return _time_cutlass(shape)
+
+
+def bench_cutlass_sm90(shape: Shape) -> tuple[float | None, float | None]:
+    """The Hopper (wgmma/TMA, warp-specialized) kernels (HSTU_ATTN_CUTLASS_SM90=1), head dims 64 and 128 only (other
+    head dims would silently time the sm_80 kernels, so they give no row)."""
+    if shape.head_dim not in (64, 128):
+        return None, None
+    with _cutlass_sm90_env("1"):
+        return _time_cutlass(shape)
+
+
+@contextlib.contextmanager
+def _cutlass_sm90_env(value: str) -> Iterator[None]:
+    """HSTU_ATTN_CUTLASS_SM90 set to `value` for the block (csrc/api.cu reads it on every call)."""
+    previous = os.environ.get("HSTU_ATTN_CUTLASS_SM90")
+    os.environ["HSTU_ATTN_CUTLASS_SM90"] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HSTU_ATTN_CUTLASS_SM90"]
+        else:
+            os.environ["HSTU_ATTN_CUTLASS_SM90"] = previous
+
+
+def _time_cutlass(shape: Shape) -> tuple[float, float | None]:
     from hstu_attn.cutlass import CUTLASS_BACKWARD_HEAD_DIMS, hstu_attn_cutlass_backward, hstu_attn_cutlass_forward
 
     x = make_inputs(shape)
@@ -152,22 +182,6 @@ def bench_cutlass(shape: Shape) -> tuple[float, float | None]:
     if shape.head_dim not in CUTLASS_BACKWARD_HEAD_DIMS:
         return fwd_tflops, None
     return fwd_tflops, 2.5 * flops / median_ms(bwd) / 1e9
-
-
-def bench_cutlass_sm90(shape: Shape) -> tuple[float | None, float | None]:
-    """bench_cutlass with HSTU_ATTN_CUTLASS_SM90=1: the Hopper (wgmma/TMA, warp-specialized) kernels, head dims 64 and
-    128 only (other head dims would silently time the sm_80 kernels, so they give no row)."""
-    if shape.head_dim not in (64, 128):
-        return None, None
-    previous = os.environ.get("HSTU_ATTN_CUTLASS_SM90")
-    os.environ["HSTU_ATTN_CUTLASS_SM90"] = "1"  # api.cu reads it on every call
-    try:
-        return bench_cutlass(shape)
-    finally:
-        if previous is None:
-            del os.environ["HSTU_ATTN_CUTLASS_SM90"]
-        else:
-            os.environ["HSTU_ATTN_CUTLASS_SM90"] = previous
 
 
 def bench_sdpa(shape: Shape, backend_name: str) -> tuple[float, float]:

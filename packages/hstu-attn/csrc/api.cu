@@ -1,5 +1,5 @@
 // The C ABI of hstu_attn_cutlass.h: argument checks and dispatch by head dim (and to the Hopper forward and backward
-// on sm_90 when opted in).
+// on sm_90 unless HSTU_ATTN_CUTLASS_SM90=0).
 #include <cuda_runtime.h>
 
 #include <cstdlib>
@@ -42,31 +42,30 @@ bool dq_semaphore_ok(const HstuAttnBwdParams& params) {
   return !atomic_beside && params.dq_semaphore_stride >= (int64_t(params.max_seq_len) + 63) / 64;
 }
 
-// Whether the environment opts into the Hopper kernels: HSTU_ATTN_CUTLASS_SM90=1, read on every call.
-bool sm90_opted_in() {
+// Whether the Hopper kernels may run: yes unless the environment says HSTU_ATTN_CUTLASS_SM90=0 (read on every call).
+bool sm90_enabled() {
   const char* env = std::getenv("HSTU_ATTN_CUTLASS_SM90");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
 // Whether the forward takes the Hopper kernel (fwd_sm90_kernel.cuh): head dim 64 or 128, no rab (a fused relative
 // bias is fine), its sm_90a code runs on the current device, q/k/v suit TMA (fwd_sm90_hdim*_takes), and the
-// environment says HSTU_ATTN_CUTLASS_SM90=1 (read on every call, so a process can switch between the kernels).
-// Opt-in until the kernel's GPU tests (tests/test_cutlass_sm90_gpu.py) pass on the current code; unset or any other
-// value: the SM80 kernel.
+// environment does not say HSTU_ATTN_CUTLASS_SM90=0 (read on every call, so a process can switch between the
+// kernels; =0 runs the SM80 kernel).
 bool use_fwd_sm90(const HstuAttnFwdParams& params) {
-  if (!sm90_opted_in() || params.rab != nullptr) return false;
+  if (!sm90_enabled() || params.rab != nullptr) return false;
   if (params.head_dim == 64) return hstu_attn::fwd_sm90_hdim64_takes(params);
   if (params.head_dim == 128) return hstu_attn::fwd_sm90_hdim128_takes(params);
   return false;
 }
 
-// Whether the backward takes the Hopper kernel (bwd_sm90_kernel.cuh): the same opt-in switch and conditions as
-// use_fwd_sm90 (HSTU_ATTN_CUTLASS_SM90=1, head dim 64 or 128, no rab (a fused relative bias is fine), its sm_90a code
+// Whether the backward takes the Hopper kernel (bwd_sm90_kernel.cuh): the same switch and conditions as
+// use_fwd_sm90 (HSTU_ATTN_CUTLASS_SM90 not 0, head dim 64 or 128, no rab (a fused relative bias is fine), its sm_90a code
 // runs on the current device) and q, k, v, dO suit TMA: 16-byte-aligned bases, positive strides that are multiples of
 // 16 bytes, L (num_tokens) < 2^31 (bwd_sm90_hdim*_takes). This backward is non-deterministic (fp32 atomics into
 // dq_accum); a deterministic dQ (dq_semaphore) takes the SM80 kernel.
 bool use_bwd_sm90(const HstuAttnBwdParams& params) {
-  if (!sm90_opted_in() || params.rab != nullptr || params.dq_semaphore != nullptr) return false;
+  if (!sm90_enabled() || params.rab != nullptr || params.dq_semaphore != nullptr) return false;
   if (params.head_dim == 64) return hstu_attn::bwd_sm90_hdim64_takes(params);
   if (params.head_dim == 128) return hstu_attn::bwd_sm90_hdim128_takes(params);
   return false;

@@ -34,6 +34,14 @@ pytestmark = [
     ),
 ]
 
+
+@pytest.fixture(autouse=True)
+def _sm80_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This file tests the SM80-style kernels; on sm_90 the Hopper ones are the default, so they are switched off
+    (test_cutlass_sm90_gpu.py and test_cutlass_sm90_bwd_gpu.py run these helpers with them on)."""
+    monkeypatch.setenv("HSTU_ATTN_CUTLASS_SM90", "0")
+
+
 # Odd lengths, length 1, empty sequences, one longer than several 128-row and 64-column tiles.
 LENGTHS = (300, 1, 0, 77, 129, 64, 0, 513)
 

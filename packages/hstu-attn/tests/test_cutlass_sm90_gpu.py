@@ -2,8 +2,8 @@
 
 GPU only: skipped unless the device is sm_90 (H100/H200) and `libhstu_attn_cutlass.so` is built (with sm_90a code, as
 the default `80;90a` build has). The forward takes that kernel for head dims 64 and 128 without rab (with or without
-the fused relative bias) only with `HSTU_ATTN_CUTLASS_SM90=1` (opt-in until these tests pass on the current code);
-every test here checks with the profiler which forward kernel ran, so a dispatch that falls back to the SM80 kernel
+the fused relative bias) unless `HSTU_ATTN_CUTLASS_SM90=0` (the tests here set =1 explicitly); every test here
+checks with the profiler which forward kernel ran, so a dispatch that falls back to the SM80 kernel
 fails instead of passing unnoticed. Errors are judged as in test_cutlass_gpu.py (whose input and judging helpers this
 file loads): the kernel's error against the fp32 reference may exceed the error of the reference run in the input
 dtype by at most 2x (relative L2) / 4x (relative max). The relative-bias cases are in test_cutlass_sm90_bwd_gpu.py,
@@ -164,7 +164,8 @@ def test_sm90_forward_strided_heads_view(dim: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mask", ["causal", "everything_noncausal", "alpha_scaling"])
 def test_sm90_env_switch_agrees_with_sm80_forward(mask: str, dtype: torch.dtype, dim: int) -> None:
-    """HSTU_ATTN_CUTLASS_SM90=0 (and unset) runs the SM80 kernel, =1 the Hopper one; both agree within rounding."""
+    """HSTU_ATTN_CUTLASS_SM90=0 runs the SM80 kernel, =1 and unset (the default) the Hopper one; both agree within
+    rounding."""
     q, k, v, offsets = _base._inputs(LENGTHS, 2, dim, dtype, seed=11)
     options = _base._mask_options(mask)
     targets = options.pop("targets", None)
@@ -175,9 +176,9 @@ def test_sm90_env_switch_agrees_with_sm80_forward(mask: str, dtype: torch.dtype,
 
     with _sm90_env("0"):
         sm80, sm80_names = _forward_kernels(forward)
-    with _sm90_env(None):  # the default while the Hopper kernel is opt-in
+    with _sm90_env(None):  # the default: the Hopper kernel
         _, default_names = _forward_kernels(forward)
-    _assert_ran(default_names, SM80_KERNEL)
+    _assert_ran(default_names, SM90_KERNEL)
     with _sm90_env("1"):
         sm90, sm90_names = _forward_kernels(forward)
     _assert_ran(sm80_names, SM80_KERNEL)
