@@ -426,3 +426,33 @@ def test_split_dkdv_matches_reference(name: str, split_dkdv: _PassRecorder) -> N
 def test_gpu_split_dkdv_real_sizes_match_reference(name: str, split_dkdv: _PassRecorder) -> None:
     test_gpu_real_sizes_match_reference(name)
     assert split_dkdv.passes and set(split_dkdv.passes) == {1, 2}, split_dkdv.passes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_gpu_every_launch_config_matches_reference(head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each candidate launch config of each kernel (forward, dK/dV fused and split, dQ), one at a time with the other
+    kernels on their first candidate, against the reference; the other GPU tests see only the configs autotuning
+    (or HSTU_ATTN_TRITON_AUTOTUNE=0) picks. Configs that need more shared memory than the GPU has are skipped."""
+    from hstu_attn.triton import api, configs
+
+    monkeypatch.setattr(configs, "AUTOTUNE", False)
+    lengths = _real_lengths(4, 300, seed=7)
+    case = Case(lengths=lengths, heads=2, dqk=head_dim, dv=head_dim, dtype=torch.bfloat16, atomic_dq=False)
+    case_atomic = dataclasses.replace(case, atomic_dq=True, targets=_real_targets(lengths), position_rows=1)
+    key = 64 if head_dim <= 64 else head_dim
+    ran = 0
+    for tuned in (api._forward, api._backward_dkdv, api._backward_dq):
+        for candidate in tuned.candidates[key]:
+            monkeypatch.setattr(tuned, "candidates", {**tuned.candidates, key: [candidate]})
+            monkeypatch.setattr(tuned, "chosen", {})
+            try:
+                check_case(case if tuned is not api._backward_dkdv else case_atomic, seed=13)
+            except RuntimeError as error:
+                if "no launch configuration" not in str(error):
+                    raise
+                continue
+            ran += 1
+        monkeypatch.undo()
+        monkeypatch.setattr(configs, "AUTOTUNE", False)
+    assert ran >= 3, "at least one config of each kernel must fit"
