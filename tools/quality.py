@@ -216,7 +216,7 @@ def _train_epoch(model, bundle: OptimizerBundle, dataset, config: RunConfig, epo
         collate_fn=BatchCollator(dataset.schema),
     )  # fmt: skip
     model.train()
-    losses = []
+    losses = []  # on the device: no host synchronization per step
     for batch in loader:
         loss = model(batch)[0].mean()
         loss.backward()
@@ -226,8 +226,8 @@ def _train_epoch(model, bundle: OptimizerBundle, dataset, config: RunConfig, epo
             optimizer.step()
         bundle.scheduler.step()
         bundle.zero_grad()
-        losses.append(loss.item())
-    return float(np.mean(losses))
+        losses.append(loss.detach())
+    return float(torch.stack(losses).mean())
 
 
 def _early_stopped(model, bundle, train, config: RunConfig, validate, score: str, max_epochs: int, patience: int,

@@ -13,6 +13,10 @@
 # quality-ml1m-ranking-curves.json, logs.tgz.
 # RETRIEVAL_MODELS, RANKING_MODELS (default "hstu hstu_all_positions") and SEEDS (default "1 2 3") narrow the runs;
 # RANKING_MODELS= (set and empty) runs no ranking at all, the DLRM baseline included (more CPU for retrieval).
+# SEQUENTIAL_SEEDS (default "sasrec sasrec_full_softmax hstu"): retrieval models whose seeds run one after another in
+# one process (sharing its time evenly) instead of one process per seed. Fewer processes on the GPU: without MPS the
+# contexts of concurrent processes time-slice it, and 19 processes (the first run) trained these tiny models at 6-15 s
+# per epoch. The other models (hstu_large) keep one process per seed.
 # CPU smoke of this script's logic (no install, first 60 users, 1 epoch, short sequences, seed 1; dlrm seeds 1 2):
 #   QUALITY_SMOKE=1 bash tools/gpu/quality_ml1m.sh
 set -uo pipefail
@@ -34,7 +38,7 @@ if [ -n "${QUALITY_SMOKE:-}" ]; then
   common=(device=cpu "data.path=$data" data.max_sequence_length=24 data.batch_size=32)
   retrieval_limits=(--max-users 60 --max-epochs 1)
   ranking_limits=(--max-users 60 --max-epochs 1)
-  seeds="1"
+  seeds=${SEEDS:-1}
   dlrm_seeds="1 2"
 else
   GR_SKIP_TESTS=1 source tools/gpu/setup.sh >"$out/setup.log" 2>&1 || { cat "$out/setup.log"; exit 1; }
@@ -58,11 +62,26 @@ launch() {  # log name, quality.py subcommand, its arguments
 }
 retrieval_models=${RETRIEVAL_MODELS:-sasrec sasrec_full_softmax hstu hstu_large}
 ranking_models=${RANKING_MODELS-hstu hstu_all_positions}  # the DLRM baseline runs (all seeds, one process) beside any
-for seed in $seeds; do
+sequential_seeds=${SEQUENTIAL_SEEDS-sasrec sasrec_full_softmax hstu}
+run_groups() {  # one "model:seed[,seed...]" word per retrieval process
+  local model seed
   for model in $retrieval_models; do
-    launch "run-$model-$seed" run --models "$model" --seeds "$seed" "${retrieval_limits[@]}" \
-      --out "$out/run-$model-$seed.json" --curves "$out/run-curves-$model-$seed.json" -- "${common[@]}"
+    if [[ " $sequential_seeds " == *" $model "* ]]; then
+      echo "$model:$(echo $seeds | tr ' ' ',')"
+    else
+      for seed in $seeds; do echo "$model:$seed"; done
+    fi
   done
+}
+for group in $(run_groups); do
+  model=${group%%:*}
+  group_seeds=${group#*:}
+  # shellcheck disable=SC2046  # the seeds are separate arguments
+  launch "run-$model-$group_seeds" run --models "$model" --seeds $(echo "$group_seeds" | tr ',' ' ') \
+    "${retrieval_limits[@]}" --out "$out/run-$model-$group_seeds.json" \
+    --curves "$out/run-curves-$model-$group_seeds.json" -- "${common[@]}"
+done
+for seed in $seeds; do
   for model in $ranking_models; do
     launch "ranking-$model-$seed" ranking --models "$model" --seeds "$seed" "${ranking_limits[@]}" \
       --out "$out/ranking-$model-$seed.json" --curves "$out/ranking-curves-$model-$seed.json" -- "${common[@]}"
@@ -78,13 +97,17 @@ expected() {  # file prefix, model list, seed list
   local model seed
   for seed in $3; do for model in $2; do echo "$out/$1-$model-$seed.json"; done; done
 }
+expected_runs() {  # file prefix (run or run-curves): the files of run_groups
+  local group
+  for group in $(run_groups); do echo "$out/$1-${group%%:*}-${group#*:}.json"; done
+}
 # few files come back from the device: merged JSONs and one archive of the logs (the merges run side by side)
 # shellcheck disable=SC2046  # one path per word
-"$py" tools/quality.py merge --kind run --out "$out/quality-ml1m.json" $(expected run "$retrieval_models" "$seeds") \
+"$py" tools/quality.py merge --kind run --out "$out/quality-ml1m.json" $(expected_runs run) \
   >"$out/merge-run.log" 2>&1 &
 # shellcheck disable=SC2046
 "$py" tools/quality.py merge --kind curves --out "$out/quality-ml1m-curves.json" \
-  $(expected run-curves "$retrieval_models" "$seeds") >"$out/merge-curves.log" 2>&1 &
+  $(expected_runs run-curves) >"$out/merge-curves.log" 2>&1 &
 [ -z "$ranking_models" ] || {
   # shellcheck disable=SC2046
   "$py" tools/quality.py merge --kind ranking --out "$out/quality-ml1m-ranking.json" \
