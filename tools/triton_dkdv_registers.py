@@ -1,9 +1,9 @@
 """Registers and spills of the Triton dK/dV kernel for each backward launch config, compiled for sm_90a on any machine.
 
 Records the launches `hstu_attn_triton_backward` makes (no GPU: kernel launches are intercepted), compiles each
-for sm_90a, and reads the cubin's registers and stack (spills land there) with cuobjdump. Spills suggest a slow
-config; the GPU timing (tools/gpu/dkdv_split_timing.py, autotuning) decides. Needs triton's NVIDIA backend (its
-cuobjdump, or one on PATH).
+for sm_90a, and reads the cubin's registers, stack (spills land there) and SASS counts (wgmma HGMMA or mma.sync
+HMMA, spill loads LDL and stores STL) with cuobjdump. Spills suggest a slow config; the GPU timing
+(tools/gpu/dkdv_split_timing.py, autotuning) decides. Needs triton's NVIDIA backend (its cuobjdump, or one on PATH).
 
     python tools/triton_dkdv_registers.py --head-dim 256 --out /tmp/dkdv-registers.json
 """
@@ -69,20 +69,30 @@ def _cubin(kernel: JITFunction, args: tuple, kwargs: dict) -> bytes:
     return compiled.asm["cubin"]
 
 
+def _sass_counts(path: str, cuobjdump: str) -> dict[str, int]:
+    """Instructions of the cubin at `path` by kind: wgmma (HGMMA), mma.sync (HMMA), spill loads/stores (LDL/STL)."""
+    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass)
+    return {name.lower(): sum(1 for op in opcodes if op == name) for name in ("HGMMA", "HMMA", "LDL", "STL")}
+
+
 def _resource_usage(cubin: bytes, cuobjdump: str) -> dict[str, int]:
-    """REG (registers per thread), LOCAL (bytes of local memory per thread: spills) and SHARED of the cubin."""
+    """Registers per thread, local and stack bytes per thread (spills land on the stack) and `_sass_counts`."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         done = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"cuobjdump failed: {done.stderr[-2000:]}")
+        if done.returncode:
+            raise RuntimeError(f"cuobjdump failed: {done.stderr[-2000:]}")
+        counts = _sass_counts(path, cuobjdump)
     usage = {name.lower(): int(value) for name, value in re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", done.stdout)}
+    usage.update(counts)
     return {
         "registers": usage.get("reg", -1),
         "local_bytes": usage.get("local", -1),
         "stack_bytes": usage.get("stack", -1),
+        **{name: usage[name] for name in ("hgmma", "hmma", "ldl", "stl")},
     }
 
 
@@ -119,8 +129,8 @@ def measure(head_dim: int, dtype: torch.dtype, tool: str) -> list[dict]:
                 "pass": kwargs.get("PASS", 0),
                 **_resource_usage(_cubin(kernel, args, kwargs), tool),
             }
-            print(f"{config}  PASS {row['pass']}: {row['registers']} registers, local {row['local_bytes']} B, "
-                  f"stack {row['stack_bytes']} B", flush=True)  # fmt: skip
+            counts = ", ".join(f"{name.upper()} {row[name]}" for name in ("hgmma", "hmma", "ldl", "stl"))
+            print(f"{config}  PASS {row['pass']}: {row['registers']} registers, stack {row['stack_bytes']} B, {counts}")
             rows.append(row)
     return rows
 
