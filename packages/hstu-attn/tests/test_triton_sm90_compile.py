@@ -5,8 +5,8 @@ variable whose type changes, a constexpr used as a tensor, ...). Here a child pr
 calls the forward and backward entry points on small CPU tensors with kernel launches intercepted: each launch
 is recorded (kernel, arguments, launch options) instead of run, then compiled ahead of time for ``cuda:90``, so
 such errors fail in CI instead of on the GPU machine. Option sets cover every mask, the materialized and the
-fused bias, both dQ paths, the deterministic backward, and fp32/bf16/fp16 with head dims 32 to 256 (few sets:
-each compiles three kernels for sm_90, seconds apiece).
+fused bias, both dQ paths, the deterministic backward, the split dK/dV launches, and fp32/bf16/fp16 with head dims
+32 to 256 (few sets: each compiles three kernels for sm_90, seconds apiece).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ CASES = {
     "fp32 d64/32 targets context window rab, deterministic": dict(dtype="float32", dqk=64, dv=32, targets=True,
                                                                   context=2, window=5, rab=True, deterministic=True),
     "fp16 d256 non-causal, dq atomics": dict(dtype="float16", dqk=256, dv=256, causal=False, atomic_dq=True),
+    "bf16 d128 split dK/dV, fused bias, dq atomics": dict(dtype="bfloat16", dqk=128, dv=128, bias=True,
+                                                          atomic_dq=True, split=True),
 }  # fmt: skip
 
 _CHILD = r"""
@@ -67,8 +69,8 @@ def compile_launch(kernel, args, kwargs):
     values.update(kwargs)
     constexpr_names = {kernel.arg_names[i] for i in kernel.constexprs}
     signature, constexprs = {}, {}
-    for name in kernel.arg_names:
-        value = values[name]
+    for index, name in enumerate(kernel.arg_names):
+        value = values[name] if name in values else kernel.params[index].default
         if name in constexpr_names or value is None:
             signature[name] = "constexpr"
             constexprs[name] = value
@@ -79,6 +81,10 @@ def compile_launch(kernel, args, kwargs):
     return bool(compiled.asm.get("cubin"))
 
 def run_case(case):
+    if case.get("split"):  # every dK/dV candidate as a split config (LaunchConfig.split_dkdv): two launches
+        from hstu_attn.triton import api
+        tuned = api._backward_dkdv
+        tuned.candidates = {dim: [(*c[:4], True) for c in configs] for dim, configs in tuned.candidates.items()}
     dtype = getattr(torch, case["dtype"])
     gen = torch.Generator().manual_seed(0)
     lengths = [0, 1, 19, 7]
@@ -106,7 +112,9 @@ for name, case in json.loads(sys.argv[1]).items():
     try:
         run_case(case)
         compiled = [compile_launch(kernel, args, dict(kwargs)) for kernel, args, kwargs in launches]
-        results[name] = f"ok: {len(compiled)} kernels" if compiled and all(compiled) else f"compiled {compiled}"
+        passes = sorted({kwargs["PASS"] for _, _, kwargs in launches if "PASS" in kwargs})
+        ok = compiled and all(compiled)
+        results[name] = f"ok: {len(compiled)} kernels, passes {passes}" if ok else f"compiled {compiled}"
     except Exception:
         results[name] = traceback.format_exc()[-2000:]
 print("RESULTS " + json.dumps(results))
@@ -142,3 +150,5 @@ def compile_results() -> dict[str, str]:
 def test_kernels_compile_for_sm90(name: str, compile_results: dict[str, str]) -> None:
     assert compile_results[name].startswith("ok: "), f"{name}: {compile_results[name]}"
     assert int(compile_results[name].split()[1]) >= 2, "the forward and at least one backward kernel were compiled"
+    if "split" in name:
+        assert compile_results[name].endswith("passes [1, 2]"), f"{name}: no dV and dK launches compiled"
