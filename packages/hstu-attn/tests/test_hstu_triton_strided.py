@@ -161,7 +161,7 @@ def _kernels_stubbed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Kernel launches do nothing: only the host code around them runs (and is watched for copies)."""
     for tuned in (api._forward, api._backward_dkdv, api._backward_dq):
         monkeypatch.setattr(tuned, "launch", lambda *args, **kwargs: None)
-    monkeypatch.setattr(api, "_launch_fixed", lambda *args, **kwargs: None)
+    monkeypatch.setattr(api, "launch_config", lambda *args, **kwargs: None)
     yield
 
 
