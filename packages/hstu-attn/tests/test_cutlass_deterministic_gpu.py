@@ -10,29 +10,18 @@ heads that needs its gradient) run the Triton backward, also checked by kernel n
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+import test_cutlass_gpu as _base  # a sibling test file: tests/conftest.py puts this folder on sys.path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hstu_attn import KernelBackend, hstu_attn_reference, hstu_attn_varlen_func
 from hstu_attn.cutlass import hstu_attn_cutlass_backward
 
-
-def _load_sibling(name: str) -> Any:
-    """tests/<name>.py as a module (pytest runs with --import-mode=importlib, so the tests folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_hstu_det_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_base = _load_sibling("test_cutlass_gpu")
 pytestmark = _base.pytestmark
 LENGTHS, MASKS = _base.LENGTHS, _base.MASKS
 CUTLASS_BWD = re.compile(r"hstu_attn_bwd_kernel[<I]")  # the SM80-style backward, demangled or not

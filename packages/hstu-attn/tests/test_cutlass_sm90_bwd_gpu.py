@@ -13,28 +13,17 @@ run on the Hopper backward.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+import test_cutlass_sm90_gpu as _sm90  # a sibling test file: tests/conftest.py puts this folder on sys.path
 import torch
 
 from hstu_attn import KernelBackend, hstu_attn_reference, hstu_attn_varlen_func
 from hstu_attn.cutlass import hstu_attn_cutlass_backward
 
-
-def _load_sibling(name: str) -> Any:
-    """tests/<name>.py as a module (pytest runs with --import-mode=importlib, so the tests folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_hstu_sm90_bwd_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_sm90 = _load_sibling("test_cutlass_sm90_gpu")
 _base, _sm90_env = _sm90._base, _sm90._sm90_env
 pytestmark = _sm90.pytestmark
 LENGTHS, MASKS = _base.LENGTHS, _base.MASKS

@@ -16,10 +16,9 @@ every mask option and lengths around the tile sizes:
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from typing import Any
 
+import test_cutlass_sm90_plan as _fwd_plan  # a sibling test file: tests/conftest.py puts this folder on sys.path
 import torch
 
 from hstu_attn.reference import hstu_attn_valid_mask
@@ -39,17 +38,6 @@ MIRRORED = [
     "if (!sm90_bwd_visits<kBlockM, kBlockN>(mask, m0, n0)) continue;",  # consumers
     "const bool all_valid = mask.tile_all_valid(m0, n0, kBlockN) && m0 + kBlockM <= length;",
 ]
-
-
-def _load_sibling(name: str) -> Any:
-    """tests/<name>.py as a module (pytest runs with --import-mode=importlib, so the tests folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_hstu_bwd_plan_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_fwd_plan = _load_sibling("test_cutlass_sm90_plan")
 
 
 def _all_valid(m0: int, n0: int, n: int, u: int, w: int, causal: bool) -> bool:

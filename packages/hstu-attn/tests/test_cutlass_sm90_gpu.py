@@ -12,15 +12,14 @@ which checks the forward and the backward kernel of each call.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
+import test_cutlass_gpu as _base  # a sibling test file: tests/conftest.py puts this folder on sys.path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -47,15 +46,6 @@ pytestmark = [
 ]
 
 
-def _load_sibling(name: str) -> Any:
-    """tests/<name>.py as a module (pytest runs with --import-mode=importlib, so the tests folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"_hstu_sm90_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_base = _load_sibling("test_cutlass_gpu")
 LENGTHS, MASKS = _base.LENGTHS, _base.MASKS
 
 
