@@ -28,9 +28,10 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -150,18 +151,9 @@ def bench_cutlass_sm90(shape: Shape) -> tuple[float | None, float | None]:
         return _time_cutlass(shape)
 
 
-@contextlib.contextmanager
-def _cutlass_sm90_env(value: str) -> Iterator[None]:
+def _cutlass_sm90_env(value: str) -> contextlib.AbstractContextManager:
     """HSTU_ATTN_CUTLASS_SM90 set to `value` for the block (csrc/api.cu reads it on every call)."""
-    previous = os.environ.get("HSTU_ATTN_CUTLASS_SM90")
-    os.environ["HSTU_ATTN_CUTLASS_SM90"] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["HSTU_ATTN_CUTLASS_SM90"]
-        else:
-            os.environ["HSTU_ATTN_CUTLASS_SM90"] = previous
+    return mock.patch.dict(os.environ, {"HSTU_ATTN_CUTLASS_SM90": value})
 
 
 def _time_cutlass(shape: Shape) -> tuple[float, float | None]:
