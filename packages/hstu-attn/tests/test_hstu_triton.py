@@ -443,16 +443,15 @@ def test_gpu_every_launch_config_matches_reference(head_dim: int, monkeypatch: p
     key = 64 if head_dim <= 64 else head_dim
     ran = 0
     for tuned in (api._forward, api._backward_dkdv, api._backward_dq):
-        for candidate in tuned.candidates[key]:
-            monkeypatch.setattr(tuned, "candidates", {**tuned.candidates, key: [candidate]})
-            monkeypatch.setattr(tuned, "chosen", {})
-            try:
-                check_case(case if tuned is not api._backward_dkdv else case_atomic, seed=13)
-            except RuntimeError as error:
-                if "no launch configuration" not in str(error):
-                    raise
-                continue
-            ran += 1
-        monkeypatch.undo()
-        monkeypatch.setattr(configs, "AUTOTUNE", False)
+        with monkeypatch.context() as patch:  # restores this kernel's candidates before the next kernel's turn
+            for candidate in tuned.candidates[key]:
+                patch.setattr(tuned, "candidates", {**tuned.candidates, key: [candidate]})
+                patch.setattr(tuned, "chosen", {})
+                try:
+                    check_case(case if tuned is not api._backward_dkdv else case_atomic, seed=13)
+                except RuntimeError as error:
+                    if "no launch configuration" not in str(error):
+                        raise
+                    continue
+                ran += 1
     assert ran >= 3, "at least one config of each kernel must fit"
