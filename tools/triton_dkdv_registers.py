@@ -18,55 +18,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["HSTU_ATTN_TRITON_AUTOTUNE"] = "0"
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
 
-from hstu_attn.triton import api, hstu_attn_triton_backward
-from hstu_attn.triton.configs import LaunchConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "packages" / "hstu-attn" / "tests"))
+from triton_aot import LAUNCHES, compile_for_sm90, record_launches
 
-_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
-_LAUNCHES: list[tuple[JITFunction, tuple, dict]] = []
+record_launches()  # before hstu_attn's Triton modules: their launches are recorded, not run
 
-
-def _record(self, *args, grid, warmup, **kwargs):
-    _LAUNCHES.append((self, args, kwargs))
-
-
-def _arg_type(value) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + _TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unexpected argument {value!r}")
-
-
-def _cubin(kernel: JITFunction, args: tuple, kwargs: dict) -> bytes:
-    kwargs = dict(kwargs)
-    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
-    values = {**dict(zip(kernel.arg_names, args)), **kwargs}
-    constexpr_names = {kernel.arg_names[i] for i in kernel.constexprs}
-    signature, constexprs = {}, {}
-    for name in kernel.arg_names:
-        value = values.get(name, kernel.params[kernel.arg_names.index(name)].default)
-        if name in constexpr_names or value is None:
-            signature[name], constexprs[name] = "constexpr", value
-        else:
-            signature[name] = _arg_type(value)
-    compiled = triton.compile(
-        ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options
-    )
-    return compiled.asm["cubin"]
+from hstu_attn.triton import api, hstu_attn_triton_backward  # noqa: E402
+from hstu_attn.triton.configs import LaunchConfig  # noqa: E402
 
 
 def _sass_counts(path: str, cuobjdump: str) -> dict[str, int]:
@@ -106,28 +72,27 @@ def _backward_inputs(head_dim: int, dtype: torch.dtype):
 
 
 def measure(head_dim: int, dtype: torch.dtype, tool: str) -> list[dict]:
-    JITFunction.run = _record
     grad, q, k, v, offsets, n = _backward_inputs(head_dim, dtype)
     rows = []
     for candidate in api._backward_dkdv.candidates[head_dim]:
         config = LaunchConfig(*candidate)
         api._backward_dkdv.candidates = {**api._backward_dkdv.candidates, head_dim: [candidate]}
         api._backward_dkdv.chosen.clear()
-        _LAUNCHES.clear()
+        LAUNCHES.clear()
         hstu_attn_triton_backward(
             grad, q, k, v, offsets, n, alpha=0.1, scale=1.0 / n, causal=True, num_targets=None,
             contextual_seq_len=0, max_attn_len=0, rab=None, position_weights=None, time_weights=None,
             timestamps=None, time_bucket_divisor=1.0, deterministic=False, atomic_dq=False,
         )  # fmt: skip
         seen = set()
-        for kernel, args, kwargs in _LAUNCHES:
+        for kernel, args, kwargs in LAUNCHES:
             if kernel.__name__ != "hstu_attn_backward_dkdv_kernel" or kwargs.get("PASS", 0) in seen:
                 continue  # the untuned path launches a config twice (once to compile it)
             seen.add(kwargs.get("PASS", 0))
             row = {
                 "config": list(candidate),
                 "pass": kwargs.get("PASS", 0),
-                **_resource_usage(_cubin(kernel, args, kwargs), tool),
+                **_resource_usage(compile_for_sm90(kernel, args, kwargs).asm["cubin"], tool),
             }
             counts = ", ".join(f"{name.upper()} {row[name]}" for name in ("hgmma", "hmma", "ldl", "stl"))
             print(f"{config}  PASS {row['pass']}: {row['registers']} registers, stack {row['stack_bytes']} B, {counts}")

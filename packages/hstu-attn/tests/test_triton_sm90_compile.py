@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,50 +36,12 @@ import json, os, sys, traceback
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["HSTU_ATTN_TRITON_AUTOTUNE"] = "0"
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+sys.path.insert(0, sys.argv[2])  # the tests folder
+from triton_aot import LAUNCHES, compile_for_sm90, record_launches
 
-launches = []
-
-def record(self, *args, grid, warmup, **kwargs):
-    launches.append((self, args, kwargs))
-
-JITFunction.run = record
+record_launches()
 
 from hstu_attn.triton import hstu_attn_triton_backward, hstu_attn_triton_forward
-
-TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-         torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
-
-def arg_type(value):
-    if isinstance(value, torch.Tensor):
-        return "*" + TYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unexpected argument {value!r}")
-
-def compile_launch(kernel, args, kwargs):
-    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
-    values = dict(zip(kernel.arg_names, args))
-    values.update(kwargs)
-    constexpr_names = {kernel.arg_names[i] for i in kernel.constexprs}
-    signature, constexprs = {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        value = values[name] if name in values else kernel.params[index].default
-        if name in constexpr_names or value is None:
-            signature[name] = "constexpr"
-            constexprs[name] = value
-        else:
-            signature[name] = arg_type(value)
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    return bool(compiled.asm.get("cubin"))
 
 def run_case(case):
     if case.get("split"):  # every dK/dV candidate as a split config (LaunchConfig.split_dkdv): two launches
@@ -108,11 +71,11 @@ def run_case(case):
 
 results = {}
 for name, case in json.loads(sys.argv[1]).items():
-    launches.clear()
+    LAUNCHES.clear()
     try:
         run_case(case)
-        compiled = [compile_launch(kernel, args, dict(kwargs)) for kernel, args, kwargs in launches]
-        passes = sorted({kwargs["PASS"] for _, _, kwargs in launches if "PASS" in kwargs})
+        compiled = [bool(compile_for_sm90(*launch).asm.get("cubin")) for launch in LAUNCHES]
+        passes = sorted({kwargs["PASS"] for _, _, kwargs in LAUNCHES if "PASS" in kwargs})
         ok = compiled and all(compiled)
         results[name] = f"ok: {len(compiled)} kernels, passes {passes}" if ok else f"compiled {compiled}"
     except Exception:
@@ -129,7 +92,7 @@ def compile_results() -> dict[str, str]:
     # one child per option set, run side by side (compiling is single-threaded)
     children = {
         name: subprocess.Popen(
-            [sys.executable, "-c", _CHILD, json.dumps({name: case})],
+            [sys.executable, "-c", _CHILD, json.dumps({name: case}), str(Path(__file__).parent)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
