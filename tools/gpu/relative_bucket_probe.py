@@ -12,8 +12,8 @@ out[i, d] = silu(table[bucket(i, key0 + d)]) ~ table[...] (fp16; silu(x) = x wit
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -27,12 +27,11 @@ NUM_BUCKETS, DIVISOR, MAX_GAP = 3000, 0.004, 5000
 
 
 def timestamps(seed: int) -> torch.Tensor:
-    """The test's own `_timestamps` (tests/test_cutlass_gpu.py, loaded from its file) for int64."""
-    path = Path(__file__).resolve().parents[2] / "packages/hstu-attn/tests/test_cutlass_gpu.py"
-    spec = importlib.util.spec_from_file_location("_probe_test_cutlass_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._timestamps(LENGTHS, torch.int64, seed=seed, max_gap=MAX_GAP)
+    """The test's own `_timestamps` (tests/test_cutlass_gpu.py) for int64."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "packages" / "hstu-attn" / "tests"))
+    import test_cutlass_gpu
+
+    return test_cutlass_gpu._timestamps(LENGTHS, torch.int64, seed=seed, max_gap=MAX_GAP)
 
 
 def kernel_columns(times: torch.Tensor, column_values: torch.Tensor) -> list[torch.Tensor]:
