@@ -19,12 +19,16 @@ triton = pytest.importorskip("triton")
 
 # "module:kernel[#variant]" -> its constexprs; modules are under dynamicemb.
 CASES = {
-    "hash_index.triton_kernels:lookup_kernel": {"SCORE_MODE": 1, "MARK_EPOCH": True, "REPORT_FULL": True, "BUCKET": 128,
-                                     "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
-    "hash_index.triton_kernels:insert_kernel": {"SCORE_MODE": 1, "DEFER_FULL": True, "LIST_DEFERRED": False,
-                                     "BUCKET": 128, "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
-    "hash_index.triton_kernels:insert_kernel#listing": {"SCORE_MODE": 1, "DEFER_FULL": True, "LIST_DEFERRED": True,
-                                             "BUCKET": 128, "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
+    "hash_index.triton_kernels:lookup_kernel": {"SCORE_MODE": 1, "BUCKET": 128, "GROUP": 16, "NUM_GROUPS": 8,
+                                                "BLOCK": 128},
+    "hash_index.triton_kernels:find_or_insert_kernel": {"SCORE_MODE": 1, "DEFER_FULL": True, "LIST_DEFERRED": False,
+                                                        "BUCKET": 128, "GROUP": 16, "NUM_GROUPS": 8, "BLOCK": 128},
+    "hash_index.triton_kernels:find_or_insert_kernel#listing": {"SCORE_MODE": 1, "DEFER_FULL": True,
+                                                                "LIST_DEFERRED": True, "BUCKET": 128, "GROUP": 16,
+                                                                "NUM_GROUPS": 8, "BLOCK": 128},
+    "hash_index.triton_kernels:find_or_insert_kernel#lfu": {"SCORE_MODE": 2, "DEFER_FULL": True,
+                                                            "LIST_DEFERRED": True, "BUCKET": 128, "GROUP": 16,
+                                                            "NUM_GROUPS": 8, "BLOCK": 128},
     "storage.row_kernels:gather_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
     "storage.row_kernels:scatter_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
     "storage.row_kernels:gather_split_rows_kernel": {"ROWS": 16, "BLOCK_D": 128},
@@ -44,7 +48,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import importlib
 
-types = {"digests_ptr": "*u8", "evicted_ptr": "*i8", "out_found_ptr": "*i8", "found_ptr": "*i8",
+types = {"digests_ptr": "*u8", "evicted_ptr": "*i8", "out_found_ptr": "*i8", "existed_ptr": "*i8",
          "epochs_ptr": "*i32", "words_ptr": "*i32", "values_ptr": "*fp32", "out_ptr": "*fp32", "rows_ptr": "*fp32",
          "device_ptr": "*fp32", "host_ptr": "*fp32",
          # row-kernel sizes and strides: Python ints below 2**31, which the launcher passes as i32

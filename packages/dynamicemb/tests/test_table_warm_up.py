@@ -86,7 +86,7 @@ import torch
 from dynamicemb.hash_index import DynamicEmbScoreStrategy, create_hash_table
 from dynamicemb.hash_index import triton_grouped_eviction as grouped, triton_kernels as kernels
 
-KERNELS = [kernels.lookup_kernel, kernels.insert_kernel, grouped.place_deferred_kernel,
+KERNELS = [kernels.lookup_kernel, kernels.find_or_insert_kernel, grouped.place_deferred_kernel,
            grouped.evict_grouped_kernel, grouped.evict_ranked_kernel]
 
 def compiled():

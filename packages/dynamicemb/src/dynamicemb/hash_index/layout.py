@@ -8,7 +8,9 @@ A table of ``num_buckets * bucket_capacity`` slots keeps four arrays indexed by 
   ``BUSY`` (being written by a GPU insertion, never visible between calls) or, for an occupied
   slot, the key's 1-byte digest in ``[FIRST_DIGEST, 255]``;
 - ``epochs [capacity] int32``  the insertion call that last touched the slot, so that a call never
-  evicts an entry it has itself found or inserted.
+  evicts an entry it has itself found or inserted (the Triton kernels mark a slot they insert into
+  with the negated epoch, which tells a duplicate key later in the same call that it is new; a call
+  with epoch ``e`` treats ``e`` and ``-e`` as touched).
 
 Occupancy lives in the digest byte, never in the key, so every int64 value is a valid key.
 

@@ -1,17 +1,17 @@
 """The table on Triton kernels: the GPU backend (on CPU only under ``TRITON_INTERPRET=1``, for tests).
 
-``find_or_insert`` is a lookup that also refreshes the scores of present keys and marks their slots
-with the call's epoch, then a lock-free insertion of the rest into free slots (see
-:mod:`dynamicemb.hash_index.triton_kernels`); keys whose bucket is full are counted per bucket by the
-insertion kernel, grouped by bucket on the device without a sort and placed over low-score entries,
-each bucket by one program (:mod:`dynamicemb.hash_index.triton_grouped_eviction`). With one score for
-the whole call (TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front: duplicate keys
-meet in the table itself or in the eviction program of their bucket. Per-key scores (LFU counts,
-caller scores) are first reduced over duplicates with ``torch.unique`` (one synchronization, for its
-size) unless the caller passes ``unique_keys=True``; their contenders are ranked inside each bucket by
-the eviction kernel. Launches of a call that may evict: lookup, one zeroing, insertion, a ``cumsum``, the placing
-kernel, the eviction kernel and ``flags == 1``; no host synchronization: the evicted entries are
-compacted (one synchronization) only when the caller reads them.
+``find_or_insert`` is one kernel that finds each key (refreshing the scores of present keys and
+marking their slots with the call's epoch) and inserts the rest into free slots, lock-free (see
+:mod:`dynamicemb.hash_index.triton_kernels`); keys whose bucket is full are counted per bucket by that
+kernel, grouped by bucket on the device without a sort and placed over low-score entries, each bucket
+by one program (:mod:`dynamicemb.hash_index.triton_grouped_eviction`). With one score for the whole
+call (TIMESTAMP, STEP, NO_EVICTION) batches are not deduplicated up front: duplicate keys meet in the
+table itself or in the eviction program of their bucket. Per-key scores (LFU counts, caller scores)
+are first reduced over duplicates with ``torch.unique`` (one synchronization, for its size) unless the
+caller passes ``unique_keys=True``; their contenders are ranked inside each bucket by the eviction
+kernel. Launches of a call that may evict: one zeroing, the find-or-insert kernel, a ``cumsum``, the
+placing kernel and the eviction kernel; no host synchronization: the evicted entries are compacted
+(one synchronization) only when the caller reads them.
 
 Deterministic mode (:mod:`dynamicemb.deterministic`): the kernels' insertion races (which key takes a
 contended free slot, which is deferred and possibly refused) make slots and, with per-key scores, the
@@ -45,7 +45,7 @@ from dynamicemb.hash_index.triton_kernels import (
     SCORE_NONE,
     SCORE_PER_KEY,
     SCORE_VALUE,
-    insert_kernel,
+    find_or_insert_kernel,
     lookup_kernel,
 )
 from dynamicemb.masks import positions
@@ -160,15 +160,9 @@ class TritonHashTable(BucketedHashTable):
         return True
 
     def _launch_lookup(
-        self,
-        storage: TableStorage,
-        keys: torch.Tensor,
-        update: ScoreUpdate | None,
-        epoch: int | None,
-        report_full: bool = False,
+        self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(slots [N], flags [N] int8)``: flag 1 found, 0 absent, ``ABSENT_FULL`` absent in a full
-        bucket (only with ``report_full``)."""
+        """``(slots [N], found [N] bool)``; applies ``update`` to the found keys' scores."""
         n = keys.numel()
         slots = torch.empty(n, dtype=torch.int64, device=keys.device)
         found = torch.empty(n, dtype=torch.int8, device=keys.device)
@@ -180,44 +174,41 @@ class TritonHashTable(BucketedHashTable):
             storage.keys,
             storage.digests,
             storage.scores,
-            storage.epochs,
             slots,
             found,
             storage.num_buckets,
             per_key,
             value,
-            0 if epoch is None else epoch,
             SCORE_MODE=mode,
-            MARK_EPOCH=epoch is not None,
-            REPORT_FULL=report_full,
             BUCKET=storage.bucket_capacity,
             GROUP=storage.group_size,
             NUM_GROUPS=storage.num_groups,
             BLOCK=block,
         )
-        return slots, found
+        return slots, found.view(torch.bool)
 
-    def _launch_insert(
+    def _launch_find_or_insert(
         self,
         storage: TableStorage,
         keys: torch.Tensor,
-        found: torch.Tensor,
-        slots: torch.Tensor,
         update: ScoreUpdate,
         epoch: int,
         defer_full: bool,
         deferred: _DeferredBuckets | None = None,
-    ) -> None:
-        """Inserts in place into ``slots``: free slots only; full buckets give ``DEFERRED`` or -1.
-        With ``deferred`` (and ``defer_full``) the deferred lanes are also counted per bucket."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(slots [N], existed [N] bool)`` of one find-or-insert launch: free slots only; full
+        buckets give ``DEFERRED`` (``defer_full``) or -1. With ``deferred`` (and ``defer_full``) the
+        deferred lanes are also counted per bucket."""
         n = keys.numel()
+        slots = torch.empty(n, dtype=torch.int64, device=keys.device)
+        existed = torch.empty(n, dtype=torch.int8, device=keys.device)
         lists = deferred if deferred is not None else _DeferredBuckets.placeholder(keys)
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
-        insert_kernel[(triton.cdiv(n, block),)](
+        find_or_insert_kernel[(triton.cdiv(n, block),)](
             keys,
             n,
-            found,
+            existed,
             slots,
             storage.keys,
             storage.digests.view(torch.int32),
@@ -240,6 +231,7 @@ class TritonHashTable(BucketedHashTable):
             BLOCK=block,
             num_warps=_INSERT_WARPS,
         )
+        return slots, existed.view(torch.bool)
 
     def _evict_grouped(
         self,
@@ -307,8 +299,7 @@ class TritonHashTable(BucketedHashTable):
     def _lookup(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        slots, found = self._launch_lookup(storage, keys, update, None)
-        return slots, found.view(torch.bool)
+        return self._launch_lookup(storage, keys, update)
 
     def _upsert(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
@@ -331,25 +322,23 @@ class TritonHashTable(BucketedHashTable):
     def _upsert_launches(
         self, storage: TableStorage, keys: torch.Tensor, update: ScoreUpdate, epoch: int, evict: bool
     ) -> InsertResult:
-        slots, flags = self._launch_lookup(storage, keys, update, epoch, report_full=True)
         assert not update.accumulate or update.values is not None, "LFU counts are reduced per key first"
         deferred = _DeferredBuckets.allocate(storage, keys) if evict else None
-        self._launch_insert(storage, keys, flags, slots, update, epoch, defer_full=evict, deferred=deferred)
+        slots, existed = self._launch_find_or_insert(storage, keys, update, epoch, evict, deferred)
         if deferred is not None:
             compact = self._evict_grouped(storage, keys, slots, deferred, update, epoch)
-            return InsertResult(slots, flags == 1, evicted=compact)
+            return InsertResult(slots, existed, evicted=compact)
         empty = torch.zeros(0, dtype=torch.int64, device=keys.device)
-        return InsertResult(slots, flags == 1, empty, empty, empty)
+        return InsertResult(slots, existed, empty, empty, empty)
 
     def _place_unique(self, storage: TableStorage, keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if is_deterministic(self.deterministic):
             return ordered_place_unique(storage, keys, scores)
         if keys.numel() == 0:
             return torch.zeros(0, dtype=torch.int64, device=keys.device)
-        found = torch.zeros(keys.numel(), dtype=torch.int8, device=keys.device)
-        slots = torch.full((keys.numel(),), -1, dtype=torch.int64, device=keys.device)
-        self._launch_insert(storage, keys, found, slots, ScoreUpdate(values=scores), 0, defer_full=False)
-        return slots
+        # Epoch 0, which a fresh table's slots hold: the keys are distinct and absent, so no lane
+        # meets a key that another lane did not insert in this call.
+        return self._launch_find_or_insert(storage, keys, ScoreUpdate(values=scores), 0, defer_full=False)[0]
 
 
 def exercise_kernels(device: torch.device, bucket_capacity: int, strategy: DynamicEmbScoreStrategy) -> None:

@@ -106,7 +106,7 @@ def evict_grouped_kernel(
         first_slot = bucket * BUCKET
         held_scores = tl.load(scores_ptr + first_slot + cols)
         available = (tl.load(digests_ptr + first_slot + cols).to(tl.int32) >= FIRST_DIGEST) & (
-            tl.load(epochs_ptr + first_slot + cols) != epoch
+            tl.abs(tl.load(epochs_ptr + first_slot + cols)) != epoch
         )
         for chunk in range(0, count, CHUNK):
             idx = chunk + lanes
@@ -163,7 +163,7 @@ def _available_rank(scores_ptr, digests_ptr, epochs_ptr, first_slot, held_scores
     for c in range(0, BUCKET):  # one slot at a time, read before the program writes the bucket
         other = tl.load(scores_ptr + first_slot + c)
         usable = (tl.load(digests_ptr + first_slot + c).to(tl.int32) >= FIRST_DIGEST) & (
-            tl.load(epochs_ptr + first_slot + c) != epoch
+            tl.abs(tl.load(epochs_ptr + first_slot + c)) != epoch
         )
         before = usable & ((other < held_scores) | ((other == held_scores) & (c < cols)))
         rank += before.to(tl.int32)
@@ -229,7 +229,7 @@ def evict_ranked_kernel(
         first_slot = bucket * BUCKET
         held_scores = tl.load(scores_ptr + first_slot + cols)
         available = (tl.load(digests_ptr + first_slot + cols).to(tl.int32) >= FIRST_DIGEST) & (
-            tl.load(epochs_ptr + first_slot + cols) != epoch
+            tl.abs(tl.load(epochs_ptr + first_slot + cols)) != epoch
         )
         entry_rank = _available_rank(scores_ptr, digests_ptr, epochs_ptr, first_slot, held_scores, cols, epoch, BUCKET)
         picks = tl.minimum(count, tl.sum(available.to(tl.int32), axis=0))

@@ -1,16 +1,16 @@
 """Triton kernels of the bucketed hash index (layout: :mod:`dynamicemb.hash_index.layout`).
 
-``lookup_kernel`` finds keys (read-only probing, optional score update). ``insert_kernel`` inserts
-the keys a lookup did not find at the first free slot of their probe sequence, lock-free: a lane
-claims a slot by a compare-and-swap of the 32-bit word holding four slots' state bytes (free ->
-``BUSY``), writes key, score and epoch, then publishes the digest with an atomic xor (release). A
-lane that sees a ``BUSY`` slot in its probe sequence retries on the next pass, because that slot may
-be receiving its own key from a duplicate lane; as free slots never come back within a call, a lane
-that finds no free slot and no copy of its key can defer it safely. The kernels of
-:mod:`dynamicemb.hash_index.triton_grouped_eviction` then place the deferred keys, one program per
+``lookup_kernel`` finds keys (read-only probing, optional score update). ``find_or_insert_kernel``
+finds each key and inserts the absent ones at the first free slot of their probe sequence, in one
+launch, lock-free: a lane claims a slot by a compare-and-swap of the 32-bit word holding four slots'
+state bytes (free -> ``BUSY``), writes key, score and epoch, then publishes the digest with an atomic
+xor (release). A lane that sees a ``BUSY`` slot in its probe sequence retries on the next pass,
+because that slot may be receiving its own key from a duplicate lane; as free slots never come back
+within a call, a lane that finds no free slot and no copy of its key can defer it safely. The kernels
+of :mod:`dynamicemb.hash_index.triton_grouped_eviction` then place the deferred keys, one program per
 bucket, over the lowest-score entries the call has not touched.
 
-The insertion kernel keeps every per-lane value in a one-dimensional ``[BLOCK]`` layout (the probe
+The find-or-insert kernel keeps every per-lane value in a one-dimensional ``[BLOCK]`` layout (the probe
 reads four state bytes per 32-bit word instead of reducing ``[BLOCK, GROUP]`` tiles): an atomic's
 returned value is only reliable in the thread that issued it, and reductions produce layouts that
 replicate a lane across threads (triton-lang/triton#7402). ``BLOCK`` must be at least the number
@@ -30,8 +30,6 @@ BUSY: tl.constexpr = tl.constexpr(2)
 FIRST_DIGEST: tl.constexpr = tl.constexpr(3)
 NO_SLOT: tl.constexpr = tl.constexpr(9223372036854775807)
 DEFERRED: tl.constexpr = tl.constexpr(-2)
-# Lookup flag of an absent key whose bucket had no free slot (``REPORT_FULL``); found keys get 1.
-ABSENT_FULL: tl.constexpr = tl.constexpr(2)
 
 # Score modes (how a call sets the score of a key it touches).
 SCORE_NONE: tl.constexpr = tl.constexpr(0)
@@ -74,40 +72,31 @@ def _call_scores(offs, live, score_ptr, score_value, SCORE_MODE: tl.constexpr, B
 
 # Scalars that change from call to call are not specialized (no variant for 1 or multiples of 16), so
 # the kernels compiled when a table is created (``TritonHashTable.warm_up``) serve every later call.
-@triton.jit(do_not_specialize=["n", "num_buckets", "score_value", "epoch"])
+@triton.jit(do_not_specialize=["n", "num_buckets", "score_value"])
 def lookup_kernel(
     query_ptr,
     n,
     keys_ptr,
     digests_ptr,
     scores_ptr,
-    epochs_ptr,
     out_slots_ptr,
     out_found_ptr,
     num_buckets,
     score_ptr,
     score_value,
-    epoch,
     SCORE_MODE: tl.constexpr,
-    MARK_EPOCH: tl.constexpr,
-    REPORT_FULL: tl.constexpr,
     BUCKET: tl.constexpr,
     GROUP: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Slots ``[n]`` (-1 if absent) and found flags of ``n`` keys; updates found keys' scores.
-
-    With ``REPORT_FULL`` an absent key whose whole bucket was probed without a free slot
-    (``EMPTY`` or ``TOMBSTONE``) gets the flag ``ABSENT_FULL`` instead of 0: no insertion of the
-    same call can place it (or a duplicate of it) there, so the insertion skips its probe."""
+    """Slots ``[n]`` (-1 if absent) and found flags (int8) of ``n`` keys; updates found keys' scores."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
     bucket, group, digest = _coordinates(key, num_buckets, NUM_GROUPS)
     cols = tl.arange(0, GROUP)
     slot = tl.full([BLOCK], -1, tl.int64)
-    roomy = tl.zeros([BLOCK], tl.int1)
     active = live
     r = 0
     while (r < NUM_GROUPS) & (tl.max(active.to(tl.int32), axis=0) > 0):
@@ -120,32 +109,75 @@ def lookup_kernel(
         hit = tl.min(tl.where(match & (held == key[:, None]), pos, NO_SLOT), axis=1)
         slot = tl.where(hit != NO_SLOT, hit, slot)
         ended = tl.max((dig == EMPTY).to(tl.int32), axis=1) > 0
-        if REPORT_FULL:
-            roomy = roomy | (tl.max((scan & (dig <= TOMBSTONE)).to(tl.int32), axis=1) > 0)
         active = active & (hit == NO_SLOT) & ~ended
         r += 1
     found = slot >= 0
-    at = tl.maximum(slot, 0)
     if SCORE_MODE != SCORE_NONE:
-        score = _call_scores(offs, live, score_ptr, score_value, SCORE_MODE, BLOCK)
-        if SCORE_MODE == SCORE_ADD:
-            tl.atomic_add(scores_ptr + at, score, mask=found)
-        else:
-            tl.store(scores_ptr + at, score, mask=found)
-    if MARK_EPOCH:
-        tl.store(epochs_ptr + at, tl.full([BLOCK], epoch, tl.int32), mask=found)
+        _update_found_scores(
+            offs, live, found, tl.maximum(slot, 0), scores_ptr, score_ptr, score_value, SCORE_MODE, BLOCK
+        )
     tl.store(out_slots_ptr + offs, slot, mask=live)
-    flag = found.to(tl.int8)
-    if REPORT_FULL:
-        flag = tl.where(found | roomy, flag, ABSENT_FULL)
-    tl.store(out_found_ptr + offs, flag, mask=live)
+    tl.store(out_found_ptr + offs, found.to(tl.int8), mask=live)
+
+
+@triton.jit
+def _update_found_scores(
+    offs, live, found, at, scores_ptr, score_ptr, score_value, SCORE_MODE: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Sets (or, with ``SCORE_ADD``, adds to) the scores of the found keys' slots ``at``."""
+    score = _call_scores(offs, live, score_ptr, score_value, SCORE_MODE, BLOCK)
+    if SCORE_MODE == SCORE_ADD:
+        tl.atomic_add(scores_ptr + at, score, mask=found)
+    else:
+        tl.store(scores_ptr + at, score, mask=found)
+
+
+@triton.jit
+def _probe(
+    key,
+    bucket,
+    group,
+    digest,
+    pending,
+    words_ptr,
+    keys_ptr,
+    BUCKET: tl.constexpr,
+    GROUP: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One walk of the ``pending`` lanes' probe sequences, reading the state bytes four per 32-bit word:
+    ``(slot holding the key, first free slot, whether a BUSY slot was seen)``, ``NO_SLOT`` for none.
+    A lane stops at its key or at the first group with an ``EMPTY`` slot."""
+    hit_slot = tl.full([BLOCK], NO_SLOT, tl.int64)
+    free_slot = tl.full([BLOCK], NO_SLOT, tl.int64)
+    busy = tl.zeros([BLOCK], tl.int1)
+    scanning = pending
+    r = 0
+    while (r < NUM_GROUPS) & (tl.max(scanning.to(tl.int32), axis=0) > 0):
+        first = bucket * BUCKET + ((group + r) & (NUM_GROUPS - 1)) * GROUP
+        ended = tl.zeros([BLOCK], tl.int1)
+        for w in tl.static_range(GROUP // 4):
+            word = tl.load(words_ptr + (first >> 2) + w, mask=scanning, other=0, volatile=True)
+            for b in tl.static_range(4):
+                pos = first + (4 * w + b)
+                dig = (word >> (8 * b)) & 0xFF
+                match = scanning & (dig == digest)
+                held = tl.load(keys_ptr + pos, mask=match, other=0, volatile=True)
+                hit_slot = tl.where(match & (held == key) & (hit_slot == NO_SLOT), pos, hit_slot)
+                busy = busy | (scanning & (dig == BUSY))
+                free_slot = tl.where(scanning & (dig <= TOMBSTONE) & (free_slot == NO_SLOT), pos, free_slot)
+                ended = ended | (scanning & (dig == EMPTY))
+        scanning = scanning & (hit_slot == NO_SLOT) & ~ended
+        r += 1
+    return hit_slot, free_slot, busy
 
 
 @triton.jit(do_not_specialize=["n", "num_buckets", "score_value", "epoch"])
-def insert_kernel(
+def find_or_insert_kernel(
     query_ptr,
     n,
-    found_ptr,
+    existed_ptr,
     slots_ptr,
     keys_ptr,
     words_ptr,
@@ -167,47 +199,32 @@ def insert_kernel(
     NUM_GROUPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Insert the keys with ``found == 0`` (a lookup with ``MARK_EPOCH`` ran before) at the first
-    free slot of their probe sequence. A key whose bucket has no free slot gets slot ``DEFERRED``
-    (``DEFER_FULL``, for the eviction kernels) or ``-1`` (refused). Per-key score modes need
-    distinct keys. With ``LIST_DEFERRED`` the deferred lanes are also counted per bucket for the
-    grouped eviction (see :func:`list_deferred_buckets`); the three pointers are unused otherwise."""
+    """Find each of ``n`` keys and insert the absent ones at the first free slot of their probe
+    sequence, in one launch. Writes ``slots [n]`` and ``existed [n]`` (int8: 1 where the key was in
+    the table before this call). Present keys get the call's score and ``epoch``; inserted ones get
+    their score and ``-epoch``, the mark that tells a duplicate lane meeting the key later in the same
+    call that it is new (the eviction kernels treat both marks as touched). A key whose bucket has no
+    free slot gets slot ``DEFERRED`` (``DEFER_FULL``, for the eviction kernels) or ``-1`` (refused).
+    Per-key score modes need distinct keys. With ``LIST_DEFERRED`` the deferred lanes are also
+    counted per bucket for the grouped eviction (see :func:`list_deferred_buckets`); the three
+    pointers are unused otherwise."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
     bucket, group, digest = _coordinates(key, num_buckets, NUM_GROUPS)
-    flag = tl.load(found_ptr + offs, mask=live, other=1)
-    slot = tl.load(slots_ptr + offs, mask=live, other=-1)
-    # A key whose bucket the lookup saw full needs no probe: no free slot appears during a call.
-    if DEFER_FULL:
-        slot = tl.where(live & (flag == ABSENT_FULL), DEFERRED, slot)
-    else:
-        slot = tl.where(live & (flag == ABSENT_FULL), -1, slot)
+    hit_slot, free_slot, busy = _probe(
+        key, bucket, group, digest, live, words_ptr, keys_ptr, BUCKET, GROUP, NUM_GROUPS, BLOCK
+    )
+    hit = live & (hit_slot != NO_SLOT)
+    at = tl.where(hit, hit_slot, 0)
+    found = hit & (tl.load(epochs_ptr + at, mask=hit, other=0, volatile=True) != -epoch)
+    if SCORE_MODE != SCORE_NONE:
+        _update_found_scores(offs, live, found, at, scores_ptr, score_ptr, score_value, SCORE_MODE, BLOCK)
+    tl.store(epochs_ptr + at, tl.full([BLOCK], epoch, tl.int32), mask=found)
+    slot = tl.where(found, hit_slot, -1)
     score = _call_scores(offs, live, score_ptr, score_value, SCORE_MODE, BLOCK)
-    pending = live & (flag == 0)
+    pending = live & ~found
     while tl.max(pending.to(tl.int32), axis=0) > 0:
-        hit_slot = tl.full([BLOCK], NO_SLOT, tl.int64)
-        free_slot = tl.full([BLOCK], NO_SLOT, tl.int64)
-        busy = tl.zeros([BLOCK], tl.int1)
-        scanning = pending
-        r = 0
-        while (r < NUM_GROUPS) & (tl.max(scanning.to(tl.int32), axis=0) > 0):
-            first = bucket * BUCKET + ((group + r) & (NUM_GROUPS - 1)) * GROUP
-            ended = tl.zeros([BLOCK], tl.int1)
-            for w in tl.static_range(GROUP // 4):
-                word = tl.load(words_ptr + (first >> 2) + w, mask=scanning, other=0, volatile=True)
-                for b in tl.static_range(4):
-                    pos = first + (4 * w + b)
-                    dig = (word >> (8 * b)) & 0xFF
-                    match = scanning & (dig == digest)
-                    held = tl.load(keys_ptr + pos, mask=match, other=0, volatile=True)
-                    hit_slot = tl.where(match & (held == key) & (hit_slot == NO_SLOT), pos, hit_slot)
-                    busy = busy | (scanning & (dig == BUSY))
-                    free_slot = tl.where(scanning & (dig <= TOMBSTONE) & (free_slot == NO_SLOT), pos, free_slot)
-                    ended = ended | (scanning & (dig == EMPTY))
-            scanning = scanning & (hit_slot == NO_SLOT) & ~ended
-            r += 1
-
         # A duplicate lane inserted this key already (duplicates share the call's scalar score).
         dup = pending & (hit_slot != NO_SLOT)
         slot = tl.where(dup, hit_slot, slot)
@@ -234,14 +251,20 @@ def insert_kernel(
         won = valid & (seen == word)
         tl.store(keys_ptr + target, key, mask=won)
         tl.store(scores_ptr + target, score, mask=won)
-        tl.store(epochs_ptr + target, tl.full([BLOCK], epoch, tl.int32), mask=won)
+        tl.store(epochs_ptr + target, tl.full([BLOCK], -epoch, tl.int32), mask=won)
         tl.atomic_xor(word_ptr, (digest ^ BUSY) << shift, mask=won)
         grown = tl.sum(won.to(tl.int64), axis=0)
         if grown > 0:
             tl.atomic_add(size_ptr, grown)
         slot = tl.where(won, target, slot)
         pending = pending & ~won
+        # Lanes that lost their claim or saw a BUSY slot walk again (free slots never come back
+        # within a call, so a lane that finds neither its key nor room can defer it safely).
+        hit_slot, free_slot, busy = _probe(
+            key, bucket, group, digest, pending, words_ptr, keys_ptr, BUCKET, GROUP, NUM_GROUPS, BLOCK
+        )
     tl.store(slots_ptr + offs, slot, mask=live)
+    tl.store(existed_ptr + offs, found.to(tl.int8), mask=live)
     if LIST_DEFERRED:
         list_deferred_buckets(
             bucket, live & (slot == DEFERRED), counts_ptr, segment_buckets_ptr, num_segments_ptr, BLOCK
