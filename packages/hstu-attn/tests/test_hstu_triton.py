@@ -418,7 +418,10 @@ SPLIT_CASES = {
 @pytest.mark.parametrize("name", SPLIT_CASES.keys())
 def test_split_dkdv_matches_reference(name: str, split_dkdv: _PassRecorder) -> None:
     check_case(Case(**SPLIT_CASES[name]), seed=11)
-    assert split_dkdv.passes == [1, 2], f"expected a dV launch then a dK launch, got PASS {split_dkdv.passes}"
+    # One dV launch then one dK launch per run of the kernel; on a GPU the first call of a key also runs the
+    # config it chooses once before the launch that counts (TunedKernel._choose), so there are two pairs.
+    passes = split_dkdv.passes
+    assert passes and passes == [1, 2] * (len(passes) // 2), f"expected dV-then-dK launch pairs, got PASS {passes}"
 
 
 @pytest.mark.gpu
