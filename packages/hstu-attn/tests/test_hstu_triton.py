@@ -371,6 +371,27 @@ def test_gpu_benchmark_shape_matches_reference() -> None:
     check_case(Case(lengths=lengths, heads=4, dqk=128, dv=128, dtype=torch.bfloat16, max_seq_len=4096), seed=9)
 
 
+def test_fp32_dots_use_three_tf32_products_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled (not interpreted) fp32 launches ask for "tf32x3" unless TF32 is allowed (then "tf32"); other dtypes
+    and the interpreter keep "ieee" (full-IEEE fp32 dots at head dim 128 took minutes to compile)."""
+    from hstu_attn.triton import api
+
+    matmul = torch.backends.cuda.matmul  # allow_tf32 is a property of torch's cuBLAS module, not monkeypatchable
+    allowed = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        monkeypatch.setattr(api, "INTERPRET", False)
+        assert api._input_precision(torch.float32) == "tf32x3"
+        assert api._input_precision(torch.bfloat16) == "ieee"
+        matmul.allow_tf32 = True
+        assert api._input_precision(torch.float32) == "tf32"
+        matmul.allow_tf32 = False
+        monkeypatch.setattr(api, "INTERPRET", True)
+        assert api._input_precision(torch.float32) == "ieee"
+    finally:
+        matmul.allow_tf32 = allowed
+
+
 # ---- split dK/dV (LaunchConfig.split_dkdv): dV in one launch, dK with dQ and the bias gradients in a second ----
 
 

@@ -26,6 +26,8 @@ CASES = {
     "bf16 d128 causal, fused bias, dq kernel": dict(dtype="bfloat16", dqk=128, dv=128, bias=True, atomic_dq=False),
     "fp32 d64/32 targets context window rab, deterministic": dict(dtype="float32", dqk=64, dv=32, targets=True,
                                                                   context=2, window=5, rab=True, deterministic=True),
+    # fp32 dots at head dim 128 as three TF32 products: as full-IEEE FMAs the dK/dV kernel took minutes to compile
+    "fp32 d128 causal targets (tf32x3)": dict(dtype="float32", dqk=128, dv=128, targets=True),
     "fp16 d256 non-causal, dq atomics": dict(dtype="float16", dqk=256, dv=256, causal=False, atomic_dq=True),
     "bf16 d128 split dK/dV, fused bias, dq atomics": dict(dtype="bfloat16", dqk=128, dv=128, bias=True,
                                                           atomic_dq=True, split=True),

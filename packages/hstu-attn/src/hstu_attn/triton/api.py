@@ -62,6 +62,16 @@ def _float32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
+def _input_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input precision for fp32 operands (other dtypes ignore it): TF32 where
+    `torch.backends.cuda.matmul.allow_tf32` allows it, else three TF32 products ("tf32x3", close to fp32 accuracy
+    on tensor cores). Full-IEEE fp32 dots lower to unrolled FMAs: at head dim 128 the dK/dV kernel took over 190 s
+    to compile on an H100's host (and over 7 minutes here for sm_90), so the interpreter alone keeps "ieee"."""
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee" if INTERPRET or dtype != torch.float32 else "tf32x3"
+
+
 def _contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
@@ -146,7 +156,7 @@ def _prepare(
         "HAS_TIME": time_weights is not None,
         "FAST_SILU": low_precision and not INTERPRET,
         "UPCAST_DOT": INTERPRET and q.dtype == torch.bfloat16,
-        "INPUT_PRECISION": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        "INPUT_PRECISION": _input_precision(q.dtype),
     }
     scalars = {
         "num_heads": num_heads,
