@@ -211,6 +211,7 @@ class TritonHashTable(BucketedHashTable):
             existed,
             slots,
             storage.keys,
+            storage.digests,
             storage.digests.view(torch.int32),
             storage.scores,
             storage.epochs,

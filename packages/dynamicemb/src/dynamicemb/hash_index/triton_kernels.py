@@ -70,6 +70,41 @@ def _call_scores(offs, live, score_ptr, score_value, SCORE_MODE: tl.constexpr, B
     return scores
 
 
+@triton.jit
+def _find(
+    key,
+    bucket,
+    group,
+    digest,
+    live,
+    keys_ptr,
+    digests_ptr,
+    BUCKET: tl.constexpr,
+    GROUP: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The slot holding each ``live`` lane's key, or -1: a read-only probe over ``[BLOCK, GROUP]`` tiles of
+    digests (a lane stops at its key or at the first group with an ``EMPTY`` slot)."""
+    cols = tl.arange(0, GROUP)
+    slot = tl.full([BLOCK], -1, tl.int64)
+    active = live
+    r = 0
+    while (r < NUM_GROUPS) & (tl.max(active.to(tl.int32), axis=0) > 0):
+        first = bucket * BUCKET + ((group + r) & (NUM_GROUPS - 1)) * GROUP
+        pos = first[:, None] + cols[None, :]
+        scan = active[:, None]
+        dig = tl.load(digests_ptr + pos, mask=scan, other=EMPTY).to(tl.int32)
+        match = scan & (dig == digest[:, None])
+        held = tl.load(keys_ptr + pos, mask=match, other=0)
+        hit = tl.min(tl.where(match & (held == key[:, None]), pos, NO_SLOT), axis=1)
+        slot = tl.where(hit != NO_SLOT, hit, slot)
+        ended = tl.max((dig == EMPTY).to(tl.int32), axis=1) > 0
+        active = active & (hit == NO_SLOT) & ~ended
+        r += 1
+    return slot
+
+
 # Scalars that change from call to call are not specialized (no variant for 1 or multiples of 16), so
 # the kernels compiled when a table is created (``TritonHashTable.warm_up``) serve every later call.
 @triton.jit(do_not_specialize=["n", "num_buckets", "score_value"])
@@ -95,22 +130,7 @@ def lookup_kernel(
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
     bucket, group, digest = _coordinates(key, num_buckets, NUM_GROUPS)
-    cols = tl.arange(0, GROUP)
-    slot = tl.full([BLOCK], -1, tl.int64)
-    active = live
-    r = 0
-    while (r < NUM_GROUPS) & (tl.max(active.to(tl.int32), axis=0) > 0):
-        first = bucket * BUCKET + ((group + r) & (NUM_GROUPS - 1)) * GROUP
-        pos = first[:, None] + cols[None, :]
-        scan = active[:, None]
-        dig = tl.load(digests_ptr + pos, mask=scan, other=EMPTY).to(tl.int32)
-        match = scan & (dig == digest[:, None])
-        held = tl.load(keys_ptr + pos, mask=match, other=0)
-        hit = tl.min(tl.where(match & (held == key[:, None]), pos, NO_SLOT), axis=1)
-        slot = tl.where(hit != NO_SLOT, hit, slot)
-        ended = tl.max((dig == EMPTY).to(tl.int32), axis=1) > 0
-        active = active & (hit == NO_SLOT) & ~ended
-        r += 1
+    slot = _find(key, bucket, group, digest, live, keys_ptr, digests_ptr, BUCKET, GROUP, NUM_GROUPS, BLOCK)
     found = slot >= 0
     if SCORE_MODE != SCORE_NONE:
         _update_found_scores(
@@ -180,6 +200,7 @@ def find_or_insert_kernel(
     existed_ptr,
     slots_ptr,
     keys_ptr,
+    digests_ptr,
     words_ptr,
     scores_ptr,
     epochs_ptr,
@@ -212,18 +233,25 @@ def find_or_insert_kernel(
     live = offs < n
     key = tl.load(query_ptr + offs, mask=live, other=0)
     bucket, group, digest = _coordinates(key, num_buckets, NUM_GROUPS)
-    hit_slot, free_slot, busy = _probe(
-        key, bucket, group, digest, live, words_ptr, keys_ptr, BUCKET, GROUP, NUM_GROUPS, BLOCK
-    )
-    hit = live & (hit_slot != NO_SLOT)
-    at = tl.where(hit, hit_slot, 0)
-    found = hit & (tl.load(epochs_ptr + at, mask=hit, other=0, volatile=True) != -epoch)
+    # Phase 1, the lookup: tile reads of the digests. A hit on a slot marked -epoch is a key another lane
+    # inserted in this call: not found here, phase 2 meets it as a duplicate.
+    hit = _find(key, bucket, group, digest, live, keys_ptr, digests_ptr, BUCKET, GROUP, NUM_GROUPS, BLOCK)
+    at = tl.maximum(hit, 0)
+    found = (hit >= 0) & (tl.load(epochs_ptr + at, mask=hit >= 0, other=0, volatile=True) != -epoch)
     if SCORE_MODE != SCORE_NONE:
         _update_found_scores(offs, live, found, at, scores_ptr, score_ptr, score_value, SCORE_MODE, BLOCK)
     tl.store(epochs_ptr + at, tl.full([BLOCK], epoch, tl.int32), mask=found)
-    slot = tl.where(found, hit_slot, -1)
+    tl.store(slots_ptr + offs, tl.where(found, hit, -1), mask=live)
+    tl.store(existed_ptr + offs, found.to(tl.int8), mask=live)
+    # Phase 2, the insertion, one lane per thread: its inputs are read back from memory after a barrier, so
+    # that no value of the tile reductions' layouts (which replicate a lane across threads) reaches an atomic.
+    tl.debug_barrier()
+    pending = live & (tl.load(existed_ptr + offs, mask=live, other=1, volatile=True) == 0)
+    slot = tl.load(slots_ptr + offs, mask=live, other=-1, volatile=True)
     score = _call_scores(offs, live, score_ptr, score_value, SCORE_MODE, BLOCK)
-    pending = live & ~found
+    hit_slot, free_slot, busy = _probe(
+        key, bucket, group, digest, pending, words_ptr, keys_ptr, BUCKET, GROUP, NUM_GROUPS, BLOCK
+    )
     while tl.max(pending.to(tl.int32), axis=0) > 0:
         # A duplicate lane inserted this key already (duplicates share the call's scalar score).
         dup = pending & (hit_slot != NO_SLOT)
@@ -264,7 +292,6 @@ def find_or_insert_kernel(
             key, bucket, group, digest, pending, words_ptr, keys_ptr, BUCKET, GROUP, NUM_GROUPS, BLOCK
         )
     tl.store(slots_ptr + offs, slot, mask=live)
-    tl.store(existed_ptr + offs, found.to(tl.int8), mask=live)
     if LIST_DEFERRED:
         list_deferred_buckets(
             bucket, live & (slot == DEFERRED), counts_ptr, segment_buckets_ptr, num_segments_ptr, BLOCK
