@@ -11,7 +11,9 @@ are first reduced over duplicates with ``torch.unique`` (one synchronization, fo
 caller passes ``unique_keys=True``; their contenders are ranked inside each bucket by the eviction
 kernel. Launches of a call that may evict: one zeroing, the find-or-insert kernel, a ``cumsum``, the
 placing kernel and the eviction kernel; no host synchronization: the evicted entries are compacted
-(one synchronization) only when the caller reads them.
+(one synchronization) only when the caller reads them. The Triton kernels are launched through
+:class:`dynamicemb.triton_launch.BoundKernel`, which skips Triton's per-call argument binding after the
+first launch of each variant.
 
 Deterministic mode (:mod:`dynamicemb.deterministic`): the kernels' insertion races (which key takes a
 contended free slot, which is deferred and possibly refused) make slots and, with per-key scores, the
@@ -49,6 +51,14 @@ from dynamicemb.hash_index.triton_kernels import (
     lookup_kernel,
 )
 from dynamicemb.masks import positions
+from dynamicemb.triton_launch import BoundKernel
+
+# The kernels launched without Triton's per-call argument binding after each variant's first launch.
+_LOOKUP = BoundKernel(lookup_kernel)
+_FIND_OR_INSERT = BoundKernel(find_or_insert_kernel)
+_PLACE_DEFERRED = BoundKernel(place_deferred_kernel)
+_EVICT_GROUPED = BoundKernel(evict_grouped_kernel)
+_EVICT_RANKED = BoundKernel(evict_ranked_kernel)
 
 
 def _score_args(update: ScoreUpdate | None, keys: torch.Tensor) -> tuple[int, torch.Tensor, int]:
@@ -168,7 +178,8 @@ class TritonHashTable(BucketedHashTable):
         found = torch.empty(n, dtype=torch.int8, device=keys.device)
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
-        lookup_kernel[(triton.cdiv(n, block),)](
+        _LOOKUP(
+            triton.cdiv(n, block),
             keys,
             n,
             storage.keys,
@@ -205,7 +216,8 @@ class TritonHashTable(BucketedHashTable):
         lists = deferred if deferred is not None else _DeferredBuckets.placeholder(keys)
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
-        find_or_insert_kernel[(triton.cdiv(n, block),)](
+        _FIND_OR_INSERT(
+            triton.cdiv(n, block),
             keys,
             n,
             existed,
@@ -255,7 +267,8 @@ class TritonHashTable(BucketedHashTable):
         starts = torch.cumsum(deferred.counts, 0, dtype=torch.int32)  # ends; place_deferred_kernel makes them starts
         grouped_lanes = torch.empty(n, dtype=torch.int32, device=device)
         grouped_keys = torch.empty_like(keys)
-        place_deferred_kernel[(triton.cdiv(n, _GROUPING_BLOCK),)](
+        _PLACE_DEFERRED(
+            triton.cdiv(n, _GROUPING_BLOCK),
             keys,
             slots,
             n,
@@ -285,9 +298,9 @@ class TritonHashTable(BucketedHashTable):
         table = (storage.keys, storage.digests, storage.scores, storage.epochs, storage.num_buckets)
         shape = dict(BUCKET=storage.bucket_capacity, NUM_GROUPS=storage.num_groups, CHUNK=16, num_warps=_EVICT_WARPS)
         if update.values is None:
-            evict_grouped_kernel[(programs,)](*grouping, *outputs, *table, update.value, epoch, **shape)
+            _EVICT_GROUPED(programs, *grouping, *outputs, *table, update.value, epoch, **shape)
         else:
-            evict_ranked_kernel[(programs,)](*grouping, update.values, *outputs, *table, epoch, **shape)
+            _EVICT_RANKED(programs, *grouping, update.values, *outputs, *table, epoch, **shape)
         counts = deferred.counts
 
         def compact() -> Evicted:

@@ -1,0 +1,129 @@
+"""BoundKernel's dispatch on CPU, with a stand-in for a Triton kernel and its compiled kernel: the first launch of a
+variant goes through ``kernel[grid](...)``, later ones call the compiled launcher directly with the arguments and
+constexprs in signature order; a new dtype, alignment, integer width or constexpr is a new variant. The GPU tests
+of the table files run the real kernels through it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from dynamicemb import triton_launch  # noqa: E402
+from dynamicemb.triton_launch import BoundKernel  # noqa: E402
+
+
+@dataclasses.dataclass
+class _Param:
+    do_not_specialize: bool = False
+    is_constexpr: bool = False
+
+
+class _Compiled:
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self) -> None:
+        self.runs: list[tuple] = []
+
+    def run(self, *launch) -> None:
+        self.runs.append(launch)
+
+
+class _Kernel:
+    """`kernel(x_ptr, n, scale, BLOCK: constexpr, MODE: constexpr)` with `n` not specialized."""
+
+    __name__ = "stand_in_kernel"
+    arg_names = ["x_ptr", "n", "scale", "BLOCK", "MODE"]
+    params = [_Param(), _Param(do_not_specialize=True), _Param(), _Param(is_constexpr=True), _Param(is_constexpr=True)]
+
+    def __init__(self) -> None:
+        self.jit_launches: list[tuple] = []
+        self.compiled: list[_Compiled] = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **keywords):
+            self.jit_launches.append((grid, args, keywords))
+            self.compiled.append(_Compiled())
+            return self.compiled[-1]
+
+        return launch
+
+
+@pytest.fixture
+def compiled_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a GPU: not interpreted, no launch hook, a current stream."""
+    monkeypatch.setattr(triton_launch, "_interpreted", lambda: False)
+    monkeypatch.setattr(triton_launch, "_hooks_set", lambda: False)
+
+    class _Active:
+        get_current_device = staticmethod(lambda: 0)
+        get_current_stream = staticmethod(lambda device: 1234)
+
+    class _Driver:
+        active = _Active()
+
+    monkeypatch.setattr(triton_launch, "driver", _Driver)
+
+
+def test_first_launch_binds_later_launches_call_the_launcher(compiled_launches: None) -> None:
+    kernel = _Kernel()
+    bound = BoundKernel(kernel)
+    x = torch.zeros(8)
+    bound(3, x, 5, 7, BLOCK=128, MODE=1, num_warps=4)
+    assert kernel.jit_launches == [((3,), (x, 5, 7), {"BLOCK": 128, "MODE": 1, "num_warps": 4})]
+    bound(9, x, 6, 7, MODE=1, BLOCK=128, num_warps=4)  # keywords in another order: another key, bound again
+    bound(9, x, 6, 7, MODE=1, BLOCK=128, num_warps=4)
+    assert len(kernel.jit_launches) == 2
+    ((grid, one, two, stream, function, metadata, launch_metadata, enter, leave, *rest),) = kernel.compiled[1].runs
+    assert (grid, one, two, stream, function, metadata) == (9, 1, 1, 1234, "function", "metadata")
+    assert (launch_metadata, enter, leave) == (None, None, None)
+    assert rest == [x, 6, 7, 128, 1]  # arguments, then the constexprs in signature order
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(x=torch.zeros(8, dtype=torch.float64)),  # dtype
+        dict(x=torch.zeros(9)[1:]),  # 4-byte offset: not 16-byte aligned
+        dict(scale=16),  # a specialized integer that is a multiple of 16
+        dict(scale=1),  # a specialized integer equal to 1
+        dict(scale=2**40),  # 64-bit
+        dict(n=2**40),  # 64-bit, although n is not specialized on its value
+        dict(BLOCK=64),  # a constexpr
+    ],
+)
+def test_what_triton_specializes_on_is_a_new_variant(compiled_launches: None, change: dict) -> None:
+    kernel = _Kernel()
+    bound = BoundKernel(kernel)
+    base = dict(x=torch.zeros(8), n=5, scale=7, BLOCK=128)
+    for values in (base, base, {**base, **change}):
+        bound(1, values["x"], values["n"], values["scale"], BLOCK=values["BLOCK"], MODE=0)
+    assert len(kernel.jit_launches) == 2 and len(kernel.compiled[0].runs) == 1
+
+
+def test_unspecialized_integer_values_share_a_variant(compiled_launches: None) -> None:
+    kernel = _Kernel()
+    bound = BoundKernel(kernel)
+    x = torch.zeros(8)
+    for n in (5, 16, 1, 2**31 - 1):
+        bound(1, x, n, 7, BLOCK=128, MODE=0)
+    assert len(kernel.jit_launches) == 1 and [run[10] for run in kernel.compiled[0].runs] == [16, 1, 2**31 - 1]
+
+
+def test_interpreter_hooks_and_missing_constexprs_keep_the_jit_path(monkeypatch, compiled_launches: None) -> None:
+    kernel = _Kernel()
+    bound = BoundKernel(kernel)
+    x = torch.zeros(8)
+    for _ in range(2):
+        bound(1, x, 5, 7, BLOCK=128)  # MODE left to a default: never bound
+    monkeypatch.setattr(triton_launch, "_hooks_set", lambda: True)
+    for _ in range(2):
+        bound(1, x, 5, 7, BLOCK=128, MODE=0)
+    monkeypatch.setattr(triton_launch, "_hooks_set", lambda: False)
+    monkeypatch.setattr(triton_launch, "_interpreted", lambda: True)
+    for _ in range(2):
+        bound(1, x, 5, 7, BLOCK=128, MODE=0)
+    assert len(kernel.jit_launches) == 6 and not any(c.runs for c in kernel.compiled)
