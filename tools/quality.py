@@ -24,6 +24,8 @@ same features, dot interaction, MLP) on the same split and seeds, both trained b
 in the same order, same optimizers and schedule). Test candidates: each user's last `data.holdout` ratings; the
 `holdout` ratings before them are the validation candidates (early stopping on the mean validation AUC), training
 candidates are the last `data.max_train_candidates` ratings before those. Rows go to `--out` after every seed.
+`--models` also takes `hstu_all_positions` and `dlrm_all_positions`: both models trained on every training rating
+(`data.max_train_candidates=0`; each rating scored from the user's earlier events), evaluated on the same candidates.
 
     python tools/quality.py ranking --seeds 1 2 3 --out quality-ml1m-ranking.json -- device=cuda
 
@@ -358,11 +360,13 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], curves_out: lis
 
 RANKING_TASKS = {"rating>=4": "rating>=4", "rating>=5": "rating==5"}  # ML-1M ratings are integers 1..5
 # --models choice: (row name, config overrides). hstu_all_positions trains on every history rating of the same
-# training events (each item token scores its own rating before seeing it) instead of the last 8 as candidates.
+# training events (each item token scores its own rating before seeing it) instead of the last 8 as candidates;
+# dlrm_all_positions trains the DLRM baseline on the same samples (each rating from the user's earlier events).
 RANKING_MODELS = {
     "hstu": ("hstu_ranking", []),
     "dlrm": ("dlrm", []),
     "hstu_all_positions": ("hstu_ranking_all_positions", ["data.max_train_candidates=0"]),
+    "dlrm_all_positions": ("dlrm_all_positions", ["data.max_train_candidates=0"]),
 }
 
 
@@ -415,7 +419,8 @@ def train_ranking_model(kind: str, config: RunConfig, splits, args: argparse.Nam
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     device = _device(config)
-    model = build_dlrm(config, train.schema, device) if kind == "dlrm" else build_model(config, train.schema, device)
+    is_dlrm = kind.startswith("dlrm")
+    model = build_dlrm(config, train.schema, device) if is_dlrm else build_model(config, train.schema, device)
     steps_per_epoch = math.ceil(len(train) / config.data.batch_size)
     bundle = OptimizerBundle(model, config.optim, args.max_epochs * steps_per_epoch)
     batch_size = config.data.eval_batch_size

@@ -11,7 +11,7 @@
 #   bash tools/gpu/quality_ml1m.sh
 # Under $OUT (or /tmp/quality): quality-ml1m.json, quality-ml1m-curves.json, quality-ml1m-ranking.json,
 # quality-ml1m-ranking-curves.json, logs.tgz.
-# RETRIEVAL_MODELS, RANKING_MODELS (default "hstu hstu_all_positions") and SEEDS (default "1 2 3") narrow the runs;
+# RETRIEVAL_MODELS, RANKING_MODELS (default "hstu hstu_all_positions dlrm_all_positions") and SEEDS (default "1 2 3") narrow the runs;
 # RANKING_MODELS= (set and empty) runs no ranking at all, the DLRM baseline included (more CPU for retrieval).
 # SEQUENTIAL_SEEDS (default "sasrec sasrec_full_softmax hstu"): retrieval models whose seeds run one after another in
 # one process (sharing its time evenly) instead of one process per seed. Fewer processes on the GPU: without MPS the
@@ -61,7 +61,7 @@ launch() {  # log name, quality.py subcommand, its arguments
     --end-at "$end_at" "$@" >"$out/$name.log" 2>&1 &
 }
 retrieval_models=${RETRIEVAL_MODELS:-sasrec sasrec_full_softmax hstu hstu_large}
-ranking_models=${RANKING_MODELS-hstu hstu_all_positions}  # the DLRM baseline runs (all seeds, one process) beside any
+ranking_models=${RANKING_MODELS-hstu hstu_all_positions dlrm_all_positions}  # the DLRM baseline runs (all seeds, one process) beside any
 sequential_seeds=${SEQUENTIAL_SEEDS-sasrec sasrec_full_softmax hstu}
 run_groups() {  # one "model:seed[,seed...]" word per retrieval process
   local model seed

@@ -114,6 +114,24 @@ def test_dlrm_learns_on_a_slice_and_the_reported_auc_is_right(quality) -> None:
         assert reported[f"auc/{name}"] == pytest.approx(_brute_force_auc(logits[:, task], labels[:, task]), abs=1e-9)
 
 
+@needs_ml1m
+@pytest.mark.slow
+def test_dlrm_learns_from_every_training_rating(quality) -> None:
+    """`dlrm_all_positions`: training batches without candidates (every rating scored from the earlier ones),
+    evaluation on the held-out candidates as the other models."""
+    overrides = quality.RANKING_MODELS["dlrm_all_positions"][1]
+    config = quality.load_config(quality.CONFIGS / "ml1m_ranking.yaml", [*SMALL, *overrides])
+    splits = quality.ranking_splits(config, max_users=200)
+    assert collate_samples([splits[0][0]], splits[0].schema).num_candidates is None
+    args = argparse.Namespace(max_epochs=2, patience=4)
+    metrics, _, curve, stopped, _ = quality.train_ranking_model(
+        "dlrm_all_positions", config, splits, args, quality._Deadline(None)
+    )
+    assert stopped == "max epochs" and len(curve) == 3 and curve[2]["loss"] < curve[1]["loss"]
+    assert curve[2]["auc/mean"] > curve[0]["auc/mean"] + 0.02, [c["auc/mean"] for c in curve]
+    assert {"auc/rating>=4", "auc/rating>=5"} <= set(metrics)
+
+
 def test_time_budget_stops_before_an_epoch_that_would_not_fit(quality) -> None:
     assert quality._Deadline(None).allows(1e9)
     deadline = quality._Deadline(10.0)

@@ -11,6 +11,12 @@ Candidate actions are the labels and never enter a feature; timestamps are not u
 interaction without dense features): the F pooled embeddings `[N, F, D]`, flattened, concatenated with the
 F (F - 1) / 2 dot products of every pair, into an MLP that ends in one logit per task. Loss: per-task binary
 cross-entropy, as `RankingGR`.
+
+A batch without candidates (`data.max_train_candidates=0`, as `RankingGR` trains on every history position) is
+scored at every event: each event is a sample whose history bags hold the user's events before it (mean pooled;
+empty, hence zero, for a user's first event), the samples `RankingGR` scores on such a batch. The bags are not
+materialized (they would hold O(n^2) ids per user): the table looks up each event's own ids and the means over
+earlier events come from prefix sums (`every_position_features`, `_means_over_earlier_events`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,16 @@ def _gather_bags(values: Tensor, lengths: Tensor, owners: Tensor) -> tuple[Tenso
     bag_lengths = lengths.to(torch.int64)[owners]
     row, position = token_coordinates(bag_lengths)
     return values[offsets[owners][row] + position], bag_lengths
+
+
+def _means_over_earlier_events(per_event: Tensor, lengths: Tensor) -> Tensor:
+    """`[E, D]` rows of users' events (`lengths [B]`, user-major) -> `[E, D]`: each row replaced by the mean of the
+    rows of its user's earlier events (zero for a user's first event, as the mean of an empty bag)."""
+    _, position = token_coordinates(lengths, per_event.shape[0])
+    before = torch.cumsum(per_event, dim=0) - per_event  # sums over every earlier row of the batch
+    first = torch.arange(per_event.shape[0], device=per_event.device) - position  # each row's user's first row
+    before = before - before[first]  # minus the sums over earlier users' rows
+    return before / position.clamp(min=1).unsqueeze(1).to(before.dtype)
 
 
 class DLRMBaseline(nn.Module):
@@ -103,7 +119,7 @@ class DLRMBaseline(nn.Module):
     def candidate_features(self, batch: RankingBatch) -> KeyedJaggedTensor:
         """One KJT row per candidate (stride = total candidates) with the pooled features of the module docstring."""
         if batch.num_candidates is None:
-            raise ValueError("DLRMBaseline scores candidates: the batch has none (set data.max_train_candidates > 0)")
+            raise ValueError("candidate_features needs candidates (a batch without them: every_position_features)")
         schema = self.schema
         jagged = batch.features.to_dict()
         item_lengths = jagged[schema.item_feature_name].lengths().to(torch.int64)
@@ -127,10 +143,43 @@ class DLRMBaseline(nn.Module):
             lengths=torch.cat([bag_lengths for _, bag_lengths in bags.values()]).to(torch.int32),
         )
 
+    def every_position_features(self, batch: RankingBatch) -> KeyedJaggedTensor:
+        """For a batch without candidates, one KJT row per event (stride = total events): the bags of its user's
+        contextual ids, its item and side ids, and under each ``history_*`` name the event's own id, which
+        `logits` turns into the mean over the user's earlier events."""
+        schema = self.schema
+        jagged = batch.features.to_dict()
+        owners, _ = token_coordinates(jagged[schema.item_feature_name].lengths().to(torch.int64))
+        ones = torch.ones_like(owners)
+        bags: dict[str, tuple[Tensor, Tensor]] = {}
+        for name in schema.contextual_feature_names:
+            bags[name] = _gather_bags(jagged[name].values(), jagged[name].lengths(), owners)
+        for name in (schema.item_feature_name, *schema.side_feature_names):
+            bags[name] = (jagged[name].values(), ones)
+        for name in (schema.item_feature_name, *schema.side_feature_names, self.action_feature_name):
+            bags[f"history_{name}"] = (jagged[name].values(), ones)
+        return KeyedJaggedTensor(
+            keys=list(bags),
+            values=torch.cat([ids for ids, _ in bags.values()]).to(torch.int64),
+            lengths=torch.cat([bag_lengths for _, bag_lengths in bags.values()]).to(torch.int32),
+        )
+
+    def _pooled(self, batch: RankingBatch) -> dict[str, Tensor]:
+        """Pooled `[N, D]` embedding of every feature, one row per scored event."""
+        if batch.num_candidates is not None:
+            return self.ebc(self.candidate_features(batch)).to_dict()
+        pooled = self.ebc(self.every_position_features(batch)).to_dict()
+        lengths = batch.features[self.schema.item_feature_name].lengths().to(torch.int64)
+        for name in self.feature_names:
+            if name.startswith("history_"):
+                pooled[name] = _means_over_earlier_events(pooled[name], lengths)
+        return pooled
+
     def logits(self, batch: RankingBatch) -> Tensor:
-        """`[num candidates, num_tasks]` logits, rows in the order of `batch.labels`."""
+        """`[N, num_tasks]` logits, rows in the order of `batch.labels` (the candidates, or every event of a batch
+        without candidates)."""
         batch = batch if batch.features.device() == self.device else batch.to(self.device)
-        pooled = self.ebc(self.candidate_features(batch)).to_dict()
+        pooled = self._pooled(batch)
         embeddings = torch.stack([pooled[name] for name in self.feature_names], dim=1)  # [N, F, D]
         dots = torch.bmm(embeddings, embeddings.transpose(1, 2))[:, self._pairs[0], self._pairs[1]]
         return self.top(torch.cat([embeddings.flatten(1), dots], dim=1)).float()
