@@ -127,3 +127,11 @@ def test_interpreter_hooks_and_missing_constexprs_keep_the_jit_path(monkeypatch,
     for _ in range(2):
         bound(1, x, 5, 7, BLOCK=128, MODE=0)
     assert len(kernel.jit_launches) == 6 and not any(c.runs for c in kernel.compiled)
+
+
+def test_num_programs_is_triton_cdiv() -> None:
+    from dynamicemb.triton_launch import num_programs
+
+    for n in (0, 1, 127, 128, 129, 65536, 2**40 + 3):
+        for block in (1, 128, 1024):
+            assert num_programs(n, block) == triton.cdiv(n, block)

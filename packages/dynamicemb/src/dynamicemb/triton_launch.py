@@ -24,10 +24,16 @@ import torch
 from triton import knobs
 from triton.runtime import driver
 
-__all__ = ["BoundKernel"]
+__all__ = ["BoundKernel", "num_programs"]
 
 _LAUNCHER_ATTRIBUTES = ("run", "function", "packed_metadata")
 _OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
+
+
+def num_programs(n: int, block: int) -> int:
+    """Programs of ``block`` lanes that cover ``n``: ``triton.cdiv`` without its cost on the host (a
+    ``constexpr_function`` call in recent Triton, a few microseconds)."""
+    return -(-n // block)
 
 
 def _interpreted() -> bool:

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from dynamicemb.deterministic import is_deterministic
 from dynamicemb.hash_index.base import DynamicEmbScoreStrategy, Evicted, InsertResult
@@ -51,7 +50,7 @@ from dynamicemb.hash_index.triton_kernels import (
     lookup_kernel,
 )
 from dynamicemb.masks import positions
-from dynamicemb.triton_launch import BoundKernel
+from dynamicemb.triton_launch import BoundKernel, num_programs
 
 # The kernels launched without Triton's per-call argument binding after each variant's first launch.
 _LOOKUP = BoundKernel(lookup_kernel)
@@ -179,7 +178,7 @@ class TritonHashTable(BucketedHashTable):
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
         _LOOKUP(
-            triton.cdiv(n, block),
+            num_programs(n, block),
             keys,
             n,
             storage.keys,
@@ -217,7 +216,7 @@ class TritonHashTable(BucketedHashTable):
         mode, per_key, value = _score_args(update, keys)
         block = _block_size(keys.device)
         _FIND_OR_INSERT(
-            triton.cdiv(n, block),
+            num_programs(n, block),
             keys,
             n,
             existed,
@@ -268,7 +267,7 @@ class TritonHashTable(BucketedHashTable):
         grouped_lanes = torch.empty(n, dtype=torch.int32, device=device)
         grouped_keys = torch.empty_like(keys)
         _PLACE_DEFERRED(
-            triton.cdiv(n, _GROUPING_BLOCK),
+            num_programs(n, _GROUPING_BLOCK),
             keys,
             slots,
             n,
