@@ -135,3 +135,45 @@ def test_num_programs_is_triton_cdiv() -> None:
     for n in (0, 1, 127, 128, 129, 65536, 2**40 + 3):
         for block in (1, 128, 1024):
             assert num_programs(n, block) == triton.cdiv(n, block)
+
+
+class _Recording:
+    """Wraps a real kernel (its arg names) so that a launch records and returns a stand-in compiled kernel."""
+
+    def __init__(self, kernel) -> None:
+        self.__name__, self.arg_names = kernel.__name__, kernel.arg_names
+        self.jit_launches, self.compiled = 0, _Compiled()
+
+    def __getitem__(self, grid):
+        def launch(*args, **keywords):
+            self.jit_launches += 1
+            return self.compiled
+
+        return launch
+
+
+def test_the_hash_index_kernels_take_the_direct_path_from_their_second_call(
+    monkeypatch: pytest.MonkeyPatch, compiled_launches: None
+) -> None:
+    """Each kernel of an evicting find_or_insert passes all of its constexprs (else it would never be bound) and its
+    direct launches carry one value per parameter of the real signature. Nothing runs: the launches are recorded."""
+    from dynamicemb.hash_index import DynamicEmbScoreStrategy, create_hash_table, triton_backend
+
+    bound = [triton_backend._FIND_OR_INSERT, triton_backend._PLACE_DEFERRED, triton_backend._EVICT_GROUPED]
+    for kernel in bound:
+        monkeypatch.setattr(kernel, "kernel", _Recording(kernel.kernel))
+        monkeypatch.setattr(kernel, "_variants", {})
+    table = create_hash_table(
+        init_capacity=1024, max_capacity=1024, bucket_capacity=128, backend="triton",
+        score_strategy=DynamicEmbScoreStrategy.TIMESTAMP, device=torch.device("cpu"), warm_up=False,
+    )  # fmt: skip
+    # The interpreter's kernels (these tests' kernels) carry no do_not_specialize information, so every integer
+    # counts as specialized here: scores and epochs start past 1 and stay off multiples of 16 over the calls.
+    table._clock, table._epoch = 100, 40
+    keys = torch.arange(64, dtype=torch.int64)
+    for _ in range(3):
+        table.find_or_insert(keys)
+    for kernel in bound:
+        assert kernel.kernel.jit_launches == 1, kernel.__name__
+        runs = kernel.kernel.compiled.runs
+        assert len(runs) == 2 and all(len(run) == 9 + len(kernel.kernel.arg_names) for run in runs), kernel.__name__

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Hashable
+from itertools import chain, repeat
 from typing import Any
 
 import torch
@@ -55,7 +56,8 @@ class BoundKernel:
         self.kernel = kernel
         self.__name__ = kernel.__name__
         # Per positional parameter: whether Triton specializes an integer passed there on 1 and 16 | value.
-        # (Without these attributes every integer counts as specialized: more variants, never a wrong one.)
+        # (Without these attributes, or past them, every integer counts as specialized: more variants, never a
+        # wrong one.)
         self._specialized = tuple(
             not (getattr(p, "do_not_specialize", False) or getattr(p, "is_constexpr", False))
             for p in getattr(kernel, "params", ())  # none under the interpreter, which never binds
@@ -66,7 +68,7 @@ class BoundKernel:
         if _interpreted() or _hooks_set():
             self.kernel[(grid,)](*args, **keywords)
             return
-        key = (tuple(keywords.items()), *map(self._argument_key, args, self._specialized))
+        key = (tuple(keywords.items()), *map(self._argument_key, args, chain(self._specialized, repeat(True))))
         bound = self._variants.get(key)
         if bound is None:
             self._bind(key, grid, args, keywords)
