@@ -152,6 +152,20 @@ class _Recording:
         return launch
 
 
+def _record(monkeypatch: pytest.MonkeyPatch, bound: list[BoundKernel]) -> None:
+    for kernel in bound:
+        monkeypatch.setattr(kernel, "kernel", _Recording(kernel.kernel))
+        monkeypatch.setattr(kernel, "_variants", {})
+
+
+def _check_bound_once(bound: list[BoundKernel], direct_launches: int) -> None:
+    for kernel in bound:
+        assert kernel.kernel.jit_launches == 1, kernel.__name__
+        runs = kernel.kernel.compiled.runs
+        assert len(runs) == direct_launches, kernel.__name__
+        assert all(len(run) == 9 + len(kernel.kernel.arg_names) for run in runs), kernel.__name__
+
+
 def test_the_hash_index_kernels_take_the_direct_path_from_their_second_call(
     monkeypatch: pytest.MonkeyPatch, compiled_launches: None
 ) -> None:
@@ -160,9 +174,7 @@ def test_the_hash_index_kernels_take_the_direct_path_from_their_second_call(
     from dynamicemb.hash_index import DynamicEmbScoreStrategy, create_hash_table, triton_backend
 
     bound = [triton_backend._FIND_OR_INSERT, triton_backend._PLACE_DEFERRED, triton_backend._EVICT_GROUPED]
-    for kernel in bound:
-        monkeypatch.setattr(kernel, "kernel", _Recording(kernel.kernel))
-        monkeypatch.setattr(kernel, "_variants", {})
+    _record(monkeypatch, bound)
     table = create_hash_table(
         init_capacity=1024, max_capacity=1024, bucket_capacity=128, backend="triton",
         score_strategy=DynamicEmbScoreStrategy.TIMESTAMP, device=torch.device("cpu"), warm_up=False,
@@ -173,7 +185,29 @@ def test_the_hash_index_kernels_take_the_direct_path_from_their_second_call(
     keys = torch.arange(64, dtype=torch.int64)
     for _ in range(3):
         table.find_or_insert(keys)
-    for kernel in bound:
-        assert kernel.kernel.jit_launches == 1, kernel.__name__
-        runs = kernel.kernel.compiled.runs
-        assert len(runs) == 2 and all(len(run) == 9 + len(kernel.kernel.arg_names) for run in runs), kernel.__name__
+    _check_bound_once(bound, direct_launches=2)
+
+
+def test_the_row_and_optimizer_kernels_take_the_direct_path_from_their_second_call(
+    monkeypatch: pytest.MonkeyPatch, compiled_launches: None
+) -> None:
+    """As above for the value-row kernels and the fused optimizer kernel (all of their constexprs passed)."""
+    from dynamicemb.optimizer import DynamicEmbOptimizerArgs, DynamicEmbOptimizerType, FusedOptimizer
+    from dynamicemb.storage import row_moves
+    from dynamicemb.triton_optimizer import _FUSED_UPDATE, fused_update_triton_
+
+    bound = [
+        row_moves._GATHER_ROWS, row_moves._SCATTER_ROWS, row_moves._GATHER_SPLIT_ROWS, row_moves._SCATTER_SPLIT_ROWS,
+        _FUSED_UPDATE,
+    ]  # fmt: skip
+    _record(monkeypatch, bound)
+    optimizer = FusedOptimizer(DynamicEmbOptimizerArgs(optimizer=DynamicEmbOptimizerType.ADAM), 8)
+    values, device_part, host_part = torch.zeros(40, 8 + optimizer.state_dim), torch.zeros(20, 8), torch.zeros(20, 8)
+    slots, rows = torch.arange(17, 34), torch.ones(17, 8)  # 17 rows: neither 1 nor a multiple of 16
+    for step in (2, 3, 4):
+        row_moves.gather_rows(values, slots, use_triton=True)
+        row_moves.scatter_rows(values, slots, torch.ones(17, values.shape[1]), use_triton=True)
+        row_moves.gather_split_rows(device_part, host_part, slots)
+        row_moves.scatter_split_rows(device_part, host_part, slots, rows)
+        fused_update_triton_(values, slots, rows, optimizer, step)
+    _check_bound_once(bound, direct_launches=2)

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from dynamicemb.optimizer import DynamicEmbOptimizerType, FusedOptimizer
+from dynamicemb.triton_launch import BoundKernel, num_programs
 
 __all__ = ["fused_update_triton_"]
 
@@ -110,6 +111,10 @@ def _fused_update_kernel(  # type: ignore[no-untyped-def]
             tl.store(w_ptr, w.to(out_ty), mask=mask)
 
 
+# Launched without Triton's per-call argument binding after each variant's first launch.
+_FUSED_UPDATE = BoundKernel(_fused_update_kernel)
+
+
 def fused_update_triton_(
     values: torch.Tensor, slots: torch.Tensor, grads: torch.Tensor, optimizer: FusedOptimizer, step: int
 ) -> None:
@@ -122,7 +127,8 @@ def fused_update_triton_(
     args = optimizer.args
     dim = optimizer.dim
     block_d = min(triton.next_power_of_2(dim), 128)
-    _fused_update_kernel[(triton.cdiv(n, _ROWS),)](
+    _FUSED_UPDATE(
+        num_programs(n, _ROWS),
         values,
         slots,
         grads,

@@ -24,10 +24,16 @@ from dynamicemb.storage.row_kernels import (
     scatter_rows_kernel,
     scatter_split_rows_kernel,
 )
+from dynamicemb.triton_launch import BoundKernel, num_programs
 
 __all__ = ["gather_rows", "gather_split_rows", "scatter_rows", "scatter_split_rows"]
 
 _TILE_ELEMENTS = 4096
+# Launched without Triton's per-call argument binding after each variant's first launch.
+_GATHER_ROWS = BoundKernel(gather_rows_kernel)
+_SCATTER_ROWS = BoundKernel(scatter_rows_kernel)
+_GATHER_SPLIT_ROWS = BoundKernel(gather_split_rows_kernel)
+_SCATTER_SPLIT_ROWS = BoundKernel(scatter_split_rows_kernel)
 
 
 def gather_rows(values: torch.Tensor, slots: torch.Tensor, use_triton: bool | None = None) -> torch.Tensor:
@@ -54,8 +60,8 @@ def gather_rows(values: torch.Tensor, slots: torch.Tensor, use_triton: bool | No
     if values.stride(1) != 1:
         values = values.contiguous()
     rows, block_d = _tile(dim)
-    gather_rows_kernel[(triton.cdiv(n, rows),)](
-        values, slots, out, n, dim, values.stride(0), out.stride(0), ROWS=rows, BLOCK_D=block_d
+    _GATHER_ROWS(
+        num_programs(n, rows), values, slots, out, n, dim, values.stride(0), out.stride(0), ROWS=rows, BLOCK_D=block_d
     )
     return out
 
@@ -91,8 +97,17 @@ def scatter_rows(values: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, 
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     tile_rows, block_d = _tile(dim)
-    scatter_rows_kernel[(triton.cdiv(n, tile_rows),)](
-        rows, slots, values, n, dim, rows.stride(0), values.stride(0), ROWS=tile_rows, BLOCK_D=block_d
+    _SCATTER_ROWS(
+        num_programs(n, tile_rows),
+        rows,
+        slots,
+        values,
+        n,
+        dim,
+        rows.stride(0),
+        values.stride(0),
+        ROWS=tile_rows,
+        BLOCK_D=block_d,
     )
 
 
@@ -127,7 +142,8 @@ def gather_split_rows(device_part: torch.Tensor, host_part: torch.Tensor, slots:
     if n == 0 or dim == 0:
         return out
     tile_rows, block_d = _tile(dim)
-    gather_split_rows_kernel[(triton.cdiv(n, tile_rows),)](
+    _GATHER_SPLIT_ROWS(
+        num_programs(n, tile_rows),
         device_part,
         host_part,
         slots,
@@ -163,7 +179,8 @@ def scatter_split_rows(
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     tile_rows, block_d = _tile(dim)
-    scatter_split_rows_kernel[(triton.cdiv(n, tile_rows),)](
+    _SCATTER_SPLIT_ROWS(
+        num_programs(n, tile_rows),
         rows,
         slots,
         device_part,
