@@ -113,7 +113,7 @@ def test_unspecialized_integer_values_share_a_variant(compiled_launches: None) -
     assert len(kernel.jit_launches) == 1 and [run[10] for run in kernel.compiled[0].runs] == [16, 1, 2**31 - 1]
 
 
-def test_interpreter_hooks_and_missing_constexprs_keep_the_jit_path(monkeypatch, compiled_launches: None) -> None:
+def test_interpreter_hooks_switch_and_missing_constexprs_keep_the_jit_path(monkeypatch, compiled_launches) -> None:
     kernel = _Kernel()
     bound = BoundKernel(kernel)
     x = torch.zeros(8)
@@ -126,7 +126,11 @@ def test_interpreter_hooks_and_missing_constexprs_keep_the_jit_path(monkeypatch,
     monkeypatch.setattr(triton_launch, "_interpreted", lambda: True)
     for _ in range(2):
         bound(1, x, 5, 7, BLOCK=128, MODE=0)
-    assert len(kernel.jit_launches) == 6 and not any(c.runs for c in kernel.compiled)
+    monkeypatch.setattr(triton_launch, "_interpreted", lambda: False)
+    monkeypatch.setattr(triton_launch, "ENABLED", False)  # DYNAMICEMB_BOUND_LAUNCHES=0
+    for _ in range(2):
+        bound(1, x, 5, 7, BLOCK=128, MODE=0)
+    assert len(kernel.jit_launches) == 8 and not any(c.runs for c in kernel.compiled)
 
 
 def test_num_programs_is_triton_cdiv() -> None:

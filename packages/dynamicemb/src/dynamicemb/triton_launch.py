@@ -10,8 +10,10 @@ A variant is what Triton specializes a launch on: the constexprs and launch opti
 and whether its address is 16-byte aligned, each integer's width (32 or 64 bits) and, for an integer
 parameter not in ``do_not_specialize``, whether it is 1 or a multiple of 16. The direct path is skipped
 (every launch goes through ``JITFunction.run``) under ``TRITON_INTERPRET=1``, while a launch hook is set
-(profilers such as Proton), and for a compiled kernel without the launcher attributes this module uses
-(``run``, ``function``, ``packed_metadata``: Triton 3.6 to 3.9 have them).
+(profilers such as Proton), with ``DYNAMICEMB_BOUND_LAUNCHES=0`` in the environment when the module is
+imported (for side-by-side timing, or should a Triton release change its launcher), and for a compiled kernel
+without the launcher attributes this module uses (``run``, ``function``, ``packed_metadata``: Triton 3.6 to
+3.9 have them).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = ["BoundKernel", "num_programs"]
 
 _LAUNCHER_ATTRIBUTES = ("run", "function", "packed_metadata")
 _OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
+ENABLED = os.environ.get("DYNAMICEMB_BOUND_LAUNCHES", "1") != "0"
 
 
 def num_programs(n: int, block: int) -> int:
@@ -65,7 +68,7 @@ class BoundKernel:
         self._variants: dict[Hashable, tuple[Any, tuple]] = {}
 
     def __call__(self, grid: int, *args: Any, **keywords: Any) -> None:
-        if _interpreted() or _hooks_set():
+        if not ENABLED or _interpreted() or _hooks_set():
             self.kernel[(grid,)](*args, **keywords)
             return
         key = (tuple(keywords.items()), *map(self._argument_key, args, chain(self._specialized, repeat(True))))
