@@ -17,6 +17,7 @@
 # one process (sharing its time evenly) instead of one process per seed. Fewer processes on the GPU: without MPS the
 # contexts of concurrent processes time-slice it, and 19 processes (the first run) trained these tiny models at 6-15 s
 # per epoch. The other models (hstu_large) keep one process per seed.
+# QUALITY_MPS=1 shares the GPU between the processes through MPS (see below).
 # CPU smoke of this script's logic (no install, first 60 users, 1 epoch, short sequences, seed 1; dlrm seeds 1 2):
 #   QUALITY_SMOKE=1 bash tools/gpu/quality_ml1m.sh
 set -uo pipefail
@@ -48,6 +49,25 @@ else
   ranking_limits=(--max-epochs "${RANKING_EPOCHS:-10}" --patience 4)
   seeds=${SEEDS:-1 2 3}
   dlrm_seeds=$seeds
+fi
+# QUALITY_MPS=1: start an MPS control daemon (CUDA Multi-Process Service, a user-space server; no card setting
+# changes) so that the processes' kernels share the GPU instead of time-slicing it; it is checked with one CUDA
+# op and shut down on exit. Without nvidia-cuda-mps-control, or if the check fails, the run goes on without it.
+mps=off
+stop_mps() { [ "$mps" != on ] || echo quit | nvidia-cuda-mps-control >/dev/null 2>&1; }
+trap stop_mps EXIT
+if [ "${QUALITY_MPS:-0}" = 1 ] && [ -z "${QUALITY_SMOKE:-}" ] && command -v nvidia-cuda-mps-control >/dev/null; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/gr-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/gr-mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d && mps=on \
+    && timeout 60 "$py" -c "import torch; assert torch.ones(4, device='cuda').sum().item() == 4"; then
+    echo "MPS on"
+  else
+    stop_mps
+    mps=off
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    echo "MPS could not start: the processes time-slice the GPU"
+  fi
 fi
 end_at=$((started + total - 40))  # 40 s for the last test evaluations, the merge and the archive
 budget=$((end_at - $(date +%s)))
