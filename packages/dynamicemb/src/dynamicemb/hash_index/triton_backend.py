@@ -82,7 +82,7 @@ def _reduce_duplicates(keys: torch.Tensor, update: ScoreUpdate) -> tuple[torch.T
     return unique, inverse, ScoreUpdate(values=largest)
 
 
-# The insertion kernel needs BLOCK >= 32 * num_warps (see triton_kernels).
+# The find-or-insert kernel needs BLOCK >= 32 * num_warps (see triton_kernels).
 _INSERT_WARPS = 4
 # One eviction program per bucket makes successive reductions over the bucket's slots: a single warp
 # reduces with shuffles alone (no shared memory, no barriers) and leaves room for more programs per SM.
@@ -93,7 +93,7 @@ _GROUPING_BLOCK = 1024
 
 @dataclass(frozen=True)
 class _DeferredBuckets:
-    """What the insertion kernel lists for the grouped eviction: ``counts [num_buckets] int32``
+    """What the find-or-insert kernel lists for the grouped eviction: ``counts [num_buckets] int32``
     (deferred lanes per bucket), ``segment_buckets [min(N, num_buckets)] int32`` (the buckets with
     some, in any order; the first ``num_segments`` are set) and ``num_segments [1] int64``."""
 

@@ -1,6 +1,6 @@
 """Eviction of deferred keys without a sort.
 
-The insertion kernel (``LIST_DEFERRED``) leaves ``DEFERRED`` in the slots of lanes whose bucket was
+The find-or-insert kernel (``LIST_DEFERRED``) leaves ``DEFERRED`` in the slots of lanes whose bucket was
 full, counts them per bucket (``counts [num_buckets]``) and lists every bucket that has some
 (``segment_buckets``, ``num_segments``). Then, all on the device:
 

@@ -10,11 +10,12 @@ within a call, a lane that finds no free slot and no copy of its key can defer i
 of :mod:`dynamicemb.hash_index.triton_grouped_eviction` then place the deferred keys, one program per
 bucket, over the lowest-score entries the call has not touched.
 
-The find-or-insert kernel keeps every per-lane value in a one-dimensional ``[BLOCK]`` layout (the probe
-reads four state bytes per 32-bit word instead of reducing ``[BLOCK, GROUP]`` tiles): an atomic's
-returned value is only reliable in the thread that issued it, and reductions produce layouts that
-replicate a lane across threads (triton-lang/triton#7402). ``BLOCK`` must be at least the number
-of threads of a program.
+The find-or-insert kernel runs in two phases. The lookup probes ``[BLOCK, GROUP]`` tiles of digests, as
+``lookup_kernel`` does, and writes its slots and found flags to memory. After a barrier, the insertion reads them
+back one lane per thread and keeps every per-lane value in a one-dimensional ``[BLOCK]`` layout (its probe reads
+four state bytes per 32-bit word): an atomic's returned value is only reliable in the thread that issued it, and
+reductions produce layouts that replicate a lane across threads (triton-lang/triton#7402), so no value of the
+tile phase may reach an atomic. ``BLOCK`` must be at least the number of threads of a program.
 
 """
 
