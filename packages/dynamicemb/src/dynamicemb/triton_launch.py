@@ -32,6 +32,9 @@ __all__ = ["BoundKernel", "num_programs"]
 _LAUNCHER_ATTRIBUTES = ("run", "function", "packed_metadata")
 _OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg"})
 ENABLED = os.environ.get("DYNAMICEMB_BOUND_LAUNCHES", "1") != "0"
+# Whether Triton runs kernels in its interpreter: read once, as Triton reads it when a kernel is defined (reading
+# the environment costs about 3 us, once per launch before).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def num_programs(n: int, block: int) -> int:
@@ -41,7 +44,7 @@ def num_programs(n: int, block: int) -> int:
 
 
 def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return INTERPRETED
 
 
 def _hooks_set() -> bool:

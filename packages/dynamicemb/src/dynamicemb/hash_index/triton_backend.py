@@ -25,7 +25,6 @@ are scores and epochs of found keys: equal values, or integer additions).
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,7 +49,7 @@ from dynamicemb.hash_index.triton_kernels import (
     lookup_kernel,
 )
 from dynamicemb.masks import positions
-from dynamicemb.triton_launch import BoundKernel, num_programs
+from dynamicemb.triton_launch import INTERPRETED, BoundKernel, num_programs
 
 # The kernels launched without Triton's per-call argument binding after each variant's first launch.
 _LOOKUP = BoundKernel(lookup_kernel)
@@ -132,12 +131,12 @@ def _eviction_programs(device: torch.device) -> int:
 
 def _block_size(device: torch.device) -> int:
     # The interpreter pays per program instance, so it gets few large programs.
-    return 256 if device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1" else 32 * _INSERT_WARPS
+    return 256 if device.type == "cpu" or INTERPRETED else 32 * _INSERT_WARPS
 
 
 def compiles_kernels(device: torch.device) -> bool:
     """Whether launches on ``device`` compile GPU code (CUDA, not the ``TRITON_INTERPRET=1`` interpreter)."""
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    return device.type == "cuda" and not INTERPRETED
 
 
 # (device, bucket capacity, score strategy) of the tables whose kernels ``warm_up`` has compiled.
